@@ -1,0 +1,47 @@
+"""Helpers shared by the benchmark scripts: machine facts and results tables with their command."""
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import statistics
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}, {platform.system()}"
+
+
+def command() -> str:
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def write_table(name: str, title: str, header: list[str], rows: list[list[str]], notes: list[str]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", "", f"- command: `{command()}`", f"- machine: {machine()}",
+             f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += [""] + [f"- {n}" for n in notes] + [""]
+    path = RESULTS / f"{name}.md"
+    path.write_text("\n".join(lines))
+    print("\n".join(lines))
+    return path

@@ -1,0 +1,75 @@
+"""Distillation quality on CIFAR-10, 3 seeds: teacher, KD student, baseline (mean ± std), retention, KD gain.
+
+    python benchmarks/quality.py /path/to/cifar10-jpeg.tar.gz [--seeds 0 1 2] [--set key=value ...]
+
+Targets on the CPU-budget recipe (recipes/cifar10.yaml): retention >= 95% and KD gain > 0 on the mean
+of 3 seeds, the student >= 10x fewer parameters than the teacher. The table (benchmarks/results/quality.md)
+reports what was measured, met or not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import mean_std, write_table  # noqa: E402
+
+from edgedistill.cli import main as edgedistill_main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", help="cifar10-jpeg.tar.gz or its extracted cifar10/ folder")
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "cifar10.yaml"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--output", default="runs/quality")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+
+    summaries = []
+    for seed in args.seeds:
+        started = time.perf_counter()
+        code = edgedistill_main(["run", args.recipe, "--stages", "teacher,distill,baseline,evaluate",
+                                 "--set", f"data.root={args.data}", "--set", f"seed={seed}",
+                                 "--set", f"output={args.output}/seed{seed}", *sum((["--set", o] for o in args.overrides), [])])
+        if code != 0:
+            print(f"seed {seed}: the run failed (exit {code}); see {args.output}/seed{seed}/run.log")
+            return code
+        summary = json.loads(Path(f"{args.output}/seed{seed}/summary.json").read_text())
+        summary["wall_s"] = time.perf_counter() - started
+        summaries.append(summary)
+
+    pct = lambda key, role=None: [100 * (s[role][key] if role else s[key]) for s in summaries]  # noqa: E731
+    retention, gain = pct("retention"), pct("kd_gain")
+    s0 = summaries[0]
+    rows = [[
+        f"{s0['teacher']['model']} → {s0['student']['model']}",
+        mean_std(pct("top1", "teacher")), mean_std(pct("top1", "student")), mean_std(pct("top1", "baseline")),
+        mean_std(retention), mean_std(gain),
+        f"{s0['teacher']['params'] / 1e6:.2f}M / {s0['student']['params'] / 1e6:.2f}M ({s0['param_reduction']:.1f}x)",
+        f"{statistics.mean(s['speedup'] for s in summaries):.2f}x",
+        f"{statistics.mean(s['wall_s'] for s in summaries):.0f}",
+    ]]
+    checks = [
+        ("retention >= 95% (mean)", statistics.mean(retention) >= 95.0),
+        ("KD gain > 0 (mean)", statistics.mean(gain) > 0),
+        ("student >= 10x fewer parameters", s0["param_reduction"] >= 10),
+    ]
+    notes = [f"seeds {args.seeds}; evaluated on {s0['eval_split']} ({s0['eval_samples']} images); "
+             f"top-1 in %, mean ± std over seeds; speedup = host PyTorch CPU latency at batch 1, teacher / student"]
+    notes += [f"target {name}: {'MET' if ok else 'NOT MET'}" for name, ok in checks]
+    notes += [f"seed {s['fingerprint']}: {s['verdict']}" for s in summaries]
+    write_table("quality", "Distillation quality on CIFAR-10 (benchmarks/quality.py)",
+                ["teacher → student", "teacher top-1", "KD student top-1", "baseline top-1", "retention %",
+                 "KD gain (points)", "params", "speedup", "s / seed"], rows, notes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

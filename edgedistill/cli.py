@@ -1,0 +1,149 @@
+"""``edgedistill``: command line of the workstation side.
+
+    edgedistill run RECIPE [--set key=value ...] [--force]    every stage in order
+    edgedistill teacher|distill|baseline|evaluate|export RECIPE [...]   one stage
+    edgedistill pack BUNDLE_DIR -o FILE.edb                    one file to copy to the device
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+from rich.text import Text
+
+from edgerun.errors import EdgerunError
+
+from .errors import EdgedistillError
+
+log = logging.getLogger("edgedistill")
+console = Console(stderr=True)
+
+
+def setup_logging(run_dir: Optional[Path], verbose: bool = False) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.addHandler(RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False))
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(run_dir / "run.log")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(file_handler)
+    for noisy in ("timm", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def print_summary(summary: dict) -> None:
+    from .stages import summary_rows
+
+    batch = next(int(k.split("_b")[-1]) for k in summary["teacher"] if k.startswith("latency_ms_b") and k != "latency_ms_b1")
+    rows = summary_rows(summary, batch)
+    table = Table(title=f"{summary['name']}: evaluated on {summary['eval_split']} ({summary['eval_samples']} images)")
+    for head in rows[0]:
+        table.add_column(head, justify="right" if head != "model" else "left")
+    for row in rows[1:]:
+        table.add_row(*row)
+    out = Console(width=None if sys.stdout.isatty() else 120)
+    out.print(table)
+    out.print(f"retention {summary['retention'] * 100:.1f}%   KD gain {summary['kd_gain'] * 100:+.2f} points   "
+              f"params {summary['param_reduction']:.1f}x fewer   size {summary['size_reduction']:.1f}x smaller   "
+              f"host speedup {summary['speedup']:.2f}x (batch 1)")
+    if summary.get("cost"):
+        c = summary["cost"]
+        out.print(f"monthly cost: teacher {c['teacher']['monthly_cost']:,.2f}  student {c['student']['monthly_cost']:,.2f}"
+                  f"  saving {c['monthly_saving']:,.2f}")
+    style = "bold green" if not summary["kd_gain_flag"] else "bold yellow"
+    out.print(f"[{style}]{summary['verdict']}[/]")
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, dotted (repeatable): --set data.root=/data --set student.epochs=30")
+    p.add_argument("--force", action="store_true",
+                   help="distill even from a teacher under teacher.min_top1; export even when INT8 is rejected")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgedistill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run every stage in order (stages already done for this recipe are skipped)")
+    _add_recipe_args(p)
+    p.add_argument("--stages", default=None, help="comma-separated subset, e.g. teacher,distill")
+    for stage, text in (("teacher", "train (or load) and validate the teacher"),
+                        ("distill", "distill the teacher into the student"),
+                        ("baseline", "train the same student without distillation"),
+                        ("evaluate", "compare teacher, student and baseline; write summary.json/md"),
+                        ("export", "export the student to a device bundle (ONNX + manifest + samples)")):
+        _add_recipe_args(sub.add_parser(stage, help=text))
+    sub.choices["export"].add_argument("--target", default=None, help="target profile, e.g. jetson-nano-jp4")
+    p = sub.add_parser("pack", help="pack a bundle folder into one .edb file for the device")
+    p.add_argument("bundle", help="bundle folder (runs/<name>/bundle)")
+    p.add_argument("-o", "--output", required=True, help="output file, e.g. student.edb")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "pack":
+        setup_logging(None, args.verbose)
+        from edgerun.bundle import pack_bundle
+
+        path = pack_bundle(args.bundle, args.output)
+        print(path)
+        return 0
+
+    from .recipe import load_recipe
+
+    overrides = list(args.overrides)
+    if getattr(args, "target", None):
+        overrides.append(f"export.target={args.target}")
+    recipe = load_recipe(args.recipe, overrides)
+    setup_logging(recipe.run_dir, args.verbose)
+    from .stages import PIPELINE, STAGE_FUNCTIONS, RunContext, run_stage
+
+    ctx = RunContext(recipe, force=args.force)
+    if args.command == "run":
+        stages = PIPELINE + (["export"] if "export" in STAGE_FUNCTIONS else [])
+        if args.stages:
+            chosen = [s.strip() for s in args.stages.split(",") if s.strip()]
+            unknown = [s for s in chosen if s not in STAGE_FUNCTIONS]
+            if unknown:
+                raise EdgedistillError(f"--stages: unknown stage(s) {unknown}; stages are {list(STAGE_FUNCTIONS)}")
+            stages = [s for s in stages if s in chosen]
+    else:
+        stages = [args.command]
+    for stage in stages:
+        run_stage(ctx, stage)
+    summary_path = ctx.run_dir / "summary.json"
+    if "evaluate" in stages and summary_path.exists():
+        print_summary(json.loads(summary_path.read_text()))
+        log.info("summary written to %s and %s", summary_path, ctx.run_dir / "summary.md")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (EdgedistillError, EdgerunError) as exc:
+        console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted: run the same command again to resume from the last checkpoint")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

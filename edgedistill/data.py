@@ -1,0 +1,380 @@
+"""Labelled image data: folders of class sub-folders, scikit-learn's digits, Fashion-MNIST IDX files.
+
+Images are decoded with OpenCV into RGB uint8 arrays. Training batches are augmented with
+albumentations; evaluation uses ``edgerun.preprocess`` — the very function the device runs — so host
+accuracy and device accuracy are measured on the same pixels.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from edgerun.archive import safe_extract
+from edgerun.preprocess import PreprocessSpec, geometric, normalize, to_three_channels
+
+from .errors import DataError
+from .recipe import DataConfig
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# Folders of at most this many decoded pixels (all images together) are held in memory by default.
+CACHE_PIXELS = 600_000_000
+
+
+@dataclass
+class Split:
+    """One split: image paths or decoded arrays, their labels, the class names."""
+
+    name: str
+    classes: list[str]
+    labels: np.ndarray
+    paths: list[Path] = field(default_factory=list)
+    images: Optional[list[np.ndarray]] = None  # decoded RGB uint8, when held in memory
+    skipped: list[str] = field(default_factory=list)  # unreadable files, with the reason
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> np.ndarray:
+        if self.images is not None:
+            return self.images[index]
+        image = read_image(self.paths[index])
+        if image is None:
+            raise DataError(f"image '{self.paths[index]}' became unreadable during the run")
+        return image
+
+    def subset(self, indices: Sequence[int]) -> "Split":
+        indices = list(indices)
+        return Split(
+            name=self.name,
+            classes=self.classes,
+            labels=self.labels[indices],
+            paths=[self.paths[i] for i in indices] if self.paths else [],
+            images=[self.images[i] for i in indices] if self.images is not None else None,
+            skipped=self.skipped,
+        )
+
+
+@dataclass
+class DataBundle:
+    train: Split
+    val: Split
+    test: Optional[Split]
+    source: str
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+def read_image(path: Path, reduced: bool = False) -> Optional[np.ndarray]:
+    """Decode to RGB uint8 (H, W, 3); grayscale becomes 3 channels; ``None`` when unreadable."""
+    flag = cv2.IMREAD_REDUCED_COLOR_8 if reduced else cv2.IMREAD_COLOR
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError:
+        return None
+    if data.size == 0:
+        return None
+    image = cv2.imdecode(data, flag)
+    if image is None or image.size == 0:
+        return None
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+# ----------------------------------------------------------------------------------------------- sources
+def resolve_root(root: str | os.PathLike, cache_dir: Optional[Path] = None) -> Path:
+    """A folder as is; an archive is unpacked (checked member by member) once into a cache."""
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise DataError(f"data.root '{path}' does not exist: point it at a folder with train/ and val/, or an archive")
+    if path.is_dir():
+        return path
+    if not str(path).endswith(ARCHIVE_SUFFIXES):
+        raise DataError(f"data.root '{path}' is a file but not a .tar/.tar.gz/.tgz archive")
+    cache_dir = cache_dir or Path(os.environ.get("EDGEDISTILL_CACHE", Path.home() / ".cache" / "edgedistill"))
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    dest = cache_dir / "datasets" / f"{path.name.split('.')[0]}-{digest.hexdigest()[:12]}"
+    if not (dest / ".complete").exists():
+        log.info("unpacking %s into %s", path, dest)
+        safe_extract(path, dest)
+        (dest / ".complete").touch()
+    entries = [p for p in dest.iterdir() if not p.name.startswith(".")]
+    # An archive that holds one top folder (cifar10/train, ...) is entered.
+    if len(entries) == 1 and entries[0].is_dir():
+        return entries[0]
+    return dest
+
+
+def _class_folders(split_dir: Path) -> list[Path]:
+    return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_folder_split(root: Path, split: str, cap_per_class: Optional[int], seed: int) -> Split:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        present = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise DataError(f"'{split_dir}' is missing (found: {present or 'no folders'}); a data folder holds "
+                        f"train/ and val/ with one sub-folder per class (set data.val_dir if yours is named otherwise)")
+    folders = _class_folders(split_dir)
+    if not folders:
+        raise DataError(f"'{split_dir}' has no class sub-folders: put each class's images in {split_dir}/<class>/")
+    paths, labels = [], []
+    rng = np.random.default_rng(seed)
+    for label, folder in enumerate(folders):
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(f"class folder '{folder}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): "
+                            f"add images or remove the folder")
+        if cap_per_class and len(files) > cap_per_class:
+            files = [files[i] for i in sorted(rng.choice(len(files), cap_per_class, replace=False))]
+        paths.extend(files)
+        labels.extend([label] * len(files))
+    return Split(name=split, classes=[p.name for p in folders], labels=np.asarray(labels, dtype=np.int64),
+                 paths=paths)
+
+
+def verify_and_cache(split: Split, cache: Optional[bool]) -> Split:
+    """Decode every image once; unreadable files are dropped, counted and listed (never fatal alone)."""
+    keep, images, skipped, pixels = [], [], [], 0
+    hold = cache is not False
+    for i, path in enumerate(split.paths):
+        image = read_image(path, reduced=not hold)
+        if image is None:
+            skipped.append(str(path))
+            continue
+        keep.append(i)
+        if hold:
+            images.append(image)
+            pixels += image.size
+            if cache is None and pixels > CACHE_PIXELS:  # too big to hold: fall back to lazy decoding
+                hold, images = False, []
+    if not keep:
+        raise DataError(f"no readable image in '{split.paths[0].parent.parent}' ({len(skipped)} unreadable)")
+    out = split.subset(keep)
+    out.images = images if hold else None
+    out.skipped = skipped
+    for cls in range(len(split.classes)):
+        if not np.any(out.labels == cls):
+            raise DataError(f"class '{split.classes[cls]}' of split '{split.name}' has no readable image left")
+    if skipped:
+        log.warning("split %s: skipped %d unreadable image(s): %s%s", split.name, len(skipped),
+                    ", ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
+    return out
+
+
+def load_folder(cfg: DataConfig, seed: int) -> DataBundle:
+    if not cfg.root:
+        raise DataError("data.root is not set: give the image folder with --set data.root=/path/to/data")
+    root = resolve_root(cfg.root)
+    train = scan_folder_split(root, cfg.train_dir, cfg.train_per_class, seed)
+    val = scan_folder_split(root, cfg.val_dir, cfg.val_per_class, seed)
+    if val.classes != train.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise DataError(f"class folders of '{root / cfg.val_dir}' differ from '{root / cfg.train_dir}': "
+                        f"only in train: {only_train or '-'}, only in val: {only_val or '-'}; "
+                        f"both splits need the same class sub-folders")
+    test = None
+    if cfg.test_dir:
+        test = scan_folder_split(root, cfg.test_dir, cfg.val_per_class, seed)
+        if test.classes != train.classes:
+            raise DataError(f"class folders of '{root / cfg.test_dir}' differ from '{root / cfg.train_dir}'")
+    train, val = verify_and_cache(train, cfg.cache), verify_and_cache(val, cfg.cache)
+    test = verify_and_cache(test, cfg.cache) if test else None
+    return DataBundle(train, val, test, source=str(root))
+
+
+def _stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        n_val = max(1, int(round(len(idx) * val_fraction)))
+        val_idx.extend(idx[:n_val])
+        train_idx.extend(idx[n_val:])
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+def _array_split(name: str, images: np.ndarray, labels: np.ndarray, classes: list[str],
+                 cap: Optional[int], seed: int) -> Split:
+    if cap:
+        rng = np.random.default_rng(seed)
+        keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:cap]
+                                       for c in range(len(classes))]))
+        images, labels = images[keep], labels[keep]
+    return Split(name=name, classes=classes, labels=labels.astype(np.int64), images=list(images))
+
+
+def load_digits_source(cfg: DataConfig) -> DataBundle:
+    """scikit-learn's 1,797 handwritten 8x8 digits (values 0-16) as uint8 grayscale; fixed 80/20 split."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    train_idx, val_idx = _stratified_split(labels, 0.2, seed=0)  # split fixed across training seeds
+    classes = [str(c) for c in digits.target_names]
+    return DataBundle(
+        train=_array_split("train", images[train_idx], labels[train_idx], classes, cfg.train_per_class, 0),
+        val=_array_split("val", images[val_idx], labels[val_idx], classes, cfg.val_per_class, 0),
+        test=None,
+        source="sklearn.datasets.load_digits",
+    )
+
+
+FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle-boot"]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (LeCun's MNIST format), optionally gzip-compressed."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read IDX file '{path}': {exc}") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"'{path}' is not an unsigned-byte IDX file (bad magic number)")
+    ndim = raw[3]
+    shape = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise DataError(f"IDX file '{path}' is truncated: header says {shape}, holds {data.size} values")
+    return data.reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for candidate in (root / stem, root / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"IDX file '{stem}[.gz]' not found in '{root}' (Fashion-MNIST: apt-get install "
+                    f"dataset-fashion-mnist; dpkg -L dataset-fashion-mnist shows the folder)")
+
+
+def load_idx_source(cfg: DataConfig) -> DataBundle:
+    if not cfg.root:
+        raise DataError("data.root must name the folder holding the IDX files (train-images-idx3-ubyte.gz, ...)")
+    root = Path(cfg.root)
+    x_train = read_idx(_find_idx(root, "train-images-idx3-ubyte"))
+    y_train = read_idx(_find_idx(root, "train-labels-idx1-ubyte")).astype(np.int64)
+    x_test = read_idx(_find_idx(root, "t10k-images-idx3-ubyte"))
+    y_test = read_idx(_find_idx(root, "t10k-labels-idx1-ubyte")).astype(np.int64)
+    n_classes = int(y_train.max()) + 1
+    classes = FASHION_CLASSES if n_classes == 10 else [str(i) for i in range(n_classes)]
+    return DataBundle(
+        train=_array_split("train", x_train, y_train, classes, cfg.train_per_class, 0),
+        val=_array_split("val", x_test, y_test, classes, cfg.val_per_class, 0),
+        test=None,
+        source=str(root),
+    )
+
+
+def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
+    loaders: dict[str, Callable[[], DataBundle]] = {
+        "folder": lambda: load_folder(cfg, seed),
+        "digits": lambda: load_digits_source(cfg),
+        "idx": lambda: load_idx_source(cfg),
+    }
+    bundle = loaders[cfg.source]()
+    log.info("data %s: %d classes, %d train / %d val images%s", bundle.source, len(bundle.classes),
+             len(bundle.train), len(bundle.val), f" / {len(bundle.test)} test" if bundle.test else "")
+    return bundle
+
+
+# ----------------------------------------------------------------------------------------------- transforms
+def eval_spec(cfg: DataConfig) -> PreprocessSpec:
+    """The evaluation (and device) preprocessing of a recipe, as timm derives it from crop_pct."""
+    return PreprocessSpec(
+        resize=int(round(cfg.image_size / cfg.crop_pct)),
+        crop=cfg.image_size,
+        interpolation=cfg.interpolation,
+        mean=cfg.mean,
+        std=cfg.std,
+    )
+
+
+def train_transform(cfg: DataConfig) -> A.Compose:
+    aug = cfg.augment
+    interp = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
+              "area": cv2.INTER_AREA}[cfg.interpolation]
+    steps: list = [A.RandomResizedCrop(size=(cfg.image_size, cfg.image_size), scale=aug.scale, ratio=aug.ratio,
+                                       interpolation=interp)]
+    if aug.rotate:
+        steps.append(A.Rotate(limit=aug.rotate, interpolation=interp, p=0.5))
+    if aug.hflip:
+        steps.append(A.HorizontalFlip(p=aug.hflip))
+    if aug.color_jitter:
+        j = aug.color_jitter
+        steps.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(0.5, j / 4), p=0.8))
+    steps.append(A.Normalize(mean=cfg.mean, std=cfg.std, max_pixel_value=255.0))
+    return A.Compose(steps)
+
+
+class TrainDataset(Dataset):
+    def __init__(self, split: Split, cfg: DataConfig):
+        self.split = split
+        self.transform = train_transform(cfg)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        image = to_three_channels(self.split.load(index))
+        out = self.transform(image=image)["image"]
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))), int(self.split.labels[index])
+
+
+class EvalDataset(Dataset):
+    def __init__(self, split: Split, spec: PreprocessSpec):
+        self.split = split
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        crop = geometric(self.split.load(index), self.spec)
+        return torch.from_numpy(normalize(crop[None], self.spec)[0]), int(self.split.labels[index])
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    import random
+    random.seed(seed)
+
+
+def train_loader(split: Split, cfg: DataConfig, seed: int, epoch: int) -> DataLoader:
+    """A loader whose shuffle and augmentation depend only on (seed, epoch): resumable mid-run."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    np.random.seed((seed * 100_003 + epoch) % 2**32)
+    import random
+    random.seed(seed * 100_003 + epoch)
+    return DataLoader(TrainDataset(split, cfg), batch_size=cfg.batch_size, shuffle=True, drop_last=len(split) > cfg.batch_size,
+                      num_workers=cfg.workers, generator=generator, worker_init_fn=_seed_worker,
+                      persistent_workers=False)
+
+
+def eval_loader(split: Split, cfg: DataConfig) -> DataLoader:
+    return DataLoader(EvalDataset(split, eval_spec(cfg)), batch_size=max(cfg.batch_size, 64), shuffle=False,
+                      num_workers=cfg.workers)

@@ -1,0 +1,106 @@
+"""Model creation: timm's registry for everything, torchvision for SqueezeNet; local weights first.
+
+No model zoo here: ``create_model`` resolves a name through timm (``timm.create_model``) or, for the
+SqueezeNet family that timm lacks, torchvision. Weights come from a local ``pretrained_path``
+(safetensors or a plain state dict, loaded with ``weights_only=True``), or from the hub only when the
+recipe asks for ``pretrained: true`` and the user has the hub.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from .errors import CheckpointError, RecipeError
+from .recipe import ModelConfig
+
+log = logging.getLogger(__name__)
+
+TORCHVISION_MODELS = {
+    "squeezenet1_0": torchvision.models.squeezenet1_0,
+    "squeezenet1_1": torchvision.models.squeezenet1_1,
+}
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers as stored (fp32 here): the weight file's payload."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file or a torch state dict (never unpickles arbitrary objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own SafetensorError
+            raise CheckpointError(f"'{path}' is not a readable safetensors file: {exc}") from exc
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle refusal or corrupt file: both mean "not a plain state dict"
+        raise CheckpointError(f"'{path}' is not a plain state dict (only tensors are loaded, weights_only=True): "
+                              f"{exc}") from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"'{path}' holds a {type(state).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def load_weights(model: nn.Module, path: str | Path, strict_head: bool = False) -> None:
+    """Load a local weights file; a classifier of another class count is left freshly initialised."""
+    state = load_state_dict_file(path)
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatched and strict_head:
+        raise CheckpointError(f"'{path}' does not fit the model: shape mismatch in {mismatched[:4]}")
+    for key in mismatched:
+        state.pop(key)
+    result = model.load_state_dict(state, strict=False)
+    loaded = len(state) - len(result.unexpected_keys)
+    if loaded == 0:
+        raise CheckpointError(f"'{path}' shares no weight with the model: is it a checkpoint of another architecture?")
+    if mismatched:
+        log.info("%s: re-initialised %d tensor(s) of another shape (classifier for a new class count): %s",
+                 path, len(mismatched), ", ".join(mismatched[:4]))
+    if result.missing_keys or result.unexpected_keys:
+        log.warning("%s: %d missing and %d unexpected key(s) (first: %s)", path, len(result.missing_keys),
+                    len(result.unexpected_keys), (result.missing_keys + result.unexpected_keys)[:3])
+
+
+def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    name = cfg.model
+    if name in TORCHVISION_MODELS:
+        if cfg.pretrained and not cfg.pretrained_path:
+            raise RecipeError(f"{name}: hub weights come through torchvision's downloader, which edgedistill "
+                              f"does not call; download them once and set pretrained_path")
+        model = TORCHVISION_MODELS[name](num_classes=num_classes, dropout=cfg.drop_rate or 0.5)
+    else:
+        if not timm.is_model(name):
+            import difflib
+
+            close = difflib.get_close_matches(name, timm.list_models() + list(TORCHVISION_MODELS), n=5, cutoff=0.6)
+            raise RecipeError(f"unknown model '{name}': not in timm's registry nor {sorted(TORCHVISION_MODELS)}"
+                              f"{'; similar: ' + ', '.join(close) if close else ''}")
+        kwargs = dict(cfg.model_kwargs)
+        if cfg.drop_rate:
+            kwargs["drop_rate"] = cfg.drop_rate
+        model = timm.create_model(name, pretrained=cfg.pretrained and not cfg.pretrained_path,
+                                  num_classes=num_classes, **kwargs)
+    if cfg.pretrained_path:
+        load_weights(model, cfg.pretrained_path)
+    return model

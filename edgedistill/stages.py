@@ -1,0 +1,277 @@
+"""The stages of a run: teacher -> distill -> baseline -> evaluate (-> export).
+
+Each stage writes into its own folder of the run, next to the resolved recipe, and finishes by writing
+``done.json`` with the fingerprint of the recipe sections it depends on. A stage whose ``done.json``
+matches the current recipe is skipped; one that was killed resumes from its last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_write_text, load_model, save_model
+from .data import DataBundle, eval_loader, load_data
+from .errors import StageMissingError, TeacherTooWeakError
+from .evaluate import (classification_report, cost_comparison, measure_latency, predict, report_markdown)
+from .models import count_params, create_model, weight_bytes
+from .recipe import Recipe
+from .train import resolve_device, train_model
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+# What each stage's output depends on (top-level recipe sections).
+DEPENDS_ON = {
+    "teacher": ("seed", "data", "teacher"),
+    "distill": ("seed", "data", "teacher", "student", "distill"),
+    "baseline": ("seed", "data", "student"),
+    "evaluate": ("seed", "data", "teacher", "student", "distill", "evaluate"),
+    "export": ("seed", "data", "teacher", "student", "distill", "export"),
+}
+STAGE_DIRS = {"teacher": "teacher", "distill": "student", "baseline": "baseline", "evaluate": ".", "export": "bundle"}
+
+
+class RunContext:
+    """One run folder and what its stages share (data, device, the --force flag)."""
+
+    def __init__(self, recipe: Recipe, force: bool = False):
+        self.recipe = recipe
+        self.force = force
+        self.run_dir = recipe.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(recipe.device)
+        self._data: Optional[DataBundle] = None
+        atomic_write_text(self.run_dir / "recipe.yaml", recipe.to_yaml())
+
+    @property
+    def data(self) -> DataBundle:
+        if self._data is None:
+            self._data = load_data(self.recipe.data, self.recipe.seed)
+        return self._data
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / STAGE_DIRS[stage]
+
+    def fingerprint(self, stage: str) -> str:
+        return self.recipe.fingerprint(*DEPENDS_ON[stage])
+
+    def done_path(self, stage: str) -> Path:
+        return self.stage_dir(stage) / ("done.json" if stage != "evaluate" else "evaluate.done.json")
+
+    def is_done(self, stage: str) -> bool:
+        path = self.done_path(stage)
+        if not path.exists():
+            return False
+        try:
+            done = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return False
+        return done.get("fingerprint") == self.fingerprint(stage) and all(
+            (self.stage_dir(stage) / name).exists() for name in done.get("outputs", []))
+
+    def mark_done(self, stage: str, outputs: list[str], extra: Optional[dict[str, Any]] = None) -> None:
+        folder = self.stage_dir(stage)
+        atomic_write_text(folder / "recipe.yaml", self.recipe.to_yaml())
+        atomic_write_text(self.done_path(stage), json.dumps(
+            {"stage": stage, "fingerprint": self.fingerprint(stage), "outputs": outputs, **(extra or {})}, indent=2))
+
+    def require(self, stage: str, what: str) -> Path:
+        path = self.stage_dir(stage) / MODEL_FILE
+        if not self.is_done(stage) or not path.exists():
+            raise StageMissingError(f"{what} needs the '{stage}' stage of this recipe, which has not finished in "
+                                    f"'{self.run_dir}': run `edgedistill {stage} RECIPE` (or `edgedistill run`) first")
+        return path
+
+    # models ------------------------------------------------------------------------------------------------
+    def new_model(self, role: str) -> nn.Module:
+        torch.manual_seed(self.recipe.seed)  # the student and its baseline start from the same weights
+        cfg = self.recipe.teacher if role == "teacher" else self.recipe.student
+        return create_model(cfg, num_classes=len(self.data.classes))
+
+    def trained_model(self, stage: str, needed_by: str = "this stage") -> nn.Module:
+        """The model a finished stage saved (its initial weights are not fetched again)."""
+        path = self.require(stage, needed_by)
+        cfg = self.recipe.teacher if stage == "teacher" else self.recipe.student
+        model = create_model(cfg.model_copy(update={"pretrained": False, "pretrained_path": None}),
+                             num_classes=len(self.data.classes))
+        load_model(path, model)
+        return model.eval()
+
+
+def _validate_and_report(ctx: RunContext, stage: str, model: nn.Module, title: str) -> dict[str, Any]:
+    data = ctx.data
+    pred = predict(model.to(ctx.device), eval_loader(data.val, ctx.recipe.data), ctx.device)
+    report = classification_report(pred, data.classes)
+    report["skipped_images"] = {"train": data.train.skipped, "val": data.val.skipped}
+    folder = ctx.stage_dir(stage)
+    atomic_write_text(folder / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(folder / "report.md", report_markdown(title, report, data.classes))
+    return report
+
+
+def _train_stage(ctx: RunContext, stage: str, role: str, teacher: Optional[nn.Module]) -> dict[str, Any]:
+    recipe = ctx.recipe
+    cfg = recipe.teacher if role == "teacher" else recipe.student
+    model = ctx.new_model(role)
+    folder = ctx.stage_dir(stage)
+    if cfg.epochs:
+        train_model(model, ctx.data.train, ctx.data.val, recipe.data, cfg, folder, recipe.seed,
+                    ctx.fingerprint(stage), ctx.device, label=stage, teacher=teacher,
+                    distill=recipe.distill if teacher is not None else None)
+    elif not cfg.pretrained_path and not cfg.pretrained:
+        log.warning("%s: %s.epochs is 0 and no weights are given: the model stays untrained", stage, role)
+    save_model(folder / MODEL_FILE, model, {"model": cfg.model, "classes": ctx.data.classes, "stage": stage})
+    titles = {"teacher": "Teacher", "distill": "Distilled student", "baseline": "Baseline student (no KD)"}
+    report = _validate_and_report(ctx, stage, model, f"{titles[stage]}: {cfg.model}")
+    ctx.mark_done(stage, [MODEL_FILE, "report.json", "report.md"], {"top1": report["top1"]})
+    log.info("%s: %s top-1 %.2f%% on %d validation images", stage, cfg.model, report["top1"] * 100, report["samples"])
+    return report
+
+
+def stage_teacher(ctx: RunContext) -> dict[str, Any]:
+    report = _train_stage(ctx, "teacher", "teacher", teacher=None)
+    floor = ctx.recipe.teacher.min_top1
+    if report["top1"] < floor:
+        log.warning("teacher top-1 %.2f%% is under teacher.min_top1 = %.2f%%: distill will refuse it unless --force",
+                    report["top1"] * 100, floor * 100)
+    return report
+
+
+def check_teacher_floor(ctx: RunContext) -> float:
+    report = json.loads((ctx.stage_dir("teacher") / "report.json").read_text())
+    floor = ctx.recipe.teacher.min_top1
+    if report["top1"] < floor:
+        message = (f"teacher top-1 is {report['top1'] * 100:.2f}%, under teacher.min_top1 = {floor * 100:.2f}%: "
+                   f"a student inherits its teacher's mistakes. Train the teacher longer (teacher.epochs), give "
+                   f"it better weights (teacher.pretrained_path), lower teacher.min_top1, or pass --force")
+        if not ctx.force:
+            raise TeacherTooWeakError(message)
+        log.warning("--force: %s", message)
+    return report["top1"]
+
+
+def stage_distill(ctx: RunContext) -> dict[str, Any]:
+    check_teacher_floor(ctx)
+    teacher = ctx.trained_model("teacher", "distill")
+    return _train_stage(ctx, "distill", "student", teacher=teacher)
+
+
+def stage_baseline(ctx: RunContext) -> dict[str, Any]:
+    return _train_stage(ctx, "baseline", "student", teacher=None)
+
+
+def _model_facts(model: nn.Module, top1: float, ctx: RunContext, name: str) -> dict[str, Any]:
+    return {"model": name, "top1": top1, "params": count_params(model), "size_mb": weight_bytes(model) / 1e6}
+
+
+def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
+    recipe, data = ctx.recipe, ctx.data
+    ev = recipe.evaluate
+    split = data.test if data.test is not None else data.val
+    loader = eval_loader(split, recipe.data)
+    models = {role: ctx.trained_model(stage, "evaluate") for role, stage in
+              (("teacher", "teacher"), ("student", "distill"), ("baseline", "baseline"))}
+    names = {"teacher": recipe.teacher.model, "student": recipe.student.model, "baseline": recipe.student.model}
+    summary: dict[str, Any] = {"name": recipe.name, "fingerprint": ctx.fingerprint("evaluate"),
+                               "eval_split": split.name, "eval_samples": len(split), "classes": data.classes}
+    for role, model in models.items():
+        pred = predict(model.to(ctx.device), loader, ctx.device)
+        summary[role] = _model_facts(model, pred.top1, ctx, names[role])
+    threads_before = torch.get_num_threads()
+    if ev.threads:
+        torch.set_num_threads(ev.threads)
+    try:
+        size = recipe.data.image_size
+        for role in ("teacher", "student"):
+            for batch in (1, ev.latency_batch):
+                lat = measure_latency(models[role], (batch, 3, size, size), ev.latency_repeats, ev.latency_warmup,
+                                      ctx.device)
+                summary[role][f"latency_ms_b{batch}"] = lat["median_s"] * 1e3
+                summary[role][f"throughput_b{batch}"] = batch / lat["median_s"]
+    finally:
+        torch.set_num_threads(threads_before)
+    t, s, b = summary["teacher"], summary["student"], summary["baseline"]
+    summary["retention"] = s["top1"] / t["top1"] if t["top1"] else 0.0
+    summary["kd_gain"] = s["top1"] - b["top1"]
+    summary["kd_gain_flag"] = summary["kd_gain"] < ev.min_kd_gain
+    summary["param_reduction"] = t["params"] / s["params"]
+    summary["size_reduction"] = t["size_mb"] / s["size_mb"]
+    summary["speedup"] = t["latency_ms_b1"] / s["latency_ms_b1"]
+    summary[f"speedup_b{ev.latency_batch}"] = t[f"latency_ms_b{ev.latency_batch}"] / s[f"latency_ms_b{ev.latency_batch}"]
+    summary["cost"] = cost_comparison(t["latency_ms_b1"] / 1e3, s["latency_ms_b1"] / 1e3, ev.cost)
+    summary["verdict"] = verdict(summary, ev.min_kd_gain)
+    summary["host"] = {"device": str(ctx.device), "cpu": platform.processor() or platform.machine(),
+                       "threads": ev.threads or threads_before, "torch": torch.__version__,
+                       "note": "host latency of PyTorch eager; the device figures come from edgerun bench"}
+    atomic_write_text(ctx.run_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(ctx.run_dir / "summary.md", summary_markdown(summary, ev.latency_batch))
+    ctx.mark_done("evaluate", ["summary.json", "summary.md"])
+    return summary
+
+
+def verdict(summary: dict[str, Any], min_gain: float) -> str:
+    gain = summary["kd_gain"] * 100
+    if gain < 0:
+        return (f"distillation hurt: the KD student is {-gain:.2f} points below its baseline trained without KD; "
+                f"ship the baseline or revisit temperature/alpha/teacher")
+    if summary["kd_gain_flag"]:
+        return (f"distillation may not be worth it: KD gain is only {gain:.2f} points over the baseline "
+                f"(threshold {min_gain * 100:.2f})")
+    return f"distillation helped: +{gain:.2f} points over the baseline, retention {summary['retention'] * 100:.1f}%"
+
+
+def summary_rows(summary: dict[str, Any], batch: int) -> list[tuple[str, ...]]:
+    rows = [("model", "role", "top-1", "params", "size MB", "latency b1 ms", f"latency b{batch} ms")]
+    for role in ("teacher", "student", "baseline"):
+        m = summary[role]
+        rows.append((m["model"], role if role != "student" else "student (KD)", f"{m['top1'] * 100:.2f}%",
+                     f"{m['params'] / 1e6:.2f}M", f"{m['size_mb']:.2f}",
+                     f"{m['latency_ms_b1']:.2f}" if "latency_ms_b1" in m else "= student",
+                     f"{m[f'latency_ms_b{batch}']:.2f}" if f"latency_ms_b{batch}" in m else "= student"))
+    return rows
+
+
+def summary_markdown(summary: dict[str, Any], batch: int) -> str:
+    rows = summary_rows(summary, batch)
+    lines = [f"# {summary['name']}: distillation summary", "",
+             f"Evaluated on `{summary['eval_split']}` ({summary['eval_samples']} images).", "",
+             "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    lines += ["", f"- retention (student / teacher top-1): **{summary['retention'] * 100:.1f}%**",
+              f"- KD gain (student − baseline): **{summary['kd_gain'] * 100:+.2f} points**",
+              f"- parameters: {summary['param_reduction']:.1f}x fewer; weights: {summary['size_reduction']:.1f}x smaller",
+              f"- host speedup (teacher / student latency): {summary['speedup']:.2f}x at batch 1, "
+              f"{summary[f'speedup_b{batch}']:.2f}x at batch {batch} ({summary['host']['device']}, "
+              f"{summary['host']['threads']} threads)"]
+    if summary.get("cost"):
+        c = summary["cost"]
+        lines.append(f"- monthly serving cost at {c['requests_per_month']:,.0f} requests: teacher "
+                     f"{c['teacher']['monthly_cost']:,.2f} ({c['teacher']['instances']} instance(s)), student "
+                     f"{c['student']['monthly_cost']:,.2f} ({c['student']['instances']}), saving "
+                     f"{c['monthly_saving']:,.2f}")
+    lines += ["", f"**Verdict:** {summary['verdict']}", ""]
+    return "\n".join(lines)
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[RunContext], Any]] = {
+    "teacher": stage_teacher,
+    "distill": stage_distill,
+    "baseline": stage_baseline,
+    "evaluate": stage_evaluate,
+}
+PIPELINE = ["teacher", "distill", "baseline", "evaluate"]
+
+
+def run_stage(ctx: RunContext, stage: str) -> Any:
+    if ctx.is_done(stage):
+        log.info("%s: outputs in '%s' match this recipe; skipped (delete done.json to redo)", stage,
+                 ctx.stage_dir(stage))
+        return None
+    log.info("%s: starting", stage)
+    return STAGE_FUNCTIONS[stage](ctx)

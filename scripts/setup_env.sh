@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv and install edgedistill with its tests' tools. Idempotent: re-running with an unchanged
+# pyproject.toml installs nothing. torch comes first (pinned: pip takes these wheels from local disk
+# where they are cached), then the project.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_PINS=${TORCH_PINS:-"torch==2.14.1 torchvision==0.29.1"}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+stamp="$VENV/.edgedistill-installed"
+want=$(cat pyproject.toml jetson/setup.py 2>/dev/null | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+  "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null || \
+    "$VENV/bin/python" -m pip install -q $TORCH_PINS 2>&1 | grep -v '^WARNING: Location' || true
+  "$VENV/bin/python" -m pip install -q -e ".[test,slim]" 2>&1 | grep -v '^WARNING: Location' || true
+  "$VENV/bin/python" -c "import edgedistill, edgerun, torch, timm, onnxruntime"
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test suite: environment and install if needed, then pytest (about 5 minutes on 2 CPU cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+exec .venv/bin/python -m pytest -q "$@"

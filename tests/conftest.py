@@ -1,0 +1,67 @@
+"""Shared fixtures: small real data (scikit-learn's digits) and fast recipes for end-to-end runs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+os.environ.setdefault("EDGEDISTILL_CACHE", str(Path(__file__).resolve().parent / ".cache"))
+
+
+def digits_arrays():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images * 255 / 16).astype(np.uint8), d.target
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory) -> Path:
+    """Real handwritten digits written as PNG/JPEG class folders: train/ (25 per class) and val/ (8 per class)."""
+    root = tmp_path_factory.mktemp("digits-folder")
+    images, labels = digits_arrays()
+    for cls in range(10):
+        idx = np.flatnonzero(labels == cls)
+        for split, chosen in (("train", idx[:25]), ("val", idx[25:33])):
+            folder = root / split / f"digit{cls}"
+            folder.mkdir(parents=True)
+            for n, i in enumerate(chosen):
+                big = cv2.resize(images[i], (24, 24), interpolation=cv2.INTER_NEAREST)
+                ext = ".png" if n % 2 else ".jpg"
+                cv2.imwrite(str(folder / f"{i}{ext}"), big)  # grayscale files: models still see RGB
+    return root
+
+
+FAST = {
+    "name": "fast",
+    "seed": 0,
+    "data": {"source": "digits", "image_size": 16, "batch_size": 32, "train_per_class": 50, "val_per_class": 10,
+             "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "augment": {"hflip": 0.0, "scale": [0.8, 1.0]}},
+    "teacher": {"model": "resnet10t", "epochs": 3, "lr": 0.003, "min_top1": 0.0},
+    "student": {"model": "mobilenetv3_small_050", "epochs": 3, "lr": 0.003},
+    "evaluate": {"latency_repeats": 3, "latency_warmup": 1, "latency_batch": 4},
+    "export": {"calib_samples": 32, "val_samples": 50, "parity_samples": 32},
+}
+
+
+def deep_update(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture
+def make_recipe(tmp_path):
+    def _make(extra: dict | None = None, name: str = "recipe.yaml") -> Path:
+        data = deep_update(FAST, {"output": str(tmp_path / "run")})
+        data = deep_update(data, extra or {})
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return _make

@@ -1,0 +1,140 @@
+import gzip
+import io
+import struct
+import tarfile
+
+import albumentations as A
+import cv2
+import numpy as np
+import pytest
+
+from edgedistill.data import eval_spec, load_data, read_idx, resolve_root
+from edgedistill.errors import DataError
+from edgedistill.recipe import DataConfig
+from edgerun.errors import UnsafeArchiveError
+from edgerun.preprocess import preprocess
+
+
+def _copy_tree(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_folder_source_reads_grayscale_png_and_jpeg_as_rgb(digits_folder):
+    data = load_data(DataConfig(root=str(digits_folder), image_size=16))
+    assert data.classes == [f"digit{i}" for i in range(10)]
+    assert len(data.train) == 250 and len(data.val) == 80
+    image = data.train.load(0)
+    assert image.dtype == np.uint8 and image.shape == (24, 24, 3)
+
+
+def test_corrupt_images_are_skipped_counted_and_listed(digits_folder, tmp_path):
+    root = _copy_tree(digits_folder, tmp_path / "d")
+    (root / "train" / "digit3" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "train" / "digit4" / "empty.png").write_bytes(b"")
+    data = load_data(DataConfig(root=str(root)))
+    assert len(data.train) == 250
+    assert sorted(p.rsplit("/", 1)[-1] for p in data.train.skipped) == ["broken.jpg", "empty.png"]
+
+
+def test_empty_class_folder_stops_before_training(digits_folder, tmp_path):
+    root = _copy_tree(digits_folder, tmp_path / "d")
+    (root / "train" / "digit10").mkdir()
+    with pytest.raises(DataError, match="digit10.*holds no images"):
+        load_data(DataConfig(root=str(root)))
+
+
+def test_val_classes_must_match_train(digits_folder, tmp_path):
+    root = _copy_tree(digits_folder, tmp_path / "d")
+    (root / "val" / "digit9").rename(root / "val" / "digit_nine")
+    with pytest.raises(DataError, match=r"only in train: \['digit9'\], only in val: \['digit_nine'\]"):
+        load_data(DataConfig(root=str(root)))
+
+
+def test_missing_val_folder_says_what_exists(digits_folder, tmp_path):
+    root = _copy_tree(digits_folder, tmp_path / "d")
+    (root / "val").rename(root / "test")
+    with pytest.raises(DataError, match=r"found: \['test', 'train'\].*data.val_dir"):
+        load_data(DataConfig(root=str(root)))
+    assert len(load_data(DataConfig(root=str(root), val_dir="test")).val) == 80
+
+
+def test_missing_root_and_unset_root():
+    with pytest.raises(DataError, match="does not exist"):
+        load_data(DataConfig(root="/nonexistent/data"))
+    with pytest.raises(DataError, match="data.root is not set"):
+        load_data(DataConfig())
+
+
+def test_archive_root_is_unpacked_once_and_traversal_refused(digits_folder, tmp_path):
+    archive = tmp_path / "digits.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(digits_folder, arcname="digits")
+    root = resolve_root(archive, cache_dir=tmp_path / "cache")
+    assert root.name == "digits" and (root / "train" / "digit0").is_dir()
+    assert resolve_root(archive, cache_dir=tmp_path / "cache") == root
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as tar:
+        info = tarfile.TarInfo("../escape.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    with pytest.raises(UnsafeArchiveError, match=r"\.\./escape.txt"):
+        resolve_root(evil, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache" / "escape.txt").exists()
+
+
+def test_digits_source_is_stratified_and_fixed():
+    data = load_data(DataConfig(source="digits"))
+    assert len(data.train) + len(data.val) == 1797
+    assert set(np.unique(data.val.labels)) == set(range(10))
+    again = load_data(DataConfig(source="digits"))
+    assert np.array_equal(data.val.labels, again.val.labels)
+
+
+def _write_idx(path, array):
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_reader_and_source(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    data = load_data(DataConfig(source="idx", root=str(tmp_path)))
+    assert len(data.train) == 40 and len(data.val) == 20 and data.classes[0] == "t-shirt"
+    bad = tmp_path / "bad-idx"
+    bad.write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 8)
+    with pytest.raises(DataError, match="bad magic"):
+        read_idx(bad)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.*dataset-fashion-mnist"):
+        load_data(DataConfig(source="idx", root=str(tmp_path)))
+
+
+def test_real_fashion_mnist_when_installed():
+    import glob
+
+    hits = glob.glob("/usr/share/**/train-images-idx3-ubyte*", recursive=True)
+    if not hits:
+        pytest.skip("dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+    import os
+
+    data = load_data(DataConfig(source="idx", root=os.path.dirname(hits[0]), train_per_class=5, val_per_class=5))
+    assert len(data.train) == 50 and data.train.load(0).shape == (28, 28)
+
+
+def test_eval_preprocessing_equals_albumentations_pipeline():
+    """The device's preprocess() is the same transform as albumentations' resize + centre crop + normalize."""
+    cfg = DataConfig(image_size=24, crop_pct=0.75, interpolation="bilinear")
+    spec = eval_spec(cfg)
+    assert spec.resize == 32 and spec.crop == (24, 24)
+    image = np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8)
+    ours = preprocess([image], spec)[0]
+    ref = A.Compose([A.SmallestMaxSize(max_size=32, interpolation=cv2.INTER_LINEAR), A.CenterCrop(24, 24),
+                     A.Normalize(mean=cfg.mean, std=cfg.std)])(image=image)["image"].transpose(2, 0, 1)
+    assert ours.shape == (3, 24, 24)
+    assert np.abs(ours - ref).max() < 0.05  # equal up to one grey level of resampling rounding
