@@ -115,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
 
     ctx = RunContext(recipe, force=args.force)
     if args.command == "run":
-        stages = PIPELINE + (["export"] if "export" in STAGE_FUNCTIONS else [])
+        stages = list(PIPELINE)
         if args.stages:
             chosen = [s.strip() for s in args.stages.split(",") if s.strip()]
             unknown = [s for s in chosen if s not in STAGE_FUNCTIONS]

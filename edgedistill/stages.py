@@ -62,7 +62,9 @@ class RunContext:
         return self.recipe.fingerprint(*DEPENDS_ON[stage])
 
     def done_path(self, stage: str) -> Path:
-        return self.stage_dir(stage) / ("done.json" if stage != "evaluate" else "evaluate.done.json")
+        if stage in ("evaluate", "export"):  # outputs that are not a folder of their own
+            return self.run_dir / f"{stage}.done.json"
+        return self.stage_dir(stage) / "done.json"
 
     def is_done(self, stage: str) -> bool:
         path = self.done_path(stage)
@@ -77,7 +79,8 @@ class RunContext:
 
     def mark_done(self, stage: str, outputs: list[str], extra: Optional[dict[str, Any]] = None) -> None:
         folder = self.stage_dir(stage)
-        atomic_write_text(folder / "recipe.yaml", self.recipe.to_yaml())
+        if stage != "export":  # a bundle carries its recipe inside, covered by the manifest's sha256 list
+            atomic_write_text(folder / "recipe.yaml", self.recipe.to_yaml())
         atomic_write_text(self.done_path(stage), json.dumps(
             {"stage": stage, "fingerprint": self.fingerprint(stage), "outputs": outputs, **(extra or {})}, indent=2))
 
@@ -259,13 +262,44 @@ def summary_markdown(summary: dict[str, Any], batch: int) -> str:
     return "\n".join(lines)
 
 
+def stage_export(ctx: RunContext) -> dict[str, Any]:
+    from .export import build_bundle
+
+    recipe, data = ctx.recipe, ctx.data
+    student = ctx.trained_model("distill", "export")
+    teacher = ctx.trained_model("teacher", "export") if recipe.export.teacher else None
+    summary_path = ctx.run_dir / "summary.json"
+    host: dict[str, Any] = {}
+    if summary_path.exists():
+        s = json.loads(summary_path.read_text())
+        host = {"teacher_top1": s["teacher"]["top1"], "student_top1": s["student"]["top1"],
+                "baseline_top1": s["baseline"]["top1"], "retention": s["retention"], "kd_gain": s["kd_gain"],
+                "eval_split": s["eval_split"], "eval_samples": s["eval_samples"]}
+    else:
+        log.warning("export: no summary.json yet (run evaluate first to carry host metrics into the manifest)")
+    manifest = build_bundle(
+        model=student, out_dir=ctx.stage_dir("export"), name=recipe.name, classes=data.classes, train=data.train,
+        val=data.val, data_cfg=recipe.data, cfg=recipe.export, seed=recipe.seed,
+        checkpoint=ctx.stage_dir("distill") / MODEL_FILE, recipe_yaml=recipe.to_yaml(), teacher=teacher,
+        source={"student_model": recipe.student.model, "teacher_model": recipe.teacher.model,
+                "recipe_fingerprint": ctx.fingerprint("export")},
+        host_metrics=host)
+    ctx.mark_done("export", ["manifest.json", "model.onnx"])
+    par = manifest["metrics"]["parity"]
+    log.info("export: bundle for %s in %s (parity max abs error %.1e, top-1 agreement %.2f%%); pack it with "
+             "`edgedistill pack %s -o %s.edb`", recipe.export.target, ctx.stage_dir("export"),
+             par["max_abs_error"], par["top1_agreement"] * 100, ctx.stage_dir("export"), recipe.name)
+    return manifest
+
+
 STAGE_FUNCTIONS: dict[str, Callable[[RunContext], Any]] = {
     "teacher": stage_teacher,
     "distill": stage_distill,
     "baseline": stage_baseline,
     "evaluate": stage_evaluate,
+    "export": stage_export,
 }
-PIPELINE = ["teacher", "distill", "baseline", "evaluate"]
+PIPELINE = ["teacher", "distill", "baseline", "evaluate", "export"]
 
 
 def run_stage(ctx: RunContext, stage: str) -> Any:

@@ -42,7 +42,7 @@ FAST = {
     "data": {"source": "digits", "image_size": 16, "batch_size": 32, "train_per_class": 50, "val_per_class": 10,
              "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "augment": {"hflip": 0.0, "scale": [0.8, 1.0]}},
     "teacher": {"model": "resnet10t", "epochs": 3, "lr": 0.003, "min_top1": 0.0},
-    "student": {"model": "mobilenetv3_small_050", "epochs": 3, "lr": 0.003},
+    "student": {"model": "mobilenetv3_small_050", "epochs": 6, "lr": 0.005},
     "evaluate": {"latency_repeats": 3, "latency_warmup": 1, "latency_batch": 4},
     "export": {"calib_samples": 32, "val_samples": 50, "parity_samples": 32},
 }
@@ -65,3 +65,16 @@ def make_recipe(tmp_path):
         return path
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One full run (every stage, export included) on real digits, shared by export and device tests."""
+    from edgedistill.cli import main
+
+    folder = tmp_path_factory.mktemp("trained")
+    data = deep_update(FAST, {"output": str(folder / "run"), "export": {"target": "jetson-nano-jp4"}})
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    assert main(["run", str(recipe)]) == 0
+    return folder / "run"

@@ -1,0 +1,301 @@
+"""Export a trained student to a device bundle: ONNX with a parity proof, samples, host INT8, manifest.
+
+The bundle is assembled in a temporary folder and renamed into place only when every check passed, so a
+failed export (an operator the target cannot take, parity above tolerance) writes nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from edgerun.manifest import write_manifest
+from edgerun.preprocess import PreprocessSpec, center_crop, preprocess, resize_shorter_side
+from edgerun.profiles import get_target, parse_version, uses_explicit_quantization
+from edgerun.runners import OrtRunner
+
+from . import __version__
+from .data import Split, eval_spec
+from .errors import ExportError, RecipeError
+from .recipe import ExportConfig
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+MODEL_FILE = "model.onnx"
+CALIB_FILE = "calib.npy"
+VAL_FILE = "val.npz"
+
+# ONNX operators TensorRT's ONNX parser does not take (onnx-tensorrt docs/operators.md of each release);
+# entries carry the first TensorRT version that supports them, None = no release does.
+TENSORRT_UNSUPPORTED: dict[str, Optional[tuple]] = {
+    "ConvInteger": None, "MatMulInteger": None, "QLinearConv": None, "QLinearMatMul": None,
+    "DynamicQuantizeLinear": None, "Unique": None, "StringNormalizer": None, "TfIdfVectorizer": None,
+    "SequenceAt": None, "SequenceConstruct": None, "SequenceEmpty": None, "SequenceInsert": None,
+    "SequenceErase": None, "SequenceLength": None, "ConcatFromSequence": None, "SplitToSequence": None,
+    "Optional": None, "OptionalHasElement": None, "OptionalGetElement": None,
+    "NonZero": (8, 5), "Col2Im": (8, 6), "GroupNormalization": (10, 0),
+}
+
+
+def check_operators(model: onnx.ModelProto, target: dict[str, Any], opset: int) -> None:
+    """Raise ExportError naming the first node whose operator the target's runtime cannot take."""
+    trt_version = parse_version(target["tensorrt"]) if target.get("runtime") == "tensorrt" else None
+    for node in model.graph.node:
+        where = f"node '{node.name or '<unnamed>'}' ({node.op_type})"
+        domain = node.domain or ""
+        if domain not in ("", "ai.onnx"):
+            raise ExportError(f"{where} is in operator domain '{domain}', which target {target['name']} does not "
+                              f"take; only standard ONNX operators can be exported")
+        if not onnx.defs.has(node.op_type, opset, ""):
+            raise ExportError(f"{where}: operator {node.op_type} does not exist at opset {opset} (target "
+                              f"{target['name']}); change the model or the target")
+        if trt_version is not None and node.op_type in TENSORRT_UNSUPPORTED:
+            since = TENSORRT_UNSUPPORTED[node.op_type]
+            if since is None or trt_version < since:
+                raise ExportError(
+                    f"{where}: TensorRT {target['tensorrt']} (target {target['name']}) cannot parse operator "
+                    f"{node.op_type}{'' if since is None else ' (supported from TensorRT ' + '.'.join(map(str, since)) + ')'}; "
+                    f"replace that layer in the model or pick another target")
+
+
+def export_onnx(model: nn.Module, path: Path, shape: tuple[int, ...], opset: int, dynamic_batch: bool) -> None:
+    model = model.eval().cpu()
+    dummy = torch.zeros(*shape)
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter honours low opsets exactly (TensorRT 8.2 takes at most 13); the dynamo
+        # exporter starts at opset 18 and its down-conversion fails on common graphs.
+        torch.onnx.export(model, (dummy,), str(path), opset_version=opset, dynamo=False,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
+                          do_constant_folding=True)
+
+
+def simplify(path: Path) -> bool:
+    try:
+        import onnxslim
+    except ImportError:
+        log.info("onnxslim is not installed: the graph is exported unsimplified (pip install onnxslim)")
+        return False
+    slim = onnxslim.slim(str(path))
+    onnx.save(slim, str(path))
+    return True
+
+
+def _ort_logits(path: Path, batches: np.ndarray, batch: int, dynamic: bool) -> np.ndarray:
+    step = batch if not dynamic else max(batch, 32)
+    outs = []
+    with OrtRunner(path, providers=["CPUExecutionProvider"]) as runner:
+        for i in range(0, len(batches), step):
+            chunk = np.ascontiguousarray(batches[i:i + step])
+            if not dynamic and len(chunk) < batch:  # fixed batch: pad the last chunk
+                pad = np.repeat(chunk[-1:], batch - len(chunk), axis=0)
+                outs.append(runner.infer({INPUT_NAME: np.concatenate([chunk, pad])})[OUTPUT_NAME][:len(chunk)])
+            elif not dynamic and len(chunk) > batch:
+                raise AssertionError("chunking error")
+            else:
+                outs.append(runner.infer({INPUT_NAME: chunk})[OUTPUT_NAME])
+    return np.concatenate(outs)
+
+
+@torch.no_grad()
+def _torch_logits(model: nn.Module, batches: np.ndarray) -> np.ndarray:
+    model = model.eval().cpu()
+    return np.concatenate([model(torch.from_numpy(np.ascontiguousarray(batches[i:i + 64]))).numpy()
+                           for i in range(0, len(batches), 64)])
+
+
+def parity(model: nn.Module, path: Path, batches: np.ndarray, cfg: ExportConfig) -> dict[str, Any]:
+    """ONNX Runtime vs PyTorch on the same preprocessed held-out images."""
+    ref = _torch_logits(model, batches)
+    got = _ort_logits(path, batches, cfg.batch, cfg.dynamic_batch)
+    result = {"samples": int(len(batches)), "max_abs_error": float(np.abs(ref - got).max()),
+              "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean())}
+    if result["max_abs_error"] > cfg.parity_atol or result["top1_agreement"] < cfg.parity_min_agreement:
+        raise ExportError(f"ONNX Runtime disagrees with PyTorch on {result['samples']} held-out images: max abs "
+                          f"error {result['max_abs_error']:.2e} (tolerance export.parity_atol = {cfg.parity_atol}), "
+                          f"top-1 agreement {result['top1_agreement']:.4f} (minimum export.parity_min_agreement = "
+                          f"{cfg.parity_min_agreement}); nothing was written")
+    return result
+
+
+def raw_validation_images(split: Split, indices: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 RGB images for val.npz: as decoded when all share one size, else resized to ``spec.resize``
+    on the shorter side and centre-cropped square (the device's preprocess then reproduces the host's crop)."""
+    images = [split.load(int(i)) for i in indices]
+    if len({im.shape for im in images}) == 1:
+        return np.stack(images)
+    side = spec.resize
+    return np.stack([center_crop(resize_shorter_side(im if im.ndim == 3 else im[:, :, None], side, spec.interpolation),
+                                 (side, side)) for im in images])
+
+
+def _pick(n_total: int, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_total, size=min(n, n_total), replace=False))
+
+
+class _CalibReader:
+    """onnxruntime.quantization.CalibrationDataReader over model-ready batches."""
+
+    def __init__(self, batches: np.ndarray, batch: int):
+        self.batches = batches
+        self.batch = batch
+        self.i = 0
+
+    def get_next(self):
+        if self.i + self.batch > len(self.batches):
+            return None
+        chunk = np.ascontiguousarray(self.batches[self.i:self.i + self.batch])
+        self.i += self.batch
+        return {INPUT_NAME: chunk}
+
+    def rewind(self):
+        self.i = 0
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, cfg: ExportConfig, symmetric: bool) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[cfg.int8_method]
+    prepared = out_path.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+    batch = cfg.batch if not cfg.dynamic_batch else 1
+    try:
+        quantize_static(str(prepared), str(out_path), _CalibReader(calib, batch), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=method,
+                        # TensorRT's explicit quantization takes symmetric INT8 scales (zero point 0) only.
+                        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
+    finally:
+        prepared.unlink(missing_ok=True)
+        for leftover in out_path.parent.glob("augmented_model*.onnx"):
+            leftover.unlink()
+
+
+def accuracy(path: Path, batches: np.ndarray, labels: np.ndarray, cfg: ExportConfig) -> float:
+    logits = _ort_logits(path, batches, cfg.batch, cfg.dynamic_batch)
+    return float((logits.argmax(1) == labels).mean())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_bundle(*, model: nn.Module, out_dir: Path, name: str, classes: list[str], train: Split, val: Split,
+                 data_cfg, cfg: ExportConfig, seed: int, checkpoint: Path, source: dict[str, Any],
+                 host_metrics: dict[str, Any], recipe_yaml: str, teacher: Optional[nn.Module] = None) -> dict:
+    """Write a verified bundle folder at ``out_dir`` and return its manifest dictionary."""
+    target = get_target(cfg.target)
+    opset = cfg.opset or target["max_opset"]
+    if opset > target["max_opset"]:
+        raise RecipeError(f"export.opset {opset} is above what target {cfg.target} takes (at most "
+                          f"{target['max_opset']}, TensorRT {target.get('tensorrt')})")
+    if cfg.dynamic_batch and not (cfg.batch <= cfg.max_batch):
+        raise RecipeError("export.batch (the optimal batch) must be at most export.max_batch")
+    spec = eval_spec(data_cfg)
+    size = data_cfg.image_size
+    shape = (cfg.batch, 3, size, size)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+        onnx_path = tmp / MODEL_FILE
+        export_onnx(model, onnx_path, shape, opset, cfg.dynamic_batch)
+        proto = onnx.load(str(onnx_path))
+        onnx.checker.check_model(proto)
+        check_operators(proto, target, opset)
+        simplified = cfg.simplify and simplify(onnx_path)
+        if simplified:
+            proto = onnx.load(str(onnx_path))
+            onnx.checker.check_model(proto)
+            check_operators(proto, target, opset)
+
+        # held-out images for parity and the device's own accuracy check; calibration from train only
+        val_idx = _pick(len(val), max(cfg.val_samples, cfg.parity_samples), seed)
+        val_raw = raw_validation_images(val, val_idx, spec)
+        val_labels = val.labels[val_idx]
+        val_batches = preprocess(val_raw, spec)
+        par = parity(model, onnx_path, val_batches[:cfg.parity_samples], cfg)
+        log.info("parity: max abs error %.2e, top-1 agreement %.4f on %d images", par["max_abs_error"],
+                 par["top1_agreement"], par["samples"])
+        np.savez_compressed(tmp / VAL_FILE, images=val_raw[:cfg.val_samples], labels=val_labels[:cfg.val_samples])
+        calib_idx = _pick(len(train), cfg.calib_samples, seed + 1)
+        calib = preprocess([train.load(int(i)) for i in calib_idx], spec)
+        np.save(tmp / CALIB_FILE, calib)
+
+        fp32_top1 = accuracy(onnx_path, val_batches[:cfg.val_samples], val_labels[:cfg.val_samples], cfg)
+        variants: dict[str, Any] = {}
+        int8_metrics: dict[str, Any] = {"fp32_top1": fp32_top1}
+        if cfg.int8:
+            kinds = [("int8", "model.int8.onnx", False)]
+            if uses_explicit_quantization(target):
+                kinds.append(("int8_trt", "model.int8.qdq.onnx", True))
+            for key, file, symmetric in kinds:
+                path = tmp / file
+                quantize_int8(onnx_path, path, calib, cfg, symmetric)
+                top1 = accuracy(path, val_batches[:cfg.val_samples], val_labels[:cfg.val_samples], cfg)
+                drop = fp32_top1 - top1
+                status = "accepted" if drop <= cfg.int8_max_drop else "rejected"
+                variants[key] = {"file": file, "precision": "int8", "format": "qdq", "symmetric": symmetric,
+                                 "calibration": cfg.int8_method, "top1": top1, "drop": drop, "status": status,
+                                 "for": "tensorrt-explicit-quantization" if symmetric else "onnxruntime"}
+                int8_metrics[key] = {"top1": top1, "drop": drop, "status": status}
+                log.info("%s: top-1 %.2f%% vs FP32 %.2f%% (drop %.2f points, limit %.2f): %s", file, top1 * 100,
+                         fp32_top1 * 100, drop * 100, cfg.int8_max_drop * 100, status)
+        if teacher is not None:
+            export_onnx(teacher, tmp / "teacher.onnx", shape, opset, cfg.dynamic_batch)
+            check_operators(onnx.load(str(tmp / "teacher.onnx")), target, opset)
+            variants["teacher"] = {"file": "teacher.onnx", "precision": "fp32", "for": "comparison"}
+
+        import onnxruntime
+        import timm
+
+        manifest = {
+            "name": name,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "classes": list(classes),
+            "model": {"file": MODEL_FILE, "input_name": INPUT_NAME, "input_shape": list(shape),
+                      "output_name": OUTPUT_NAME, "output_shape": [cfg.batch, len(classes)], "layout": "NCHW",
+                      "dtype": "float32", "opset": opset, "simplified": bool(simplified),
+                      "dynamic_batch": ({"min": 1, "opt": cfg.batch, "max": cfg.max_batch}
+                                        if cfg.dynamic_batch else None)},
+            "preprocess": spec.to_dict(),
+            "target": cfg.target,
+            "target_facts": target,
+            "samples": {"calib": {"file": CALIB_FILE, "count": int(len(calib)), "split": train.name,
+                                  "format": "float32 model input (preprocessed)"},
+                        "val": {"file": VAL_FILE, "count": int(min(cfg.val_samples, len(val_raw))),
+                                "split": val.name, "format": "raw uint8 RGB images + int64 labels"}},
+            "variants": variants,
+            "metrics": {"host": host_metrics, "parity": par, "int8": int8_metrics},
+            "source": dict(source, checkpoint_sha256=file_sha256(checkpoint)),
+            "versions": {"edgedistill": __version__, "torch": torch.__version__, "timm": timm.__version__,
+                         "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        }
+        written = write_manifest(str(tmp), manifest)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+        return written.data
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

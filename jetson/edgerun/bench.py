@@ -1,0 +1,198 @@
+"""The benchmark harness: warm-up, timed iterations, percentiles, stage breakdown, memory, verdict.
+
+In the manner of trtexec and Ultralytics benchmarks: warm-up iterations are discarded, the latency
+distribution is reported as percentiles, throughput is computed on the trimmed mean (the slowest and
+fastest 5% dropped, so a single stall does not decide the figure), and each check of the verdict is a row
+with a status (PASS, FAIL or SKIP with the reason) rather than a crash.
+"""
+import json
+import time
+
+import numpy as np
+
+from .device import TegraStats, clocks, meminfo, process_memory_mb
+from .preprocess import preprocess
+
+TRIM = 0.05
+
+
+def percentile(sorted_values, q):
+    """Linear-interpolated percentile of an already sorted list (q in 0..100)."""
+    if not sorted_values:
+        return None
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def trimmed_mean(sorted_values, trim=TRIM):
+    k = int(len(sorted_values) * trim)
+    kept = sorted_values[k:len(sorted_values) - k] or sorted_values
+    return sum(kept) / float(len(kept))
+
+
+def summarize(latencies_s, batch):
+    """Latency percentiles in ms and throughput in images/s from per-iteration seconds."""
+    values = sorted(latencies_s)
+    mean = trimmed_mean(values)
+    return {
+        "iterations": len(values),
+        "batch": batch,
+        "latency_ms": {"min": values[0] * 1e3, "p50": percentile(values, 50) * 1e3,
+                       "p90": percentile(values, 90) * 1e3, "p95": percentile(values, 95) * 1e3,
+                       "p99": percentile(values, 99) * 1e3, "max": values[-1] * 1e3,
+                       "trimmed_mean": mean * 1e3},
+        "throughput_fps": batch / mean,
+    }
+
+
+def softmax_top1(logits):
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    probs = e / e.sum(axis=1, keepdims=True)
+    return probs.argmax(1), probs.max(1)
+
+
+def run_bench(runner, manifest, frames=None, batch=None, warmup=10, iterations=200, min_seconds=0.0,
+              input_order="BGR"):
+    """Time the whole per-batch pipeline: preprocess -> infer (h2d, compute, d2h) -> postprocess.
+
+    ``frames``: uint8 images fed through the manifest's preprocessing (a synthetic feed by default: random
+    frames of the input size); ``batch`` defaults to the manifest's input batch.
+    """
+    spec = manifest.preprocess
+    batch = batch or manifest.input_shape[0]
+    if frames is None:
+        rng = np.random.RandomState(0)
+        h, w = spec.crop
+        frames = rng.randint(0, 256, size=(max(batch, 8), h, w, 3)).astype(np.uint8)
+    name_in, name_out = manifest.input_name, manifest.output_name
+    stages = {"preprocess": [], "h2d": [], "compute": [], "d2h": [], "postprocess": []}
+    totals = []
+    _, peak_before = process_memory_mb()
+    with TegraStats() as tegra:
+        i = 0
+        timed_start = None
+        while True:
+            timed = i >= warmup
+            if timed:
+                if timed_start is None:
+                    timed_start = time.perf_counter()
+                if len(totals) >= iterations and time.perf_counter() - timed_start >= min_seconds:
+                    break
+            picks = [frames[(i * batch + k) % len(frames)] for k in range(batch)]
+            t0 = time.perf_counter()
+            feed = preprocess(picks, spec, input_order=input_order)
+            t1 = time.perf_counter()
+            out = runner.infer({name_in: feed})[name_out]
+            t2 = time.perf_counter()
+            softmax_top1(np.asarray(out))
+            t3 = time.perf_counter()
+            if timed:
+                totals.append(t3 - t0)
+                stages["preprocess"].append(t1 - t0)
+                stages["postprocess"].append(t3 - t2)
+                timing = runner.last_timing or {}
+                if timing:
+                    for key in ("h2d", "compute", "d2h"):
+                        if key in timing:
+                            stages[key].append(timing[key])
+                else:
+                    stages["compute"].append(t2 - t1)
+            i += 1
+    result = summarize(totals, batch)
+    model_only = [sum(parts) for parts in zip(*[stages[k] for k in ("h2d", "compute", "d2h") if stages[k]])]
+    result["model_only"] = summarize(model_only, batch) if model_only else None
+    result["stages_ms"] = {k: (sum(v) / len(v) * 1e3 if v else None) for k, v in stages.items()}
+    rss, peak = process_memory_mb()
+    mem = meminfo()
+    result["memory"] = {"process_rss_mb": rss, "process_peak_mb": peak, "peak_before_bench_mb": peak_before,
+                        "system_available_mb": mem.get("MemAvailable"), "system_total_mb": mem.get("MemTotal")}
+    result["tegrastats"] = tegra.summary() if tegra.available else None
+    result["clocks"] = clocks()
+    return result
+
+
+def verdict(result, fps_target=None, budget_mb=None, device_memory_mb=None):
+    """PASS/FAIL/SKIP rows: FPS on throughput, FPS on p95 latency, memory within budget and device."""
+    rows = []
+
+    def row(check, status, measured, limit, note=""):
+        rows.append({"check": check, "status": status, "measured": measured, "limit": limit, "note": note})
+
+    fps = result["throughput_fps"]
+    p95 = result["latency_ms"]["p95"]
+    if fps_target:
+        row("throughput >= target FPS", "PASS" if fps >= fps_target else "FAIL", "%.1f FPS" % fps,
+            "%.1f FPS" % fps_target)
+        frame_ms = 1000.0 / fps_target * result["batch"]
+        row("p95 latency within the frame time", "PASS" if p95 <= frame_ms else "FAIL", "%.2f ms" % p95,
+            "%.2f ms" % frame_ms, "a frame every %.1f ms at %.0f FPS" % (1000.0 / fps_target, fps_target))
+    else:
+        row("throughput >= target FPS", "SKIP", "%.1f FPS" % fps, "-", "no --fps-target given")
+    peak = result["memory"].get("process_peak_mb")
+    tegra = result.get("tegrastats") or {}
+    if budget_mb:
+        if peak is None:
+            row("process memory within budget", "SKIP", "-", "%d MB" % budget_mb, "/proc/self/status unreadable")
+        else:
+            row("process memory within budget", "PASS" if peak <= budget_mb else "FAIL", "%.0f MB" % peak,
+                "%d MB" % budget_mb, "peak resident set (VmHWM)")
+    else:
+        row("process memory within budget", "SKIP", "%.0f MB" % peak if peak else "-", "-", "no --budget-mb given")
+    if device_memory_mb:
+        used = tegra.get("ram_used_mb_max")
+        if used is None:
+            total, avail = result["memory"].get("system_total_mb"), result["memory"].get("system_available_mb")
+            used = (total - avail) if total and avail is not None else None
+        if used is None:
+            row("system memory within the device's total", "SKIP", "-", "%d MB" % device_memory_mb, "unknown")
+        else:
+            row("system memory within the device's total", "PASS" if used <= device_memory_mb else "FAIL",
+                "%.0f MB" % used, "%d MB" % device_memory_mb, "shared CPU/GPU memory in use")
+    overall = "FAIL" if any(r["status"] == "FAIL" for r in rows) else "PASS"
+    return {"overall": overall, "checks": rows}
+
+
+def clock_warning(result):
+    maxed = (result.get("clocks") or {}).get("maxed")
+    if maxed is False:
+        return ("clocks are not pinned at their maximum (run `sudo jetson_clocks`): published Jetson figures "
+                "assume it, and these numbers will vary with DVFS")
+    return None
+
+
+def format_table(rows, headers):
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def report_text(result, verdict_result, title):
+    lat = result["latency_ms"]
+    lines = [title, "",
+             "throughput %.1f FPS (batch %d, %d iterations, trimmed mean %.2f ms)" % (
+                 result["throughput_fps"], result["batch"], result["iterations"], lat["trimmed_mean"]),
+             "latency ms  p50 %.2f  p90 %.2f  p95 %.2f  p99 %.2f  max %.2f" % (
+                 lat["p50"], lat["p90"], lat["p95"], lat["p99"], lat["max"]),
+             "stages ms   " + "  ".join("%s %.3f" % (k, v) for k, v in sorted(result["stages_ms"].items())
+                                        if v is not None)]
+    mem = result["memory"]
+    if mem.get("process_peak_mb"):
+        lines.append("memory      process peak %.0f MB, system available %.0f of %.0f MB" % (
+            mem["process_peak_mb"], mem.get("system_available_mb") or 0, mem.get("system_total_mb") or 0))
+    if result.get("tegrastats"):
+        t = result["tegrastats"]
+        lines.append("tegrastats  " + "  ".join("%s %s" % kv for kv in sorted(t.items())))
+    warning = clock_warning(result)
+    if warning:
+        lines.append("WARNING     " + warning)
+    lines += ["", format_table([(r["check"], r["status"], r["measured"], r["limit"], r["note"])
+                                for r in verdict_result["checks"]], ["check", "status", "measured", "limit", "note"]),
+              "", "VERDICT: %s" % verdict_result["overall"]]
+    return "\n".join(lines)
+
+
+def to_json(obj):
+    return json.dumps(obj, indent=2, sort_keys=True, default=float)

@@ -1,0 +1,253 @@
+"""The line camera: CSI (nvarguscamerasrc), USB/V4L2, RTSP or a video file, classified frame by frame.
+
+Capture runs in its own thread and keeps only the newest frame (a classifier on a line must judge the
+part in front of the camera now, not a queue of old frames); frames it overwrote are counted as dropped.
+A lost source is reopened a bounded number of times; after that a SourceError is raised, with the
+predictions and the summary of the frames processed so far already written.
+"""
+import csv
+import os
+import threading
+import time
+
+import cv2
+import numpy as np
+
+from .bench import percentile, softmax_top1
+from .errors import SourceError
+from .preprocess import preprocess
+
+
+def csi_pipeline(sensor_id, capture_size=(1280, 720), fps=30, output_size=None, flip=0):
+    """GStreamer pipeline for a CSI camera on Jetson: nvarguscamerasrc, hardware scaling in nvvidconv."""
+    w, h = capture_size
+    ow, oh = output_size or capture_size
+    return ("nvarguscamerasrc sensor-id=%d ! video/x-raw(memory:NVMM), width=%d, height=%d, framerate=%d/1, "
+            "format=NV12 ! nvvidconv flip-method=%d ! video/x-raw, width=%d, height=%d, format=BGRx ! "
+            "videoconvert ! video/x-raw, format=BGR ! appsink drop=true max-buffers=1 sync=false"
+            % (int(sensor_id), w, h, int(fps), int(flip), ow, oh))
+
+
+def describe_source(source):
+    """(kind, argument for cv2.VideoCapture, backend) for csi://N, usb://N, /dev/videoN, rtsp://..., a file."""
+    if source.startswith("csi://"):
+        return "csi", source[len("csi://"):] or "0", cv2.CAP_GSTREAMER
+    if source.startswith("usb://"):
+        return "usb", int(source[len("usb://"):] or 0), cv2.CAP_V4L2
+    if source.startswith("/dev/video"):
+        return "usb", source, cv2.CAP_V4L2
+    if source.startswith(("rtsp://", "rtsps://", "http://", "https://")):
+        return "stream", source, cv2.CAP_FFMPEG
+    if not os.path.isfile(source):
+        raise SourceError("source '%s' is neither csi://N, usb://N, /dev/videoN, rtsp://... nor an existing video "
+                          "file" % source)
+    return "file", source, cv2.CAP_ANY
+
+
+def opencv_has_gstreamer():
+    for line in cv2.getBuildInformation().splitlines():
+        if line.strip().startswith("GStreamer:"):
+            return "YES" in line
+    return False
+
+
+def open_capture(source, output_size=None):
+    """cv2.VideoCapture for a source string; raises SourceError when it does not open."""
+    kind, arg, backend = describe_source(source)
+    if kind == "csi":
+        if not opencv_has_gstreamer():
+            raise SourceError("this OpenCV has no GStreamer, which CSI cameras need: use JetPack's OpenCV "
+                              "(python3-opencv), not pip's opencv-python, which shadows it")
+        arg = csi_pipeline(int(arg), output_size=output_size)
+    cap = cv2.VideoCapture(arg, backend)
+    if not cap.isOpened():
+        raise SourceError("cannot open source '%s' (%s)" % (source, kind))
+    return cap
+
+
+class FrameGrabber(object):
+    """Reads a capture in a thread; ``latest()`` returns the newest frame not yet taken."""
+
+    def __init__(self, source, opener=open_capture, max_reconnects=3, reconnect_delay=1.0):
+        self.source = source
+        self.opener = opener
+        self.max_reconnects = max_reconnects
+        self.reconnect_delay = reconnect_delay
+        self.kind = describe_source(source)[0] if isinstance(source, str) else "custom"
+        self.cond = threading.Condition()
+        self.frame = None
+        self.frame_index = -1
+        self.taken_index = -1
+        self.captured = 0
+        self.dropped = 0
+        self.reconnects = 0
+        self.ended = False
+        self.error = None
+        self.running = False
+        self.cap = None
+
+    def start(self):
+        self.cap = self.opener(self.source)
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+        return self
+
+    def _at_end_of_file(self):
+        if self.kind != "file" or self.cap is None:
+            return False
+        total = self.cap.get(cv2.CAP_PROP_FRAME_COUNT)
+        return total > 0 and self.cap.get(cv2.CAP_PROP_POS_FRAMES) >= total
+
+    def _reconnect(self):
+        while self.reconnects < self.max_reconnects and self.running:
+            self.reconnects += 1
+            time.sleep(self.reconnect_delay)
+            try:
+                if self.cap is not None:
+                    self.cap.release()
+                self.cap = self.opener(self.source)
+                return True
+            except SourceError:
+                continue
+        return False
+
+    def _loop(self):
+        while self.running:
+            ok, frame = self.cap.read()
+            if not ok or frame is None:
+                if self._at_end_of_file():
+                    self._finish(None)
+                    return
+                if not self._reconnect():
+                    self._finish(SourceError("source '%s' was lost and %d reconnect attempt(s) failed"
+                                             % (self.source, self.reconnects)))
+                    return
+                continue
+            with self.cond:
+                if self.frame_index > self.taken_index:
+                    self.dropped += 1
+                self.frame = frame
+                self.frame_index += 1
+                self.captured += 1
+                self.cond.notify_all()
+
+    def _finish(self, error):
+        with self.cond:
+            self.ended = True
+            self.error = error
+            self.cond.notify_all()
+
+    def latest(self, timeout=5.0):
+        """The newest untaken frame; None at the end of the stream; raises the source's error if it died."""
+        deadline = time.time() + timeout
+        with self.cond:
+            while self.frame_index <= self.taken_index and not self.ended:
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    raise SourceError("no frame from '%s' for %.1f s" % (self.source, timeout))
+                self.cond.wait(remaining)
+            if self.frame_index > self.taken_index:
+                self.taken_index = self.frame_index
+                return self.frame
+            if self.error is not None:
+                raise self.error
+            return None
+
+    def stop(self):
+        self.running = False
+        if self.cap is not None:
+            self.thread.join(timeout=2)
+            self.cap.release()
+
+
+def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_path=None, reject_class=None,
+               reject_threshold=0.5, opener=open_capture, max_reconnects=3, reconnect_delay=1.0, on_reject=None,
+               summary_path=None):
+    """Classify frames until ``duration`` s, ``max_frames`` or the end of a file; returns the summary.
+
+    Per-frame rows (frame, time, class, confidence, latency, reject) go to ``csv_path`` as they happen, so a
+    crash or a lost camera loses nothing already classified.
+    """
+    classes = manifest.classes
+    if reject_class is not None and reject_class not in classes:
+        raise SourceError("--reject-class '%s' is not a class of this model (%s)" % (reject_class, ", ".join(classes)))
+    spec = manifest.preprocess
+    grabber = FrameGrabber(source, opener, max_reconnects, reconnect_delay).start()
+    stages = {"preprocess": [], "infer": [], "postprocess": []}
+    totals = []
+    rejects = 0
+    processed = 0
+    error = None
+    writer_fh = open(csv_path, "w") if csv_path else None
+    writer = csv.writer(writer_fh) if writer_fh else None
+    if writer:
+        writer.writerow(["frame", "time_s", "class", "confidence", "latency_ms", "reject"])
+    started = time.perf_counter()
+    try:
+        while True:
+            if duration and time.perf_counter() - started >= duration:
+                break
+            if max_frames and processed >= max_frames:
+                break
+            try:
+                frame = grabber.latest()
+            except SourceError as exc:
+                error = exc
+                break
+            if frame is None:
+                break
+            t0 = time.perf_counter()
+            batch = preprocess([frame], spec, input_order="BGR")
+            t1 = time.perf_counter()
+            logits = runner.infer({manifest.input_name: batch})[manifest.output_name]
+            t2 = time.perf_counter()
+            label, confidence = softmax_top1(np.asarray(logits)[:1])
+            name, conf = classes[int(label[0])], float(confidence[0])
+            reject = reject_class is not None and name == reject_class and conf >= reject_threshold
+            t3 = time.perf_counter()
+            stages["preprocess"].append(t1 - t0)
+            stages["infer"].append(t2 - t1)
+            stages["postprocess"].append(t3 - t2)
+            totals.append(t3 - t0)
+            if reject:
+                rejects += 1
+                if on_reject:
+                    on_reject(processed, name, conf)
+            if writer:
+                writer.writerow([processed, "%.4f" % (t3 - started), name, "%.4f" % conf, "%.3f" % ((t3 - t0) * 1e3),
+                                 int(reject)])
+                writer_fh.flush()
+            processed += 1
+    finally:
+        elapsed = time.perf_counter() - started
+        grabber.stop()
+        if writer_fh:
+            writer_fh.close()
+    values = sorted(totals)
+    summary = {
+        "source": source,
+        "frames_processed": processed,
+        "frames_captured": grabber.captured,
+        "frames_dropped": grabber.dropped,
+        "reconnects": grabber.reconnects,
+        "seconds": elapsed,
+        "end_to_end_fps": processed / elapsed if elapsed > 0 else 0.0,
+        "latency_ms": {"p50": percentile(values, 50) * 1e3 if values else None,
+                       "p95": percentile(values, 95) * 1e3 if values else None},
+        "stages_ms": dict((k, (sum(v) / len(v) * 1e3 if v else None)) for k, v in stages.items()),
+        "model_only_fps": (len(stages["infer"]) / sum(stages["infer"])) if stages["infer"] else None,
+        "rejects": rejects,
+        "reject_class": reject_class,
+        "error": str(error) if error else None,
+        "csv": csv_path,
+    }
+    if summary_path:
+        import json
+
+        with open(summary_path, "w") as fh:
+            json.dump(summary, fh, indent=2, sort_keys=True)
+    if error is not None:
+        raise SourceError("%s; %d frame(s) were classified before that%s" % (
+            error, processed, " and are saved in %s" % csv_path if csv_path else ""))
+    return summary

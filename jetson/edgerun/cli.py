@@ -1,0 +1,221 @@
+"""``edgerun``: the device's command line.
+
+    edgerun info                                              device, JetPack/L4T, TensorRT, CUDA, memory, clocks
+    edgerun build BUNDLE --precision fp16|int8|fp32           -> <name>.<precision>.engine + .engine.json
+    edgerun validate BUNDLE [--engine E]                      accuracy on the bundle's val.npz vs the host
+    edgerun bench BUNDLE [--engine E] --fps-target 30 --budget-mb 500
+    edgerun camera BUNDLE [--engine E] --source csi://0 --fps-target 30 --duration 60
+
+Without --engine, the ONNX Runtime runner runs the bundle's ONNX model (``--variant int8`` for the host
+INT8 model). Exit status: 0 done/PASS, 1 FAIL (bench/camera with --strict, validate over its threshold),
+2 error.
+"""
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from .bench import report_text, run_bench, to_json, verdict
+from .bundle import open_bundle
+from .errors import EdgerunError
+from .preprocess import preprocess
+from .profiles import TARGETS, get_target
+
+
+def _runner(args, bundle):
+    if args.engine:
+        from .device import gpu_properties
+        from .trt import TrtRunner
+
+        return TrtRunner(args.engine, bundle=bundle, gpu=gpu_properties())
+    from .runners import OrtRunner
+
+    return OrtRunner(bundle.variant_path(args.variant), threads=args.threads)
+
+
+def _device_memory(args, bundle, info=None):
+    if args.device_profile:
+        return get_target(args.device_profile).get("memory_mb")
+    return (bundle.manifest.data.get("target_facts") or {}).get("memory_mb")
+
+
+def cmd_info(args):
+    from .device import device_info
+
+    info = device_info()
+    if args.json:
+        print(to_json(info))
+        return 0
+    for key in ("board", "l4t", "tensorrt", "cuda", "memory_total_mb", "memory_available_mb", "swap_total_mb",
+                "nvpmodel", "gpu", "profile"):
+        print("%-20s %s" % (key, info.get(key) if info.get(key) is not None else "-"))
+    maxed = info["clocks"].get("maxed")
+    print("%-20s %s" % ("clocks pinned", {True: "yes (jetson_clocks)", False: "no: run sudo jetson_clocks before "
+                                          "benchmarking", None: "unknown"}[maxed]))
+    return 0
+
+
+def cmd_build(args):
+    from .device import gpu_properties
+    from .trt import build_engine
+
+    bundle = open_bundle(args.bundle)
+    meta = build_engine(bundle, precision=args.precision, output=args.output, workspace_mb=args.workspace_mb,
+                        timing_cache=args.timing_cache, force=args.force, gpu=gpu_properties())
+    print(to_json(meta))
+    print("built %s in %.1f s; next: edgerun validate %s --engine %s" % (meta["engine"], meta["build_seconds"],
+                                                                         args.bundle, meta["engine"]))
+    return 0
+
+
+def evaluate_bundle(runner, bundle, batch=None):
+    """Top-1 of ``runner`` on the bundle's labelled validation images, preprocessed as the manifest says."""
+    images, labels = bundle.validation()
+    m = bundle.manifest
+    batch = batch or m.input_shape[0]
+    dynamic = m.model.get("dynamic_batch")
+    correct = 0
+    for i in range(0, len(images), batch):
+        chunk = images[i:i + batch]
+        feed = preprocess(chunk, m.preprocess, input_order="RGB")
+        n = len(feed)
+        if not dynamic and n < batch:
+            feed = np.concatenate([feed, np.repeat(feed[-1:], batch - n, axis=0)])
+        logits = np.asarray(runner.infer({m.input_name: feed})[m.output_name])[:n]
+        correct += int((logits.argmax(1) == labels[i:i + n]).sum())
+    return correct / float(len(images))
+
+
+def cmd_validate(args):
+    bundle = open_bundle(args.bundle)
+    with _runner(args, bundle) as runner:
+        top1 = evaluate_bundle(runner, bundle)
+    metrics = bundle.manifest.data["metrics"]
+    host_fp32 = metrics.get("int8", {}).get("fp32_top1")
+    host_int8 = (metrics.get("int8", {}).get("int8") or {}).get("top1")
+    what = args.engine or "onnxruntime:%s" % (args.variant or "fp32")
+    print("top-1 %.2f%% on %d bundle images (%s)" % (top1 * 100, bundle.manifest.data["samples"]["val"]["count"], what))
+    if host_fp32 is not None:
+        print("host  FP32 %.2f%%%s" % (host_fp32 * 100, "   INT8 %.2f%%" % (host_int8 * 100) if host_int8 is not None else ""))
+    drop = (host_fp32 - top1) if host_fp32 is not None else 0.0
+    result = {"top1": top1, "host_fp32_top1": host_fp32, "host_int8_top1": host_int8, "drop": drop,
+              "max_drop": args.max_drop, "status": "PASS" if drop <= args.max_drop else "FAIL"}
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(to_json(result))
+    print("VERDICT: %s (drop %.2f points vs host FP32, limit %.2f)" % (result["status"], drop * 100, args.max_drop * 100))
+    return 0 if result["status"] == "PASS" else 1
+
+
+def cmd_bench(args):
+    bundle = open_bundle(args.bundle)
+    with _runner(args, bundle) as runner:
+        result = run_bench(runner, bundle.manifest, batch=args.batch, warmup=args.warmup, iterations=args.iterations,
+                           min_seconds=args.min_seconds)
+    result["runner"] = runner.name
+    v = verdict(result, args.fps_target, args.budget_mb, _device_memory(args, bundle))
+    title = "edgerun bench: %s via %s (synthetic feed)" % (bundle.manifest.data["name"], args.engine or runner.name)
+    print(report_text(result, v, title))
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(to_json({"result": result, "verdict": v}))
+    return 1 if (args.strict and v["overall"] == "FAIL") else 0
+
+
+def cmd_camera(args):
+    from .camera import run_camera
+
+    bundle = open_bundle(args.bundle)
+
+    def announce(frame, name, conf):
+        print("REJECT frame %d: %s (%.2f)" % (frame, name, conf))
+        sys.stdout.flush()
+
+    with _runner(args, bundle) as runner:
+        summary = run_camera(runner, bundle.manifest, args.source, duration=args.duration, max_frames=args.max_frames,
+                             csv_path=args.csv, reject_class=args.reject_class, reject_threshold=args.reject_threshold,
+                             max_reconnects=args.reconnects, on_reject=announce, summary_path=args.json)
+    fps = summary["end_to_end_fps"]
+    print("camera %s: %d frames in %.1f s, end-to-end %.1f FPS (model only %.1f FPS), %d dropped, %d reconnects, "
+          "%d rejects" % (args.source, summary["frames_processed"], summary["seconds"], fps,
+                          summary["model_only_fps"] or 0, summary["frames_dropped"], summary["reconnects"],
+                          summary["rejects"]))
+    status = "SKIP"
+    if args.fps_target:
+        status = "PASS" if fps >= args.fps_target else "FAIL"
+    print("VERDICT: %s (end-to-end FPS %.1f, target %s)" % (status, fps, args.fps_target or "-"))
+    return 1 if (args.strict and status == "FAIL") else 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="edgerun", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("info", help="device, JetPack/L4T, TensorRT, CUDA, memory, clocks")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("build", help="build a TensorRT engine from a bundle")
+    p.add_argument("bundle")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16")
+    p.add_argument("-o", "--output", help="engine file (default <name>.<precision>.engine)")
+    p.add_argument("--workspace-mb", type=int, default=1024)
+    p.add_argument("--timing-cache", default="edgerun.timing.cache", help="persistent timing cache file")
+    p.add_argument("--force", action="store_true", help="build INT8 even where it is slower or rejected")
+
+    def runner_args(p):
+        p.add_argument("bundle", help="bundle folder or .edb file")
+        p.add_argument("--engine", help="TensorRT engine from `edgerun build` (default: ONNX Runtime)")
+        p.add_argument("--variant", default=None, help="ONNX Runtime only: fp32 (default) or int8")
+        p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+
+    p = sub.add_parser("validate", help="accuracy on the bundle's validation images vs the host")
+    runner_args(p)
+    p.add_argument("--max-drop", type=float, default=0.01, help="allowed top-1 drop vs host FP32 (0.01 = 1 point)")
+    p.add_argument("--json")
+    p = sub.add_parser("bench", help="throughput, latency, memory; PASS/FAIL verdict")
+    runner_args(p)
+    p.add_argument("--fps-target", type=float)
+    p.add_argument("--budget-mb", type=float, help="memory budget of this process")
+    p.add_argument("--device-profile", choices=sorted(TARGETS), help="default: the bundle's target")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--iterations", type=int, default=200)
+    p.add_argument("--min-seconds", type=float, default=0.0)
+    p.add_argument("--json", help="write the full result here")
+    p.add_argument("--strict", action="store_true", help="exit 1 on FAIL")
+    p = sub.add_parser("camera", help="classify a live source: csi://N, usb://N, /dev/videoN, rtsp://..., file")
+    runner_args(p)
+    p.add_argument("--source", required=True)
+    p.add_argument("--duration", type=float, default=None, help="seconds (default: until the source ends)")
+    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--csv", help="per-frame predictions")
+    p.add_argument("--reject-class")
+    p.add_argument("--reject-threshold", type=float, default=0.5)
+    p.add_argument("--reconnects", type=int, default=3)
+    p.add_argument("--fps-target", type=float)
+    p.add_argument("--json", help="write the summary here")
+    p.add_argument("--strict", action="store_true")
+    return parser
+
+
+COMMANDS = {"info": cmd_info, "build": cmd_build, "validate": cmd_validate, "bench": cmd_bench, "camera": cmd_camera}
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except EdgerunError as exc:
+        sys.stderr.write("error: %s\n" % exc)
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""What the device is and what state it is in: board, JetPack/L4T, TensorRT, CUDA, memory, clocks, power.
+
+Every reader returns None (never raises) when a file or tool is absent, so the same code reports on a
+workstation, a container and a Jetson. Sources: /proc/device-tree/model, /etc/nv_tegra_release,
+/proc/meminfo, /proc/self/status, cpufreq and devfreq in /sys, ``nvpmodel -q`` and ``tegrastats``.
+"""
+import glob
+import os
+import re
+import subprocess
+import threading
+import time
+
+
+def _read(path):
+    try:
+        with open(path) as fh:
+            return fh.read().strip().strip("\x00")
+    except (OSError, IOError):
+        return None
+
+
+def board_model():
+    return _read("/proc/device-tree/model")
+
+
+def l4t_release():
+    """'# R32 (release), REVISION: 7.1, ...' -> 'R32.7.1'."""
+    text = _read("/etc/nv_tegra_release")
+    if not text:
+        return None
+    match = re.search(r"R(\d+) \(release\), REVISION: ([\d.]+)", text)
+    return "R%s.%s" % match.groups() if match else None
+
+
+def tensorrt_version():
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    return tensorrt.__version__
+
+
+def cuda_version():
+    for path in ("/usr/local/cuda/version.txt", "/usr/local/cuda/version.json"):
+        text = _read(path)
+        if text:
+            match = re.search(r'(\d+\.\d+(\.\d+)?)', text)
+            if match:
+                return match.group(1)
+    return None
+
+
+def meminfo():
+    """MemTotal/MemAvailable/SwapTotal/SwapFree in MB from /proc/meminfo."""
+    text = _read("/proc/meminfo") or ""
+    out = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("MemTotal", "MemAvailable", "SwapTotal", "SwapFree"):
+            out[key] = int(rest.split()[0]) / 1024.0
+    return out
+
+
+def process_memory_mb():
+    """(current RSS, peak RSS) of this process in MB, from /proc/self/status (VmRSS, VmHWM)."""
+    text = _read("/proc/self/status") or ""
+    values = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) / 1024.0
+    return values.get("VmRSS"), values.get("VmHWM")
+
+
+def nvpmodel_mode():
+    try:
+        out = subprocess.check_output(["nvpmodel", "-q"], stderr=subprocess.STDOUT, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"NV Power Mode: (\S+)", out.decode("utf-8", "replace"))
+    return match.group(1) if match else None
+
+
+def clocks():
+    """CPU and GPU current vs maximum frequency; ``maxed`` is False when any runs below its maximum
+    (jetson_clocks not applied), None when unknown."""
+    result = {"cpu": [], "gpu": None, "maxed": None}
+    for folder in sorted(glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cpufreq")):
+        cur, top = _read(os.path.join(folder, "scaling_cur_freq")), _read(os.path.join(folder, "cpuinfo_max_freq"))
+        low = _read(os.path.join(folder, "scaling_min_freq"))
+        if cur and top:
+            result["cpu"].append({"cur_khz": int(cur), "max_khz": int(top), "min_khz": int(low) if low else None})
+    for folder in glob.glob("/sys/devices/gpu.0/devfreq/*") + glob.glob("/sys/devices/platform/*gpu*/devfreq/*"):
+        cur, top = _read(os.path.join(folder, "cur_freq")), _read(os.path.join(folder, "max_freq"))
+        low = _read(os.path.join(folder, "min_freq"))
+        if cur and top:
+            result["gpu"] = {"cur_hz": int(cur), "max_hz": int(top), "min_hz": int(low) if low else None}
+            break
+    # jetson_clocks pins the minimum frequency to the maximum
+    pinned = [c["min_khz"] == c["max_khz"] for c in result["cpu"] if c["min_khz"]]
+    if result["gpu"] and result["gpu"]["min_hz"]:
+        pinned.append(result["gpu"]["min_hz"] == result["gpu"]["max_hz"])
+    if pinned:
+        result["maxed"] = all(pinned)
+    return result
+
+
+def device_info():
+    from .profiles import match_device
+
+    mem = meminfo()
+    info = {
+        "board": board_model(),
+        "l4t": l4t_release(),
+        "tensorrt": tensorrt_version(),
+        "cuda": cuda_version(),
+        "memory_total_mb": round(mem.get("MemTotal", 0)),
+        "memory_available_mb": round(mem.get("MemAvailable", 0)),
+        "swap_total_mb": round(mem.get("SwapTotal", 0)),
+        "nvpmodel": nvpmodel_mode(),
+        "clocks": clocks(),
+        "gpu": None,
+    }
+    gpu = gpu_properties()
+    if gpu:
+        info["gpu"] = gpu
+        profile = match_device(gpu["compute_capability"], info["memory_total_mb"])
+        info["profile"] = profile["name"] if profile else None
+    return info
+
+
+def gpu_properties():
+    """Name and compute capability of CUDA device 0 through pycuda; None without pycuda or a GPU."""
+    try:
+        import pycuda.driver as cuda
+        cuda.init()
+        dev = cuda.Device(0)
+    except Exception:  # ImportError, or pycuda's LogicError/RuntimeError when no device: all mean "no GPU"
+        return None
+    major, minor = dev.compute_capability()
+    return {"name": dev.name(), "compute_capability": "%d.%d" % (major, minor),
+            "memory_mb": dev.total_memory() // (1024 * 1024)}
+
+
+TEGRA_RAM = re.compile(r"RAM (\d+)/(\d+)MB")
+TEGRA_GR3D = re.compile(r"GR3D_FREQ (\d+)%")
+TEGRA_POWER = re.compile(r"\b(VDD_IN|POM_5V_IN|VIN_SYS_5V0)\s+(\d+)mW/(\d+)mW")
+
+
+def parse_tegrastats(line):
+    """One tegrastats line -> {'ram_used_mb', 'ram_total_mb', 'gpu_load', 'power_mw'} (keys when present)."""
+    out = {}
+    match = TEGRA_RAM.search(line)
+    if match:
+        out["ram_used_mb"], out["ram_total_mb"] = int(match.group(1)), int(match.group(2))
+    match = TEGRA_GR3D.search(line)
+    if match:
+        out["gpu_load"] = int(match.group(1))
+    match = TEGRA_POWER.search(line)
+    if match:
+        out["power_mw"] = int(match.group(2))
+        out["power_rail"] = match.group(1)
+    return out
+
+
+class TegraStats(object):
+    """Samples ``tegrastats`` in the background while a benchmark runs; a no-op where it is absent."""
+
+    def __init__(self, interval_ms=100, command="tegrastats"):
+        self.interval_ms = interval_ms
+        self.command = command
+        self.samples = []
+        self.proc = None
+        self.thread = None
+
+    def __enter__(self):
+        try:
+            self.proc = subprocess.Popen([self.command, "--interval", str(self.interval_ms)],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        except OSError:
+            self.proc = None
+            return self
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        return self
+
+    def _read(self):
+        for raw in iter(self.proc.stdout.readline, b""):
+            sample = parse_tegrastats(raw.decode("utf-8", "replace"))
+            if sample:
+                sample["t"] = time.time()
+                self.samples.append(sample)
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.thread.join(timeout=2)
+
+    @property
+    def available(self):
+        return self.proc is not None
+
+    def summary(self):
+        if not self.samples:
+            return None
+        out = {"samples": len(self.samples)}
+        for key in ("ram_used_mb", "gpu_load", "power_mw"):
+            values = [s[key] for s in self.samples if key in s]
+            if values:
+                out[key + "_max"] = max(values)
+                out[key + "_mean"] = round(sum(values) / float(len(values)), 1)
+        rails = [s["power_rail"] for s in self.samples if "power_rail" in s]
+        if rails:
+            out["power_rail"] = rails[0]
+        return out

@@ -1,0 +1,89 @@
+"""One table of targets: what an engine is built with and what the device offers.
+
+Export (ONNX opset, whether INT8 is worth it), build (TensorRT API generation, workspace) and bench (memory
+budget, device identity) all read this table, so a fact is written once.
+
+Sources (NVIDIA documentation, as of each JetPack release):
+- JetPack 4.6.x release notes: L4T R32.6/R32.7, TensorRT 8.2.1, CUDA 10.2, cuDNN 8.2.1, Ubuntu 18.04 with
+  Python 3.6. JetPack 5.1.x: L4T R35, TensorRT 8.5.2, CUDA 11.4, Python 3.8. JetPack 6.1/6.2: L4T R36.4,
+  TensorRT 10.3, CUDA 12.6, Python 3.10.
+- ONNX opsets the bundled parser takes: onnx-tensorrt README for TensorRT 8.2/8.4 ("supports ONNX release
+  1.8.0", i.e. opset 13); TensorRT 8.5 support matrix: ONNX 1.12 (opset 17); TensorRT 10.x: opset 17 is
+  well inside what its parser takes (up to 20 and more), so 17 is exported for it.
+- INT8: the TensorRT support matrix ("Hardware and Precision") lists INT8 for compute capability 6.1 and
+  7.x/8.x; Maxwell sm_53 (Nano) and Pascal sm_62 (TX2) have no fast INT8 path, so INT8 there is slower than
+  FP16. Xavier (sm_72) and Orin (sm_87) have INT8 tensor cores.
+- Memory: Jetson module data sheets (Nano 4 GB/2 GB, TX2 8 GB, Xavier NX 8 GB, AGX Xavier 32 GB, Orin Nano
+  8 GB, Orin NX 16 GB, AGX Orin 64 GB); CPU and GPU share it.
+"""
+from .errors import EdgerunError
+
+JETPACK_4 = {"jetpack": "4.6", "l4t": "R32.7", "tensorrt": "8.2", "cuda": "10.2", "python": "3.6", "max_opset": 13}
+JETPACK_5 = {"jetpack": "5.1", "l4t": "R35.4", "tensorrt": "8.5", "cuda": "11.4", "python": "3.8", "max_opset": 17}
+JETPACK_6 = {"jetpack": "6.1", "l4t": "R36.4", "tensorrt": "10.3", "cuda": "12.6", "python": "3.10", "max_opset": 17}
+
+
+def _target(base, device, sm, memory_mb, fast_int8, **extra):
+    facts = dict(base)
+    facts.update({"device": device, "compute_capability": sm, "memory_mb": memory_mb, "fast_int8": fast_int8,
+                  "runtime": "tensorrt"})
+    facts.update(extra)
+    return facts
+
+
+TARGETS = {
+    "jetson-nano-jp4": _target(JETPACK_4, "Jetson Nano 4GB", "5.3", 4096, False),
+    "jetson-nano-2gb-jp4": _target(JETPACK_4, "Jetson Nano 2GB", "5.3", 2048, False),
+    "jetson-tx2-jp4": _target(JETPACK_4, "Jetson TX2", "6.2", 8192, False),
+    "xavier-nx-jp5": _target(JETPACK_5, "Jetson Xavier NX", "7.2", 8192, True),
+    "agx-xavier-jp5": _target(JETPACK_5, "Jetson AGX Xavier", "7.2", 32768, True),
+    "jetson-orin-nano-jp6": _target(JETPACK_6, "Jetson Orin Nano 8GB", "8.7", 8192, True),
+    "orin-nx-jp6": _target(JETPACK_6, "Jetson Orin NX 16GB", "8.7", 16384, True),
+    "agx-orin-jp6": _target(JETPACK_6, "Jetson AGX Orin 64GB", "8.7", 65536, True),
+    "generic-x86-ort": {"device": "x86-64 CPU (ONNX Runtime)", "runtime": "onnxruntime", "max_opset": 17,
+                        "fast_int8": True, "memory_mb": None, "compute_capability": None, "jetpack": None,
+                        "l4t": None, "tensorrt": None, "cuda": None, "python": "3.8+"},
+}
+
+
+def get_target(name):
+    try:
+        return dict(TARGETS[name], name=name)
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(TARGETS), n=1)
+        raise EdgerunError("unknown target profile '%s'%s; known: %s"
+                           % (name, " (did you mean '%s'?)" % close[0] if close else "", ", ".join(sorted(TARGETS))))
+
+
+def parse_version(text):
+    """'8.2.1.8' -> (8, 2, 1, 8): versions compare as tuples of ints, never as strings."""
+    parts = []
+    for piece in str(text).split("."):
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def uses_explicit_quantization(target):
+    """TensorRT 10 deprecates implicit (calibrator) INT8: such targets take a QDQ ONNX instead."""
+    return target.get("runtime") == "tensorrt" and parse_version(target["tensorrt"]) >= (10,)
+
+
+def match_device(compute_capability, memory_mb):
+    """The profile of the device we run on, by compute capability and memory (closest memory wins)."""
+    best = None
+    for name, facts in sorted(TARGETS.items()):
+        if facts.get("compute_capability") != compute_capability or not facts.get("memory_mb"):
+            continue
+        gap = abs(facts["memory_mb"] - memory_mb)
+        if best is None or gap < best[0]:
+            best = (gap, name)
+    return get_target(best[1]) if best else None

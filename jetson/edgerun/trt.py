@@ -1,0 +1,453 @@
+"""TensorRT: build engines from a bundle and run them, on TensorRT 8.2 (JetPack 4.6) up to 10.x (JetPack 6).
+
+The API differences between generations live in one place, ``select_api``, which returns an adapter:
+
+- TensorRT 8.x: explicit-batch networks, ``config.max_workspace_size`` (8.2; a memory-pool limit from 8.4),
+  I/O by binding index, ``context.set_binding_shape`` and ``execute_async_v2(bindings, stream)``.
+- TensorRT 10.x: I/O by tensor name (``num_io_tensors``, ``get_tensor_mode``), ``set_input_shape``,
+  ``set_tensor_address`` and ``execute_async_v3(stream)``; implicit INT8 calibrators are deprecated, so INT8
+  engines are built from the bundle's explicit-quantization (QDQ) ONNX.
+
+Versions are compared as tuples of integers (``edgerun.profiles.parse_version``), never as strings.
+``tensorrt`` and ``pycuda`` are imported only when a build or a runner needs them; tests pass small fakes
+of both modules through the ``trt``/``cuda`` arguments.
+"""
+import json
+import os
+import time
+from datetime import datetime
+
+import numpy as np
+
+from .device import l4t_release
+from .errors import EngineBuildError, EngineMismatchError, RunnerError
+from .manifest import MANIFEST_FILE, sha256_file
+from .profiles import parse_version
+from .runners import Runner
+
+OOM_MARKERS = ("out of memory", "outofmemory", "failed to allocate", "cudaerrormemoryallocation", "insufficient memory")
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise EngineBuildError("TensorRT's Python module is not importable: on a Jetson it comes with JetPack "
+                               "(python3-libnvinfer); in a virtualenv create it with --system-site-packages")
+    return tensorrt
+
+
+def import_cuda():
+    try:
+        import pycuda.autoinit  # noqa: F401  (creates the CUDA context)
+        import pycuda.driver as cuda
+    except ImportError:
+        raise RunnerError("pycuda is not installed: pip3 install pycuda (it builds against JetPack's CUDA)")
+    return cuda
+
+
+# ------------------------------------------------------------------------------------------ the version split
+class _Api8(object):
+    """TensorRT 8.x (8.2 on JetPack 4.6, 8.5 on JetPack 5)."""
+
+    generation = 8
+
+    def __init__(self, trt):
+        self.trt = trt
+        self.version = parse_version(trt.__version__)
+
+    def create_network(self, builder):
+        flag = 1 << int(self.trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        return builder.create_network(flag)
+
+    def set_workspace(self, config, nbytes):
+        if self.version >= (8, 4) and hasattr(config, "set_memory_pool_limit"):
+            config.set_memory_pool_limit(self.trt.MemoryPoolType.WORKSPACE, nbytes)
+        else:
+            config.max_workspace_size = nbytes
+
+    def io_tensors(self, engine):
+        out = []
+        for i in range(engine.num_bindings):
+            out.append({"name": engine.get_binding_name(i), "index": i, "is_input": engine.binding_is_input(i),
+                        "shape": tuple(engine.get_binding_shape(i)),
+                        "dtype": self.trt.nptype(engine.get_binding_dtype(i))})
+        return out
+
+    def set_input_shape(self, context, tensor, shape):
+        context.set_binding_shape(tensor["index"], tuple(shape))
+
+    def output_shape(self, context, tensor):
+        return tuple(context.get_binding_shape(tensor["index"]))
+
+    def execute(self, context, tensors, addresses, stream):
+        bindings = [0] * len(tensors)
+        for tensor in tensors:
+            bindings[tensor["index"]] = int(addresses[tensor["name"]])
+        if not context.execute_async_v2(bindings=bindings, stream_handle=stream.handle):
+            raise RunnerError("TensorRT execute_async_v2 failed")
+
+
+class _Api10(object):
+    """TensorRT 10.x (10.3 on JetPack 6.1/6.2)."""
+
+    generation = 10
+
+    def __init__(self, trt):
+        self.trt = trt
+        self.version = parse_version(trt.__version__)
+
+    def create_network(self, builder):
+        return builder.create_network(0)  # every network is explicit-batch; the flag is deprecated
+
+    def set_workspace(self, config, nbytes):
+        config.set_memory_pool_limit(self.trt.MemoryPoolType.WORKSPACE, nbytes)
+
+    def io_tensors(self, engine):
+        out = []
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            out.append({"name": name, "index": i,
+                        "is_input": engine.get_tensor_mode(name) == self.trt.TensorIOMode.INPUT,
+                        "shape": tuple(engine.get_tensor_shape(name)),
+                        "dtype": self.trt.nptype(engine.get_tensor_dtype(name))})
+        return out
+
+    def set_input_shape(self, context, tensor, shape):
+        context.set_input_shape(tensor["name"], tuple(shape))
+
+    def output_shape(self, context, tensor):
+        return tuple(context.get_tensor_shape(tensor["name"]))
+
+    def execute(self, context, tensors, addresses, stream):
+        for tensor in tensors:
+            context.set_tensor_address(tensor["name"], int(addresses[tensor["name"]]))
+        if not context.execute_async_v3(stream_handle=stream.handle):
+            raise RunnerError("TensorRT execute_async_v3 failed")
+
+
+def select_api(trt):
+    """The one place where TensorRT generations are told apart."""
+    version = parse_version(trt.__version__)
+    if version >= (10,):
+        return _Api10(trt)
+    if version >= (8, 2):
+        return _Api8(trt)
+    raise EngineBuildError("TensorRT %s is too old: edgerun supports 8.2 (JetPack 4.6) and newer" % trt.__version__)
+
+
+# ------------------------------------------------------------------------------------------------- logging
+def make_logger(trt):
+    class _Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.messages = []
+
+        def log(self, severity, msg):
+            self.messages.append((severity, msg))
+            if severity <= trt.ILogger.Severity.WARNING:
+                print("[TensorRT] %s" % msg)
+
+    return _Logger()
+
+
+def _is_oom(messages):
+    text = " ".join(str(m) for _, m in messages).lower().replace(" ", "")
+    return any(marker.replace(" ", "") in text for marker in OOM_MARKERS)
+
+
+# --------------------------------------------------------------------------------------------- calibration
+def make_entropy_calibrator(trt, cuda, batches, cache_path, batch_size):
+    """IInt8EntropyCalibrator2 fed from the bundle's calib.npy (model-ready float32), with a cache file."""
+
+    class _Calibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self):
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self.batches = batches
+            self.index = 0
+            self.device = cuda.mem_alloc(int(np.prod((batch_size,) + tuple(batches.shape[1:]))) * 4)
+
+        def get_batch_size(self):
+            return batch_size
+
+        def get_batch(self, names):
+            if self.index + batch_size > len(self.batches):
+                return None
+            chunk = np.ascontiguousarray(self.batches[self.index:self.index + batch_size], dtype=np.float32)
+            cuda.memcpy_htod(self.device, chunk)
+            self.index += batch_size
+            return [int(self.device)]
+
+        def read_calibration_cache(self):
+            if os.path.isfile(cache_path):
+                with open(cache_path, "rb") as fh:
+                    return fh.read()
+            return None
+
+        def write_calibration_cache(self, cache):
+            with open(cache_path, "wb") as fh:
+                fh.write(bytes(cache))
+
+    return _Calibrator()
+
+
+# --------------------------------------------------------------------------------------------------- build
+def engine_meta_path(engine_path):
+    """The engine's record, beside it: student.fp16.engine -> student.fp16.engine.json."""
+    return str(engine_path) + ".json"
+
+
+def bundle_fingerprint(bundle):
+    """sha256 of the manifest, which itself lists the sha256 of every bundle file."""
+    return sha256_file(os.path.join(bundle.folder, MANIFEST_FILE))
+
+
+def check_int8_allowed(precision, target, gpu, force, builder=None):
+    """INT8 where the GPU lacks a fast INT8 path (Nano sm_53, TX2 sm_62) is slower than FP16: refuse."""
+    if precision != "int8":
+        return
+    fast = builder.platform_has_fast_int8 if builder is not None else bool(target.get("fast_int8"))
+    if not fast and not force:
+        where = (gpu or {}).get("name") or target.get("device") or "this GPU"
+        cc = (gpu or {}).get("compute_capability") or target.get("compute_capability")
+        raise EngineBuildError("INT8 refused on %s (compute capability %s): it has no fast INT8 path, so INT8 "
+                               "runs slower than FP16 there; build --precision fp16, or pass --force to build "
+                               "INT8 anyway" % (where, cc))
+
+
+def _parse_onnx(trt, api, builder, logger, onnx_path):
+    network = api.create_network(builder)
+    parser = trt.OnnxParser(network, logger)
+    with open(onnx_path, "rb") as fh:
+        ok = parser.parse(fh.read())
+    if not ok:
+        problems = []
+        for i in range(parser.num_errors):
+            err = parser.get_error(i)
+            node = err.node()
+            name = err.node_name() if hasattr(err, "node_name") else ""
+            op = err.node_operator() if hasattr(err, "node_operator") else ""
+            problems.append("node %s%s%s: %s" % (node, " '%s'" % name if name else "", " (%s)" % op if op else "",
+                                                err.desc()))
+        raise EngineBuildError("TensorRT %s's ONNX parser rejected %s:\n  %s\nRe-export for this target "
+                               "(edgedistill export --target ...), which checks operators per TensorRT version"
+                               % (trt.__version__, os.path.basename(onnx_path), "\n  ".join(problems) or "no detail"))
+    return network, parser
+
+
+def build_engine(bundle, precision="fp16", output=None, workspace_mb=1024, timing_cache=None, force=False,
+                 target=None, gpu=None, trt=None, cuda=None, log=print):
+    """Build and serialize an engine for ``bundle``; write ``<output>`` and ``<output>.json``.
+
+    On an out-of-memory build the workspace is halved and the build tried once more; a second failure
+    says so and points at swap. Returns the engine's metadata dictionary.
+    """
+    if precision not in ("fp32", "fp16", "int8"):
+        raise EngineBuildError("precision must be fp32, fp16 or int8, not %r" % (precision,))
+    trt = trt or import_tensorrt()
+    api = select_api(trt)
+    manifest = bundle.manifest
+    target = target or manifest.data.get("target_facts") or {}
+    logger = make_logger(trt)
+    builder = trt.Builder(logger)
+    check_int8_allowed(precision, target, gpu, force, builder)
+
+    onnx_file = bundle.model_path
+    explicit_int8 = precision == "int8" and api.generation >= 10
+    if explicit_int8:
+        variant = manifest.variant("int8_trt")
+        if not variant:
+            raise EngineBuildError("TensorRT %s builds INT8 from an explicit-quantization (QDQ) ONNX, which this "
+                                   "bundle lacks: re-export with a TensorRT 10 target (e.g. --target "
+                                   "jetson-orin-nano-jp6)" % trt.__version__)
+        if variant.get("status") == "rejected" and not force:
+            raise EngineBuildError("the bundle's INT8 model was rejected on the host (top-1 drop %.2f points); "
+                                   "pass --force to build it anyway" % (100 * variant.get("drop", 0)))
+        onnx_file = bundle.path(variant["file"])
+    network, _parser = _parse_onnx(trt, api, builder, logger, onnx_file)
+
+    output = output or os.path.join(os.getcwd(), "%s.%s.engine" % (manifest.data["name"], precision))
+    workspace = int(workspace_mb) << 20
+    attempt = 0
+    while True:
+        attempt += 1
+        config = builder.create_builder_config()
+        api.set_workspace(config, workspace)
+        if precision in ("fp16", "int8"):
+            if not builder.platform_has_fast_fp16:
+                log("note: this GPU has no fast FP16 path; FP16 layers may not be faster than FP32")
+            config.set_flag(trt.BuilderFlag.FP16)
+        if precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)
+            if not explicit_int8:
+                cuda = cuda or import_cuda()
+                batch = manifest.input_shape[0]
+                config.int8_calibrator = make_entropy_calibrator(
+                    trt, cuda, bundle.calibration(), output + ".calib.cache", batch)
+        dyn = manifest.model.get("dynamic_batch")
+        if dyn:
+            profile = builder.create_optimization_profile()
+            rest = tuple(manifest.input_shape[1:])
+            profile.set_shape(manifest.input_name, (dyn["min"],) + rest, (dyn["opt"],) + rest, (dyn["max"],) + rest)
+            config.add_optimization_profile(profile)
+        cache = None
+        if timing_cache:
+            blob = b""
+            if os.path.isfile(timing_cache):
+                with open(timing_cache, "rb") as fh:
+                    blob = fh.read()
+            cache = config.create_timing_cache(blob)
+            config.set_timing_cache(cache, False)
+        started = time.time()
+        del logger.messages[:]
+        try:
+            serialized = builder.build_serialized_network(network, config)
+        except MemoryError:
+            serialized = None
+            logger.messages.append((0, "out of memory (MemoryError)"))
+        if serialized is not None:
+            break
+        if _is_oom(logger.messages) and attempt == 1 and workspace > (16 << 20):
+            workspace //= 2
+            log("engine build ran out of memory; retrying with a %d MB workspace" % (workspace >> 20))
+            continue
+        detail = "; ".join(str(m) for s, m in logger.messages[-5:]) or "no detail from TensorRT"
+        if _is_oom(logger.messages):
+            raise EngineBuildError("engine build ran out of memory twice (workspace down to %d MB): close other "
+                                   "programs, add swap (e.g. a 4 GB swap file on the Nano: sudo fallocate -l 4G "
+                                   "/swapfile && sudo mkswap /swapfile && sudo swapon /swapfile) or use a smaller "
+                                   "--workspace-mb. TensorRT said: %s" % (workspace >> 20, detail))
+        raise EngineBuildError("TensorRT could not build the engine: %s" % detail)
+    build_seconds = time.time() - started
+    with open(output, "wb") as fh:
+        fh.write(bytes(serialized))
+    if cache is not None:
+        with open(timing_cache, "wb") as fh:
+            fh.write(bytes(config.get_timing_cache().serialize()))
+    meta = {
+        "engine": os.path.basename(output),
+        "tensorrt": trt.__version__,
+        "device": (gpu or {}).get("name"),
+        "compute_capability": (gpu or {}).get("compute_capability"),
+        "l4t": l4t_release(),
+        "precision": precision,
+        "onnx": os.path.basename(onnx_file),
+        "bundle_sha256": bundle_fingerprint(bundle),
+        "bundle_name": manifest.data["name"],
+        "workspace_mb": workspace >> 20,
+        "build_seconds": round(build_seconds, 2),
+        "created": datetime.utcnow().replace(microsecond=0).isoformat() + "Z",
+    }
+    with open(engine_meta_path(output), "w") as fh:
+        json.dump(meta, fh, indent=2, sort_keys=True)
+    return meta
+
+
+def check_engine(engine_path, bundle=None, trt=None, gpu=None):
+    """Refuse an engine made by another TensorRT version, on another device, or for another bundle."""
+    meta_path = engine_meta_path(engine_path)
+    if not os.path.isfile(str(engine_path)):
+        raise EngineMismatchError("engine '%s' does not exist: build it with `edgerun build`" % engine_path)
+    if not os.path.isfile(meta_path):
+        raise EngineMismatchError("engine '%s' has no %s beside it, so its origin is unknown: rebuild it with "
+                                  "`edgerun build`" % (engine_path, os.path.basename(meta_path)))
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    if trt is not None and parse_version(meta.get("tensorrt", "0")) != parse_version(trt.__version__):
+        raise EngineMismatchError("engine '%s' was built with TensorRT %s, this device has %s: engines are not "
+                                  "portable across TensorRT versions; rebuild it with `edgerun build`"
+                                  % (engine_path, meta.get("tensorrt"), trt.__version__))
+    if gpu and meta.get("compute_capability") and meta["compute_capability"] != gpu.get("compute_capability"):
+        raise EngineMismatchError("engine '%s' was built on %s (compute capability %s), this is %s (%s): rebuild "
+                                  "it with `edgerun build`" % (engine_path, meta.get("device"),
+                                                               meta["compute_capability"], gpu.get("name"),
+                                                               gpu.get("compute_capability")))
+    if bundle is not None and meta.get("bundle_sha256") != bundle_fingerprint(bundle):
+        raise EngineMismatchError("engine '%s' was built from another bundle (or a changed one): rebuild it with "
+                                  "`edgerun build`" % engine_path)
+    return meta
+
+
+# -------------------------------------------------------------------------------------------------- runner
+class TrtRunner(Runner):
+    """A serialized TensorRT engine: page-locked host buffers, one CUDA stream, async copies, CUDA-event timing."""
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path, bundle=None, trt=None, cuda=None, gpu=None):
+        Runner.__init__(self)
+        self.engine_path = str(engine_path)
+        self.bundle = bundle
+        self._trt = trt
+        self._cuda = cuda
+        self.gpu = gpu
+
+    def _activate(self):
+        trt = self._trt or import_tensorrt()
+        cuda = self._cuda or import_cuda()
+        self.meta = check_engine(self.engine_path, self.bundle, trt, self.gpu)
+        self.api = select_api(trt)
+        self.logger = make_logger(trt)
+        self.runtime = trt.Runtime(self.logger)
+        with open(self.engine_path, "rb") as fh:
+            self.engine = self.runtime.deserialize_cuda_engine(fh.read())
+        if self.engine is None:
+            raise EngineMismatchError("TensorRT %s could not deserialize '%s' (%s): rebuild it with `edgerun build`"
+                                      % (trt.__version__, self.engine_path,
+                                         "; ".join(str(m) for _, m in self.logger.messages[-3:])))
+        self.context = self.engine.create_execution_context()
+        self.cuda = cuda
+        self.stream = cuda.Stream()
+        self.tensors = self.api.io_tensors(self.engine)
+        self.host, self.device, self.shapes = {}, {}, {}
+        self.events = [cuda.Event() for _ in range(4)]
+
+    def input_names(self):
+        return [t["name"] for t in self.tensors if t["is_input"]]
+
+    def _buffers(self, feed):
+        """(Re)allocate page-locked host and device buffers when the input shapes change."""
+        shapes = dict((name, tuple(array.shape)) for name, array in feed.items())
+        if shapes == self.shapes:
+            return
+        for tensor in self.tensors:
+            if tensor["is_input"]:
+                self.api.set_input_shape(self.context, tensor, shapes[tensor["name"]])
+        for tensor in self.tensors:
+            shape = shapes[tensor["name"]] if tensor["is_input"] else self.api.output_shape(self.context, tensor)
+            if any(d < 0 for d in shape):
+                raise RunnerError("output '%s' has an unresolved shape %s" % (tensor["name"], shape))
+            host = self.cuda.pagelocked_empty(int(np.prod(shape)), tensor["dtype"]).reshape(shape)
+            self.host[tensor["name"]] = host
+            self.device[tensor["name"]] = self.cuda.mem_alloc(host.nbytes)
+        self.shapes = shapes
+
+    def _infer(self, feed):
+        self._buffers(feed)
+        cuda, stream, ev = self.cuda, self.stream, self.events
+        ev[0].record(stream)
+        for tensor in self.tensors:
+            if tensor["is_input"]:
+                np.copyto(self.host[tensor["name"]], feed[tensor["name"]], casting="same_kind")
+                cuda.memcpy_htod_async(self.device[tensor["name"]], self.host[tensor["name"]], stream)
+        ev[1].record(stream)
+        self.api.execute(self.context, self.tensors, self.device, stream)
+        ev[2].record(stream)
+        outputs = {}
+        for tensor in self.tensors:
+            if not tensor["is_input"]:
+                cuda.memcpy_dtoh_async(self.host[tensor["name"]], self.device[tensor["name"]], stream)
+        ev[3].record(stream)
+        stream.synchronize()
+        for tensor in self.tensors:
+            if not tensor["is_input"]:
+                outputs[tensor["name"]] = self.host[tensor["name"]].copy()
+        self.last_timing = {"h2d": ev[1].time_since(ev[0]) / 1e3, "compute": ev[2].time_since(ev[1]) / 1e3,
+                            "d2h": ev[3].time_since(ev[2]) / 1e3}
+        return outputs
+
+    def _deactivate(self):
+        self.context = None
+        self.engine = None
+        self.runtime = None
+        self.host, self.device, self.shapes = {}, {}, {}
