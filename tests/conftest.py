@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/fake_tensorrt.py
 os.environ.setdefault("EDGEDISTILL_CACHE", str(Path(__file__).resolve().parent / ".cache"))
 
 

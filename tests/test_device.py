@@ -1,0 +1,204 @@
+"""The device runtime through OrtRunner on real bundles: bench verdicts, validate, camera loop, device readers."""
+import json
+import os
+import shutil
+import stat
+
+import cv2
+import numpy as np
+import pytest
+
+from edgerun.bench import percentile, run_bench, summarize, verdict
+from edgerun.bundle import open_bundle
+from edgerun.camera import FrameGrabber, describe_source, run_camera
+from edgerun.cli import main as edgerun
+from edgerun.device import TegraStats, parse_tegrastats
+from edgerun.errors import RunnerError, SourceError
+from edgerun.runners import OrtRunner
+
+
+def test_percentiles_and_summary():
+    values = [i / 1000 for i in range(1, 101)]  # 1..100 ms
+    assert percentile(values, 50) == pytest.approx(0.0505)
+    s = summarize(values[::-1], batch=2)
+    lat = s["latency_ms"]
+    assert lat["min"] == pytest.approx(1) and lat["max"] == pytest.approx(100)
+    assert lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+    assert s["throughput_fps"] == pytest.approx(2 / 0.0505)  # batch / trimmed mean (5% off each end)
+
+
+def test_runner_interface_errors(trained_run):
+    runner = OrtRunner(open_bundle(trained_run / "bundle").model_path)
+    with pytest.raises(RunnerError, match="before activate"):
+        runner.infer({"input": np.zeros((1, 3, 16, 16), np.float32)})
+    with runner:
+        with pytest.raises(RunnerError, match=r"feed has inputs \['x'\]"):
+            runner.infer({"x": np.zeros((1, 3, 16, 16), np.float32)})
+    assert not runner.is_active
+
+
+def test_bench_and_verdicts(trained_run):
+    bundle = open_bundle(trained_run / "bundle")
+    with OrtRunner(bundle.model_path) as runner:
+        result = run_bench(runner, bundle.manifest, warmup=3, iterations=30)
+    assert result["iterations"] == 30 and result["throughput_fps"] > 0
+    assert set(result["stages_ms"]) == {"preprocess", "h2d", "compute", "d2h", "postprocess"}
+    assert result["stages_ms"]["compute"] > 0 and result["memory"]["process_peak_mb"] > 0
+    fps = result["throughput_fps"]
+    ok = verdict(result, fps_target=fps / 10, budget_mb=1e6, device_memory_mb=1e7)
+    assert ok["overall"] == "PASS" and [r["status"] for r in ok["checks"]] == ["PASS"] * 4
+    slow = verdict(result, fps_target=fps * 100, budget_mb=1e6)
+    assert slow["overall"] == "FAIL" and slow["checks"][0]["status"] == "FAIL"
+    fat = verdict(result, fps_target=None, budget_mb=1)
+    assert fat["overall"] == "FAIL" and fat["checks"][0]["status"] == "SKIP" and fat["checks"][1]["status"] == "FAIL"
+
+
+def test_bench_cli_json_and_strict_exit(trained_run, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = edgerun(["bench", str(trained_run / "bundle"), "--iterations", "20", "--warmup", "2",
+                    "--fps-target", "1", "--budget-mb", "100000", "--json", str(out), "--strict"])
+    assert code == 0 and "VERDICT: PASS" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["verdict"]["overall"] == "PASS" and data["result"]["latency_ms"]["p95"] > 0
+    code = edgerun(["bench", str(trained_run / "bundle"), "--iterations", "20", "--warmup", "2",
+                    "--fps-target", "1e9", "--strict"])
+    assert code == 1 and "VERDICT: FAIL" in capsys.readouterr().out
+
+
+def test_validate_matches_host_and_fails_over_threshold(trained_run, tmp_path, capsys):
+    assert edgerun(["validate", str(trained_run / "bundle")]) == 0
+    assert "drop 0.00 points" in capsys.readouterr().out  # same model, same preprocessing: same accuracy
+    assert edgerun(["validate", str(trained_run / "bundle"), "--variant", "int8"]) in (0, 1)
+    copy = tmp_path / "b"
+    shutil.copytree(trained_run / "bundle", copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["metrics"]["int8"]["fp32_top1"] = 1.0  # pretend the host measured a perfect model
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "v.json"
+    assert edgerun(["validate", str(copy), "--json", str(out)]) == 1
+    assert json.loads(out.read_text())["status"] == "FAIL"
+
+
+def test_tegrastats_parsing_and_sampling(tmp_path, monkeypatch):
+    nano = ("RAM 2110/3956MB (lfb 114x4MB) SWAP 0/1978MB CPU [12%@1479,3%@1479,off,off] EMC_FREQ 0% "
+            "GR3D_FREQ 76% PLL@28C CPU@31C POM_5V_IN 3412/3412 POM_5V_GPU 1210/1210")
+    assert parse_tegrastats(nano)["ram_used_mb"] == 2110 and parse_tegrastats(nano)["gpu_load"] == 76
+    orin = "RAM 3020/7620MB GR3D_FREQ 45% VDD_IN 5120mW/5000mW VDD_CPU_GPU_CV 900mW/880mW"
+    assert parse_tegrastats(orin)["power_mw"] == 5120 and parse_tegrastats(orin)["power_rail"] == "VDD_IN"
+    script = tmp_path / "tegrastats"
+    script.write_text("#!/bin/sh\nwhile true; do echo '%s'; sleep 0.02; done\n" % orin)
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    import time
+
+    with TegraStats(command=str(script)) as tegra:
+        time.sleep(0.3)
+    summary = tegra.summary()
+    assert tegra.available and summary["samples"] >= 3 and summary["power_mw_max"] == 5120
+    with TegraStats(command=str(tmp_path / "absent")) as missing:
+        pass
+    assert not missing.available and missing.summary() is None
+
+
+def _video(path, bundle, n=40):
+    images, labels = bundle.validation()
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (64, 64))
+    assert writer.isOpened()
+    for i in range(n):
+        rgb = cv2.resize(images[i % len(images)], (64, 64), interpolation=cv2.INTER_NEAREST)
+        writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
+def test_camera_loop_on_a_video_file(trained_run, tmp_path):
+    bundle = open_bundle(trained_run / "bundle")
+    video = _video(tmp_path / "line.avi", bundle)
+    rejects = []
+    with OrtRunner(bundle.model_path) as runner:
+        summary = run_camera(runner, bundle.manifest, str(video), csv_path=str(tmp_path / "p.csv"),
+                             reject_class="3", reject_threshold=0.0, on_reject=lambda *a: rejects.append(a),
+                             summary_path=str(tmp_path / "s.json"))
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert summary["frames_processed"] == len(rows) - 1 > 0
+    assert summary["frames_processed"] + summary["frames_dropped"] == summary["frames_captured"] == 40
+    assert summary["end_to_end_fps"] > 0 and summary["model_only_fps"] >= summary["end_to_end_fps"]
+    classes = {r.split(",")[2] for r in rows[1:]}
+    assert classes <= set(bundle.manifest.classes)
+    assert summary["rejects"] == len(rejects) == sum(r.endswith(",1") for r in rows[1:])
+    assert json.loads((tmp_path / "s.json").read_text())["frames_processed"] == summary["frames_processed"]
+    with pytest.raises(SourceError, match="not a class"):
+        run_camera(runner, bundle.manifest, str(video), reject_class="widget")
+
+
+class FlakyCapture:
+    """Delivers ``frames`` frames, then fails every read (a camera unplugged mid-stream)."""
+
+    def __init__(self, frames, image):
+        self.left = frames
+        self.image = image
+
+    def read(self):
+        import time
+
+        time.sleep(0.002)
+        if self.left <= 0:
+            return False, None
+        self.left -= 1
+        return True, self.image.copy()
+
+    def get(self, prop):
+        return 0
+
+    def release(self):
+        pass
+
+
+def test_lost_source_reconnects_then_fails_with_nothing_lost(trained_run, tmp_path):
+    bundle = open_bundle(trained_run / "bundle")
+    image = np.zeros((48, 48, 3), np.uint8)
+    opened = []
+
+    def dies_for_good(source):
+        opened.append(source)
+        if len(opened) > 1:
+            raise SourceError("camera unplugged")
+        return FlakyCapture(25, image)
+
+    csv = tmp_path / "p.csv"
+    with OrtRunner(bundle.model_path) as runner, pytest.raises(SourceError) as err:
+        run_camera(runner, bundle.manifest, "rtsp://127.0.0.1/line", csv_path=str(csv), opener=dies_for_good,
+                   max_reconnects=2, reconnect_delay=0.01, summary_path=str(tmp_path / "s.json"))
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert len(opened) == 3 and saved["reconnects"] == 2  # the first open, then two bounded attempts
+    assert "2 reconnect attempt(s) failed" in str(err.value) and "saved in" in str(err.value)
+    assert len(csv.read_text().splitlines()) - 1 == saved["frames_processed"] > 0
+
+    opened.clear()
+
+    def recovers(source):
+        opened.append(source)
+        return FlakyCapture(10 if len(opened) == 1 else 15, image)
+
+    with OrtRunner(bundle.model_path) as runner:
+        summary = run_camera(runner, bundle.manifest, "rtsp://127.0.0.1/line", max_frames=12, opener=recovers,
+                             max_reconnects=3, reconnect_delay=0.01)
+    assert summary["reconnects"] >= 1 and summary["frames_processed"] == 12
+
+
+def test_camera_cli_on_video_and_source_strings(trained_run, tmp_path, capsys):
+    video = _video(tmp_path / "v.avi", open_bundle(trained_run / "bundle"), n=20)
+    assert edgerun(["camera", str(trained_run / "bundle"), "--source", str(video), "--fps-target", "1",
+                    "--strict"]) == 0
+    assert "VERDICT: PASS" in capsys.readouterr().out
+    assert describe_source("csi://1")[:2] == ("csi", "1")
+    assert describe_source("usb://2")[:2] == ("usb", 2)
+    assert describe_source("/dev/video0")[0] == "usb" and describe_source("rtsp://cam/1")[0] == "stream"
+    with pytest.raises(SourceError, match="neither"):
+        describe_source("/no/such/video.mp4")
+    assert edgerun(["camera", str(trained_run / "bundle"), "--source", "/no/such/video.mp4"]) == 2
+
+
+def test_info_runs_anywhere(capsys):
+    assert edgerun(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["memory_total_mb"] > 0 and "clocks" in info

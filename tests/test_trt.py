@@ -1,0 +1,154 @@
+"""TensorRT build and runner control flow against fakes of the 8.2 and 10.x APIs (no GPU here)."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edgerun.bundle import open_bundle
+from edgerun.errors import EngineBuildError, EngineMismatchError
+from edgerun.preprocess import preprocess
+from edgerun.profiles import parse_version
+from edgerun.runners import OrtRunner
+from edgerun.trt import TrtRunner, _Api8, _Api10, build_engine, check_engine, select_api
+from fake_tensorrt import FakeCuda, make_fake_trt
+
+NANO = {"name": "Jetson Nano", "compute_capability": "5.3"}
+ORIN = {"name": "Orin", "compute_capability": "8.7"}
+
+
+@pytest.fixture(scope="module")
+def orin_bundle(tmp_path_factory):
+    """A bundle exported for a TensorRT 10 target: it carries the symmetric QDQ ONNX for explicit INT8."""
+    from edgedistill.data import load_data
+    from edgedistill.export import build_bundle
+    from edgedistill.models import create_model
+    from edgedistill.recipe import DataConfig, ExportConfig, ModelConfig
+
+    folder = tmp_path_factory.mktemp("orin")
+    cfg = DataConfig(source="digits", image_size=32, train_per_class=10, val_per_class=4)
+    data = load_data(cfg)
+    (folder / "ckpt").write_bytes(b"x")
+    build_bundle(model=create_model(ModelConfig(model="mobilenetv3_small_050"), 10).eval(), out_dir=folder / "bundle",
+                 name="orin", classes=data.classes, train=data.train, val=data.val, data_cfg=cfg,
+                 cfg=ExportConfig(target="jetson-orin-nano-jp6", calib_samples=16, val_samples=20, parity_samples=20),
+                 seed=0, checkpoint=folder / "ckpt", source={}, host_metrics={}, recipe_yaml="name: orin\n")
+    return open_bundle(folder / "bundle")
+
+
+def test_versions_compare_as_numbers_and_pick_the_api():
+    assert parse_version("8.10.0") > parse_version("8.9.1")  # as strings, "8.10" < "8.9"
+    assert parse_version("10.3.0.30") >= (10,) > parse_version("8.6.2")
+    assert isinstance(select_api(make_fake_trt("8.2.1.8")), _Api8)
+    assert isinstance(select_api(make_fake_trt("8.5.2")), _Api8)
+    assert isinstance(select_api(make_fake_trt("10.3.0")), _Api10)
+    with pytest.raises(EngineBuildError, match="too old"):
+        select_api(make_fake_trt("7.1.3"))
+
+
+def test_build_on_tensorrt_8_2_uses_max_workspace_size_and_explicit_batch(trained_run, tmp_path):
+    trt = make_fake_trt("8.2.1.8", fast_int8=False)
+    bundle = open_bundle(trained_run / "bundle")
+    out = tmp_path / "s.fp16.engine"
+    meta = build_engine(bundle, "fp16", str(out), workspace_mb=256, timing_cache=str(tmp_path / "tc"),
+                        gpu=NANO, trt=trt, log=lambda m: None)
+    assert ("create_network", 1) in trt.calls and ("max_workspace_size", 256 << 20) in trt.calls
+    assert not any(c[0] == "set_memory_pool_limit" for c in trt.calls if isinstance(c, tuple))
+    assert ("build", ["FP16"], 256 << 20) in trt.calls
+    on_disk = json.loads((tmp_path / "s.fp16.engine.json").read_text())
+    assert on_disk == meta and meta["tensorrt"] == "8.2.1.8" and meta["precision"] == "fp16"
+    assert meta["compute_capability"] == "5.3" and len(meta["bundle_sha256"]) == 64
+    assert (tmp_path / "tc").read_bytes() == b"TIMINGCACHE"  # persistent timing cache written back
+
+
+def test_build_on_tensorrt_10_uses_memory_pool_and_qdq_for_int8(orin_bundle, tmp_path):
+    trt = make_fake_trt("10.3.0")
+    if orin_bundle.manifest.variant("int8_trt")["status"] == "rejected":  # an untrained model may lose > 1 point
+        with pytest.raises(EngineBuildError, match="rejected on the host"):
+            build_engine(orin_bundle, "int8", str(tmp_path / "o.int8.engine"), gpu=ORIN, trt=trt, log=lambda m: None)
+    meta = build_engine(orin_bundle, "int8", str(tmp_path / "o.int8.engine"), gpu=ORIN, trt=trt, force=True,
+                        log=lambda m: None)
+    assert ("create_network", 0) in trt.calls and ("set_memory_pool_limit", 1024 << 20) in trt.calls
+    assert meta["onnx"] == "model.int8.qdq.onnx" and "calibrate" not in trt.calls  # explicit quantization
+    assert ("build", ["FP16", "INT8"], 1024 << 20) in trt.calls
+
+
+def test_tensorrt_10_int8_needs_the_qdq_model(trained_run, tmp_path):
+    with pytest.raises(EngineBuildError, match="explicit-quantization.*jetson-orin-nano-jp6"):
+        build_engine(open_bundle(trained_run / "bundle"), "int8", str(tmp_path / "e"), trt=make_fake_trt("10.3.0"),
+                     gpu=ORIN, log=lambda m: None)
+
+
+def test_int8_refused_on_nano_unless_forced_then_calibrated_from_calib_npy(trained_run, tmp_path):
+    bundle = open_bundle(trained_run / "bundle")
+    with pytest.raises(EngineBuildError, match=r"INT8 refused on Jetson Nano \(compute capability 5.3\).*--force"):
+        build_engine(bundle, "int8", str(tmp_path / "e"), trt=make_fake_trt("8.2.1.8", fast_int8=False), gpu=NANO)
+    trt = make_fake_trt("8.2.1.8", fast_int8=False)
+    cuda = FakeCuda()
+    build_engine(bundle, "int8", str(tmp_path / "e.engine"), force=True, trt=trt, cuda=cuda, gpu=NANO, log=lambda m: None)
+    assert "calibrate" in trt.calls
+    assert (tmp_path / "e.engine.calib.cache").read_bytes() == b"CALIBCACHE"
+
+
+def test_out_of_memory_retries_with_half_the_workspace_then_points_at_swap(trained_run, tmp_path):
+    bundle = open_bundle(trained_run / "bundle")
+    messages = []
+    trt = make_fake_trt("8.2.1.8", oom_times=1)
+    meta = build_engine(bundle, "fp16", str(tmp_path / "a.engine"), workspace_mb=512, trt=trt, gpu=NANO,
+                        log=messages.append)
+    assert trt.state["workspaces"] == [512 << 20, 256 << 20] and meta["workspace_mb"] == 256
+    assert any("retrying with a 256 MB workspace" in m for m in messages)
+    with pytest.raises(EngineBuildError, match="out of memory twice.*swap"):
+        build_engine(bundle, "fp16", str(tmp_path / "b.engine"), workspace_mb=512,
+                     trt=make_fake_trt("8.2.1.8", oom_times=2), gpu=NANO, log=lambda m: None)
+    assert not (tmp_path / "b.engine").exists()
+
+
+def test_parser_errors_name_the_node(trained_run, tmp_path):
+    trt = make_fake_trt("8.2.1.8", parse_error=(17, "Unsupported ONNX data type: UINT8"))
+    with pytest.raises(EngineBuildError, match="node 17: Unsupported ONNX data type"):
+        build_engine(open_bundle(trained_run / "bundle"), "fp16", str(tmp_path / "e"), trt=trt, gpu=NANO)
+
+
+@pytest.mark.parametrize("version,execute", [("8.2.1.8", "execute_async_v2"), ("10.3.0", "execute_async_v3")])
+def test_runner_matches_onnxruntime_on_both_generations(trained_run, tmp_path, version, execute):
+    bundle = open_bundle(trained_run / "bundle")
+    cuda = FakeCuda()
+    trt = make_fake_trt(version, cuda=cuda)
+    engine = str(tmp_path / "s.engine")
+    build_engine(bundle, "fp16", engine, trt=trt, gpu=NANO, log=lambda m: None)
+    images, _ = bundle.validation()
+    feed = preprocess(images[:1], bundle.manifest.preprocess)
+    with TrtRunner(engine, bundle=bundle, trt=trt, cuda=cuda, gpu=NANO) as runner:
+        got = runner.infer({"input": feed})["logits"]
+        timing = runner.last_timing
+    with OrtRunner(bundle.model_path) as ort_runner:
+        want = ort_runner.infer({"input": feed})["logits"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert execute in trt.calls and set(timing) == {"h2d", "compute", "d2h"}
+    assert "pagelocked_empty" in cuda.calls and "memcpy_htod_async" in cuda.calls
+
+
+def test_engines_from_another_version_device_or_bundle_are_refused(trained_run, tmp_path):
+    bundle = open_bundle(trained_run / "bundle")
+    engine = str(tmp_path / "s.engine")
+    build_engine(bundle, "fp16", engine, trt=make_fake_trt("8.2.1.8"), gpu=NANO, log=lambda m: None)
+    check_engine(engine, bundle, make_fake_trt("8.2.1.8"), NANO)  # same everything: accepted
+    with pytest.raises(EngineMismatchError, match="built with TensorRT 8.2.1.8, this device has 8.5.2.*edgerun build"):
+        TrtRunner(engine, bundle=bundle, trt=make_fake_trt("8.5.2"), cuda=FakeCuda(), gpu=NANO).activate()
+    with pytest.raises(EngineMismatchError, match="compute capability 5.3.*rebuild"):
+        check_engine(engine, bundle, make_fake_trt("8.2.1.8"), ORIN)
+    other = tmp_path / "other"
+    shutil.copytree(trained_run / "bundle", other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["name"] = "changed"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineMismatchError, match="another bundle"):
+        check_engine(engine, open_bundle(other), make_fake_trt("8.2.1.8"), NANO)
+    (tmp_path / "s.engine.json").unlink()
+    with pytest.raises(EngineMismatchError, match="origin is unknown"):
+        check_engine(engine, bundle, make_fake_trt("8.2.1.8"), NANO)
+    (tmp_path / "junk.engine").write_bytes(b"garbage")
+    (tmp_path / "junk.engine.json").write_text(json.dumps({"tensorrt": "8.2.1.8"}))
+    with pytest.raises(EngineMismatchError, match="could not deserialize"):
+        TrtRunner(str(tmp_path / "junk.engine"), trt=make_fake_trt("8.2.1.8"), cuda=FakeCuda()).activate()
