@@ -69,6 +69,7 @@ def run_bench(runner, manifest, frames=None, batch=None, warmup=10, iterations=2
         frames = rng.randint(0, 256, size=(max(batch, 8), h, w, 3)).astype(np.uint8)
     name_in, name_out = manifest.input_name, manifest.output_name
     stages = {"preprocess": [], "h2d": [], "compute": [], "d2h": [], "postprocess": []}
+    infer_calls = []  # wall time around runner.infer(): the runner's own overhead included
     totals = []
     _, peak_before = process_memory_mb()
     with TegraStats() as tegra:
@@ -93,6 +94,7 @@ def run_bench(runner, manifest, frames=None, batch=None, warmup=10, iterations=2
                 totals.append(t3 - t0)
                 stages["preprocess"].append(t1 - t0)
                 stages["postprocess"].append(t3 - t2)
+                infer_calls.append(t2 - t1)
                 timing = runner.last_timing or {}
                 if timing:
                     for key in ("h2d", "compute", "d2h"):
@@ -105,6 +107,7 @@ def run_bench(runner, manifest, frames=None, batch=None, warmup=10, iterations=2
     model_only = [sum(parts) for parts in zip(*[stages[k] for k in ("h2d", "compute", "d2h") if stages[k]])]
     result["model_only"] = summarize(model_only, batch) if model_only else None
     result["stages_ms"] = {k: (sum(v) / len(v) * 1e3 if v else None) for k, v in stages.items()}
+    result["infer_call"] = summarize(infer_calls, batch)
     rss, peak = process_memory_mb()
     mem = meminfo()
     result["memory"] = {"process_rss_mb": rss, "process_peak_mb": peak, "peak_before_bench_mb": peak_before,
