@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_table  # noqa: E402
 
 from edgedistill.data import eval_spec, load_data  # noqa: E402
-from edgedistill.export import export_onnx, quantize_int8  # noqa: E402
+from edgedistill.export import INPUT_NAME, OUTPUT_NAME, export_onnx, quantize_int8  # noqa: E402
 from edgedistill.models import count_params, create_model  # noqa: E402
 from edgedistill.recipe import DataConfig, ExportConfig, ModelConfig  # noqa: E402
 from edgerun.bench import percentile  # noqa: E402
@@ -40,11 +40,11 @@ from edgerun.runners import OrtRunner  # noqa: E402
 def time_model(path: Path, x: np.ndarray, iterations: int, threads: int | None) -> dict:
     with OrtRunner(path, providers=["CPUExecutionProvider"], threads=threads) as runner:
         for _ in range(3):
-            runner.infer({"input": x})
+            runner.infer({INPUT_NAME: x})
         times = []
         for _ in range(iterations):
             start = time.perf_counter()
-            out = runner.infer({"input": x})["logits"]
+            out = runner.infer({INPUT_NAME: x})[OUTPUT_NAME]
             times.append(time.perf_counter() - start)
     times.sort()
     return {"median": statistics.median(times), "p95": percentile(times, 95), "fps": len(x) / statistics.median(times),

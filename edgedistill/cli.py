@@ -59,8 +59,10 @@ def print_summary(summary: dict) -> None:
               f"host speedup {summary['speedup']:.2f}x (batch 1)")
     if summary.get("cost"):
         c = summary["cost"]
-        out.print(f"monthly cost: teacher {c['teacher']['monthly_cost']:,.2f}  student {c['student']['monthly_cost']:,.2f}"
-                  f"  saving {c['monthly_saving']:,.2f}")
+        out.print(f"monthly cost at {c['requests_per_month']:,.0f} requests: teacher {c['teacher']['monthly_cost']:,.2f} "
+                  f"({c['teacher']['instances']} instance(s), {c['teacher']['compute_hours']:,.0f} busy h)  student "
+                  f"{c['student']['monthly_cost']:,.2f} ({c['student']['instances']}, "
+                  f"{c['student']['compute_hours']:,.0f} busy h)  saving {c['monthly_saving']:,.2f}")
     style = "bold green" if not summary["kd_gain_flag"] else "bold yellow"
     out.print(f"[{style}]{summary['verdict']}[/]")
 

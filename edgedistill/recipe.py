@@ -84,6 +84,8 @@ class StudentConfig(ModelConfig):
 class DistillConfig(_Strict):
     temperature: float = Field(3.0, gt=0)
     alpha: float = Field(0.6, ge=0, le=1, description="weight of the KD term; 1 - alpha weighs CE")
+    feature_weight: float = Field(0.0, ge=0, description="FitNets hint: weight of the MSE between the projected "
+                                  "last student feature map and the teacher's (0 turns it off)")
 
 
 class CostConfig(_Strict):

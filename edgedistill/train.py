@@ -26,7 +26,8 @@ from .checkpoint import atomic_write_text, load_training_state, read_metadata, s
 from .data import Split, eval_loader, train_loader
 from .errors import CheckpointError, NonFiniteLossError
 from .evaluate import predict
-from .losses import distillation_loss
+from .errors import RecipeError
+from .losses import FeatureProjector, distillation_loss, feature_loss
 from .recipe import DataConfig, DistillConfig, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,37 @@ def compute_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: Op
     out = distillation_loss(logits, teacher_logits, targets, distill.temperature, distill.alpha,
                             cfg.label_smoothing)
     return {"loss": out.total, "kd": out.kd, "ce": out.ce}
+
+
+class FeatureHint(nn.Module):
+    """FitNets hint for the last feature maps of timm models: a projector trained with the student.
+
+    Student and teacher run as ``forward_features`` + ``forward_head`` so the maps come for free; the
+    projector (1x1 conv + BN) maps student channels to teacher channels and is not part of the export.
+    """
+
+    def __init__(self, model: nn.Module, teacher: nn.Module, image_size: int):
+        super().__init__()
+        for m, role in ((model, "student"), (teacher, "teacher")):
+            if not (hasattr(m, "forward_features") and hasattr(m, "forward_head")):
+                raise RecipeError(f"distill.feature_weight needs timm models with forward_features/forward_head; "
+                                  f"the {role} ({type(m).__name__}) has none: set distill.feature_weight=0")
+        with torch.no_grad():
+            probe = torch.zeros(2, 3, image_size, image_size)
+            was = model.training
+            model.eval()
+            s_ch = model.forward_features(probe).shape[1]
+            model.train(was)
+            t_ch = teacher.eval().forward_features(probe).shape[1]
+        self.projector = FeatureProjector(s_ch, t_ch)
+
+    def forward(self, model, teacher, images):
+        s_feat = model.forward_features(images)
+        logits = model.forward_head(s_feat)
+        with torch.no_grad():
+            t_feat = teacher.forward_features(images)
+            teacher_logits = teacher.forward_head(t_feat)
+        return logits, teacher_logits, feature_loss(s_feat.float(), t_feat.float(), self.projector)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,7 +135,12 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
         teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    hint = None
+    trainable: nn.Module = model
+    if teacher is not None and distill is not None and distill.feature_weight > 0:
+        hint = FeatureHint(model, teacher, data_cfg.image_size).to(device)
+        trainable = nn.ModuleDict({"student": model, "hint": hint})  # one optimizer, one checkpoint for both
+    optimizer = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_cuda)
     steps_per_epoch = len(train_loader(train, data_cfg, seed, 0))
     total_steps = steps_per_epoch * cfg.epochs
@@ -117,7 +154,7 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
             log.warning("%s: cannot resume (%s); starting the stage afresh", label, exc)
             previous = None
         if previous == fingerprint:
-            meta = load_training_state(state_path, model, optimizer)
+            meta = load_training_state(state_path, trainable, optimizer)
             start_epoch = int(meta["epoch"]) + 1
             history = meta.get("history", [])
             log.info("%s: resuming after epoch %d/%d from %s", label, start_epoch, cfg.epochs, state_path)
@@ -147,13 +184,20 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
                 if use_cuda:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with amp:
-                    logits = model(images)
-                    teacher_logits = None
-                    if teacher is not None:
-                        with torch.no_grad():
-                            teacher_logits = teacher(images)
+                    hint_loss = None
+                    if hint is not None:
+                        logits, teacher_logits, hint_loss = hint(model, teacher, images)
+                    else:
+                        logits = model(images)
+                        teacher_logits = None
+                        if teacher is not None:
+                            with torch.no_grad():
+                                teacher_logits = teacher(images)
                     losses = compute_loss(logits.float(), targets, None if teacher_logits is None
                                           else teacher_logits.float(), cfg, distill)
+                    if hint_loss is not None:
+                        losses["feat"] = hint_loss
+                        losses["loss"] = losses["loss"] + distill.feature_weight * hint_loss
                 values = {k: float(v.detach()) for k, v in losses.items()}
                 if not all(math.isfinite(v) for v in values.values()):
                     kept = (f"the checkpoint after epoch {epoch} is kept in '{state_path}'" if epoch
@@ -165,7 +209,7 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
                 scaler.scale(losses["loss"]).backward()
                 if cfg.grad_clip:
                     scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    nn.utils.clip_grad_norm_(trainable.parameters(), cfg.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
                 n = len(targets)
@@ -185,6 +229,6 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
             history.append(record)
             log.info("%s epoch %d/%d: %s", label, epoch + 1, cfg.epochs,
                      "  ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
-            save_training_state(state_path, model, optimizer,
+            save_training_state(state_path, trainable, optimizer,
                                 {"epoch": epoch, "fingerprint": fingerprint, "history": history})
     return history

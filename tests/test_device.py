@@ -1,6 +1,5 @@
 """The device runtime through OrtRunner on real bundles: bench verdicts, validate, camera loop, device readers."""
 import json
-import os
 import shutil
 import stat
 
@@ -10,7 +9,7 @@ import pytest
 
 from edgerun.bench import percentile, run_bench, summarize, verdict
 from edgerun.bundle import open_bundle
-from edgerun.camera import FrameGrabber, describe_source, run_camera
+from edgerun.camera import describe_source, run_camera
 from edgerun.cli import main as edgerun
 from edgerun.device import TegraStats, parse_tegrastats
 from edgerun.errors import RunnerError, SourceError

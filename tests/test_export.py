@@ -1,7 +1,6 @@
 """Export to a bundle: ONNX parity, opsets per target, operator checks, host INT8, manifest, pack/unpack."""
 import io
 import json
-import os
 import tarfile
 
 import numpy as np
@@ -16,7 +15,7 @@ from edgedistill.errors import ExportError
 from edgedistill.export import build_bundle
 from edgedistill.models import create_model
 from edgedistill.recipe import DataConfig, ExportConfig, ModelConfig
-from edgerun.bundle import open_bundle, pack_bundle
+from edgerun.bundle import open_bundle
 from edgerun.errors import BundleError, UnsafeArchiveError
 from edgerun.manifest import SCHEMA_VERSION, load_manifest
 from edgerun.preprocess import preprocess

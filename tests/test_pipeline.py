@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -110,3 +109,19 @@ def test_stage_order_and_cli_errors(make_recipe, capsys):
     assert main(["run", str(recipe), "--set", "studnet.epochs=1"]) == 2
     assert "'student'" in capsys.readouterr().err
     assert main(["run", str(recipe), "--stages", "teacher,distil"]) == 2
+
+
+def test_feature_hint_distillation_trains_and_logs_its_term(make_recipe, tmp_path):
+    recipe = make_recipe({"distill": {"feature_weight": 0.5}, "student": {"epochs": 2}})
+    assert main(["run", str(recipe), "--stages", "teacher,distill"]) == 0
+    steps = [json.loads(l) for l in (tmp_path / "run" / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert all(s["loss"] == pytest.approx(0.6 * s["kd"] + 0.4 * s["ce"] + 0.5 * s["feat"], rel=1e-4)
+               for s in steps if s["kind"] == "step")
+    assert steps[-1]["feat"] >= 0
+    # the saved student is the student alone (the projector is not exported)
+    from edgedistill.checkpoint import load_tensors
+
+    tensors, _ = load_tensors(tmp_path / "run" / "student" / "model.safetensors")
+    assert not any(k.startswith("hint") for k in tensors)
+    bad = make_recipe({"distill": {"feature_weight": 0.5}, "student": {"model": "squeezenet1_1"}}, name="bad.yaml")
+    assert main(["distill", str(bad)]) == 2

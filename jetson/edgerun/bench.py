@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from .device import TegraStats, clocks, meminfo, process_memory_mb
+from .device import TegraStats, clocks, meminfo, nvpmodel_mode, process_memory_mb
 from .preprocess import preprocess
 
 TRIM = 0.05
@@ -114,6 +114,7 @@ def run_bench(runner, manifest, frames=None, batch=None, warmup=10, iterations=2
                         "system_available_mb": mem.get("MemAvailable"), "system_total_mb": mem.get("MemTotal")}
     result["tegrastats"] = tegra.summary() if tegra.available else None
     result["clocks"] = clocks()
+    result["nvpmodel"] = nvpmodel_mode()
     return result
 
 
@@ -179,7 +180,7 @@ def report_text(result, verdict_result, title):
                  result["throughput_fps"], result["batch"], result["iterations"], lat["trimmed_mean"]),
              "latency ms  p50 %.2f  p90 %.2f  p95 %.2f  p99 %.2f  max %.2f" % (
                  lat["p50"], lat["p90"], lat["p95"], lat["p99"], lat["max"]),
-             "stages ms   " + "  ".join("%s %.3f" % (k, v) for k, v in sorted(result["stages_ms"].items())
+             "stages ms   (mean) " + "  ".join("%s %.3f" % (k, v) for k, v in sorted(result["stages_ms"].items())
                                         if v is not None)]
     mem = result["memory"]
     if mem.get("process_peak_mb"):

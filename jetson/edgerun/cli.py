@@ -11,7 +11,6 @@ INT8 model). Exit status: 0 done/PASS, 1 FAIL (bench/camera with --strict, valid
 2 error.
 """
 import argparse
-import json
 import sys
 
 import numpy as np
@@ -115,7 +114,12 @@ def cmd_bench(args):
                            min_seconds=args.min_seconds)
     result["runner"] = runner.name
     v = verdict(result, args.fps_target, args.budget_mb, _device_memory(args, bundle))
-    title = "edgerun bench: %s via %s (synthetic feed)" % (bundle.manifest.data["name"], args.engine or runner.name)
+    from .device import board_model
+
+    board = board_model()
+    title = "edgerun bench: %s via %s on %s (synthetic feed)" % (
+        bundle.manifest.data["name"], args.engine or runner.name,
+        board or "this host, not a Jetson: not a device figure")
     print(report_text(result, v, title))
     if args.json:
         with open(args.json, "w") as fh:
