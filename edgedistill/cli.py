@@ -43,10 +43,9 @@ def setup_logging(run_dir: Optional[Path], verbose: bool = False) -> None:
 
 
 def print_summary(summary: dict) -> None:
-    from .stages import summary_rows
+    from .stages import summary_facts, summary_rows
 
-    batch = next(int(k.split("_b")[-1]) for k in summary["teacher"] if k.startswith("latency_ms_b") and k != "latency_ms_b1")
-    rows = summary_rows(summary, batch)
+    rows = summary_rows(summary, summary["latency_batch"])
     table = Table(title=f"{summary['name']}: evaluated on {summary['eval_split']} ({summary['eval_samples']} images)")
     for head in rows[0]:
         table.add_column(head, justify="right" if head != "model" else "left")
@@ -54,17 +53,10 @@ def print_summary(summary: dict) -> None:
         table.add_row(*row)
     out = Console(width=None if sys.stdout.isatty() else 120)
     out.print(table)
-    out.print(f"retention {summary['retention'] * 100:.1f}%   KD gain {summary['kd_gain'] * 100:+.2f} points   "
-              f"params {summary['param_reduction']:.1f}x fewer   size {summary['size_reduction']:.1f}x smaller   "
-              f"host speedup {summary['speedup']:.2f}x (batch 1)")
-    if summary.get("cost"):
-        c = summary["cost"]
-        out.print(f"monthly cost at {c['requests_per_month']:,.0f} requests: teacher {c['teacher']['monthly_cost']:,.2f} "
-                  f"({c['teacher']['instances']} instance(s), {c['teacher']['compute_hours']:,.0f} busy h)  student "
-                  f"{c['student']['monthly_cost']:,.2f} ({c['student']['instances']}, "
-                  f"{c['student']['compute_hours']:,.0f} busy h)  saving {c['monthly_saving']:,.2f}")
+    for fact in summary_facts(summary):
+        out.print(fact, highlight=False)
     style = "bold green" if not summary["kd_gain_flag"] else "bold yellow"
-    out.print(f"[{style}]{summary['verdict']}[/]")
+    out.print(Text(summary["verdict"], style=style))
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:

@@ -358,21 +358,22 @@ class EvalDataset(Dataset):
 
 
 def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
+    """Each loader worker gets its own, reproducible augmentation stream (base seed from the generator)."""
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % 2**32
     np.random.seed(seed)
-    import random
-    random.seed(seed)
+    info.dataset.transform.set_random_seed(seed)
 
 
 def train_loader(split: Split, cfg: DataConfig, seed: int, epoch: int) -> DataLoader:
-    """A loader whose shuffle and augmentation depend only on (seed, epoch): resumable mid-run."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    np.random.seed((seed * 100_003 + epoch) % 2**32)
-    import random
-    random.seed(seed * 100_003 + epoch)
-    return DataLoader(TrainDataset(split, cfg), batch_size=cfg.batch_size, shuffle=True, drop_last=len(split) > cfg.batch_size,
-                      num_workers=cfg.workers, generator=generator, worker_init_fn=_seed_worker,
-                      persistent_workers=False)
+    """A loader whose shuffle and augmentation depend only on (seed, epoch): a resumed run redoes an epoch
+    exactly as it would have run."""
+    epoch_seed = (seed * 100_003 + epoch) % 2**31
+    dataset = TrainDataset(split, cfg)
+    dataset.transform.set_random_seed(epoch_seed)
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(split) > cfg.batch_size,
+                      num_workers=cfg.workers, generator=torch.Generator().manual_seed(epoch_seed),
+                      worker_init_fn=_seed_worker)
 
 
 def eval_loader(split: Split, cfg: DataConfig) -> DataLoader:

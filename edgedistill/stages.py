@@ -182,6 +182,7 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
               (("teacher", "teacher"), ("student", "distill"), ("baseline", "baseline"))}
     names = {"teacher": recipe.teacher.model, "student": recipe.student.model, "baseline": recipe.student.model}
     summary: dict[str, Any] = {"name": recipe.name, "fingerprint": ctx.fingerprint("evaluate"),
+                               "latency_batch": ev.latency_batch,
                                "eval_split": split.name, "eval_samples": len(split), "classes": data.classes}
     for role, model in models.items():
         pred = predict(model.to(ctx.device), loader, ctx.device)
@@ -213,7 +214,7 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
                        "threads": ev.threads or threads_before, "torch": torch.__version__,
                        "note": "host latency of PyTorch eager; the device figures come from edgerun bench"}
     atomic_write_text(ctx.run_dir / "summary.json", json.dumps(summary, indent=2))
-    atomic_write_text(ctx.run_dir / "summary.md", summary_markdown(summary, ev.latency_batch))
+    atomic_write_text(ctx.run_dir / "summary.md", summary_markdown(summary))
     ctx.mark_done("evaluate", ["summary.json", "summary.md"])
     return summary
 
@@ -240,24 +241,34 @@ def summary_rows(summary: dict[str, Any], batch: int) -> list[tuple[str, ...]]:
     return rows
 
 
-def summary_markdown(summary: dict[str, Any], batch: int) -> str:
-    rows = summary_rows(summary, batch)
+def cost_line(c: dict[str, Any]) -> str:
+    return (f"monthly serving cost at {c['requests_per_month']:,.0f} requests: teacher "
+            f"{c['teacher']['monthly_cost']:,.2f} ({c['teacher']['instances']} instance(s), "
+            f"{c['teacher']['compute_hours']:,.0f} busy h), student {c['student']['monthly_cost']:,.2f} "
+            f"({c['student']['instances']}, {c['student']['compute_hours']:,.0f} busy h), saving {c['monthly_saving']:,.2f}")
+
+
+def summary_facts(summary: dict[str, Any]) -> list[str]:
+    """The sentences under the table, shared by summary.md and the console."""
+    batch = summary["latency_batch"]
+    facts = [f"retention (student / teacher top-1): {summary['retention'] * 100:.1f}%",
+             f"KD gain (student − baseline): {summary['kd_gain'] * 100:+.2f} points",
+             f"parameters: {summary['param_reduction']:.1f}x fewer; weights: {summary['size_reduction']:.1f}x smaller",
+             f"host speedup (teacher / student latency): {summary['speedup']:.2f}x at batch 1, "
+             f"{summary[f'speedup_b{batch}']:.2f}x at batch {batch} ({summary['host']['device']}, "
+             f"{summary['host']['threads']} threads)"]
+    if summary.get("cost"):
+        facts.append(cost_line(summary["cost"]))
+    return facts
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    rows = summary_rows(summary, summary["latency_batch"])
     lines = [f"# {summary['name']}: distillation summary", "",
              f"Evaluated on `{summary['eval_split']}` ({summary['eval_samples']} images).", "",
              "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    lines += ["", f"- retention (student / teacher top-1): **{summary['retention'] * 100:.1f}%**",
-              f"- KD gain (student − baseline): **{summary['kd_gain'] * 100:+.2f} points**",
-              f"- parameters: {summary['param_reduction']:.1f}x fewer; weights: {summary['size_reduction']:.1f}x smaller",
-              f"- host speedup (teacher / student latency): {summary['speedup']:.2f}x at batch 1, "
-              f"{summary[f'speedup_b{batch}']:.2f}x at batch {batch} ({summary['host']['device']}, "
-              f"{summary['host']['threads']} threads)"]
-    if summary.get("cost"):
-        c = summary["cost"]
-        lines.append(f"- monthly serving cost at {c['requests_per_month']:,.0f} requests: teacher "
-                     f"{c['teacher']['monthly_cost']:,.2f} ({c['teacher']['instances']} instance(s)), student "
-                     f"{c['student']['monthly_cost']:,.2f} ({c['student']['instances']}), saving "
-                     f"{c['monthly_saving']:,.2f}")
+    lines += [""] + [f"- {fact}" for fact in summary_facts(summary)]
     lines += ["", f"**Verdict:** {summary['verdict']}", ""]
     return "\n".join(lines)
 
