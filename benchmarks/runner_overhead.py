@@ -29,7 +29,7 @@ from common import write_table  # noqa: E402
 from edgerun.bench import run_bench, trimmed_mean  # noqa: E402
 from edgerun.bundle import open_bundle  # noqa: E402
 from edgerun.camera import run_camera  # noqa: E402
-from edgerun.preprocess import preprocess  # noqa: E402
+from edgerun.preprocess import preprocess, to_three_channels  # noqa: E402
 from edgerun.runners import OrtRunner  # noqa: E402
 
 
@@ -100,7 +100,7 @@ def main() -> int:
         video = tmp / f"{m.data['name']}.avi"
         writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (w, h))
         for i in range(args.video_frames):
-            rgb = cv2.resize(images[i % len(images)], (w, h))
+            rgb = to_three_channels(cv2.resize(images[i % len(images)], (w, h)))
             writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         writer.release()
         with OrtRunner(bundle.model_path, threads=args.threads) as runner:

@@ -13,6 +13,7 @@ from edgerun.camera import describe_source, run_camera
 from edgerun.cli import main as edgerun
 from edgerun.device import TegraStats, parse_tegrastats
 from edgerun.errors import RunnerError, SourceError
+from edgerun.preprocess import to_three_channels
 from edgerun.runners import OrtRunner
 
 
@@ -103,7 +104,7 @@ def _video(path, bundle, n=40):
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (64, 64))
     assert writer.isOpened()
     for i in range(n):
-        rgb = cv2.resize(images[i % len(images)], (64, 64), interpolation=cv2.INTER_NEAREST)
+        rgb = to_three_channels(cv2.resize(images[i % len(images)], (64, 64), interpolation=cv2.INTER_NEAREST))
         writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     writer.release()
     return path
