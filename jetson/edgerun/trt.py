@@ -145,7 +145,7 @@ def make_logger(trt):
 
         def log(self, severity, msg):
             self.messages.append((severity, msg))
-            if severity <= trt.ILogger.Severity.WARNING:
+            if int(severity) <= int(trt.ILogger.Severity.WARNING):
                 print("[TensorRT] %s" % msg)
 
     return _Logger()
