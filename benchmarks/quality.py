@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", default="runs/quality")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--results-name", default="quality", help="table file benchmarks/results/<name>.md")
     args = parser.parse_args()
 
     summaries = []
@@ -64,8 +65,11 @@ def main() -> int:
     notes = [f"seeds {args.seeds}; evaluated on {s0['eval_split']} ({s0['eval_samples']} images); "
              f"top-1 in %, mean ± std over seeds; speedup = host PyTorch CPU latency at batch 1, teacher / student"]
     notes += [f"target {name}: {'MET' if ok else 'NOT MET'}" for name, ok in checks]
-    notes += [f"seed {s['fingerprint']}: {s['verdict']}" for s in summaries]
-    write_table("quality", "Distillation quality on CIFAR-10 (benchmarks/quality.py)",
+    notes += [f"seed {seed}: teacher {s['teacher']['top1'] * 100:.2f}%, KD student {s['student']['top1'] * 100:.2f}%, "
+              f"baseline {s['baseline']['top1'] * 100:.2f}% — {s['verdict']}" for seed, s in zip(args.seeds, summaries)]
+    if args.overrides:
+        notes.append("recipe overrides: " + ", ".join(args.overrides))
+    write_table(args.results_name, "Distillation quality on CIFAR-10 (benchmarks/quality.py)",
                 ["teacher → student", "teacher top-1", "KD student top-1", "baseline top-1", "retention %",
                  "KD gain (points)", "params", "speedup", "s / seed"], rows, notes)
     return 0
