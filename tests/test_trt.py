@@ -152,3 +152,20 @@ def test_engines_from_another_version_device_or_bundle_are_refused(trained_run, 
     (tmp_path / "junk.engine.json").write_text(json.dumps({"tensorrt": "8.2.1.8"}))
     with pytest.raises(EngineMismatchError, match="could not deserialize"):
         TrtRunner(str(tmp_path / "junk.engine"), trt=make_fake_trt("8.2.1.8"), cuda=FakeCuda()).activate()
+
+
+def test_build_cli_names_the_engine_after_the_bundle_file(trained_run, tmp_path, monkeypatch, capsys):
+    import edgerun.cli as cli
+    import edgerun.device as device
+    import edgerun.trt as trt_module
+    from edgerun.bundle import pack_bundle
+
+    edb = pack_bundle(trained_run / "bundle", tmp_path / "student.edb")
+    fake = make_fake_trt("8.2.1.8", fast_int8=False)
+    monkeypatch.setattr(trt_module, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(device, "gpu_properties", lambda: NANO)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["build", edb, "--precision", "fp16"]) == 0
+    assert (tmp_path / "student.fp16.engine").exists() and (tmp_path / "student.fp16.engine.json").exists()
+    assert cli.main(["build", edb, "--precision", "int8"]) == 2  # Nano: no fast INT8
+    assert "INT8 refused" in capsys.readouterr().err

@@ -59,8 +59,13 @@ def cmd_build(args):
     from .device import gpu_properties
     from .trt import build_engine
 
+    import os
+
     bundle = open_bundle(args.bundle)
-    meta = build_engine(bundle, precision=args.precision, output=args.output, workspace_mb=args.workspace_mb,
+    base = os.path.basename(os.path.normpath(args.bundle))
+    stem = base[:-len(".edb")] if base.endswith(".edb") else bundle.manifest.data["name"]
+    output = args.output or "%s.%s.engine" % (stem, args.precision)  # student.edb -> student.fp16.engine
+    meta = build_engine(bundle, precision=args.precision, output=output, workspace_mb=args.workspace_mb,
                         timing_cache=args.timing_cache, force=args.force, gpu=gpu_properties())
     print(to_json(meta))
     print("built %s in %.1f s; next: edgerun validate %s --engine %s" % (meta["engine"], meta["build_seconds"],
