@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--stages", default=None, help="comma-separated subset, e.g. teacher,distill")
     for stage, text in (("teacher", "train (or load) and validate the teacher"),
+                        ("assistant", "distill the teacher into the teacher assistant (when the recipe has one)"),
                         ("distill", "distill the teacher into the student"),
                         ("baseline", "train the same student without distillation"),
                         ("evaluate", "compare teacher, student and baseline; write summary.json/md"),

@@ -132,6 +132,9 @@ class Recipe(_Strict):
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
+    assistant: Optional[ModelConfig] = Field(
+        None, description="teacher assistant (Mirzadeh et al. 2020): distilled from the teacher first, then "
+                          "distilled into the student; for large teacher/student gaps")
     distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()

@@ -20,7 +20,7 @@ from .data import DataBundle, eval_loader, load_data
 from .errors import StageMissingError, TeacherTooWeakError
 from .evaluate import (classification_report, cost_comparison, measure_latency, predict, report_markdown)
 from .models import count_params, create_model, weight_bytes
-from .recipe import Recipe
+from .recipe import ModelConfig, Recipe
 from .train import resolve_device, train_model
 
 log = logging.getLogger(__name__)
@@ -29,12 +29,16 @@ MODEL_FILE = "model.safetensors"
 # What each stage's output depends on (top-level recipe sections).
 DEPENDS_ON = {
     "teacher": ("seed", "data", "teacher"),
-    "distill": ("seed", "data", "teacher", "student", "distill"),
+    "assistant": ("seed", "data", "teacher", "assistant", "distill"),
+    "distill": ("seed", "data", "teacher", "assistant", "student", "distill"),
     "baseline": ("seed", "data", "student"),
-    "evaluate": ("seed", "data", "teacher", "student", "distill", "evaluate"),
-    "export": ("seed", "data", "teacher", "student", "distill", "export"),
+    "evaluate": ("seed", "data", "teacher", "assistant", "student", "distill", "evaluate"),
+    "export": ("seed", "data", "teacher", "assistant", "student", "distill", "export"),
 }
-STAGE_DIRS = {"teacher": "teacher", "distill": "student", "baseline": "baseline", "evaluate": ".", "export": "bundle"}
+STAGE_DIRS = {"teacher": "teacher", "assistant": "assistant", "distill": "student", "baseline": "baseline",
+              "evaluate": ".", "export": "bundle"}
+# which recipe section describes the model each training stage produces
+STAGE_MODEL = {"teacher": "teacher", "assistant": "assistant", "distill": "student", "baseline": "student"}
 
 
 class RunContext:
@@ -92,15 +96,17 @@ class RunContext:
         return path
 
     # models ------------------------------------------------------------------------------------------------
-    def new_model(self, role: str) -> nn.Module:
+    def model_cfg(self, stage: str) -> ModelConfig:
+        return getattr(self.recipe, STAGE_MODEL[stage])
+
+    def new_model(self, stage: str) -> nn.Module:
         torch.manual_seed(self.recipe.seed)  # the student and its baseline start from the same weights
-        cfg = self.recipe.teacher if role == "teacher" else self.recipe.student
-        return create_model(cfg, num_classes=len(self.data.classes))
+        return create_model(self.model_cfg(stage), num_classes=len(self.data.classes))
 
     def trained_model(self, stage: str, needed_by: str = "this stage") -> nn.Module:
         """The model a finished stage saved (its initial weights are not fetched again)."""
         path = self.require(stage, needed_by)
-        cfg = self.recipe.teacher if stage == "teacher" else self.recipe.student
+        cfg = self.model_cfg(stage)
         model = create_model(cfg.model_copy(update={"pretrained": False, "pretrained_path": None}),
                              num_classes=len(self.data.classes))
         load_model(path, model)
@@ -118,10 +124,11 @@ def _validate_and_report(ctx: RunContext, stage: str, model: nn.Module, title: s
     return report
 
 
-def _train_stage(ctx: RunContext, stage: str, role: str, teacher: Optional[nn.Module]) -> dict[str, Any]:
+def _train_stage(ctx: RunContext, stage: str, teacher: Optional[nn.Module]) -> dict[str, Any]:
     recipe = ctx.recipe
-    cfg = recipe.teacher if role == "teacher" else recipe.student
-    model = ctx.new_model(role)
+    role = STAGE_MODEL[stage]
+    cfg = ctx.model_cfg(stage)
+    model = ctx.new_model(stage)
     folder = ctx.stage_dir(stage)
     if cfg.epochs:
         train_model(model, ctx.data.train, ctx.data.val, recipe.data, cfg, folder, recipe.seed,
@@ -130,7 +137,8 @@ def _train_stage(ctx: RunContext, stage: str, role: str, teacher: Optional[nn.Mo
     elif not cfg.pretrained_path and not cfg.pretrained:
         log.warning("%s: %s.epochs is 0 and no weights are given: the model stays untrained", stage, role)
     save_model(folder / MODEL_FILE, model, {"model": cfg.model, "classes": ctx.data.classes, "stage": stage})
-    titles = {"teacher": "Teacher", "distill": "Distilled student", "baseline": "Baseline student (no KD)"}
+    titles = {"teacher": "Teacher", "assistant": "Teacher assistant", "distill": "Distilled student",
+              "baseline": "Baseline student (no KD)"}
     report = _validate_and_report(ctx, stage, model, f"{titles[stage]}: {cfg.model}")
     ctx.mark_done(stage, [MODEL_FILE, "report.json", "report.md"], {"top1": report["top1"]})
     log.info("%s: %s top-1 %.2f%% on %d validation images", stage, cfg.model, report["top1"] * 100, report["samples"])
@@ -138,7 +146,7 @@ def _train_stage(ctx: RunContext, stage: str, role: str, teacher: Optional[nn.Mo
 
 
 def stage_teacher(ctx: RunContext) -> dict[str, Any]:
-    report = _train_stage(ctx, "teacher", "teacher", teacher=None)
+    report = _train_stage(ctx, "teacher", teacher=None)
     floor = ctx.recipe.teacher.min_top1
     if report["top1"] < floor:
         log.warning("teacher top-1 %.2f%% is under teacher.min_top1 = %.2f%%: distill will refuse it unless --force",
@@ -159,14 +167,25 @@ def check_teacher_floor(ctx: RunContext) -> float:
     return report["top1"]
 
 
+def stage_assistant(ctx: RunContext) -> Optional[dict[str, Any]]:
+    """Teacher-assistant distillation (Mirzadeh et al., "Improved Knowledge Distillation via Teacher
+    Assistant", AAAI 2020, arXiv:1902.03393): an intermediate-size model bridges a large capacity gap."""
+    if ctx.recipe.assistant is None:
+        return None
+    check_teacher_floor(ctx)
+    return _train_stage(ctx, "assistant", teacher=ctx.trained_model("teacher", "assistant"))
+
+
 def stage_distill(ctx: RunContext) -> dict[str, Any]:
     check_teacher_floor(ctx)
-    teacher = ctx.trained_model("teacher", "distill")
-    return _train_stage(ctx, "distill", "student", teacher=teacher)
+    source = "assistant" if ctx.recipe.assistant is not None else "teacher"
+    if source == "assistant":
+        log.info("distill: the student learns from the teacher assistant (%s)", ctx.recipe.assistant.model)
+    return _train_stage(ctx, "distill", teacher=ctx.trained_model(source, "distill"))
 
 
 def stage_baseline(ctx: RunContext) -> dict[str, Any]:
-    return _train_stage(ctx, "baseline", "student", teacher=None)
+    return _train_stage(ctx, "baseline", teacher=None)
 
 
 def _model_facts(model: nn.Module, top1: float, ctx: RunContext, name: str) -> dict[str, Any]:
@@ -178,9 +197,11 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
     ev = recipe.evaluate
     split = data.test if data.test is not None else data.val
     loader = eval_loader(split, recipe.data)
-    models = {role: ctx.trained_model(stage, "evaluate") for role, stage in
-              (("teacher", "teacher"), ("student", "distill"), ("baseline", "baseline"))}
-    names = {"teacher": recipe.teacher.model, "student": recipe.student.model, "baseline": recipe.student.model}
+    roles = [("teacher", "teacher"), ("student", "distill"), ("baseline", "baseline")]
+    if recipe.assistant is not None:
+        roles.insert(1, ("assistant", "assistant"))
+    models = {role: ctx.trained_model(stage, "evaluate") for role, stage in roles}
+    names = {role: ctx.model_cfg(stage).model for role, stage in roles}
     summary: dict[str, Any] = {"name": recipe.name, "fingerprint": ctx.fingerprint("evaluate"),
                                "latency_batch": ev.latency_batch,
                                "eval_split": split.name, "eval_samples": len(split), "classes": data.classes}
@@ -232,7 +253,9 @@ def verdict(summary: dict[str, Any], min_gain: float) -> str:
 
 def summary_rows(summary: dict[str, Any], batch: int) -> list[tuple[str, ...]]:
     rows = [("model", "role", "top-1", "params", "size MB", "latency b1 ms", f"latency b{batch} ms")]
-    for role in ("teacher", "student", "baseline"):
+    for role in ("teacher", "assistant", "student", "baseline"):
+        if role not in summary:
+            continue
         m = summary[role]
         rows.append((m["model"], role if role != "student" else "student (KD)", f"{m['top1'] * 100:.2f}%",
                      f"{m['params'] / 1e6:.2f}M", f"{m['size_mb']:.2f}",
@@ -305,15 +328,18 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
 
 STAGE_FUNCTIONS: dict[str, Callable[[RunContext], Any]] = {
     "teacher": stage_teacher,
+    "assistant": stage_assistant,
     "distill": stage_distill,
     "baseline": stage_baseline,
     "evaluate": stage_evaluate,
     "export": stage_export,
 }
-PIPELINE = ["teacher", "distill", "baseline", "evaluate", "export"]
+PIPELINE = ["teacher", "assistant", "distill", "baseline", "evaluate", "export"]
 
 
 def run_stage(ctx: RunContext, stage: str) -> Any:
+    if stage == "assistant" and ctx.recipe.assistant is None:
+        return None  # no teacher assistant in this recipe: the student learns from the teacher directly
     if ctx.is_done(stage):
         log.info("%s: outputs in '%s' match this recipe; skipped (delete done.json to redo)", stage,
                  ctx.stage_dir(stage))

@@ -135,3 +135,15 @@ def test_same_seed_gives_the_same_training(make_recipe, tmp_path):
         assert main(["teacher", str(recipe)]) == 0
         logs.append([json.loads(l)["loss"] for l in (tmp_path / name / "teacher" / "metrics.jsonl").read_text().splitlines()])
     assert logs[0] == logs[1]
+
+
+def test_teacher_assistant_bridges_teacher_and_student(make_recipe, tmp_path):
+    recipe = make_recipe({"assistant": {"model": "mobilenetv3_small_100", "epochs": 2, "lr": 0.005},
+                          "student": {"epochs": 2}})
+    assert main(["run", str(recipe), "--stages", "teacher,assistant,distill,baseline,evaluate"]) == 0
+    run = tmp_path / "run"
+    assert (run / "assistant" / "model.safetensors").exists() and (run / "assistant" / "report.json").exists()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["assistant"]["model"] == "mobilenetv3_small_100"
+    assert summary["teacher"]["params"] > summary["assistant"]["params"] > summary["student"]["params"]
+    assert "teacher assistant" in (run / "run.log").read_text()
