@@ -151,9 +151,13 @@ class Recipe(_Strict):
         return Path(self.output) if self.output else Path("runs") / self.name
 
     def fingerprint(self, *sections: str) -> str:
-        """Hash of the named top-level sections: what decides one stage's output."""
-        dumped = self.model_dump(mode="json")
-        chosen = {key: dumped[key] for key in sections}
+        """Hash of the named top-level sections: what decides one stage's output.
+
+        Only values that differ from their defaults count, so a key written out at its default value, or a
+        new optional key added by a later edgedistill release, does not invalidate finished stages.
+        """
+        dumped = self.model_dump(mode="json", exclude_defaults=True)
+        chosen = {key: dumped.get(key) for key in sections}
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -79,3 +79,11 @@ def test_fingerprint_tracks_only_named_sections(tmp_path):
     b = load_recipe(path, ["student.epochs=99"])
     assert a.fingerprint("seed", "data", "teacher") == b.fingerprint("seed", "data", "teacher")
     assert a.fingerprint("student") != b.fingerprint("student")
+
+
+def test_fingerprint_ignores_keys_written_at_their_default(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\n")
+    plain = load_recipe(path)
+    explicit = load_recipe(path, ["distill.feature_weight=0", "assistant=null", "student.epochs=15"])
+    assert plain.fingerprint("student", "distill", "assistant") == explicit.fingerprint("student", "distill", "assistant")
