@@ -24,6 +24,19 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}, {platform.system()}"
 
 
+def revision() -> str:
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" (with uncommitted changes)" if dirty else "")
+
+
 def command() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
 
@@ -36,7 +49,7 @@ def mean_std(values: list[float]) -> str:
 
 def write_table(name: str, title: str, header: list[str], rows: list[list[str]], notes: list[str]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {title}", "", f"- command: `{command()}`", f"- machine: {machine()}",
+    lines = [f"# {title}", "", f"- command: `{command()}`", f"- revision: {revision()}", f"- machine: {machine()}",
              f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
