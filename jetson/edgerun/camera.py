@@ -1,7 +1,9 @@
 """The line camera: CSI (nvarguscamerasrc), USB/V4L2, RTSP or a video file, classified frame by frame.
 
-Capture runs in its own thread and keeps only the newest frame (a classifier on a line must judge the
-part in front of the camera now, not a queue of old frames); frames it overwrote are counted as dropped.
+Capture runs in its own thread. A live source keeps only the newest frame (a classifier on a line must
+judge the part in front of the camera now, not a queue of old frames); frames it overwrote are counted as
+dropped. A video file is read without dropping. Preprocessing also runs in the capture thread, so decoding
+and preprocessing of the next frame overlap inference of this one (OpenCV and numpy release the GIL).
 A lost source is reopened a bounded number of times; after that a SourceError is raised, with the
 predictions and the summary of the frames processed so far already written.
 """
@@ -68,12 +70,15 @@ def open_capture(source, output_size=None):
 class FrameGrabber(object):
     """Reads a capture in a thread; ``latest()`` returns the newest frame not yet taken."""
 
-    def __init__(self, source, opener=open_capture, max_reconnects=3, reconnect_delay=1.0):
+    def __init__(self, source, opener=open_capture, max_reconnects=3, reconnect_delay=1.0, drop=None,
+                 transform=None):
         self.source = source
         self.opener = opener
         self.max_reconnects = max_reconnects
         self.reconnect_delay = reconnect_delay
         self.kind = describe_source(source)[0] if isinstance(source, str) else "custom"
+        self.drop = (self.kind != "file") if drop is None else drop
+        self.transform = transform  # applied in the capture thread: (frame) -> (frame, prepared, seconds)
         self.cond = threading.Condition()
         self.frame = None
         self.frame_index = -1
@@ -124,7 +129,12 @@ class FrameGrabber(object):
                                              % (self.source, self.reconnects)))
                     return
                 continue
+            if self.transform is not None:
+                start = time.perf_counter()
+                frame = (frame, self.transform(frame), time.perf_counter() - start)
             with self.cond:
+                while not self.drop and self.frame_index > self.taken_index and self.running:
+                    self.cond.wait(0.1)  # a file: wait until the consumer took the previous frame
                 if self.frame_index > self.taken_index:
                     self.dropped += 1
                 self.frame = frame
@@ -149,13 +159,16 @@ class FrameGrabber(object):
                 self.cond.wait(remaining)
             if self.frame_index > self.taken_index:
                 self.taken_index = self.frame_index
+                self.cond.notify_all()
                 return self.frame
             if self.error is not None:
                 raise self.error
             return None
 
     def stop(self):
-        self.running = False
+        with self.cond:
+            self.running = False
+            self.cond.notify_all()
         if self.cap is not None:
             self.thread.join(timeout=2)
             self.cap.release()
@@ -173,7 +186,8 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
     if reject_class is not None and reject_class not in classes:
         raise SourceError("--reject-class '%s' is not a class of this model (%s)" % (reject_class, ", ".join(classes)))
     spec = manifest.preprocess
-    grabber = FrameGrabber(source, opener, max_reconnects, reconnect_delay).start()
+    grabber = FrameGrabber(source, opener, max_reconnects, reconnect_delay,
+                           transform=lambda frame: preprocess([frame], spec, input_order="BGR")).start()
     stages = {"preprocess": [], "infer": [], "postprocess": []}
     totals = []
     rejects = 0
@@ -197,9 +211,9 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
                 break
             if frame is None:
                 break
-            t0 = time.perf_counter()
-            batch = preprocess([frame], spec, input_order="BGR")
             t1 = time.perf_counter()
+            _frame, batch, prep_seconds = frame
+            t0 = t1 - prep_seconds  # preprocessing ran in the capture thread, overlapped with the last inference
             logits = runner.infer({manifest.input_name: batch})[manifest.output_name]
             t2 = time.perf_counter()
             label, confidence = softmax_top1(np.asarray(logits)[:1])
