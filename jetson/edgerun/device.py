@@ -51,25 +51,24 @@ def cuda_version():
     return None
 
 
-def meminfo():
-    """MemTotal/MemAvailable/SwapTotal/SwapFree in MB from /proc/meminfo."""
-    text = _read("/proc/meminfo") or ""
+def _kb_fields(path, keys):
+    """'Key:   1234 kB' lines of a /proc file -> {key: MB} for the wanted keys."""
     out = {}
-    for line in text.splitlines():
+    for line in (_read(path) or "").splitlines():
         key, _, rest = line.partition(":")
-        if key in ("MemTotal", "MemAvailable", "SwapTotal", "SwapFree"):
+        if key in keys and rest.split():
             out[key] = int(rest.split()[0]) / 1024.0
     return out
 
 
+def meminfo():
+    """MemTotal/MemAvailable/SwapTotal/SwapFree in MB from /proc/meminfo."""
+    return _kb_fields("/proc/meminfo", ("MemTotal", "MemAvailable", "SwapTotal", "SwapFree"))
+
+
 def process_memory_mb():
     """(current RSS, peak RSS) of this process in MB, from /proc/self/status (VmRSS, VmHWM)."""
-    text = _read("/proc/self/status") or ""
-    values = {}
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0]) / 1024.0
+    values = _kb_fields("/proc/self/status", ("VmRSS", "VmHWM"))
     return values.get("VmRSS"), values.get("VmHWM")
 
 
