@@ -154,7 +154,8 @@ def stage_teacher(ctx: RunContext) -> dict[str, Any]:
     return report
 
 
-def check_teacher_floor(ctx: RunContext) -> float:
+def check_teacher_floor(ctx: RunContext, needed_by: str) -> float:
+    ctx.require("teacher", needed_by)
     report = json.loads((ctx.stage_dir("teacher") / "report.json").read_text())
     floor = ctx.recipe.teacher.min_top1
     if report["top1"] < floor:
@@ -172,12 +173,12 @@ def stage_assistant(ctx: RunContext) -> Optional[dict[str, Any]]:
     Assistant", AAAI 2020, arXiv:1902.03393): an intermediate-size model bridges a large capacity gap."""
     if ctx.recipe.assistant is None:
         return None
-    check_teacher_floor(ctx)
+    check_teacher_floor(ctx, "assistant")
     return _train_stage(ctx, "assistant", teacher=ctx.trained_model("teacher", "assistant"))
 
 
 def stage_distill(ctx: RunContext) -> dict[str, Any]:
-    check_teacher_floor(ctx)
+    check_teacher_floor(ctx, "distill")
     source = "assistant" if ctx.recipe.assistant is not None else "teacher"
     if source == "assistant":
         log.info("distill: the student learns from the teacher assistant (%s)", ctx.recipe.assistant.model)

@@ -106,6 +106,8 @@ def test_stage_order_and_cli_errors(make_recipe, capsys):
     recipe = make_recipe()
     assert main(["evaluate", str(recipe)]) == 2
     assert "edgedistill teacher" in capsys.readouterr().err
+    assert main(["distill", str(recipe)]) == 2
+    assert "distill needs the 'teacher' stage" in capsys.readouterr().err
     assert main(["run", str(recipe), "--set", "studnet.epochs=1"]) == 2
     assert "'student'" in capsys.readouterr().err
     assert main(["run", str(recipe), "--stages", "teacher,distil"]) == 2
