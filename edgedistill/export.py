@@ -102,8 +102,6 @@ def _ort_logits(path: Path, batches: np.ndarray, batch: int, dynamic: bool) -> n
             if not dynamic and len(chunk) < batch:  # fixed batch: pad the last chunk
                 pad = np.repeat(chunk[-1:], batch - len(chunk), axis=0)
                 outs.append(runner.infer({INPUT_NAME: np.concatenate([chunk, pad])})[OUTPUT_NAME][:len(chunk)])
-            elif not dynamic and len(chunk) > batch:
-                raise AssertionError("chunking error")
             else:
                 outs.append(runner.infer({INPUT_NAME: chunk})[OUTPUT_NAME])
     return np.concatenate(outs)
