@@ -7,7 +7,6 @@ accuracy and device accuracy are measured on the same pixels.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import logging
 import os
 import struct
@@ -22,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from edgerun.archive import safe_extract
-from edgerun.preprocess import PreprocessSpec, geometric, normalize, to_three_channels
+from edgerun.manifest import sha256_file
+from edgerun.preprocess import INTERPOLATIONS, PreprocessSpec, geometric, normalize, to_three_channels
 
 from .errors import DataError
 from .recipe import DataConfig
@@ -108,11 +108,7 @@ def resolve_root(root: str | os.PathLike, cache_dir: Optional[Path] = None) -> P
     if not str(path).endswith(ARCHIVE_SUFFIXES):
         raise DataError(f"data.root '{path}' is a file but not a .tar/.tar.gz/.tgz archive")
     cache_dir = cache_dir or Path(os.environ.get("EDGEDISTILL_CACHE", Path.home() / ".cache" / "edgedistill"))
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    dest = cache_dir / "datasets" / f"{path.name.split('.')[0]}-{digest.hexdigest()[:12]}"
+    dest = cache_dir / "datasets" / f"{path.name.split('.')[0]}-{sha256_file(str(path))[:12]}"
     if not (dest / ".complete").exists():
         log.info("unpacking %s into %s", path, dest)
         safe_extract(path, dest)
@@ -315,8 +311,7 @@ def eval_spec(cfg: DataConfig) -> PreprocessSpec:
 
 def train_transform(cfg: DataConfig) -> A.Compose:
     aug = cfg.augment
-    interp = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
-              "area": cv2.INTER_AREA}[cfg.interpolation]
+    interp = INTERPOLATIONS[cfg.interpolation]
     steps: list = [A.RandomResizedCrop(size=(cfg.image_size, cfg.image_size), scale=aug.scale, ratio=aug.ratio,
                                        interpolation=interp)]
     if aug.rotate:

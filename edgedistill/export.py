@@ -5,7 +5,6 @@ failed export (an operator the target cannot take, parity above tolerance) write
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import warnings
@@ -18,10 +17,10 @@ import onnx
 import torch
 from torch import nn
 
-from edgerun.manifest import write_manifest
+from edgerun.manifest import sha256_file, write_manifest
 from edgerun.preprocess import PreprocessSpec, center_crop, preprocess, resize_shorter_side
 from edgerun.profiles import get_target, parse_version, uses_explicit_quantization
-from edgerun.runners import OrtRunner
+from edgerun.runners import OrtRunner, infer_chunk
 
 from . import __version__
 from .data import Split, eval_spec
@@ -95,16 +94,9 @@ def simplify(path: Path) -> bool:
 
 def _ort_logits(path: Path, batches: np.ndarray, batch: int, dynamic: bool) -> np.ndarray:
     step = batch if not dynamic else max(batch, 32)
-    outs = []
     with OrtRunner(path, providers=["CPUExecutionProvider"]) as runner:
-        for i in range(0, len(batches), step):
-            chunk = np.ascontiguousarray(batches[i:i + step])
-            if not dynamic and len(chunk) < batch:  # fixed batch: pad the last chunk
-                pad = np.repeat(chunk[-1:], batch - len(chunk), axis=0)
-                outs.append(runner.infer({INPUT_NAME: np.concatenate([chunk, pad])})[OUTPUT_NAME][:len(chunk)])
-            else:
-                outs.append(runner.infer({INPUT_NAME: chunk})[OUTPUT_NAME])
-    return np.concatenate(outs)
+        return np.concatenate([infer_chunk(runner, batches[i:i + step], INPUT_NAME, OUTPUT_NAME,
+                                           None if dynamic else batch) for i in range(0, len(batches), step)])
 
 
 @torch.no_grad()
@@ -187,14 +179,6 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, cfg: Expor
 def accuracy(path: Path, batches: np.ndarray, labels: np.ndarray, cfg: ExportConfig) -> float:
     logits = _ort_logits(path, batches, cfg.batch, cfg.dynamic_batch)
     return float((logits.argmax(1) == labels).mean())
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_bundle(*, model: nn.Module, out_dir: Path, name: str, classes: list[str], train: Split, val: Split,
@@ -285,7 +269,7 @@ def build_bundle(*, model: nn.Module, out_dir: Path, name: str, classes: list[st
                                 "split": val.name, "format": "raw uint8 RGB images + int64 labels"}},
             "variants": variants,
             "metrics": {"host": host_metrics, "parity": par, "int8": int8_metrics},
-            "source": dict(source, checkpoint_sha256=file_sha256(checkpoint)),
+            "source": dict(source, checkpoint_sha256=sha256_file(str(checkpoint))),
             "versions": {"edgedistill": __version__, "torch": torch.__version__, "timm": timm.__version__,
                          "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         }

@@ -13,13 +13,13 @@ INT8 model). Exit status: 0 done/PASS, 1 FAIL (bench/camera with --strict, valid
 import argparse
 import sys
 
-import numpy as np
 
 from .bench import report_text, run_bench, to_json, verdict
 from .bundle import open_bundle
 from .errors import EdgerunError
 from .preprocess import preprocess
 from .profiles import TARGETS, get_target
+from .runners import infer_chunk
 
 
 def _runner(args, bundle):
@@ -78,16 +78,12 @@ def evaluate_bundle(runner, bundle, batch=None):
     images, labels = bundle.validation()
     m = bundle.manifest
     batch = batch or m.input_shape[0]
-    dynamic = m.model.get("dynamic_batch")
+    fixed = None if m.model.get("dynamic_batch") else m.input_shape[0]
     correct = 0
     for i in range(0, len(images), batch):
-        chunk = images[i:i + batch]
-        feed = preprocess(chunk, m.preprocess, input_order="RGB")
-        n = len(feed)
-        if not dynamic and n < batch:
-            feed = np.concatenate([feed, np.repeat(feed[-1:], batch - n, axis=0)])
-        logits = np.asarray(runner.infer({m.input_name: feed})[m.output_name])[:n]
-        correct += int((logits.argmax(1) == labels[i:i + n]).sum())
+        feed = preprocess(images[i:i + batch], m.preprocess, input_order="RGB")
+        logits = infer_chunk(runner, feed, m.input_name, m.output_name, fixed)
+        correct += int((logits.argmax(1) == labels[i:i + len(feed)]).sum())
     return correct / float(len(images))
 
 

@@ -110,6 +110,10 @@ class OrtRunner(Runner):
         self.session = None
 
 
-def classify(runner, batch, input_name, output_name):
-    """Logits of one preprocessed batch through any runner."""
-    return np.asarray(runner.infer({input_name: batch})[output_name])
+def infer_chunk(runner, chunk, input_name, output_name, batch=None):
+    """Outputs of one preprocessed chunk through any runner. With a fixed engine batch ``batch``, a shorter
+    last chunk is padded by repeating its last item and the padding is cut from the result."""
+    n = len(chunk)
+    if batch and n < batch:
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
+    return np.asarray(runner.infer({input_name: np.ascontiguousarray(chunk)})[output_name])[:n]
