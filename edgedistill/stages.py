@@ -189,7 +189,7 @@ def stage_baseline(ctx: RunContext) -> dict[str, Any]:
     return _train_stage(ctx, "baseline", teacher=None)
 
 
-def _model_facts(model: nn.Module, top1: float, ctx: RunContext, name: str) -> dict[str, Any]:
+def _model_facts(model: nn.Module, top1: float, name: str) -> dict[str, Any]:
     return {"model": name, "top1": top1, "params": count_params(model), "size_mb": weight_bytes(model) / 1e6}
 
 
@@ -208,7 +208,7 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
                                "eval_split": split.name, "eval_samples": len(split), "classes": data.classes}
     for role, model in models.items():
         pred = predict(model.to(ctx.device), loader, ctx.device)
-        summary[role] = _model_facts(model, pred.top1, ctx, names[role])
+        summary[role] = _model_facts(model, pred.top1, names[role])
     threads_before = torch.get_num_threads()
     if ev.threads:
         torch.set_num_threads(ev.threads)

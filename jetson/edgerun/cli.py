@@ -11,6 +11,7 @@ INT8 model). Exit status: 0 done/PASS, 1 FAIL (bench/camera with --strict, valid
 2 error.
 """
 import argparse
+import os
 import sys
 
 
@@ -33,7 +34,7 @@ def _runner(args, bundle):
     return OrtRunner(bundle.variant_path(args.variant), threads=args.threads)
 
 
-def _device_memory(args, bundle, info=None):
+def _device_memory(args, bundle):
     if args.device_profile:
         return get_target(args.device_profile).get("memory_mb")
     return (bundle.manifest.data.get("target_facts") or {}).get("memory_mb")
@@ -58,8 +59,6 @@ def cmd_info(args):
 def cmd_build(args):
     from .device import gpu_properties
     from .trt import build_engine
-
-    import os
 
     bundle = open_bundle(args.bundle)
     base = os.path.basename(os.path.normpath(args.bundle))

@@ -47,14 +47,18 @@ def import_cuda():
 
 
 # ------------------------------------------------------------------------------------------ the version split
-class _Api8(object):
-    """TensorRT 8.x (8.2 on JetPack 4.6, 8.5 on JetPack 5)."""
-
-    generation = 8
+class _Api(object):
+    """What both generations' adapters hold: the module and its version as a tuple."""
 
     def __init__(self, trt):
         self.trt = trt
         self.version = parse_version(trt.__version__)
+
+
+class _Api8(_Api):
+    """TensorRT 8.x (8.2 on JetPack 4.6, 8.5 on JetPack 5)."""
+
+    generation = 8
 
     def create_network(self, builder):
         flag = 1 << int(self.trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
@@ -88,14 +92,10 @@ class _Api8(object):
             raise RunnerError("TensorRT execute_async_v2 failed")
 
 
-class _Api10(object):
+class _Api10(_Api):
     """TensorRT 10.x (10.3 on JetPack 6.1/6.2)."""
 
     generation = 10
-
-    def __init__(self, trt):
-        self.trt = trt
-        self.version = parse_version(trt.__version__)
 
     def create_network(self, builder):
         return builder.create_network(0)  # every network is explicit-batch; the flag is deprecated
