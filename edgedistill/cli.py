@@ -1,7 +1,8 @@
 """``edgedistill``: command line of the workstation side.
 
     edgedistill run RECIPE [--set key=value ...] [--force]    every stage in order
-    edgedistill teacher|distill|baseline|evaluate|export RECIPE [...]   one stage
+    edgedistill teacher|assistant|distill|self-distill|baseline|evaluate|export RECIPE [...]   one stage
+    edgedistill sweep RECIPE --temperature 1,2,3,5 --alpha 0.5,0.7,0.9   one student per cell, one teacher
     edgedistill pack BUNDLE_DIR -o FILE.edb                    one file to copy to the device
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ def setup_logging(run_dir: Optional[Path], verbose: bool = False) -> None:
 
 
 def print_summary(summary: dict) -> None:
-    from .stages import summary_facts, summary_rows
+    from .report import summary_facts, summary_rows
 
     rows = summary_rows(summary, summary["latency_batch"])
     table = Table(title=f"{summary['name']}: evaluated on {summary['eval_split']} ({summary['eval_samples']} images)")
@@ -76,13 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--stages", default=None, help="comma-separated subset, e.g. teacher,distill")
     for stage, text in (("teacher", "train (or load) and validate the teacher"),
-                        ("assistant", "distill the teacher into the teacher assistant (when the recipe has one)"),
-                        ("distill", "distill the teacher into the student"),
+                        ("assistant", "distill the teacher into the teacher assistant(s) of the chain (when the recipe has any)"),
+                        ("distill", "distill the teacher (or the last assistant) into the student"),
+                        ("self-distill", "born-again generations: the student teaches fresh copies of itself"),
                         ("baseline", "train the same student without distillation"),
                         ("evaluate", "compare teacher, student and baseline; write summary.json/md"),
                         ("export", "export the student to a device bundle (ONNX + manifest + samples)")):
         _add_recipe_args(sub.add_parser(stage, help=text))
     sub.choices["export"].add_argument("--target", default=None, help="target profile, e.g. jetson-nano-jp4")
+    p = sub.add_parser("sweep", help="temperature/alpha search: one student per cell against one teacher")
+    _add_recipe_args(p)
+    p.add_argument("--temperature", default="1,2,3,5,10", help="comma-separated temperatures (default 1,2,3,5,10)")
+    p.add_argument("--alpha", default="0.3,0.5,0.7,0.9", help="comma-separated KD weights (default 0.3,0.5,0.7,0.9)")
     p = sub.add_parser("pack", help="pack a bundle folder into one .edb file for the device")
     p.add_argument("bundle", help="bundle folder (runs/<name>/bundle)")
     p.add_argument("-o", "--output", required=True, help="output file, e.g. student.edb")
@@ -109,6 +115,12 @@ def _run(args: argparse.Namespace) -> int:
     from .stages import PIPELINE, STAGE_FUNCTIONS, RunContext, run_stage
 
     ctx = RunContext(recipe, force=args.force)
+    if args.command == "sweep":
+        from .sweep import parse_values, run_sweep
+
+        result = run_sweep(ctx, parse_values(args.temperature, "temperature"), parse_values(args.alpha, "alpha"))
+        print((ctx.run_dir / "sweep" / "results.md").read_text())
+        return 0 if result["best"] else 1
     if args.command == "run":
         stages = list(PIPELINE)
         if args.stages:

@@ -25,6 +25,7 @@ from edgerun.manifest import sha256_file
 from edgerun.preprocess import INTERPOLATIONS, PreprocessSpec, geometric, normalize, to_three_channels
 
 from .errors import DataError
+from .losses import UNLABELED
 from .recipe import DataConfig
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Split:
         return len(self.labels)
 
     def load(self, index: int) -> np.ndarray:
-        if self.images is not None:
+        if self.images is not None and self.images[index] is not None:
             return self.images[index]
         image = read_image(self.paths[index])
         if image is None:
@@ -148,7 +149,7 @@ def scan_folder_split(root: Path, split: str, cap_per_class: Optional[int], seed
                  paths=paths)
 
 
-def verify_and_cache(split: Split, cache: Optional[bool]) -> Split:
+def verify_and_cache(split: Split, cache: Optional[bool], labelled: bool = True) -> Split:
     """Decode every image once; unreadable files are dropped, counted and listed (never fatal alone)."""
     keep, images, skipped, pixels = [], [], [], 0
     hold = cache is not False
@@ -168,7 +169,7 @@ def verify_and_cache(split: Split, cache: Optional[bool]) -> Split:
     out = split.subset(keep)
     out.images = images if hold else None
     out.skipped = skipped
-    for cls in range(len(split.classes)):
+    for cls in range(len(split.classes) if labelled else 0):
         if not np.any(out.labels == cls):
             raise DataError(f"class '{split.classes[cls]}' of split '{split.name}' has no readable image left")
     if skipped:
@@ -197,6 +198,42 @@ def load_folder(cfg: DataConfig, seed: int) -> DataBundle:
     train, val = verify_and_cache(train, cfg.cache), verify_and_cache(val, cfg.cache)
     test = verify_and_cache(test, cfg.cache) if test else None
     return DataBundle(train, val, test, source=str(root))
+
+
+def load_unlabeled(source: str, data: DataBundle, cache: Optional[bool]) -> Split:
+    """Unlabeled images (``data.unlabeled``): every image file under a folder or archive, any layout, label -1.
+
+    Files that are labelled images of the run are left out: training images so that none counts twice (the
+    folder may be the full data set of which the recipe keeps ``train_per_class``), validation and test
+    images so that no evaluation image is ever trained on.
+    """
+    root = resolve_root(source)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    known = {Path(p).resolve() for split in (data.train, data.val, data.test) if split is not None
+             for p in split.paths if p is not None}
+    fresh = [p for p in files if p.resolve() not in known]
+    if not fresh:
+        raise DataError(f"data.unlabeled '{source}' holds no image ({', '.join(sorted(IMAGE_SUFFIXES))}) that is not "
+                        f"already a labelled image of this run ({len(files)} found in all)")
+    if len(fresh) < len(files):
+        log.info("data.unlabeled: %d of %d images are labelled images of this run (train/val/test) and are left out",
+                 len(files) - len(fresh), len(files))
+    split = Split(name="unlabeled", classes=data.classes, labels=np.full(len(fresh), UNLABELED, dtype=np.int64),
+                  paths=fresh)
+    return verify_and_cache(split, cache, labelled=False)
+
+
+def with_unlabeled(train: Split, unlabeled: Split) -> Split:
+    """The training split followed by the unlabeled images (targets -1): one shuffled stream for distillation."""
+    n, m = len(train), len(unlabeled)
+    images = None
+    if train.images is not None or unlabeled.images is not None:
+        images = (list(train.images) if train.images is not None else [None] * n) + \
+                 (list(unlabeled.images) if unlabeled.images is not None else [None] * m)
+    paths = (list(train.paths) or [None] * n) + (list(unlabeled.paths) or [None] * m)
+    return Split(name=f"{train.name}+unlabeled", classes=train.classes,
+                 labels=np.concatenate([train.labels, unlabeled.labels]), paths=paths, images=images,
+                 skipped=train.skipped + unlabeled.skipped)
 
 
 def _stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -137,3 +137,48 @@ def cost_comparison(teacher_latency: float, student_latency: float,
     return {"teacher": teacher, "student": student,
             "monthly_saving": round(teacher["monthly_cost"] - student["monthly_cost"], 2),
             "requests_per_month": cost.requests_per_month, "utilization": cost.utilization}
+
+
+# --------------------------------------------------------------------------------------- paired comparisons
+def mcnemar_exact(a_correct: np.ndarray, b_correct: np.ndarray) -> dict[str, Any]:
+    """Exact McNemar test of two classifiers on the same images (McNemar 1947; the exact binomial form).
+
+    Only discordant images count: ``a_only`` (a right, b wrong) and ``b_only``. Under "equally accurate"
+    each discordant image is a fair coin, so the two-sided p-value is ``min(1, 2 * P[X <= min(a_only, b_only)])``
+    for X ~ Binomial(a_only + b_only, 1/2), computed with exact integers.
+    """
+    a = np.asarray(a_correct, dtype=bool)
+    b = np.asarray(b_correct, dtype=bool)
+    a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
+    n = a_only + b_only
+    tail = sum(math.comb(n, k) for k in range(min(a_only, b_only) + 1))
+    p = 1.0 if n == 0 else min(1.0, 2 * tail / 2 ** n)
+    return {"a_only": a_only, "b_only": b_only, "discordant": n, "images": int(len(a)), "p_value": p}
+
+
+def images_to_resolve(a_only: int, b_only: int, images: int, alpha: float = 0.05, power: float = 0.8) -> Optional[int]:
+    """Paired images a McNemar test needs to detect the observed accuracy difference at ``alpha`` with
+    ``power`` (Connor, "Sample size for testing differences in proportions for the paired-sample design",
+    Biometrics 1987), taking the observed discordant rates as the truth. None when the rates are equal."""
+    if images == 0 or a_only == b_only:
+        return None
+    p10, p01 = a_only / images, b_only / images
+    delta, disc = p10 - p01, p10 + p01
+    z_a, z_b = statistics.NormalDist().inv_cdf(1 - alpha / 2), statistics.NormalDist().inv_cdf(power)
+    n = (z_a * math.sqrt(disc) + z_b * math.sqrt(max(disc - delta ** 2, 0.0))) ** 2 / delta ** 2
+    return int(math.ceil(n))
+
+
+def bootstrap_intervals(teacher_correct: np.ndarray, student_correct: np.ndarray, baseline_correct: np.ndarray,
+                        samples: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of retention (student / teacher top-1) and KD gain (student − baseline),
+    resampling images with replacement and keeping the three models paired on each resampled image."""
+    t, s, b = (np.asarray(x, dtype=np.float64) for x in (teacher_correct, student_correct, baseline_correct))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(s), size=(samples, len(s)))
+    t_acc, s_acc, b_acc = t[idx].mean(1), s[idx].mean(1), b[idx].mean(1)
+    retention = np.divide(s_acc, t_acc, out=np.zeros_like(s_acc), where=t_acc > 0)
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    return {"retention": [float(np.percentile(retention, lo)), float(np.percentile(retention, hi))],
+            "kd_gain": [float(np.percentile(s_acc - b_acc, lo)), float(np.percentile(s_acc - b_acc, hi))],
+            "level": level, "samples": samples}

@@ -10,10 +10,10 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
 
@@ -51,6 +51,8 @@ class DataConfig(_Strict):
     train_per_class: Optional[int] = Field(None, ge=1, description="cap images per class (CPU budgets)")
     val_per_class: Optional[int] = Field(None, ge=1)
     cache: Optional[bool] = Field(None, description="decode images once into memory; default: when small")
+    unlabeled: Optional[str] = Field(None, description="folder or archive of unlabeled images (any layout): the "
+                                     "teacher labels them and distillation trains on them too; never the baseline")
     augment: AugmentConfig = AugmentConfig()
 
 
@@ -81,11 +83,59 @@ class StudentConfig(ModelConfig):
     lr: float = Field(5e-4, gt=0)
 
 
+class FeaturePair(_Strict):
+    """One student module matched to one teacher module (names as in ``model.named_modules()``)."""
+
+    teacher: str
+    student: str
+
+
+class ChainStep(_Strict):
+    """One teacher assistant of ``distill.chain``; unset training keys are the student's."""
+
+    model: str
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    epochs: Optional[int] = Field(None, ge=0)
+    lr: Optional[float] = Field(None, gt=0)
+
+
 class DistillConfig(_Strict):
+    method: Literal["kd", "dkd"] = Field("kd", description="kd: Hinton et al. 2015; dkd: Zhao et al. 2022")
     temperature: float = Field(3.0, gt=0)
-    alpha: float = Field(0.6, ge=0, le=1, description="weight of the KD term; 1 - alpha weighs CE")
-    feature_weight: float = Field(0.0, ge=0, description="FitNets hint: weight of the MSE between the projected "
-                                  "last student feature map and the teacher's (0 turns it off)")
+    alpha: float = Field(0.6, ge=0, le=1, description="weight of the KD (or DKD) term; 1 - alpha weighs CE")
+    dkd_alpha: float = Field(1.0, ge=0, description="DKD: weight of the target-class term (TCKD)")
+    dkd_beta: float = Field(8.0, ge=0, description="DKD: weight of the non-target-class term (NCKD)")
+    dkd_warmup_epochs: Optional[float] = Field(None, ge=0, description="DKD: linear warm-up of the DKD term; "
+                                               "default 1/12 of the stage's epochs (the paper's 20 of 240)")
+    features: Union[Literal["none", "auto", "last"], list[FeaturePair]] = Field(
+        "none", description="feature matching: none, auto (every stage, by reduction and depth), last (the FitNets "
+                            "hint on the last maps) or a list of {teacher: MODULE, student: MODULE}")
+    feature_loss: Literal["mse", "at"] = Field("mse", description="mse: FitNets hint with projections; at: "
+                                               "attention transfer (Zagoruyko & Komodakis 2017)")
+    feature_weight: Optional[float] = Field(None, ge=0, description="weight of the feature term; default 1 "
+                                            "(mse) or 1000 (at, the paper's beta)")
+    chain: list[ChainStep] = Field(default_factory=list, description="progressive distillation: teacher -> "
+                                   "chain[0] -> ... -> student (model names, or mappings of ChainStep keys)")
+
+    @field_validator("chain", mode="before")
+    @classmethod
+    def _names_are_steps(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"model": item} if isinstance(item, str) else item for item in v]
+        return v
+
+    @model_validator(mode="after")
+    def _feature_weight_needs_features(self) -> "DistillConfig":
+        if self.features == "none" and self.feature_weight:
+            raise ValueError("distill.feature_weight is set but distill.features is 'none': set distill.features "
+                             "to 'last' (the FitNets hint on the last feature maps that feature_weight alone "
+                             "used to turn on), 'auto' (every stage) or a list of {teacher: ..., student: ...}")
+        return self
+
+
+class SelfDistillConfig(_Strict):
+    generations: int = Field(0, ge=0, le=20, description="born-again networks (Furlanello et al. 2018): the "
+                             "trained student teaches a fresh copy of itself this many times")
 
 
 class CostConfig(_Strict):
@@ -136,8 +186,29 @@ class Recipe(_Strict):
         None, description="teacher assistant (Mirzadeh et al. 2020): distilled from the teacher first, then "
                           "distilled into the student; for large teacher/student gaps")
     distill: DistillConfig = DistillConfig()
+    self_distill: SelfDistillConfig = SelfDistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
+
+    @model_validator(mode="after")
+    def _one_form_of_assistant(self) -> "Recipe":
+        if self.assistant is not None and self.distill.chain:
+            raise ValueError("the recipe has both an 'assistant' section and 'distill.chain': use one (the "
+                             "assistant section is the one-step chain; move it into distill.chain: [MODEL, ...])")
+        return self
+
+    def chain_configs(self) -> list[ModelConfig]:
+        """The assistants, teacher side first: the 'assistant' section, or each distill.chain step on top of
+        the student's training settings."""
+        if self.assistant is not None:
+            return [self.assistant]
+        steps = []
+        for step in self.distill.chain:
+            update: dict[str, Any] = {"model": step.model, "model_kwargs": dict(step.model_kwargs),
+                                      "pretrained": False, "pretrained_path": None}
+            update.update({k: v for k, v in (("epochs", step.epochs), ("lr", step.lr)) if v is not None})
+            steps.append(ModelConfig(**{**self.student.model_dump(), **update}))
+        return steps
 
     @field_validator("name")
     @classmethod
@@ -150,13 +221,18 @@ class Recipe(_Strict):
     def run_dir(self) -> Path:
         return Path(self.output) if self.output else Path("runs") / self.name
 
-    def fingerprint(self, *sections: str) -> str:
+    def fingerprint(self, *sections: str, exclude: tuple[str, ...] = ()) -> str:
         """Hash of the named top-level sections: what decides one stage's output.
 
         Only values that differ from their defaults count, so a key written out at its default value, or a
         new optional key added by a later edgedistill release, does not invalidate finished stages.
+        ``exclude`` drops dotted keys (``data.unlabeled`` does not concern the teacher or the baseline).
         """
         dumped = self.model_dump(mode="json", exclude_defaults=True)
+        for dotted in exclude:
+            section, _, key = dotted.partition(".")
+            if isinstance(dumped.get(section), dict):
+                dumped[section].pop(key, None)
         chosen = {key: dumped.get(key) for key in sections}
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -164,26 +240,57 @@ class Recipe(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def _find_model(annotation: Any) -> Optional[type[BaseModel]]:
+    """The model class inside an annotation: X, Optional[X], list[X], Union[Literal[...], list[X]]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _find_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _model_at(path: tuple, model: type[BaseModel] = Recipe) -> Optional[type[BaseModel]]:
     """The pydantic model class found at a dotted location, if any."""
     current: Any = model
     for part in path:
+        if isinstance(part, int):  # an item of a list: its model is the list's
+            continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return None
         field = current.model_fields.get(str(part))
         if field is None:
             return None
-        current = field.annotation
-        args = getattr(current, "__args__", ())
-        if args:  # Optional[X]
-            current = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), current)
+        current = _find_model(field.annotation) or field.annotation
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and "[" in part  # pydantic names union branches "list[X]", "literal['a']"
+
+
+def _deepest_union_branch(errors: list[dict]) -> list[dict]:
+    """Of the errors of a union field (one per branch tried), keep those of the branch that got furthest:
+    a typo inside a list of pairs is reported there, not as "input should be 'none', 'auto' or 'last'"."""
+    depth: dict[tuple, int] = {}
+    for e in errors:
+        tags = [i for i, p in enumerate(e["loc"]) if _is_union_tag(p)]
+        if tags:
+            field = tuple(e["loc"][:tags[0]])
+            depth[field] = max(depth.get(field, 0), len(e["loc"]))
+    kept = []
+    for e in errors:
+        tags = [i for i, p in enumerate(e["loc"]) if _is_union_tag(p)]
+        if not tags or len(e["loc"]) == depth[tuple(e["loc"][:tags[0]])]:
+            kept.append(e)
+    return kept
 
 
 def _explain(err: ValidationError, source: str) -> str:
     lines = [f"invalid recipe {source}:"]
-    for e in err.errors():
-        loc = tuple(e["loc"])
+    for e in _deepest_union_branch(err.errors()):
+        loc = tuple(p for p in e["loc"] if not _is_union_tag(p))
         key = ".".join(str(p) for p in loc)
         if e["type"] == "extra_forbidden":
             parent = _model_at(loc[:-1])

@@ -1,14 +1,17 @@
-"""The stages of a run: teacher -> distill -> baseline -> evaluate (-> export).
+"""The stages of a run: teacher -> (assistants) -> distill -> (self-distill) -> baseline -> evaluate (-> export).
 
-Each stage writes into its own folder of the run, next to the resolved recipe, and finishes by writing
-``done.json`` with the fingerprint of the recipe sections it depends on. A stage whose ``done.json``
-matches the current recipe is skipped; one that was killed resumes from its last checkpoint.
+A stage trains one or more *steps* (one model each: the teacher, each teacher assistant of the chain, the
+student, each born-again generation, the baseline). Every step writes into its own folder of the run next
+to the resolved recipe and finishes by writing ``done.json`` with the fingerprint of the recipe sections
+it depends on. A step whose ``done.json`` matches the current recipe is skipped; one that was killed
+resumes from its last checkpoint.
 """
 from __future__ import annotations
 
 import json
 import logging
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -16,29 +19,68 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write_text, load_model, save_model
-from .data import DataBundle, eval_loader, load_data
+from .data import DataBundle, Split, eval_loader, load_data, load_unlabeled, with_unlabeled
 from .errors import StageMissingError, TeacherTooWeakError
-from .evaluate import (classification_report, cost_comparison, measure_latency, predict, report_markdown)
+from .evaluate import (bootstrap_intervals, classification_report, cost_comparison, images_to_resolve,
+                       mcnemar_exact, measure_latency, predict, report_markdown)
+from .features import FeatureMatcher, mapping_lines, resolve_pairs
 from .models import count_params, create_model, weight_bytes
 from .recipe import ModelConfig, Recipe
-from .train import resolve_device, train_model
+from .report import advice, summary_markdown, verdict
+from .train import Teaching, resolve_device, train_model
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
-# What each stage's output depends on (top-level recipe sections).
+FEATURE_MAP_FILE = "feature_map.json"
+UNLABELED_KEY = ("data.unlabeled",)  # the teacher and the baseline never see unlabeled images
+TEACHER_SECTIONS = ("seed", "data", "teacher")
+ASSISTANT_SECTIONS = ("seed", "data", "teacher", "assistant", "distill")
+STUDENT_SECTIONS = ("seed", "data", "teacher", "assistant", "student", "distill")
+BASELINE_SECTIONS = ("seed", "data", "student")
+# What the evaluate and export stages depend on (top-level recipe sections).
 DEPENDS_ON = {
-    "teacher": ("seed", "data", "teacher"),
-    "assistant": ("seed", "data", "teacher", "assistant", "distill"),
-    "distill": ("seed", "data", "teacher", "assistant", "student", "distill"),
-    "baseline": ("seed", "data", "student"),
-    "evaluate": ("seed", "data", "teacher", "assistant", "student", "distill", "evaluate"),
-    "export": ("seed", "data", "teacher", "assistant", "student", "distill", "export"),
+    "evaluate": STUDENT_SECTIONS + ("self_distill", "evaluate"),
+    "export": STUDENT_SECTIONS + ("self_distill", "export"),
 }
-STAGE_DIRS = {"teacher": "teacher", "assistant": "assistant", "distill": "student", "baseline": "baseline",
-              "evaluate": ".", "export": "bundle"}
-# which recipe section describes the model each training stage produces
-STAGE_MODEL = {"teacher": "teacher", "assistant": "assistant", "distill": "student", "baseline": "student"}
+COMPRESSION_WARNING = 50  # teacher/student parameter ratio above which quality rarely survives
+TITLES = {"teacher": "Teacher", "assistant": "Teacher assistant", "student": "Distilled student",
+          "baseline": "Baseline student (no KD)"}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One model a run trains: its folder, its recipe section, whom it learns from, what decides it."""
+
+    key: str  # teacher, assistant, assistant-2, ..., distill, generation-1, ..., baseline
+    folder: str
+    role: str  # teacher | assistant | student | baseline
+    cfg: ModelConfig
+    teacher: Optional[str]  # key of the step it is distilled from; None: cross-entropy only
+    sections: tuple[str, ...]
+    exclude: tuple[str, ...] = ()
+    seed_offset: int = 0  # a born-again generation starts from fresh weights
+
+    @property
+    def uses_unlabeled(self) -> bool:
+        return self.teacher is not None
+
+
+def plan_steps(recipe: Recipe) -> dict[str, Step]:
+    """Every step of a recipe, in training order."""
+    steps = [Step("teacher", "teacher", "teacher", recipe.teacher, None, TEACHER_SECTIONS, UNLABELED_KEY)]
+    source = "teacher"
+    for i, cfg in enumerate(recipe.chain_configs()):
+        key = "assistant" if i == 0 else f"assistant-{i + 1}"
+        steps.append(Step(key, key, "assistant", cfg, source, ASSISTANT_SECTIONS))
+        source = key
+    steps.append(Step("distill", "student", "student", recipe.student, source, STUDENT_SECTIONS))
+    for g in range(1, recipe.self_distill.generations + 1):
+        previous = "distill" if g == 1 else f"generation-{g - 1}"
+        steps.append(Step(f"generation-{g}", f"student-gen{g}", "student", recipe.student, previous,
+                          STUDENT_SECTIONS, seed_offset=1000 * g))
+    steps.append(Step("baseline", "baseline", "student", recipe.student, None, BASELINE_SECTIONS, UNLABELED_KEY))
+    return {step.key: step for step in steps}
 
 
 class RunContext:
@@ -50,8 +92,20 @@ class RunContext:
         self.run_dir = recipe.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(recipe.device)
+        self.steps = plan_steps(recipe)
         self._data: Optional[DataBundle] = None
+        self._unlabeled: Optional[Split] = None
         atomic_write_text(self.run_dir / "recipe.yaml", recipe.to_yaml())
+
+    def derive(self, recipe: Recipe) -> "RunContext":
+        """A variant of this recipe in the same run folder (a sweep cell): it shares the loaded data, and the
+        run's recipe.yaml stays this recipe's."""
+        self.data  # load once, share
+        other = RunContext.__new__(RunContext)
+        other.__dict__.update(self.__dict__)
+        other.recipe = recipe
+        other.steps = plan_steps(recipe)
+        return other
 
     @property
     def data(self) -> DataBundle:
@@ -59,94 +113,159 @@ class RunContext:
             self._data = load_data(self.recipe.data, self.recipe.seed)
         return self._data
 
-    def stage_dir(self, stage: str) -> Path:
-        return self.run_dir / STAGE_DIRS[stage]
+    @property
+    def unlabeled(self) -> Optional[Split]:
+        if self.recipe.data.unlabeled and self._unlabeled is None:
+            self._unlabeled = load_unlabeled(self.recipe.data.unlabeled, self.data, self.recipe.data.cache)
+            log.info("data.unlabeled: %d images for distillation (the teacher labels them; CE skips them)",
+                     len(self._unlabeled))
+        return self._unlabeled
 
-    def fingerprint(self, stage: str) -> str:
-        return self.recipe.fingerprint(*DEPENDS_ON[stage])
+    def chain_keys(self) -> list[str]:
+        return [k for k, s in self.steps.items() if s.role == "assistant"]
 
-    def done_path(self, stage: str) -> Path:
-        if stage in ("evaluate", "export"):  # outputs that are not a folder of their own
-            return self.run_dir / f"{stage}.done.json"
-        return self.stage_dir(stage) / "done.json"
+    def generation_keys(self) -> list[str]:
+        return [k for k in self.steps if k.startswith("generation-")]
 
-    def is_done(self, stage: str) -> bool:
-        path = self.done_path(stage)
+    def stage_dir(self, key: str) -> Path:
+        if key in self.steps:
+            return self.run_dir / self.steps[key].folder
+        return self.run_dir / {"evaluate": ".", "export": "bundle"}.get(key, key)
+
+    def fingerprint(self, key: str) -> str:
+        if key in self.steps:
+            step = self.steps[key]
+            return self.recipe.fingerprint(*step.sections, exclude=step.exclude)
+        return self.recipe.fingerprint(*DEPENDS_ON[key])
+
+    def done_path(self, key: str) -> Path:
+        if key in ("evaluate", "export"):  # outputs that are not a folder of their own
+            return self.run_dir / f"{key}.done.json"
+        return self.stage_dir(key) / "done.json"
+
+    def done_record(self, key: str) -> Optional[dict[str, Any]]:
+        path = self.done_path(key)
         if not path.exists():
-            return False
+            return None
         try:
             done = json.loads(path.read_text())
         except json.JSONDecodeError:
-            return False
-        return done.get("fingerprint") == self.fingerprint(stage) and all(
-            (self.stage_dir(stage) / name).exists() for name in done.get("outputs", []))
+            return None
+        ok = done.get("fingerprint") == self.fingerprint(key) and all(
+            (self.stage_dir(key) / name).exists() for name in done.get("outputs", []))
+        return done if ok else None
 
-    def mark_done(self, stage: str, outputs: list[str], extra: Optional[dict[str, Any]] = None) -> None:
-        folder = self.stage_dir(stage)
-        if stage != "export":  # a bundle carries its recipe inside, covered by the manifest's sha256 list
+    def is_done(self, key: str) -> bool:
+        return self.done_record(key) is not None
+
+    def mark_done(self, key: str, outputs: list[str], extra: Optional[dict[str, Any]] = None) -> None:
+        folder = self.stage_dir(key)
+        if key != "export":  # a bundle carries its recipe inside, covered by the manifest's sha256 list
             atomic_write_text(folder / "recipe.yaml", self.recipe.to_yaml())
-        atomic_write_text(self.done_path(stage), json.dumps(
-            {"stage": stage, "fingerprint": self.fingerprint(stage), "outputs": outputs, **(extra or {})}, indent=2))
+        atomic_write_text(self.done_path(key), json.dumps(
+            {"stage": key, "fingerprint": self.fingerprint(key), "outputs": outputs, **(extra or {})}, indent=2))
 
-    def require(self, stage: str, what: str) -> Path:
-        path = self.stage_dir(stage) / MODEL_FILE
-        if not self.is_done(stage) or not path.exists():
-            raise StageMissingError(f"{what} needs the '{stage}' stage of this recipe, which has not finished in "
+    def require(self, key: str, what: str) -> Path:
+        path = self.stage_dir(key) / MODEL_FILE
+        if not self.is_done(key) or not path.exists():
+            stage = "assistant" if key.startswith("assistant") else (
+                "self-distill" if key.startswith("generation") else key)
+            raise StageMissingError(f"{what} needs the '{key}' stage of this recipe, which has not finished in "
                                     f"'{self.run_dir}': run `edgedistill {stage} RECIPE` (or `edgedistill run`) first")
         return path
 
     # models ------------------------------------------------------------------------------------------------
-    def model_cfg(self, stage: str) -> ModelConfig:
-        return getattr(self.recipe, STAGE_MODEL[stage])
+    def new_model(self, key: str) -> nn.Module:
+        step = self.steps[key]
+        torch.manual_seed(self.recipe.seed + step.seed_offset)  # the student and its baseline: same weights
+        return create_model(step.cfg, num_classes=len(self.data.classes))
 
-    def new_model(self, stage: str) -> nn.Module:
-        torch.manual_seed(self.recipe.seed)  # the student and its baseline start from the same weights
-        return create_model(self.model_cfg(stage), num_classes=len(self.data.classes))
-
-    def trained_model(self, stage: str, needed_by: str = "this stage") -> nn.Module:
-        """The model a finished stage saved (its initial weights are not fetched again)."""
-        path = self.require(stage, needed_by)
-        cfg = self.model_cfg(stage)
+    def trained_model(self, key: str, needed_by: str = "this stage") -> nn.Module:
+        """The model a finished step saved (its initial weights are not fetched again)."""
+        path = self.require(key, needed_by)
+        cfg = self.steps[key].cfg
         model = create_model(cfg.model_copy(update={"pretrained": False, "pretrained_path": None}),
                              num_classes=len(self.data.classes))
         load_model(path, model)
         return model.eval()
 
+    def best_student(self) -> str:
+        """The student step kept: the born-again generation (or the first student) with the best validation
+        top-1; the earlier one on a tie."""
+        self.require("distill", "choosing the student")
+        keys = ["distill"] + [k for k in self.generation_keys() if self.is_done(k)]
+        scores = [self.done_record(k)["top1"] for k in keys]
+        return keys[scores.index(max(scores))]  # the first of equals: fewer generations
 
-def _validate_and_report(ctx: RunContext, stage: str, model: nn.Module, title: str) -> dict[str, Any]:
+
+def _validate_and_report(ctx: RunContext, key: str, model: nn.Module, title: str) -> dict[str, Any]:
     data = ctx.data
     pred = predict(model.to(ctx.device), eval_loader(data.val, ctx.recipe.data), ctx.device)
     report = classification_report(pred, data.classes)
     report["skipped_images"] = {"train": data.train.skipped, "val": data.val.skipped}
-    folder = ctx.stage_dir(stage)
+    folder = ctx.stage_dir(key)
     atomic_write_text(folder / "report.json", json.dumps(report, indent=2))
     atomic_write_text(folder / "report.md", report_markdown(title, report, data.classes))
     return report
 
 
-def _train_stage(ctx: RunContext, stage: str, teacher: Optional[nn.Module]) -> dict[str, Any]:
-    recipe = ctx.recipe
-    role = STAGE_MODEL[stage]
-    cfg = ctx.model_cfg(stage)
-    model = ctx.new_model(stage)
-    folder = ctx.stage_dir(stage)
-    if cfg.epochs:
-        train_model(model, ctx.data.train, ctx.data.val, recipe.data, cfg, folder, recipe.seed,
-                    ctx.fingerprint(stage), ctx.device, label=stage, teacher=teacher,
-                    distill=recipe.distill if teacher is not None else None)
-    elif not cfg.pretrained_path and not cfg.pretrained:
-        log.warning("%s: %s.epochs is 0 and no weights are given: the model stays untrained", stage, role)
-    save_model(folder / MODEL_FILE, model, {"model": cfg.model, "classes": ctx.data.classes, "stage": stage})
-    titles = {"teacher": "Teacher", "assistant": "Teacher assistant", "distill": "Distilled student",
-              "baseline": "Baseline student (no KD)"}
-    report = _validate_and_report(ctx, stage, model, f"{titles[stage]}: {cfg.model}")
-    ctx.mark_done(stage, [MODEL_FILE, "report.json", "report.md"], {"top1": report["top1"]})
-    log.info("%s: %s top-1 %.2f%% on %d validation images", stage, cfg.model, report["top1"] * 100, report["samples"])
+def _teaching(ctx: RunContext, step: Step, model: nn.Module) -> Teaching:
+    """The frozen teacher of a distillation step, and its feature matcher when the recipe asks for one."""
+    teacher = ctx.trained_model(step.teacher, step.key)
+    ratio = count_params(teacher) / max(count_params(model), 1)
+    if ratio > COMPRESSION_WARNING:
+        log.warning("%s: the %s (%s) has %.0fx fewer parameters than the model it learns from (%s): compression this "
+                    "aggressive rarely keeps quality; consider a larger student or distill.chain with an assistant",
+                    step.key, step.role, step.cfg.model, ratio, ctx.steps[step.teacher].cfg.model)
+    distill = ctx.recipe.distill
+    features = None
+    if distill.features != "none":
+        pairs = resolve_pairs(distill.features, model, teacher, ctx.recipe.data.image_size)
+        features = FeatureMatcher(pairs, distill.feature_loss)
+        description = {"student_model": step.cfg.model, "teacher_model": ctx.steps[step.teacher].cfg.model,
+                       "mode": distill.features if isinstance(distill.features, str) else "explicit",
+                       "image_size": ctx.recipe.data.image_size, **features.describe()}
+        atomic_write_text(ctx.stage_dir(step.key) / FEATURE_MAP_FILE, json.dumps(description, indent=2))
+        log.info("%s: feature matching (%s), %d pair(s):\n  %s", step.key, distill.feature_loss, len(pairs),
+                 "\n  ".join(mapping_lines(description)))
+    if distill.temperature == 1.0:
+        log.warning("distill.temperature is 1: the soft labels are the teacher's plain probabilities, close to "
+                    "hard labels for a confident teacher; 2-5 is usual")
+    return Teaching(teacher=teacher, distill=distill, features=features)
+
+
+def train_step(ctx: RunContext, key: str) -> dict[str, Any]:
+    """Train (or resume, or skip when done) one step and validate it."""
+    step = ctx.steps[key]
+    if ctx.is_done(key):
+        log.info("%s: outputs in '%s' match this recipe; skipped", key, ctx.stage_dir(key))
+        return json.loads((ctx.stage_dir(key) / "report.json").read_text())
+    model = ctx.new_model(key)
+    folder = ctx.stage_dir(key)
+    folder.mkdir(parents=True, exist_ok=True)
+    train, extra = ctx.data.train, {}
+    if step.teacher is not None and ctx.unlabeled is not None:
+        train = with_unlabeled(train, ctx.unlabeled)
+        extra["unlabeled_images"] = len(ctx.unlabeled)
+    if step.cfg.epochs:
+        teaching = _teaching(ctx, step, model) if step.teacher is not None else None
+        train_model(model, train, ctx.data.val, ctx.recipe.data, step.cfg, folder, ctx.recipe.seed + step.seed_offset,
+                    ctx.fingerprint(key), ctx.device, label=key, teaching=teaching)
+    elif not step.cfg.pretrained_path and not step.cfg.pretrained:
+        log.warning("%s: %s.epochs is 0 and no weights are given: the model stays untrained", key, step.role)
+    save_model(folder / MODEL_FILE, model, {"model": step.cfg.model, "classes": ctx.data.classes, "stage": key})
+    report = _validate_and_report(ctx, key, model, f"{TITLES[step.role]} ({key}): {step.cfg.model}")
+    outputs = [MODEL_FILE, "report.json", "report.md"]
+    if (folder / FEATURE_MAP_FILE).exists() and step.teacher is not None and ctx.recipe.distill.features != "none":
+        outputs.append(FEATURE_MAP_FILE)
+    ctx.mark_done(key, outputs, {"top1": report["top1"], "model": step.cfg.model, "teacher": step.teacher, **extra})
+    log.info("%s: %s top-1 %.2f%% on %d validation images", key, step.cfg.model, report["top1"] * 100,
+             report["samples"])
     return report
 
 
 def stage_teacher(ctx: RunContext) -> dict[str, Any]:
-    report = _train_stage(ctx, "teacher", teacher=None)
+    report = train_step(ctx, "teacher")
     floor = ctx.recipe.teacher.min_top1
     if report["top1"] < floor:
         log.warning("teacher top-1 %.2f%% is under teacher.min_top1 = %.2f%%: distill will refuse it unless --force",
@@ -168,25 +287,53 @@ def check_teacher_floor(ctx: RunContext, needed_by: str) -> float:
     return report["top1"]
 
 
-def stage_assistant(ctx: RunContext) -> Optional[dict[str, Any]]:
-    """Teacher-assistant distillation (Mirzadeh et al., "Improved Knowledge Distillation via Teacher
-    Assistant", AAAI 2020, arXiv:1902.03393): an intermediate-size model bridges a large capacity gap."""
-    if ctx.recipe.assistant is None:
+def stage_assistant(ctx: RunContext) -> Optional[list[dict[str, Any]]]:
+    """Progressive distillation through teacher assistants (Mirzadeh et al., "Improved Knowledge Distillation
+    via Teacher Assistant", AAAI 2020, arXiv:1902.03393): teacher -> chain[0] -> ... -> student, each step
+    distilled from the one before, evaluated and kept in the run (assistant/, assistant-2/, ...)."""
+    keys = ctx.chain_keys()
+    if not keys:
         return None
     check_teacher_floor(ctx, "assistant")
-    return _train_stage(ctx, "assistant", teacher=ctx.trained_model("teacher", "assistant"))
+    reports = []
+    for key in keys:
+        step = ctx.steps[key]
+        log.info("%s: %s learns from %s (%s)", key, step.cfg.model, step.teacher, ctx.steps[step.teacher].cfg.model)
+        reports.append(train_step(ctx, key))
+    return reports
 
 
 def stage_distill(ctx: RunContext) -> dict[str, Any]:
     check_teacher_floor(ctx, "distill")
-    source = "assistant" if ctx.recipe.assistant is not None else "teacher"
-    if source == "assistant":
-        log.info("distill: the student learns from the teacher assistant (%s)", ctx.recipe.assistant.model)
-    return _train_stage(ctx, "distill", teacher=ctx.trained_model(source, "distill"))
+    source = ctx.steps["distill"].teacher
+    if source != "teacher":
+        log.info("distill: the student learns from the last teacher assistant (%s, %s)", source,
+                 ctx.steps[source].cfg.model)
+    return train_step(ctx, "distill")
+
+
+def stage_self_distill(ctx: RunContext) -> Optional[list[dict[str, Any]]]:
+    """Born-again networks (Furlanello et al., "Born-Again Neural Networks", ICML 2018, arXiv:1805.04770): the
+    trained student teaches a fresh copy of itself, generation after generation; each is compared with the
+    one before, and the best on the validation split is kept as the student."""
+    keys = ctx.generation_keys()
+    if not keys:
+        return None
+    reports = []
+    previous = json.loads((ctx.stage_dir("distill") / "report.json").read_text()) if ctx.is_done("distill") else None
+    for key in keys:
+        report = train_step(ctx, key)
+        if previous is not None:
+            log.info("%s: top-1 %.2f%% vs %.2f%% for the generation before (%+.2f points)", key,
+                     report["top1"] * 100, previous["top1"] * 100, (report["top1"] - previous["top1"]) * 100)
+        previous = report
+        reports.append(report)
+    log.info("self-distill: the student kept is %s", ctx.best_student())
+    return reports
 
 
 def stage_baseline(ctx: RunContext) -> dict[str, Any]:
-    return _train_stage(ctx, "baseline", teacher=None)
+    return train_step(ctx, "baseline")
 
 
 def _model_facts(model: nn.Module, top1: float, name: str) -> dict[str, Any]:
@@ -198,17 +345,29 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
     ev = recipe.evaluate
     split = data.test if data.test is not None else data.val
     loader = eval_loader(split, recipe.data)
-    roles = [("teacher", "teacher"), ("student", "distill"), ("baseline", "baseline")]
-    if recipe.assistant is not None:
-        roles.insert(1, ("assistant", "assistant"))
-    models = {role: ctx.trained_model(stage, "evaluate") for role, stage in roles}
-    names = {role: ctx.model_cfg(stage).model for role, stage in roles}
+    ctx.require("teacher", "evaluate")
+    student_key = ctx.best_student()
+    roles = {"teacher": "teacher", **{key: key for key in ctx.chain_keys()}, "student": student_key,
+             "baseline": "baseline"}
+    models = {role: ctx.trained_model(key, "evaluate") for role, key in roles.items()}
     summary: dict[str, Any] = {"name": recipe.name, "fingerprint": ctx.fingerprint("evaluate"),
                                "latency_batch": ev.latency_batch,
                                "eval_split": split.name, "eval_samples": len(split), "classes": data.classes}
+    correct = {}
     for role, model in models.items():
         pred = predict(model.to(ctx.device), loader, ctx.device)
-        summary[role] = _model_facts(model, pred.top1, names[role])
+        correct[role] = pred.predicted == pred.labels
+        summary[role] = _model_facts(model, pred.top1, ctx.steps[roles[role]].cfg.model)
+    summary["chain"] = [{"role": key, "model": ctx.steps[key].cfg.model} for key in ctx.chain_keys()]
+    summary["student"]["step"] = student_key
+    if ctx.generation_keys():
+        summary["student"]["generation"] = 0 if student_key == "distill" else int(student_key.split("-")[1])
+        summary["generations"] = []
+        for g, key in enumerate(["distill"] + ctx.generation_keys()):
+            pred = predict(ctx.trained_model(key, "evaluate").to(ctx.device), loader, ctx.device)
+            summary["generations"].append({"generation": g, "top1": pred.top1, "kept": key == student_key,
+                                           "val_top1": ctx.done_record(key)["top1"]})
+    summary["unlabeled_images"] = (ctx.done_record("distill") or {}).get("unlabeled_images", 0)
     threads_before = torch.get_num_threads()
     if ev.threads:
         torch.set_num_threads(ev.threads)
@@ -225,13 +384,19 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
     t, s, b = summary["teacher"], summary["student"], summary["baseline"]
     summary["retention"] = s["top1"] / t["top1"] if t["top1"] else 0.0
     summary["kd_gain"] = s["top1"] - b["top1"]
-    summary["kd_gain_flag"] = summary["kd_gain"] < ev.min_kd_gain
+    sig = mcnemar_exact(correct["student"], correct["baseline"])
+    sig["images_to_resolve"] = images_to_resolve(sig["a_only"], sig["b_only"], sig["images"])
+    summary["significance"] = sig
+    summary["intervals"] = bootstrap_intervals(correct["teacher"], correct["student"], correct["baseline"],
+                                               seed=recipe.seed)
     summary["param_reduction"] = t["params"] / s["params"]
     summary["size_reduction"] = t["size_mb"] / s["size_mb"]
     summary["speedup"] = t["latency_ms_b1"] / s["latency_ms_b1"]
     summary[f"speedup_b{ev.latency_batch}"] = t[f"latency_ms_b{ev.latency_batch}"] / s[f"latency_ms_b{ev.latency_batch}"]
     summary["cost"] = cost_comparison(t["latency_ms_b1"] / 1e3, s["latency_ms_b1"] / 1e3, ev.cost)
-    summary["verdict"] = verdict(summary, ev.min_kd_gain)
+    summary["verdict"], helped = verdict(summary, ev.min_kd_gain)
+    summary["kd_gain_flag"] = not helped
+    summary["advice"] = advice(summary, recipe.student.epochs)
     summary["host"] = {"device": str(ctx.device), "cpu": platform.processor() or platform.machine(),
                        "threads": ev.threads or threads_before, "torch": torch.__version__,
                        "note": "host latency of PyTorch eager; the device figures come from edgerun bench"}
@@ -241,67 +406,12 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
     return summary
 
 
-def verdict(summary: dict[str, Any], min_gain: float) -> str:
-    gain = summary["kd_gain"] * 100
-    if gain < 0:
-        return (f"distillation hurt: the KD student is {-gain:.2f} points below its baseline trained without KD; "
-                f"ship the baseline or revisit temperature/alpha/teacher")
-    if summary["kd_gain_flag"]:
-        return (f"distillation may not be worth it: KD gain is only {gain:.2f} points over the baseline "
-                f"(threshold {min_gain * 100:.2f})")
-    return f"distillation helped: +{gain:.2f} points over the baseline, retention {summary['retention'] * 100:.1f}%"
-
-
-def summary_rows(summary: dict[str, Any], batch: int) -> list[tuple[str, ...]]:
-    rows = [("model", "role", "top-1", "params", "size MB", "latency b1 ms", f"latency b{batch} ms")]
-    for role in ("teacher", "assistant", "student", "baseline"):
-        if role not in summary:
-            continue
-        m = summary[role]
-        rows.append((m["model"], role if role != "student" else "student (KD)", f"{m['top1'] * 100:.2f}%",
-                     f"{m['params'] / 1e6:.2f}M", f"{m['size_mb']:.2f}",
-                     f"{m['latency_ms_b1']:.2f}" if "latency_ms_b1" in m else "= student",
-                     f"{m[f'latency_ms_b{batch}']:.2f}" if f"latency_ms_b{batch}" in m else "= student"))
-    return rows
-
-
-def cost_line(c: dict[str, Any]) -> str:
-    return (f"monthly serving cost at {c['requests_per_month']:,.0f} requests: teacher "
-            f"{c['teacher']['monthly_cost']:,.2f} ({c['teacher']['instances']} instance(s), "
-            f"{c['teacher']['compute_hours']:,.0f} busy h), student {c['student']['monthly_cost']:,.2f} "
-            f"({c['student']['instances']}, {c['student']['compute_hours']:,.0f} busy h), saving {c['monthly_saving']:,.2f}")
-
-
-def summary_facts(summary: dict[str, Any]) -> list[str]:
-    """The sentences under the table, shared by summary.md and the console."""
-    batch = summary["latency_batch"]
-    facts = [f"retention (student / teacher top-1): {summary['retention'] * 100:.1f}%",
-             f"KD gain (student − baseline): {summary['kd_gain'] * 100:+.2f} points",
-             f"parameters: {summary['param_reduction']:.1f}x fewer; weights: {summary['size_reduction']:.1f}x smaller",
-             f"host speedup (teacher / student latency): {summary['speedup']:.2f}x at batch 1, "
-             f"{summary[f'speedup_b{batch}']:.2f}x at batch {batch} ({summary['host']['device']}, "
-             f"{summary['host']['threads']} threads)"]
-    if summary.get("cost"):
-        facts.append(cost_line(summary["cost"]))
-    return facts
-
-
-def summary_markdown(summary: dict[str, Any]) -> str:
-    rows = summary_rows(summary, summary["latency_batch"])
-    lines = [f"# {summary['name']}: distillation summary", "",
-             f"Evaluated on `{summary['eval_split']}` ({summary['eval_samples']} images).", "",
-             "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    lines += [""] + [f"- {fact}" for fact in summary_facts(summary)]
-    lines += ["", f"**Verdict:** {summary['verdict']}", ""]
-    return "\n".join(lines)
-
-
 def stage_export(ctx: RunContext) -> dict[str, Any]:
     from .export import build_bundle
 
     recipe, data = ctx.recipe, ctx.data
-    student = ctx.trained_model("distill", "export")
+    student_key = ctx.best_student()
+    student = ctx.trained_model(student_key, "export")
     teacher = ctx.trained_model("teacher", "export") if recipe.export.teacher else None
     summary_path = ctx.run_dir / "summary.json"
     host: dict[str, Any] = {}
@@ -315,7 +425,7 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
     manifest = build_bundle(
         model=student, out_dir=ctx.stage_dir("export"), name=recipe.name, classes=data.classes, train=data.train,
         val=data.val, data_cfg=recipe.data, cfg=recipe.export, seed=recipe.seed,
-        checkpoint=ctx.stage_dir("distill") / MODEL_FILE, recipe_yaml=recipe.to_yaml(), teacher=teacher,
+        checkpoint=ctx.stage_dir(student_key) / MODEL_FILE, recipe_yaml=recipe.to_yaml(), teacher=teacher,
         source={"student_model": recipe.student.model, "teacher_model": recipe.teacher.model,
                 "recipe_fingerprint": ctx.fingerprint("export")},
         host_metrics=host)
@@ -331,19 +441,19 @@ STAGE_FUNCTIONS: dict[str, Callable[[RunContext], Any]] = {
     "teacher": stage_teacher,
     "assistant": stage_assistant,
     "distill": stage_distill,
+    "self-distill": stage_self_distill,
     "baseline": stage_baseline,
     "evaluate": stage_evaluate,
     "export": stage_export,
 }
-PIPELINE = ["teacher", "assistant", "distill", "baseline", "evaluate", "export"]
+PIPELINE = ["teacher", "assistant", "distill", "self-distill", "baseline", "evaluate", "export"]
+TRAINING_STAGES = ("teacher", "assistant", "distill", "self-distill", "baseline")  # skip per step, inside
 
 
 def run_stage(ctx: RunContext, stage: str) -> Any:
-    if stage == "assistant" and ctx.recipe.assistant is None:
-        return None  # no teacher assistant in this recipe: the student learns from the teacher directly
-    if ctx.is_done(stage):
-        log.info("%s: outputs in '%s' match this recipe; skipped (delete done.json to redo)", stage,
-                 ctx.stage_dir(stage))
+    if stage not in TRAINING_STAGES and ctx.is_done(stage):
+        log.info("%s: outputs in '%s' match this recipe; skipped (delete %s to redo)", stage,
+                 ctx.stage_dir(stage), ctx.done_path(stage).name)
         return None
     log.info("%s: starting", stage)
     return STAGE_FUNCTIONS[stage](ctx)

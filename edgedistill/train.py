@@ -14,6 +14,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,8 +27,8 @@ from .checkpoint import atomic_write_text, load_training_state, read_metadata, s
 from .data import Split, eval_loader, train_loader
 from .errors import CheckpointError, NonFiniteLossError
 from .evaluate import predict
-from .errors import RecipeError
-from .losses import FeatureProjector, distillation_loss, feature_loss
+from .features import DEFAULT_WEIGHTS, FeatureMatcher
+from .losses import UNLABELED, distillation_loss, dkd_loss, labeled_cross_entropy
 from .recipe import DataConfig, DistillConfig, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -45,46 +46,47 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_
     return base_lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+@dataclass
+class Teaching:
+    """What a distillation step learns from: a frozen teacher, the loss settings, optional feature matching."""
+
+    teacher: nn.Module
+    distill: DistillConfig
+    features: Optional[FeatureMatcher] = None
+
+    @property
+    def feature_weight(self) -> float:
+        if self.features is None:
+            return 0.0
+        w = self.distill.feature_weight
+        return DEFAULT_WEIGHTS[self.distill.feature_loss] if w is None else w
+
+
+def dkd_ramp(progress_epochs: float, cfg: ModelConfig, distill: DistillConfig) -> float:
+    """DKD's linear warm-up factor at ``progress_epochs`` (fractional epochs done)."""
+    warmup = distill.dkd_warmup_epochs if distill.dkd_warmup_epochs is not None else cfg.epochs / 12
+    return 1.0 if warmup <= 0 else min(1.0, progress_epochs / warmup)
+
+
 def compute_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: Optional[torch.Tensor],
-                 cfg: ModelConfig, distill: Optional[DistillConfig]) -> dict[str, torch.Tensor]:
+                 cfg: ModelConfig, distill: Optional[DistillConfig], progress_epochs: float = 0.0
+                 ) -> dict[str, torch.Tensor]:
+    """The loss terms of one batch: CE alone (no teacher), or KD/DKD + CE; targets of -1 are unlabeled."""
     if teacher_logits is None:
         ce = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
         return {"loss": ce, "ce": ce}
     assert distill is not None
-    out = distillation_loss(logits, teacher_logits, targets, distill.temperature, distill.alpha,
-                            cfg.label_smoothing)
-    return {"loss": out.total, "kd": out.kd, "ce": out.ce}
-
-
-class FeatureHint(nn.Module):
-    """FitNets hint for the last feature maps of timm models: a projector trained with the student.
-
-    Student and teacher run as ``forward_features`` + ``forward_head`` so the maps come for free; the
-    projector (1x1 conv + BN) maps student channels to teacher channels and is not part of the export.
-    """
-
-    def __init__(self, model: nn.Module, teacher: nn.Module, image_size: int):
-        super().__init__()
-        for m, role in ((model, "student"), (teacher, "teacher")):
-            if not (hasattr(m, "forward_features") and hasattr(m, "forward_head")):
-                raise RecipeError(f"distill.feature_weight needs timm models with forward_features/forward_head; "
-                                  f"the {role} ({type(m).__name__}) has none: set distill.feature_weight=0")
-        with torch.no_grad():
-            probe = torch.zeros(2, 3, image_size, image_size)
-            was = model.training
-            model.eval()
-            s_ch = model.forward_features(probe).shape[1]
-            model.train(was)
-            t_ch = teacher.eval().forward_features(probe).shape[1]
-        self.projector = FeatureProjector(s_ch, t_ch)
-
-    def forward(self, model, teacher, images):
-        s_feat = model.forward_features(images)
-        logits = model.forward_head(s_feat)
-        with torch.no_grad():
-            t_feat = teacher.forward_features(images)
-            teacher_logits = teacher.forward_head(t_feat)
-        return logits, teacher_logits, feature_loss(s_feat.float(), t_feat.float(), self.projector)
+    if distill.method == "kd":
+        out = distillation_loss(logits, teacher_logits, targets, distill.temperature, distill.alpha,
+                                cfg.label_smoothing)
+        return {"loss": out.total, "kd": out.kd, "ce": out.ce}
+    # DKD needs a target class: an unlabeled image takes the teacher's prediction
+    pseudo = torch.where(targets == UNLABELED, teacher_logits.argmax(-1), targets)
+    tckd, nckd = dkd_loss(logits, teacher_logits, pseudo, distill.temperature, distill.dkd_alpha, distill.dkd_beta)
+    kd = dkd_ramp(progress_epochs, cfg, distill) * (tckd + nckd)
+    ce = labeled_cross_entropy(logits, targets, cfg.label_smoothing)
+    return {"loss": distill.alpha * kd + (1 - distill.alpha) * ce, "kd": kd, "ce": ce,
+            "tckd": tckd.detach(), "nckd": nckd.detach()}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -122,8 +124,13 @@ def _truncate_metrics(path: Path, before_epoch: int) -> None:
 
 def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig, cfg: ModelConfig,
                 stage_dir: Path, seed: int, fingerprint: str, device: torch.device, label: str,
-                teacher: Optional[nn.Module] = None, distill: Optional[DistillConfig] = None) -> list[dict[str, Any]]:
-    """Train ``model`` for ``cfg.epochs`` epochs, resuming from ``stage_dir/last.safetensors`` if it fits."""
+                teaching: Optional[Teaching] = None) -> list[dict[str, Any]]:
+    """Train ``model`` for ``cfg.epochs`` epochs, resuming from ``stage_dir/last.safetensors`` if it fits.
+
+    Without ``teaching``: cross-entropy. With it: the distillation loss against the frozen teacher, plus the
+    feature term when ``teaching.features`` is set (its projections train with the model and are saved in
+    the resumable state, never in the model). Rows labelled -1 in ``train`` are unlabeled images.
+    """
     stage_dir.mkdir(parents=True, exist_ok=True)
     state_path, metrics_path = stage_dir / STATE_FILE, stage_dir / METRICS_FILE
     torch.manual_seed(seed)
@@ -131,15 +138,17 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
     use_cuda = device.type == "cuda"
     if use_cuda:
         model.to(memory_format=torch.channels_last)
+    teacher = teaching.teacher if teaching is not None else None
+    distill = teaching.distill if teaching is not None else None
+    features = teaching.features if teaching is not None else None
     if teacher is not None:
         teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    hint = None
     trainable: nn.Module = model
-    if teacher is not None and distill is not None and distill.feature_weight > 0:
-        hint = FeatureHint(model, teacher, data_cfg.image_size).to(device)
-        trainable = nn.ModuleDict({"student": model, "hint": hint})  # one optimizer, one checkpoint for both
+    if features is not None:
+        features.to(device).attach(model, teacher)
+        trainable = nn.ModuleDict({"student": model, "features": features})  # one optimizer, one checkpoint
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_cuda)
     steps_per_epoch = len(train_loader(train, data_cfg, seed, 0))
@@ -165,70 +174,72 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
     else:
         _truncate_metrics(metrics_path, start_epoch)
 
-    amp = torch.autocast("cuda", dtype=torch.float16) if use_cuda else nullcontext()
-    with _progress() as progress, open(metrics_path, "a") as metrics:
-        for epoch in range(start_epoch, cfg.epochs):
-            model.train()
-            loader = train_loader(train, data_cfg, seed, epoch)
-            task = progress.add_task(f"{label} {epoch + 1}/{cfg.epochs}", total=len(loader), stats="")
-            sums: dict[str, float] = {}
-            correct = seen = 0
-            started = time.perf_counter()
-            for i, (images, targets) in enumerate(loader):
-                step = epoch * steps_per_epoch + i
-                lr = lr_at(step, total_steps, warmup_steps, cfg.lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                images = images.to(device, non_blocking=True)
-                targets = targets.to(device, non_blocking=True)
-                if use_cuda:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with amp:
-                    hint_loss = None
-                    if hint is not None:
-                        logits, teacher_logits, hint_loss = hint(model, teacher, images)
-                    else:
+    try:
+        amp = torch.autocast("cuda", dtype=torch.float16) if use_cuda else nullcontext()
+        with _progress() as progress, open(metrics_path, "a") as metrics:
+            for epoch in range(start_epoch, cfg.epochs):
+                model.train()
+                loader = train_loader(train, data_cfg, seed, epoch)
+                task = progress.add_task(f"{label} {epoch + 1}/{cfg.epochs}", total=len(loader), stats="")
+                sums: dict[str, float] = {}
+                correct = seen = rows = 0
+                started = time.perf_counter()
+                for i, (images, targets) in enumerate(loader):
+                    step = epoch * steps_per_epoch + i
+                    lr = lr_at(step, total_steps, warmup_steps, cfg.lr)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    images = images.to(device, non_blocking=True)
+                    targets = targets.to(device, non_blocking=True)
+                    if use_cuda:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    with amp:
                         logits = model(images)
                         teacher_logits = None
                         if teacher is not None:
                             with torch.no_grad():
                                 teacher_logits = teacher(images)
-                    losses = compute_loss(logits.float(), targets, None if teacher_logits is None
-                                          else teacher_logits.float(), cfg, distill)
-                    if hint_loss is not None:
-                        losses["feat"] = hint_loss
-                        losses["loss"] = losses["loss"] + distill.feature_weight * hint_loss
-                values = {k: float(v.detach()) for k, v in losses.items()}
-                if not all(math.isfinite(v) for v in values.values()):
-                    kept = (f"the checkpoint after epoch {epoch} is kept in '{state_path}'" if epoch
-                            else "no epoch had finished, so there is no checkpoint yet")
-                    raise NonFiniteLossError(
-                        f"{label}: loss became {values} at epoch {epoch + 1}, step {i + 1} (lr {lr:.2e}); {kept}. "
-                        f"Lower the learning rate or check the data, then run the stage again to resume.")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(losses["loss"]).backward()
-                if cfg.grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(trainable.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                n = len(targets)
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v * n
-                correct += int((logits.argmax(1) == targets).sum())
-                seen += n
-                metrics.write(json.dumps({"kind": "step", "epoch": epoch, "step": step, "lr": lr, **values}) + "\n")
-                progress.update(task, advance=1, stats="  ".join(f"{k} {v:.3f}" for k, v in values.items()))
-            progress.remove_task(task)
-            val_top1 = predict(model, eval_loader(val, data_cfg), device).top1
-            record = {"kind": "epoch", "epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()},
-                      "train_top1": correct / max(seen, 1), "val_top1": val_top1,
-                      "seconds": round(time.perf_counter() - started, 2)}
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            history.append(record)
-            log.info("%s epoch %d/%d: %s", label, epoch + 1, cfg.epochs,
-                     "  ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
-            save_training_state(state_path, trainable, optimizer,
-                                {"epoch": epoch, "fingerprint": fingerprint, "history": history})
+                        losses = compute_loss(logits.float(), targets, None if teacher_logits is None
+                                              else teacher_logits.float(), cfg, distill, step / steps_per_epoch)
+                        if features is not None:
+                            losses["feat"] = features.loss()
+                            losses["loss"] = losses["loss"] + teaching.feature_weight * losses["feat"]
+                    values = {k: float(v.detach()) for k, v in losses.items()}
+                    if not all(math.isfinite(v) for v in values.values()):
+                        kept = (f"the checkpoint after epoch {epoch} is kept in '{state_path}'" if epoch
+                                else "no epoch had finished, so there is no checkpoint yet")
+                        raise NonFiniteLossError(
+                            f"{label}: loss became {values} at epoch {epoch + 1}, step {i + 1} (lr {lr:.2e}); {kept}. "
+                            f"Lower the learning rate or check the data, then run the stage again to resume.")
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(losses["loss"]).backward()
+                    if cfg.grad_clip:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(trainable.parameters(), cfg.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    n = len(targets)
+                    rows += n
+                    for k, v in values.items():
+                        sums[k] = sums.get(k, 0.0) + v * n
+                    labeled = targets != UNLABELED
+                    correct += int((logits.argmax(1) == targets)[labeled].sum())
+                    seen += int(labeled.sum())
+                    metrics.write(json.dumps({"kind": "step", "epoch": epoch, "step": step, "lr": lr, **values}) + "\n")
+                    progress.update(task, advance=1, stats="  ".join(f"{k} {v:.3f}" for k, v in values.items()))
+                progress.remove_task(task)
+                val_top1 = predict(model, eval_loader(val, data_cfg), device).top1
+                record = {"kind": "epoch", "epoch": epoch, **{k: v / max(rows, 1) for k, v in sums.items()},
+                          "train_top1": correct / max(seen, 1), "val_top1": val_top1,
+                          "seconds": round(time.perf_counter() - started, 2)}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                history.append(record)
+                log.info("%s epoch %d/%d: %s", label, epoch + 1, cfg.epochs,
+                         "  ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
+                save_training_state(state_path, trainable, optimizer,
+                                    {"epoch": epoch, "fingerprint": fingerprint, "history": history})
+    finally:
+        if features is not None:
+            features.detach()
     return history

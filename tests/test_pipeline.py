@@ -114,7 +114,7 @@ def test_stage_order_and_cli_errors(make_recipe, capsys):
 
 
 def test_feature_hint_distillation_trains_and_logs_its_term(make_recipe, tmp_path):
-    recipe = make_recipe({"distill": {"feature_weight": 0.5}, "student": {"epochs": 2}})
+    recipe = make_recipe({"distill": {"features": "last", "feature_weight": 0.5}, "student": {"epochs": 2}})
     assert main(["run", str(recipe), "--stages", "teacher,distill"]) == 0
     steps = [json.loads(l) for l in (tmp_path / "run" / "student" / "metrics.jsonl").read_text().splitlines()]
     assert all(s["loss"] == pytest.approx(0.6 * s["kd"] + 0.4 * s["ce"] + 0.5 * s["feat"], rel=1e-4)
@@ -124,9 +124,10 @@ def test_feature_hint_distillation_trains_and_logs_its_term(make_recipe, tmp_pat
     from edgedistill.checkpoint import load_tensors
 
     tensors, _ = load_tensors(tmp_path / "run" / "student" / "model.safetensors")
-    assert not any(k.startswith("hint") for k in tensors)
-    bad = make_recipe({"distill": {"feature_weight": 0.5}, "student": {"model": "squeezenet1_1"}}, name="bad.yaml")
-    assert main(["distill", str(bad)]) == 2
+    assert not any(k.startswith(("features.", "proj")) for k in tensors)
+    # feature_weight alone (the former switch) now names the key to set
+    old = make_recipe({"distill": {"feature_weight": 0.5}}, name="old.yaml")
+    assert main(["distill", str(old)]) == 2
 
 
 def test_same_seed_gives_the_same_training(make_recipe, tmp_path):

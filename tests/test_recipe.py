@@ -85,5 +85,5 @@ def test_fingerprint_ignores_keys_written_at_their_default(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("name: x\n")
     plain = load_recipe(path)
-    explicit = load_recipe(path, ["distill.feature_weight=0", "assistant=null", "student.epochs=15"])
+    explicit = load_recipe(path, ["distill.features=none", "distill.chain=[]", "assistant=null", "student.epochs=15"])
     assert plain.fingerprint("student", "distill", "assistant") == explicit.fingerprint("student", "distill", "assistant")
