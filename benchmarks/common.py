@@ -25,7 +25,12 @@ def machine() -> str:
 
 
 def revision() -> str:
+    """The git revision (dirty when code outside results/ changed); EDGEDISTILL_REVISION where there is no
+    .git (a copy of the tree on another machine)."""
     import subprocess
+
+    if os.environ.get("EDGEDISTILL_REVISION"):
+        return os.environ["EDGEDISTILL_REVISION"]
 
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
