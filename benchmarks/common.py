@@ -13,6 +13,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
+    """This machine's CPU and cores; EDGEDISTILL_MACHINE names another (a table rendered from a device run)."""
+    if os.environ.get("EDGEDISTILL_MACHINE"):
+        return os.environ["EDGEDISTILL_MACHINE"]
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

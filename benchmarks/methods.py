@@ -151,9 +151,49 @@ def render(args, rows: dict) -> None:
               if r["status"] != "ok" and (r["seed"], r["method"]) not in rows]
     if args.overrides:
         notes.append("recipe overrides for every row: " + ", ".join(args.overrides))
+    notes += args.notes
     write_table(args.results_name, "Distillation methods on CIFAR-10 (benchmarks/methods.py)",
                 ["method", "student top-1 %", "retention %", "gain (points)", "McNemar p (per seed)", "helped",
                  "training s / seed"], table, notes)
+
+
+def _epochs(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines() if '"kind": "epoch"' in line] \
+        if path.exists() else []
+
+
+def progress(args) -> None:
+    """A table of what a cut-off run measured: every finished step's validation top-1 (done.json) and, for an
+    unfinished one, its last epoch next to the KD student's and the baseline's at the same epoch."""
+    out = Path(args.output)
+    table, notes = [], []
+    for seed in args.seeds:
+        shared = out / f"seed{seed}" / "shared"
+        kd_dirs = [out / f"seed{seed}" / m / "student" for m in ("kd", "born-again")]  # generation 0 is KD
+        kd_curve = next((_epochs(d / "metrics.jsonl") for d in kd_dirs if (d / "done.json").exists()), [])
+        base_curve = _epochs(shared / "baseline" / "metrics.jsonl")
+        for metrics in sorted(out.glob(f"seed{seed}/*/*/metrics.jsonl")):
+            step = metrics.parent
+            if step.name == "teacher" and step.parent.name != "shared":
+                continue  # copies of the shared teacher
+            curve = _epochs(metrics)
+            if not curve:
+                continue
+            record = json.loads((step / "done.json").read_text()) if (step / "done.json").exists() else None
+            e = curve[-1]["epoch"]
+            same = lambda c: f"{100 * c[e]['val_top1']:.2f}" if len(c) > e and step.name != "teacher" else "–"  # noqa
+            model = record.get("model", "?") if record else args.student_name
+            table.append([str(seed), f"{step.parent.name}/{step.name}", model,
+                          f"{e + 1}" + ("" if record else " (unfinished)"),
+                          f"{100 * (record['top1'] if record else curve[-1]['val_top1']):.2f}",
+                          same(kd_curve), same(base_curve), f"{statistics.mean(c['seconds'] for c in curve):.1f}"])
+    notes.append("top-1 on the validation split (the recipe's val_dir) after the epochs shown; an unfinished step is "
+                 "mid-schedule (its learning rate not yet decayed), so compare it only with the KD student and the "
+                 "baseline at the same epoch, which the last two columns give")
+    notes += args.notes
+    write_table(args.results_name, "Distillation methods on CIFAR-10, progress of a cut-off run (benchmarks/methods.py "
+                "--progress)", ["seed", "step", "model", "epochs", "val top-1 %", "KD student at that epoch",
+                                "baseline at that epoch", "s / epoch"], table, notes)
 
 
 def main() -> int:
@@ -167,7 +207,16 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--results-name", default="methods", help="table file benchmarks/results/<name>.md")
     parser.add_argument("--render-only", action="store_true", help="rewrite the table from rows.jsonl")
+    parser.add_argument("--note", dest="notes", action="append", default=[], help="a line for the table's notes")
+    parser.add_argument("--progress", action="store_true", help="table the finished steps and the last epoch of "
+                        "unfinished ones of a cut-off run (no training)")
     args = parser.parse_args()
+    if args.progress:
+        import yaml
+
+        args.student_name = yaml.safe_load(Path(args.recipe).read_text())["student"]["model"]
+        progress(args)
+        return 0
     args.unlabeled = unlabeled_folder(args.data)
     rows_path = Path(args.output) / "rows.jsonl"
     rows_path.parent.mkdir(parents=True, exist_ok=True)

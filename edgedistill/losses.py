@@ -50,12 +50,12 @@ def _target_split(logits: torch.Tensor, targets: torch.Tensor, temperature: floa
 
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
              temperature: float, alpha: float = 1.0, beta: float = 8.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoupled KD (Zhao et al., CVPR 2022): ``(TCKD, NCKD)``, each T^2-scaled and batch-averaged.
+    """Decoupled KD (Zhao et al., CVPR 2022): ``(alpha * TCKD, beta * NCKD)``, T^2-scaled and batch-averaged.
 
     TCKD = KL(b_teacher || b_student) over the binary distribution [p(target), 1 - p(target)];
     NCKD = KL(p-hat_teacher || p-hat_student) over the softmax of the non-target logits alone.
     Classic KD equals ``TCKD + (1 - p_teacher(target)) * NCKD``; DKD weighs them ``alpha * TCKD + beta * NCKD``
-    instead (the caller adds them: both are returned so they can be logged apart). The paper's CIFAR
+    instead (the caller adds the two; they are returned apart so that they can be logged apart). The paper's CIFAR
     setting: alpha 1, beta 8, T 4, and a linear warm-up of the DKD term over its first 20 of 240 epochs.
     """
     t = float(temperature)

@@ -243,6 +243,7 @@ def train_step(ctx: RunContext, key: str) -> dict[str, Any]:
     model = ctx.new_model(key)
     folder = ctx.stage_dir(key)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / FEATURE_MAP_FILE).unlink(missing_ok=True)  # written again below when this recipe matches features
     train, extra = ctx.data.train, {}
     if step.teacher is not None and ctx.unlabeled is not None:
         train = with_unlabeled(train, ctx.unlabeled)
@@ -256,7 +257,7 @@ def train_step(ctx: RunContext, key: str) -> dict[str, Any]:
     save_model(folder / MODEL_FILE, model, {"model": step.cfg.model, "classes": ctx.data.classes, "stage": key})
     report = _validate_and_report(ctx, key, model, f"{TITLES[step.role]} ({key}): {step.cfg.model}")
     outputs = [MODEL_FILE, "report.json", "report.md"]
-    if (folder / FEATURE_MAP_FILE).exists() and step.teacher is not None and ctx.recipe.distill.features != "none":
+    if (folder / FEATURE_MAP_FILE).exists():
         outputs.append(FEATURE_MAP_FILE)
     ctx.mark_done(key, outputs, {"top1": report["top1"], "model": step.cfg.model, "teacher": step.teacher, **extra})
     log.info("%s: %s top-1 %.2f%% on %d validation images", key, step.cfg.model, report["top1"] * 100,

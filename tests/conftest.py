@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -80,3 +83,15 @@ def trained_run(tmp_path_factory) -> Path:
     recipe.write_text(yaml.safe_dump(data))
     assert main(["run", str(recipe)]) == 0
     return folder / "run"
+
+
+def kill_when_written(args: list, path: Path, timeout: float = 300) -> None:
+    """Run ``edgedistill ARGS`` in a child process and SIGKILL it as soon as ``path`` exists (a checkpoint)."""
+    proc = subprocess.Popen([sys.executable, "-m", "edgedistill", *args], env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not path.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert path.exists(), f"edgedistill {' '.join(args)} never wrote {path}"

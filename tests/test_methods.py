@@ -112,20 +112,17 @@ def _projection_shapes(matcher):
     return [tuple(m.proj[0].weight.shape) if hasattr(m, "proj") else None for m in matcher.projectors]
 
 
-def test_auto_mapping_resnet18_to_mobilenetv3_small():
-    pairs, matcher = _pairs("resnet18", "mobilenetv3_small_100", 224)
-    assert pairs == [("bn1", "act1"), ("blocks.0", "layer1"), ("blocks.1", "layer2"), ("blocks.3", "layer3"),
-                     ("blocks.5", "layer4")]
-    assert _projection_shapes(matcher) == [(64, 16, 1, 1), (64, 16, 1, 1), (128, 24, 1, 1), (256, 48, 1, 1),
-                                           (512, 576, 1, 1)]
-
-
-def test_auto_mapping_resnet50_to_efficientnet_b0():
-    pairs, matcher = _pairs("resnet50", "efficientnet_b0", 224)
-    assert pairs == [("blocks.0", "act1"), ("blocks.1", "layer1"), ("blocks.2", "layer2"), ("blocks.4", "layer3"),
-                     ("blocks.6", "layer4")]
-    assert _projection_shapes(matcher) == [(64, 16, 1, 1), (256, 24, 1, 1), (512, 40, 1, 1), (1024, 112, 1, 1),
-                                           (2048, 320, 1, 1)]
+@pytest.mark.parametrize("teacher, student, pairs, shapes", [
+    ("resnet18", "mobilenetv3_small_100",
+     [("bn1", "act1"), ("blocks.0", "layer1"), ("blocks.1", "layer2"), ("blocks.3", "layer3"), ("blocks.5", "layer4")],
+     [(64, 16, 1, 1), (64, 16, 1, 1), (128, 24, 1, 1), (256, 48, 1, 1), (512, 576, 1, 1)]),
+    ("resnet50", "efficientnet_b0",
+     [("blocks.0", "act1"), ("blocks.1", "layer1"), ("blocks.2", "layer2"), ("blocks.4", "layer3"), ("blocks.6", "layer4")],
+     [(64, 16, 1, 1), (256, 24, 1, 1), (512, 40, 1, 1), (1024, 112, 1, 1), (2048, 320, 1, 1)]),
+])
+def test_auto_mapping_of_timm_models_by_feature_info(teacher, student, pairs, shapes):
+    got, matcher = _pairs(teacher, student, 224)
+    assert got == pairs and _projection_shapes(matcher) == shapes
 
 
 def test_auto_mapping_resnet18_to_torchvision_squeezenet_through_hooks():

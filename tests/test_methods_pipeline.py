@@ -3,15 +3,11 @@ a 2-step chain, born-again generations, unlabeled images, the sweep killed and r
 import hashlib
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import cv2
-import numpy as np
 import onnx
 import pytest
+from conftest import kill_when_written
 from onnx import numpy_helper
 
 from edgedistill.cli import main
@@ -140,15 +136,7 @@ def test_sweep_resumes_after_a_kill_and_names_the_best_cell(make_recipe, tmp_pat
     recipe = make_recipe({"student": {"epochs": 3}, "teacher": {"epochs": 2}})
     run = tmp_path / "run"
     args = ["sweep", str(recipe), "--temperature", "1,4", "--alpha", "0.5,0.9"]
-    proc = subprocess.Popen([sys.executable, "-m", "edgedistill", *args], env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    second = run / "sweep" / "T1-a0.9" / "last.safetensors"  # the second cell has finished an epoch
-    deadline = time.time() + 300
-    while not second.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert second.exists(), "the sweep never reached its second cell"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_written(args, run / "sweep" / "T1-a0.9" / "last.safetensors")  # the second cell, one epoch in
     first = run / "sweep" / "T1-a0.5" / "model.safetensors"
     stamp = first.stat().st_mtime_ns
     assert not (run / "sweep" / "T1-a0.9" / "done.json").exists()

@@ -1,12 +1,8 @@
 """End to end on real data (scikit-learn's digits): every stage, resume, kill, NaN, teacher floor."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
+from conftest import kill_when_written
 
 from edgedistill import train as train_module
 from edgedistill.cli import main
@@ -52,16 +48,7 @@ def test_full_run_writes_every_artifact_and_skips_when_done(make_recipe, tmp_pat
 
 def test_killed_run_resumes_from_its_last_epoch(make_recipe, tmp_path):
     recipe = make_recipe({"teacher": {"epochs": 6}, "data": {"train_per_class": 60}})
-    state = tmp_path / "run" / "teacher" / "last.safetensors"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "edgedistill", "teacher", str(recipe)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not state.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert state.exists(), "the teacher never wrote its first checkpoint"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_written(["teacher", str(recipe)], tmp_path / "run" / "teacher" / "last.safetensors", timeout=240)
     assert not (tmp_path / "run" / "teacher" / "done.json").exists()
     assert main(["teacher", str(recipe)]) == 0
     log = (tmp_path / "run" / "run.log").read_text()
