@@ -168,8 +168,11 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, cfg: Expor
         quantize_static(str(prepared), str(out_path), _CalibReader(calib, batch), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=method,
-                        # TensorRT's explicit quantization takes symmetric INT8 scales (zero point 0) only.
-                        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
+                        # TensorRT's explicit quantization takes symmetric INT8 scales (zero point 0) only, and
+                        # folds FP32 biases into its INT8 convolutions itself: its parser rejects the INT32 bias
+                        # DequantizeLinear that bias quantization would add.
+                        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
+                                       "QuantizeBias": not symmetric})
     finally:
         prepared.unlink(missing_ok=True)
         for leftover in out_path.parent.glob("augmented_model*.onnx"):

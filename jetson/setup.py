@@ -12,7 +12,9 @@ setup(
     description="Run and benchmark edgedistill bundles on NVIDIA Jetson devices (TensorRT or ONNX Runtime)",
     packages=["edgerun"],
     python_requires=">=3.6",
-    install_requires=["numpy>=1.13"],
+    # JetPack 5 (Python 3.8) ships TensorRT 8.5, whose Python package refers to np.bool, removed in numpy 1.24
+    # (NVIDIA/TensorRT#2557): keep numpy below 1.24 there. edgerun itself maps types with its own table.
+    install_requires=["numpy>=1.13,<1.24; python_version < '3.9'", "numpy>=1.13; python_version >= '3.9'"],
     extras_require={"ort": ["onnxruntime>=1.10"]},
     entry_points={"console_scripts": ["edgerun = edgerun.cli:main"]},
 )

@@ -1,9 +1,17 @@
-"""Small fakes of the TensorRT 8.2 / 10.x Python APIs and of pycuda.driver, for control-flow tests.
+"""Fakes of the TensorRT 8.2 / 8.5 / 10.x Python APIs and of pycuda.driver, for control-flow tests.
 
-Each fake exposes only the methods of its generation (a TensorRT 8 engine has no ``execute_async_v3``, a
-TensorRT 10 config has no ``max_workspace_size``), records the calls made, and computes real outputs by
-running the parsed ONNX model through ONNX Runtime, so a runner's results can be checked for value.
+They are held to the real APIs, not kinder: each generation has only its own members (8.2 lacks
+``MemoryPoolType`` and ``TensorIOMode``; a 10.x config lacks ``max_workspace_size``), shape setters return
+False for a shape outside the engine's fixed dimensions or profile, executes return their boolean, device
+buffers have a fixed size (a larger copy raises, as it would corrupt memory on the device), every CUDA call
+needs a current context on the calling thread, calibration reads the cache and the batch size first, 8.5's
+``nptype`` fails under numpy >= 1.24 (NVIDIA/TensorRT#2557), and a dynamic-shape INT8 calibration without a
+calibration profile fails as in TensorRT 8. Outputs are real: the parsed ONNX model runs in ONNX Runtime.
+The 10.x surface is checked against NVIDIA's published type stubs (``tensorrt-stubs``) in test_trt.py: every
+class here names its stub class in ``_stub``.
 """
+import json
+import threading
 import time
 from types import SimpleNamespace
 
@@ -13,12 +21,54 @@ import onnxruntime as ort
 from edgerun.profiles import parse_version
 
 
+class FakeLogicError(RuntimeError):
+    """pycuda.driver.LogicError: e.g. 'invalid device context' when no context is current on the thread."""
+
+
 # ------------------------------------------------------------------------------------------- pycuda.driver
 class FakeCuda:
-    def __init__(self):
+    """pycuda.driver after ``import pycuda.autoprimaryctx``: the primary context is current on the importing
+    thread only; any other thread must push it first."""
+
+    def __init__(self, total_mb=4096):
         self.memory = {}
         self.next_ptr = 0x1000
         self.calls = []
+        self.total = total_mb << 20
+        self._local = threading.local()
+        self.primary = FakeCuda._Context(self)
+        self._local.stack = [self.primary]
+        cuda = self
+
+        class Context:
+            @staticmethod
+            def get_current():
+                stack = cuda._stack()
+                return stack[-1] if stack else None
+
+            @staticmethod
+            def pop():
+                cuda.calls.append("ctx.pop")
+                cuda._stack().pop()
+
+        self.Context = Context
+
+    class _Context:
+        def __init__(self, cuda):
+            self.cuda = cuda
+
+        def push(self):
+            self.cuda.calls.append("ctx.push")
+            self.cuda._stack().append(self)
+
+    def _stack(self):
+        if not hasattr(self._local, "stack"):
+            self._local.stack = []
+        return self._local.stack
+
+    def _check(self, what):
+        if not self._stack():
+            raise FakeLogicError("%s failed: invalid device context (no context is current on this thread)" % what)
 
     class _Alloc:
         def __init__(self, ptr):
@@ -28,39 +78,66 @@ class FakeCuda:
             return self.ptr
 
     def mem_alloc(self, nbytes):
+        self._check("cuMemAlloc")
         ptr = self.next_ptr
         self.next_ptr += int(nbytes) + 256
         self.memory[ptr] = bytearray(int(nbytes))
         return FakeCuda._Alloc(ptr)
 
+    def mem_get_info(self):
+        self._check("cuMemGetInfo")
+        used = sum(len(b) for b in self.memory.values())
+        return self.total - used, self.total
+
     def pagelocked_empty(self, count, dtype):
+        self._check("cuMemHostAlloc")
         self.calls.append("pagelocked_empty")
         return np.empty(count, dtype=dtype)
 
+    def _copy_in(self, dev, host):
+        data = np.ascontiguousarray(host).tobytes()
+        buf = self.memory[int(dev)]
+        if len(data) > len(buf):
+            raise FakeLogicError("copy of %d bytes into a %d-byte device buffer: past its end" % (len(data), len(buf)))
+        buf[:len(data)] = data
+
     def memcpy_htod_async(self, dev, host, stream):
+        self._check("cuMemcpyHtoDAsync")
         self.calls.append("memcpy_htod_async")
-        self.memory[int(dev)][:] = np.ascontiguousarray(host).tobytes()
+        self._copy_in(dev, host)
 
     def memcpy_htod(self, dev, host):
-        self.memory[int(dev)][:] = np.ascontiguousarray(host).tobytes()
+        self._check("cuMemcpyHtoD")
+        self._copy_in(dev, host)
 
     def memcpy_dtoh_async(self, host, dev, stream):
+        self._check("cuMemcpyDtoHAsync")
         self.calls.append("memcpy_dtoh_async")
-        flat = np.frombuffer(bytes(self.memory[int(dev)]), dtype=host.dtype).reshape(host.shape)
-        np.copyto(host, flat)
+        buf = self.memory[int(dev)]
+        if host.nbytes > len(buf):
+            raise FakeLogicError("copy of %d bytes out of a %d-byte device buffer" % (host.nbytes, len(buf)))
+        np.copyto(host, np.frombuffer(bytes(buf[:host.nbytes]), dtype=host.dtype).reshape(host.shape))
 
-    class Stream:
+    class _Stream:
         handle = 42
 
         def synchronize(self):
             pass
 
-    class Event:
+    class _Event:
         def record(self, stream=None):
             self.t = time.perf_counter()
 
         def time_since(self, other):
             return (self.t - other.t) * 1e3
+
+    def Stream(self):  # noqa: N802  (pycuda's class name)
+        self._check("cuStreamCreate")
+        return FakeCuda._Stream()
+
+    def Event(self):  # noqa: N802
+        self._check("cuEventCreate")
+        return FakeCuda._Event()
 
 
 # ------------------------------------------------------------------------------------------------- tensorrt
@@ -69,6 +146,7 @@ class _Severity:
 
 
 class _ILogger:
+    _stub = "ILogger"
     Severity = _Severity
 
     def __init__(self):
@@ -76,100 +154,157 @@ class _ILogger:
 
 
 class _Calibrator:
+    _stub = "IInt8EntropyCalibrator2"
+
     def __init__(self):
         pass
 
 
-class FakeError:
-    def __init__(self, node, desc, name="", op=""):
-        self._node, self._desc, self._name, self._op = node, desc, name, op
+class _EnumMember:
+    def __init__(self, owner, name, value):
+        self.name, self.value, self._owner = name, value, owner
 
-    def node(self):
-        return self._node
+    def __int__(self):
+        return self.value
 
-    def desc(self):
-        return self._desc
+    def __repr__(self):
+        return "<%s.%s: %d>" % (self._owner, self.name, self.value)
 
 
-def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_error=None, cuda=None):
-    """A module-like namespace imitating ``tensorrt`` at ``version``."""
-    gen10 = parse_version(version) >= (10,)
-    has_pool = parse_version(version) >= (8, 4)
+def _enum(owner, names):
+    return SimpleNamespace(**dict((n, _EnumMember(owner, n, i)) for i, n in enumerate(names)))
+
+
+def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_error=None, cuda=None,
+                  context_fails=False):
+    """A module-like namespace imitating ``tensorrt`` at ``version`` (its calls in ``.calls``)."""
+    v = parse_version(version)
+    gen10, has_pool, has_iomode, has_node_name = v >= (10,), v >= (8, 4), v >= (8, 5), v >= (8, 6)
     calls = []
-    state = {"oom_left": oom_times, "workspaces": []}
+    state = {"oom_left": oom_times, "workspaces": [], "calibration": []}
+    dtype_names = ["FLOAT", "HALF", "INT8", "INT32", "BOOL"] + (["UINT8"] if v >= (8, 5) else []) + \
+        (["FP8", "BF16", "INT64", "INT4"] if gen10 else [])
+    DataType = _enum("DataType", dtype_names)
+    TensorIOMode = _enum("TensorIOMode", ["NONE", "INPUT", "OUTPUT"])
+    MemoryPoolType = _enum("MemoryPoolType", ["WORKSPACE", "DLA_MANAGED_SRAM", "DLA_LOCAL_DRAM",
+                                              "DLA_GLOBAL_DRAM", "TACTIC_DRAM"])
+    BuilderFlag = _enum("BuilderFlag", ["FP16", "INT8"])
+    NetworkDefinitionCreationFlag = _enum("NetworkDefinitionCreationFlag", ["EXPLICIT_BATCH"])
+
+    def need_cuda(what):
+        if cuda is not None:
+            cuda._check(what)
+
+    class Profile:
+        _stub = "IOptimizationProfile"
+
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, input, min, opt, max):  # noqa: A002  (TensorRT's parameter names)
+            self.shapes[input] = (tuple(min), tuple(opt), tuple(max))
 
     class Config:
+        _stub = "IBuilderConfig"
+
         def __init__(self):
             self.flags = set()
             self.int8_calibrator = None
             self.profiles = []
+            self.calibration_profile = None
             self._cache = None
+            self.workspace = None
 
         def set_flag(self, flag):
-            self.flags.add(flag)
+            self.flags.add(flag.name)
 
         def add_optimization_profile(self, profile):
             self.profiles.append(profile)
+            return len(self.profiles) - 1
 
-        def create_timing_cache(self, blob):
+        def set_calibration_profile(self, profile):
+            calls.append("set_calibration_profile")
+            self.calibration_profile = profile
+            return True
+
+        def create_timing_cache(self, serialized_timing_cache):
             calls.append("create_timing_cache")
             return SimpleNamespace(serialize=lambda: b"TIMINGCACHE")
 
         def set_timing_cache(self, cache, ignore_mismatch):
             self._cache = cache
+            return True
 
         def get_timing_cache(self):
             return self._cache
 
-    if gen10:
-        def set_memory_pool_limit(self, pool, nbytes):
-            calls.append(("set_memory_pool_limit", nbytes))
-            self.workspace = nbytes
+    if has_pool:
+        def set_memory_pool_limit(self, pool, pool_size):
+            assert pool is MemoryPoolType.WORKSPACE
+            calls.append(("set_memory_pool_limit", pool_size))
+            self.workspace = pool_size
         Config.set_memory_pool_limit = set_memory_pool_limit
-    else:
+    if not gen10:  # removed in 10.0
         def _set_ws(self, nbytes):
             calls.append(("max_workspace_size", nbytes))
             self.workspace = nbytes
         Config.max_workspace_size = property(lambda self: self.workspace, _set_ws)
-        if has_pool:
-            def set_memory_pool_limit(self, pool, nbytes):
-                calls.append(("set_memory_pool_limit", nbytes))
-                self.workspace = nbytes
-            Config.set_memory_pool_limit = set_memory_pool_limit
 
     class Network:
+        _stub = "INetworkDefinition"
+
         def __init__(self, flags):
             self.flags = flags
             self.onnx = None
 
+    class ParserError:
+        _stub = "ParserError"
+
+        def __init__(self, node, desc, name="", op=""):
+            self._node, self._desc, self._name, self._op = node, desc, name, op
+
+        def node(self):
+            return self._node
+
+        def desc(self):
+            return self._desc
+
+    if has_node_name:
+        ParserError.node_name = lambda self: self._name
+        ParserError.node_operator = lambda self: self._op
+
     class Parser:
+        _stub = "OnnxParser"
+
         def __init__(self, network, logger):
             self.network = network
             self.errors = []
 
-        def parse(self, blob):
+        def parse(self, model, path=None):
             calls.append("parse")
             if parse_error:
-                self.errors = [FakeError(*parse_error)]
+                self.errors = [ParserError(*parse_error)]
                 return False
-            self.network.onnx = blob
+            self.network.onnx = model
             return True
 
         @property
         def num_errors(self):
             return len(self.errors)
 
-        def get_error(self, i):
-            return self.errors[i]
+        def get_error(self, index):
+            return self.errors[index]
 
     class Builder:
+        _stub = "Builder"
         platform_has_fast_int8 = fast_int8
         platform_has_fast_fp16 = fast_fp16
 
         def __init__(self, logger):
+            need_cuda("Builder")  # TensorRT initialises CUDA here: the context must exist already
             self.logger = logger
 
-        def create_network(self, flags):
+        def create_network(self, flags=0):
             calls.append(("create_network", flags))
             return Network(flags)
 
@@ -177,9 +312,7 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
             return Config()
 
         def create_optimization_profile(self):
-            profile = SimpleNamespace(shapes={})
-            profile.set_shape = lambda name, lo, opt, hi: profile.shapes.__setitem__(name, (lo, opt, hi))
-            return profile
+            return Profile()
 
         def build_serialized_network(self, network, config):
             calls.append(("build", sorted(config.flags), config.workspace))
@@ -188,67 +321,115 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
                 state["oom_left"] -= 1
                 self.logger.log(_Severity.ERROR, "Requested amount of GPU memory could not be allocated: out of memory")
                 return None
-            if config.int8_calibrator is not None:  # calibrate: read batches until None, then write the cache
-                calls.append("calibrate")
-                while config.int8_calibrator.get_batch(["input"]) is not None:
-                    pass
-                config.int8_calibrator.write_calibration_cache(b"CALIBCACHE")
-            return b"FAKEENGINE" + network.onnx
+            profile = {}
+            if config.profiles:
+                (lo, opt, hi), = config.profiles[0].shapes.values()
+                profile = {"min": lo[0], "opt": opt[0], "max": hi[0]}
+            calibrator = config.int8_calibrator
+            if "INT8" in config.flags and calibrator is not None:
+                if profile and profile["min"] != profile["max"] and config.calibration_profile is None:
+                    self.logger.log(_Severity.ERROR, "Calibration profile must be provided when calibrating a "
+                                                     "network with dynamic shapes")
+                    return None
+                need_cuda("calibration")
+                cached = calibrator.read_calibration_cache()
+                state["calibration"].append("cache hit" if cached else "calibrated")
+                if not cached:
+                    calls.append("calibrate")
+                    state["calibration_batch"] = calibrator.get_batch_size()
+                    while calibrator.get_batch(["input"]) is not None:
+                        pass
+                    calibrator.write_calibration_cache(b"CALIBCACHE")
+            return b"FAKEENGINE" + json.dumps(profile).encode() + b"\n" + network.onnx
 
     class Engine:
-        def __init__(self, onnx_bytes):
+        _stub = "ICudaEngine"
+
+        def __init__(self, onnx_bytes, profile):
             self.session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+            self.profile = profile
             self.io = [(i.name, True, i.shape) for i in self.session.get_inputs()] + \
                       [(o.name, False, o.shape) for o in self.session.get_outputs()]
 
         def create_execution_context(self):
-            return Context(self)
+            need_cuda("create_execution_context")
+            return None if context_fails else Context(self)
+
+        def _dims(self, name):
+            return [d if isinstance(d, int) else -1 for d in dict((n, s) for n, _, s in self.io)[name]]
 
     if gen10:
         Engine.num_io_tensors = property(lambda self: len(self.io))
-        Engine.get_tensor_name = lambda self, i: self.io[i][0]
-        Engine.get_tensor_mode = lambda self, name: (TensorIOMode.INPUT if dict((n, inp) for n, inp, _ in self.io)[name]
+        Engine.get_tensor_name = lambda self, index: self.io[index][0]
+        Engine.get_tensor_mode = lambda self, name: (TensorIOMode.INPUT if dict((n, i) for n, i, _ in self.io)[name]
                                                      else TensorIOMode.OUTPUT)
-        Engine.get_tensor_shape = lambda self, name: [d if isinstance(d, int) else -1
-                                                      for d in dict((n, s) for n, _, s in self.io)[name]]
-        Engine.get_tensor_dtype = lambda self, name: "float32"
+        Engine.get_tensor_shape = lambda self, name: self._dims(name)
+        Engine.get_tensor_dtype = lambda self, name: DataType.FLOAT
     else:
         Engine.num_bindings = property(lambda self: len(self.io))
-        Engine.get_binding_name = lambda self, i: self.io[i][0]
-        Engine.binding_is_input = lambda self, i: self.io[i][1]
-        Engine.get_binding_shape = lambda self, i: [d if isinstance(d, int) else -1 for d in self.io[i][2]]
-        Engine.get_binding_dtype = lambda self, i: "float32"
+        Engine.get_binding_name = lambda self, index: self.io[index][0]
+        Engine.binding_is_input = lambda self, index: self.io[index][1]
+        Engine.get_binding_shape = lambda self, index: self._dims(self.io[index][0])
+        Engine.get_binding_dtype = lambda self, index: DataType.FLOAT
 
     class Context:
+        _stub = "IExecutionContext"
+
         def __init__(self, engine):
             self.engine = engine
             self.shapes = {}
             self.addresses = {}
 
-        def _run(self, addresses):
-            (in_name, _, _), outs = self.engine.io[0], [e for e in self.engine.io if not e[1]]
-            shape = self.shapes[in_name]
-            x = np.frombuffer(bytes(cuda.memory[addresses[in_name]]), dtype=np.float32).reshape(shape)
-            result = self.engine.session.run(None, {in_name: x})
-            for (name, _, _), value in zip(outs, result):
-                cuda.memory[addresses[name]][:] = np.ascontiguousarray(value, dtype=np.float32).tobytes()
+        def _accept(self, name, shape):
+            """TensorRT's rule: the rank and every fixed dimension must match, a free one lie in the profile."""
+            dims, shape = self.engine._dims(name), tuple(shape)
+            if len(dims) != len(shape) or any(d >= 0 and d != s for d, s in zip(dims, shape)):
+                return False
+            p = self.engine.profile
+            if p and not p["min"] <= shape[0] <= p["max"]:
+                return False
+            self.shapes[name] = shape
             return True
 
-        def _out_shape(self, name):
+        def _nbytes(self, name):
+            return int(np.prod(self._shape(name))) * 4
+
+        def _shape(self, name):
+            if name in self.shapes:
+                return self.shapes[name]
             batch = list(self.shapes.values())[0][0]
-            shape = dict((n, s) for n, _, s in self.engine.io)[name]
-            return [batch if not isinstance(d, int) else d for d in shape][:1] + [d for d in shape[1:]]
+            dims = self.engine._dims(name)
+            return tuple([batch if dims[0] < 0 else dims[0]] + dims[1:])
+
+        def _run(self, addresses):
+            need_cuda("enqueue")
+            inputs = [n for n, is_in, _ in self.engine.io if is_in]
+            if any(n not in self.shapes for n in inputs) or any(n not in addresses for n, _, _ in self.engine.io):
+                return False  # TensorRT: "not all shapes are specified" / an address is missing
+            for name, _, _ in self.engine.io:
+                if len(cuda.memory[addresses[name]]) < self._nbytes(name):
+                    raise FakeLogicError("tensor '%s' needs %d bytes, its buffer has %d" % (
+                        name, self._nbytes(name), len(cuda.memory[addresses[name]])))
+            name = inputs[0]
+            x = np.frombuffer(bytes(cuda.memory[addresses[name]][:self._nbytes(name)]),
+                              dtype=np.float32).reshape(self.shapes[name])
+            result = self.engine.session.run(None, {name: x})
+            for (out, is_in, _), value in zip([e for e in self.engine.io if not e[1]], result):
+                data = np.ascontiguousarray(value, dtype=np.float32).tobytes()
+                cuda.memory[addresses[out]][:len(data)] = data
+            return True
 
     if gen10:
         def set_input_shape(self, name, shape):
             calls.append("set_input_shape")
-            self.shapes[name] = tuple(shape)
+            return self._accept(name, shape)
 
         def get_tensor_shape(self, name):
-            return self.shapes[name] if name in self.shapes else self._out_shape(name)
+            return self._shape(name)
 
-        def set_tensor_address(self, name, ptr):
-            self.addresses[name] = ptr
+        def set_tensor_address(self, name, memory):
+            self.addresses[name] = memory
+            return True
 
         def execute_async_v3(self, stream_handle):
             calls.append("execute_async_v3")
@@ -257,13 +438,12 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
         Context.set_input_shape, Context.get_tensor_shape = set_input_shape, get_tensor_shape
         Context.set_tensor_address, Context.execute_async_v3 = set_tensor_address, execute_async_v3
     else:
-        def set_binding_shape(self, index, shape):
+        def set_binding_shape(self, binding, shape):
             calls.append("set_binding_shape")
-            self.shapes[self.engine.io[index][0]] = tuple(shape)
+            return self._accept(self.engine.io[binding][0], shape)
 
-        def get_binding_shape(self, index):
-            name = self.engine.io[index][0]
-            return self.shapes[name] if name in self.shapes else self._out_shape(name)
+        def get_binding_shape(self, binding):
+            return self._shape(self.engine.io[binding][0])
 
         def execute_async_v2(self, bindings, stream_handle):
             calls.append("execute_async_v2")
@@ -273,22 +453,34 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
         Context.execute_async_v2 = execute_async_v2
 
     class Runtime:
+        _stub = "Runtime"
+
         def __init__(self, logger):
             pass
 
-        def deserialize_cuda_engine(self, blob):
+        def deserialize_cuda_engine(self, serialized_engine):
             calls.append("deserialize")
-            if not blob.startswith(b"FAKEENGINE"):
+            need_cuda("deserialize_cuda_engine")
+            if not serialized_engine.startswith(b"FAKEENGINE"):
                 return None
-            return Engine(blob[len(b"FAKEENGINE"):])
+            header, _, onnx_bytes = serialized_engine[len(b"FAKEENGINE"):].partition(b"\n")
+            return Engine(onnx_bytes, json.loads(header.decode()))
 
-    TensorIOMode = SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
-    module = SimpleNamespace(
+    def nptype(trt_type):
+        if v[:2] == (8, 5) and parse_version(np.__version__) >= (1, 24):
+            raise AttributeError("module 'numpy' has no attribute 'bool'")  # tensorrt 8.5's own nptype
+        return np.dtype({"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32",
+                         "BOOL": "bool"}[trt_type.name])
+
+    members = dict(
         __version__=version, ILogger=_ILogger, IInt8EntropyCalibrator2=_Calibrator, Builder=Builder,
-        OnnxParser=Parser, Runtime=Runtime, nptype=lambda dtype: np.dtype(dtype),
-        BuilderFlag=SimpleNamespace(FP16="FP16", INT8="INT8"),
-        MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"), TensorIOMode=TensorIOMode,
-        NetworkDefinitionCreationFlag=SimpleNamespace(EXPLICIT_BATCH=0),
-        calls=calls, state=state,
+        OnnxParser=Parser, Runtime=Runtime, nptype=nptype, DataType=DataType, BuilderFlag=BuilderFlag,
+        NetworkDefinitionCreationFlag=NetworkDefinitionCreationFlag, calls=calls, state=state,
+        classes=dict(Config=Config, Network=Network, ParserError=ParserError, Engine=Engine, Context=Context,
+                     Profile=Profile),
     )
-    return module
+    if has_pool:
+        members["MemoryPoolType"] = MemoryPoolType
+    if has_iomode:
+        members["TensorIOMode"] = TensorIOMode
+    return SimpleNamespace(**members)

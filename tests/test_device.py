@@ -202,3 +202,101 @@ def test_info_runs_anywhere(capsys):
     assert edgerun(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["memory_total_mb"] > 0 and "clocks" in info
+
+
+# tegrastats lines as printed by real boards (quoted from public test suites and issue threads):
+REAL_TEGRASTATS = {
+    # Jetson Nano, JetPack 4.6.1: POM_5V_IN in mW without a unit
+    "nano-jp4": ("RAM 1923/3964MB (lfb 2x2MB) SWAP 191/1982MB (cached 6MB) IRAM 0/252kB(lfb 252kB) CPU "
+                 "[5%@1224,4%@1224,3%@1224,6%@1224] EMC_FREQ 0%@1600 GR3D_FREQ 0%@76 APE 25 PLL@37C CPU@40C "
+                 "PMIC@50C GPU@40C AO@45C thermal@40C POM_5V_IN 1750/1628 POM_5V_GPU 0/0 POM_5V_CPU 366/406",
+                 1750, "POM_5V_IN", 1923),
+    # Jetson AGX Xavier, JetPack 4 (FindHao/tx-utils#3): VDD_IN without a unit
+    "xavier-jp4": ("RAM 2020/7852MB (lfb 1164x4MB) CPU [9%@345,21%@345,25%@345,3%@345,1%@345,1%@345] EMC_FREQ 0% "
+                   "GR3D_FREQ 0% PLL@42.5C MCPU@42.5C PMIC@100C Tboard@40C GPU@41C BCPU@42.5C thermal@41.9C "
+                   "Tdiode@41.25C VDD_SYS_GPU 153/158 VDD_SYS_SOC 536/547 VDD_4V0_WIFI 633/527 VDD_IN 3140/3208 "
+                   "VDD_SYS_CPU 536/590 VDD_SYS_DDR 557/601", 3140, "VDD_IN", 2020),
+    # Jetson Orin Nano, JetPack 6: rails in mW with the unit
+    "orin-nano-jp6": ("06-18-2025 11:25:24 RAM 3452/7620MB (lfb 25x4MB) SWAP 1518/16384MB (cached 174MB) CPU "
+                      "[1%@1420,2%@1420,0%@1420,2%@1420,2%@729,1%@729] GR3D_FREQ 0% cpu@50.031C soc2@49.031C soc0@50C "
+                      "gpu@49.031C tj@50.25C soc1@50.25C VDD_IN 4824mW/4824mW VDD_CPU_GPU_CV 518mW/518mW "
+                      "VDD_SOC 1475mW/1475mW", 4824, "VDD_IN", 3452),
+}
+
+
+@pytest.mark.parametrize("board", sorted(REAL_TEGRASTATS))
+def test_tegrastats_power_on_every_jetpack(board):
+    line, power, rail, ram = REAL_TEGRASTATS[board]
+    sample = parse_tegrastats(line)
+    assert sample["power_mw"] == power and sample["power_rail"] == rail and sample["ram_used_mb"] == ram
+    assert sample["gpu_load"] == 0
+
+
+@pytest.mark.parametrize("node", ["57000000.gpu", "17000000.gv11b", "17000000.ga10b", "17000000.gpu"])
+def test_gpu_clock_state_from_sys_class_devfreq(tmp_path, node):
+    """Nano (57000000.gpu), Xavier (gv11b), Orin on JetPack 5 (ga10b) and 6 (gpu) all list the GPU there."""
+    from edgerun.device import clocks
+
+    folder = tmp_path / "sys" / "class" / "devfreq" / node
+    folder.mkdir(parents=True)
+    (tmp_path / "sys" / "class" / "devfreq" / "3d00000.host1x").mkdir()  # another devfreq device: not the GPU
+    for name, value in (("cur_freq", "306000000"), ("max_freq", "1300500000"), ("min_freq", "306000000")):
+        (folder / name).write_text(value + "\n")
+    state = clocks(root=str(tmp_path))
+    assert state["gpu"] == {"cur_hz": 306000000, "max_hz": 1300500000, "min_hz": 306000000}
+    assert state["maxed"] is False  # the GPU may idle down: jetson_clocks not applied
+    (folder / "min_freq").write_text("1300500000\n")
+    assert clocks(root=str(tmp_path))["maxed"] is True
+
+
+def test_bench_feeds_camera_sized_frames_and_shows_the_preprocessing_share(trained_run, capsys):
+    bundle = open_bundle(trained_run / "bundle")
+    with OrtRunner(bundle.model_path) as runner:
+        small = run_bench(runner, bundle.manifest, warmup=2, iterations=20, frame_size=(16, 16))
+        full = run_bench(runner, bundle.manifest, warmup=2, iterations=20, frame_size=(1920, 1080))
+    assert full["feed"] == {"kind": "synthetic", "frame_size": [1920, 1080]}
+    # a 1080p frame costs more to bring to the model's 16 px than a 16 px one does
+    assert full["stages_ms"]["preprocess"] > 3 * small["stages_ms"]["preprocess"]
+    assert 0 < full["stages_share"]["preprocess"] < 1
+    assert verdict(full, fps_target=1)["holds_for"] == "synthetic frames of 1920x1080"
+    assert full["memory"]["device_mb"] is None and full["memory"]["total_mb"] == full["memory"]["process_peak_mb"]
+    assert edgerun(["bench", str(trained_run / "bundle"), "--iterations", "5", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "frames of 1280x720" in out and "preprocess" in out and "(for synthetic frames of 1280x720)" in out
+    assert edgerun(["bench", str(trained_run / "bundle"), "--frame-size", "wide"]) == 2
+    assert "WIDTHxHEIGHT" in capsys.readouterr().err
+
+
+def test_memory_budget_is_judged_on_process_plus_device_memory(trained_run, tmp_path, monkeypatch):
+    """On a Jetson, CUDA memory comes from nvmap, outside VmHWM: the budget is held against the sum."""
+    from fake_tensorrt import FakeCuda, make_fake_trt
+
+    import edgerun.device as device
+    from edgerun.trt import TrtRunner, build_engine
+
+    cuda = FakeCuda()
+    trt = make_fake_trt("8.2.1.8", cuda=cuda)
+    bundle = open_bundle(trained_run / "bundle")
+    build_engine(bundle, "fp16", str(tmp_path / "e.engine"), trt=trt, cuda=cuda, log=lambda m: None)
+    monkeypatch.setattr(device, "NVMAP_CLIENTS", str(tmp_path / "absent"))
+    with TrtRunner(str(tmp_path / "e.engine"), bundle=bundle, trt=trt, cuda=cuda) as runner:
+        cuda.mem_alloc(300 << 20)  # what an engine's weights and activations would take
+        result = run_bench(runner, bundle.manifest, warmup=1, iterations=5, frame_size=(64, 48))
+    memory = result["memory"]
+    assert memory["device_mb"] >= 300 and "cuda.mem_get_info" in memory["device_method"]
+    assert memory["total_mb"] == pytest.approx(memory["process_peak_mb"] + memory["device_mb"])
+    budget = memory["process_peak_mb"] + 100  # enough for the process alone, not with its device memory
+    row = verdict(result, budget_mb=budget)["checks"][1]
+    assert row["status"] == "FAIL" and "device" in row["note"] and "cuda.mem_get_info" in row["note"]
+
+
+def test_nvmap_clients_table_is_read_per_process(tmp_path):
+    from edgerun.device import nvmap_process_mb
+
+    table = tmp_path / "clients"
+    table.write_text("CLIENT                        PROCESS      PID        SIZE\n"
+                     "user                         python3      4242      52400K\n"
+                     "user                         gst-launch   77        1024K\n"
+                     "user                         python3      4242       1M\n")
+    assert nvmap_process_mb(4242, str(table)) == pytest.approx(52400 / 1024.0 + 1)
+    assert nvmap_process_mb(999, str(table)) is None and nvmap_process_mb(4242, str(tmp_path / "no")) is None

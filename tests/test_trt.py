@@ -51,7 +51,7 @@ def test_build_on_tensorrt_8_2_uses_max_workspace_size_and_explicit_batch(traine
     bundle = open_bundle(trained_run / "bundle")
     out = tmp_path / "s.fp16.engine"
     meta = build_engine(bundle, "fp16", str(out), workspace_mb=256, timing_cache=str(tmp_path / "tc"),
-                        gpu=NANO, trt=trt, log=lambda m: None)
+                        gpu=NANO, trt=trt, log=lambda m: None, cuda=FakeCuda())
     assert ("create_network", 1) in trt.calls and ("max_workspace_size", 256 << 20) in trt.calls
     assert not any(c[0] == "set_memory_pool_limit" for c in trt.calls if isinstance(c, tuple))
     assert ("build", ["FP16"], 256 << 20) in trt.calls
@@ -65,9 +65,9 @@ def test_build_on_tensorrt_10_uses_memory_pool_and_qdq_for_int8(orin_bundle, tmp
     trt = make_fake_trt("10.3.0")
     if orin_bundle.manifest.variant("int8_trt")["status"] == "rejected":  # an untrained model may lose > 1 point
         with pytest.raises(EngineBuildError, match="rejected on the host"):
-            build_engine(orin_bundle, "int8", str(tmp_path / "o.int8.engine"), gpu=ORIN, trt=trt, log=lambda m: None)
+            build_engine(orin_bundle, "int8", str(tmp_path / "o.int8.engine"), gpu=ORIN, trt=trt, log=lambda m: None, cuda=FakeCuda())
     meta = build_engine(orin_bundle, "int8", str(tmp_path / "o.int8.engine"), gpu=ORIN, trt=trt, force=True,
-                        log=lambda m: None)
+                        log=lambda m: None, cuda=FakeCuda())
     assert ("create_network", 0) in trt.calls and ("set_memory_pool_limit", 1024 << 20) in trt.calls
     assert meta["onnx"] == "model.int8.qdq.onnx" and "calibrate" not in trt.calls  # explicit quantization
     assert ("build", ["FP16", "INT8"], 1024 << 20) in trt.calls
@@ -76,18 +76,19 @@ def test_build_on_tensorrt_10_uses_memory_pool_and_qdq_for_int8(orin_bundle, tmp
 def test_tensorrt_10_int8_needs_the_qdq_model(trained_run, tmp_path):
     with pytest.raises(EngineBuildError, match="explicit-quantization.*jetson-orin-nano-jp6"):
         build_engine(open_bundle(trained_run / "bundle"), "int8", str(tmp_path / "e"), trt=make_fake_trt("10.3.0"),
-                     gpu=ORIN, log=lambda m: None)
+                     gpu=ORIN, log=lambda m: None, cuda=FakeCuda())
 
 
 def test_int8_refused_on_nano_unless_forced_then_calibrated_from_calib_npy(trained_run, tmp_path):
     bundle = open_bundle(trained_run / "bundle")
     with pytest.raises(EngineBuildError, match=r"INT8 refused on Jetson Nano \(compute capability 5.3\).*--force"):
-        build_engine(bundle, "int8", str(tmp_path / "e"), trt=make_fake_trt("8.2.1.8", fast_int8=False), gpu=NANO)
-    trt = make_fake_trt("8.2.1.8", fast_int8=False)
+        build_engine(bundle, "int8", str(tmp_path / "e"), trt=make_fake_trt("8.2.1.8", fast_int8=False), gpu=NANO, cuda=FakeCuda())
     cuda = FakeCuda()
+    trt = make_fake_trt("8.2.1.8", fast_int8=False, cuda=cuda)
     build_engine(bundle, "int8", str(tmp_path / "e.engine"), force=True, trt=trt, cuda=cuda, gpu=NANO, log=lambda m: None)
-    assert "calibrate" in trt.calls
-    assert (tmp_path / "e.engine.calib.cache").read_bytes() == b"CALIBCACHE"
+    assert "calibrate" in trt.calls and trt.state["calibration_batch"] == 1
+    cache, = tmp_path.glob("e.engine.calib-*-b1.cache")
+    assert cache.read_bytes() == b"CALIBCACHE"
 
 
 def test_out_of_memory_retries_with_half_the_workspace_then_points_at_swap(trained_run, tmp_path):
@@ -95,28 +96,29 @@ def test_out_of_memory_retries_with_half_the_workspace_then_points_at_swap(train
     messages = []
     trt = make_fake_trt("8.2.1.8", oom_times=1)
     meta = build_engine(bundle, "fp16", str(tmp_path / "a.engine"), workspace_mb=512, trt=trt, gpu=NANO,
-                        log=messages.append)
+                        log=messages.append, cuda=FakeCuda())
     assert trt.state["workspaces"] == [512 << 20, 256 << 20] and meta["workspace_mb"] == 256
     assert any("retrying with a 256 MB workspace" in m for m in messages)
     with pytest.raises(EngineBuildError, match="out of memory twice.*swap"):
         build_engine(bundle, "fp16", str(tmp_path / "b.engine"), workspace_mb=512,
-                     trt=make_fake_trt("8.2.1.8", oom_times=2), gpu=NANO, log=lambda m: None)
+                     trt=make_fake_trt("8.2.1.8", oom_times=2), gpu=NANO, log=lambda m: None, cuda=FakeCuda())
     assert not (tmp_path / "b.engine").exists()
 
 
 def test_parser_errors_name_the_node(trained_run, tmp_path):
     trt = make_fake_trt("8.2.1.8", parse_error=(17, "Unsupported ONNX data type: UINT8"))
     with pytest.raises(EngineBuildError, match="node 17: Unsupported ONNX data type"):
-        build_engine(open_bundle(trained_run / "bundle"), "fp16", str(tmp_path / "e"), trt=trt, gpu=NANO)
+        build_engine(open_bundle(trained_run / "bundle"), "fp16", str(tmp_path / "e"), trt=trt, gpu=NANO, cuda=FakeCuda())
 
 
-@pytest.mark.parametrize("version,execute", [("8.2.1.8", "execute_async_v2"), ("10.3.0", "execute_async_v3")])
+@pytest.mark.parametrize("version,execute", [("8.2.1.8", "execute_async_v2"), ("8.5.2", "execute_async_v2"),
+                                             ("10.3.0", "execute_async_v3")])
 def test_runner_matches_onnxruntime_on_both_generations(trained_run, tmp_path, version, execute):
     bundle = open_bundle(trained_run / "bundle")
     cuda = FakeCuda()
     trt = make_fake_trt(version, cuda=cuda)
     engine = str(tmp_path / "s.engine")
-    build_engine(bundle, "fp16", engine, trt=trt, gpu=NANO, log=lambda m: None)
+    build_engine(bundle, "fp16", engine, trt=trt, gpu=NANO, log=lambda m: None, cuda=cuda)
     images, _ = bundle.validation()
     feed = preprocess(images[:1], bundle.manifest.preprocess)
     with TrtRunner(engine, bundle=bundle, trt=trt, cuda=cuda, gpu=NANO) as runner:
@@ -132,7 +134,7 @@ def test_runner_matches_onnxruntime_on_both_generations(trained_run, tmp_path, v
 def test_engines_from_another_version_device_or_bundle_are_refused(trained_run, tmp_path):
     bundle = open_bundle(trained_run / "bundle")
     engine = str(tmp_path / "s.engine")
-    build_engine(bundle, "fp16", engine, trt=make_fake_trt("8.2.1.8"), gpu=NANO, log=lambda m: None)
+    build_engine(bundle, "fp16", engine, trt=make_fake_trt("8.2.1.8"), gpu=NANO, log=lambda m: None, cuda=FakeCuda())
     check_engine(engine, bundle, make_fake_trt("8.2.1.8"), NANO)  # same everything: accepted
     with pytest.raises(EngineMismatchError, match="built with TensorRT 8.2.1.8, this device has 8.5.2.*edgerun build"):
         TrtRunner(engine, bundle=bundle, trt=make_fake_trt("8.5.2"), cuda=FakeCuda(), gpu=NANO).activate()
@@ -163,9 +165,170 @@ def test_build_cli_names_the_engine_after_the_bundle_file(trained_run, tmp_path,
     edb = pack_bundle(trained_run / "bundle", tmp_path / "student.edb")
     fake = make_fake_trt("8.2.1.8", fast_int8=False)
     monkeypatch.setattr(trt_module, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_module, "import_cuda", FakeCuda)
     monkeypatch.setattr(device, "gpu_properties", lambda: NANO)
     monkeypatch.chdir(tmp_path)
     assert cli.main(["build", edb, "--precision", "fp16"]) == 0
     assert (tmp_path / "student.fp16.engine").exists() and (tmp_path / "student.fp16.engine.json").exists()
     assert cli.main(["build", edb, "--precision", "int8"]) == 2  # Nano: no fast INT8
     assert "INT8 refused" in capsys.readouterr().err
+
+
+def test_tensorrt_qdq_model_follows_explicit_quantization_rules(orin_bundle):
+    """TensorRT's ONNX parser takes only 8-bit Q/DQ with zero point 0, per-channel on axis 0 for conv weights,
+    and folds FP32 biases itself: an INT32 bias DequantizeLinear is rejected."""
+    import onnx
+    from onnx import numpy_helper
+
+    variant = orin_bundle.manifest.variant("int8_trt")
+    graph = onnx.load(orin_bundle.path(variant["file"])).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq, "the model has no Q/DQ nodes"
+    consumers = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, i))
+    conv_weights = 0
+    for node in qdq:
+        if node.input[0] in inits:
+            assert inits[node.input[0]].dtype == np.int8, "%s quantizes %s to %s" % (
+                node.name, node.input[0], inits[node.input[0]].dtype)
+            assert inits[node.input[0]].min() >= -127 and inits[node.input[0]].max() <= 127
+        if len(node.input) > 2:
+            zero = inits[node.input[2]]
+            assert zero.dtype == np.int8 and not zero.any(), "%s: zero point %s" % (node.name, zero)
+        for consumer, index in consumers.get(node.output[0], []):
+            if node.op_type == "DequantizeLinear" and consumer.op_type == "Conv" and index == 1:
+                conv_weights += 1
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+                assert axis == 0 and inits[node.input[1]].size == inits[node.input[0]].shape[0]
+    assert conv_weights > 10
+
+
+@pytest.fixture(scope="module")
+def dynamic_bundle(tmp_path_factory):
+    """A bundle with a dynamic batch (profile 1..4, opt 4) for a TensorRT 8 target."""
+    from edgedistill.data import load_data
+    from edgedistill.export import build_bundle
+    from edgedistill.models import create_model
+    from edgedistill.recipe import DataConfig, ExportConfig, ModelConfig
+
+    folder = tmp_path_factory.mktemp("dynamic")
+    cfg = DataConfig(source="digits", image_size=32, train_per_class=10, val_per_class=4)
+    data = load_data(cfg)
+    (folder / "ckpt").write_bytes(b"x")
+    build_bundle(model=create_model(ModelConfig(model="mobilenetv3_small_050"), 10).eval(), out_dir=folder / "bundle",
+                 name="dyn", classes=data.classes, train=data.train, val=data.val, data_cfg=cfg,
+                 cfg=ExportConfig(target="jetson-nano-jp4", dynamic_batch=True, batch=4, max_batch=4, int8=False,
+                                  calib_samples=16, val_samples=20, parity_samples=20),
+                 seed=0, checkpoint=folder / "ckpt", source={}, host_metrics={}, recipe_yaml="name: dyn\n")
+    return open_bundle(folder / "bundle")
+
+
+def _feed(bundle, n):
+    images, _ = bundle.validation()
+    return {"input": preprocess(images[:n], bundle.manifest.preprocess)}
+
+
+@pytest.mark.parametrize("version", ["8.2.1.8", "10.3.0"])
+def test_a_feed_the_engine_cannot_take_is_refused_not_truncated(trained_run, dynamic_bundle, tmp_path, version):
+    """bench --batch 8 on a batch-1 engine used to copy 8 images, compute 1 and report 8x the FPS."""
+    from edgerun.errors import RunnerError
+
+    cuda = FakeCuda()
+    trt = make_fake_trt(version, cuda=cuda)
+    fixed = open_bundle(trained_run / "bundle")
+    build_engine(fixed, "fp16", str(tmp_path / "f.engine"), trt=trt, cuda=cuda, log=lambda m: None)
+    with TrtRunner(str(tmp_path / "f.engine"), bundle=fixed, trt=trt, cuda=cuda) as runner:
+        assert runner.infer(_feed(fixed, 1))["logits"].shape == (1, 10)
+        with pytest.raises(RunnerError, match=r"fixed at \(1, 3, 16, 16\), the feed is \(8, 3, 16, 16\).*feed batch 1"):
+            runner.infer(_feed(fixed, 8))
+    build_engine(dynamic_bundle, "fp16", str(tmp_path / "d.engine"), trt=trt, cuda=cuda, log=lambda m: None)
+    with TrtRunner(str(tmp_path / "d.engine"), bundle=dynamic_bundle, trt=trt, cuda=cuda) as runner:
+        assert runner.infer(_feed(dynamic_bundle, 3))["logits"].shape == (3, 10)
+        with pytest.raises(RunnerError, match="refused input shape .*outside its optimization profile"):
+            runner.infer(_feed(dynamic_bundle, 6))  # the setter returned False: checked, not ignored
+
+
+def test_runner_works_from_another_thread_in_the_primary_context(trained_run, tmp_path):
+    import threading
+
+    cuda = FakeCuda()
+    trt = make_fake_trt("10.3.0", cuda=cuda)
+    bundle = open_bundle(trained_run / "bundle")
+    build_engine(bundle, "fp16", str(tmp_path / "e.engine"), trt=trt, cuda=cuda, log=lambda m: None)
+    results = {}
+    with TrtRunner(str(tmp_path / "e.engine"), bundle=bundle, trt=trt, cuda=cuda) as runner:
+        main_thread = runner.infer(_feed(bundle, 1))["logits"]
+        worker = threading.Thread(target=lambda: results.update(runner.infer(_feed(bundle, 1))))
+        worker.start()
+        worker.join()
+    np.testing.assert_array_equal(results["logits"], main_thread)
+    assert cuda.calls.count("ctx.push") == cuda.calls.count("ctx.pop") >= 2
+
+
+def test_builder_needs_the_cuda_context_first(trained_run, tmp_path, monkeypatch):
+    """The primary context is made current before TensorRT touches CUDA (import_cuda before trt.Builder)."""
+    import edgerun.trt as trt_module
+
+    order = []
+    cuda = FakeCuda()
+    monkeypatch.setattr(trt_module, "import_cuda", lambda: order.append("cuda") or cuda)
+    monkeypatch.setattr(trt_module, "import_tensorrt", lambda: order.append("tensorrt") or make_fake_trt("8.2.1.8", cuda=cuda))
+    build_engine(open_bundle(trained_run / "bundle"), "fp16", str(tmp_path / "e.engine"), log=lambda m: None)
+    assert order == ["cuda", "tensorrt"]
+
+
+def test_calibration_cache_belongs_to_one_bundle(trained_run, tmp_path):
+    bundle = open_bundle(trained_run / "bundle")
+    out = str(tmp_path / "e.engine")
+    cuda = FakeCuda()
+    trt = make_fake_trt("8.2.1.8", cuda=cuda)
+    build_engine(bundle, "int8", out, trt=trt, cuda=cuda, force=True, log=lambda m: None)
+    build_engine(bundle, "int8", out, trt=trt, cuda=cuda, force=True, log=lambda m: None)
+    changed = tmp_path / "changed"
+    shutil.copytree(trained_run / "bundle", changed)
+    manifest = json.loads((changed / "manifest.json").read_text())
+    manifest["name"] = "retrained"
+    (changed / "manifest.json").write_text(json.dumps(manifest))
+    build_engine(open_bundle(changed), "int8", out, trt=trt, cuda=cuda, force=True, log=lambda m: None)
+    assert trt.state["calibration"] == ["calibrated", "cache hit", "calibrated"]  # no stale scales
+    assert len(list(tmp_path.glob("e.engine.calib-*.cache"))) == 2
+
+
+def test_dynamic_int8_on_tensorrt_8_sets_the_calibration_profile(dynamic_bundle, tmp_path):
+    cuda = FakeCuda()
+    trt = make_fake_trt("8.5.2", cuda=cuda)
+    build_engine(dynamic_bundle, "int8", str(tmp_path / "d.engine"), trt=trt, cuda=cuda, log=lambda m: None)
+    assert "set_calibration_profile" in trt.calls and trt.state["calibration_batch"] == 4  # the profile's opt
+    assert list(tmp_path.glob("d.engine.calib-*-b4-dyn1-4-4.cache"))
+
+
+def test_execution_context_failure_is_an_error_not_a_crash_later(trained_run, tmp_path):
+    from edgerun.errors import RunnerError
+
+    cuda = FakeCuda()
+    trt = make_fake_trt("8.2.1.8", cuda=cuda, context_fails=True)
+    bundle = open_bundle(trained_run / "bundle")
+    build_engine(bundle, "fp16", str(tmp_path / "e.engine"), trt=trt, cuda=cuda, log=lambda m: None)
+    with pytest.raises(RunnerError, match="could not create an execution context.*out of device memory"):
+        TrtRunner(str(tmp_path / "e.engine"), bundle=bundle, trt=trt, cuda=cuda).activate()
+
+
+def test_engines_are_matched_to_the_board_model(trained_run, tmp_path):
+    bundle = open_bundle(trained_run / "bundle")
+    engine = str(tmp_path / "e.engine")
+    orin_nano = "NVIDIA Jetson Orin Nano Developer Kit"
+    meta = build_engine(bundle, "fp16", engine, trt=make_fake_trt("10.3.0"), cuda=FakeCuda(), gpu=ORIN,
+                        board=orin_nano, log=lambda m: None)
+    assert meta["board"] == orin_nano
+    check_engine(engine, bundle, make_fake_trt("10.3.0"), ORIN, board=orin_nano)
+    with pytest.raises(EngineMismatchError, match="built on a NVIDIA Jetson Orin Nano.*Jetson AGX Orin"):
+        check_engine(engine, bundle, make_fake_trt("10.3.0"), ORIN, board="Jetson AGX Orin")  # both 8.7
+
+
+def test_tensorrt_10_parser_errors_name_node_and_operator(trained_run, tmp_path):
+    trt = make_fake_trt("10.3.0", parse_error=(17, "no importer", "/blocks/Conv_17", "Conv"))
+    with pytest.raises(EngineBuildError, match="node 17 '/blocks/Conv_17' \\(Conv\\): no importer"):
+        build_engine(open_bundle(trained_run / "bundle"), "fp16", str(tmp_path / "e"), trt=trt, cuda=FakeCuda())

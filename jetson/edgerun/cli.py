@@ -15,7 +15,7 @@ import os
 import sys
 
 
-from .bench import report_text, run_bench, to_json, verdict
+from .bench import DEFAULT_FRAME_SIZE, parse_frame_size, report_text, run_bench, to_json, verdict
 from .bundle import open_bundle
 from .errors import EdgerunError
 from .preprocess import preprocess
@@ -38,6 +38,14 @@ def _device_memory(args, bundle):
     if args.device_profile:
         return get_target(args.device_profile).get("memory_mb")
     return (bundle.manifest.data.get("target_facts") or {}).get("memory_mb")
+
+
+def _frame_size(args, bundle):
+    """--frame-size, else the device profile's camera ('camera': 'WxH'), else 1280x720."""
+    if args.frame_size:
+        return parse_frame_size(args.frame_size)
+    facts = get_target(args.device_profile) if args.device_profile else (bundle.manifest.data.get("target_facts") or {})
+    return parse_frame_size(facts["camera"]) if facts.get("camera") else DEFAULT_FRAME_SIZE
 
 
 def cmd_info(args):
@@ -111,7 +119,7 @@ def cmd_bench(args):
     bundle = open_bundle(args.bundle)
     with _runner(args, bundle) as runner:
         result = run_bench(runner, bundle.manifest, batch=args.batch, warmup=args.warmup, iterations=args.iterations,
-                           min_seconds=args.min_seconds)
+                           min_seconds=args.min_seconds, frame_size=_frame_size(args, bundle))
     result["runner"] = runner.name
     v = verdict(result, args.fps_target, args.budget_mb, _device_memory(args, bundle))
     from .device import board_model
@@ -185,6 +193,8 @@ def build_parser():
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--min-seconds", type=float, default=0.0)
+    p.add_argument("--frame-size", help="synthetic camera frames, WIDTHxHEIGHT (default: the device profile's "
+                                        "camera, else 1280x720): their resize is timed as part of each frame")
     p.add_argument("--json", help="write the full result here")
     p.add_argument("--strict", action="store_true", help="exit 1 on FAIL")
     p = sub.add_parser("camera", help="classify a live source: csi://N, usb://N, /dev/videoN, rtsp://..., file")

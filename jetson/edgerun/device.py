@@ -38,7 +38,7 @@ def tensorrt_version():
         import tensorrt
     except ImportError:
         return None
-    return tensorrt.__version__
+    return getattr(tensorrt, "__version__", None)  # None for type stubs alone (a namespace package)
 
 
 def cuda_version():
@@ -72,6 +72,25 @@ def process_memory_mb():
     return values.get("VmRSS"), values.get("VmHWM")
 
 
+NVMAP_CLIENTS = "/sys/kernel/debug/nvmap/iovmm/clients"
+
+
+def nvmap_process_mb(pid=None, path=NVMAP_CLIENTS):
+    """This process's nvmap allocations in MB (CUDA and TensorRT memory on a Jetson come from nvmap, outside
+    the resident set): the SIZE column of its line in the nvmap clients table (debugfs, root only). None
+    where unreadable. Lines look like 'user  python3  12345  52400K'."""
+    pid = os.getpid() if pid is None else pid
+    total, found = 0.0, False
+    for line in (_read(path) or "").splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[-2] == str(pid):
+            match = re.match(r"(\d+)([KMG]?)$", parts[-1])
+            if match:
+                total += int(match.group(1)) / {"K": 1024.0, "M": 1.0, "G": 1 / 1024.0, "": 1024.0 * 1024}[match.group(2)]
+                found = True
+    return total if found else None
+
+
 def nvpmodel_mode():
     try:
         out = subprocess.check_output(["nvpmodel", "-q"], stderr=subprocess.STDOUT, timeout=5)
@@ -81,16 +100,31 @@ def nvpmodel_mode():
     return match.group(1) if match else None
 
 
-def clocks():
+# devfreq names of Jetson GPUs: 57000000.gpu (Nano, gm20b), 17000000.gp10b (TX2), 17000000.gv11b (Xavier),
+# 17000000.ga10b (Orin, JetPack 5) and 17000000.gpu (Orin, JetPack 6)
+GPU_DEVFREQ = re.compile(r"(gpu|gm20b|gp10b|gv11b|ga10b)$")
+
+
+def gpu_devfreq_folders(root="/"):
+    """The GPU's devfreq folders: /sys/class/devfreq/* entries named like a Jetson GPU (every generation),
+    then the older device paths."""
+    found = [f for f in sorted(glob.glob(os.path.join(root, "sys/class/devfreq/*")))
+             if GPU_DEVFREQ.search(os.path.basename(f))]
+    found += glob.glob(os.path.join(root, "sys/devices/gpu.0/devfreq/*"))
+    found += glob.glob(os.path.join(root, "sys/devices/platform/*gpu*/devfreq/*"))
+    return found
+
+
+def clocks(root="/"):
     """CPU and GPU current vs maximum frequency; ``maxed`` is False when any runs below its maximum
     (jetson_clocks not applied), None when unknown."""
     result = {"cpu": [], "gpu": None, "maxed": None}
-    for folder in sorted(glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cpufreq")):
+    for folder in sorted(glob.glob(os.path.join(root, "sys/devices/system/cpu/cpu[0-9]*/cpufreq"))):
         cur, top = _read(os.path.join(folder, "scaling_cur_freq")), _read(os.path.join(folder, "cpuinfo_max_freq"))
         low = _read(os.path.join(folder, "scaling_min_freq"))
         if cur and top:
             result["cpu"].append({"cur_khz": int(cur), "max_khz": int(top), "min_khz": int(low) if low else None})
-    for folder in glob.glob("/sys/devices/gpu.0/devfreq/*") + glob.glob("/sys/devices/platform/*gpu*/devfreq/*"):
+    for folder in gpu_devfreq_folders(root):
         cur, top = _read(os.path.join(folder, "cur_freq")), _read(os.path.join(folder, "max_freq"))
         low = _read(os.path.join(folder, "min_freq"))
         if cur and top:
@@ -144,7 +178,9 @@ def gpu_properties():
 
 TEGRA_RAM = re.compile(r"RAM (\d+)/(\d+)MB")
 TEGRA_GR3D = re.compile(r"GR3D_FREQ (\d+)%")
-TEGRA_POWER = re.compile(r"\b(VDD_IN|POM_5V_IN|VIN_SYS_5V0)\s+(\d+)mW/(\d+)mW")
+# the board's input rail: 'POM_5V_IN 1958/1958' on JetPack 4 (mW, no unit written), 'VDD_IN 4567mW/4567mW'
+# on JetPack 5 and 6; current/average
+TEGRA_POWER = re.compile(r"\b(VDD_IN|POM_5V_IN|VIN_SYS_5V0)\s+(\d+)(?:mW)?/(\d+)(?:mW)?\b")
 
 
 def parse_tegrastats(line):

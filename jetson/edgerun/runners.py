@@ -50,6 +50,10 @@ class Runner(object):
             raise RunnerError("%s: feed has inputs %s, the model takes %s" % (self.name, sorted(feed), sorted(expected)))
         return self._infer(feed)
 
+    def device_memory(self):
+        """GPU memory this runner holds, as {'mb': ..., 'method': ...}; None where it holds none (CPU runners)."""
+        return None
+
     # subclass hooks
     def input_names(self):
         raise NotImplementedError

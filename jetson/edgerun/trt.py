@@ -8,7 +8,10 @@ The API differences between generations live in one place, ``select_api``, which
   ``set_tensor_address`` and ``execute_async_v3(stream)``; implicit INT8 calibrators are deprecated, so INT8
   engines are built from the bundle's explicit-quantization (QDQ) ONNX.
 
-Versions are compared as tuples of integers (``edgerun.profiles.parse_version``), never as strings.
+Versions are compared as tuples of integers (``edgerun.profiles.parse_version``), never as strings. Tensor
+types map to numpy through this module's own table: ``trt.nptype`` of TensorRT 8.5 refers to ``np.bool``,
+which numpy 1.24 removed (NVIDIA/TensorRT#2557). CUDA comes from the device's primary context
+(``pycuda.autoprimaryctx``, as NVIDIA's samples do), made current before TensorRT touches CUDA.
 ``tensorrt`` and ``pycuda`` are imported only when a build or a runner needs them; tests pass small fakes
 of both modules through the ``trt``/``cuda`` arguments.
 """
@@ -19,7 +22,7 @@ from datetime import datetime
 
 import numpy as np
 
-from .device import l4t_release
+from .device import board_model, l4t_release
 from .errors import EngineBuildError, EngineMismatchError, RunnerError
 from .manifest import MANIFEST_FILE, sha256_file
 from .profiles import parse_version
@@ -32,18 +35,38 @@ def import_tensorrt():
     try:
         import tensorrt
     except ImportError:
+        tensorrt = None
+    if not hasattr(tensorrt, "Builder"):  # absent, or only type stubs (tensorrt-stubs: a namespace package)
         raise EngineBuildError("TensorRT's Python module is not importable: on a Jetson it comes with JetPack "
                                "(python3-libnvinfer); in a virtualenv create it with --system-site-packages")
     return tensorrt
 
 
 def import_cuda():
+    """pycuda's driver with the device's primary context current (one context for builder, calibrator and
+    runner); ``pycuda.autoinit`` (a new, non-primary context) only where pycuda predates autoprimaryctx."""
     try:
-        import pycuda.autoinit  # noqa: F401  (creates the CUDA context)
+        try:
+            import pycuda.autoprimaryctx  # noqa: F401  (pycuda >= 2021.1)
+        except ImportError:
+            import pycuda.autoinit  # noqa: F401
         import pycuda.driver as cuda
     except ImportError:
         raise RunnerError("pycuda is not installed: pip3 install pycuda (it builds against JetPack's CUDA)")
     return cuda
+
+
+# TensorRT DataType member name -> numpy type (types numpy lacks, BF16, FP8, INT4, are refused by name)
+NUMPY_TYPES = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32", "INT64": "int64",
+               "BOOL": "bool", "UINT8": "uint8"}
+
+
+def numpy_dtype(trt_dtype):
+    name = getattr(trt_dtype, "name", None) or str(trt_dtype).rsplit(".", 1)[-1]
+    if name not in NUMPY_TYPES:
+        raise RunnerError("engine tensor type %s has no numpy equivalent (supported: %s)"
+                          % (name, ", ".join(sorted(NUMPY_TYPES))))
+    return np.dtype(NUMPY_TYPES[name])
 
 
 # ------------------------------------------------------------------------------------------ the version split
@@ -75,11 +98,11 @@ class _Api8(_Api):
         for i in range(engine.num_bindings):
             out.append({"name": engine.get_binding_name(i), "index": i, "is_input": engine.binding_is_input(i),
                         "shape": tuple(engine.get_binding_shape(i)),
-                        "dtype": self.trt.nptype(engine.get_binding_dtype(i))})
+                        "dtype": numpy_dtype(engine.get_binding_dtype(i))})
         return out
 
     def set_input_shape(self, context, tensor, shape):
-        context.set_binding_shape(tensor["index"], tuple(shape))
+        return bool(context.set_binding_shape(tensor["index"], tuple(shape)))
 
     def output_shape(self, context, tensor):
         return tuple(context.get_binding_shape(tensor["index"]))
@@ -110,18 +133,19 @@ class _Api10(_Api):
             out.append({"name": name, "index": i,
                         "is_input": engine.get_tensor_mode(name) == self.trt.TensorIOMode.INPUT,
                         "shape": tuple(engine.get_tensor_shape(name)),
-                        "dtype": self.trt.nptype(engine.get_tensor_dtype(name))})
+                        "dtype": numpy_dtype(engine.get_tensor_dtype(name))})
         return out
 
     def set_input_shape(self, context, tensor, shape):
-        context.set_input_shape(tensor["name"], tuple(shape))
+        return bool(context.set_input_shape(tensor["name"], tuple(shape)))
 
     def output_shape(self, context, tensor):
         return tuple(context.get_tensor_shape(tensor["name"]))
 
     def execute(self, context, tensors, addresses, stream):
         for tensor in tensors:
-            context.set_tensor_address(tensor["name"], int(addresses[tensor["name"]]))
+            if not context.set_tensor_address(tensor["name"], int(addresses[tensor["name"]])):
+                raise RunnerError("TensorRT refused the address of tensor '%s'" % tensor["name"])
         if not context.execute_async_v3(stream_handle=stream.handle):
             raise RunnerError("TensorRT execute_async_v3 failed")
 
@@ -157,6 +181,12 @@ def _is_oom(messages):
 
 
 # --------------------------------------------------------------------------------------------- calibration
+def calibration_cache_path(output, bundle_sha256, batch, dynamic=None):
+    """The INT8 calibration cache of one bundle, batch and profile: a changed bundle never reuses stale scales."""
+    profile = "-dyn%d-%d-%d" % (dynamic["min"], dynamic["opt"], dynamic["max"]) if dynamic else ""
+    return "%s.calib-%s-b%d%s.cache" % (output, bundle_sha256[:16], batch, profile)
+
+
 def make_entropy_calibrator(trt, cuda, batches, cache_path, batch_size):
     """IInt8EntropyCalibrator2 fed from the bundle's calib.npy (model-ready float32), with a cache file."""
 
@@ -236,7 +266,7 @@ def _parse_onnx(trt, api, builder, logger, onnx_path):
 
 
 def build_engine(bundle, precision="fp16", output=None, workspace_mb=1024, timing_cache=None, force=False,
-                 target=None, gpu=None, trt=None, cuda=None, log=print):
+                 target=None, gpu=None, trt=None, cuda=None, log=print, board=None):
     """Build and serialize an engine for ``bundle``; write ``<output>`` and ``<output>.json``.
 
     On an out-of-memory build the workspace is halved and the build tried once more; a second failure
@@ -244,6 +274,7 @@ def build_engine(bundle, precision="fp16", output=None, workspace_mb=1024, timin
     """
     if precision not in ("fp32", "fp16", "int8"):
         raise EngineBuildError("precision must be fp32, fp16 or int8, not %r" % (precision,))
+    cuda = cuda or import_cuda()  # the primary context is current before TensorRT touches CUDA
     trt = trt or import_tensorrt()
     api = select_api(trt)
     manifest = bundle.manifest
@@ -277,19 +308,22 @@ def build_engine(bundle, precision="fp16", output=None, workspace_mb=1024, timin
             if not builder.platform_has_fast_fp16:
                 log("note: this GPU has no fast FP16 path; FP16 layers may not be faster than FP32")
             config.set_flag(trt.BuilderFlag.FP16)
-        if precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)
-            if not explicit_int8:
-                cuda = cuda or import_cuda()
-                batch = manifest.input_shape[0]
-                config.int8_calibrator = make_entropy_calibrator(
-                    trt, cuda, bundle.calibration(), output + ".calib.cache", batch)
         dyn = manifest.model.get("dynamic_batch")
+        profile = None
         if dyn:
             profile = builder.create_optimization_profile()
             rest = tuple(manifest.input_shape[1:])
             profile.set_shape(manifest.input_name, (dyn["min"],) + rest, (dyn["opt"],) + rest, (dyn["max"],) + rest)
             config.add_optimization_profile(profile)
+        if precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)
+            if not explicit_int8:
+                batch = dyn["opt"] if dyn else manifest.input_shape[0]  # calibration runs at the profile's opt
+                config.int8_calibrator = make_entropy_calibrator(
+                    trt, cuda, bundle.calibration(),
+                    calibration_cache_path(output, bundle_fingerprint(bundle), batch, dyn), batch)
+                if profile is not None and not config.set_calibration_profile(profile):
+                    raise EngineBuildError("TensorRT refused the calibration profile of the dynamic batch")
         cache = None
         if timing_cache:
             blob = b""
@@ -330,6 +364,7 @@ def build_engine(bundle, precision="fp16", output=None, workspace_mb=1024, timin
         "device": (gpu or {}).get("name"),
         "compute_capability": (gpu or {}).get("compute_capability"),
         "l4t": l4t_release(),
+        "board": board if board is not None else board_model(),
         "precision": precision,
         "onnx": os.path.basename(onnx_file),
         "bundle_sha256": bundle_fingerprint(bundle),
@@ -343,8 +378,9 @@ def build_engine(bundle, precision="fp16", output=None, workspace_mb=1024, timin
     return meta
 
 
-def check_engine(engine_path, bundle=None, trt=None, gpu=None):
-    """Refuse an engine made by another TensorRT version, on another device, or for another bundle."""
+def check_engine(engine_path, bundle=None, trt=None, gpu=None, board=None):
+    """Refuse an engine made by another TensorRT version, on another device (compute capability and board
+    model: Orin Nano and AGX Orin are both 8.7), or for another bundle."""
     meta_path = engine_meta_path(engine_path)
     if not os.path.isfile(str(engine_path)):
         raise EngineMismatchError("engine '%s' does not exist: build it with `edgerun build`" % engine_path)
@@ -362,6 +398,10 @@ def check_engine(engine_path, bundle=None, trt=None, gpu=None):
                                   "it with `edgerun build`" % (engine_path, meta.get("device"),
                                                                meta["compute_capability"], gpu.get("name"),
                                                                gpu.get("compute_capability")))
+    board = board if board is not None else board_model()
+    if board and meta.get("board") and meta["board"] != board:
+        raise EngineMismatchError("engine '%s' was built on a %s, this is a %s: an engine is tuned to its board's "
+                                  "GPU and memory; rebuild it with `edgerun build`" % (engine_path, meta["board"], board))
     if bundle is not None and meta.get("bundle_sha256") != bundle_fingerprint(bundle):
         raise EngineMismatchError("engine '%s' was built from another bundle (or a changed one): rebuild it with "
                                   "`edgerun build`" % engine_path)
@@ -374,18 +414,21 @@ class TrtRunner(Runner):
 
     name = "tensorrt"
 
-    def __init__(self, engine_path, bundle=None, trt=None, cuda=None, gpu=None):
+    def __init__(self, engine_path, bundle=None, trt=None, cuda=None, gpu=None, board=None):
         Runner.__init__(self)
         self.engine_path = str(engine_path)
         self.bundle = bundle
         self._trt = trt
         self._cuda = cuda
         self.gpu = gpu
+        self.board = board
 
     def _activate(self):
-        trt = self._trt or import_tensorrt()
         cuda = self._cuda or import_cuda()
-        self.meta = check_engine(self.engine_path, self.bundle, trt, self.gpu)
+        trt = self._trt or import_tensorrt()
+        self.cuda_context = cuda.Context.get_current()  # pushed around every call: any thread may infer
+        self.free_at_start = cuda.mem_get_info()[0]  # device memory is measured from here (engine load on)
+        self.meta = check_engine(self.engine_path, self.bundle, trt, self.gpu, self.board)
         self.api = select_api(trt)
         self.logger = make_logger(trt)
         self.runtime = trt.Runtime(self.logger)
@@ -396,6 +439,10 @@ class TrtRunner(Runner):
                                       % (trt.__version__, self.engine_path,
                                          "; ".join(str(m) for _, m in self.logger.messages[-3:])))
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise RunnerError("TensorRT could not create an execution context for '%s' (out of device memory?): "
+                              "close other GPU programs, or rebuild with a smaller --workspace-mb; TensorRT said: %s"
+                              % (self.engine_path, "; ".join(str(m) for _, m in self.logger.messages[-3:]) or "-"))
         self.cuda = cuda
         self.stream = cuda.Stream()
         self.tensors = self.api.io_tensors(self.engine)
@@ -412,7 +459,15 @@ class TrtRunner(Runner):
             return
         for tensor in self.tensors:
             if tensor["is_input"]:
-                self.api.set_input_shape(self.context, tensor, shapes[tensor["name"]])
+                want, fixed = shapes[tensor["name"]], tensor["shape"]
+                if len(want) != len(fixed) or any(f >= 0 and f != w for f, w in zip(fixed, want)):
+                    raise RunnerError("input '%s' of engine '%s' is fixed at %s, the feed is %s: %s"
+                                      % (tensor["name"], self.engine_path, fixed, want,
+                                         "feed batch %d, or export with export.dynamic_batch and rebuild"
+                                         % fixed[0] if fixed and fixed[0] >= 0 else "match the engine's shape"))
+                if not self.api.set_input_shape(self.context, tensor, want):
+                    raise RunnerError("engine '%s' refused input shape %s for '%s' (outside its optimization "
+                                      "profile?)" % (self.engine_path, want, tensor["name"]))
         for tensor in self.tensors:
             shape = shapes[tensor["name"]] if tensor["is_input"] else self.api.output_shape(self.context, tensor)
             if any(d < 0 for d in shape):
@@ -423,6 +478,13 @@ class TrtRunner(Runner):
         self.shapes = shapes
 
     def _infer(self, feed):
+        self.cuda_context.push()  # this thread may not be the one that activated the runner
+        try:
+            return self._infer_current(feed)
+        finally:
+            self.cuda.Context.pop()
+
+    def _infer_current(self, feed):
         self._buffers(feed)
         cuda, stream, ev = self.cuda, self.stream, self.events
         ev[0].record(stream)
@@ -445,6 +507,23 @@ class TrtRunner(Runner):
         self.last_timing = {"h2d": ev[1].time_since(ev[0]) / 1e3, "compute": ev[2].time_since(ev[1]) / 1e3,
                             "d2h": ev[3].time_since(ev[2]) / 1e3}
         return outputs
+
+    def device_memory(self):
+        """Device memory taken since activation (engine, context, I/O buffers): nvmap's per-process figure where
+        readable (root), else the drop of cuda.mem_get_info()'s free memory, which on a Jetson's shared DRAM also
+        moves with other processes."""
+        from .device import nvmap_process_mb
+
+        nvmap = nvmap_process_mb()
+        if nvmap is not None:
+            return {"mb": nvmap, "method": "nvmap per-process allocations (%s)" % "debugfs iovmm clients"}
+        self.cuda_context.push()
+        try:
+            free_now = self.cuda.mem_get_info()[0]
+        finally:
+            self.cuda.Context.pop()
+        return {"mb": max(0, self.free_at_start - free_now) / float(1 << 20),
+                "method": "cuda.mem_get_info free-memory drop from engine load to now"}
 
     def _deactivate(self):
         self.context = None
