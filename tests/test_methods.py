@@ -251,7 +251,7 @@ def test_every_new_key_typo_names_the_key(tmp_path, override, expected):
     path.write_text("name: x\n")
     with pytest.raises(RecipeError) as err:
         load_recipe(path, [override])
-    assert f"did you mean '" in str(err.value) and expected in str(err.value)
+    assert "did you mean '" in str(err.value) and expected in str(err.value)
 
 
 def test_new_keys_parse_and_bad_values_are_explained(tmp_path):

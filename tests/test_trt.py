@@ -17,23 +17,27 @@ NANO = {"name": "Jetson Nano", "compute_capability": "5.3"}
 ORIN = {"name": "Orin", "compute_capability": "8.7"}
 
 
-@pytest.fixture(scope="module")
-def orin_bundle(tmp_path_factory):
-    """A bundle exported for a TensorRT 10 target: it carries the symmetric QDQ ONNX for explicit INT8."""
+def _untrained_bundle(folder, name, **export):
+    """A bundle of an untrained MobileNetV3 on a few real digits, exported with ``ExportConfig(**export)``."""
     from edgedistill.data import load_data
     from edgedistill.export import build_bundle
     from edgedistill.models import create_model
     from edgedistill.recipe import DataConfig, ExportConfig, ModelConfig
 
-    folder = tmp_path_factory.mktemp("orin")
     cfg = DataConfig(source="digits", image_size=32, train_per_class=10, val_per_class=4)
     data = load_data(cfg)
     (folder / "ckpt").write_bytes(b"x")
     build_bundle(model=create_model(ModelConfig(model="mobilenetv3_small_050"), 10).eval(), out_dir=folder / "bundle",
-                 name="orin", classes=data.classes, train=data.train, val=data.val, data_cfg=cfg,
-                 cfg=ExportConfig(target="jetson-orin-nano-jp6", calib_samples=16, val_samples=20, parity_samples=20),
-                 seed=0, checkpoint=folder / "ckpt", source={}, host_metrics={}, recipe_yaml="name: orin\n")
+                 name=name, classes=data.classes, train=data.train, val=data.val, data_cfg=cfg,
+                 cfg=ExportConfig(calib_samples=16, val_samples=20, parity_samples=20, **export),
+                 seed=0, checkpoint=folder / "ckpt", source={}, host_metrics={}, recipe_yaml="name: %s\n" % name)
     return open_bundle(folder / "bundle")
+
+
+@pytest.fixture(scope="module")
+def orin_bundle(tmp_path_factory):
+    """A bundle exported for a TensorRT 10 target: it carries the symmetric QDQ ONNX for explicit INT8."""
+    return _untrained_bundle(tmp_path_factory.mktemp("orin"), "orin", target="jetson-orin-nano-jp6")
 
 
 def test_versions_compare_as_numbers_and_pick_the_api():
@@ -209,21 +213,8 @@ def test_tensorrt_qdq_model_follows_explicit_quantization_rules(orin_bundle):
 @pytest.fixture(scope="module")
 def dynamic_bundle(tmp_path_factory):
     """A bundle with a dynamic batch (profile 1..4, opt 4) for a TensorRT 8 target."""
-    from edgedistill.data import load_data
-    from edgedistill.export import build_bundle
-    from edgedistill.models import create_model
-    from edgedistill.recipe import DataConfig, ExportConfig, ModelConfig
-
-    folder = tmp_path_factory.mktemp("dynamic")
-    cfg = DataConfig(source="digits", image_size=32, train_per_class=10, val_per_class=4)
-    data = load_data(cfg)
-    (folder / "ckpt").write_bytes(b"x")
-    build_bundle(model=create_model(ModelConfig(model="mobilenetv3_small_050"), 10).eval(), out_dir=folder / "bundle",
-                 name="dyn", classes=data.classes, train=data.train, val=data.val, data_cfg=cfg,
-                 cfg=ExportConfig(target="jetson-nano-jp4", dynamic_batch=True, batch=4, max_batch=4, int8=False,
-                                  calib_samples=16, val_samples=20, parity_samples=20),
-                 seed=0, checkpoint=folder / "ckpt", source={}, host_metrics={}, recipe_yaml="name: dyn\n")
-    return open_bundle(folder / "bundle")
+    return _untrained_bundle(tmp_path_factory.mktemp("dynamic"), "dyn", target="jetson-nano-jp4", dynamic_batch=True,
+                             batch=4, max_batch=4, int8=False)
 
 
 def _feed(bundle, n):
