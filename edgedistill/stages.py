@@ -121,6 +121,11 @@ class RunContext:
                      len(self._unlabeled))
         return self._unlabeled
 
+    @property
+    def eval_split(self) -> Split:
+        """Where models are compared: the test split when the recipe has one, else validation."""
+        return self.data.test if self.data.test is not None else self.data.val
+
     def chain_keys(self) -> list[str]:
         return [k for k, s in self.steps.items() if s.role == "assistant"]
 
@@ -344,7 +349,7 @@ def _model_facts(model: nn.Module, top1: float, name: str) -> dict[str, Any]:
 def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
     recipe, data = ctx.recipe, ctx.data
     ev = recipe.evaluate
-    split = data.test if data.test is not None else data.val
+    split = ctx.eval_split
     loader = eval_loader(split, recipe.data)
     ctx.require("teacher", "evaluate")
     student_key = ctx.best_student()
@@ -365,8 +370,9 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
         summary["student"]["generation"] = 0 if student_key == "distill" else int(student_key.split("-")[1])
         summary["generations"] = []
         for g, key in enumerate(["distill"] + ctx.generation_keys()):
-            pred = predict(ctx.trained_model(key, "evaluate").to(ctx.device), loader, ctx.device)
-            summary["generations"].append({"generation": g, "top1": pred.top1, "kept": key == student_key,
+            top1 = summary["student"]["top1"] if key == student_key else predict(
+                ctx.trained_model(key, "evaluate").to(ctx.device), loader, ctx.device).top1  # kept one: done above
+            summary["generations"].append({"generation": g, "top1": top1, "kept": key == student_key,
                                            "val_top1": ctx.done_record(key)["top1"]})
     summary["unlabeled_images"] = (ctx.done_record("distill") or {}).get("unlabeled_images", 0)
     threads_before = torch.get_num_threads()

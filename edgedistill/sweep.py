@@ -64,7 +64,7 @@ def run_cell(ctx: RunContext, temperature: float, alpha: float, teacher_eval_top
     except EdgedistillError as exc:  # a diverging cell is a row with its status, not the end of the sweep
         log.warning("%s: %s", key, exc)
         return {**row, "status": f"failed: {str(exc).splitlines()[0][:120]}"}
-    split = ctx.data.test if ctx.data.test is not None else ctx.data.val
+    split = ctx.eval_split
     top1 = predict(cell.trained_model(key, "sweep").to(ctx.device), eval_loader(split, recipe.data), ctx.device).top1
     return {**row, "status": "ok", "val_top1": report["top1"], "eval_top1": top1, "eval_split": split.name,
             "retention": top1 / teacher_eval_top1 if teacher_eval_top1 else 0.0,
@@ -150,9 +150,8 @@ def run_sweep(ctx: RunContext, temperatures: list[float], alphas: list[float]) -
     run_stage(ctx, "teacher")
     check_teacher_floor(ctx, "sweep")
     run_stage(ctx, "assistant")
-    split = ctx.data.test if ctx.data.test is not None else ctx.data.val
     teacher_top1 = predict(ctx.trained_model("teacher", "sweep").to(ctx.device),
-                           eval_loader(split, ctx.recipe.data), ctx.device).top1
+                           eval_loader(ctx.eval_split, ctx.recipe.data), ctx.device).top1
     rows: list[dict[str, Any]] = []
     cells = [(t, a) for t in temperatures for a in alphas]
     for n, (t, a) in enumerate(cells, 1):
