@@ -249,14 +249,24 @@ def test_gpu_clock_state_from_sys_class_devfreq(tmp_path, node):
     assert clocks(root=str(tmp_path))["maxed"] is True
 
 
-def test_bench_feeds_camera_sized_frames_and_shows_the_preprocessing_share(trained_run, capsys):
+def test_bench_feeds_camera_sized_frames_and_shows_the_preprocessing_share(trained_run, capsys, monkeypatch):
+    import edgerun.bench as bench
+
+    seen = []
+    real_preprocess = bench.preprocess
+
+    def spy(frames, spec, **kwargs):
+        seen.append({f.shape for f in frames})
+        return real_preprocess(frames, spec, **kwargs)
+
+    monkeypatch.setattr(bench, "preprocess", spy)
     bundle = open_bundle(trained_run / "bundle")
     with OrtRunner(bundle.model_path) as runner:
-        small = run_bench(runner, bundle.manifest, warmup=2, iterations=20, frame_size=(16, 16))
         full = run_bench(runner, bundle.manifest, warmup=2, iterations=20, frame_size=(1920, 1080))
     assert full["feed"] == {"kind": "synthetic", "frame_size": [1920, 1080]}
-    # a 1080p frame costs more to bring to the model's 16 px than a 16 px one does
-    assert full["stages_ms"]["preprocess"] > 3 * small["stages_ms"]["preprocess"]
+    # the timed preprocessing is handed camera-sized frames (height, width, BGR), every iteration
+    assert len(seen) == 22 and all(shapes == {(1080, 1920, 3)} for shapes in seen)
+    assert full["stages_ms"]["preprocess"] > 0
     assert 0 < full["stages_share"]["preprocess"] < 1
     assert verdict(full, fps_target=1)["holds_for"] == "synthetic frames of 1920x1080"
     assert full["memory"]["device_mb"] is None and full["memory"]["total_mb"] == full["memory"]["process_peak_mb"]
