@@ -3,13 +3,15 @@
     edgedistill run RECIPE [--set key=value ...] [--force]    every stage in order
     edgedistill teacher|assistant|distill|self-distill|baseline|evaluate|export RECIPE [...]   one stage
     edgedistill sweep RECIPE --temperature 1,2,3,5 --alpha 0.5,0.7,0.9   one student per cell, one teacher
-    edgedistill pack BUNDLE_DIR -o FILE.edb                    one file to copy to the device
+    edgedistill pack BUNDLE_DIR -o FILE.edb [--sign KEY]       one file to copy to the device (signed)
+    edgedistill keygen -o KEY                                  Ed25519 signing key (KEY, mode 0600) + KEY.pub
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -20,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from edgerun.errors import EdgerunError
+from edgerun.signing import PASSPHRASE_ENV
 
 from .errors import EdgedistillError
 
@@ -92,7 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pack", help="pack a bundle folder into one .edb file for the device")
     p.add_argument("bundle", help="bundle folder (runs/<name>/bundle)")
     p.add_argument("-o", "--output", required=True, help="output file, e.g. student.edb")
+    p.add_argument("--sign", metavar="KEY", help="sign the manifest (which holds every file's sha256) with this "
+                                                 "private key from `edgedistill keygen`; passphrase from $"
+                                                 "EDGEDISTILL_KEY_PASSPHRASE if the key is encrypted")
     p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles (KEY and KEY.pub)")
+    p.add_argument("-o", "--output", required=True, help="private key file; the public key goes to OUTPUT.pub")
+    p.add_argument("--passphrase-env", metavar="VAR", help="encrypt the private key with the passphrase in this "
+                                                           "environment variable")
+    p.add_argument("--force", action="store_true", help="replace an existing key pair")
     return parser
 
 
@@ -101,8 +112,28 @@ def _run(args: argparse.Namespace) -> int:
         setup_logging(None, args.verbose)
         from edgerun.bundle import pack_bundle
 
-        path = pack_bundle(args.bundle, args.output)
+        path = pack_bundle(args.bundle, args.output, sign_key=args.sign,
+                           passphrase=os.environ.get(PASSPHRASE_ENV) if args.sign else None)
+        if args.sign:
+            from edgerun.signing import read_signature
+
+            print(f"signed by key {read_signature(args.bundle)['key_id']} "
+                  f"(devices trust it with: edgerun ... --trust {args.sign}.pub)", file=sys.stderr)
         print(path)
+        return 0
+    if args.command == "keygen":
+        from edgerun.signing import generate_keypair
+
+        passphrase = None
+        if args.passphrase_env:
+            passphrase = os.environ.get(args.passphrase_env)
+            if not passphrase:
+                raise EdgedistillError(f"--passphrase-env {args.passphrase_env}: that environment variable is "
+                                       "empty or unset; export the passphrase in it first")
+        private, public, kid = generate_keypair(args.output, passphrase=passphrase, force=args.force)
+        print(f"private key {private} (mode 0600: keep it off the devices), public key {public}, key id {kid}\n"
+              f"sign: edgedistill pack BUNDLE -o X.edb --sign {private}\n"
+              f"device: copy {public} into /etc/edgerun/trusted-keys/ or pass --trust {public}")
         return 0
 
     from .recipe import load_recipe

@@ -14,9 +14,10 @@ BUNDLE_SUFFIX = ".edb"
 class Bundle(object):
     """A verified bundle on disk: ``folder``, ``manifest`` and helpers to reach its files."""
 
-    def __init__(self, folder, manifest):
+    def __init__(self, folder, manifest, signer=None):
         self.folder = folder
         self.manifest = manifest
+        self.signer = signer  # the trusted key id that signed it, when opened with a trust set
 
     def path(self, name):
         return os.path.join(self.folder, name)
@@ -46,8 +47,12 @@ class Bundle(object):
             return data["images"], data["labels"]
 
 
-def open_bundle(path, workdir=None, verify=True):
-    """Open a bundle folder or .edb file; an archive is unpacked (checked member by member) first."""
+def open_bundle(path, workdir=None, verify=True, trust=None):
+    """Open a bundle folder or .edb file; an archive is unpacked (checked member by member) first.
+
+    ``trust``: a public key file or folder of them (see :mod:`edgerun.signing`); with it the bundle must be
+    signed by one of those keys and every byte must match, whatever ``verify`` says.
+    """
     path = str(path)
     if not os.path.exists(path):
         raise BundleError("bundle '%s' does not exist" % path)
@@ -63,14 +68,23 @@ def open_bundle(path, workdir=None, verify=True):
     if not os.path.isfile(manifest_path):
         raise BundleError("'%s' has no %s: is it an edgedistill bundle?" % (path, MANIFEST_FILE))
     manifest = load_manifest(manifest_path)
+    if trust:
+        from .signing import check_trust
+
+        return Bundle(folder, manifest, signer=check_trust(folder, manifest, trust))
     if verify:
         manifest.verify_files(folder)
     return Bundle(folder, manifest)
 
 
-def pack_bundle(folder, output):
-    """Verify a bundle folder, then write it as one .edb file; returns the file's path."""
+def pack_bundle(folder, output, sign_key=None, passphrase=None):
+    """Verify a bundle folder (signing its manifest with ``sign_key`` if given), then write it as one .edb
+    file; returns the file's path."""
     bundle = open_bundle(folder)
+    if sign_key:
+        from .signing import sign_bundle
+
+        sign_bundle(bundle.folder, sign_key, passphrase)
     output = str(output)
     if not output.endswith(BUNDLE_SUFFIX):
         output += BUNDLE_SUFFIX

@@ -5,10 +5,15 @@
     edgerun validate BUNDLE [--engine E]                      accuracy on the bundle's val.npz vs the host
     edgerun bench BUNDLE [--engine E] --fps-target 30 --budget-mb 500
     edgerun camera BUNDLE [--engine E] --source csi://0 --fps-target 30 --duration 60
+    edgerun verify BUNDLE [--trust KEY.pub|DIR]               every file's sha256, and the signature
 
 Without --engine, the ONNX Runtime runner runs the bundle's ONNX model (``--variant int8`` for the host
 INT8 model). Exit status: 0 done/PASS, 1 FAIL (bench/camera with --strict, validate over its threshold),
 2 error.
+
+Trust: with --trust KEY.pub or a folder of .pub files (else $EDGERUN_TRUST, else /etc/edgerun/trusted-keys
+when that folder exists) every command refuses a bundle that is unsigned, signed by another key, or changed
+in any byte since it was signed (`edgedistill pack BUNDLE -o X.edb --sign KEY`).
 """
 import argparse
 import os
@@ -21,6 +26,17 @@ from .errors import EdgerunError
 from .preprocess import preprocess
 from .profiles import TARGETS, get_target
 from .runners import infer_chunk
+
+
+def _open(args):
+    """The bundle named on the command line, held to the trust set when one is configured."""
+    from .signing import resolve_trust
+
+    trust = resolve_trust(getattr(args, "trust", None))
+    bundle = open_bundle(args.bundle, trust=trust)
+    if trust:
+        sys.stderr.write("bundle signed by trusted key %s (%s)\n" % (bundle.signer, trust))
+    return bundle
 
 
 def _runner(args, bundle):
@@ -68,7 +84,7 @@ def cmd_build(args):
     from .device import gpu_properties
     from .trt import build_engine
 
-    bundle = open_bundle(args.bundle)
+    bundle = _open(args)
     base = os.path.basename(os.path.normpath(args.bundle))
     stem = base[:-len(".edb")] if base.endswith(".edb") else bundle.manifest.data["name"]
     output = args.output or "%s.%s.engine" % (stem, args.precision)  # student.edb -> student.fp16.engine
@@ -95,7 +111,7 @@ def evaluate_bundle(runner, bundle, batch=None):
 
 
 def cmd_validate(args):
-    bundle = open_bundle(args.bundle)
+    bundle = _open(args)
     with _runner(args, bundle) as runner:
         top1 = evaluate_bundle(runner, bundle)
     metrics = bundle.manifest.data["metrics"]
@@ -116,7 +132,7 @@ def cmd_validate(args):
 
 
 def cmd_bench(args):
-    bundle = open_bundle(args.bundle)
+    bundle = _open(args)
     with _runner(args, bundle) as runner:
         result = run_bench(runner, bundle.manifest, batch=args.batch, warmup=args.warmup, iterations=args.iterations,
                            min_seconds=args.min_seconds, frame_size=_frame_size(args, bundle))
@@ -138,7 +154,7 @@ def cmd_bench(args):
 def cmd_camera(args):
     from .camera import run_camera
 
-    bundle = open_bundle(args.bundle)
+    bundle = _open(args)
 
     def announce(frame, name, conf):
         print("REJECT frame %d: %s (%.2f)" % (frame, name, conf))
@@ -160,10 +176,31 @@ def cmd_camera(args):
     return 1 if (args.strict and status == "FAIL") else 0
 
 
+def cmd_verify(args):
+    from .signing import SIGNATURE_FILE, read_signature, resolve_trust
+
+    trust = resolve_trust(args.trust)
+    bundle = _open(args)
+    record = read_signature(bundle.folder)
+    print("%s: %d files match the manifest's sha256" % (args.bundle, len(bundle.manifest.data["files"])))
+    if trust:
+        print("signature: valid, by trusted key %s (%s)" % (bundle.signer, trust))
+    elif record:
+        print("signature: %s present (key %s) but not checked: no trust set; pass --trust KEY.pub"
+              % (SIGNATURE_FILE, record.get("key_id", "?")))
+    else:
+        print("signature: none (unsigned bundle; no trust set configured)")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="edgerun", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
+
+    def trust_arg(p):
+        p.add_argument("--trust", help="accept only bundles signed by this public key (KEY.pub) or by a key in this "
+                                       "folder (default: $EDGERUN_TRUST, else /etc/edgerun/trusted-keys if present)")
     p = sub.add_parser("info", help="device, JetPack/L4T, TensorRT, CUDA, memory, clocks")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("build", help="build a TensorRT engine from a bundle")
@@ -173,12 +210,14 @@ def build_parser():
     p.add_argument("--workspace-mb", type=int, default=1024)
     p.add_argument("--timing-cache", default="edgerun.timing.cache", help="persistent timing cache file")
     p.add_argument("--force", action="store_true", help="build INT8 even where it is slower or rejected")
+    trust_arg(p)
 
     def runner_args(p):
         p.add_argument("bundle", help="bundle folder or .edb file")
         p.add_argument("--engine", help="TensorRT engine from `edgerun build` (default: ONNX Runtime)")
         p.add_argument("--variant", default=None, help="ONNX Runtime only: fp32 (default) or int8")
         p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+        trust_arg(p)
 
     p = sub.add_parser("validate", help="accuracy on the bundle's validation images vs the host")
     runner_args(p)
@@ -209,10 +248,14 @@ def build_parser():
     p.add_argument("--fps-target", type=float)
     p.add_argument("--json", help="write the summary here")
     p.add_argument("--strict", action="store_true")
+    p = sub.add_parser("verify", help="check a bundle's files and signature without running it")
+    p.add_argument("bundle", help="bundle folder or .edb file")
+    trust_arg(p)
     return parser
 
 
-COMMANDS = {"info": cmd_info, "build": cmd_build, "validate": cmd_validate, "bench": cmd_bench, "camera": cmd_camera}
+COMMANDS = {"info": cmd_info, "build": cmd_build, "validate": cmd_validate, "bench": cmd_bench, "camera": cmd_camera,
+            "verify": cmd_verify}
 
 
 def main(argv=None):

@@ -13,6 +13,10 @@ class UnsafeArchiveError(BundleError):
     """An archive member would escape the target folder or is not a plain file."""
 
 
+class SignatureError(BundleError):
+    """A bundle is unsigned, signed by an untrusted key, or changed after signing; or a key is unusable."""
+
+
 class EngineBuildError(EdgerunError):
     """TensorRT could not build an engine from the bundle's ONNX model."""
 

@@ -16,6 +16,7 @@ from .preprocess import PreprocessSpec
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "manifest.sig"  # an Ed25519 signature over manifest.json's bytes (see signing.py)
 
 # key -> type(s) required at the top level of a manifest
 REQUIRED = {
@@ -147,9 +148,12 @@ def write_manifest(folder, data):
     for root, _dirs, names in os.walk(folder):
         for name in names:
             rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
-            if rel != MANIFEST_FILE and not name.startswith("."):
+            if rel not in (MANIFEST_FILE, SIGNATURE_FILE) and not name.startswith("."):
                 files[rel] = sha256_file(os.path.join(root, name))
     data = dict(data, files=files, schema_version=SCHEMA_VERSION)
+    stale = os.path.join(folder, SIGNATURE_FILE)
+    if os.path.exists(stale):  # it signed the manifest being replaced: sign the new one again
+        os.remove(stale)
     manifest = Manifest(data, source=os.path.join(folder, MANIFEST_FILE))
     tmp = os.path.join(folder, "." + MANIFEST_FILE + ".tmp")
     with open(tmp, "w") as fh:
