@@ -4,6 +4,7 @@
     edgedistill teacher|assistant|distill|self-distill|baseline|evaluate|export RECIPE [...]   one stage
     edgedistill sweep RECIPE --temperature 1,2,3,5 --alpha 0.5,0.7,0.9   one student per cell, one teacher
     edgedistill pack BUNDLE_DIR -o FILE.edb [--sign KEY]       one file to copy to the device (signed)
+    edgedistill plan --target jetson-nano-jp4 --fps-target 30 --budget-mb 500   which student fits (estimates)
     edgedistill keygen -o KEY                                  Ed25519 signing key (KEY, mode 0600) + KEY.pub
 """
 from __future__ import annotations
@@ -92,6 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--temperature", default="1,2,3,5,10", help="comma-separated temperatures (default 1,2,3,5,10)")
     p.add_argument("--alpha", default="0.3,0.5,0.7,0.9", help="comma-separated KD weights (default 0.3,0.5,0.7,0.9)")
+    p = sub.add_parser("plan", help="choose the student before training: estimated device FPS, memory and engine "
+                                    "size of candidate models (estimates, fitted to published Jetson figures)")
+    p.add_argument("--target", required=True, help="device profile, e.g. jetson-nano-jp4 (see edgerun/profiles.py)")
+    p.add_argument("--fps-target", type=float)
+    p.add_argument("--budget-mb", type=float, help="memory budget of the whole TensorRT process")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--candidates", help="comma-separated timm or torchvision SqueezeNet names (default: a curated "
+                                        "list of edge models)")
+    p.add_argument("--teacher", help="also estimate the teacher, e.g. resnet152")
+    p.add_argument("--json", help="write [{model, params, flops, est_latency_ms, est_fps, est_memory_mb, fits, "
+                                  "reason}, ...] here")
+    p.add_argument("--measured", nargs="+", default=[], metavar="BENCH.json",
+                   help="`edgerun bench --json` files from the real board: shown against the estimate and used to "
+                        "rescale this board's factors (saved in your cache)")
+    p.add_argument("-v", "--verbose", action="store_true")
     p = sub.add_parser("pack", help="pack a bundle folder into one .edb file for the device")
     p.add_argument("bundle", help="bundle folder (runs/<name>/bundle)")
     p.add_argument("-o", "--output", required=True, help="output file, e.g. student.edb")
@@ -121,6 +139,11 @@ def _run(args: argparse.Namespace) -> int:
                   f"(devices trust it with: edgerun ... --trust {args.sign}.pub)", file=sys.stderr)
         print(path)
         return 0
+    if args.command == "plan":
+        setup_logging(None, args.verbose)
+        from .planner import plan_command
+
+        return plan_command(args)
     if args.command == "keygen":
         from edgerun.signing import generate_keypair
 

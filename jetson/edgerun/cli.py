@@ -146,8 +146,16 @@ def cmd_bench(args):
         board or "this host, not a Jetson: not a device figure")
     print(report_text(result, v, title))
     if args.json:
+        source = bundle.manifest.data.get("source") or {}
+        engine = getattr(runner, "meta", None)
         with open(args.json, "w") as fh:
-            fh.write(to_json({"result": result, "verdict": v}))
+            # what the workstation's planner needs to set this measurement beside its estimate
+            fh.write(to_json({"result": result, "verdict": v, "board": board,
+                              "bundle": {"name": bundle.manifest.data["name"], "model": source.get("student_model"),
+                                         "input_shape": bundle.manifest.input_shape,
+                                         "target": bundle.manifest.data.get("target")},
+                              "engine": ({"path": args.engine, "precision": engine.get("precision"),
+                                          "tensorrt": engine.get("tensorrt")} if engine else None)}))
     return 1 if (args.strict and v["overall"] == "FAIL") else 0
 
 

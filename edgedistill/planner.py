@@ -1,0 +1,514 @@
+"""Choose the student before training: estimated device latency, FPS, memory and engine size per candidate.
+
+Every device figure here is an **estimate**. The model is a per-layer roofline: each convolution / linear /
+pooling kernel takes ``max(FLOPs / (a * peak), bytes / (b * bandwidth))`` plus a fixed launch overhead ``c``,
+summed over the network. Peaks and bandwidth are the board's data-sheet figures (``edgerun.profiles``,
+``gpu``); the three efficiency factors ``a, b, c`` are fitted per board to published TensorRT measurements of
+real boards (``planner_calibration.csv``, each row with its source and conditions). A board without published
+points borrows the factors of its nearest calibrated relative and says so. ``--measured`` bench files from a
+real device rescale the factors for that board, saved in the user's cache (never in the package).
+
+FLOPs come from PyTorch's own counter (``torch.utils.flop_counter.FlopCounterMode``), which counts a
+multiply-accumulate as 2 FLOPs; tables print MACs (= FLOPs / 2), the unit most papers mean by "FLOPs".
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgerun.profiles import get_target
+
+from .errors import EdgedistillError
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_FILE = Path(__file__).with_name("planner_calibration.csv")
+# Edge-friendly timm models and torchvision's SqueezeNets, smallest first.
+DEFAULT_CANDIDATES = (
+    "mobilenetv3_small_050", "mobilenetv3_small_075", "lcnet_100", "squeezenet1_1", "mobilenetv3_small_100",
+    "mobilenetv2_050", "mobilenetv2_100", "ghostnet_100", "mnasnet_100", "mobilenetv3_large_100",
+    "efficientnet_lite0", "mobilenetv2_140", "resnet10t", "efficientnet_b0", "resnet18", "resnet34",
+    "efficientnet_b1", "resnet50",
+)
+# ImageNet-1k top-1 (%) published by timm, results/results-imagenet.csv of huggingface/pytorch-image-models
+# (commit 0173a139), for the weights named; the planner ranks by it and says when a model has none.
+TIMM_TOP1 = {
+    "mobilenetv3_small_050": (57.910, "lamb_in1k"), "mobilenetv3_small_075": (65.234, "lamb_in1k"),
+    "mobilenetv3_small_100": (67.656, "lamb_in1k"), "mobilenetv3_large_100": (75.766, "ra_in1k"),
+    "mobilenetv2_050": (65.950, "lamb_in1k"), "mobilenetv2_100": (72.976, "ra_in1k"),
+    "mobilenetv2_140": (76.520, "ra_in1k"), "lcnet_100": (72.096, "ra2_in1k"), "ghostnet_100": (73.982, "in1k"),
+    "mnasnet_100": (74.650, "rmsp_in1k"), "efficientnet_lite0": (75.480, "ra_in1k"),
+    "efficientnet_b0": (77.694, "ra_in1k"), "efficientnet_b1": (78.800, "ft_in1k"),
+    "resnet10t": (68.358, "c3_in1k"), "resnet18": (69.760, "tv_in1k"), "resnet34": (74.578, "gluon_in1k"),
+    "resnet50": (76.130, "tv_in1k"), "resnet101": (77.376, "tv_in1k"), "resnet152": (78.322, "tv_in1k"),
+    "densenet121": (74.764, "tv_in1k"),
+}
+# Boards without published points use the factors of a calibrated relative (same GPU generation or family).
+BORROW = {"jetson-nano-2gb-jp4": "jetson-nano-jp4", "jetson-tx2-jp4": "jetson-nano-jp4",
+          "xavier-nx-jp5": "agx-xavier-jp5", "jetson-orin-nano-jp6": "agx-xavier-jp5",
+          "orin-nx-jp6": "agx-xavier-jp5", "agx-orin-jp6": "agx-xavier-jp5"}
+BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+# What a TensorRT process holds before any model: CUDA context, TensorRT and its kernels. An ASSUMPTION, not a
+# measurement (no published per-board figure was found); `--measured` bench files replace it per board.
+RUNTIME_BASE_MB = 300.0
+MARGIN = 0.2  # the recommendation keeps 20% headroom on FPS and memory
+
+
+@dataclass
+class Layer:
+    kind: str  # conv | dwconv (grouped) | linear | pool | other
+    flops: float
+    in_elems: int
+    out_elems: int
+    weight_elems: int
+
+
+@dataclass
+class ModelProfile:
+    model: str
+    image_size: int
+    params: int
+    flops: float  # per image, FLOPs (2 x MACs), PyTorch's FlopCounterMode
+    layers: list = field(default_factory=list)
+    activation_peak_elems: int = 0
+
+    @property
+    def macs(self) -> float:
+        return self.flops / 2
+
+
+def build_architecture(name: str, num_classes: int = 1000, framework: str = "auto") -> nn.Module:
+    """An untrained network of that name (nothing downloaded): torchvision for the calibration rows and the
+    SqueezeNets, timm otherwise."""
+    import torchvision
+
+    if framework == "torchvision" or (framework == "auto" and name.startswith("squeezenet")):
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    from .models import create_model
+    from .recipe import ModelConfig
+
+    return create_model(ModelConfig(model=name), num_classes)
+
+
+@lru_cache(maxsize=128)
+def profile_model(name: str, image_size: int = 224, framework: str = "auto", num_classes: int = 1000) -> ModelProfile:
+    """Parameters, FLOPs and the per-kernel costs the roofline needs, from one forward pass at batch 1."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_architecture(name, num_classes, framework).eval()
+    records = []
+
+    def hook(module, inputs, output):
+        out = output if torch.is_tensor(output) else output[0]
+        records.append((module, int(inputs[0].numel()), int(out.numel())))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+                                 nn.AdaptiveMaxPool2d))]
+    names = {m: n for n, m in model.named_modules()}
+    root = type(model).__name__
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        for h in handles:
+            h.remove()
+    counts = counter.get_flop_counts()
+    total = float(counter.get_total_flops())
+    layers, counted = [], 0.0
+    for module, n_in, n_out in records:
+        key = f"{root}.{names[module]}" if names[module] else root
+        flops = float(sum(counts.get(key, {}).values())) if isinstance(module, (nn.Conv2d, nn.Linear)) else 0.0
+        if isinstance(module, nn.Conv2d):
+            kind = "dwconv" if module.groups > 1 else "conv"
+        elif isinstance(module, nn.Linear):
+            kind = "linear"
+        else:
+            kind, flops = "pool", float(n_in)  # one add or compare per input element
+        weight = sum(p.numel() for p in module.parameters(recurse=False))
+        counted += flops if kind != "pool" else 0.0
+        layers.append(Layer(kind, flops, n_in, n_out, int(weight)))
+    rest = max(total - counted, 0.0)  # attention matmuls and other ops outside conv/linear modules
+    if rest > 0.01 * total:
+        layers.append(Layer("other", rest, 0, 0, 0))
+    peak = max((lay.in_elems + lay.out_elems for lay in layers), default=0)
+    return ModelProfile(name, image_size, sum(p.numel() for p in model.parameters()), total, layers, peak)
+
+
+@dataclass
+class Factors:
+    board: str  # the board whose points were fitted
+    compute: float  # a: fraction of peak FLOPs reached by dense kernels
+    memory: float  # b: fraction of peak bandwidth reached
+    overhead_ms: float  # c: fixed cost per kernel
+    scale: float = 1.0  # measured / estimated latency on the user's own board (--measured), geometric mean
+    runtime_base_mb: float = RUNTIME_BASE_MB
+    source: str = "published"
+
+    def vector(self):
+        return np.log([self.compute, self.memory, self.overhead_ms])
+
+
+def _peaks(target: dict, precision: str) -> tuple[float, float, float]:
+    """(dense GFLOPS, grouped-conv GFLOPS, GB/s) of the board at a precision."""
+    gpu = target.get("gpu")
+    if not gpu:
+        raise EdgedistillError(f"target '{target['name']}' is not a Jetson profile with GPU facts; the planner "
+                               "estimates TensorRT on Jetson boards (see edgerun/profiles.py)")
+    if precision == "fp32":
+        return gpu["fp32_gflops"], gpu["fp32_gflops"], gpu["memory_gbps"]
+    cuda16 = gpu["fp16_cuda_gflops"]
+    if precision == "fp16":
+        return gpu["fp16_tensor_gflops"] or cuda16, cuda16, gpu["memory_gbps"]
+    if precision == "int8":
+        if not target.get("fast_int8"):
+            raise EdgedistillError(f"{target['device']} has no fast INT8 path (TensorRT runs INT8 slower than FP16 "
+                                   "there); plan with --precision fp16")
+        return gpu["int8_tensor_gops"], cuda16, gpu["memory_gbps"]
+    raise EdgedistillError(f"precision '{precision}': choose fp32, fp16 or int8")
+
+
+def _arrays(profile: ModelProfile) -> dict:
+    """The profile's layers as numpy columns (cached on the profile): the fit evaluates them thousands of times."""
+    cached = getattr(profile, "_arrays", None)
+    if cached is None:
+        lay = profile.layers
+        cached = {"flops": np.array([x.flops for x in lay]), "act": np.array([x.in_elems + x.out_elems for x in lay],
+                                                                              dtype=float),
+                  "weights": np.array([x.weight_elems for x in lay], dtype=float),
+                  "grouped": np.array([x.kind in ("dwconv", "pool") for x in lay]),
+                  "kernels": sum(x.kind != "other" for x in lay)}
+        object.__setattr__(profile, "_arrays", cached)
+    return cached
+
+
+def layer_times_ms(profile: ModelProfile, target: dict, precision: str, batch: int, factors: Factors) -> float:
+    """Estimated model latency (ms per batch): per-kernel roofline plus launch overhead, times the user's scale."""
+    dense, grouped, bandwidth = _peaks(target, precision)
+    a = _arrays(profile)
+    nbytes = BYTES[precision]
+    peak = np.where(a["grouped"], grouped, dense)
+    compute_ms = a["flops"] * batch / (factors.compute * peak * 1e9) * 1e3
+    memory_ms = (a["act"] * batch + a["weights"]) * nbytes / (factors.memory * bandwidth * 1e9) * 1e3
+    total = float(np.maximum(compute_ms, memory_ms).sum()) + factors.overhead_ms * a["kernels"]
+    return total * factors.scale
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+@dataclass
+class CalibrationPoint:
+    board: str
+    model: str
+    framework: str
+    precision: str
+    image_size: int
+    batch: int
+    fps: float
+    latency_ms: float
+    source: str
+    conditions: str
+
+
+def load_calibration(path: Path = CALIBRATION_FILE) -> list[CalibrationPoint]:
+    with open(path, newline="") as fh:
+        rows = csv.DictReader(line for line in fh if not line.startswith("#"))
+        return [CalibrationPoint(r["board"], r["model"], r["framework"], r["precision"], int(r["image_size"]),
+                                 int(r["batch"]), float(r["fps"]), float(r["latency_ms"]), r["source"],
+                                 r["conditions"]) for r in rows]
+
+
+def fit_factors(points: Sequence[CalibrationPoint], board: str) -> Factors:
+    """Least squares on log latency (relative error) over one board's published points."""
+    from scipy.optimize import least_squares
+
+    target = get_target(board)
+    profiles = [(profile_model(p.model, p.image_size, p.framework), p) for p in points]
+    if len(profiles) < 3:
+        raise EdgedistillError(f"{board}: {len(profiles)} calibration points; three factors need at least 3")
+
+    def residuals(x):
+        f = Factors(board, *np.exp(x))
+        return [math.log(layer_times_ms(prof, target, p.precision, p.batch, f) / p.latency_ms) for prof, p in profiles]
+
+    best = None
+    for start in ([0.5, 0.5, 0.05], [0.2, 0.8, 0.01], [0.8, 0.2, 0.2]):
+        fit = least_squares(residuals, np.log(start), method="trf")
+        if best is None or fit.cost < best.cost:
+            best = fit
+    return Factors(board, *(float(v) for v in np.exp(best.x)))
+
+
+def leave_one_out(points: Sequence[CalibrationPoint]) -> list[dict]:
+    """For each published point: the estimate from factors fitted without it, and the relative error."""
+    out = []
+    for board in sorted({p.board for p in points}):
+        mine = [p for p in points if p.board == board]
+        target = get_target(board)
+        for i, p in enumerate(mine):
+            f = fit_factors(mine[:i] + mine[i + 1:], board)
+            est = layer_times_ms(profile_model(p.model, p.image_size, p.framework), target, p.precision, p.batch, f)
+            out.append({"board": board, "model": p.model, "precision": p.precision, "published_ms": p.latency_ms,
+                        "estimated_ms": est, "relative_error": (est - p.latency_ms) / p.latency_ms})
+    return out
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("EDGEDISTILL_CACHE", Path.home() / ".cache" / "edgedistill")) / "planner"
+
+
+@lru_cache(maxsize=16)
+def _published_factors(board: str) -> Factors:
+    points = [p for p in load_calibration() if p.board == board]
+    return fit_factors(points, board)
+
+
+def factors_for(board: str, use_measured: bool = True) -> Factors:
+    """The board's fitted factors (or a calibrated relative's), with the user's measured rescaling if saved."""
+    get_target(board)  # an unknown name fails here, with the closest profile named
+    calibrated = {p.board for p in load_calibration()}
+    source_board = board if board in calibrated else BORROW.get(board)
+    if source_board not in calibrated:
+        raise EdgedistillError(f"no calibration for '{board}' or a relative of it; add published points to "
+                               f"{CALIBRATION_FILE.name} or pass --measured bench files")
+    f = _published_factors(source_board)
+    f = Factors(**{**asdict(f), "source": "published" if source_board == board else
+                   f"borrowed from {source_board} (uncalibrated for this board)"})
+    saved = _cache_dir() / f"{board}.json"
+    if use_measured and saved.exists():
+        data = json.loads(saved.read_text())
+        f.scale, f.runtime_base_mb = float(data["scale"]), float(data["runtime_base_mb"])
+        f.source += f"; rescaled by {data['points']} measurement(s) of yours ({saved})"
+    return f
+
+
+# ------------------------------------------------------------------------------------------------ estimates
+@dataclass
+class Estimate:
+    model: str
+    role: str
+    params: int
+    flops: float
+    macs: float
+    top1: Optional[float]
+    top1_source: str
+    est_latency_ms: float
+    est_fps: float
+    est_memory_mb: float
+    est_engine_mb: float
+    fits: bool
+    reason: str
+    with_margin: bool = False
+
+
+def top1_of(name: str) -> tuple[Optional[float], str]:
+    if name in TIMM_TOP1:
+        value, tag = TIMM_TOP1[name]
+        return value, f"timm results-imagenet.csv ({name}.{tag})"
+    if name.startswith("squeezenet"):
+        import torchvision
+
+        weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+        return weights.meta["_metrics"]["ImageNet-1K"]["acc@1"], "torchvision weights metadata"
+    return None, "none published here: ranked by parameters"
+
+
+def estimate(name: str, target_name: str, precision: str = "fp16", image_size: int = 224, batch: int = 1,
+             fps_target: Optional[float] = None, budget_mb: Optional[float] = None, role: str = "candidate",
+             factors: Optional[Factors] = None) -> Estimate:
+    target = get_target(target_name)
+    factors = factors or factors_for(target_name)
+    prof = profile_model(name, image_size)
+    latency = layer_times_ms(prof, target, precision, batch, factors)
+    fps = batch * 1000.0 / latency
+    engine_mb = prof.params * BYTES[precision] * 1.05 / 2 ** 20  # weights plus ~5% engine metadata (estimate)
+    activations_mb = prof.activation_peak_elems * batch * BYTES[precision] * 2 / 2 ** 20  # in+out, double-buffered
+    memory = factors.runtime_base_mb + engine_mb + activations_mb
+    problems, tight = [], []
+    if fps_target:
+        if fps < fps_target:
+            problems.append(f"FPS {fps:.1f} < {fps_target:g}")
+        elif fps < fps_target * (1 + MARGIN):
+            tight.append("FPS within 20% of target")
+    if budget_mb:
+        if memory > budget_mb:
+            problems.append(f"memory {memory:.0f} MB > {budget_mb:g} MB")
+        elif memory > budget_mb / (1 + MARGIN):
+            tight.append("memory within 20% of budget")
+    if target.get("memory_mb") and memory > target["memory_mb"]:
+        problems.append(f"memory {memory:.0f} MB > the board's {target['memory_mb']} MB")
+    top1, source = top1_of(name)
+    reason = "; ".join(problems) if problems else ("fits, but " + ", ".join(tight) if tight else "fits with margin")
+    return Estimate(name, role, prof.params, prof.flops, prof.macs, top1, source, latency, fps, memory, engine_mb,
+                    not problems, reason, with_margin=not problems and not tight)
+
+
+def plan(target_name: str, candidates: Iterable[str] = DEFAULT_CANDIDATES, precision: str = "fp16",
+         image_size: int = 224, batch: int = 1, fps_target: Optional[float] = None, budget_mb: Optional[float] = None,
+         teacher: Optional[str] = None) -> dict:
+    factors = factors_for(target_name)
+    rows = [estimate(c, target_name, precision, image_size, batch, fps_target, budget_mb, factors=factors)
+            for c in dict.fromkeys(candidates)]
+    rows.sort(key=lambda e: (e.top1 if e.top1 is not None else -1, e.params), reverse=True)
+    recommended = next((e for e in rows if e.with_margin), None)
+    teacher_row = (estimate(teacher, target_name, precision, image_size, batch, fps_target, budget_mb, role="teacher",
+                            factors=factors) if teacher else None)
+    return {"target": target_name, "device": get_target(target_name)["device"], "precision": precision,
+            "image_size": image_size, "batch": batch, "fps_target": fps_target, "budget_mb": budget_mb,
+            "factors": asdict(factors), "rows": rows, "teacher": teacher_row,
+            "recommended": recommended.model if recommended else None}
+
+
+def _has_grouped(e, image_size: int) -> bool:
+    e = e if isinstance(e, dict) else asdict(e)
+    return any(lay.kind == "dwconv" for lay in profile_model(e["model"], image_size).layers)
+
+
+def format_plan(result: dict, loo: Optional[list] = None) -> str:
+    head = (f"plan for {result['device']} ({result['target']}), {result['precision'].upper()}, "
+            f"{result['image_size']} px, batch {result['batch']}"
+            + (f", target {result['fps_target']:g} FPS" if result["fps_target"] else "")
+            + (f", budget {result['budget_mb']:g} MB" if result["budget_mb"] else ""))
+    f = result["factors"]
+    lines = [head, "every device figure is an ESTIMATE (roofline fitted to published measurements; "
+             f"factors {f['source']}; runtime base {f['runtime_base_mb']:.0f} MB"
+             + (" assumed" if f["runtime_base_mb"] == RUNTIME_BASE_MB else "") + ")", ""]
+    header = f"{'model':24} {'top-1':>6} {'params':>7} {'GMACs':>6} {'est ms':>7} {'est FPS':>8} {'est MB':>7} " \
+             f"{'engine MB':>9}  verdict"
+    lines += [header, "-" * len(header)]
+    rows = list(result["rows"]) + ([result["teacher"]] if result["teacher"] else [])
+    for e in rows:
+        e = e if isinstance(e, dict) else asdict(e)
+        mark = "*" if e["model"] == result["recommended"] else " "
+        top1 = f"{e['top1']:.1f}" if e["top1"] is not None else "-"
+        label = e["model"] + (" (teacher)" if e["role"] == "teacher" else "")
+        lines.append(f"{mark}{label:23} {top1:>6} {e['params'] / 1e6:6.2f}M {e['macs'] / 1e9:6.2f} "
+                     f"{e['est_latency_ms']:7.2f} {e['est_fps']:8.1f} {e['est_memory_mb']:7.0f} "
+                     f"{e['est_engine_mb']:9.1f}  {e['reason']}")
+    lines.append("")
+    if result["recommended"]:
+        lines.append(f"recommended student: {result['recommended']} (the most accurate candidate that keeps 20% "
+                     "headroom on FPS and memory; a much smaller student loses more than distillation recovers)")
+    else:
+        lines.append("no candidate keeps 20% headroom: lower the image size, use a faster precision, or raise the "
+                     "budget")
+    if loo:
+        errors = [abs(r["relative_error"]) for r in loo if r["board"] == f["board"]]
+        if errors:
+            lines.append(f"planner error on {f['board']}'s {len(errors)} published points (leave-one-out): median "
+                         f"{np.median(errors) * 100:.0f}%, max {max(errors) * 100:.0f}%")
+    if any(_has_grouped(e, result["image_size"]) for e in rows):
+        lines.append("the published points are dense CNNs (ResNet, DenseNet, VGG, SqueezeNet, AlexNet): figures for "
+                     "depthwise-separable models (MobileNet, EfficientNet, ...) are extrapolated; check the chosen one "
+                     "with `edgerun bench --json` and `edgedistill plan --measured`")
+    lines.append("top-1: ImageNet-1k as published (timm's results table, torchvision's weights metadata), not on "
+                 "your data; MACs = FLOPs / 2")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- measured
+def read_bench(path: str | Path) -> dict:
+    """The facts the planner needs from an `edgerun bench --json` file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise EdgedistillError(f"--measured {path}: not a readable JSON file ({exc})")
+    result, bundle = data.get("result") or {}, data.get("bundle") or {}
+    missing = [k for k in ("model", "input_shape") if k not in bundle] + \
+              [k for k in ("stages_ms", "batch") if k not in result]
+    if missing:
+        raise EdgedistillError(f"--measured {path}: missing {missing}; write it with `edgerun bench BUNDLE --engine "
+                               "E --json FILE` from this version of edgerun")
+    precision = (data.get("engine") or {}).get("precision")
+    if not precision:
+        raise EdgedistillError(f"--measured {path}: not a TensorRT run (no engine precision); bench with --engine")
+    stages = result["stages_ms"]
+    model_ms = sum(stages.get(k) or 0.0 for k in ("h2d", "compute", "d2h"))
+    memory = (result.get("memory") or {}).get("total_mb")
+    return {"path": str(path), "model": bundle["model"], "image_size": int(bundle["input_shape"][-1]),
+            "batch": int(result["batch"]), "precision": precision, "latency_ms": model_ms, "memory_mb": memory,
+            "board": data.get("board")}
+
+
+def refit_from_measured(target_name: str, paths: Sequence[str | Path], save: bool = True) -> dict:
+    """Scale the board's latency factors by the geometric mean of measured / estimated, and set the runtime
+    base from measured memory; saved in the user's cache. Returns measured-vs-estimated rows."""
+    base = factors_for(target_name, use_measured=False)
+    target = get_target(target_name)
+    rows, ratios, bases = [], [], []
+    for path in paths:
+        m = read_bench(path)
+        prof = profile_model(m["model"], m["image_size"])
+        est = layer_times_ms(prof, target, m["precision"], m["batch"], base)
+        ratios.append(m["latency_ms"] / est)
+        engine_mb = prof.params * BYTES[m["precision"]] * 1.05 / 2 ** 20
+        act_mb = prof.activation_peak_elems * m["batch"] * BYTES[m["precision"]] * 2 / 2 ** 20
+        if m["memory_mb"]:
+            bases.append(m["memory_mb"] - engine_mb - act_mb)
+        rows.append(dict(m, estimated_ms=est, ratio=m["latency_ms"] / est))
+    scale = float(np.exp(np.mean(np.log(ratios))))
+    runtime_base = float(np.median(bases)) if bases else base.runtime_base_mb
+    saved = _cache_dir() / f"{target_name}.json"
+    if save:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps({"scale": scale, "runtime_base_mb": runtime_base, "points": len(rows),
+                                     "files": [r["path"] for r in rows]}, indent=2))
+    return {"rows": rows, "scale": scale, "runtime_base_mb": runtime_base, "saved": str(saved) if save else None}
+
+
+def format_measured(refit: dict) -> str:
+    lines = [f"{'bench file':32} {'model':22} {'prec':5} {'measured ms':>11} {'estimated ms':>12} {'ratio':>6}"]
+    for r in refit["rows"]:
+        lines.append(f"{Path(r['path']).name[:32]:32} {r['model'][:22]:22} {r['precision']:5} {r['latency_ms']:11.2f} "
+                     f"{r['estimated_ms']:12.2f} {r['ratio']:6.2f}")
+    lines.append(f"latency scale for this board: x{refit['scale']:.2f} (geometric mean); runtime base "
+                 f"{refit['runtime_base_mb']:.0f} MB" + (f"; saved to {refit['saved']}" if refit["saved"] else ""))
+    return "\n".join(lines)
+
+
+def check_names(names: Sequence[str]) -> None:
+    """Every name must be a timm model or a torchvision SqueezeNet, before any slow work starts."""
+    import difflib
+
+    import timm
+
+    from .models import TORCHVISION_MODELS
+
+    for name in names:
+        if not (timm.is_model(name) or name in TORCHVISION_MODELS):
+            close = difflib.get_close_matches(name, timm.list_models() + list(TORCHVISION_MODELS), n=3, cutoff=0.6)
+            raise EdgedistillError(f"--candidates/--teacher: unknown model '{name}'"
+                                   + (f" (did you mean {', '.join(close)}?)" if close else
+                                      "; use timm names or squeezenet1_0/squeezenet1_1"))
+
+
+def plan_command(args) -> int:
+    """`edgedistill plan`: the table, the recommendation, the planner's own error; --json and --measured."""
+    if args.image_size < 32 or args.batch < 1:
+        raise EdgedistillError("--image-size must be at least 32 and --batch at least 1")
+    if args.measured:
+        print(format_measured(refit_from_measured(args.target, args.measured)))
+        print()
+    candidates = [c.strip() for c in args.candidates.split(",") if c.strip()] if args.candidates else DEFAULT_CANDIDATES
+    check_names(list(candidates) + ([args.teacher] if args.teacher else []))
+    result = plan(args.target, candidates, args.precision, args.image_size, args.batch, args.fps_target,
+                  args.budget_mb, args.teacher)
+    board = result["factors"]["board"]
+    loo = leave_one_out([p for p in load_calibration() if p.board == board])
+    print(format_plan(result, loo))
+    if args.json:
+        keys = ("model", "role", "params", "flops", "macs", "top1", "est_latency_ms", "est_fps", "est_memory_mb",
+                "est_engine_mb", "fits", "reason")
+        rows = list(result["rows"]) + ([result["teacher"]] if result["teacher"] else [])
+        Path(args.json).write_text(json.dumps([{k: asdict(e)[k] for k in keys} for e in rows], indent=2))
+    return 0
