@@ -75,7 +75,7 @@ def main() -> int:
         ("student >= 10x fewer parameters", s0["param_reduction"] >= 10),
     ]
     notes = [f"seeds {args.seeds}; evaluated on {s0['eval_split']} ({s0['eval_samples']} images); "
-             f"top-1 in %, mean ± std over seeds; speedup = host PyTorch CPU latency at batch 1, teacher / student"]
+             f"top-1 in %, mean ± std over seeds; speedup = host latency at batch 1, teacher / student (ONNX Runtime CPU from this revision on, PyTorch eager before)"]
     notes += [f"target {name}: {'MET' if ok else 'NOT MET'}" for name, ok in checks]
     notes += [f"seed {seed}: teacher {s['teacher']['top1'] * 100:.2f}%, KD student {s['student']['top1'] * 100:.2f}%, "
               f"baseline {s['baseline']['top1'] * 100:.2f}% — {s['verdict']}" for seed, s in zip(args.seeds, summaries)]

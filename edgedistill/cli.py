@@ -5,6 +5,8 @@
     edgedistill sweep RECIPE --temperature 1,2,3,5 --alpha 0.5,0.7,0.9   one student per cell, one teacher
     edgedistill pack BUNDLE_DIR -o FILE.edb [--sign KEY]       one file to copy to the device (signed)
     edgedistill plan --target jetson-nano-jp4 --fps-target 30 --budget-mb 500   which student fits (estimates)
+    edgedistill cost RUN [--requests-per-month N --price-per-hour P --distillation-cost C]   money, payback
+    edgedistill report RUN [--measured BENCH.json ...]        report.html (self-contained) + report.md
     edgedistill keygen -o KEY                                  Ed25519 signing key (KEY, mode 0600) + KEY.pub
 """
 from __future__ import annotations
@@ -110,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="`edgerun bench --json` files from the real board: shown against the estimate and used to "
                         "rescale this board's factors (saved in your cache)")
     p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("cost", help="serving cost of teacher and student from a finished run: instances, cost per "
+                                    "month, saving, payback of the distillation work")
+    p.add_argument("run", help="run folder (runs/<name>) with summary.json")
+    p.add_argument("--requests-per-month", type=float)
+    p.add_argument("--price-per-hour", type=float, help="hourly price of an instance serving the teacher")
+    p.add_argument("--student-price-per-hour", type=float, help="default: --price-per-hour")
+    p.add_argument("--utilization", type=float, help="target busy fraction of each instance (recipe default 0.5)")
+    p.add_argument("--distillation-cost", type=float, help="what the distillation work cost, for the payback time")
+    p.add_argument("--json", help="write the figures here")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("report", help="write RUN/report.html (one self-contained file) and RUN/report.md with plots")
+    p.add_argument("run", help="evaluated run folder (runs/<name>)")
+    p.add_argument("--measured", nargs="+", default=[], metavar="JSON",
+                   help="`edgerun bench/validate/camera --json` files from the device, shown next to the estimates")
+    p.add_argument("-v", "--verbose", action="store_true")
     p = sub.add_parser("pack", help="pack a bundle folder into one .edb file for the device")
     p.add_argument("bundle", help="bundle folder (runs/<name>/bundle)")
     p.add_argument("-o", "--output", required=True, help="output file, e.g. student.edb")
@@ -144,6 +161,24 @@ def _run(args: argparse.Namespace) -> int:
         from .planner import plan_command
 
         return plan_command(args)
+    if args.command == "report":
+        setup_logging(None, args.verbose)
+        from .report import write_report
+
+        html_path, md_path = write_report(args.run, args.measured)
+        print(f"report: {html_path} (self-contained) and {md_path}")
+        return 0
+    if args.command == "cost":
+        setup_logging(None, args.verbose)
+        from .cost import cost_text, run_costs
+
+        result = run_costs(args.run, {k: getattr(args, k) for k in ("requests_per_month", "price_per_hour",
+                                                                    "student_price_per_hour", "utilization",
+                                                                    "distillation_cost")})
+        print(cost_text(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     if args.command == "keygen":
         from edgerun.signing import generate_keypair
 
@@ -191,6 +226,11 @@ def _run(args: argparse.Namespace) -> int:
     if "evaluate" in stages and summary_path.exists():
         print_summary(json.loads(summary_path.read_text()))
         log.info("summary written to %s and %s", summary_path, ctx.run_dir / "summary.md")
+        if args.command == "run":
+            from .report import write_report
+
+            html_path, _ = write_report(ctx.run_dir)
+            log.info("report: %s (one self-contained file) and %s", html_path, ctx.run_dir / "report.md")
     return 0
 
 

@@ -12,9 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .recipe import CostConfig
 
-HOURS_PER_MONTH = 730.0  # 365 * 24 / 12
 
 
 @dataclass
@@ -55,17 +53,25 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int
     return matrix
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """ECE (Guo et al., "On Calibration of Modern Neural Networks", 2017): confidence vs accuracy gap."""
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> list[dict[str, float]]:
+    """Confidence bins of a reliability diagram: images, accuracy and mean confidence per non-empty bin."""
     confidence = probs.max(1)
     correct = probs.argmax(1) == labels
     edges = np.linspace(0.0, 1.0, bins + 1)
-    ece = 0.0
+    out = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         in_bin = (confidence > lo) & (confidence <= hi)
         if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
+            out.append({"lo": float(lo), "hi": float(hi), "count": int(in_bin.sum()),
+                        "accuracy": float(correct[in_bin].mean()), "confidence": float(confidence[in_bin].mean())})
+    return out
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE (Guo et al., "On Calibration of Modern Neural Networks", 2017): confidence vs accuracy gap."""
+    total = len(labels)
+    return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"])
+                     for b in reliability_bins(probs, labels, bins)))
 
 
 def classification_report(pred: Prediction, classes: list[str]) -> dict[str, Any]:
@@ -78,6 +84,7 @@ def classification_report(pred: Prediction, classes: list[str]) -> dict[str, Any
         "per_class": per_class,
         "confusion_matrix": matrix.tolist(),
         "ece": expected_calibration_error(softmax(pred.logits), pred.labels),
+        "reliability": reliability_bins(softmax(pred.logits), pred.labels),
     }
 
 
@@ -115,28 +122,36 @@ def measure_latency(model: nn.Module, shape: tuple[int, ...], repeats: int, warm
             "batch": shape[0], "repeats": repeats}
 
 
-def monthly_cost(latency_s: float, cost: CostConfig, price_per_hour: float) -> dict[str, float]:
-    """Instances to serve ``requests_per_month`` at batch-1 latency and the target utilization, and their price.
+def measure_ort_latency(model: nn.Module, image_size: int, batches: tuple[int, ...], repeats: int, warmup: int,
+                        threads: Optional[int], workdir) -> dict[int, dict[str, float]]:
+    """Median/p90 seconds per batch through ONNX Runtime's CPU provider, the runtime that serves the bundle
+    on a host: the model exported once with a dynamic batch, the same fixed random input per batch size."""
+    from pathlib import Path
 
-    Busy seconds per month = requests * latency; one instance gives 730 h * 3600 s * utilization of them.
-    """
-    busy_seconds = cost.requests_per_month * latency_s
-    capacity = HOURS_PER_MONTH * 3600.0 * cost.utilization
-    instances = max(1, math.ceil(busy_seconds / capacity))
-    return {"instances": instances, "price_per_hour": price_per_hour,
-            "monthly_cost": round(instances * price_per_hour * HOURS_PER_MONTH, 2),
-            "compute_hours": round(busy_seconds / 3600.0, 2)}
+    from edgerun.runners import OrtRunner
 
+    from .export import INPUT_NAME, export_onnx
 
-def cost_comparison(teacher_latency: float, student_latency: float,
-                    cost: Optional[CostConfig]) -> Optional[dict[str, Any]]:
-    if cost is None:
-        return None
-    teacher = monthly_cost(teacher_latency, cost, cost.price_per_hour)
-    student = monthly_cost(student_latency, cost, cost.student_price_per_hour or cost.price_per_hour)
-    return {"teacher": teacher, "student": student,
-            "monthly_saving": round(teacher["monthly_cost"] - student["monthly_cost"], 2),
-            "requests_per_month": cost.requests_per_month, "utilization": cost.utilization}
+    path = Path(workdir) / "latency.onnx"
+    export_onnx(model, path, (1, 3, image_size, image_size), opset=17, dynamic_batch=True)
+    out = {}
+    try:
+        with OrtRunner(path, providers=["CPUExecutionProvider"], threads=threads) as runner:
+            for batch in batches:
+                x = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
+                for _ in range(warmup):
+                    runner.infer({INPUT_NAME: x})
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    runner.infer({INPUT_NAME: x})
+                    times.append(time.perf_counter() - start)
+                times.sort()
+                out[batch] = {"median_s": statistics.median(times),
+                              "p90_s": times[min(len(times) - 1, int(0.9 * len(times)))], "repeats": repeats}
+    finally:
+        path.unlink(missing_ok=True)
+    return out
 
 
 # --------------------------------------------------------------------------------------- paired comparisons

@@ -269,8 +269,24 @@ def _cache_dir() -> Path:
 
 @lru_cache(maxsize=16)
 def _published_factors(board: str) -> Factors:
-    points = [p for p in load_calibration() if p.board == board]
-    return fit_factors(points, board)
+    """The fit on the board's published points; cached on disk by the table's and this module's content and the
+    torch version (the fit profiles every calibration network, ~10 s)."""
+    import hashlib
+
+    key = hashlib.sha256(CALIBRATION_FILE.read_bytes() + Path(__file__).read_bytes()
+                         + torch.__version__.encode()).hexdigest()[:16]
+    cached = _cache_dir() / f"fit-{board}-{key}.json"
+    if cached.exists():
+        try:
+            return Factors(**json.loads(cached.read_text()))
+        except (ValueError, TypeError):
+            log.warning("planner: ignoring an unreadable fit cache %s", cached)
+    factors = fit_factors([p for p in load_calibration() if p.board == board], board)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(factors)))
+    tmp.replace(cached)
+    return factors
 
 
 def factors_for(board: str, use_measured: bool = True) -> Factors:
@@ -325,10 +341,10 @@ def top1_of(name: str) -> tuple[Optional[float], str]:
 
 def estimate(name: str, target_name: str, precision: str = "fp16", image_size: int = 224, batch: int = 1,
              fps_target: Optional[float] = None, budget_mb: Optional[float] = None, role: str = "candidate",
-             factors: Optional[Factors] = None) -> Estimate:
+             factors: Optional[Factors] = None, num_classes: int = 1000) -> Estimate:
     target = get_target(target_name)
     factors = factors or factors_for(target_name)
-    prof = profile_model(name, image_size)
+    prof = profile_model(name, image_size, num_classes=num_classes)
     latency = layer_times_ms(prof, target, precision, batch, factors)
     fps = batch * 1000.0 / latency
     engine_mb = prof.params * BYTES[precision] * 1.05 / 2 ** 20  # weights plus ~5% engine metadata (estimate)

@@ -145,6 +145,8 @@ class CostConfig(_Strict):
     price_per_hour: float = Field(gt=0, description="hourly price of the instance serving the teacher")
     student_price_per_hour: Optional[float] = Field(None, gt=0, description="default: price_per_hour")
     utilization: float = Field(0.5, gt=0, le=1, description="target busy fraction of each instance")
+    distillation_cost: Optional[float] = Field(None, ge=0, description="what the distillation work cost (people, "
+                                                                       "compute), for the payback time")
 
 
 class EvaluateConfig(_Strict):

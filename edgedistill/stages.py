@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -20,9 +21,10 @@ from torch import nn
 
 from .checkpoint import atomic_write_text, load_model, save_model
 from .data import DataBundle, Split, eval_loader, load_data, load_unlabeled, with_unlabeled
-from .errors import StageMissingError, TeacherTooWeakError
-from .evaluate import (bootstrap_intervals, classification_report, cost_comparison, images_to_resolve,
-                       mcnemar_exact, measure_latency, predict, report_markdown)
+from .errors import EdgedistillError, StageMissingError, TeacherTooWeakError
+from .cost import cost_comparison
+from .evaluate import (bootstrap_intervals, classification_report, images_to_resolve, mcnemar_exact, measure_latency,
+                       measure_ort_latency, predict, report_markdown)
 from .features import FeatureMatcher, mapping_lines, resolve_pairs
 from .models import count_params, create_model, weight_bytes
 from .recipe import ModelConfig, Recipe
@@ -376,18 +378,27 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
                                            "val_top1": ctx.done_record(key)["top1"]})
     summary["unlabeled_images"] = (ctx.done_record("distill") or {}).get("unlabeled_images", 0)
     threads_before = torch.get_num_threads()
-    if ev.threads:
-        torch.set_num_threads(ev.threads)
-    try:
-        size = recipe.data.image_size
+    threads = ev.threads or threads_before
+    size = recipe.data.image_size
+    batches = tuple(dict.fromkeys((1, ev.latency_batch)))
+    # the runtime that serves the bundle (ONNX Runtime, CPU) first; PyTorch eager as a second column
+    with tempfile.TemporaryDirectory(prefix="latency-") as tmp:
         for role in ("teacher", "student"):
-            for batch in (1, ev.latency_batch):
+            ort_lat = measure_ort_latency(models[role].cpu(), size, batches, ev.latency_repeats, ev.latency_warmup,
+                                          threads, tmp)
+            for batch in batches:
+                summary[role][f"latency_ms_b{batch}"] = ort_lat[batch]["median_s"] * 1e3
+                summary[role][f"throughput_b{batch}"] = batch / ort_lat[batch]["median_s"]
+    torch.set_num_threads(threads)
+    try:
+        for role in ("teacher", "student"):
+            for batch in batches:
                 lat = measure_latency(models[role], (batch, 3, size, size), ev.latency_repeats, ev.latency_warmup,
                                       ctx.device)
-                summary[role][f"latency_ms_b{batch}"] = lat["median_s"] * 1e3
-                summary[role][f"throughput_b{batch}"] = batch / lat["median_s"]
+                summary[role][f"torch_latency_ms_b{batch}"] = lat["median_s"] * 1e3
     finally:
         torch.set_num_threads(threads_before)
+    summary["device_estimate"] = device_estimate(recipe, len(data.classes))
     t, s, b = summary["teacher"], summary["student"], summary["baseline"]
     summary["retention"] = s["top1"] / t["top1"] if t["top1"] else 0.0
     summary["kd_gain"] = s["top1"] - b["top1"]
@@ -400,17 +411,45 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
     summary["size_reduction"] = t["size_mb"] / s["size_mb"]
     summary["speedup"] = t["latency_ms_b1"] / s["latency_ms_b1"]
     summary[f"speedup_b{ev.latency_batch}"] = t[f"latency_ms_b{ev.latency_batch}"] / s[f"latency_ms_b{ev.latency_batch}"]
+    summary["speedup_torch"] = t["torch_latency_ms_b1"] / s["torch_latency_ms_b1"]
     summary["cost"] = cost_comparison(t["latency_ms_b1"] / 1e3, s["latency_ms_b1"] / 1e3, ev.cost)
     summary["verdict"], helped = verdict(summary, ev.min_kd_gain)
     summary["kd_gain_flag"] = not helped
     summary["advice"] = advice(summary, recipe.student.epochs)
-    summary["host"] = {"device": str(ctx.device), "cpu": platform.processor() or platform.machine(),
-                       "threads": ev.threads or threads_before, "torch": torch.__version__,
-                       "note": "host latency of PyTorch eager; the device figures come from edgerun bench"}
+    import onnxruntime
+
+    summary["host"] = {"device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": threads,
+                       "runtime": f"ONNX Runtime {onnxruntime.__version__} (CPUExecutionProvider)",
+                       "torch": torch.__version__, "torch_device": str(ctx.device),
+                       "note": f"median of {ev.latency_repeats} runs after {ev.latency_warmup} warm-up, same "
+                               "process; PyTorch eager figures are the second column; device figures come from "
+                               "edgerun bench"}
     atomic_write_text(ctx.run_dir / "summary.json", json.dumps(summary, indent=2))
     atomic_write_text(ctx.run_dir / "summary.md", summary_markdown(summary))
     ctx.mark_done("evaluate", ["summary.json", "summary.md"])
     return summary
+
+
+def device_estimate(recipe, num_classes: int) -> Optional[dict[str, Any]]:
+    """The planner's ESTIMATE of teacher and student on the export target (Jetson targets only), or None."""
+    from edgerun.profiles import get_target
+
+    from .planner import estimate
+
+    target = get_target(recipe.export.target)
+    if not target.get("gpu"):
+        return None
+    try:
+        out = {"target": recipe.export.target, "device": target["device"], "precision": "fp16",
+               "image_size": recipe.data.image_size, "label": "estimate (edgedistill plan), not a measurement"}
+        for role, cfg in (("teacher", recipe.teacher), ("student", recipe.student)):
+            e = estimate(cfg.model, recipe.export.target, "fp16", recipe.data.image_size, num_classes=num_classes)
+            out[role] = {"model": cfg.model, "est_latency_ms": e.est_latency_ms, "est_fps": e.est_fps,
+                         "est_memory_mb": e.est_memory_mb}
+        return out
+    except EdgedistillError as exc:
+        log.warning("evaluate: no device estimate for %s: %s", recipe.export.target, exc)
+        return None
 
 
 def stage_export(ctx: RunContext) -> dict[str, Any]:

@@ -1,7 +1,6 @@
 """The planner: counts checked against published MACs, the roofline's behaviour, refusals, LOO, measured refits."""
 from __future__ import annotations
 
-import csv
 import json
 import math
 from types import SimpleNamespace
