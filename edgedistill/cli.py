@@ -66,6 +66,22 @@ def print_summary(summary: dict) -> None:
     out.print(Text(summary["verdict"], style=style))
 
 
+def print_device_plan(ctx) -> None:
+    """Before training: the planner's estimate of the recipe's teacher and student on the export target."""
+    from .planner import recipe_estimate
+
+    est = recipe_estimate(ctx.recipe, len(ctx.data.classes))
+    if not est:
+        return
+    out = Console(stderr=True)
+    out.print(f"[bold]plan[/bold] on {est['device']} ({est['target']}), FP16, {est['image_size']} px "
+              "[yellow](ESTIMATES from edgedistill plan, not measurements)[/yellow]:", highlight=False)
+    for role in ("teacher", "student"):
+        e = est[role]
+        out.print(f"  {role:8} {e['model']:24} {e['est_fps']:8.1f} FPS  {e['est_latency_ms']:7.2f} ms  "
+                  f"{e['est_memory_mb']:6.0f} MB", highlight=False)
+
+
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file (see recipes/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -218,6 +234,7 @@ def _run(args: argparse.Namespace) -> int:
             if unknown:
                 raise EdgedistillError(f"--stages: unknown stage(s) {unknown}; stages are {list(STAGE_FUNCTIONS)}")
             stages = [s for s in stages if s in chosen]
+        print_device_plan(ctx)
     else:
         stages = [args.command]
     for stage in stages:

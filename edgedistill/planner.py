@@ -21,7 +21,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -430,6 +430,24 @@ def format_plan(result: dict, loo: Optional[list] = None) -> str:
     lines.append("top-1: ImageNet-1k as published (timm's results table, torchvision's weights metadata), not on "
                  "your data; MACs = FLOPs / 2")
     return "\n".join(lines)
+
+
+def recipe_estimate(recipe, num_classes: int) -> Optional[dict[str, Any]]:
+    """The planner's ESTIMATE of teacher and student on the export target (Jetson targets only), or None."""
+    target = get_target(recipe.export.target)
+    if not target.get("gpu"):
+        return None
+    try:
+        out = {"target": recipe.export.target, "device": target["device"], "precision": "fp16",
+               "image_size": recipe.data.image_size, "label": "estimate (edgedistill plan), not a measurement"}
+        for role, cfg in (("teacher", recipe.teacher), ("student", recipe.student)):
+            e = estimate(cfg.model, recipe.export.target, "fp16", recipe.data.image_size, num_classes=num_classes)
+            out[role] = {"model": cfg.model, "est_latency_ms": e.est_latency_ms, "est_fps": e.est_fps,
+                         "est_memory_mb": e.est_memory_mb}
+        return out
+    except EdgedistillError as exc:
+        log.warning("evaluate: no device estimate for %s: %s", recipe.export.target, exc)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- measured

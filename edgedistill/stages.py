@@ -21,12 +21,13 @@ from torch import nn
 
 from .checkpoint import atomic_write_text, load_model, save_model
 from .data import DataBundle, Split, eval_loader, load_data, load_unlabeled, with_unlabeled
-from .errors import EdgedistillError, StageMissingError, TeacherTooWeakError
+from .errors import StageMissingError, TeacherTooWeakError
 from .cost import cost_comparison
 from .evaluate import (bootstrap_intervals, classification_report, images_to_resolve, mcnemar_exact, measure_latency,
                        measure_ort_latency, predict, report_markdown)
 from .features import FeatureMatcher, mapping_lines, resolve_pairs
 from .models import count_params, create_model, weight_bytes
+from .planner import recipe_estimate
 from .recipe import ModelConfig, Recipe
 from .report import advice, summary_markdown, verdict
 from .train import Teaching, resolve_device, train_model
@@ -398,7 +399,7 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
                 summary[role][f"torch_latency_ms_b{batch}"] = lat["median_s"] * 1e3
     finally:
         torch.set_num_threads(threads_before)
-    summary["device_estimate"] = device_estimate(recipe, len(data.classes))
+    summary["device_estimate"] = recipe_estimate(recipe, len(data.classes))
     t, s, b = summary["teacher"], summary["student"], summary["baseline"]
     summary["retention"] = s["top1"] / t["top1"] if t["top1"] else 0.0
     summary["kd_gain"] = s["top1"] - b["top1"]
@@ -428,28 +429,6 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
     atomic_write_text(ctx.run_dir / "summary.md", summary_markdown(summary))
     ctx.mark_done("evaluate", ["summary.json", "summary.md"])
     return summary
-
-
-def device_estimate(recipe, num_classes: int) -> Optional[dict[str, Any]]:
-    """The planner's ESTIMATE of teacher and student on the export target (Jetson targets only), or None."""
-    from edgerun.profiles import get_target
-
-    from .planner import estimate
-
-    target = get_target(recipe.export.target)
-    if not target.get("gpu"):
-        return None
-    try:
-        out = {"target": recipe.export.target, "device": target["device"], "precision": "fp16",
-               "image_size": recipe.data.image_size, "label": "estimate (edgedistill plan), not a measurement"}
-        for role, cfg in (("teacher", recipe.teacher), ("student", recipe.student)):
-            e = estimate(cfg.model, recipe.export.target, "fp16", recipe.data.image_size, num_classes=num_classes)
-            out[role] = {"model": cfg.model, "est_latency_ms": e.est_latency_ms, "est_fps": e.est_fps,
-                         "est_memory_mb": e.est_memory_mb}
-        return out
-    except EdgedistillError as exc:
-        log.warning("evaluate: no device estimate for %s: %s", recipe.export.target, exc)
-        return None
 
 
 def stage_export(ctx: RunContext) -> dict[str, Any]:
