@@ -7,6 +7,7 @@
     edgedistill plan --target jetson-nano-jp4 --fps-target 30 --budget-mb 500   which student fits (estimates)
     edgedistill cost RUN [--requests-per-month N --price-per-hour P --distillation-cost C]   money, payback
     edgedistill report RUN [--measured BENCH.json ...]        report.html (self-contained) + report.md
+    edgedistill compare RUN RUN ...                            seeds side by side, mean ± std
     edgedistill keygen -o KEY                                  Ed25519 signing key (KEY, mode 0600) + KEY.pub
 """
 from __future__ import annotations
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measured", nargs="+", default=[], metavar="JSON",
                    help="`edgerun bench/validate/camera --json` files from the device, shown next to the estimates")
     p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("compare", help="runs of one recipe side by side (e.g. seeds): retention, KD gain, mean ± std")
+    p.add_argument("runs", nargs="+", help="evaluated run folders")
+    p.add_argument("-v", "--verbose", action="store_true")
     p = sub.add_parser("pack", help="pack a bundle folder into one .edb file for the device")
     p.add_argument("bundle", help="bundle folder (runs/<name>/bundle)")
     p.add_argument("-o", "--output", required=True, help="output file, e.g. student.edb")
@@ -183,6 +187,18 @@ def _run(args: argparse.Namespace) -> int:
 
         html_path, md_path = write_report(args.run, args.measured)
         print(f"report: {html_path} (self-contained) and {md_path}")
+        return 0
+    if args.command == "compare":
+        setup_logging(None, args.verbose)
+        from .report import compare_text
+
+        summaries = []
+        for run in args.runs:
+            path = Path(run) / "summary.json"
+            if not path.exists():
+                raise EdgedistillError(f"{path} does not exist: evaluate that run first (edgedistill evaluate RECIPE)")
+            summaries.append(json.loads(path.read_text()))
+        print(compare_text(summaries, args.runs))
         return 0
     if args.command == "cost":
         setup_logging(None, args.verbose)

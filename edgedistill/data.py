@@ -26,6 +26,8 @@ from edgerun.preprocess import INTERPOLATIONS, PreprocessSpec, geometric, normal
 
 from .errors import DataError
 from .losses import UNLABELED
+
+UNLABELED_REST = "rest"  # data.unlabeled: the source's training images beyond train_per_class, labels withheld
 from .recipe import DataConfig
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class DataBundle:
     val: Split
     test: Optional[Split]
     source: str
+    rest: Optional[Split] = None  # training images that train_per_class left out (``data.unlabeled: rest``)
 
     @property
     def classes(self) -> list[str]:
@@ -195,18 +198,33 @@ def load_folder(cfg: DataConfig, seed: int) -> DataBundle:
         test = scan_folder_split(root, cfg.test_dir, cfg.val_per_class, seed)
         if test.classes != train.classes:
             raise DataError(f"class folders of '{root / cfg.test_dir}' differ from '{root / cfg.train_dir}'")
+    rest = None
+    if cfg.train_per_class and cfg.unlabeled == UNLABELED_REST:
+        kept = set(train.paths)
+        everything = scan_folder_split(root, cfg.train_dir, None, seed)
+        left = [i for i, p in enumerate(everything.paths) if p not in kept]
+        rest = verify_and_cache(everything.subset(left), cfg.cache, labelled=False) if left else None
     train, val = verify_and_cache(train, cfg.cache), verify_and_cache(val, cfg.cache)
     test = verify_and_cache(test, cfg.cache) if test else None
-    return DataBundle(train, val, test, source=str(root))
+    return DataBundle(train, val, test, source=str(root), rest=rest)
 
 
 def load_unlabeled(source: str, data: DataBundle, cache: Optional[bool]) -> Split:
-    """Unlabeled images (``data.unlabeled``): every image file under a folder or archive, any layout, label -1.
+    """Unlabeled images (``data.unlabeled``): every image file under a folder or archive, any layout, label -1;
+    or ``rest``: the source's own training images beyond ``data.train_per_class``, their labels withheld.
 
     Files that are labelled images of the run are left out: training images so that none counts twice (the
     folder may be the full data set of which the recipe keeps ``train_per_class``), validation and test
     images so that no evaluation image is ever trained on.
     """
+    if source == UNLABELED_REST:
+        if data.rest is None or not len(data.rest):
+            raise DataError("data.unlabeled: rest takes the training images that data.train_per_class leaves out, "
+                            "and this recipe leaves none out: set data.train_per_class below the images per class, "
+                            "or point data.unlabeled at a folder")
+        rest = data.rest
+        return Split(name="unlabeled", classes=rest.classes, labels=np.full(len(rest), UNLABELED, dtype=np.int64),
+                     paths=list(rest.paths) if rest.paths else [], images=rest.images)
     root = resolve_root(source)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     known = {Path(p).resolve() for split in (data.train, data.val, data.test) if split is not None
@@ -248,13 +266,19 @@ def _stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tup
 
 
 def _array_split(name: str, images: np.ndarray, labels: np.ndarray, classes: list[str],
-                 cap: Optional[int], seed: int) -> Split:
+                 cap: Optional[int], seed: int) -> tuple[Split, Optional[Split]]:
+    """(the split capped at ``cap`` images per class, the images the cap left out or None)."""
+    rest = None
     if cap:
         rng = np.random.default_rng(seed)
         keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:cap]
                                        for c in range(len(classes))]))
+        dropped = np.setdiff1d(np.arange(len(labels)), keep)
+        if len(dropped):
+            rest = Split(name=f"{name}-rest", classes=classes, labels=labels[dropped].astype(np.int64),
+                         images=list(images[dropped]))
         images, labels = images[keep], labels[keep]
-    return Split(name=name, classes=classes, labels=labels.astype(np.int64), images=list(images))
+    return Split(name=name, classes=classes, labels=labels.astype(np.int64), images=list(images)), rest
 
 
 def load_digits_source(cfg: DataConfig) -> DataBundle:
@@ -266,11 +290,13 @@ def load_digits_source(cfg: DataConfig) -> DataBundle:
     labels = digits.target.astype(np.int64)
     train_idx, val_idx = _stratified_split(labels, 0.2, seed=0)  # split fixed across training seeds
     classes = [str(c) for c in digits.target_names]
+    train, rest = _array_split("train", images[train_idx], labels[train_idx], classes, cfg.train_per_class, 0)
     return DataBundle(
-        train=_array_split("train", images[train_idx], labels[train_idx], classes, cfg.train_per_class, 0),
-        val=_array_split("val", images[val_idx], labels[val_idx], classes, cfg.val_per_class, 0),
+        train=train,
+        val=_array_split("val", images[val_idx], labels[val_idx], classes, cfg.val_per_class, 0)[0],
         test=None,
         source="sklearn.datasets.load_digits",
+        rest=rest,
     )
 
 
@@ -314,11 +340,13 @@ def load_idx_source(cfg: DataConfig) -> DataBundle:
     y_test = read_idx(_find_idx(root, "t10k-labels-idx1-ubyte")).astype(np.int64)
     n_classes = int(y_train.max()) + 1
     classes = FASHION_CLASSES if n_classes == 10 else [str(i) for i in range(n_classes)]
+    train, rest = _array_split("train", x_train, y_train, classes, cfg.train_per_class, 0)
     return DataBundle(
-        train=_array_split("train", x_train, y_train, classes, cfg.train_per_class, 0),
-        val=_array_split("val", x_test, y_test, classes, cfg.val_per_class, 0),
+        train=train,
+        val=_array_split("val", x_test, y_test, classes, cfg.val_per_class, 0)[0],
         test=None,
         source=str(root),
+        rest=rest,
     )
 
 

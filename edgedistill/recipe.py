@@ -51,8 +51,10 @@ class DataConfig(_Strict):
     train_per_class: Optional[int] = Field(None, ge=1, description="cap images per class (CPU budgets)")
     val_per_class: Optional[int] = Field(None, ge=1)
     cache: Optional[bool] = Field(None, description="decode images once into memory; default: when small")
-    unlabeled: Optional[str] = Field(None, description="folder or archive of unlabeled images (any layout): the "
-                                     "teacher labels them and distillation trains on them too; never the baseline")
+    unlabeled: Optional[str] = Field(None, description="folder or archive of unlabeled images (any layout), or "
+                                     "'rest' (the source's training images beyond train_per_class, labels "
+                                     "withheld): the teacher labels them and distillation trains on them too; "
+                                     "never the baseline")
     augment: AugmentConfig = AugmentConfig()
 
 
@@ -68,6 +70,8 @@ class ModelConfig(_Strict):
     drop_rate: float = Field(0.0, ge=0, lt=1)
     grad_clip: Optional[float] = Field(5.0, gt=0)
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm create_model kwargs")
+    val_every: int = Field(1, ge=1, description="validate (and write the resumable checkpoint) every N epochs and "
+                                                "after the last")
 
 
 class TeacherConfig(ModelConfig):
@@ -138,6 +142,22 @@ class SelfDistillConfig(_Strict):
                              "trained student teaches a fresh copy of itself this many times")
 
 
+class BaselineConfig(_Strict):
+    """The control: the same student trained without the teacher."""
+
+    epochs: Union[int, Literal["student", "match_steps"]] = Field(
+        "student", description="'student': the student's epochs; 'match_steps': as many optimizer steps as the "
+                               "distilled student, which also trains on data.unlabeled (the baseline repeats its "
+                               "labelled images instead, so a gain is not a shorter schedule); or a number")
+
+    @field_validator("epochs")
+    @classmethod
+    def _positive(cls, value):
+        if isinstance(value, int) and value < 0:
+            raise ValueError("baseline.epochs must be 0 or more, 'student' or 'match_steps'")
+        return value
+
+
 class CostConfig(_Strict):
     """Serving cost per month: instances needed for the request volume, times their hourly price."""
 
@@ -189,6 +209,7 @@ class Recipe(_Strict):
                           "distilled into the student; for large teacher/student gaps")
     distill: DistillConfig = DistillConfig()
     self_distill: SelfDistillConfig = SelfDistillConfig()
+    baseline: BaselineConfig = BaselineConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
 

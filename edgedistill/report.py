@@ -113,6 +113,12 @@ def summary_facts(summary: dict[str, Any]) -> list[str]:
     if summary.get("unlabeled_images"):
         facts.append(f"unlabeled images labelled by the teacher and used in distillation: "
                      f"{summary['unlabeled_images']:,} (the baseline never saw them)")
+    sched = summary.get("schedule") or {}
+    if all((sched.get(r) or {}).get("epochs") for r in ("student", "baseline")):
+        st, bl = sched["student"], sched["baseline"]
+        facts.append(f"training budget: student {st['epochs']} epochs x {st['train_images']:,} images "
+                     f"({st['epochs'] * st['train_images']:,} samples), baseline {bl['epochs']} epochs x "
+                     f"{bl['train_images']:,} labelled images ({bl['epochs'] * bl['train_images']:,} samples)")
     for gen in summary.get("generations", []):
         facts.append(f"born-again generation {gen['generation']}: {gen['top1'] * 100:.2f}% "
                      f"(validation {gen['val_top1'] * 100:.2f}%)" + (" <- kept as the student" if gen["kept"] else ""))
@@ -238,7 +244,9 @@ def _figures(info: dict[str, Any]) -> dict[str, bytes]:
             if any("ce" in r for r in rows):
                 axes[1].plot([r["epoch"] + 1 for r in rows], [r.get("ce", r.get("loss")) for r in rows], marker="o",
                              label=name)
-            axes[2].plot([r["epoch"] + 1 for r in rows], [100 * r["val_top1"] for r in rows], marker="o", label=name)
+            validated = [r for r in rows if r.get("val_top1") is not None]
+            axes[2].plot([r["epoch"] + 1 for r in validated], [100 * r["val_top1"] for r in validated], marker="o",
+                         label=name)
         axes[1].set(title="CE loss (hard labels)", xlabel="epoch")
         axes[2].set(title="validation top-1 (%)", xlabel="epoch")
         for ax in axes:
@@ -482,3 +490,30 @@ def write_report(run_dir, measured: Sequence[str] = ()) -> tuple[Any, Any]:
     html_path = run_dir / "report.html"
     html_path.write_text(page)
     return html_path, md_path
+
+
+def compare_text(summaries: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
+    """Runs of one recipe side by side (seeds): top-1s, retention, KD gain, p; then mean ± std over the runs."""
+    import statistics
+
+    header = f"{'run':28} {'seed':>4} {'teacher':>8} {'student':>8} {'baseline':>8} {'retention':>9} {'KD gain':>8} " \
+             f"{'p':>8}"
+    lines = [header, "-" * len(header)]
+    for name, s in zip(names, summaries):
+        lines.append(f"{name[-28:]:28} {s.get('seed', '-')!s:>4} {100 * s['teacher']['top1']:7.2f}% "
+                     f"{100 * s['student']['top1']:7.2f}% {100 * s['baseline']['top1']:7.2f}% "
+                     f"{100 * s['retention']:8.1f}% {100 * s['kd_gain']:+7.2f} {s['significance']['p_value']:8.2g}")
+
+    def ms(values: list[float], fmt: str) -> str:
+        if len(values) < 2:
+            return format(values[0], fmt)
+        return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt.lstrip('+'))}"
+
+    retention = [100 * s["retention"] for s in summaries]
+    gain = [100 * s["kd_gain"] for s in summaries]
+    lines += ["", f"mean over {len(summaries)} run(s): retention {ms(retention, '.1f')}%, KD gain "
+                  f"{ms(gain, '+.2f')} points, student {ms([100 * s['student']['top1'] for s in summaries], '.2f')}% "
+                  f"vs baseline {ms([100 * s['baseline']['top1'] for s in summaries], '.2f')}%"]
+    if len(summaries) > 1 and statistics.mean(gain) > 0 and min(gain) <= 0:
+        lines.append("the gain changes sign across runs: report it as not established")
+    return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import tempfile
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ UNLABELED_KEY = ("data.unlabeled",)  # the teacher and the baseline never see un
 TEACHER_SECTIONS = ("seed", "data", "teacher")
 ASSISTANT_SECTIONS = ("seed", "data", "teacher", "assistant", "distill")
 STUDENT_SECTIONS = ("seed", "data", "teacher", "assistant", "student", "distill")
-BASELINE_SECTIONS = ("seed", "data", "student")
+BASELINE_SECTIONS = ("seed", "data", "student", "baseline")
 # What the evaluate and export stages depend on (top-level recipe sections).
 DEPENDS_ON = {
     "evaluate": STUDENT_SECTIONS + ("self_distill", "evaluate"),
@@ -82,8 +83,23 @@ def plan_steps(recipe: Recipe) -> dict[str, Step]:
         previous = "distill" if g == 1 else f"generation-{g - 1}"
         steps.append(Step(f"generation-{g}", f"student-gen{g}", "student", recipe.student, previous,
                           STUDENT_SECTIONS, seed_offset=1000 * g))
-    steps.append(Step("baseline", "baseline", "student", recipe.student, None, BASELINE_SECTIONS, UNLABELED_KEY))
+    # with match_steps the baseline's schedule depends on how many unlabeled images the student sees
+    baseline_exclude = () if recipe.baseline.epochs == "match_steps" else UNLABELED_KEY
+    steps.append(Step("baseline", "baseline", "student", recipe.student, None, BASELINE_SECTIONS, baseline_exclude))
     return {step.key: step for step in steps}
+
+
+def baseline_epochs(recipe: Recipe, labelled: int, unlabeled: int) -> int:
+    """The baseline's epochs: the student's, a number, or (match_steps) enough passes over its labelled images
+    to take as many optimizer steps as the student takes over labelled + unlabeled images."""
+    choice = recipe.baseline.epochs
+    if choice == "student":
+        return recipe.student.epochs
+    if choice == "match_steps":
+        batch = recipe.data.batch_size
+        student_steps = recipe.student.epochs * math.ceil((labelled + unlabeled) / batch)
+        return max(1, math.ceil(student_steps / math.ceil(labelled / batch)))
+    return int(choice)
 
 
 class RunContext:
@@ -252,13 +268,24 @@ def train_step(ctx: RunContext, key: str) -> dict[str, Any]:
     folder = ctx.stage_dir(key)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / FEATURE_MAP_FILE).unlink(missing_ok=True)  # written again below when this recipe matches features
-    train, extra = ctx.data.train, {}
+    train, extra, cfg = ctx.data.train, {}, step.cfg
     if step.teacher is not None and ctx.unlabeled is not None:
         train = with_unlabeled(train, ctx.unlabeled)
         extra["unlabeled_images"] = len(ctx.unlabeled)
-    if step.cfg.epochs:
+    if key == "baseline":
+        unlabeled = len(ctx.unlabeled) if ctx.recipe.baseline.epochs == "match_steps" and ctx.unlabeled else 0
+        epochs = baseline_epochs(ctx.recipe, len(train), unlabeled)
+        if epochs != cfg.epochs:
+            log.info("baseline: %d epochs over its %d labelled images (baseline.epochs: %s; the student: %d epochs "
+                     "over %d images)", epochs, len(train), ctx.recipe.baseline.epochs, cfg.epochs,
+                     len(train) + unlabeled)
+        # validate as often, in optimizer steps, as the student does
+        every = max(cfg.val_every, round(cfg.val_every * epochs / max(cfg.epochs, 1)))
+        cfg = cfg.model_copy(update={"epochs": epochs, "val_every": every})
+    extra.update({"epochs": cfg.epochs, "train_images": len(train)})
+    if cfg.epochs:
         teaching = _teaching(ctx, step, model) if step.teacher is not None else None
-        train_model(model, train, ctx.data.val, ctx.recipe.data, step.cfg, folder, ctx.recipe.seed + step.seed_offset,
+        train_model(model, train, ctx.data.val, ctx.recipe.data, cfg, folder, ctx.recipe.seed + step.seed_offset,
                     ctx.fingerprint(key), ctx.device, label=key, teaching=teaching)
     elif not step.cfg.pretrained_path and not step.cfg.pretrained:
         log.warning("%s: %s.epochs is 0 and no weights are given: the model stays untrained", key, step.role)
@@ -359,7 +386,7 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
     roles = {"teacher": "teacher", **{key: key for key in ctx.chain_keys()}, "student": student_key,
              "baseline": "baseline"}
     models = {role: ctx.trained_model(key, "evaluate") for role, key in roles.items()}
-    summary: dict[str, Any] = {"name": recipe.name, "fingerprint": ctx.fingerprint("evaluate"),
+    summary: dict[str, Any] = {"name": recipe.name, "seed": recipe.seed, "fingerprint": ctx.fingerprint("evaluate"),
                                "latency_batch": ev.latency_batch,
                                "eval_split": split.name, "eval_samples": len(split), "classes": data.classes}
     correct = {}
@@ -378,6 +405,8 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
             summary["generations"].append({"generation": g, "top1": top1, "kept": key == student_key,
                                            "val_top1": ctx.done_record(key)["top1"]})
     summary["unlabeled_images"] = (ctx.done_record("distill") or {}).get("unlabeled_images", 0)
+    summary["schedule"] = {role: {k: (ctx.done_record(key) or {}).get(k) for k in ("epochs", "train_images")}
+                           for role, key in (("student", student_key), ("baseline", "baseline"))}
     threads_before = torch.get_num_threads()
     threads = ev.threads or threads_before
     size = recipe.data.image_size

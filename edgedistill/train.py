@@ -228,17 +228,20 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
                     metrics.write(json.dumps({"kind": "step", "epoch": epoch, "step": step, "lr": lr, **values}) + "\n")
                     progress.update(task, advance=1, stats="  ".join(f"{k} {v:.3f}" for k, v in values.items()))
                 progress.remove_task(task)
-                val_top1 = predict(model, eval_loader(val, data_cfg), device).top1
+                checkpoint = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
                 record = {"kind": "epoch", "epoch": epoch, **{k: v / max(rows, 1) for k, v in sums.items()},
-                          "train_top1": correct / max(seen, 1), "val_top1": val_top1,
-                          "seconds": round(time.perf_counter() - started, 2)}
+                          "train_top1": correct / max(seen, 1)}
+                if checkpoint:
+                    record["val_top1"] = predict(model, eval_loader(val, data_cfg), device).top1
+                record["seconds"] = round(time.perf_counter() - started, 2)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 history.append(record)
-                log.info("%s epoch %d/%d: %s", label, epoch + 1, cfg.epochs,
-                         "  ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
-                save_training_state(state_path, trainable, optimizer,
-                                    {"epoch": epoch, "fingerprint": fingerprint, "history": history})
+                if checkpoint:
+                    log.info("%s epoch %d/%d: %s", label, epoch + 1, cfg.epochs,
+                             "  ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
+                    save_training_state(state_path, trainable, optimizer,
+                                        {"epoch": epoch, "fingerprint": fingerprint, "history": history})
     finally:
         if features is not None:
             features.detach()
