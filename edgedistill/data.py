@@ -26,11 +26,10 @@ from edgerun.preprocess import INTERPOLATIONS, PreprocessSpec, geometric, normal
 
 from .errors import DataError
 from .losses import UNLABELED
-
-UNLABELED_REST = "rest"  # data.unlabeled: the source's training images beyond train_per_class, labels withheld
 from .recipe import DataConfig
 
 log = logging.getLogger(__name__)
+UNLABELED_REST = "rest"  # data.unlabeled: the source's training images beyond train_per_class, labels withheld
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
