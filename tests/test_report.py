@@ -19,6 +19,10 @@ TAB_BLUE, TAB_ORANGE, TAB_GREEN = (31, 119, 180), (255, 127, 14), (44, 160, 44)
 def test_run_writes_the_report_and_device_files_join_it(trained_run, tmp_path, capsys):
     html_path, md_path = trained_run / "report.html", trained_run / "report.md"
     assert html_path.exists() and md_path.exists()  # `edgedistill run` wrote them at the end
+    summary = json.loads((trained_run / "summary.json").read_text())
+    est = summary["device_estimate"]  # the planner's figures for the recipe's export target, labelled as such
+    assert est["target"] == "jetson-nano-jp4" and "estimate" in est["label"] and est["student"]["est_fps"] > 0
+    assert "ONNX Runtime" in summary["host"]["runtime"] and summary["student"]["torch_latency_ms_b1"] > 0
     bench, validate = tmp_path / "bench.json", tmp_path / "validate.json"
     assert edgerun(["bench", str(trained_run / "bundle"), "--iterations", "5", "--warmup", "1",
                     "--json", str(bench)]) == 0
