@@ -1,0 +1,179 @@
+"""Where training time goes: edgedistill's stages next to a plain timm loop on the same images, models and epochs.
+
+    python benchmarks/train_speed.py ../shared/data/cifar10-jpeg.tar.gz [--per-class 200] [--size 64] [--epochs 2]
+                                     [--teacher resnet18] [--student mobilenetv3_small_100] [--workers 0 2]
+
+The reference loop (written here, around ``timm.task.LogitDistillationTask``) decodes every image once into a
+uint8 tensor at the training size, augments with flips only, trains teacher, distilled student and baseline
+for the same epochs with AdamW at the recipe's learning rates, and validates once at the end. edgedistill runs
+its own ``teacher, distill, baseline`` stages with the recipe's full augmentation (random-resized crop,
+flips) and per-epoch validation, once per ``--workers`` setting. Images per second are training images x
+epochs / stage seconds (validation included, as a user waits for it). Issue 11's target is >= 1.0x the plain
+loop; this script measures where we stand before anything is changed. Writes benchmarks/results/train_speed.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_table  # noqa: E402
+
+from edgedistill.cli import main as edgedistill_main  # noqa: E402
+from edgedistill.data import load_data  # noqa: E402
+from edgedistill.models import create_model  # noqa: E402
+from edgedistill.recipe import DataConfig, ModelConfig  # noqa: E402
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def decode(split, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out = []
+    for i in range(len(split)):
+        image = np.ascontiguousarray(split.load(i))
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        out.append(cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR))
+    images = np.stack(out)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(split.labels)
+
+
+def normalize(batch: torch.Tensor) -> torch.Tensor:
+    x = batch.float().div_(255)
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def plain_stage(model, images, labels, epochs: int, lr: float, batch: int, teacher=None, seed: int = 0) -> float:
+    """Seconds to train ``model`` (CE, or timm's LogitDistillationTask with ``teacher``) over pre-decoded
+    tensors with flips only."""
+    from timm.task import LogitDistillationTask
+
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    task = None
+    if teacher is not None:
+        task = LogitDistillationTask(model, teacher.eval(), criterion=torch.nn.CrossEntropyLoss(),
+                                     task_loss_weight=0.4, temperature=3.0, verbose=False)
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=gen)
+        for i in range(0, len(order) - batch + 1, batch):
+            idx = order[i:i + batch]
+            x = images[idx]
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            x[flip] = x[flip].flip(3)
+            x, y = normalize(x), labels[idx]
+            loss = task(x, y)["loss"] if task is not None else torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def top1(model, images, labels) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(labels), 256):
+        correct += int((model(normalize(images[i:i + 256])).argmax(1) == labels[i:i + 256]).sum())
+    return correct / len(labels)
+
+
+def epoch_seconds(run: Path, folder: str) -> float:
+    total = 0.0
+    for line in (run / folder / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "epoch":
+            total += record["seconds"]
+    return total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", help="cifar10-jpeg.tar.gz or a folder with train/ and test/ class folders")
+    parser.add_argument("--per-class", type=int, default=200)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--teacher", default="resnet18")
+    parser.add_argument("--student", default="mobilenetv3_small_100")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--output", default="runs/train-speed")
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    data_cfg = DataConfig(root=args.data, val_dir="test", image_size=args.size, train_per_class=args.per_class,
+                          val_per_class=args.per_class // 4, batch_size=args.batch)
+    data = load_data(data_cfg)
+    n, classes = len(data.train), len(data.classes)
+    rows, notes = [], []
+
+    # --- the plain loop
+    t0 = time.perf_counter()
+    train_x, train_y = decode(data.train, args.size)
+    val_x, val_y = decode(data.val, args.size)
+    decode_s = time.perf_counter() - t0
+    teacher = create_model(ModelConfig(model=args.teacher), classes)
+    student = create_model(ModelConfig(model=args.student), classes)
+    torch.manual_seed(0)
+    baseline = create_model(ModelConfig(model=args.student), classes)
+    plain = {"teacher": plain_stage(teacher, train_x, train_y, args.epochs, 1e-3, args.batch),
+             "distill": plain_stage(student, train_x, train_y, args.epochs, 5e-4, args.batch, teacher=teacher),
+             "baseline": plain_stage(baseline, train_x, train_y, args.epochs, 5e-4, args.batch)}
+    t0 = time.perf_counter()
+    accuracy = {k: top1(m, val_x, val_y) for k, m in (("teacher", teacher), ("distill", student),
+                                                     ("baseline", baseline))}
+    validate_s = time.perf_counter() - t0
+    plain_total = decode_s + sum(plain.values()) + validate_s
+    rows.append(["plain timm loop (flips, validate once)", "-"]
+                + [f"{n * args.epochs / plain[k]:.0f}" for k in ("teacher", "distill", "baseline")]
+                + [f"{plain_total:.0f}", "1.00x",
+                   " / ".join(f"{100 * accuracy[k]:.1f}" for k in ("teacher", "distill", "baseline"))])
+    notes.append(f"plain loop: decode {decode_s:.1f} s once, final validation {validate_s:.1f} s")
+
+    # --- edgedistill, per loader setting
+    for workers in args.workers:
+        run = Path(args.output) / f"workers{workers}"
+        recipe = {"name": f"train-speed-w{workers}", "output": str(run), "seed": 0,
+                  "data": {"root": args.data, "val_dir": "test", "image_size": args.size, "batch_size": args.batch,
+                           "train_per_class": args.per_class, "val_per_class": args.per_class // 4,
+                           "workers": workers},
+                  "teacher": {"model": args.teacher, "epochs": args.epochs, "lr": 1e-3, "min_top1": 0.0},
+                  "student": {"model": args.student, "epochs": args.epochs, "lr": 5e-4}}
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+            yaml.safe_dump(recipe, fh)
+        t0 = time.perf_counter()
+        code = edgedistill_main(["run", fh.name, "--stages", "teacher,distill,baseline", "--force"])
+        wall = time.perf_counter() - t0
+        if code != 0:
+            rows.append([f"edgedistill (workers {workers})", str(workers), "failed", "-", "-", f"{wall:.0f}", "-", "-"])
+            continue
+        secs = {k: epoch_seconds(run, folder) for k, folder in (("teacher", "teacher"), ("distill", "student"),
+                                                               ("baseline", "baseline"))}
+        tops = [json.loads((run / f / "done.json").read_text())["top1"] for f in ("teacher", "student", "baseline")]
+        rows.append(["edgedistill stages (full augmentation, validate every epoch)", str(workers)]
+                    + [f"{n * args.epochs / secs[k]:.0f}" for k in ("teacher", "distill", "baseline")]
+                    + [f"{wall:.0f}", f"{plain_total / wall:.2f}x", " / ".join(f"{100 * t:.1f}" for t in tops)])
+    notes.append(f"{n} training images ({args.per_class} per class), {len(data.val)} validation images, "
+                 f"{args.size} px, {args.epochs} epochs per stage, batch {args.batch}, {args.teacher} -> "
+                 f"{args.student}, {torch.get_num_threads()} torch threads; images/s = images x epochs / stage "
+                 "seconds; speed = plain loop seconds / these seconds (above 1 is faster than the plain loop)")
+    notes.append("top-1 after so few epochs only shows both loops learn; it is not a quality comparison")
+    write_table("train_speed", "Training speed: edgedistill stages vs a plain timm loop (benchmarks/train_speed.py)",
+                ["loop", "workers", "teacher img/s", "distill img/s", "baseline img/s", "seconds per seed",
+                 "speed vs plain", "top-1 T / S / B"], rows, notes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
