@@ -196,6 +196,20 @@ class ExportConfig(_Strict):
     int8_max_drop: float = Field(0.01, ge=0, description="reject INT8 when top-1 drops more (0.01 = 1 point)")
 
 
+class TrainConfig(_Strict):
+    """How every training step runs on the hardware (not what it learns)."""
+
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto", description="mixed precision: auto = bf16 on CUDA where supported, else fp16 with a grad scaler; "
+                            "off on CPU (bf16 runs there too when asked for)")
+    compile: bool = Field(False, description="torch.compile the model for training")
+
+
+# Top-level sections added after the first release: at their defaults they stay out of stage fingerprints, so
+# finished stages of older runs are not redone.
+LATER_SECTIONS = ("baseline", "train")
+
+
 class Recipe(_Strict):
     name: str
     output: Optional[str] = Field(None, description="run folder; default runs/<name>")
@@ -210,6 +224,7 @@ class Recipe(_Strict):
     distill: DistillConfig = DistillConfig()
     self_distill: SelfDistillConfig = SelfDistillConfig()
     baseline: BaselineConfig = BaselineConfig()
+    train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
 
@@ -256,7 +271,8 @@ class Recipe(_Strict):
             section, _, key = dotted.partition(".")
             if isinstance(dumped.get(section), dict):
                 dumped[section].pop(key, None)
-        chosen = {key: dumped.get(key) for key in sections}
+        chosen = {key: dumped.get(key) for key in sections
+                  if not (key in LATER_SECTIONS and dumped.get(key) is None)}
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -38,10 +38,10 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.safetensors"
 FEATURE_MAP_FILE = "feature_map.json"
 UNLABELED_KEY = ("data.unlabeled",)  # the teacher and the baseline never see unlabeled images
-TEACHER_SECTIONS = ("seed", "data", "teacher")
-ASSISTANT_SECTIONS = ("seed", "data", "teacher", "assistant", "distill")
-STUDENT_SECTIONS = ("seed", "data", "teacher", "assistant", "student", "distill")
-BASELINE_SECTIONS = ("seed", "data", "student", "baseline")
+TEACHER_SECTIONS = ("seed", "data", "teacher", "train")
+ASSISTANT_SECTIONS = ("seed", "data", "teacher", "assistant", "distill", "train")
+STUDENT_SECTIONS = ("seed", "data", "teacher", "assistant", "student", "distill", "train")
+BASELINE_SECTIONS = ("seed", "data", "student", "baseline", "train")
 # What the evaluate and export stages depend on (top-level recipe sections).
 DEPENDS_ON = {
     "evaluate": STUDENT_SECTIONS + ("self_distill", "evaluate"),
@@ -286,7 +286,7 @@ def train_step(ctx: RunContext, key: str) -> dict[str, Any]:
     if cfg.epochs:
         teaching = _teaching(ctx, step, model) if step.teacher is not None else None
         train_model(model, train, ctx.data.val, ctx.recipe.data, cfg, folder, ctx.recipe.seed + step.seed_offset,
-                    ctx.fingerprint(key), ctx.device, label=key, teaching=teaching)
+                    ctx.fingerprint(key), ctx.device, label=key, teaching=teaching, hardware=ctx.recipe.train)
     elif not step.cfg.pretrained_path and not step.cfg.pretrained:
         log.warning("%s: %s.epochs is 0 and no weights are given: the model stays untrained", key, step.role)
     save_model(folder / MODEL_FILE, model, {"model": step.cfg.model, "classes": ctx.data.classes, "stage": key})

@@ -29,7 +29,7 @@ from .errors import CheckpointError, NonFiniteLossError
 from .evaluate import predict
 from .features import DEFAULT_WEIGHTS, FeatureMatcher
 from .losses import UNLABELED, distillation_loss, dkd_loss, labeled_cross_entropy
-from .recipe import DataConfig, DistillConfig, ModelConfig
+from .recipe import DataConfig, DistillConfig, ModelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,18 @@ def _truncate_metrics(path: Path, before_epoch: int) -> None:
     atomic_write_text(path, "".join(k + "\n" for k in kept))
 
 
+def amp_dtype(choice: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``train.amp`` on ``device``; None: full precision."""
+    if choice == "off" or (choice == "auto" and device.type != "cuda"):
+        return None
+    if choice == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
 def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig, cfg: ModelConfig,
                 stage_dir: Path, seed: int, fingerprint: str, device: torch.device, label: str,
-                teaching: Optional[Teaching] = None) -> list[dict[str, Any]]:
+                teaching: Optional[Teaching] = None, hardware: Optional[TrainConfig] = None) -> list[dict[str, Any]]:
     """Train ``model`` for ``cfg.epochs`` epochs, resuming from ``stage_dir/last.safetensors`` if it fits.
 
     Without ``teaching``: cross-entropy. With it: the distillation loss against the frozen teacher, plus the
@@ -150,7 +159,13 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
         features.to(device).attach(model, teacher)
         trainable = nn.ModuleDict({"student": model, "features": features})  # one optimizer, one checkpoint
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_cuda)
+    hardware = hardware or TrainConfig()
+    dtype = amp_dtype(hardware.amp, device)
+    # a grad scaler only for fp16, whose range needs it; bf16 has float32's exponent range
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
+    forward = torch.compile(model) if hardware.compile else model  # the checkpoint keeps the plain module
     steps_per_epoch = len(train_loader(train, data_cfg, seed, 0))
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
@@ -175,7 +190,7 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
         _truncate_metrics(metrics_path, start_epoch)
 
     try:
-        amp = torch.autocast("cuda", dtype=torch.float16) if use_cuda else nullcontext()
+        amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
         with _progress() as progress, open(metrics_path, "a") as metrics:
             for epoch in range(start_epoch, cfg.epochs):
                 model.train()
@@ -194,7 +209,7 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
                     if use_cuda:
                         images = images.contiguous(memory_format=torch.channels_last)
                     with amp:
-                        logits = model(images)
+                        logits = forward(images)
                         teacher_logits = None
                         if teacher is not None:
                             with torch.no_grad():

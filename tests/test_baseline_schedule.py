@@ -82,3 +82,27 @@ def test_compare_gives_mean_and_spread_and_flags_a_gain_that_changes_sign():
     assert "retention 96.9 ± 1.5%" in text and "changes sign" not in text
     flipped = compare_text([_summary(0, 0.96, 0.94, 0.90), _summary(1, 0.96, 0.90, 0.92)], ["a", "b"])
     assert "changes sign" in flipped
+
+
+def test_bf16_autocast_trains_on_cpu_so_the_amp_path_cannot_rot(make_recipe, tmp_path):
+    """train.amp: bf16 runs the same loop under CPU autocast: finite losses close to full precision's."""
+    from edgedistill.models import create_model
+    from edgedistill.recipe import TrainConfig
+    from edgedistill.train import amp_dtype, train_model
+
+    assert amp_dtype("auto", torch.device("cpu")) is None and amp_dtype("off", torch.device("cpu")) is None
+    assert amp_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    r = _recipe(make_recipe, student={"epochs": 1}, data={"train_per_class": 6, "val_per_class": 2})
+    data = load_data(r.data)
+    losses = {}
+    for amp in ("off", "bf16"):
+        torch.manual_seed(0)
+        model = create_model(r.student, len(data.classes))
+        train_model(model, data.train, data.val, r.data, r.student, tmp_path / amp, 0, "fp", torch.device("cpu"),
+                    amp, hardware=TrainConfig(amp=amp))
+        steps = [json.loads(line) for line in (tmp_path / amp / "metrics.jsonl").read_text().splitlines()
+                 if '"kind": "step"' in line]
+        losses[amp] = np.array([s["loss"] for s in steps])
+    assert np.isfinite(losses["bf16"]).all()
+    assert not np.array_equal(losses["bf16"], losses["off"])  # autocast really ran in bf16 ...
+    assert np.allclose(losses["bf16"][0], losses["off"][0], rtol=0.05)  # ... and computes the same loss
