@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class Split:
     paths: list[Path] = field(default_factory=list)
     images: Optional[list[np.ndarray]] = None  # decoded RGB uint8, when held in memory
     skipped: list[str] = field(default_factory=list)  # unreadable files, with the reason
+    max_side: Optional[int] = None  # training splits: shorter side shrunk to what augmentation needs
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -57,7 +59,7 @@ class Split:
         image = read_image(self.paths[index])
         if image is None:
             raise DataError(f"image '{self.paths[index]}' became unreadable during the run")
-        return image
+        return fit_shorter_side(image, self.max_side)
 
     def subset(self, indices: Sequence[int]) -> "Split":
         indices = list(indices)
@@ -68,6 +70,7 @@ class Split:
             paths=[self.paths[i] for i in indices] if self.paths else [],
             images=[self.images[i] for i in indices] if self.images is not None else None,
             skipped=self.skipped,
+            max_side=self.max_side,
         )
 
 
@@ -85,6 +88,26 @@ class DataBundle:
 
 
 # ----------------------------------------------------------------------------------------------- decoding
+def training_side(cfg: DataConfig) -> int:
+    """The shorter side a training image needs: random-resized-crop's smallest crop (area ``scale[0]``, the
+    widest aspect ``ratio``) must still cover ``image_size`` pixels, so larger images are shrunk to this once,
+    at decoding, instead of being cropped from full resolution every epoch."""
+    aug = cfg.augment
+    return int(math.ceil(cfg.image_size * math.sqrt(max(aug.ratio[1], 1 / aug.ratio[0]) / aug.scale[0])))
+
+
+def fit_shorter_side(image: np.ndarray, side: Optional[int]) -> np.ndarray:
+    """``image`` with its shorter side shrunk to ``side`` (area interpolation); smaller images unchanged."""
+    if not side:
+        return image
+    h, w = image.shape[:2]
+    short = min(h, w)
+    if short <= side:
+        return image
+    size = (max(1, round(w * side / short)), max(1, round(h * side / short)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
 def read_image(path: Path, reduced: bool = False) -> Optional[np.ndarray]:
     """Decode to RGB uint8 (H, W, 3); grayscale becomes 3 channels; ``None`` when unreadable."""
     flag = cv2.IMREAD_REDUCED_COLOR_8 if reduced else cv2.IMREAD_COLOR
@@ -151,8 +174,13 @@ def scan_folder_split(root: Path, split: str, cap_per_class: Optional[int], seed
                  paths=paths)
 
 
-def verify_and_cache(split: Split, cache: Optional[bool], labelled: bool = True) -> Split:
-    """Decode every image once; unreadable files are dropped, counted and listed (never fatal alone)."""
+def verify_and_cache(split: Split, cache: Optional[bool], labelled: bool = True,
+                     max_side: Optional[int] = None) -> Split:
+    """Decode every image once; unreadable files are dropped, counted and listed (never fatal alone).
+
+    ``max_side`` (training splits): images are held with their shorter side shrunk to it, which is all the
+    training augmentation reads; evaluation splits keep full resolution, as the device sees its frames.
+    """
     keep, images, skipped, pixels = [], [], [], 0
     hold = cache is not False
     for i, path in enumerate(split.paths):
@@ -162,6 +190,7 @@ def verify_and_cache(split: Split, cache: Optional[bool], labelled: bool = True)
             continue
         keep.append(i)
         if hold:
+            image = fit_shorter_side(image, max_side)
             images.append(image)
             pixels += image.size
             if cache is None and pixels > CACHE_PIXELS:  # too big to hold: fall back to lazy decoding
@@ -171,6 +200,7 @@ def verify_and_cache(split: Split, cache: Optional[bool], labelled: bool = True)
     out = split.subset(keep)
     out.images = images if hold else None
     out.skipped = skipped
+    out.max_side = max_side
     for cls in range(len(split.classes) if labelled else 0):
         if not np.any(out.labels == cls):
             raise DataError(f"class '{split.classes[cls]}' of split '{split.name}' has no readable image left")
@@ -202,13 +232,15 @@ def load_folder(cfg: DataConfig, seed: int) -> DataBundle:
         kept = set(train.paths)
         everything = scan_folder_split(root, cfg.train_dir, None, seed)
         left = [i for i, p in enumerate(everything.paths) if p not in kept]
-        rest = verify_and_cache(everything.subset(left), cfg.cache, labelled=False) if left else None
-    train, val = verify_and_cache(train, cfg.cache), verify_and_cache(val, cfg.cache)
+        rest = (verify_and_cache(everything.subset(left), cfg.cache, labelled=False, max_side=training_side(cfg))
+                if left else None)
+    train = verify_and_cache(train, cfg.cache, max_side=training_side(cfg))
+    val = verify_and_cache(val, cfg.cache)
     test = verify_and_cache(test, cfg.cache) if test else None
     return DataBundle(train, val, test, source=str(root), rest=rest)
 
 
-def load_unlabeled(source: str, data: DataBundle, cache: Optional[bool]) -> Split:
+def load_unlabeled(source: str, data: DataBundle, cache: Optional[bool], max_side: Optional[int] = None) -> Split:
     """Unlabeled images (``data.unlabeled``): every image file under a folder or archive, any layout, label -1;
     or ``rest``: the source's own training images beyond ``data.train_per_class``, their labels withheld.
 
@@ -237,7 +269,7 @@ def load_unlabeled(source: str, data: DataBundle, cache: Optional[bool]) -> Spli
                  len(files) - len(fresh), len(files))
     split = Split(name="unlabeled", classes=data.classes, labels=np.full(len(fresh), UNLABELED, dtype=np.int64),
                   paths=fresh)
-    return verify_and_cache(split, cache, labelled=False)
+    return verify_and_cache(split, cache, labelled=False, max_side=max_side)
 
 
 def with_unlabeled(train: Split, unlabeled: Split) -> Split:
@@ -250,7 +282,7 @@ def with_unlabeled(train: Split, unlabeled: Split) -> Split:
     paths = (list(train.paths) or [None] * n) + (list(unlabeled.paths) or [None] * m)
     return Split(name=f"{train.name}+unlabeled", classes=train.classes,
                  labels=np.concatenate([train.labels, unlabeled.labels]), paths=paths, images=images,
-                 skipped=train.skipped + unlabeled.skipped)
+                 skipped=train.skipped + unlabeled.skipped, max_side=train.max_side or unlabeled.max_side)
 
 
 def _stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write_text, load_model, save_model
-from .data import DataBundle, Split, eval_loader, load_data, load_unlabeled, with_unlabeled
+from .data import DataBundle, Split, eval_loader, load_data, load_unlabeled, training_side, with_unlabeled
 from .errors import StageMissingError, TeacherTooWeakError
 from .cost import cost_comparison
 from .evaluate import (bootstrap_intervals, classification_report, images_to_resolve, mcnemar_exact, measure_latency,
@@ -135,7 +135,8 @@ class RunContext:
     @property
     def unlabeled(self) -> Optional[Split]:
         if self.recipe.data.unlabeled and self._unlabeled is None:
-            self._unlabeled = load_unlabeled(self.recipe.data.unlabeled, self.data, self.recipe.data.cache)
+            self._unlabeled = load_unlabeled(self.recipe.data.unlabeled, self.data, self.recipe.data.cache,
+                                             max_side=training_side(self.recipe.data))
             log.info("data.unlabeled: %d images for distillation (the teacher labels them; CE skips them)",
                      len(self._unlabeled))
         return self._unlabeled

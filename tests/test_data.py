@@ -138,3 +138,35 @@ def test_eval_preprocessing_equals_albumentations_pipeline():
                      A.Normalize(mean=cfg.mean, std=cfg.std)])(image=image)["image"].transpose(2, 0, 1)
     assert ours.shape == (3, 24, 24)
     assert np.abs(ours - ref).max() < 0.05  # equal up to one grey level of resampling rounding
+
+
+def test_training_images_are_held_at_the_resolution_augmentation_needs(tmp_path):
+    """Large training images are shrunk once at decoding (to what random-resized-crop's smallest crop needs);
+    validation images keep full resolution, as the device sees its frames; lazy loading shrinks the same way."""
+    import math
+
+    import cv2
+    import numpy as np
+
+    from edgedistill.data import fit_shorter_side, load_data, read_image, training_side
+    from edgedistill.recipe import DataConfig
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                cv2.imwrite(str(tmp_path / split / cls / f"{i}.png"), rng.integers(0, 255, (300, 400, 3), np.uint8))
+    cfg = DataConfig(root=str(tmp_path), image_size=32, augment={"scale": [0.35, 1.0], "ratio": [0.75, 1.3333]})
+    side = training_side(cfg)
+    assert side == math.ceil(32 * math.sqrt(1.3333 / 0.35))  # 63: the smallest, widest crop still covers 32 px
+    data = load_data(cfg)
+    for i in range(len(data.train)):
+        held = data.train.load(i)
+        direct = cv2.resize(read_image(data.train.paths[i]), (84, 63), interpolation=cv2.INTER_AREA)
+        assert held.shape == (63, 84, 3) and np.array_equal(held, direct)  # the same pixels as decoding directly
+    assert all(data.val.load(i).shape == (300, 400, 3) for i in range(len(data.val)))
+    lazy = load_data(cfg.model_copy(update={"cache": False}))
+    assert np.array_equal(lazy.train.load(0), data.train.load(0))
+    small = rng.integers(0, 255, (40, 50, 3), np.uint8)
+    assert fit_shorter_side(small, side) is small  # never enlarged
