@@ -120,6 +120,13 @@ class DistillConfig(_Strict):
                                             "(mse) or 1000 (at, the paper's beta)")
     chain: list[ChainStep] = Field(default_factory=list, description="progressive distillation: teacher -> "
                                    "chain[0] -> ... -> student (model names, or mappings of ChainStep keys)")
+    soft_labels: Literal["online", "cached"] = Field(
+        "online", description="online: the teacher runs on every training batch; cached: once per image per "
+                              "augmentation draw, the student replays those views (Shen & Xing, ECCV 2022)")
+    cache_draws: int = Field(4, ge=1, description="cached: augmented views per image; student epoch e replays "
+                                                  "view e % cache_draws")
+    cache_topk: Optional[int] = Field(None, ge=1, description="cached: keep the top-k logits per view when there "
+                                                              "are more than 100 classes (default: all)")
 
     @field_validator("chain", mode="before")
     @classmethod
@@ -127,6 +134,13 @@ class DistillConfig(_Strict):
         if isinstance(v, list):
             return [{"model": item} if isinstance(item, str) else item for item in v]
         return v
+
+    @model_validator(mode="after")
+    def _cached_needs_logits_only(self) -> "DistillConfig":
+        if self.soft_labels == "cached" and self.features != "none":
+            raise ValueError("distill.soft_labels: cached stores the teacher's logits only, and distill.features "
+                             "needs its live feature maps: use soft_labels: online with features")
+        return self
 
     @model_validator(mode="after")
     def _feature_weight_needs_features(self) -> "DistillConfig":

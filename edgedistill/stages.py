@@ -234,7 +234,7 @@ def _validate_and_report(ctx: RunContext, key: str, model: nn.Module, title: str
     return report
 
 
-def _teaching(ctx: RunContext, step: Step, model: nn.Module) -> Teaching:
+def _teaching(ctx: RunContext, step: Step, model: nn.Module, train: Split) -> Teaching:
     """The frozen teacher of a distillation step, and its feature matcher when the recipe asks for one."""
     teacher = ctx.trained_model(step.teacher, step.key)
     ratio = count_params(teacher) / max(count_params(model), 1)
@@ -256,6 +256,15 @@ def _teaching(ctx: RunContext, step: Step, model: nn.Module) -> Teaching:
     if distill.temperature == 1.0:
         log.warning("distill.temperature is 1: the soft labels are the teacher's plain probabilities, close to "
                     "hard labels for a confident teacher; 2-5 is usual")
+    if distill.soft_labels == "cached":
+        from edgerun.manifest import sha256_file
+
+        from .softlabels import cached_soft_labels
+
+        cache = cached_soft_labels(teacher, sha256_file(str(ctx.stage_dir(step.teacher) / MODEL_FILE)), train,
+                                   ctx.recipe.data, ctx.recipe.seed + step.seed_offset, distill.cache_draws,
+                                   distill.cache_topk, ctx.run_dir / "soft_labels", ctx.device)
+        return Teaching(teacher=None, distill=distill, soft_labels=cache)
     return Teaching(teacher=teacher, distill=distill, features=features)
 
 
@@ -285,7 +294,7 @@ def train_step(ctx: RunContext, key: str) -> dict[str, Any]:
         cfg = cfg.model_copy(update={"epochs": epochs, "val_every": every})
     extra.update({"epochs": cfg.epochs, "train_images": len(train)})
     if cfg.epochs:
-        teaching = _teaching(ctx, step, model) if step.teacher is not None else None
+        teaching = _teaching(ctx, step, model, train) if step.teacher is not None else None
         train_model(model, train, ctx.data.val, ctx.recipe.data, cfg, folder, ctx.recipe.seed + step.seed_offset,
                     ctx.fingerprint(key), ctx.device, label=key, teaching=teaching, hardware=ctx.recipe.train)
     elif not step.cfg.pretrained_path and not step.cfg.pretrained:

@@ -50,9 +50,10 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_
 class Teaching:
     """What a distillation step learns from: a frozen teacher, the loss settings, optional feature matching."""
 
-    teacher: nn.Module
+    teacher: Optional[nn.Module]  # None when the soft labels come from a cache
     distill: DistillConfig
     features: Optional[FeatureMatcher] = None
+    soft_labels: Optional[Any] = None  # softlabels.SoftLabelCache: teacher logits per draw, replayed in order
 
     @property
     def feature_weight(self) -> float:
@@ -150,6 +151,7 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
     teacher = teaching.teacher if teaching is not None else None
     distill = teaching.distill if teaching is not None else None
     features = teaching.features if teaching is not None else None
+    cache = teaching.soft_labels if teaching is not None else None
     if teacher is not None:
         teacher.to(device).eval()
         for p in teacher.parameters():
@@ -194,7 +196,8 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
         with _progress() as progress, open(metrics_path, "a") as metrics:
             for epoch in range(start_epoch, cfg.epochs):
                 model.train()
-                loader = train_loader(train, data_cfg, seed, epoch)
+                # cached soft labels: epoch e replays augmentation draw e % draws, whose teacher logits are stored
+                loader = train_loader(train, data_cfg, seed, epoch % cache.draws if cache is not None else epoch)
                 task = progress.add_task(f"{label} {epoch + 1}/{cfg.epochs}", total=len(loader), stats="")
                 sums: dict[str, float] = {}
                 correct = seen = rows = 0
@@ -211,7 +214,9 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
                     with amp:
                         logits = forward(images)
                         teacher_logits = None
-                        if teacher is not None:
+                        if cache is not None:
+                            teacher_logits = cache.batch(epoch % cache.draws, i, device)
+                        elif teacher is not None:
                             with torch.no_grad():
                                 teacher_logits = teacher(images)
                         losses = compute_loss(logits.float(), targets, None if teacher_logits is None
