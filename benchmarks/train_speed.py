@@ -18,6 +18,7 @@ import json
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import cv2
@@ -99,16 +100,15 @@ def epoch_seconds(run: Path, folder: str) -> float:
     return total
 
 
-def stage_walls(run: Path) -> dict[str, float]:
-    """Wall seconds of each stage from run.log's 'STAGE: starting' lines (the distill stage then includes
-    building the soft-label cache)."""
+def stage_walls(run: Path, since: "datetime") -> dict[str, float]:
+    """Wall seconds of each stage trained since ``since``, from run.log's 'STAGE: starting' and top-1 lines (the
+    distill stage then includes building the soft-label cache; a skipped stage has no entry)."""
     import re
-    from datetime import datetime
 
     stamps = []
     for line in (run / "run.log").read_text().splitlines():
         m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+) .*edgedistill\.stages: ([\w-]+): (starting|\S+ top-1 )", line)
-        if m:
+        if m and datetime.strptime(m.group(1).replace(",", "."), "%Y-%m-%d %H:%M:%S.%f") >= since:
             stamps.append((datetime.strptime(m.group(1).replace(",", "."), "%Y-%m-%d %H:%M:%S.%f"), m.group(2),
                            m.group(3)))
     walls, start = {}, {}
@@ -183,13 +183,13 @@ def main() -> int:
             recipe.setdefault(section, {}).update(values)
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
             yaml.safe_dump(recipe, fh)
-        t0 = time.perf_counter()
+        t0, since = time.perf_counter(), datetime.now().replace(microsecond=0)
         code = edgedistill_main(["run", fh.name, "--stages", "teacher,distill,baseline", "--force"])
         wall = time.perf_counter() - t0
         if code != 0:
             rows.append([label, str(workers), "failed", "-", "-", f"{wall:.0f}", "-", "-"])
             continue
-        stage_wall = {k: v for k, v in stage_walls(run).items()}
+        stage_wall = stage_walls(run, since)
         secs = {k: epoch_seconds(run, folder) for k, folder in (("teacher", "teacher"), ("distill", "student"),
                                                                ("baseline", "baseline"))}
         if "cached" in folder:  # the cache is built before the first epoch: count it in the distill stage
