@@ -308,7 +308,7 @@ def _figures(info: dict[str, Any]) -> dict[str, bytes]:
         fig, ax = plt.subplots(figsize=(7, 3.4))
         labels = [r["what"] for r in comparison]
         x = np.arange(len(labels))
-        ax.bar(x - 0.2, [r["estimated"] or 0 for r in comparison], width=0.4, label="planner estimate")
+        ax.bar(x - 0.2, [r["estimated"] or 0 for r in comparison], width=0.4, label="expected (estimate or host)")
         ax.bar(x + 0.2, [r["measured"] or 0 for r in comparison], width=0.4, label="measured on the device")
         ax.set_xticks(x)
         ax.set_xticklabels(labels, fontsize=8)
@@ -357,7 +357,8 @@ def device_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"what": "camera FPS (end to end)", "estimated": None, "measured": d.get("end_to_end_fps"),
                          "source": item["path"]})
         elif item["kind"] == "validate":
-            rows.append({"what": "device top-1 %", "estimated": 100 * (d.get("host_fp32_top1") or 0) or None,
+            rows.append({"what": "device top-1 % (expected: host FP32)",
+                         "estimated": 100 * (d.get("host_fp32_top1") or 0) or None,
                          "measured": 100 * d["top1"], "source": item["path"]})
     return rows
 
@@ -403,7 +404,7 @@ def report_sections(info: dict[str, Any]) -> list[tuple[str, list[str]]]:
                      f"not measurements): teacher {est['teacher']['est_fps']:.0f} FPS, student "
                      f"{est['student']['est_fps']:.0f} FPS, student process memory {est['student']['est_memory_mb']:.0f} MB")
     if dev:
-        lines += [""] + _md_table(["quantity", "estimate", "measured", "file"],
+        lines += [""] + _md_table(["quantity", "expected (planner estimate or host figure)", "measured", "file"],
                                   [(r["what"], "-" if r["estimated"] is None else f"{r['estimated']:.1f}",
                                     "-" if r["measured"] is None else f"{r['measured']:.1f}", r["source"])
                                    for r in dev])
