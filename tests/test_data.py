@@ -170,3 +170,19 @@ def test_training_images_are_held_at_the_resolution_augmentation_needs(tmp_path)
     assert np.array_equal(lazy.train.load(0), data.train.load(0))
     small = rng.integers(0, 255, (40, 50, 3), np.uint8)
     assert fit_shorter_side(small, side) is small  # never enlarged
+
+
+def test_importing_the_data_path_never_reaches_the_network():
+    """albumentations looks its version up on PyPI at import unless told not to; edgedistill tells it."""
+    import subprocess
+    import sys
+
+    code = ("import os, socket\n"
+            "calls = []\n"
+            "socket.getaddrinfo = lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(OSError('offline'))\n"
+            "os.environ.pop('NO_ALBUMENTATIONS_UPDATE', None)\n"
+            "import edgedistill.data\n"
+            "print(len(calls), os.environ['NO_ALBUMENTATIONS_UPDATE'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "1"]
