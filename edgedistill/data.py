@@ -181,6 +181,8 @@ def verify_and_cache(split: Split, cache: Optional[bool], labelled: bool = True,
     ``max_side`` (training splits): images are held with their shorter side shrunk to it, which is all the
     training augmentation reads; evaluation splits keep full resolution, as the device sees its frames.
     """
+    if max_side and cache is not False and split.paths:
+        return _from_disk_cache(split, labelled, max_side)
     keep, images, skipped, pixels = [], [], [], 0
     hold = cache is not False
     for i, path in enumerate(split.paths):
@@ -195,10 +197,36 @@ def verify_and_cache(split: Split, cache: Optional[bool], labelled: bool = True,
             pixels += image.size
             if cache is None and pixels > CACHE_PIXELS:  # too big to hold: fall back to lazy decoding
                 hold, images = False, []
+    return _finish(split, keep, images if hold else None, skipped, labelled, max_side)
+
+
+def _from_disk_cache(split: Split, labelled: bool, max_side: int) -> Split:
+    """Training images from the on-disk decoded cache (``imagecache``), decoding only on a miss."""
+    from . import imagecache
+
+    key = imagecache.entry_key(split.paths, max_side)
+    entry = imagecache.load(key)
+    if entry is None:
+        log.info("split %s: decoding %d images once at training size (shorter side %d) into %s", split.name,
+                 len(split), max_side, imagecache.cache_dir())
+
+        def decode(i: int) -> Optional[np.ndarray]:
+            image = read_image(split.paths[i])
+            return None if image is None else fit_shorter_side(image, max_side)
+
+        entry = imagecache.build(key, len(split), decode)
+    keep, images = entry
+    kept = set(keep)
+    skipped = [str(p) for i, p in enumerate(split.paths) if i not in kept]
+    return _finish(split, keep, images, skipped, labelled, max_side)
+
+
+def _finish(split: Split, keep: list[int], images: Optional[list[np.ndarray]], skipped: list[str], labelled: bool,
+            max_side: Optional[int]) -> Split:
     if not keep:
         raise DataError(f"no readable image in '{split.paths[0].parent.parent}' ({len(skipped)} unreadable)")
     out = split.subset(keep)
-    out.images = images if hold else None
+    out.images = images
     out.skipped = skipped
     out.max_side = max_side
     for cls in range(len(split.classes) if labelled else 0):

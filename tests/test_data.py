@@ -186,3 +186,51 @@ def test_importing_the_data_path_never_reaches_the_network():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "1"]
+
+
+def test_decoded_training_images_are_kept_on_disk_and_a_changed_image_is_decoded_again(tmp_path, monkeypatch):
+    """Hit: a second load reads the memory-mapped entry without decoding; miss: one changed file gives a new
+    entry; both hold the same pixels as decoding directly."""
+    import cv2
+    import numpy as np
+
+    import edgedistill.data as data_module
+    from edgedistill import imagecache
+    from edgedistill.data import load_data, read_image
+    from edgedistill.recipe import DataConfig
+
+    monkeypatch.setenv("EDGEDISTILL_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "d" / split / cls).mkdir(parents=True)
+            for i in range(2):
+                cv2.imwrite(str(tmp_path / "d" / split / cls / f"{i}.png"), rng.integers(0, 255, (90, 120, 3), np.uint8))
+    (tmp_path / "d" / "train" / "a" / "broken.jpg").write_bytes(b"not an image")
+    cfg = DataConfig(root=str(tmp_path / "d"), image_size=16, augment={"scale": [0.5, 1.0], "ratio": [1.0, 1.0]})
+    first = load_data(cfg)
+    assert len(first.train) == 4 and first.train.skipped and "broken.jpg" in first.train.skipped[0]
+    entries = sorted((tmp_path / "cache" / "decoded").glob("*.index.npy"))
+    assert len(entries) == 1
+    side = first.train.max_side
+    for i in range(4):
+        direct = read_image(first.train.paths[i])
+        h, w = direct.shape[:2]
+        expected = cv2.resize(direct, (round(w * side / h), side), interpolation=cv2.INTER_AREA)
+        assert np.array_equal(first.train.load(i), expected)
+
+    calls = []
+    real_read = data_module.read_image
+    monkeypatch.setattr(data_module, "read_image", lambda *a, **k: calls.append(a[0]) or real_read(*a, **k))
+    second = load_data(cfg)
+    assert not [c for c in calls if "/d/train/" in str(c)]  # the training split came from the entry, undecoded
+    assert all(np.array_equal(a, b) for a, b in zip(first.train.images, second.train.images))
+    assert isinstance(second.train.images[0].base, np.memmap) or not second.train.images[0].flags.writeable
+
+    cv2.imwrite(str(first.train.paths[0]), rng.integers(0, 255, (90, 120, 3), np.uint8))  # one image changes
+    calls.clear()
+    third = load_data(cfg)
+    assert [c for c in calls if "/d/train/" in str(c)]  # decoded again ...
+    assert len(sorted((tmp_path / "cache" / "decoded").glob("*.index.npy"))) == 2  # ... into a new entry
+    assert not np.array_equal(third.train.load(0), first.train.load(0))
+    assert imagecache.entry_key(first.train.paths, side) != imagecache.entry_key(first.train.paths, side + 1)
