@@ -124,6 +124,12 @@ def read_image(path: Path, reduced: bool = False) -> Optional[np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------------- sources
+def cache_root() -> Path:
+    """Where edgedistill keeps what it can recompute (unpacked archives, decoded images, planner fits):
+    $EDGEDISTILL_CACHE, else ~/.cache/edgedistill."""
+    return Path(os.environ.get("EDGEDISTILL_CACHE", Path.home() / ".cache" / "edgedistill"))
+
+
 def resolve_root(root: str | os.PathLike, cache_dir: Optional[Path] = None) -> Path:
     """A folder as is; an archive is unpacked (checked member by member) once into a cache."""
     path = Path(root).expanduser()
@@ -133,7 +139,7 @@ def resolve_root(root: str | os.PathLike, cache_dir: Optional[Path] = None) -> P
         return path
     if not str(path).endswith(ARCHIVE_SUFFIXES):
         raise DataError(f"data.root '{path}' is a file but not a .tar/.tar.gz/.tgz archive")
-    cache_dir = cache_dir or Path(os.environ.get("EDGEDISTILL_CACHE", Path.home() / ".cache" / "edgedistill"))
+    cache_dir = cache_dir or cache_root()
     dest = cache_dir / "datasets" / f"{path.name.split('.')[0]}-{sha256_file(str(path))[:12]}"
     if not (dest / ".complete").exists():
         log.info("unpacking %s into %s", path, dest)

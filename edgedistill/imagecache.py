@@ -21,7 +21,9 @@ CHUNK = 64 << 20
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("EDGEDISTILL_CACHE", Path.home() / ".cache" / "edgedistill")) / "decoded"
+    from .data import cache_root
+
+    return cache_root() / "decoded"
 
 
 def entry_key(paths: Sequence[Path], side: int) -> str:

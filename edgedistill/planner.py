@@ -17,7 +17,6 @@ import csv
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -264,7 +263,9 @@ def leave_one_out(points: Sequence[CalibrationPoint]) -> list[dict]:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("EDGEDISTILL_CACHE", Path.home() / ".cache" / "edgedistill")) / "planner"
+    from .data import cache_root
+
+    return cache_root() / "planner"
 
 
 @lru_cache(maxsize=16)
