@@ -81,6 +81,17 @@ def load_weights(model: nn.Module, path: str | Path, strict_head: bool = False) 
                     len(result.unexpected_keys), (result.missing_keys + result.unexpected_keys)[:3])
 
 
+def check_model_name(name: str) -> None:
+    """A timm model or a torchvision SqueezeNet, else a RecipeError naming the closest names."""
+    if timm.is_model(name) or name in TORCHVISION_MODELS:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name, timm.list_models() + list(TORCHVISION_MODELS), n=5, cutoff=0.6)
+    raise RecipeError(f"unknown model '{name}': not in timm's registry nor {sorted(TORCHVISION_MODELS)}"
+                      f"{'; similar: ' + ', '.join(close) if close else ''}")
+
+
 def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     name = cfg.model
     if name in TORCHVISION_MODELS:
@@ -89,12 +100,7 @@ def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
                               f"does not call; download them once and set pretrained_path")
         model = TORCHVISION_MODELS[name](num_classes=num_classes, dropout=cfg.drop_rate or 0.5)
     else:
-        if not timm.is_model(name):
-            import difflib
-
-            close = difflib.get_close_matches(name, timm.list_models() + list(TORCHVISION_MODELS), n=5, cutoff=0.6)
-            raise RecipeError(f"unknown model '{name}': not in timm's registry nor {sorted(TORCHVISION_MODELS)}"
-                              f"{'; similar: ' + ', '.join(close) if close else ''}")
+        check_model_name(name)
         kwargs = dict(cfg.model_kwargs)
         if cfg.drop_rate:
             kwargs["drop_rate"] = cfg.drop_rate

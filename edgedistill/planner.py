@@ -29,6 +29,7 @@ from torch import nn
 from edgerun.profiles import get_target
 
 from .errors import EdgedistillError
+from .models import count_params, create_model
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,6 @@ def build_architecture(name: str, num_classes: int = 1000, framework: str = "aut
 
     if framework == "torchvision" or (framework == "auto" and name.startswith("squeezenet")):
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    from .models import create_model
     from .recipe import ModelConfig
 
     return create_model(ModelConfig(model=name), num_classes)
@@ -142,7 +142,7 @@ def profile_model(name: str, image_size: int = 224, framework: str = "auto", num
     if rest > 0.01 * total:
         layers.append(Layer("other", rest, 0, 0, 0))
     peak = max((lay.in_elems + lay.out_elems for lay in layers), default=0)
-    return ModelProfile(name, image_size, sum(p.numel() for p in model.parameters()), total, layers, peak)
+    return ModelProfile(name, image_size, count_params(model), total, layers, peak)
 
 
 @dataclass
@@ -154,9 +154,6 @@ class Factors:
     scale: float = 1.0  # measured / estimated latency on the user's own board (--measured), geometric mean
     runtime_base_mb: float = RUNTIME_BASE_MB
     source: str = "published"
-
-    def vector(self):
-        return np.log([self.compute, self.memory, self.overhead_ms])
 
 
 def _peaks(target: dict, precision: str) -> tuple[float, float, float]:
@@ -328,6 +325,14 @@ class Estimate:
     with_margin: bool = False
 
 
+def model_memory_mb(prof: ModelProfile, precision: str, batch: int) -> tuple[float, float]:
+    """(engine, activations) in MB, ESTIMATES: the weights plus ~5% engine metadata; the largest layer's input and
+    output at the batch, double-buffered. The process adds the runtime's base memory on top."""
+    engine_mb = prof.params * BYTES[precision] * 1.05 / 2 ** 20
+    activations_mb = prof.activation_peak_elems * batch * BYTES[precision] * 2 / 2 ** 20
+    return engine_mb, activations_mb
+
+
 def top1_of(name: str) -> tuple[Optional[float], str]:
     if name in TIMM_TOP1:
         value, tag = TIMM_TOP1[name]
@@ -348,8 +353,7 @@ def estimate(name: str, target_name: str, precision: str = "fp16", image_size: i
     prof = profile_model(name, image_size, num_classes=num_classes)
     latency = layer_times_ms(prof, target, precision, batch, factors)
     fps = batch * 1000.0 / latency
-    engine_mb = prof.params * BYTES[precision] * 1.05 / 2 ** 20  # weights plus ~5% engine metadata (estimate)
-    activations_mb = prof.activation_peak_elems * batch * BYTES[precision] * 2 / 2 ** 20  # in+out, double-buffered
+    engine_mb, activations_mb = model_memory_mb(prof, precision, batch)
     memory = factors.runtime_base_mb + engine_mb + activations_mb
     problems, tight = [], []
     if fps_target:
@@ -452,6 +456,13 @@ def recipe_estimate(recipe, num_classes: int) -> Optional[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- measured
+def model_latency_ms(bench_result: dict) -> float:
+    """The model's share of an `edgerun bench` frame (host->device, compute, device->host): what the planner
+    estimates, without the camera-frame preprocessing and postprocessing around it."""
+    stages = bench_result.get("stages_ms") or {}
+    return sum(stages.get(k) or 0.0 for k in ("h2d", "compute", "d2h"))
+
+
 def read_bench(path: str | Path) -> dict:
     """The facts the planner needs from an `edgerun bench --json` file."""
     try:
@@ -467,11 +478,10 @@ def read_bench(path: str | Path) -> dict:
     precision = (data.get("engine") or {}).get("precision")
     if not precision:
         raise EdgedistillError(f"--measured {path}: not a TensorRT run (no engine precision); bench with --engine")
-    stages = result["stages_ms"]
-    model_ms = sum(stages.get(k) or 0.0 for k in ("h2d", "compute", "d2h"))
     memory = (result.get("memory") or {}).get("total_mb")
     return {"path": str(path), "model": bundle["model"], "image_size": int(bundle["input_shape"][-1]),
-            "batch": int(result["batch"]), "precision": precision, "latency_ms": model_ms, "memory_mb": memory,
+            "batch": int(result["batch"]), "precision": precision, "latency_ms": model_latency_ms(result),
+            "memory_mb": memory,
             "board": data.get("board")}
 
 
@@ -486,10 +496,8 @@ def refit_from_measured(target_name: str, paths: Sequence[str | Path], save: boo
         prof = profile_model(m["model"], m["image_size"])
         est = layer_times_ms(prof, target, m["precision"], m["batch"], base)
         ratios.append(m["latency_ms"] / est)
-        engine_mb = prof.params * BYTES[m["precision"]] * 1.05 / 2 ** 20
-        act_mb = prof.activation_peak_elems * m["batch"] * BYTES[m["precision"]] * 2 / 2 ** 20
         if m["memory_mb"]:
-            bases.append(m["memory_mb"] - engine_mb - act_mb)
+            bases.append(m["memory_mb"] - sum(model_memory_mb(prof, m["precision"], m["batch"])))
         rows.append(dict(m, estimated_ms=est, ratio=m["latency_ms"] / est))
     scale = float(np.exp(np.mean(np.log(ratios))))
     runtime_base = float(np.median(bases)) if bases else base.runtime_base_mb
@@ -513,18 +521,14 @@ def format_measured(refit: dict) -> str:
 
 def check_names(names: Sequence[str]) -> None:
     """Every name must be a timm model or a torchvision SqueezeNet, before any slow work starts."""
-    import difflib
-
-    import timm
-
-    from .models import TORCHVISION_MODELS
+    from .errors import RecipeError
+    from .models import check_model_name
 
     for name in names:
-        if not (timm.is_model(name) or name in TORCHVISION_MODELS):
-            close = difflib.get_close_matches(name, timm.list_models() + list(TORCHVISION_MODELS), n=3, cutoff=0.6)
-            raise EdgedistillError(f"--candidates/--teacher: unknown model '{name}'"
-                                   + (f" (did you mean {', '.join(close)}?)" if close else
-                                      "; use timm names or squeezenet1_0/squeezenet1_1"))
+        try:
+            check_model_name(name)
+        except RecipeError as exc:
+            raise EdgedistillError(f"--candidates/--teacher: {exc}") from exc
 
 
 def plan_command(args) -> int:

@@ -338,13 +338,14 @@ def tradeoff_points(info: dict[str, Any]) -> list[dict[str, Any]]:
 
 def device_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
     """Planner estimates next to measured device figures, one row per quantity that both sides have."""
+    from .planner import model_latency_ms
+
     est = info["summary"].get("device_estimate") or {}
     rows = []
     for item in info["device"]:
         d = item["data"]
         if item["kind"] == "bench":
-            stages = d["result"].get("stages_ms") or {}
-            model_ms = sum(stages.get(k) or 0.0 for k in ("h2d", "compute", "d2h"))
+            model_ms = model_latency_ms(d["result"])
             rows.append({"what": "student FPS (model)", "estimated": (est.get("student") or {}).get("est_fps"),
                          "measured": 1000.0 * d["result"].get("batch", 1) / model_ms if model_ms else None,
                          "source": item["path"]})
