@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import mean_std, write_table  # noqa: E402
 
 from edgedistill.cli import main as edgedistill_main  # noqa: E402
+from edgedistill.report import epoch_records  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,15 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def training_seconds(run: Path) -> float:
     """Seconds spent training (teacher, distill, baseline epochs, validation included), from metrics.jsonl,
     so a table re-rendered from finished (skipped) stages still reports the training cost."""
-    total = 0.0
-    for stage in ("teacher", "student", "baseline"):
-        path = run / stage / "metrics.jsonl"
-        if path.exists():
-            for line in path.read_text().splitlines():
-                record = json.loads(line)
-                if record.get("kind") == "epoch":
-                    total += record.get("seconds", 0.0)
-    return total
+    return sum(r.get("seconds", 0.0) for stage in ("teacher", "student", "baseline")
+               for r in epoch_records(run / stage / "metrics.jsonl"))
 
 
 def main() -> int:

@@ -32,6 +32,7 @@ from common import write_table  # noqa: E402
 from edgedistill.cli import main as edgedistill_main  # noqa: E402
 from edgedistill.data import load_data  # noqa: E402
 from edgedistill.models import create_model  # noqa: E402
+from edgedistill.report import epoch_records  # noqa: E402
 from edgedistill.recipe import DataConfig, ModelConfig  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -92,12 +93,7 @@ def top1(model, images, labels) -> float:
 
 
 def epoch_seconds(run: Path, folder: str) -> float:
-    total = 0.0
-    for line in (run / folder / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record.get("kind") == "epoch":
-            total += record["seconds"]
-    return total
+    return sum(r["seconds"] for r in epoch_records(run / folder / "metrics.jsonl"))
 
 
 def stage_walls(run: Path, since: "datetime") -> dict[str, float]:

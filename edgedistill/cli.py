@@ -190,15 +190,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "compare":
         setup_logging(None, args.verbose)
+        from .evaluate import load_summary
         from .report import compare_text
 
-        summaries = []
-        for run in args.runs:
-            path = Path(run) / "summary.json"
-            if not path.exists():
-                raise EdgedistillError(f"{path} does not exist: evaluate that run first (edgedistill evaluate RECIPE)")
-            summaries.append(json.loads(path.read_text()))
-        print(compare_text(summaries, args.runs))
+        print(compare_text([load_summary(run) for run in args.runs], args.runs))
         return 0
     if args.command == "cost":
         setup_logging(None, args.verbose)

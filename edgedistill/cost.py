@@ -42,20 +42,16 @@ def cost_comparison(teacher_latency: float, student_latency: float,
 
 def run_costs(run_dir, overrides: dict[str, Any]) -> dict[str, Any]:
     """Costs of a finished run: its summary's host latencies, the recipe's prices with ``overrides`` on top."""
-    import json
     from pathlib import Path
 
     import yaml
     from pydantic import ValidationError
 
     from .errors import EdgedistillError
+    from .evaluate import load_summary
 
     run_dir = Path(run_dir)
-    summary_path = run_dir / "summary.json"
-    if not summary_path.exists():
-        raise EdgedistillError(f"{summary_path} does not exist: run `edgedistill evaluate RECIPE` first (RUN is the "
-                               "run folder, runs/<name>)")
-    summary = json.loads(summary_path.read_text())
+    summary = load_summary(run_dir)
     recipe_cost: dict[str, Any] = {}
     recipe_path = run_dir / "recipe.yaml"
     if recipe_path.exists():

@@ -41,6 +41,21 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> Predi
     return Prediction(torch.cat(logits).numpy(), torch.cat(labels).numpy())
 
 
+def load_summary(run_dir) -> dict[str, Any]:
+    """A run's summary.json (written by the evaluate stage), or an error that says how to get one."""
+    import json
+    from pathlib import Path
+
+    from .errors import EdgedistillError
+
+    path = Path(run_dir) / "summary.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EdgedistillError(f"{path} is missing or unreadable ({exc.__class__.__name__}): run `edgedistill "
+                               "evaluate RECIPE` first (RUN is the evaluated run folder, runs/<name>)") from exc
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)

@@ -162,7 +162,8 @@ def _read_json(path) -> Optional[dict]:
         return None
 
 
-def _epochs(path) -> list[dict[str, Any]]:
+def epoch_records(path) -> list[dict[str, Any]]:
+    """The per-epoch records of a step's metrics.jsonl (losses, top-1, seconds); [] when it is unreadable."""
     import json
 
     rows = []
@@ -192,12 +193,11 @@ def collect_report(run_dir, measured: Sequence[str] = ()) -> dict[str, Any]:
 
     from .errors import EdgedistillError
 
+    from .evaluate import load_summary
+
     run_dir = Path(run_dir)
-    summary = _read_json(run_dir / "summary.json")
-    if summary is None:
-        raise EdgedistillError(f"{run_dir / 'summary.json'} is missing or unreadable: run `edgedistill evaluate "
-                               "RECIPE` first (the report needs the evaluated run folder, runs/<name>)")
-    curves = {p.parent.name: _epochs(p) for p in sorted(run_dir.glob("*/metrics.jsonl"))}
+    summary = load_summary(run_dir)
+    curves = {p.parent.name: epoch_records(p) for p in sorted(run_dir.glob("*/metrics.jsonl"))}
     reports = {p.parent.name: _read_json(p) for p in sorted(run_dir.glob("*/report.json"))}
     manifest = _read_json(run_dir / "bundle" / "manifest.json")
     device = []
