@@ -14,10 +14,11 @@ BUNDLE_SUFFIX = ".edb"
 class Bundle(object):
     """A verified bundle on disk: ``folder``, ``manifest`` and helpers to reach its files."""
 
-    def __init__(self, folder, manifest, signer=None):
+    def __init__(self, folder, manifest, signer=None, trust=None):
         self.folder = folder
         self.manifest = manifest
         self.signer = signer  # the trusted key id that signed it, when opened with a trust set
+        self.trust = trust  # that trust set (a .pub file or a folder of them), or None
 
     def path(self, name):
         return os.path.join(self.folder, name)
@@ -71,7 +72,7 @@ def open_bundle(path, workdir=None, verify=True, trust=None):
     if trust:
         from .signing import check_trust
 
-        return Bundle(folder, manifest, signer=check_trust(folder, manifest, trust))
+        return Bundle(folder, manifest, signer=check_trust(folder, manifest, trust), trust=trust)
     if verify:
         manifest.verify_files(folder)
     return Bundle(folder, manifest)

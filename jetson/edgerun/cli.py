@@ -32,10 +32,9 @@ def _open(args):
     """The bundle named on the command line, held to the trust set when one is configured."""
     from .signing import resolve_trust
 
-    trust = resolve_trust(getattr(args, "trust", None))
-    bundle = open_bundle(args.bundle, trust=trust)
-    if trust:
-        sys.stderr.write("bundle signed by trusted key %s (%s)\n" % (bundle.signer, trust))
+    bundle = open_bundle(args.bundle, trust=resolve_trust(getattr(args, "trust", None)))
+    if bundle.trust:
+        sys.stderr.write("bundle signed by trusted key %s (%s)\n" % (bundle.signer, bundle.trust))
     return bundle
 
 
@@ -185,14 +184,13 @@ def cmd_camera(args):
 
 
 def cmd_verify(args):
-    from .signing import SIGNATURE_FILE, read_signature, resolve_trust
+    from .signing import SIGNATURE_FILE, read_signature
 
-    trust = resolve_trust(args.trust)
     bundle = _open(args)
     record = read_signature(bundle.folder)
     print("%s: %d files match the manifest's sha256" % (args.bundle, len(bundle.manifest.data["files"])))
-    if trust:
-        print("signature: valid, by trusted key %s (%s)" % (bundle.signer, trust))
+    if bundle.trust:
+        print("signature: valid, by trusted key %s (%s)" % (bundle.signer, bundle.trust))
     elif record:
         print("signature: %s present (key %s) but not checked: no trust set; pass --trust KEY.pub"
               % (SIGNATURE_FILE, record.get("key_id", "?")))

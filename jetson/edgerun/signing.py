@@ -85,14 +85,18 @@ def generate_keypair(path, passphrase=None, force=False):
     return path, public_path, key_id(private_key.public_key())
 
 
+def _read_key_file(path, what):
+    try:
+        with open(str(path), "rb") as fh:
+            return fh.read()
+    except (OSError, IOError) as exc:
+        raise SignatureError("cannot read %s '%s': %s" % (what, path, exc))
+
+
 def load_private_key(path, passphrase=None):
     c = _crypto()
     path = str(path)
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except (OSError, IOError) as exc:
-        raise SignatureError("cannot read signing key '%s': %s" % (path, exc))
+    data = _read_key_file(path, "signing key")
     try:
         key = c["serialization"].load_pem_private_key(
             data, password=passphrase.encode("utf-8") if passphrase else None, backend=c["backend"])
@@ -109,11 +113,7 @@ def load_private_key(path, passphrase=None):
 
 def load_public_key(path):
     c = _crypto()
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except (OSError, IOError) as exc:
-        raise SignatureError("cannot read trusted key '%s': %s" % (path, exc))
+    data = _read_key_file(path, "trusted key")
     try:
         key = c["serialization"].load_pem_public_key(data, backend=c["backend"])
     except (ValueError, c["UnsupportedAlgorithm"]) as exc:
