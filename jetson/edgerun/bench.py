@@ -143,6 +143,12 @@ def run_bench(runner, manifest, frames=None, batch=None, warmup=10, iterations=2
     return result
 
 
+def device_memory_text(memory):
+    """'312 MB (cuda.mem_get_info drop ...)': the device part of a result's memory and how it was measured."""
+    return "%s (%s)" % ("%.0f MB" % memory["device_mb"] if memory.get("device_mb") is not None else "0 MB",
+                        memory.get("device_method"))
+
+
 def verdict(result, fps_target=None, budget_mb=None, device_memory_mb=None):
     """PASS/FAIL/SKIP rows: FPS on throughput, FPS on p95 latency, memory within budget and device."""
     rows = []
@@ -163,10 +169,9 @@ def verdict(result, fps_target=None, budget_mb=None, device_memory_mb=None):
     memory = result["memory"]
     total = memory.get("total_mb")
     tegra = result.get("tegrastats") or {}
-    what = "process peak (VmHWM) %s + device %s (%s)" % (
+    what = "process peak (VmHWM) %s + device %s" % (
         "%.0f MB" % memory["process_peak_mb"] if memory.get("process_peak_mb") is not None else "?",
-        "%.0f MB" % memory["device_mb"] if memory.get("device_mb") is not None else "0 MB",
-        memory.get("device_method"))
+        device_memory_text(memory))
     if budget_mb:
         if total is None:
             row("process memory within budget", "SKIP", "-", "%d MB" % budget_mb, "/proc/self/status unreadable")
@@ -221,8 +226,7 @@ def report_text(result, verdict_result, title):
     mem = result["memory"]
     if mem.get("process_peak_mb"):
         lines.append("memory      process peak %.0f MB + device %s = %.0f MB; system available %.0f of %.0f MB" % (
-            mem["process_peak_mb"], "%.0f MB (%s)" % (mem["device_mb"], mem["device_method"])
-            if mem.get("device_mb") is not None else "0 MB (%s)" % mem.get("device_method"), mem.get("total_mb") or 0,
+            mem["process_peak_mb"], device_memory_text(mem), mem.get("total_mb") or 0,
             mem.get("system_available_mb") or 0, mem.get("system_total_mb") or 0))
     if result.get("tegrastats"):
         t = result["tegrastats"]
