@@ -197,7 +197,8 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
             for epoch in range(start_epoch, cfg.epochs):
                 model.train()
                 # cached soft labels: epoch e replays augmentation draw e % draws, whose teacher logits are stored
-                loader = train_loader(train, data_cfg, seed, epoch % cache.draws if cache is not None else epoch)
+                draw = epoch % cache.draws if cache is not None else epoch
+                loader = train_loader(train, data_cfg, seed, draw)
                 task = progress.add_task(f"{label} {epoch + 1}/{cfg.epochs}", total=len(loader), stats="")
                 sums: dict[str, float] = {}
                 correct = seen = rows = 0
@@ -215,7 +216,7 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
                         logits = forward(images)
                         teacher_logits = None
                         if cache is not None:
-                            teacher_logits = cache.batch(epoch % cache.draws, i, device)
+                            teacher_logits = cache.batch(draw, i, device)
                         elif teacher is not None:
                             with torch.no_grad():
                                 teacher_logits = teacher(images)
