@@ -1,20 +1,28 @@
 """Where training time goes: edgedistill's stages next to a plain timm loop on the same images, models and epochs.
 
     python benchmarks/train_speed.py ../shared/data/cifar10-jpeg.tar.gz [--per-class 200] [--size 64] [--epochs 2]
-                                     [--teacher resnet18] [--student mobilenetv3_small_100] [--workers 0 2]
+                                     [--teacher resnet18] [--student mobilenetv3_small_100] [--workers 0 auto]
+                                     [--processes 2] [--accuracy-seeds 3 --accuracy-epochs 6 --accuracy-draws 2]
 
 The reference loop (written here, around ``timm.task.LogitDistillationTask``) decodes every image once into a
 uint8 tensor at the training size, augments with flips only, trains teacher, distilled student and baseline
 for the same epochs with AdamW at the recipe's learning rates, and validates once at the end. edgedistill runs
 its own ``teacher, distill, baseline`` stages with the recipe's full augmentation (random-resized crop,
-flips) and per-epoch validation, once per ``--workers`` setting. Images per second are training images x
-epochs / stage seconds (validation included, as a user waits for it). Issue 11's target is >= 1.0x the plain
-loop; this script measures where we stand before anything is changed. Writes benchmarks/results/train_speed.md.
+flips) and per-epoch validation, once per ``--workers`` setting, then under ``torchrun`` with ``--processes``
+gloo processes (same global batch). Images per second are training images x epochs / stage seconds (validation
+included, as a user waits for it). Issue 11's target is >= 1.0x the plain loop.
+
+``--accuracy-seeds N`` adds the cached-vs-online check: per seed, one teacher, then the student distilled for
+``--accuracy-epochs`` epochs online and with ``soft_labels: cached`` at ``--accuracy-draws`` draws (fewer draws
+than epochs is where caching saves the teacher's passes); distill-stage seconds (cache building included) and
+top-1 side by side. Target: cached >= 1.5x online at equal accuracy (within 0.5 points). Rows are appended to
+``OUTPUT/accuracy.jsonl`` as they finish and a rerun resumes from them. Writes benchmarks/results/train_speed.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +35,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_table  # noqa: E402
+from common import mean_std, write_table  # noqa: E402
 
 from edgedistill.cli import main as edgedistill_main  # noqa: E402
 from edgedistill.data import load_data  # noqa: E402
@@ -125,10 +133,83 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--teacher", default="resnet18")
     parser.add_argument("--student", default="mobilenetv3_small_100")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--workers", nargs="+", default=["0", "auto"])
+    parser.add_argument("--processes", type=int, default=2, help="torchrun gloo processes (0: skip)")
+    parser.add_argument("--accuracy-seeds", type=int, default=0)
+    parser.add_argument("--accuracy-epochs", type=int, default=6)
+    parser.add_argument("--accuracy-draws", type=int, default=2)
+    parser.add_argument("--skip-speed", action="store_true", help="only the cached-vs-online accuracy check")
     parser.add_argument("--output", default="runs/train-speed")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    if args.accuracy_seeds:
+        accuracy_check(args)
+    if not args.skip_speed:
+        speed_table(args)
+    return 0
+
+
+def recipe_for(args, run: Path, name: str, workers, seed: int = 0) -> dict:
+    return {"name": name, "output": str(run), "seed": seed,
+            "data": {"root": args.data, "val_dir": "test", "image_size": args.size, "batch_size": args.batch,
+                     "train_per_class": args.per_class, "val_per_class": args.per_class // 4, "workers": workers},
+            "teacher": {"model": args.teacher, "epochs": args.epochs, "lr": 1e-3, "min_top1": 0.0},
+            "student": {"model": args.student, "epochs": args.epochs, "lr": 5e-4}}
+
+
+def write_recipe(recipe: dict) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+        yaml.safe_dump(recipe, fh)
+    return fh.name
+
+
+def accuracy_check(args) -> None:
+    """Cached vs online soft labels over seeds: distill-stage seconds and top-1, one teacher per seed."""
+    out = Path(args.output) / "accuracy"
+    out.mkdir(parents=True, exist_ok=True)
+    done_path = out / "accuracy.jsonl"
+    done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
+    for seed in range(args.accuracy_seeds):
+        for mode in ("online", "cached"):
+            if any(r["seed"] == seed and r["mode"] == mode for r in done):
+                continue
+            run = out / f"seed{seed}"
+            recipe = recipe_for(args, run, f"train-speed-acc{seed}", 0, seed)
+            recipe["student"]["epochs"] = args.accuracy_epochs
+            if mode == "cached":
+                recipe["distill"] = {"soft_labels": "cached", "cache_draws": args.accuracy_draws}
+            since = datetime.now().replace(microsecond=0)
+            if edgedistill_main(["run", write_recipe(recipe), "--stages", "teacher,distill"]) != 0:
+                row = {"seed": seed, "mode": mode, "status": "failed"}
+            else:
+                walls = stage_walls(run, since)
+                row = {"seed": seed, "mode": mode, "status": "ok", "distill_s": walls["distill"],
+                       "top1": json.loads((run / "student" / "done.json").read_text())["top1"]}
+            done.append(row)
+            with open(done_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+    rows, speedups, gaps = [], [], []
+    for seed in range(args.accuracy_seeds):
+        pair = {r["mode"]: r for r in done if r["seed"] == seed and r.get("status") == "ok"}
+        if len(pair) < 2:
+            rows.append([str(seed), "failed", "-", "-", "-", "-", "-"])
+            continue
+        on, ca = pair["online"], pair["cached"]
+        speedups.append(on["distill_s"] / ca["distill_s"])
+        gaps.append(100 * (ca["top1"] - on["top1"]))
+        rows.append([str(seed), f"{on['distill_s']:.0f}", f"{ca['distill_s']:.0f}", f"{speedups[-1]:.2f}x",
+                     f"{100 * on['top1']:.1f}", f"{100 * ca['top1']:.1f}", f"{gaps[-1]:+.1f}"])
+    notes = [f"{args.per_class} images per class at {args.size} px, {args.teacher} -> {args.student}, teacher "
+             f"{args.epochs} epochs, student {args.accuracy_epochs} epochs; cached: {args.accuracy_draws} draws "
+             "(student epoch e replays draw e % draws); distill seconds include building the cache"]
+    if speedups:
+        notes.append(f"mean speed-up {mean_std(speedups)}x (target >= 1.5x), mean top-1 difference "
+                     f"{mean_std(gaps)} points (target within 0.5)")
+    write_table("train_speed_cached", "Cached vs online soft labels over seeds (benchmarks/train_speed.py "
+                "--accuracy-seeds)", ["seed", "online distill s", "cached distill s", "speed-up", "online top-1",
+                                      "cached top-1", "cached - online"], rows, notes)
+
+
+def speed_table(args) -> None:
     data_cfg = DataConfig(root=args.data, val_dir="test", image_size=args.size, train_per_class=args.per_class,
                           val_per_class=args.per_class // 4, batch_size=args.batch)
     data = load_data(data_cfg)
@@ -159,8 +240,11 @@ def main() -> int:
     notes.append(f"plain loop: decode {decode_s:.1f} s once, final validation {validate_s:.1f} s")
 
     # --- edgedistill, per loader setting; then cached soft labels (built, then reused by a second student)
-    settings = [(f"workers{w}", w, {}, "edgedistill stages (full augmentation, validate every epoch)")
-                for w in args.workers]
+    settings = [(f"workers{w}", w if w == "auto" else int(w), {},
+                 "edgedistill stages (full augmentation, validate every epoch)") for w in args.workers]
+    if args.processes > 1:
+        settings.append((f"torchrun{args.processes}", 0, {}, f"edgedistill stages, torchrun {args.processes} gloo "
+                         "processes (same global batch)"))
     settings += [("cached", 0, {"distill": {"soft_labels": "cached", "cache_draws": args.epochs}},
                   "edgedistill, cached soft labels (cache built in the distill stage)"),
                  ("cached", 0, {"distill": {"soft_labels": "cached", "cache_draws": args.epochs},
@@ -169,18 +253,16 @@ def main() -> int:
     distill_speed: dict[str, float] = {}
     for folder, workers, extra, label in settings:
         run = Path(args.output) / folder
-        recipe = {"name": f"train-speed-{folder}", "output": str(run), "seed": 0,
-                  "data": {"root": args.data, "val_dir": "test", "image_size": args.size, "batch_size": args.batch,
-                           "train_per_class": args.per_class, "val_per_class": args.per_class // 4,
-                           "workers": workers},
-                  "teacher": {"model": args.teacher, "epochs": args.epochs, "lr": 1e-3, "min_top1": 0.0},
-                  "student": {"model": args.student, "epochs": args.epochs, "lr": 5e-4}}
+        recipe = recipe_for(args, run, f"train-speed-{folder}", workers)
         for section, values in extra.items():
             recipe.setdefault(section, {}).update(values)
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-            yaml.safe_dump(recipe, fh)
+        command = ["run", write_recipe(recipe), "--stages", "teacher,distill,baseline", "--force"]
         t0, since = time.perf_counter(), datetime.now().replace(microsecond=0)
-        code = edgedistill_main(["run", fh.name, "--stages", "teacher,distill,baseline", "--force"])
+        if folder.startswith("torchrun"):
+            code = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                   str(args.processes), "-m", "edgedistill", *command]).returncode
+        else:
+            code = edgedistill_main(command)
         wall = time.perf_counter() - t0
         if code != 0:
             rows.append([label, str(workers), "failed", "-", "-", f"{wall:.0f}", "-", "-"])
@@ -213,7 +295,6 @@ def main() -> int:
     write_table("train_speed", "Training speed: edgedistill stages vs a plain timm loop (benchmarks/train_speed.py)",
                 ["loop", "workers", "teacher img/s", "distill img/s", "baseline img/s", "seconds per seed",
                  "speed vs plain", "top-1 T / S / B"], rows, notes)
-    return 0
 
 
 if __name__ == "__main__":

@@ -34,12 +34,14 @@ log = logging.getLogger("edgedistill")
 console = Console(stderr=True)
 
 
-def setup_logging(run_dir: Optional[Path], verbose: bool = False) -> None:
+def setup_logging(run_dir: Optional[Path], verbose: bool = False, quiet: bool = False) -> None:
+    """Log to the console and, with ``run_dir``, to its run.log; ``quiet``: warnings only (torchrun's other
+    ranks)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     root.addHandler(RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False))
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -227,10 +229,26 @@ def _run(args: argparse.Namespace) -> int:
     if getattr(args, "target", None):
         overrides.append(f"export.target={args.target}")
     recipe = load_recipe(args.recipe, overrides)
-    setup_logging(recipe.run_dir, args.verbose)
+    from . import distributed
+
+    world = distributed.init(recipe.device)
+    try:
+        return _run_recipe(args, recipe, world)
+    finally:
+        distributed.shutdown()
+
+
+def _run_recipe(args: argparse.Namespace, recipe, world) -> int:
+    """A command on a recipe; under torchrun (``world.active``) rank 0 alone logs to run.log and prints."""
+    setup_logging(recipe.run_dir if world.is_main else None, args.verbose, quiet=not world.is_main)
     from .stages import PIPELINE, STAGE_FUNCTIONS, RunContext, run_stage
 
+    if world.active and args.command == "sweep":
+        raise EdgedistillError("sweep runs one process: launch it without torchrun (each of its trainings is "
+                               "short); `torchrun ... -m edgedistill run` distributes the stages")
     ctx = RunContext(recipe, force=args.force)
+    if world.active:
+        ctx.load_data_in_turn()
     if args.command == "sweep":
         from .sweep import parse_values, run_sweep
 
@@ -245,13 +263,14 @@ def _run(args: argparse.Namespace) -> int:
             if unknown:
                 raise EdgedistillError(f"--stages: unknown stage(s) {unknown}; stages are {list(STAGE_FUNCTIONS)}")
             stages = [s for s in stages if s in chosen]
-        print_device_plan(ctx)
+        if world.is_main:
+            print_device_plan(ctx)
     else:
         stages = [args.command]
     for stage in stages:
         run_stage(ctx, stage)
     summary_path = ctx.run_dir / "summary.json"
-    if "evaluate" in stages and summary_path.exists():
+    if "evaluate" in stages and summary_path.exists() and world.is_main:
         print_summary(json.loads(summary_path.read_text()))
         log.info("summary written to %s and %s", summary_path, ctx.run_dir / "summary.md")
         if args.command == "run":

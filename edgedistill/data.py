@@ -10,6 +10,7 @@ import gzip
 import logging
 import math
 import os
+import random
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from edgerun.archive import safe_extract
 from edgerun.manifest import sha256_file
@@ -49,6 +50,7 @@ class Split:
     images: Optional[list[np.ndarray]] = None  # decoded RGB uint8, when held in memory
     skipped: list[str] = field(default_factory=list)  # unreadable files, with the reason
     max_side: Optional[int] = None  # training splits: shorter side shrunk to what augmentation needs
+    prepared: Optional[PreprocessSpec] = None  # evaluation splits: images held resized and cropped by this spec
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -59,7 +61,16 @@ class Split:
         image = read_image(self.paths[index])
         if image is None:
             raise DataError(f"image '{self.paths[index]}' became unreadable during the run")
-        return fit_shorter_side(image, self.max_side)
+        return geometric(image, self.prepared) if self.prepared else fit_shorter_side(image, self.max_side)
+
+    def original(self, index: int) -> np.ndarray:
+        """The image as its file decodes (an evaluation split may hold it already cropped)."""
+        if self.prepared is None or not self.paths:
+            return self.load(index)
+        image = read_image(self.paths[index])
+        if image is None:
+            raise DataError(f"image '{self.paths[index]}' became unreadable during the run")
+        return image
 
     def subset(self, indices: Sequence[int]) -> "Split":
         indices = list(indices)
@@ -71,6 +82,7 @@ class Split:
             images=[self.images[i] for i in indices] if self.images is not None else None,
             skipped=self.skipped,
             max_side=self.max_side,
+            prepared=self.prepared,
         )
 
 
@@ -181,14 +193,16 @@ def scan_folder_split(root: Path, split: str, cap_per_class: Optional[int], seed
 
 
 def verify_and_cache(split: Split, cache: Optional[bool], labelled: bool = True,
-                     max_side: Optional[int] = None) -> Split:
+                     max_side: Optional[int] = None, prepared: Optional[PreprocessSpec] = None) -> Split:
     """Decode every image once; unreadable files are dropped, counted and listed (never fatal alone).
 
-    ``max_side`` (training splits): images are held with their shorter side shrunk to it, which is all the
-    training augmentation reads; evaluation splits keep full resolution, as the device sees its frames.
+    Folder images go to the on-disk decoded cache (``imagecache``) unless ``cache`` is false: training splits
+    (``max_side``) with their shorter side shrunk to what the training augmentation reads, evaluation splits
+    (``prepared``) resized and cropped by the evaluation spec, exactly the pixels evaluation would compute from
+    the full-resolution file (the device sees the full frame: bundles take the originals).
     """
-    if max_side and cache is not False and split.paths:
-        return _from_disk_cache(split, labelled, max_side)
+    if (max_side or prepared) and cache is not False and split.paths:
+        return _from_disk_cache(split, labelled, max_side, prepared)
     keep, images, skipped, pixels = [], [], [], 0
     hold = cache is not False
     for i, path in enumerate(split.paths):
@@ -206,35 +220,43 @@ def verify_and_cache(split: Split, cache: Optional[bool], labelled: bool = True,
     return _finish(split, keep, images if hold else None, skipped, labelled, max_side)
 
 
-def _from_disk_cache(split: Split, labelled: bool, max_side: int) -> Split:
-    """Training images from the on-disk decoded cache (``imagecache``), decoding only on a miss."""
+def _from_disk_cache(split: Split, labelled: bool, max_side: Optional[int],
+                     prepared: Optional[PreprocessSpec]) -> Split:
+    """Images from the on-disk decoded cache (``imagecache``), decoding only on a miss."""
     from . import imagecache
 
-    key = imagecache.entry_key(split.paths, max_side)
+    if prepared is not None:
+        variant = f"eval resize {prepared.resize} crop {prepared.crop} {prepared.interpolation}"
+        form = lambda image: geometric(image, prepared)  # noqa: E731
+    else:
+        variant = f"train side {max_side} area"
+        form = lambda image: fit_shorter_side(image, max_side)  # noqa: E731
+    key = imagecache.entry_key(split.paths, variant)
     entry = imagecache.load(key)
     if entry is None:
-        log.info("split %s: decoding %d images once at training size (shorter side %d) into %s", split.name,
-                 len(split), max_side, imagecache.cache_dir())
+        log.info("split %s: decoding %d images once (%s) into %s", split.name, len(split), variant,
+                 imagecache.cache_dir())
 
         def decode(i: int) -> Optional[np.ndarray]:
             image = read_image(split.paths[i])
-            return None if image is None else fit_shorter_side(image, max_side)
+            return None if image is None else form(image)
 
         entry = imagecache.build(key, len(split), decode)
     keep, images = entry
     kept = set(keep)
     skipped = [str(p) for i, p in enumerate(split.paths) if i not in kept]
-    return _finish(split, keep, images, skipped, labelled, max_side)
+    return _finish(split, keep, images, skipped, labelled, max_side, prepared)
 
 
 def _finish(split: Split, keep: list[int], images: Optional[list[np.ndarray]], skipped: list[str], labelled: bool,
-            max_side: Optional[int]) -> Split:
+            max_side: Optional[int], prepared: Optional[PreprocessSpec] = None) -> Split:
     if not keep:
         raise DataError(f"no readable image in '{split.paths[0].parent.parent}' ({len(skipped)} unreadable)")
     out = split.subset(keep)
     out.images = images
     out.skipped = skipped
     out.max_side = max_side
+    out.prepared = prepared
     for cls in range(len(split.classes) if labelled else 0):
         if not np.any(out.labels == cls):
             raise DataError(f"class '{split.classes[cls]}' of split '{split.name}' has no readable image left")
@@ -269,8 +291,8 @@ def load_folder(cfg: DataConfig, seed: int) -> DataBundle:
         rest = (verify_and_cache(everything.subset(left), cfg.cache, labelled=False, max_side=training_side(cfg))
                 if left else None)
     train = verify_and_cache(train, cfg.cache, max_side=training_side(cfg))
-    val = verify_and_cache(val, cfg.cache)
-    test = verify_and_cache(test, cfg.cache) if test else None
+    val = verify_and_cache(val, cfg.cache, prepared=eval_spec(cfg))
+    test = verify_and_cache(test, cfg.cache, prepared=eval_spec(cfg)) if test else None
     return DataBundle(train, val, test, source=str(root), rest=rest)
 
 
@@ -456,14 +478,24 @@ def train_transform(cfg: DataConfig) -> A.Compose:
 
 
 class TrainDataset(Dataset):
+    """Augmented training images. An item is asked for as ``(index, epoch_seed)`` and its augmentation draws
+    from a stream seeded by both, so an image's view depends on (seed, epoch, image) only: not on the process
+    (loader workers, torchrun ranks) nor on the order the images are visited."""
+
     def __init__(self, split: Split, cfg: DataConfig):
         self.split = split
         self.transform = train_transform(cfg)
+        self._np = np.random.Generator(np.random.PCG64(0))
+        self._py = random.Random(0)
+        self.transform.set_random_state(self._np, self._py)  # one stream shared by every transform
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch_seed = key
+        self._np.bit_generator.state = np.random.PCG64([epoch_seed, index]).state
+        self._py.seed(epoch_seed * 2**32 + index)
         image = to_three_channels(self.split.load(index))
         out = self.transform(image=image)["image"]
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))), int(self.split.labels[index])
@@ -478,29 +510,85 @@ class EvalDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int):
-        crop = geometric(self.split.load(index), self.spec)
+        image = self.split.load(index)
+        crop = image if self.split.prepared == self.spec else geometric(image, self.spec)
         return torch.from_numpy(normalize(crop[None], self.spec)[0]), int(self.split.labels[index])
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Each loader worker gets its own, reproducible augmentation stream (base seed from the generator)."""
-    info = torch.utils.data.get_worker_info()
-    seed = info.seed % 2**32
-    np.random.seed(seed)
-    info.dataset.transform.set_random_seed(seed)
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 100_003 + epoch) % 2**31
 
 
-def train_loader(split: Split, cfg: DataConfig, seed: int, epoch: int) -> DataLoader:
-    """A loader whose shuffle and augmentation depend only on (seed, epoch): a resumed run redoes an epoch
-    exactly as it would have run."""
-    epoch_seed = (seed * 100_003 + epoch) % 2**31
-    dataset = TrainDataset(split, cfg)
-    dataset.transform.set_random_seed(epoch_seed)
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(split) > cfg.batch_size,
-                      num_workers=cfg.workers, generator=torch.Generator().manual_seed(epoch_seed),
-                      worker_init_fn=_seed_worker)
+class EpochBatchSampler(Sampler):
+    """Batches of one epoch for one process: the epoch's shuffle depends on (seed, epoch) only, global batch
+    ``i`` is ``order[i*B:(i+1)*B]`` and rank ``r`` of ``n`` processes takes its rows ``r::n``, so the processes
+    together see exactly the batches one process would (the last incomplete batch is dropped when there is more
+    than one). Yields ``(index, epoch_seed)`` pairs for :class:`TrainDataset`; call :meth:`set_epoch` before each
+    epoch (the loader and its workers live for the whole training)."""
+
+    def __init__(self, count: int, global_batch: int, seed: int, rank: int = 0, world: int = 1):
+        if count < world:
+            raise DataError(f"{count} training images cannot be shared by {world} processes: use fewer processes")
+        self.count, self.global_batch, self.seed, self.rank, self.world = count, global_batch, seed, rank, world
+        self.drop_last = count > global_batch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.count // self.global_batch if self.drop_last else math.ceil(self.count / self.global_batch)
+
+    def global_batches(self) -> list[list[int]]:
+        order = torch.randperm(self.count, generator=torch.Generator().manual_seed(
+            epoch_seed(self.seed, self.epoch))).tolist()
+        return [order[i * self.global_batch:(i + 1) * self.global_batch] for i in range(len(self))]
+
+    def __iter__(self):
+        es = epoch_seed(self.seed, self.epoch)
+        for batch in self.global_batches():
+            yield [(index, es) for index in batch[self.rank::self.world]]
+
+
+def resolve_workers(cfg: DataConfig, processes_here: int = 1) -> int:
+    """``data.workers``: a number, or auto = the cores this process may use, shared by the processes on this
+    machine, less one for the training process itself (at most 8)."""
+    if cfg.workers != "auto":
+        return int(cfg.workers)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores // max(1, processes_here) - 1))
+
+
+def batch_sizes(cfg: DataConfig, world: int = 1) -> tuple[int, int]:
+    """(global batch, each process's batch) for ``world`` processes: ``data.batch_size`` split evenly, or
+    ``data.batch_per_device`` each."""
+    if cfg.batch_per_device is not None:
+        return cfg.batch_per_device * world, cfg.batch_per_device
+    if cfg.batch_size % world:
+        raise DataError(f"data.batch_size {cfg.batch_size} does not split evenly over {world} processes: use a "
+                        f"multiple of {world}, or set data.batch_per_device (the global batch is then "
+                        f"batch_per_device x processes)")
+    return cfg.batch_size, cfg.batch_size // world
+
+
+def train_loader(split: Split, cfg: DataConfig, seed: int, epoch: int = 0, rank: int = 0, world: int = 1,
+                 pin_memory: bool = False) -> DataLoader:
+    """The training loader of one process, positioned at ``epoch`` (``loader.batch_sampler.set_epoch`` moves
+    it): shuffle and augmentation depend only on (seed, epoch), so a resumed run redoes an epoch exactly, and
+    ``world`` processes see together what one process would. The global batch is ``data.batch_size`` (or
+    ``batch_per_device`` x processes)."""
+    global_batch, _ = batch_sizes(cfg, world)
+    sampler = EpochBatchSampler(len(split), global_batch, seed, rank, world)
+    sampler.set_epoch(epoch)
+    workers = resolve_workers(cfg, world) if len(sampler) > 1 else 0
+    return DataLoader(TrainDataset(split, cfg), batch_sampler=sampler, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=pin_memory)
 
 
 def eval_loader(split: Split, cfg: DataConfig) -> DataLoader:
-    return DataLoader(EvalDataset(split, eval_spec(cfg)), batch_size=max(cfg.batch_size, 64), shuffle=False,
-                      num_workers=cfg.workers)
+    batch = max(cfg.batch_size, 64)
+    workers = resolve_workers(cfg) if len(split) > 4 * batch else 0  # small splits: forking costs more
+    return DataLoader(EvalDataset(split, eval_spec(cfg)), batch_size=batch, shuffle=False, num_workers=workers)

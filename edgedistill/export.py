@@ -123,7 +123,7 @@ def parity(model: nn.Module, path: Path, batches: np.ndarray, cfg: ExportConfig)
 def raw_validation_images(split: Split, indices: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """uint8 RGB images for val.npz: as decoded when all share one size, else resized to ``spec.resize``
     on the shorter side and centre-cropped square (the device's preprocess then reproduces the host's crop)."""
-    images = [split.load(int(i)) for i in indices]
+    images = [split.original(int(i)) for i in indices]
     if len({im.shape for im in images}) == 1:
         return np.stack(images)
     side = spec.resize

@@ -1,9 +1,9 @@
-"""Decoded training images on disk: each file decoded once, at the training resolution, for every later stage and
-run that needs the same images at the same size.
+"""Decoded images on disk: each file decoded once, in the form a stage reads it (training images at the training
+resolution, evaluation images resized and cropped), for every later stage and run that needs the same images in
+the same form.
 
-A cache entry is one flat uint8 file of every image (shorter side shrunk to the training side) and an index of
-(position in the split, offset, height, width). Its name hashes the bytes of every source file, the side and the
-interpolation, so a changed image or a recipe that needs another size never reads a stale entry. Entries are
+A cache entry is one flat uint8 file of every image and an index of (position in the split, offset, height,
+width). Its name hashes the bytes of every source file and the form (size, crop, interpolation), so a changed image or a recipe that needs another size never reads a stale entry. Entries are
 memory-mapped, so a data set larger than memory costs disk, not RAM; they are written to a temporary name and
 renamed (the index last), so a killed run never leaves a half entry that looks whole. Plain ``.npy``, no pickle.
 """
@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-FORMAT = b"edgedistill-decoded/1 INTER_AREA RGB"
+FORMAT = b"edgedistill-decoded/2 RGB "
 CHUNK = 64 << 20
 
 
@@ -26,8 +26,9 @@ def cache_dir() -> Path:
     return cache_root() / "decoded"
 
 
-def entry_key(paths: Sequence[Path], side: int) -> str:
-    h = hashlib.sha256(FORMAT + str(side).encode())
+def entry_key(paths: Sequence[Path], variant: str) -> str:
+    """The entry of these files in this form (``variant`` names the size, crop and interpolation)."""
+    h = hashlib.sha256(FORMAT + variant.encode())
     for path in paths:
         with open(path, "rb") as fh:
             h.update(hashlib.sha256(fh.read()).digest())

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator,
+                      model_validator)
 
 from .errors import RecipeError
 
@@ -47,7 +48,11 @@ class DataConfig(_Strict):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     batch_size: int = Field(64, ge=1)
-    workers: int = Field(0, ge=0)
+    batch_per_device: Optional[int] = Field(None, ge=1, description="under torchrun: each process's batch (the "
+                                            "global batch is then this x processes); default: batch_size split "
+                                            "over the processes")
+    workers: Union[Literal["auto"], NonNegativeInt] = Field(
+        "auto", description="loader worker processes; auto = the cores this process may use less one (at most 8)")
     train_per_class: Optional[int] = Field(None, ge=1, description="cap images per class (CPU budgets)")
     val_per_class: Optional[int] = Field(None, ge=1)
     cache: Optional[bool] = Field(None, description="decode images once into memory; default: when small")
@@ -217,11 +222,15 @@ class TrainConfig(_Strict):
         "auto", description="mixed precision: auto = bf16 on CUDA where supported, else fp16 with a grad scaler; "
                             "off on CPU (bf16 runs there too when asked for)")
     compile: bool = Field(False, description="torch.compile the model for training")
+    sync_bn: bool = Field(True, description="under torchrun on GPUs: BatchNorm statistics over the global batch "
+                                            "(SyncBatchNorm); gloo on CPU has no SyncBatchNorm")
 
 
 # Top-level sections added after the first release: at their defaults they stay out of stage fingerprints, so
 # finished stages of older runs are not redone.
 LATER_SECTIONS = ("baseline", "train")
+# Keys that decide how fast a stage runs, never what it learns: outside every fingerprint.
+HARDWARE_KEYS = ("data.workers",)
 
 
 class Recipe(_Strict):
@@ -281,7 +290,7 @@ class Recipe(_Strict):
         ``exclude`` drops dotted keys (``data.unlabeled`` does not concern the teacher or the baseline).
         """
         dumped = self.model_dump(mode="json", exclude_defaults=True)
-        for dotted in exclude:
+        for dotted in exclude + HARDWARE_KEYS:
             section, _, key = dotted.partition(".")
             if isinstance(dumped.get(section), dict):
                 dumped[section].pop(key, None)

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .data import Split, train_loader
-from .errors import RecipeError
 from .recipe import DataConfig
 
 log = logging.getLogger(__name__)
@@ -65,14 +65,15 @@ class SoftLabelCache:
     def draws(self) -> int:
         return self.values.shape[0]
 
-    def batch(self, draw: int, step: int, device: torch.device) -> torch.Tensor:
-        """The teacher logits of batch ``step`` of draw ``draw``, as a (batch, classes) tensor."""
-        lo, hi = int(self.offsets[step]), int(self.offsets[step + 1])
-        values = torch.from_numpy(self.values[draw, lo:hi])
+    def batch(self, draw: int, step: int, device: torch.device, rank: int = 0, world: int = 1) -> torch.Tensor:
+        """The teacher logits of batch ``step`` of draw ``draw``, as a (batch, classes) tensor; under torchrun,
+        the rows of this process's share of the global batch (``data.EpochBatchSampler``)."""
+        rows = slice(int(self.offsets[step]) + rank, int(self.offsets[step + 1]), world)
+        values = torch.from_numpy(np.ascontiguousarray(self.values[draw, rows]))
         if self.indices is None:
             return values.to(device)
-        full = torch.full((hi - lo, self.num_classes), float("-inf"))
-        full.scatter_(1, torch.from_numpy(self.indices[draw, lo:hi]), values)
+        full = torch.full((len(values), self.num_classes), float("-inf"))
+        full.scatter_(1, torch.from_numpy(np.ascontiguousarray(self.indices[draw, rows])), values)
         return full.to(device)
 
     def save(self, path: Path) -> None:
@@ -91,15 +92,17 @@ class SoftLabelCache:
                        data["batch_rows"])
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def build(teacher: nn.Module, split: Split, data_cfg: DataConfig, seed: int, draws: int, topk: Optional[int],
           device: torch.device) -> SoftLabelCache:
     """Run the teacher over ``draws`` passes of the training loader (the views the student will replay)."""
     teacher.eval().to(device)
     values, indices, batch_rows, num_classes = [], [], None, None
+    loader = train_loader(split, data_cfg, seed, pin_memory=device.type == "cuda")
     for draw in range(draws):
+        loader.batch_sampler.set_epoch(draw)
         rows, idx, sizes = [], [], []
-        for images, _targets in train_loader(split, data_cfg, seed, draw):
+        for images, _targets in loader:
             logits = teacher(images.to(device)).float().cpu()
             num_classes = logits.shape[1]
             sizes.append(len(logits))
@@ -121,15 +124,16 @@ def build(teacher: nn.Module, split: Split, data_cfg: DataConfig, seed: int, dra
 def cached_soft_labels(teacher: nn.Module, teacher_sha256: str, split: Split, data_cfg: DataConfig, seed: int,
                        draws: int, topk: Optional[int], folder: Path, device: torch.device) -> SoftLabelCache:
     """The cache for this teacher and data: loaded when its file exists, else built and saved."""
-    if data_cfg.workers:
-        raise RecipeError("distill.soft_labels: cached replays the loader's augmentation draw by draw, which needs "
-                          "data.workers: 0 (worker processes draw their own random streams)")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{cache_key(teacher_sha256, split, data_cfg, seed, draws, topk)}.npz"
     if path.exists():
         log.info("soft labels: reusing %s", path)
+        distributed.barrier()
         return SoftLabelCache.load(path)
-    cache = build(teacher, split, data_cfg, seed, draws, topk, device)
-    cache.save(path)
-    log.info("soft labels: %d draws x %d images cached in %s", cache.draws, int(cache.offsets[-1]), path)
-    return cache
+    cache = None
+    if distributed.world().is_main:  # under torchrun rank 0 builds it once, the others then read it
+        cache = build(teacher, split, data_cfg, seed, draws, topk, device)
+        cache.save(path)
+        log.info("soft labels: %d draws x %d images cached in %s", cache.draws, int(cache.offsets[-1]), path)
+    distributed.barrier()
+    return cache if cache is not None else SoftLabelCache.load(path)

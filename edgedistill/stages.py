@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from . import distributed
 from .checkpoint import atomic_write_text, load_model, save_model
 from .data import DataBundle, Split, eval_loader, load_data, load_unlabeled, training_side, with_unlabeled
 from .errors import StageMissingError, TeacherTooWeakError
@@ -114,7 +115,16 @@ class RunContext:
         self.steps = plan_steps(recipe)
         self._data: Optional[DataBundle] = None
         self._unlabeled: Optional[Split] = None
-        atomic_write_text(self.run_dir / "recipe.yaml", recipe.to_yaml())
+        if distributed.world().is_main:
+            atomic_write_text(self.run_dir / "recipe.yaml", recipe.to_yaml())
+
+    def load_data_in_turn(self) -> None:
+        """Under torchrun: rank 0 loads (and caches) the data first, then the others read its caches."""
+        world = distributed.world()
+        for turn in (True, False):
+            if world.is_main == turn:
+                _ = (self.data, self.unlabeled)  # loaded (and cached) here
+            distributed.barrier()
 
     def derive(self, recipe: Recipe) -> "RunContext":
         """A variant of this recipe in the same run folder (a sweep cell): it shares the loaded data, and the
@@ -184,6 +194,8 @@ class RunContext:
         return self.done_record(key) is not None
 
     def mark_done(self, key: str, outputs: list[str], extra: Optional[dict[str, Any]] = None) -> None:
+        if not distributed.world().is_main:
+            return
         folder = self.stage_dir(key)
         if key != "export":  # a bundle carries its recipe inside, covered by the manifest's sha256 list
             atomic_write_text(folder / "recipe.yaml", self.recipe.to_yaml())
@@ -250,7 +262,8 @@ def _teaching(ctx: RunContext, step: Step, model: nn.Module, train: Split) -> Te
         description = {"student_model": step.cfg.model, "teacher_model": ctx.steps[step.teacher].cfg.model,
                        "mode": distill.features if isinstance(distill.features, str) else "explicit",
                        "image_size": ctx.recipe.data.image_size, **features.describe()}
-        atomic_write_text(ctx.stage_dir(step.key) / FEATURE_MAP_FILE, json.dumps(description, indent=2))
+        if distributed.world().is_main:
+            atomic_write_text(ctx.stage_dir(step.key) / FEATURE_MAP_FILE, json.dumps(description, indent=2))
         log.info("%s: feature matching (%s), %d pair(s):\n  %s", step.key, distill.feature_loss, len(pairs),
                  "\n  ".join(mapping_lines(description)))
     if distill.temperature == 1.0:
@@ -277,7 +290,8 @@ def train_step(ctx: RunContext, key: str) -> dict[str, Any]:
     model = ctx.new_model(key)
     folder = ctx.stage_dir(key)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / FEATURE_MAP_FILE).unlink(missing_ok=True)  # written again below when this recipe matches features
+    if distributed.world().is_main:
+        (folder / FEATURE_MAP_FILE).unlink(missing_ok=True)  # written again below when this recipe matches features
     train, extra, cfg = ctx.data.train, {}, step.cfg
     if step.teacher is not None and ctx.unlabeled is not None:
         train = with_unlabeled(train, ctx.unlabeled)
@@ -299,6 +313,9 @@ def train_step(ctx: RunContext, key: str) -> dict[str, Any]:
                     ctx.fingerprint(key), ctx.device, label=key, teaching=teaching, hardware=ctx.recipe.train)
     elif not step.cfg.pretrained_path and not step.cfg.pretrained:
         log.warning("%s: %s.epochs is 0 and no weights are given: the model stays untrained", key, step.role)
+    if not distributed.world().is_main:  # rank 0 saves, validates and marks the step done
+        distributed.barrier()
+        return json.loads((folder / "report.json").read_text())
     save_model(folder / MODEL_FILE, model, {"model": step.cfg.model, "classes": ctx.data.classes, "stage": key})
     report = _validate_and_report(ctx, key, model, f"{TITLES[step.role]} ({key}): {step.cfg.model}")
     outputs = [MODEL_FILE, "report.json", "report.md"]
@@ -307,6 +324,7 @@ def train_step(ctx: RunContext, key: str) -> dict[str, Any]:
     ctx.mark_done(key, outputs, {"top1": report["top1"], "model": step.cfg.model, "teacher": step.teacher, **extra})
     log.info("%s: %s top-1 %.2f%% on %d validation images", key, step.cfg.model, report["top1"] * 100,
              report["samples"])
+    distributed.barrier()
     return report
 
 
@@ -515,6 +533,19 @@ TRAINING_STAGES = ("teacher", "assistant", "distill", "self-distill", "baseline"
 
 
 def run_stage(ctx: RunContext, stage: str) -> Any:
+    """Run one stage. Under torchrun every process trains; the stages after training run on rank 0 while the
+    others wait."""
+    if stage not in TRAINING_STAGES and not distributed.world().is_main:
+        distributed.barrier()
+        return None
+    try:
+        return _run_stage(ctx, stage)
+    finally:
+        if stage not in TRAINING_STAGES:
+            distributed.barrier()
+
+
+def _run_stage(ctx: RunContext, stage: str) -> Any:
     if stage not in TRAINING_STAGES and ctx.is_done(stage):
         log.info("%s: outputs in '%s' match this recipe; skipped (delete %s to redo)", stage,
                  ctx.stage_dir(stage), ctx.done_path(stage).name)

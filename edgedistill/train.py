@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
+from . import distributed
 from .checkpoint import atomic_write_text, load_training_state, read_metadata, save_training_state
 from .data import Split, eval_loader, train_loader
 from .errors import CheckpointError, NonFiniteLossError
@@ -91,6 +92,10 @@ def compute_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: Op
 
 
 def resolve_device(name: str) -> torch.device:
+    """The recipe's ``device``; under torchrun on GPUs, this process's own CUDA device."""
+    own = distributed.device(name)
+    if own is not None:
+        return own
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -132,6 +137,29 @@ def amp_dtype(choice: str, device: torch.device) -> Optional[torch.dtype]:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
+class _StudentForward(nn.Module):
+    """The student's forward, seen from the module that owns every trainable parameter (the student, plus the
+    feature projections when features are matched), so DistributedDataParallel averages all their gradients."""
+
+    def __init__(self, owner: nn.Module):
+        super().__init__()
+        self.owner = owner
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        student = self.owner["student"] if isinstance(self.owner, nn.ModuleDict) else self.owner
+        return student(images)
+
+
+def validation_top1(model: nn.Module, val: Split, data_cfg: DataConfig, device: torch.device) -> float:
+    """Top-1 on ``val``; under torchrun each process predicts its share and the counts are summed."""
+    world = distributed.world()
+    if not world.active:
+        return predict(model, eval_loader(val, data_cfg), device).top1
+    pred = predict(model, eval_loader(val.subset(distributed.shard(len(val))), data_cfg), device)
+    correct, count = distributed.sum_across([float((pred.predicted == pred.labels).sum()), len(pred.labels)], device)
+    return correct / max(count, 1)
+
+
 def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig, cfg: ModelConfig,
                 stage_dir: Path, seed: int, fingerprint: str, device: torch.device, label: str,
                 teaching: Optional[Teaching] = None, hardware: Optional[TrainConfig] = None) -> list[dict[str, Any]]:
@@ -140,13 +168,21 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
     Without ``teaching``: cross-entropy. With it: the distillation loss against the frozen teacher, plus the
     feature term when ``teaching.features`` is set (its projections train with the model and are saved in
     the resumable state, never in the model). Rows labelled -1 in ``train`` are unlabeled images.
+
+    Under torchrun every process runs this with its share of each global batch (DistributedDataParallel
+    averages the gradients, weighted so the step equals one process's step on the whole batch); the logged
+    losses and accuracies are sums over the processes; rank 0 alone writes metrics and checkpoints.
     """
+    world = distributed.world()
     stage_dir.mkdir(parents=True, exist_ok=True)
     state_path, metrics_path = stage_dir / STATE_FILE, stage_dir / METRICS_FILE
     torch.manual_seed(seed)
     model.to(device)
     use_cuda = device.type == "cuda"
+    hardware = hardware or TrainConfig()
     if use_cuda:
+        if world.active and hardware.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
         model.to(memory_format=torch.channels_last)
     teacher = teaching.teacher if teaching is not None else None
     distill = teaching.distill if teaching is not None else None
@@ -156,19 +192,26 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
         teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+        if use_cuda:
+            teacher.to(memory_format=torch.channels_last)
+    # the teacher's outputs never need autograd; feature targets are hooked activations, which inference-mode
+    # tensors could not be saved for the feature loss's backward
+    teacher_mode = torch.no_grad if features is not None else torch.inference_mode
     trainable: nn.Module = model
     if features is not None:
         features.to(device).attach(model, teacher)
         trainable = nn.ModuleDict({"student": model, "features": features})  # one optimizer, one checkpoint
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    hardware = hardware or TrainConfig()
     dtype = amp_dtype(hardware.amp, device)
     # a grad scaler only for fp16, whose range needs it; bf16 has float32's exponent range
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if use_cuda:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
-    forward = torch.compile(model) if hardware.compile else model  # the checkpoint keeps the plain module
-    steps_per_epoch = len(train_loader(train, data_cfg, seed, 0))
+    forward: nn.Module = distributed.wrap(_StudentForward(trainable), device)
+    if hardware.compile:
+        forward = torch.compile(forward)  # the checkpoint keeps the plain module
+    loader = train_loader(train, data_cfg, seed, 0, world.rank, world.size, pin_memory=use_cuda)
+    steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
 
@@ -186,19 +229,20 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
             log.info("%s: resuming after epoch %d/%d from %s", label, start_epoch, cfg.epochs, state_path)
         elif previous is not None:
             log.info("%s: recipe changed since %s was written; starting afresh", label, state_path)
-    if start_epoch == 0:
-        metrics_path.unlink(missing_ok=True)
-    else:
-        _truncate_metrics(metrics_path, start_epoch)
+    if world.is_main:
+        if start_epoch == 0:
+            metrics_path.unlink(missing_ok=True)
+        else:
+            _truncate_metrics(metrics_path, start_epoch)
 
     try:
         amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-        with _progress() as progress, open(metrics_path, "a") as metrics:
+        with _progress() as progress, (open(metrics_path, "a") if world.is_main else nullcontext()) as metrics:
             for epoch in range(start_epoch, cfg.epochs):
                 model.train()
                 # cached soft labels: epoch e replays augmentation draw e % draws, whose teacher logits are stored
                 draw = epoch % cache.draws if cache is not None else epoch
-                loader = train_loader(train, data_cfg, seed, draw)
+                loader.batch_sampler.set_epoch(draw)
                 task = progress.add_task(f"{label} {epoch + 1}/{cfg.epochs}", total=len(loader), stats="")
                 sums: dict[str, float] = {}
                 correct = seen = rows = 0
@@ -216,16 +260,24 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
                         logits = forward(images)
                         teacher_logits = None
                         if cache is not None:
-                            teacher_logits = cache.batch(draw, i, device)
+                            teacher_logits = cache.batch(draw, i, device, world.rank, world.size)
                         elif teacher is not None:
-                            with torch.no_grad():
+                            with teacher_mode():
                                 teacher_logits = teacher(images)
-                        losses = compute_loss(logits.float(), targets, None if teacher_logits is None
-                                              else teacher_logits.float(), cfg, distill, step / steps_per_epoch)
+                            teacher_logits = teacher_logits.float().clone()  # a normal tensor again, float32
+                        losses = compute_loss(logits.float(), targets, teacher_logits, cfg, distill,
+                                              step / steps_per_epoch)
                         if features is not None:
                             losses["feat"] = features.loss()
                             losses["loss"] = losses["loss"] + teaching.feature_weight * losses["feat"]
-                    values = {k: float(v.detach()) for k, v in losses.items()}
+                    n = len(targets)
+                    labeled = targets != UNLABELED
+                    keys = sorted(losses)
+                    totals = distributed.sum_across(
+                        [n, int((logits.argmax(1) == targets)[labeled].sum()), int(labeled.sum())]
+                        + [float(losses[k].detach()) * n for k in keys], device)
+                    global_n = totals[0]
+                    values = {k: v / global_n for k, v in zip(keys, totals[3:])}
                     if not all(math.isfinite(v) for v in values.values()):
                         kept = (f"the checkpoint after epoch {epoch} is kept in '{state_path}'" if epoch
                                 else "no epoch had finished, so there is no checkpoint yet")
@@ -233,32 +285,35 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
                             f"{label}: loss became {values} at epoch {epoch + 1}, step {i + 1} (lr {lr:.2e}); {kept}. "
                             f"Lower the learning rate or check the data, then run the stage again to resume.")
                     optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(losses["loss"]).backward()
+                    # DDP averages gradients over processes: weight each by its share of the global batch
+                    share = n * world.size / global_n
+                    scaler.scale(losses["loss"] * share if share != 1 else losses["loss"]).backward()
                     if cfg.grad_clip:
                         scaler.unscale_(optimizer)
                         nn.utils.clip_grad_norm_(trainable.parameters(), cfg.grad_clip)
                     scaler.step(optimizer)
                     scaler.update()
-                    n = len(targets)
-                    rows += n
+                    rows += global_n
                     for k, v in values.items():
-                        sums[k] = sums.get(k, 0.0) + v * n
-                    labeled = targets != UNLABELED
-                    correct += int((logits.argmax(1) == targets)[labeled].sum())
-                    seen += int(labeled.sum())
-                    metrics.write(json.dumps({"kind": "step", "epoch": epoch, "step": step, "lr": lr, **values}) + "\n")
+                        sums[k] = sums.get(k, 0.0) + v * global_n
+                    correct += totals[1]
+                    seen += totals[2]
+                    if metrics is not None:
+                        metrics.write(json.dumps({"kind": "step", "epoch": epoch, "step": step, "lr": lr, **values})
+                                      + "\n")
                     progress.update(task, advance=1, stats="  ".join(f"{k} {v:.3f}" for k, v in values.items()))
                 progress.remove_task(task)
                 checkpoint = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
                 record = {"kind": "epoch", "epoch": epoch, **{k: v / max(rows, 1) for k, v in sums.items()},
                           "train_top1": correct / max(seen, 1)}
                 if checkpoint:
-                    record["val_top1"] = predict(model, eval_loader(val, data_cfg), device).top1
+                    record["val_top1"] = validation_top1(model, val, data_cfg, device)
                 record["seconds"] = round(time.perf_counter() - started, 2)
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
                 history.append(record)
-                if checkpoint:
+                if metrics is not None:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                if checkpoint and world.is_main:
                     log.info("%s epoch %d/%d: %s", label, epoch + 1, cfg.epochs,
                              "  ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
                     save_training_state(state_path, trainable, optimizer,
@@ -266,4 +321,5 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
     finally:
         if features is not None:
             features.detach()
+    distributed.barrier()  # the checkpoint is whole before any process goes on
     return history

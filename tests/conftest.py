@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -85,13 +86,36 @@ def trained_run(tmp_path_factory) -> Path:
     return folder / "run"
 
 
-def kill_when_written(args: list, path: Path, timeout: float = 300) -> None:
-    """Run ``edgedistill ARGS`` in a child process and SIGKILL it as soon as ``path`` exists (a checkpoint)."""
-    proc = subprocess.Popen([sys.executable, "-m", "edgedistill", *args], env=dict(os.environ, PYTHONUNBUFFERED="1"),
+def _descendants(pid: int) -> list[int]:
+    """Every process started under ``pid`` (torchrun puts its workers in sessions of their own), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_when_written(args: list, path: Path, timeout: float = 300, command: Optional[list] = None) -> None:
+    """Run ``edgedistill ARGS`` (after ``command``: torchrun's, say) in a child process and SIGKILL it and every
+    process under it as soon as ``path`` exists (a checkpoint)."""
+    command = command or [sys.executable, "-m", "edgedistill"]
+    proc = subprocess.Popen([*command, *args], env=dict(os.environ, PYTHONUNBUFFERED="1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while not path.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
-    assert path.exists(), f"edgedistill {' '.join(args)} never wrote {path}"
+    assert path.exists(), f"{' '.join(map(str, command + args))} never wrote {path}"

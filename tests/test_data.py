@@ -7,6 +7,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from edgedistill.data import eval_spec, load_data, read_idx, resolve_root
 from edgedistill.errors import DataError
@@ -165,7 +166,8 @@ def test_training_images_are_held_at_the_resolution_augmentation_needs(tmp_path)
         held = data.train.load(i)
         direct = cv2.resize(read_image(data.train.paths[i]), (84, 63), interpolation=cv2.INTER_AREA)
         assert held.shape == (63, 84, 3) and np.array_equal(held, direct)  # the same pixels as decoding directly
-    assert all(data.val.load(i).shape == (300, 400, 3) for i in range(len(data.val)))
+    assert all(data.val.load(i).shape == (32, 32, 3) for i in range(len(data.val)))  # held as evaluation crops
+    assert all(data.val.original(i).shape == (300, 400, 3) for i in range(len(data.val)))  # the files, for bundles
     lazy = load_data(cfg.model_copy(update={"cache": False}))
     assert np.array_equal(lazy.train.load(0), data.train.load(0))
     small = rng.integers(0, 255, (40, 50, 3), np.uint8)
@@ -188,16 +190,19 @@ def test_importing_the_data_path_never_reaches_the_network():
     assert out.stdout.split() == ["0", "1"]
 
 
-def test_decoded_training_images_are_kept_on_disk_and_a_changed_image_is_decoded_again(tmp_path, monkeypatch):
-    """Hit: a second load reads the memory-mapped entry without decoding; miss: one changed file gives a new
-    entry; both hold the same pixels as decoding directly."""
+def test_decoded_images_are_kept_on_disk_and_a_changed_image_is_decoded_again(tmp_path, monkeypatch):
+    """Hit: a second load reads the memory-mapped entries (training and evaluation images) without decoding; miss:
+    one changed file gives a new entry; both hold the same pixels as decoding directly; bundles still get the
+    evaluation images as their files hold them."""
     import cv2
     import numpy as np
 
     import edgedistill.data as data_module
     from edgedistill import imagecache
-    from edgedistill.data import load_data, read_image
+    from edgedistill.data import eval_loader, eval_spec, load_data, read_image
+    from edgedistill.export import raw_validation_images
     from edgedistill.recipe import DataConfig
+    from edgerun.preprocess import preprocess
 
     monkeypatch.setenv("EDGEDISTILL_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(1)
@@ -207,11 +212,18 @@ def test_decoded_training_images_are_kept_on_disk_and_a_changed_image_is_decoded
             for i in range(2):
                 cv2.imwrite(str(tmp_path / "d" / split / cls / f"{i}.png"), rng.integers(0, 255, (90, 120, 3), np.uint8))
     (tmp_path / "d" / "train" / "a" / "broken.jpg").write_bytes(b"not an image")
-    cfg = DataConfig(root=str(tmp_path / "d"), image_size=16, augment={"scale": [0.5, 1.0], "ratio": [1.0, 1.0]})
+    cfg = DataConfig(root=str(tmp_path / "d"), image_size=16, crop_pct=0.875,
+                     augment={"scale": [0.5, 1.0], "ratio": [1.0, 1.0]})
     first = load_data(cfg)
     assert len(first.train) == 4 and first.train.skipped and "broken.jpg" in first.train.skipped[0]
     entries = sorted((tmp_path / "cache" / "decoded").glob("*.index.npy"))
-    assert len(entries) == 1
+    assert len(entries) == 2  # training and validation images
+    spec = eval_spec(cfg)
+    originals = [read_image(p) for p in first.val.paths]
+    batch = torch.cat([x for x, _ in eval_loader(first.val, cfg)]).numpy()
+    assert np.array_equal(batch, preprocess(originals, spec))  # the evaluation pixels of direct decoding
+    assert first.val.load(0).shape[:2] == (16, 16)
+    assert np.array_equal(raw_validation_images(first.val, np.arange(4), spec), np.stack(originals))
     side = first.train.max_side
     for i in range(4):
         direct = read_image(first.train.paths[i])
@@ -223,7 +235,7 @@ def test_decoded_training_images_are_kept_on_disk_and_a_changed_image_is_decoded
     real_read = data_module.read_image
     monkeypatch.setattr(data_module, "read_image", lambda *a, **k: calls.append(a[0]) or real_read(*a, **k))
     second = load_data(cfg)
-    assert not [c for c in calls if "/d/train/" in str(c)]  # the training split came from the entry, undecoded
+    assert not calls  # both splits came from their entries, undecoded
     assert all(np.array_equal(a, b) for a, b in zip(first.train.images, second.train.images))
     assert isinstance(second.train.images[0].base, np.memmap) or not second.train.images[0].flags.writeable
 
@@ -231,6 +243,6 @@ def test_decoded_training_images_are_kept_on_disk_and_a_changed_image_is_decoded
     calls.clear()
     third = load_data(cfg)
     assert [c for c in calls if "/d/train/" in str(c)]  # decoded again ...
-    assert len(sorted((tmp_path / "cache" / "decoded").glob("*.index.npy"))) == 2  # ... into a new entry
+    assert len(sorted((tmp_path / "cache" / "decoded").glob("*.index.npy"))) == 3  # ... into a new entry
     assert not np.array_equal(third.train.load(0), first.train.load(0))
-    assert imagecache.entry_key(first.train.paths, side) != imagecache.entry_key(first.train.paths, side + 1)
+    assert imagecache.entry_key(first.train.paths, "a") != imagecache.entry_key(first.train.paths, "b")
