@@ -73,7 +73,8 @@ def print_device_plan(ctx) -> None:
     """Before training: the planner's estimate of the recipe's teacher and student on the export target."""
     from .planner import recipe_estimate
 
-    est = recipe_estimate(ctx.recipe, len(ctx.data.classes))
+    datafree = ctx.recipe.data.source == "datafree"
+    est = recipe_estimate(ctx.recipe, len(ctx.datafree_classes() if datafree else ctx.data.classes))
     if not est:
         return
     out = Console(stderr=True)
@@ -101,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run every stage in order (stages already done for this recipe are skipped)")
     _add_recipe_args(p)
     p.add_argument("--stages", default=None, help="comma-separated subset, e.g. teacher,distill")
-    for stage, text in (("teacher", "train (or load) and validate the teacher"),
+    for stage, text in (("datafree", "data.source: datafree: synthesize the training set from the teacher's weights "
+                                     "alone (DeepInversion); resumes by batch"),
+                        ("teacher", "train (or load) and validate the teacher"),
                         ("assistant", "distill the teacher into the teacher assistant(s) of the chain (when the recipe has any)"),
                         ("distill", "distill the teacher (or the last assistant) into the student"),
                         ("self-distill", "born-again generations: the student teaches fresh copies of itself"),
@@ -243,6 +246,9 @@ def _run_recipe(args: argparse.Namespace, recipe, world) -> int:
     setup_logging(recipe.run_dir if world.is_main else None, args.verbose, quiet=not world.is_main)
     from .stages import PIPELINE, STAGE_FUNCTIONS, RunContext, run_stage
 
+    if args.command == "sweep" and recipe.task == "regression":
+        raise EdgedistillError("sweep searches distill.temperature, which regression does not use (the student "
+                               "matches the teacher's predictions): vary distill.alpha with --set instead")
     if world.active and args.command == "sweep":
         raise EdgedistillError("sweep runs one process: launch it without torchrun (each of its trainings is "
                                "short); `torchrun ... -m edgedistill run` distributes the stages")
@@ -263,6 +269,8 @@ def _run_recipe(args: argparse.Namespace, recipe, world) -> int:
             if unknown:
                 raise EdgedistillError(f"--stages: unknown stage(s) {unknown}; stages are {list(STAGE_FUNCTIONS)}")
             stages = [s for s in stages if s in chosen]
+        if recipe.data.source != "datafree":
+            stages = [s for s in stages if s != "datafree"]
         if world.is_main:
             print_device_plan(ctx)
     else:

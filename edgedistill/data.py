@@ -93,10 +93,120 @@ class DataBundle:
     test: Optional[Split]
     source: str
     rest: Optional[Split] = None  # training images that train_per_class left out (``data.unlabeled: rest``)
+    scaling: Optional["TargetScaling"] = None  # task: regression: the train statistics the targets are standardized by
 
     @property
     def classes(self) -> list[str]:
+        """The class names; for regression, the target names (one model output each)."""
         return self.train.classes
+
+
+@dataclass(frozen=True)
+class TargetScaling:
+    """Regression targets are learned standardized: ``(y - mean) / std`` with the training split's statistics."""
+
+    names: list[str]
+    mean: list[float]
+    std: list[float]
+
+    def restore(self, standardized: np.ndarray) -> np.ndarray:
+        from edgerun.regression import restore
+
+        return restore(self.as_dict(), standardized)
+
+    def as_dict(self) -> dict:
+        return {"names": list(self.names), "mean": list(self.mean), "std": list(self.std)}
+
+
+TARGETS_FILE = "targets.csv"
+
+
+def read_targets(split_dir: Path) -> tuple[list[Path], np.ndarray, list[str]]:
+    """A regression split: ``targets.csv`` in the split folder, header ``file,NAME[,NAME2...]``, one row per
+    image (paths relative to the folder). Every bad row is named (line, file, reason) before anything trains."""
+    import csv
+
+    path = split_dir / TARGETS_FILE
+    if not path.is_file():
+        raise DataError(f"task: regression: '{path}' is missing: each split folder holds its images and a "
+                        f"{TARGETS_FILE} with a header row 'file,<target name>[,<target 2>...]' and one row per image")
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows or len(rows[0]) < 2 or rows[0][0].strip().lower() != "file":
+        raise DataError(f"'{path}': the first row must be the header 'file,<target name>[,...]' (found "
+                        f"{rows[0] if rows else 'an empty file'})")
+    names = [n.strip() for n in rows[0][1:]]
+    if any(not n for n in names) or len(set(names)) != len(names):
+        raise DataError(f"'{path}': target names in the header must be non-empty and distinct (found {names})")
+    paths, values, bad = [], [], []
+    for line, row in enumerate(rows[1:], start=2):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if len(row) != len(names) + 1:
+            bad.append(f"line {line}: {len(row)} fields, the header has {len(names) + 1}")
+            continue
+        file = split_dir / row[0].strip()
+        if not file.is_file():
+            bad.append(f"line {line}: file '{row[0].strip()}' does not exist in {split_dir}")
+            continue
+        try:
+            numbers = [float(cell) for cell in row[1:]]
+        except ValueError:
+            bad.append(f"line {line}: '{row[0].strip()}' has a non-numeric target ({row[1:]})")
+            continue
+        if not all(math.isfinite(v) for v in numbers):
+            bad.append(f"line {line}: '{row[0].strip()}' has a NaN or infinite target")
+            continue
+        paths.append(file)
+        values.append(numbers)
+    if bad:
+        raise DataError(f"'{path}': {len(bad)} bad row(s), fix them before training:\n  " + "\n  ".join(bad[:20])
+                        + ("\n  ..." if len(bad) > 20 else ""))
+    if not paths:
+        raise DataError(f"'{path}' lists no image")
+    return paths, np.asarray(values, dtype=np.float64), names
+
+
+def load_regression_folder(cfg: DataConfig, seed: int) -> DataBundle:
+    """``task: regression``: train/, val/ (and test/) folders, each with a targets.csv; targets standardized with
+    the training split's mean and standard deviation (kept in ``DataBundle.scaling``)."""
+    if not cfg.root:
+        raise DataError("data.root is not set: give the image folder with --set data.root=/path/to/data")
+    root = resolve_root(cfg.root)
+    raw = {}
+    for name, folder in (("train", cfg.train_dir), ("val", cfg.val_dir), ("test", cfg.test_dir)):
+        if folder is None:
+            continue
+        split_dir = root / folder
+        if not split_dir.is_dir():
+            raise DataError(f"'{split_dir}' is missing: a regression data folder holds {cfg.train_dir}/ and "
+                            f"{cfg.val_dir}/, each with its images and a {TARGETS_FILE}")
+        raw[name] = read_targets(split_dir)
+    names = raw["train"][2]
+    for name, (_, _, other) in raw.items():
+        if other != names:
+            raise DataError(f"the targets of split '{name}' ({other}) differ from train's ({names})")
+    mean = raw["train"][1].mean(0)
+    std = raw["train"][1].std(0)
+    std = np.where(std > 0, std, 1.0)  # a constant target stays as it is
+    scaling = TargetScaling(names, [float(v) for v in mean], [float(v) for v in std])
+    splits = {}
+    for name, (paths, values, _) in raw.items():
+        labels = ((values - mean) / std).astype(np.float32)
+        split = Split(name=name, classes=names, labels=labels, paths=paths)
+        if name == "train":
+            if cfg.train_per_class:
+                log.warning("data.train_per_class has no classes to cap under task: regression; ignored")
+            splits[name] = verify_and_cache(split, cfg.cache, labelled=False, max_side=training_side(cfg))
+        else:
+            splits[name] = verify_and_cache(split, cfg.cache, labelled=False, prepared=eval_spec(cfg))
+    return DataBundle(splits["train"], splits["val"], splits.get("test"), source=str(root), scaling=scaling)
+
+
+def item_label(split: Split, index: int):
+    """A training or evaluation target: the class index, or the standardized regression values."""
+    label = split.labels[index]
+    return torch.from_numpy(np.array(label, dtype=np.float32)) if split.labels.ndim > 1 else int(label)
 
 
 # ----------------------------------------------------------------------------------------------- decoding
@@ -437,7 +547,52 @@ def load_idx_source(cfg: DataConfig) -> DataBundle:
     )
 
 
-def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
+def real_evaluation_splits(cfg: DataConfig, seed: int) -> tuple[Optional[Split], Optional[Split]]:
+    """``data.source: datafree``: the real validation (and test) images of ``data.root``, if it is set. Only
+    ``val_dir`` and ``test_dir`` are scanned: no file of the training folder is ever read."""
+    if not cfg.root:
+        return None, None
+    root = resolve_root(cfg.root)
+    val = verify_and_cache(scan_folder_split(root, cfg.val_dir, cfg.val_per_class, seed), cfg.cache,
+                           prepared=eval_spec(cfg))
+    test = None
+    if cfg.test_dir:
+        test = verify_and_cache(scan_folder_split(root, cfg.test_dir, cfg.val_per_class, seed), cfg.cache,
+                                prepared=eval_spec(cfg))
+    return val, test
+
+
+def load_datafree(cfg: DataConfig, seed: int, folder: Path, files: Sequence[str], labels: np.ndarray,
+                  classes: list[str]) -> DataBundle:
+    """``data.source: datafree``: the synthetic images (``files`` under ``folder``) for training, the real
+    validation images of ``data.root`` for evaluation (else the synthetic images, which say nothing about real
+    ones: warned)."""
+    train = Split(name="synthetic", classes=classes, labels=np.asarray(labels, dtype=np.int64),
+                  paths=[folder / f for f in files])
+    train = verify_and_cache(train, cfg.cache, max_side=training_side(cfg))
+    val, test = real_evaluation_splits(cfg, seed)
+    if val is not None and val.classes != classes:
+        raise DataError(f"data.source: datafree: the class folders of '{cfg.root}/{cfg.val_dir}' ({val.classes}) "
+                        f"differ from the synthetic set's classes ({classes})")
+    if val is None:
+        log.warning("data.source: datafree without data.root: validating on the synthetic images, which says "
+                    "nothing about real ones; give real validation images with data.root (a folder with %s/)",
+                    cfg.val_dir)
+        val = Split(name="synthetic", classes=classes, labels=train.labels, paths=list(train.paths),
+                    images=None)
+        val = verify_and_cache(val, cfg.cache, prepared=eval_spec(cfg))
+    return DataBundle(train, val, test, source=f"synthetic ({folder})")
+
+
+def load_data(cfg: DataConfig, seed: int = 0, task: str = "classification") -> DataBundle:
+    if task == "regression":
+        bundle = load_regression_folder(cfg, seed)
+        log.info("data %s (regression, targets %s): %d train / %d val images", bundle.source, bundle.classes,
+                 len(bundle.train), len(bundle.val))
+        return bundle
+    if cfg.source == "datafree":
+        raise DataError("data.source: datafree: the training images are synthesized by `edgedistill datafree "
+                        "RECIPE` (the stages load them from the run folder)")
     loaders: dict[str, Callable[[], DataBundle]] = {
         "folder": lambda: load_folder(cfg, seed),
         "digits": lambda: load_digits_source(cfg),
@@ -498,7 +653,7 @@ class TrainDataset(Dataset):
         self._py.seed(epoch_seed * 2**32 + index)
         image = to_three_channels(self.split.load(index))
         out = self.transform(image=image)["image"]
-        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))), int(self.split.labels[index])
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))), item_label(self.split, index)
 
 
 class EvalDataset(Dataset):
@@ -512,7 +667,7 @@ class EvalDataset(Dataset):
     def __getitem__(self, index: int):
         image = self.split.load(index)
         crop = image if self.split.prepared == self.spec else geometric(image, self.spec)
-        return torch.from_numpy(normalize(crop[None], self.spec)[0]), int(self.split.labels[index])
+        return torch.from_numpy(normalize(crop[None], self.spec)[0]), item_label(self.split, index)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -552,14 +707,16 @@ class EpochBatchSampler(Sampler):
 
 def resolve_workers(cfg: DataConfig, processes_here: int = 1) -> int:
     """``data.workers``: a number, or auto = the cores this process may use, shared by the processes on this
-    machine, less one for the training process itself (at most 8)."""
+    machine, less one for the training process itself (at most 8); none with 2 cores or fewer per process, where
+    a worker slows training down (benchmarks/results/train_speed.md: 0.77x vs 0.83x of the plain loop)."""
     if cfg.workers != "auto":
         return int(cfg.workers)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(0, min(8, cores // max(1, processes_here) - 1))
+    share = cores // max(1, processes_here)
+    return 0 if share <= 2 else min(8, share - 1)
 
 
 def batch_sizes(cfg: DataConfig, world: int = 1) -> tuple[int, int]:

@@ -103,6 +103,24 @@ def classification_report(pred: Prediction, classes: list[str]) -> dict[str, Any
     }
 
 
+def regression_report(pred: Prediction, scaling) -> dict[str, Any]:
+    """Per target and averaged over targets: MAE and RMSE in target units, R^2 (``scaling``: data.TargetScaling,
+    which turns the model's standardized outputs back into target units)."""
+    from edgerun.regression import summarize
+
+    target = scaling.restore(pred.labels)
+    metrics = summarize(scaling.restore(pred.logits), target, scaling.names)
+    return {"task": "regression", "samples": int(len(target)), **metrics, "score": metrics["r2"]}
+
+
+def regression_markdown(title: str, report: dict[str, Any]) -> str:
+    lines = [f"# {title}", "", f"- images: {report['samples']}", f"- MAE {report['mae']:.4g}, RMSE "
+             f"{report['rmse']:.4g}, R² {report['r2']:.4f} (mean over targets)", "", "| target | MAE | RMSE | R² |",
+             "|---|---|---|---|"]
+    lines += [f"| {name} | {m['mae']:.4g} | {m['rmse']:.4g} | {m['r2']:.4f} |" for name, m in report["per_target"].items()]
+    return "\n".join(lines) + "\n"
+
+
 def report_markdown(title: str, report: dict[str, Any], classes: list[str]) -> str:
     lines = [f"# {title}", "", f"- top-1: **{report['top1'] * 100:.2f}%** on {report['samples']} images",
              f"- expected calibration error (15 bins): {report['ece']:.4f}", "", "| class | accuracy |", "|---|---|"]

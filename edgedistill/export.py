@@ -106,12 +106,13 @@ def _torch_logits(model: nn.Module, batches: np.ndarray) -> np.ndarray:
                            for i in range(0, len(batches), 64)])
 
 
-def parity(model: nn.Module, path: Path, batches: np.ndarray, cfg: ExportConfig) -> dict[str, Any]:
-    """ONNX Runtime vs PyTorch on the same preprocessed held-out images."""
+def parity(model: nn.Module, path: Path, batches: np.ndarray, cfg: ExportConfig,
+           classification: bool = True) -> dict[str, Any]:
+    """ONNX Runtime vs PyTorch on the same preprocessed held-out images (top-1 agreement: classification only)."""
     ref = _torch_logits(model, batches)
     got = _ort_logits(path, batches, cfg.batch, cfg.dynamic_batch)
     result = {"samples": int(len(batches)), "max_abs_error": float(np.abs(ref - got).max()),
-              "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean())}
+              "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()) if classification else 1.0}
     if result["max_abs_error"] > cfg.parity_atol or result["top1_agreement"] < cfg.parity_min_agreement:
         raise ExportError(f"ONNX Runtime disagrees with PyTorch on {result['samples']} held-out images: max abs "
                           f"error {result['max_abs_error']:.2e} (tolerance export.parity_atol = {cfg.parity_atol}), "
@@ -179,15 +180,27 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, cfg: Expor
             leftover.unlink()
 
 
-def accuracy(path: Path, batches: np.ndarray, labels: np.ndarray, cfg: ExportConfig) -> float:
-    logits = _ort_logits(path, batches, cfg.batch, cfg.dynamic_batch)
-    return float((logits.argmax(1) == labels).mean())
+def quality(path: Path, batches: np.ndarray, labels: np.ndarray, cfg: ExportConfig,
+            targets: Optional[dict] = None) -> dict[str, float]:
+    """The ONNX model's quality on held-out images: ``top1``; or, with regression ``targets`` (labels in target
+    units), ``r2`` and ``mae``. ``score`` is the one compared across variants."""
+    outputs = _ort_logits(path, batches, cfg.batch, cfg.dynamic_batch)
+    if targets is None:
+        top1 = float((outputs.argmax(1) == labels).mean())
+        return {"top1": top1, "score": top1}
+    from edgerun.regression import restore, summarize
+
+    got = summarize(restore(targets, outputs), np.asarray(labels, dtype=np.float64), targets["names"])
+    return {"r2": got["r2"], "mae": got["mae"], "score": got["r2"]}
 
 
 def build_bundle(*, model: nn.Module, out_dir: Path, name: str, classes: list[str], train: Split, val: Split,
                  data_cfg, cfg: ExportConfig, seed: int, checkpoint: Path, source: dict[str, Any],
-                 host_metrics: dict[str, Any], recipe_yaml: str, teacher: Optional[nn.Module] = None) -> dict:
-    """Write a verified bundle folder at ``out_dir`` and return its manifest dictionary."""
+                 host_metrics: dict[str, Any], recipe_yaml: str, teacher: Optional[nn.Module] = None,
+                 targets: Optional[dict] = None) -> dict:
+    """Write a verified bundle folder at ``out_dir`` and return its manifest dictionary. ``targets`` (regression:
+    {names, mean, std}) makes a regression bundle: val.npz holds target values in target units, the manifest
+    carries the scaling, INT8 is judged by its R² drop."""
     target = get_target(cfg.target)
     opset = cfg.opset or target["max_opset"]
     if opset > target["max_opset"]:
@@ -218,8 +231,12 @@ def build_bundle(*, model: nn.Module, out_dir: Path, name: str, classes: list[st
         val_idx = _pick(len(val), max(cfg.val_samples, cfg.parity_samples), seed)
         val_raw = raw_validation_images(val, val_idx, spec)
         val_labels = val.labels[val_idx]
+        if targets is not None:  # the device compares against target units
+            from edgerun.regression import restore
+
+            val_labels = restore(targets, val_labels).astype(np.float32)
         val_batches = preprocess(val_raw, spec)
-        par = parity(model, onnx_path, val_batches[:cfg.parity_samples], cfg)
+        par = parity(model, onnx_path, val_batches[:cfg.parity_samples], cfg, classification=targets is None)
         log.info("parity: max abs error %.2e, top-1 agreement %.4f on %d images", par["max_abs_error"],
                  par["top1_agreement"], par["samples"])
         np.savez_compressed(tmp / VAL_FILE, images=val_raw[:cfg.val_samples], labels=val_labels[:cfg.val_samples])
@@ -227,9 +244,11 @@ def build_bundle(*, model: nn.Module, out_dir: Path, name: str, classes: list[st
         calib = preprocess([train.load(int(i)) for i in calib_idx], spec)
         np.save(tmp / CALIB_FILE, calib)
 
-        fp32_top1 = accuracy(onnx_path, val_batches[:cfg.val_samples], val_labels[:cfg.val_samples], cfg)
+        held_out = (val_batches[:cfg.val_samples], val_labels[:cfg.val_samples], cfg, targets)
+        fp32 = quality(onnx_path, *held_out)
+        fp32_score = fp32["score"]
         variants: dict[str, Any] = {}
-        int8_metrics: dict[str, Any] = {"fp32_top1": fp32_top1}
+        int8_metrics: dict[str, Any] = {f"fp32_{k}": v for k, v in fp32.items() if k != "score"}
         if cfg.int8:
             kinds = [("int8", "model.int8.onnx", False)]
             if uses_explicit_quantization(target):
@@ -237,15 +256,17 @@ def build_bundle(*, model: nn.Module, out_dir: Path, name: str, classes: list[st
             for key, file, symmetric in kinds:
                 path = tmp / file
                 quantize_int8(onnx_path, path, calib, cfg, symmetric)
-                top1 = accuracy(path, val_batches[:cfg.val_samples], val_labels[:cfg.val_samples], cfg)
-                drop = fp32_top1 - top1
+                got = quality(path, *held_out)
+                drop = fp32_score - got["score"]
                 status = "accepted" if drop <= cfg.int8_max_drop else "rejected"
+                measured = {k: v for k, v in got.items() if k != "score"}
                 variants[key] = {"file": file, "precision": "int8", "format": "qdq", "symmetric": symmetric,
-                                 "calibration": cfg.int8_method, "top1": top1, "drop": drop, "status": status,
+                                 "calibration": cfg.int8_method, **measured, "drop": drop, "status": status,
                                  "for": "tensorrt-explicit-quantization" if symmetric else "onnxruntime"}
-                int8_metrics[key] = {"top1": top1, "drop": drop, "status": status}
-                log.info("%s: top-1 %.2f%% vs FP32 %.2f%% (drop %.2f points, limit %.2f): %s", file, top1 * 100,
-                         fp32_top1 * 100, drop * 100, cfg.int8_max_drop * 100, status)
+                int8_metrics[key] = {**measured, "drop": drop, "status": status}
+                log.info("%s: %s %.4f vs FP32 %.4f (drop %.4f, limit %.4f): %s", file,
+                         "R²" if targets is not None else "top-1", got["score"], fp32_score, drop, cfg.int8_max_drop,
+                         status)
         if teacher is not None:
             export_onnx(teacher, tmp / "teacher.onnx", shape, opset, cfg.dynamic_batch)
             check_operators(onnx.load(str(tmp / "teacher.onnx")), target, opset)
@@ -258,6 +279,7 @@ def build_bundle(*, model: nn.Module, out_dir: Path, name: str, classes: list[st
             "name": name,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "classes": list(classes),
+            **({"task": "regression", "targets": dict(targets)} if targets is not None else {}),
             "model": {"file": MODEL_FILE, "input_name": INPUT_NAME, "input_shape": list(shape),
                       "output_name": OUTPUT_NAME, "output_shape": [cfg.batch, len(classes)], "layout": "NCHW",
                       "dtype": "float32", "opset": opset, "simplified": bool(simplified),
@@ -269,7 +291,8 @@ def build_bundle(*, model: nn.Module, out_dir: Path, name: str, classes: list[st
             "samples": {"calib": {"file": CALIB_FILE, "count": int(len(calib)), "split": train.name,
                                   "format": "float32 model input (preprocessed)"},
                         "val": {"file": VAL_FILE, "count": int(min(cfg.val_samples, len(val_raw))),
-                                "split": val.name, "format": "raw uint8 RGB images + int64 labels"}},
+                                "split": val.name, "format": "raw uint8 RGB images + " + (
+                                    "float targets in target units" if targets is not None else "int64 labels")}},
             "variants": variants,
             "metrics": {"host": host_metrics, "parity": par, "int8": int8_metrics},
             "source": dict(source, checkpoint_sha256=sha256_file(str(checkpoint))),

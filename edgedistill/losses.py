@@ -12,6 +12,10 @@
 - ``attention_loss``: Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017
   (arXiv:1612.03928): distance between the L2-normalised spatial attention maps (channel mean of the
   squared activations) of student and teacher; needs no projection, since channels are averaged away.
+- ``regression_distillation_loss``: for regression targets the student learns the teacher's predictions
+  directly (Hinton et al.'s "matching logits" limit; for regression, e.g. Saputra et al., "Distilling
+  Knowledge From a Deep Pose Regressor Network", ICCV 2019, arXiv:1908.00858):
+  ``alpha * MSE(student, teacher) + (1 - alpha) * loss(student, y)``, loss being MSE or Huber.
 
 The teacher's logits are detached inside these functions: no gradient ever reaches the teacher.
 """
@@ -144,3 +148,19 @@ def attention_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor,
     maps, the form of the authors' code (their weight beta = 1e3 multiplies it). Channel counts may differ."""
     s, t = _same_size(student_feature, teacher_feature.detach())
     return (attention_map(s, p) - attention_map(t, p)).pow(2).mean()
+
+
+def regression_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """MSE, or Huber (delta 1, on standardized targets: quadratic within one standard deviation)."""
+    if kind == "huber":
+        return F.huber_loss(prediction, target, delta=1.0)
+    return F.mse_loss(prediction, target)
+
+
+def regression_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, alpha: float,
+                                 kind: str = "mse") -> DistillLoss:
+    """``alpha * MSE(student, teacher) + (1 - alpha) * loss(student, y)`` on standardized targets; the second term
+    is returned as ``ce`` (the task term) so both are logged apart."""
+    kd = F.mse_loss(student, teacher.detach())
+    task = regression_loss(student, target, kind)
+    return DistillLoss(alpha * kd + (1 - alpha) * task, kd, task)

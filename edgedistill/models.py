@@ -109,3 +109,16 @@ def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     if cfg.pretrained_path:
         load_weights(model, cfg.pretrained_path)
     return model
+
+
+def zero_head(model: nn.Module) -> None:
+    """Regression: start by predicting the training mean (0 on standardized targets) with the final linear layer
+    at zero, so the first losses are about 1 whatever the backbone's output scale (a MobileNetV3's un-normalized
+    head otherwise starts tens of standard deviations off and diverges)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Linear):
+        raise RecipeError(f"task: regression needs a model whose output layer is linear; {type(model).__name__}'s is "
+                          f"{type(head).__name__} (SqueezeNet's ends in a ReLU, which cannot go below zero)")
+    nn.init.zeros_(head.weight)
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)

@@ -37,7 +37,9 @@ class AugmentConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    source: Literal["folder", "digits", "idx"] = "folder"
+    source: Literal["folder", "digits", "idx", "datafree"] = Field(
+        "folder", description="datafree: training images synthesized from the teacher (see the datafree section); "
+                              "data.root then only gives real validation images, if any")
     root: Optional[str] = Field(None, description="image folder, or a .tar/.tar.gz of one, or the IDX folder")
     train_dir: str = "train"
     val_dir: str = "val"
@@ -73,6 +75,7 @@ class ModelConfig(_Strict):
     warmup_epochs: float = Field(1.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     drop_rate: float = Field(0.0, ge=0, lt=1)
+    loss: Literal["mse", "huber"] = Field("mse", description="task: regression: the loss against the targets")
     grad_clip: Optional[float] = Field(5.0, gt=0)
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm create_model kwargs")
     val_every: int = Field(1, ge=1, description="validate (and write the resumable checkpoint) every N epochs and "
@@ -156,6 +159,30 @@ class DistillConfig(_Strict):
         return self
 
 
+class DataFreeConfig(_Strict):
+    """DeepInversion (Yin et al., CVPR 2020): how ``data.source: datafree`` synthesizes its training images."""
+
+    images_per_class: int = Field(50, ge=1)
+    batch_size: int = Field(100, ge=1, description="images optimized together (BatchNorm statistics are per batch)")
+    steps: int = Field(2000, ge=1, description="optimizer steps per batch (the paper: 2,000)")
+    lr: float = Field(0.1, gt=0, description="Adam learning rate on the pixels, cosine-decayed")
+    bn_weight: float = Field(0.1, ge=0, description="weight of the BatchNorm-statistics term (a sum of L2 distances "
+                                                    "over every BatchNorm layer)")
+    first_bn_multiplier: float = Field(1.0, ge=0, description="extra weight of the first BatchNorm layer")
+    tv_l1: float = Field(0.0, ge=0, description="total variation (L1) prior")
+    tv_l2: float = Field(0.05, ge=0, description="total variation (L2) prior: L2 norms of neighbour differences over "
+                                                 "the batch")
+    l2: float = Field(0.0, ge=0, description="L2 norm prior on the pixels")
+    jitter: int = Field(2, ge=0, description="random shift in pixels between steps")
+    flip: bool = True
+    competition: float = Field(0.0, ge=0, description="Adaptive DeepInversion: weight of 1 - JS(teacher, student), "
+                                                      "with the student as it stands at synthesis time")
+    classes: Optional[list[str]] = Field(None, description="class names when no real validation folder gives them "
+                                         "(default: the teacher checkpoint's)")
+    compare_run: Optional[str] = Field(None, description="a data-driven run of the same teacher and student, shown "
+                                       "next to this one in the summary")
+
+
 class SelfDistillConfig(_Strict):
     generations: int = Field(0, ge=0, le=20, description="born-again networks (Furlanello et al. 2018): the "
                              "trained student teaches a fresh copy of itself this many times")
@@ -228,7 +255,7 @@ class TrainConfig(_Strict):
 
 # Top-level sections added after the first release: at their defaults they stay out of stage fingerprints, so
 # finished stages of older runs are not redone.
-LATER_SECTIONS = ("baseline", "train")
+LATER_SECTIONS = ("baseline", "train", "datafree", "task")
 # Keys that decide how fast a stage runs, never what it learns: outside every fingerprint.
 HARDWARE_KEYS = ("data.workers",)
 
@@ -238,6 +265,9 @@ class Recipe(_Strict):
     output: Optional[str] = Field(None, description="run folder; default runs/<name>")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    task: Literal["classification", "regression"] = Field(
+        "classification", description="regression: each split folder holds its images and a targets.csv "
+                                      "(file,target[,target2...]); models get a linear head per target")
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
@@ -246,10 +276,35 @@ class Recipe(_Strict):
                           "distilled into the student; for large teacher/student gaps")
     distill: DistillConfig = DistillConfig()
     self_distill: SelfDistillConfig = SelfDistillConfig()
+    datafree: DataFreeConfig = DataFreeConfig()
     baseline: BaselineConfig = BaselineConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
+
+    @model_validator(mode="after")
+    def _regression_uses_what_applies(self) -> "Recipe":
+        if self.task != "regression":
+            return self
+        if self.data.source != "folder":
+            raise ValueError("task: regression reads image folders with a targets.csv per split: set data.source: "
+                             "folder (digits, idx and datafree are classification sources)")
+        for key, value, ok in (("data.unlabeled", self.data.unlabeled, None), ("distill.method", self.distill.method,
+                               "kd"), ("distill.features", self.distill.features, "none"),
+                               ("distill.soft_labels", self.distill.soft_labels, "online")):
+            if value != ok:
+                raise ValueError(f"task: regression: {key} ({value}) applies to classification only; the student "
+                                 "learns the teacher's predictions with alpha * MSE(student, teacher) + (1 - alpha) * "
+                                 "loss(student, y); remove the key")
+        return self
+
+    @model_validator(mode="after")
+    def _datafree_needs_a_trained_teacher(self) -> "Recipe":
+        if self.data.source == "datafree" and (self.teacher.epochs or not (self.teacher.pretrained_path
+                                                                           or self.teacher.pretrained)):
+            raise ValueError("data.source: datafree has no real training images: give the trained teacher's weights "
+                             "(teacher.pretrained_path: FILE) and set teacher.epochs: 0")
+        return self
 
     @model_validator(mode="after")
     def _one_form_of_assistant(self) -> "Recipe":

@@ -69,14 +69,17 @@ def advice(summary: dict[str, Any], student_epochs: int) -> list[str]:
 
 
 def summary_rows(summary: dict[str, Any], batch: int) -> list[tuple[str, ...]]:
-    rows = [("model", "role", "top-1", "params", "size MB", "ORT b1 ms", f"ORT b{batch} ms", "PyTorch b1 ms")]
+    regression = summary.get("task") == "regression"
+    rows = [("model", "role", "MAE / R²" if regression else "top-1", "params", "size MB", "ORT b1 ms",
+             f"ORT b{batch} ms", "PyTorch b1 ms")]
     roles = ["teacher"] + [a["role"] for a in summary.get("chain", [])] + ["student", "baseline"]
     for role in roles:
         m = summary[role]
         label = {"student": "student (KD)"}.get(role, role)
         if role == "student" and summary.get("generations"):
             label = f"student (KD, generation {m['generation']})"
-        rows.append((m["model"], label, f"{m['top1'] * 100:.2f}%", f"{m['params'] / 1e6:.2f}M", f"{m['size_mb']:.2f}",
+        quality = f"{m['mae']:.4g} / {m['r2']:.3f}" if regression else f"{m['top1'] * 100:.2f}%"
+        rows.append((m["model"], label, quality, f"{m['params'] / 1e6:.2f}M", f"{m['size_mb']:.2f}",
                      f"{m['latency_ms_b1']:.2f}" if "latency_ms_b1" in m else "= student",
                      f"{m[f'latency_ms_b{batch}']:.2f}" if f"latency_ms_b{batch}" in m else "= student",
                      f"{m['torch_latency_ms_b1']:.2f}" if "torch_latency_ms_b1" in m else "= student"))
@@ -104,12 +107,32 @@ def payback_phrase(c: dict[str, Any]) -> str:
 def summary_facts(summary: dict[str, Any]) -> list[str]:
     """The sentences under the table, shared by summary.md and the console."""
     batch = summary["latency_batch"]
+    if summary.get("task") == "regression":
+        g_lo, g_hi = summary["intervals"]["kd_gain"]
+        facts = [f"retention (student R² / teacher R²): {summary['retention'] * 100:.1f}%",
+                 f"KD gain (baseline MAE − student MAE, target units): {summary['kd_gain']:+.4g} (95% bootstrap "
+                 f"interval {g_lo:+.4g} to {g_hi:+.4g})",
+                 "targets: " + ", ".join(f"{n} (train mean {m:.4g}, std {sd:.4g})" for n, m, sd in zip(
+                     summary["targets"]["names"], summary["targets"]["mean"], summary["targets"]["std"]))]
+        return facts + _speed_facts(summary, batch)
     r_lo, r_hi = (v * 100 for v in summary["intervals"]["retention"])
     g_lo, g_hi = (v * 100 for v in summary["intervals"]["kd_gain"])
     facts = [f"retention (student / teacher top-1): {summary['retention'] * 100:.1f}% (95% interval "
              f"{r_lo:.1f}-{r_hi:.1f}%)",
              f"KD gain (student − baseline): {summary['kd_gain'] * 100:+.2f} points (95% interval "
              f"{g_lo:+.2f} to {g_hi:+.2f}; McNemar p = {summary['significance']['p_value']:.3g})"]
+    free = summary.get("data_free")
+    if free:
+        facts.append(f"data-free: the student and the baseline trained on {free['synthetic_images']:,} images "
+                     f"synthesized from the teacher (DeepInversion; BN-statistics loss {free['bn_loss'][0]:.2f} -> "
+                     f"{free['bn_loss'][1]:.2f}, teacher confidence {free['teacher_confidence']:.2f}), no real "
+                     "training image; " + ("evaluated on real images" if free["real_evaluation"] else
+                                           "evaluated on the synthetic images only (no data.root): not a real accuracy"))
+        driven = free.get("data_driven")
+        if driven:
+            facts.append(f"data-driven run {driven['run']}: student {driven['student_top1'] * 100:.2f}%, baseline "
+                         f"{driven['baseline_top1'] * 100:.2f}% (this data-free student "
+                         f"{summary['student']['top1'] * 100:.2f}%)")
     if summary.get("unlabeled_images"):
         facts.append(f"unlabeled images labelled by the teacher and used in distillation: "
                      f"{summary['unlabeled_images']:,} (the baseline never saw them)")
@@ -122,12 +145,21 @@ def summary_facts(summary: dict[str, Any]) -> list[str]:
     for gen in summary.get("generations", []):
         facts.append(f"born-again generation {gen['generation']}: {gen['top1'] * 100:.2f}% "
                      f"(validation {gen['val_top1'] * 100:.2f}%)" + (" <- kept as the student" if gen["kept"] else ""))
-    facts += [f"parameters: {summary['param_reduction']:.1f}x fewer; weights: {summary['size_reduction']:.1f}x smaller",
-              f"host speedup (teacher / student latency): {summary['speedup']:.2f}x at batch 1, "
-              f"{summary[f'speedup_b{batch}']:.2f}x at batch {batch} "
-              f"({summary['host'].get('runtime', 'PyTorch')}, {summary['host']['threads']} threads"
-              + (f"; PyTorch eager {summary['speedup_torch']:.2f}x at batch 1" if summary.get("speedup_torch") else "")
-              + ")"]
+    facts += _speed_facts(summary, batch)
+    if summary.get("advice"):
+        facts.append("retention is under 90%; the method's remedies, as recipe lines: "
+                     + "; ".join(summary["advice"]))
+    return facts
+
+
+def _speed_facts(summary: dict[str, Any], batch: int) -> list[str]:
+    """Size, host speed, the device estimate and cost: the same sentences for every task."""
+    facts = [f"parameters: {summary['param_reduction']:.1f}x fewer; weights: {summary['size_reduction']:.1f}x smaller",
+             f"host speedup (teacher / student latency): {summary['speedup']:.2f}x at batch 1, "
+             f"{summary[f'speedup_b{batch}']:.2f}x at batch {batch} "
+             f"({summary['host'].get('runtime', 'PyTorch')}, {summary['host']['threads']} threads"
+             + (f"; PyTorch eager {summary['speedup_torch']:.2f}x at batch 1" if summary.get("speedup_torch") else "")
+             + ")"]
     est = summary.get("device_estimate")
     if est:
         facts.append(f"ESTIMATED on {est['device']} ({est['precision'].upper()}, {est['image_size']} px, "
@@ -135,9 +167,6 @@ def summary_facts(summary: dict[str, Any]) -> list[str]:
                      f"{est['student']['est_fps']:.0f} FPS; measure with `edgerun bench`")
     if summary.get("cost"):
         facts.append(cost_line(summary["cost"]))
-    if summary.get("advice"):
-        facts.append("retention is under 90%; the method's remedies, as recipe lines: "
-                     + "; ".join(summary["advice"]))
     return facts
 
 
@@ -244,11 +273,17 @@ def _figures(info: dict[str, Any]) -> dict[str, bytes]:
             if any("ce" in r for r in rows):
                 axes[1].plot([r["epoch"] + 1 for r in rows], [r.get("ce", r.get("loss")) for r in rows], marker="o",
                              label=name)
-            validated = [r for r in rows if r.get("val_top1") is not None]
-            axes[2].plot([r["epoch"] + 1 for r in validated], [100 * r["val_top1"] for r in validated], marker="o",
+            regression = s.get("task") == "regression"
+            key, scale = ("val_r2", 1) if regression else ("val_top1", 100)
+            validated = [r for r in rows if r.get(key) is not None]
+            axes[2].plot([r["epoch"] + 1 for r in validated], [scale * r[key] for r in validated], marker="o",
                          label=name)
-        axes[1].set(title="CE loss (hard labels)", xlabel="epoch")
-        axes[2].set(title="validation top-1 (%)", xlabel="epoch")
+        regression = s.get("task") == "regression"
+        if regression:
+            axes[0].set(title="KD loss (MSE to the teacher's predictions)", xlabel="epoch")
+        axes[1].set(title="task loss (MSE/Huber to the targets)" if regression else "CE loss (hard labels)",
+                    xlabel="epoch")
+        axes[2].set(title="validation R²" if regression else "validation top-1 (%)", xlabel="epoch")
         for ax in axes:
             if ax.lines:
                 ax.legend(fontsize=8)
@@ -276,7 +311,7 @@ def _figures(info: dict[str, Any]) -> dict[str, bytes]:
         save("teacher validation: confusion matrix and calibration", fig)
     per_class = {role: info["reports"].get(folder) for role, folder in (("teacher", "teacher"), ("student", "student"),
                                                                         ("baseline", "baseline"))}
-    if all(per_class.values()) and classes:
+    if all(per_class.values()) and classes and s.get("task") != "regression":
         fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(classes) + 3), 3.6))
         x = np.arange(len(classes))
         for i, (role, rep) in enumerate(per_class.items()):
@@ -320,6 +355,8 @@ def _figures(info: dict[str, Any]) -> dict[str, bytes]:
 
 def tradeoff_points(info: dict[str, Any]) -> list[dict[str, Any]]:
     s = info["summary"]
+    if s.get("task") == "regression":
+        return []  # accuracy against latency and size: a classification plot
     roles = ["teacher"] + [a["role"] for a in s.get("chain", [])] + ["student", "baseline"]
     points = []
     for role in roles:
@@ -376,6 +413,11 @@ def report_sections(info: dict[str, Any]) -> list[tuple[str, list[str]]]:
     out.append(("Teacher, student and baseline", _md_table(rows[0], rows[1:]) + [""]
                 + [f"- {fact}" for fact in summary_facts(s)] + ["", f"**Verdict:** {s['verdict']}"]))
     teacher = info["reports"].get("teacher")
+    if s.get("task") == "regression":
+        rows_t = [(name, *(f"{s[r]['per_target'][name]['mae']:.4g} / {s[r]['per_target'][name]['r2']:.3f}"
+                           for r in ("teacher", "student", "baseline"))) for name in s["targets"]["names"]]
+        out.append(("Per target (MAE / R²)", _md_table(["target", "teacher", "student", "baseline"], rows_t)))
+        teacher = None  # per-class accuracy and calibration are classification facts
     if teacher:
         per_class = [(c, "-" if v is None else f"{100 * v:.1f}%") for c, v in teacher["per_class"].items()]
         out.append(("Teacher validation", [f"top-1 {100 * teacher['top1']:.2f}% on {teacher['samples']} images; "
@@ -386,11 +428,17 @@ def report_sections(info: dict[str, Any]) -> list[tuple[str, list[str]]]:
         metrics = manifest.get("metrics") or {}
         int8, parity = metrics.get("int8") or {}, metrics.get("parity") or {}
         lines = []
+        regression = manifest.get("task") == "regression"
         if parity:
             lines.append(f"- ONNX Runtime vs PyTorch on {parity.get('samples')} held-out images: max abs error "
-                         f"{parity.get('max_abs_error', float('nan')):.2e}, top-1 agreement "
-                         f"{100 * parity.get('top1_agreement', 0):.2f}%")
-        if int8.get("int8"):
+                         f"{parity.get('max_abs_error', float('nan')):.2e}" + ("" if regression else
+                                                                              f", top-1 agreement "
+                                                                              f"{100 * parity.get('top1_agreement', 0):.2f}%"))
+        if int8.get("int8") and regression:
+            lines.append(f"- host INT8 (ONNX Runtime, QDQ): R² {int8['int8']['r2']:.4f}, MAE {int8['int8']['mae']:.4g} vs "
+                         f"FP32 R² {int8['fp32_r2']:.4f}, MAE {int8['fp32_mae']:.4g} (R² drop {int8['int8']['drop']:.4f}, "
+                         f"{int8['int8']['status']})")
+        elif int8.get("int8"):
             lines.append(f"- host INT8 (ONNX Runtime, QDQ): top-1 {100 * int8['int8']['top1']:.2f}% vs FP32 "
                          f"{100 * int8['fp32_top1']:.2f}% (drop {100 * int8['int8']['drop']:.2f} points, "
                          f"{int8['int8']['status']})")
@@ -495,8 +543,28 @@ def write_report(run_dir, measured: Sequence[str] = ()) -> tuple[Any, Any]:
 
 
 def compare_text(summaries: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
-    """Runs of one recipe side by side (seeds): top-1s, retention, KD gain, p; then mean ± std over the runs."""
+    """Runs of one recipe side by side (seeds): top-1s, retention, KD gain, p; then mean ± std over the runs
+    (regression runs: R², retention of R², KD gain in MAE)."""
     import statistics
+
+    from .errors import EdgedistillError
+
+    tasks = {s.get("task", "classification") for s in summaries}
+    if len(tasks) > 1:
+        raise EdgedistillError("compare: these runs mix classification and regression summaries; compare runs of "
+                               "one recipe")
+    if tasks == {"regression"}:
+        lines = [f"{'run':28} {'seed':>4} {'teacher R2':>10} {'student R2':>10} {'baseline R2':>11} {'retention':>9} "
+                 f"{'MAE gain':>9}"]
+        for name, s in zip(names, summaries):
+            lines.append(f"{name[-28:]:28} {s.get('seed', '-')!s:>4} {s['teacher']['r2']:10.4f} "
+                         f"{s['student']['r2']:10.4f} {s['baseline']['r2']:11.4f} {100 * s['retention']:8.1f}% "
+                         f"{s['kd_gain']:+9.4g}")
+        gains = [s["kd_gain"] for s in summaries]
+        lines += ["", f"mean over {len(summaries)} run(s): retention "
+                      f"{statistics.mean(100 * s['retention'] for s in summaries):.1f}%, KD gain (baseline MAE - "
+                      f"student MAE) {statistics.mean(gains):+.4g}"]
+        return "\n".join(lines)
 
     header = f"{'run':28} {'seed':>4} {'teacher':>8} {'student':>8} {'baseline':>8} {'retention':>9} {'KD gain':>8} " \
              f"{'p':>8}"

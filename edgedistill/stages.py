@@ -17,18 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import distributed
 from .checkpoint import atomic_write_text, load_model, save_model
-from .data import DataBundle, Split, eval_loader, load_data, load_unlabeled, training_side, with_unlabeled
+from .data import (DataBundle, Split, eval_loader, load_data, load_datafree, load_unlabeled, training_side,
+                   with_unlabeled)
 from .errors import StageMissingError, TeacherTooWeakError
 from .cost import cost_comparison
 from .evaluate import (bootstrap_intervals, classification_report, images_to_resolve, mcnemar_exact, measure_latency,
-                       measure_ort_latency, predict, report_markdown)
+                       measure_ort_latency, predict, regression_markdown, regression_report, report_markdown)
 from .features import FeatureMatcher, mapping_lines, resolve_pairs
-from .models import count_params, create_model, weight_bytes
+from .models import count_params, create_model, weight_bytes, zero_head
 from .planner import recipe_estimate
 from .recipe import ModelConfig, Recipe
 from .report import advice, summary_markdown, verdict
@@ -39,12 +41,13 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.safetensors"
 FEATURE_MAP_FILE = "feature_map.json"
 UNLABELED_KEY = ("data.unlabeled",)  # the teacher and the baseline never see unlabeled images
-TEACHER_SECTIONS = ("seed", "data", "teacher", "train")
-ASSISTANT_SECTIONS = ("seed", "data", "teacher", "assistant", "distill", "train")
-STUDENT_SECTIONS = ("seed", "data", "teacher", "assistant", "student", "distill", "train")
-BASELINE_SECTIONS = ("seed", "data", "student", "baseline", "train")
-# What the evaluate and export stages depend on (top-level recipe sections).
+TEACHER_SECTIONS = ("seed", "task", "data", "teacher", "train", "datafree")
+ASSISTANT_SECTIONS = ("seed", "task", "data", "teacher", "assistant", "distill", "train", "datafree")
+STUDENT_SECTIONS = ("seed", "task", "data", "teacher", "assistant", "student", "distill", "train", "datafree")
+BASELINE_SECTIONS = ("seed", "task", "data", "student", "baseline", "train", "datafree")
+# What the datafree, evaluate and export stages depend on (top-level recipe sections).
 DEPENDS_ON = {
+    "datafree": ("seed", "task", "data", "teacher", "datafree"),
     "evaluate": STUDENT_SECTIONS + ("self_distill", "evaluate"),
     "export": STUDENT_SECTIONS + ("self_distill", "export"),
 }
@@ -115,12 +118,15 @@ class RunContext:
         self.steps = plan_steps(recipe)
         self._data: Optional[DataBundle] = None
         self._unlabeled: Optional[Split] = None
+        self._classes: Optional[list[str]] = None  # data.source: datafree, before the synthetic set exists
         if distributed.world().is_main:
             atomic_write_text(self.run_dir / "recipe.yaml", recipe.to_yaml())
 
     def load_data_in_turn(self) -> None:
         """Under torchrun: rank 0 loads (and caches) the data first, then the others read its caches."""
         world = distributed.world()
+        if self.recipe.data.source == "datafree" and not self.is_done("datafree"):
+            return  # the synthetic set is made by rank 0 first
         for turn in (True, False):
             if world.is_main == turn:
                 _ = (self.data, self.unlabeled)  # loaded (and cached) here
@@ -139,8 +145,45 @@ class RunContext:
     @property
     def data(self) -> DataBundle:
         if self._data is None:
-            self._data = load_data(self.recipe.data, self.recipe.seed)
+            if self.recipe.data.source == "datafree":
+                self._data = self._synthetic_data()
+            else:
+                self._data = load_data(self.recipe.data, self.recipe.seed, self.recipe.task)
         return self._data
+
+    def _synthetic_data(self) -> DataBundle:
+        from .datafree import SyntheticSet
+
+        folder = self.stage_dir("datafree")
+        if not self.is_done("datafree"):
+            raise StageMissingError(f"data.source: datafree: the synthetic training set of this recipe is not in "
+                                    f"'{folder}' yet: run `edgedistill datafree RECIPE` (or `edgedistill run`) first")
+        synthetic = SyntheticSet.load(folder)
+        return load_datafree(self.recipe.data, self.recipe.seed, folder, synthetic.files, synthetic.labels,
+                             self.datafree_classes())
+
+    def datafree_classes(self) -> list[str]:
+        """The classes a data-free run synthesizes: the real validation folder's, else datafree.classes, else
+        the teacher checkpoint's."""
+        from .checkpoint import read_metadata
+        from .data import real_evaluation_splits
+
+        if self._classes is not None:
+            return self._classes
+        recipe = self.recipe
+        path = recipe.teacher.pretrained_path
+        if recipe.data.root:
+            classes = real_evaluation_splits(recipe.data, recipe.seed)[0].classes
+        elif recipe.datafree.classes:
+            classes = list(recipe.datafree.classes)
+        else:
+            classes = read_metadata(Path(path)).get("classes") if path and str(path).endswith(".safetensors") else None
+        if not classes:
+            raise StageMissingError("data.source: datafree needs the class names: give real validation images "
+                                    "(data.root), list them in datafree.classes, or use a teacher checkpoint written "
+                                    "by edgedistill (it records them)")
+        self._classes = list(classes)
+        return self._classes
 
     @property
     def unlabeled(self) -> Optional[Split]:
@@ -165,7 +208,7 @@ class RunContext:
     def stage_dir(self, key: str) -> Path:
         if key in self.steps:
             return self.run_dir / self.steps[key].folder
-        return self.run_dir / {"evaluate": ".", "export": "bundle"}.get(key, key)
+        return self.run_dir / {"evaluate": ".", "export": "bundle"}.get(key, key)  # datafree: datafree/
 
     def fingerprint(self, key: str) -> str:
         if key in self.steps:
@@ -215,7 +258,10 @@ class RunContext:
     def new_model(self, key: str) -> nn.Module:
         step = self.steps[key]
         torch.manual_seed(self.recipe.seed + step.seed_offset)  # the student and its baseline: same weights
-        return create_model(step.cfg, num_classes=len(self.data.classes))
+        model = create_model(step.cfg, num_classes=len(self.data.classes))
+        if self.recipe.task == "regression" and not step.cfg.pretrained_path:
+            zero_head(model)
+        return model
 
     def trained_model(self, key: str, needed_by: str = "this stage") -> nn.Module:
         """The model a finished step saved (its initial weights are not fetched again)."""
@@ -231,16 +277,24 @@ class RunContext:
         top-1; the earlier one on a tie."""
         self.require("distill", "choosing the student")
         keys = ["distill"] + [k for k in self.generation_keys() if self.is_done(k)]
-        scores = [self.done_record(k)["top1"] for k in keys]
+        scores = [self.done_record(k).get("score", self.done_record(k).get("top1")) for k in keys]
         return keys[scores.index(max(scores))]  # the first of equals: fewer generations
 
 
 def _validate_and_report(ctx: RunContext, key: str, model: nn.Module, title: str) -> dict[str, Any]:
+    """The step's validation report; ``report["score"]`` decides between steps (top-1, or R^2 for regression)."""
     data = ctx.data
     pred = predict(model.to(ctx.device), eval_loader(data.val, ctx.recipe.data), ctx.device)
-    report = classification_report(pred, data.classes)
-    report["skipped_images"] = {"train": data.train.skipped, "val": data.val.skipped}
     folder = ctx.stage_dir(key)
+    if ctx.recipe.task == "regression":
+        report = regression_report(pred, data.scaling)
+        report["skipped_images"] = {"train": data.train.skipped, "val": data.val.skipped}
+        atomic_write_text(folder / "report.json", json.dumps(report, indent=2))
+        atomic_write_text(folder / "report.md", regression_markdown(title, report))
+        return report
+    report = classification_report(pred, data.classes)
+    report["score"] = report["top1"]
+    report["skipped_images"] = {"train": data.train.skipped, "val": data.val.skipped}
     atomic_write_text(folder / "report.json", json.dumps(report, indent=2))
     atomic_write_text(folder / "report.md", report_markdown(title, report, data.classes))
     return report
@@ -310,7 +364,8 @@ def train_step(ctx: RunContext, key: str) -> dict[str, Any]:
     if cfg.epochs:
         teaching = _teaching(ctx, step, model, train) if step.teacher is not None else None
         train_model(model, train, ctx.data.val, ctx.recipe.data, cfg, folder, ctx.recipe.seed + step.seed_offset,
-                    ctx.fingerprint(key), ctx.device, label=key, teaching=teaching, hardware=ctx.recipe.train)
+                    ctx.fingerprint(key), ctx.device, label=key, teaching=teaching, hardware=ctx.recipe.train,
+                    task=ctx.recipe.task)
     elif not step.cfg.pretrained_path and not step.cfg.pretrained:
         log.warning("%s: %s.epochs is 0 and no weights are given: the model stays untrained", key, step.role)
     if not distributed.world().is_main:  # rank 0 saves, validates and marks the step done
@@ -321,17 +376,61 @@ def train_step(ctx: RunContext, key: str) -> dict[str, Any]:
     outputs = [MODEL_FILE, "report.json", "report.md"]
     if (folder / FEATURE_MAP_FILE).exists():
         outputs.append(FEATURE_MAP_FILE)
-    ctx.mark_done(key, outputs, {"top1": report["top1"], "model": step.cfg.model, "teacher": step.teacher, **extra})
-    log.info("%s: %s top-1 %.2f%% on %d validation images", key, step.cfg.model, report["top1"] * 100,
-             report["samples"])
+    scores = ({"r2": report["r2"], "mae": report["mae"]} if ctx.recipe.task == "regression"
+              else {"top1": report["top1"]})
+    ctx.mark_done(key, outputs, {**scores, "score": report["score"], "model": step.cfg.model, "teacher": step.teacher,
+                                 **extra})
+    if ctx.recipe.task == "regression":
+        log.info("%s: %s MAE %.4g, R² %.4f on %d validation images", key, step.cfg.model, report["mae"],
+                 report["r2"], report["samples"])
+    else:
+        log.info("%s: %s top-1 %.2f%% on %d validation images", key, step.cfg.model, report["top1"] * 100,
+                 report["samples"])
     distributed.barrier()
     return report
+
+
+def stage_datafree(ctx: RunContext) -> Optional[dict[str, Any]]:
+    """``data.source: datafree``: synthesize the training set from the teacher's weights alone (DeepInversion,
+    ``edgedistill.datafree``); resumes by batch."""
+    recipe = ctx.recipe
+    if recipe.data.source != "datafree":
+        return None
+    from edgerun.manifest import sha256_file
+
+    from .datafree import synthesize
+    from .train import _progress
+
+    classes = ctx.datafree_classes()
+    torch.manual_seed(recipe.seed)
+    teacher = create_model(recipe.teacher, num_classes=len(classes))  # the given weights (teacher.pretrained_path)
+    student = None
+    if recipe.datafree.competition > 0:
+        student = (ctx.trained_model("distill", "datafree") if ctx.is_done("distill")
+                   else create_model(recipe.student, num_classes=len(classes)))
+    weights = recipe.teacher.pretrained_path
+    cfg = recipe.datafree
+    log.info("datafree: synthesizing %d images per class x %d classes from %s (DeepInversion, %d steps per batch "
+             "of %d)", cfg.images_per_class, len(classes), recipe.teacher.model, cfg.steps, cfg.batch_size)
+    with _progress() as progress:
+        task = progress.add_task("datafree", total=1, stats="")
+        synthetic = synthesize(teacher, sha256_file(str(weights)) if weights else recipe.teacher.model, classes,
+                               recipe.data, cfg, ctx.stage_dir("datafree"), recipe.seed, ctx.device,
+                               teacher_name=recipe.teacher.model, student=student,
+                               progress=lambda done, total: progress.update(task, completed=done, total=total))
+    ctx.mark_done("datafree", ["soft_labels.npz", "synthesis.json"], {"images": len(synthetic.files)})
+    ctx._data = None  # the stages after this one train on the synthetic set
+    facts = json.loads((ctx.stage_dir("datafree") / "synthesis.json").read_text())
+    log.info("datafree: %d images in %s (BN-statistics loss %.3f -> %.3f, teacher confidence %.2f)",
+             facts["images"], ctx.stage_dir("datafree") / "images", facts["bn_loss_first"], facts["bn_loss_last"],
+             facts["teacher_confidence"])
+    return facts
 
 
 def stage_teacher(ctx: RunContext) -> dict[str, Any]:
     report = train_step(ctx, "teacher")
     floor = ctx.recipe.teacher.min_top1
-    if report["top1"] < floor:
+    if ctx.recipe.task == "classification" and report["top1"] < floor:
         log.warning("teacher top-1 %.2f%% is under teacher.min_top1 = %.2f%%: distill will refuse it unless --force",
                     report["top1"] * 100, floor * 100)
     return report
@@ -340,6 +439,8 @@ def stage_teacher(ctx: RunContext) -> dict[str, Any]:
 def check_teacher_floor(ctx: RunContext, needed_by: str) -> float:
     ctx.require("teacher", needed_by)
     report = json.loads((ctx.stage_dir("teacher") / "report.json").read_text())
+    if ctx.recipe.task == "regression":  # teacher.min_top1 is a classification floor
+        return report["score"]
     floor = ctx.recipe.teacher.min_top1
     if report["top1"] < floor:
         message = (f"teacher top-1 is {report['top1'] * 100:.2f}%, under teacher.min_top1 = {floor * 100:.2f}%: "
@@ -388,8 +489,8 @@ def stage_self_distill(ctx: RunContext) -> Optional[list[dict[str, Any]]]:
     for key in keys:
         report = train_step(ctx, key)
         if previous is not None:
-            log.info("%s: top-1 %.2f%% vs %.2f%% for the generation before (%+.2f points)", key,
-                     report["top1"] * 100, previous["top1"] * 100, (report["top1"] - previous["top1"]) * 100)
+            log.info("%s: validation score %.4f vs %.4f for the generation before (%+.4f; top-1, or R² for "
+                     "regression)", key, report["score"], previous["score"], report["score"] - previous["score"])
         previous = report
         reports.append(report)
     log.info("self-distill: the student kept is %s", ctx.best_student())
@@ -405,6 +506,8 @@ def _model_facts(model: nn.Module, top1: float, name: str) -> dict[str, Any]:
 
 
 def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
+    if ctx.recipe.task == "regression":
+        return stage_evaluate_regression(ctx)
     recipe, data = ctx.recipe, ctx.data
     ev = recipe.evaluate
     split = ctx.eval_split
@@ -433,11 +536,44 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
             summary["generations"].append({"generation": g, "top1": top1, "kept": key == student_key,
                                            "val_top1": ctx.done_record(key)["top1"]})
     summary["unlabeled_images"] = (ctx.done_record("distill") or {}).get("unlabeled_images", 0)
+    if recipe.data.source == "datafree":
+        facts = json.loads((ctx.stage_dir("datafree") / "synthesis.json").read_text())
+        summary["data_free"] = {"synthetic_images": facts["images"], "teacher_confidence": facts["teacher_confidence"],
+                                "bn_loss": [facts["bn_loss_first"], facts["bn_loss_last"]],
+                                "real_evaluation": recipe.data.root is not None}
+        if recipe.datafree.compare_run:
+            from .evaluate import load_summary
+
+            other = load_summary(recipe.datafree.compare_run)
+            summary["data_free"]["data_driven"] = {"run": recipe.datafree.compare_run,
+                                                   "student_top1": other["student"]["top1"],
+                                                   "baseline_top1": other["baseline"]["top1"]}
     summary["schedule"] = {role: {k: (ctx.done_record(key) or {}).get(k) for k in ("epochs", "train_images")}
                            for role, key in (("student", student_key), ("baseline", "baseline"))}
+    _host_latency(ctx, models, summary)
+    summary["device_estimate"] = recipe_estimate(recipe, len(data.classes))
+    t, s, b = summary["teacher"], summary["student"], summary["baseline"]
+    summary["retention"] = s["top1"] / t["top1"] if t["top1"] else 0.0
+    summary["kd_gain"] = s["top1"] - b["top1"]
+    sig = mcnemar_exact(correct["student"], correct["baseline"])
+    sig["images_to_resolve"] = images_to_resolve(sig["a_only"], sig["b_only"], sig["images"])
+    summary["significance"] = sig
+    summary["intervals"] = bootstrap_intervals(correct["teacher"], correct["student"], correct["baseline"],
+                                               seed=recipe.seed)
+    _speed_and_cost(ctx, summary)
+    summary["verdict"], helped = verdict(summary, ev.min_kd_gain)
+    summary["kd_gain_flag"] = not helped
+    summary["advice"] = advice(summary, recipe.student.epochs)
+    return _write_summary(ctx, summary)
+
+
+def _host_latency(ctx: RunContext, models: dict[str, nn.Module], summary: dict[str, Any]) -> None:
+    """Teacher and student latency on this host: ONNX Runtime CPU (the runtime that serves the bundle) first,
+    PyTorch eager as a second column."""
+    ev = ctx.recipe.evaluate
     threads_before = torch.get_num_threads()
     threads = ev.threads or threads_before
-    size = recipe.data.image_size
+    size = ctx.recipe.data.image_size
     batches = tuple(dict.fromkeys((1, ev.latency_batch)))
     # the runtime that serves the bundle (ONNX Runtime, CPU) first; PyTorch eager as a second column
     with tempfile.TemporaryDirectory(prefix="latency-") as tmp:
@@ -456,24 +592,6 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
                 summary[role][f"torch_latency_ms_b{batch}"] = lat["median_s"] * 1e3
     finally:
         torch.set_num_threads(threads_before)
-    summary["device_estimate"] = recipe_estimate(recipe, len(data.classes))
-    t, s, b = summary["teacher"], summary["student"], summary["baseline"]
-    summary["retention"] = s["top1"] / t["top1"] if t["top1"] else 0.0
-    summary["kd_gain"] = s["top1"] - b["top1"]
-    sig = mcnemar_exact(correct["student"], correct["baseline"])
-    sig["images_to_resolve"] = images_to_resolve(sig["a_only"], sig["b_only"], sig["images"])
-    summary["significance"] = sig
-    summary["intervals"] = bootstrap_intervals(correct["teacher"], correct["student"], correct["baseline"],
-                                               seed=recipe.seed)
-    summary["param_reduction"] = t["params"] / s["params"]
-    summary["size_reduction"] = t["size_mb"] / s["size_mb"]
-    summary["speedup"] = t["latency_ms_b1"] / s["latency_ms_b1"]
-    summary[f"speedup_b{ev.latency_batch}"] = t[f"latency_ms_b{ev.latency_batch}"] / s[f"latency_ms_b{ev.latency_batch}"]
-    summary["speedup_torch"] = t["torch_latency_ms_b1"] / s["torch_latency_ms_b1"]
-    summary["cost"] = cost_comparison(t["latency_ms_b1"] / 1e3, s["latency_ms_b1"] / 1e3, ev.cost)
-    summary["verdict"], helped = verdict(summary, ev.min_kd_gain)
-    summary["kd_gain_flag"] = not helped
-    summary["advice"] = advice(summary, recipe.student.epochs)
     import onnxruntime
 
     summary["host"] = {"device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": threads,
@@ -482,10 +600,74 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
                        "note": f"median of {ev.latency_repeats} runs after {ev.latency_warmup} warm-up, same "
                                "process; PyTorch eager figures are the second column; device figures come from "
                                "edgerun bench"}
+
+
+def _speed_and_cost(ctx: RunContext, summary: dict[str, Any]) -> None:
+    ev = ctx.recipe.evaluate
+    t, s = summary["teacher"], summary["student"]
+    summary["param_reduction"] = t["params"] / s["params"]
+    summary["size_reduction"] = t["size_mb"] / s["size_mb"]
+    summary["speedup"] = t["latency_ms_b1"] / s["latency_ms_b1"]
+    summary[f"speedup_b{ev.latency_batch}"] = t[f"latency_ms_b{ev.latency_batch}"] / s[f"latency_ms_b{ev.latency_batch}"]
+    summary["speedup_torch"] = t["torch_latency_ms_b1"] / s["torch_latency_ms_b1"]
+    summary["cost"] = cost_comparison(t["latency_ms_b1"] / 1e3, s["latency_ms_b1"] / 1e3, ev.cost)
+
+
+def _write_summary(ctx: RunContext, summary: dict[str, Any]) -> dict[str, Any]:
     atomic_write_text(ctx.run_dir / "summary.json", json.dumps(summary, indent=2))
     atomic_write_text(ctx.run_dir / "summary.md", summary_markdown(summary))
     ctx.mark_done("evaluate", ["summary.json", "summary.md"])
     return summary
+
+
+def stage_evaluate_regression(ctx: RunContext) -> dict[str, Any]:
+    """task: regression: MAE, RMSE and R² of teacher, student and baseline in target units; retention = student R²
+    / teacher R²; KD gain = baseline MAE - student MAE (positive: the student is closer); a bootstrap interval of
+    the gain over images."""
+    recipe, data = ctx.recipe, ctx.data
+    split = ctx.eval_split
+    loader = eval_loader(split, recipe.data)
+    ctx.require("teacher", "evaluate")
+    student_key = ctx.best_student()
+    roles = {"teacher": "teacher", **{key: key for key in ctx.chain_keys()}, "student": student_key,
+             "baseline": "baseline"}
+    models = {role: ctx.trained_model(key, "evaluate") for role, key in roles.items()}
+    summary: dict[str, Any] = {"name": recipe.name, "seed": recipe.seed, "task": "regression",
+                               "fingerprint": ctx.fingerprint("evaluate"), "latency_batch": recipe.evaluate.latency_batch,
+                               "eval_split": split.name, "eval_samples": len(split), "classes": data.classes,
+                               "targets": data.scaling.as_dict()}
+    errors = {}
+    for role, model in models.items():
+        pred = predict(model.to(ctx.device), loader, ctx.device)
+        report = regression_report(pred, data.scaling)
+        errors[role] = np.abs(data.scaling.restore(pred.logits) - data.scaling.restore(pred.labels)).mean(1)
+        summary[role] = {**_model_facts(model, report["r2"], ctx.steps[roles[role]].cfg.model),
+                         **{k: report[k] for k in ("mae", "rmse", "r2", "per_target")}}
+        summary[role].pop("top1")
+    summary["chain"] = [{"role": key, "model": ctx.steps[key].cfg.model} for key in ctx.chain_keys()]
+    summary["student"]["step"] = student_key
+    summary["schedule"] = {role: {k: (ctx.done_record(key) or {}).get(k) for k in ("epochs", "train_images")}
+                           for role, key in (("student", student_key), ("baseline", "baseline"))}
+    _host_latency(ctx, models, summary)
+    summary["device_estimate"] = recipe_estimate(recipe, len(data.classes))
+    t, s, b = summary["teacher"], summary["student"], summary["baseline"]
+    summary["retention"] = s["r2"] / t["r2"] if t["r2"] > 0 else 0.0
+    summary["kd_gain"] = b["mae"] - s["mae"]  # target units: positive = the student's error is smaller
+    rng = np.random.default_rng(recipe.seed)
+    gains = [float((errors["baseline"][idx] - errors["student"][idx]).mean())
+             for idx in (rng.integers(0, len(split), len(split)) for _ in range(1000))]
+    summary["intervals"] = {"kd_gain": [float(np.percentile(gains, 2.5)), float(np.percentile(gains, 97.5))]}
+    _speed_and_cost(ctx, summary)
+    helped = summary["kd_gain"] > 0 and summary["intervals"]["kd_gain"][0] > 0
+    summary["kd_gain_flag"] = not helped
+    summary["verdict"] = (
+        f"student R² {s['r2']:.3f} = {summary['retention'] * 100:.1f}% of the teacher's ({t['r2']:.3f}); MAE "
+        f"{s['mae']:.4g} vs {b['mae']:.4g} for the baseline: "
+        + ("distillation helped (the 95% interval of the MAE gain is above 0)" if helped else
+           "distillation did not clearly help (the 95% interval of the MAE gain includes 0 or is below it)")
+        + f"; {summary['speedup']:.1f}x faster on this host")
+    summary["advice"] = []
+    return _write_summary(ctx, summary)
 
 
 def stage_export(ctx: RunContext) -> dict[str, Any]:
@@ -499,9 +681,10 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
     host: dict[str, Any] = {}
     if summary_path.exists():
         s = json.loads(summary_path.read_text())
-        host = {"teacher_top1": s["teacher"]["top1"], "student_top1": s["student"]["top1"],
-                "baseline_top1": s["baseline"]["top1"], "retention": s["retention"], "kd_gain": s["kd_gain"],
-                "eval_split": s["eval_split"], "eval_samples": s["eval_samples"]}
+        quality = ("r2", "mae") if recipe.task == "regression" else ("top1",)
+        host = {f"{role}_{k}": s[role][k] for role in ("teacher", "student", "baseline") for k in quality}
+        host.update({"retention": s["retention"], "kd_gain": s["kd_gain"], "eval_split": s["eval_split"],
+                     "eval_samples": s["eval_samples"]})
     else:
         log.warning("export: no summary.json yet (run evaluate first to carry host metrics into the manifest)")
     manifest = build_bundle(
@@ -510,16 +693,18 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
         checkpoint=ctx.stage_dir(student_key) / MODEL_FILE, recipe_yaml=recipe.to_yaml(), teacher=teacher,
         source={"student_model": recipe.student.model, "teacher_model": recipe.teacher.model,
                 "recipe_fingerprint": ctx.fingerprint("export")},
-        host_metrics=host)
+        host_metrics=host, targets=data.scaling.as_dict() if data.scaling is not None else None)
     ctx.mark_done("export", ["manifest.json", "model.onnx"])
     par = manifest["metrics"]["parity"]
-    log.info("export: bundle for %s in %s (parity max abs error %.1e, top-1 agreement %.2f%%); pack it with "
-             "`edgedistill pack %s -o %s.edb`", recipe.export.target, ctx.stage_dir("export"),
-             par["max_abs_error"], par["top1_agreement"] * 100, ctx.stage_dir("export"), recipe.name)
+    log.info("export: bundle for %s in %s (parity max abs error %.1e%s); pack it with `edgedistill pack %s -o "
+             "%s.edb`", recipe.export.target, ctx.stage_dir("export"), par["max_abs_error"],
+             "" if data.scaling is not None else f", top-1 agreement {par['top1_agreement'] * 100:.2f}%",
+             ctx.stage_dir("export"), recipe.name)
     return manifest
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[RunContext], Any]] = {
+    "datafree": stage_datafree,
     "teacher": stage_teacher,
     "assistant": stage_assistant,
     "distill": stage_distill,
@@ -528,7 +713,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[RunContext], Any]] = {
     "evaluate": stage_evaluate,
     "export": stage_export,
 }
-PIPELINE = ["teacher", "assistant", "distill", "self-distill", "baseline", "evaluate", "export"]
+PIPELINE = ["datafree", "teacher", "assistant", "distill", "self-distill", "baseline", "evaluate", "export"]
 TRAINING_STAGES = ("teacher", "assistant", "distill", "self-distill", "baseline")  # skip per step, inside
 
 
@@ -546,6 +731,8 @@ def run_stage(ctx: RunContext, stage: str) -> Any:
 
 
 def _run_stage(ctx: RunContext, stage: str) -> Any:
+    if stage == "datafree" and ctx.recipe.data.source != "datafree":
+        return None
     if stage not in TRAINING_STAGES and ctx.is_done(stage):
         log.info("%s: outputs in '%s' match this recipe; skipped (delete %s to redo)", stage,
                  ctx.stage_dir(stage), ctx.done_path(stage).name)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -29,7 +30,8 @@ from .data import Split, eval_loader, train_loader
 from .errors import CheckpointError, NonFiniteLossError
 from .evaluate import predict
 from .features import DEFAULT_WEIGHTS, FeatureMatcher
-from .losses import UNLABELED, distillation_loss, dkd_loss, labeled_cross_entropy
+from .losses import (UNLABELED, distillation_loss, dkd_loss, labeled_cross_entropy, regression_distillation_loss,
+                     regression_loss)
 from .recipe import DataConfig, DistillConfig, ModelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -71,9 +73,18 @@ def dkd_ramp(progress_epochs: float, cfg: ModelConfig, distill: DistillConfig) -
 
 
 def compute_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: Optional[torch.Tensor],
-                 cfg: ModelConfig, distill: Optional[DistillConfig], progress_epochs: float = 0.0
-                 ) -> dict[str, torch.Tensor]:
-    """The loss terms of one batch: CE alone (no teacher), or KD/DKD + CE; targets of -1 are unlabeled."""
+                 cfg: ModelConfig, distill: Optional[DistillConfig], progress_epochs: float = 0.0,
+                 task: str = "classification") -> dict[str, torch.Tensor]:
+    """The loss terms of one batch: CE alone (no teacher), or KD/DKD + CE; targets of -1 are unlabeled. For
+    regression: the MSE/Huber task loss, and with a teacher ``alpha * MSE(student, teacher)`` added (as ``kd``;
+    the task term is logged as ``ce``)."""
+    if task == "regression":
+        if teacher_logits is None:
+            loss = regression_loss(logits, targets, cfg.loss)
+            return {"loss": loss, "ce": loss}
+        assert distill is not None
+        out = regression_distillation_loss(logits, teacher_logits, targets, distill.alpha, cfg.loss)
+        return {"loss": out.total, "kd": out.kd, "ce": out.ce}
     if teacher_logits is None:
         ce = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
         return {"loss": ce, "ce": ce}
@@ -150,19 +161,29 @@ class _StudentForward(nn.Module):
         return student(images)
 
 
-def validation_top1(model: nn.Module, val: Split, data_cfg: DataConfig, device: torch.device) -> float:
-    """Top-1 on ``val``; under torchrun each process predicts its share and the counts are summed."""
+def validation_scores(model: nn.Module, val: Split, data_cfg: DataConfig, device: torch.device,
+                      task: str = "classification") -> dict[str, float]:
+    """``val_top1`` on ``val`` (regression: ``val_r2``, the mean over targets of R^2); under torchrun each
+    process predicts its share and the sums are combined."""
     world = distributed.world()
-    if not world.active:
-        return predict(model, eval_loader(val, data_cfg), device).top1
-    pred = predict(model, eval_loader(val.subset(distributed.shard(len(val))), data_cfg), device)
-    correct, count = distributed.sum_across([float((pred.predicted == pred.labels).sum()), len(pred.labels)], device)
-    return correct / max(count, 1)
+    shard = val.subset(distributed.shard(len(val))) if world.active else val
+    pred = predict(model, eval_loader(shard, data_cfg), device)
+    if task != "regression":
+        correct, count = distributed.sum_across([float((pred.predicted == pred.labels).sum()), len(pred.labels)],
+                                                device)
+        return {"val_top1": correct / max(count, 1)}
+    y, p = pred.labels.astype(np.float64), pred.logits.astype(np.float64)
+    k = y.shape[1]
+    sums = distributed.sum_across([len(y), *((y - p) ** 2).sum(0), *y.sum(0), *(y ** 2).sum(0)], device)
+    n, sse, sy, syy = sums[0], np.array(sums[1:1 + k]), np.array(sums[1 + k:1 + 2 * k]), np.array(sums[1 + 2 * k:])
+    sst = np.maximum(syy - sy ** 2 / max(n, 1), 1e-12)
+    return {"val_r2": float(np.mean(1 - sse / sst))}
 
 
 def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig, cfg: ModelConfig,
                 stage_dir: Path, seed: int, fingerprint: str, device: torch.device, label: str,
-                teaching: Optional[Teaching] = None, hardware: Optional[TrainConfig] = None) -> list[dict[str, Any]]:
+                teaching: Optional[Teaching] = None, hardware: Optional[TrainConfig] = None,
+                task: str = "classification") -> list[dict[str, Any]]:
     """Train ``model`` for ``cfg.epochs`` epochs, resuming from ``stage_dir/last.safetensors`` if it fits.
 
     Without ``teaching``: cross-entropy. With it: the distillation loss against the frozen teacher, plus the
@@ -243,7 +264,7 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
                 # cached soft labels: epoch e replays augmentation draw e % draws, whose teacher logits are stored
                 draw = epoch % cache.draws if cache is not None else epoch
                 loader.batch_sampler.set_epoch(draw)
-                task = progress.add_task(f"{label} {epoch + 1}/{cfg.epochs}", total=len(loader), stats="")
+                bar = progress.add_task(f"{label} {epoch + 1}/{cfg.epochs}", total=len(loader), stats="")
                 sums: dict[str, float] = {}
                 correct = seen = rows = 0
                 started = time.perf_counter()
@@ -266,16 +287,18 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
                                 teacher_logits = teacher(images)
                             teacher_logits = teacher_logits.float().clone()  # a normal tensor again, float32
                         losses = compute_loss(logits.float(), targets, teacher_logits, cfg, distill,
-                                              step / steps_per_epoch)
+                                              step / steps_per_epoch, task)
                         if features is not None:
                             losses["feat"] = features.loss()
                             losses["loss"] = losses["loss"] + teaching.feature_weight * losses["feat"]
                     n = len(targets)
-                    labeled = targets != UNLABELED
+                    hits = seen_here = 0
+                    if task != "regression":
+                        labeled = targets != UNLABELED
+                        hits, seen_here = int((logits.argmax(1) == targets)[labeled].sum()), int(labeled.sum())
                     keys = sorted(losses)
-                    totals = distributed.sum_across(
-                        [n, int((logits.argmax(1) == targets)[labeled].sum()), int(labeled.sum())]
-                        + [float(losses[k].detach()) * n for k in keys], device)
+                    totals = distributed.sum_across([n, hits, seen_here] + [float(losses[k].detach()) * n for k in keys],
+                                                    device)
                     global_n = totals[0]
                     values = {k: v / global_n for k, v in zip(keys, totals[3:])}
                     if not all(math.isfinite(v) for v in values.values()):
@@ -301,13 +324,14 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
                     if metrics is not None:
                         metrics.write(json.dumps({"kind": "step", "epoch": epoch, "step": step, "lr": lr, **values})
                                       + "\n")
-                    progress.update(task, advance=1, stats="  ".join(f"{k} {v:.3f}" for k, v in values.items()))
-                progress.remove_task(task)
+                    progress.update(bar, advance=1, stats="  ".join(f"{k} {v:.3f}" for k, v in values.items()))
+                progress.remove_task(bar)
                 checkpoint = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
-                record = {"kind": "epoch", "epoch": epoch, **{k: v / max(rows, 1) for k, v in sums.items()},
-                          "train_top1": correct / max(seen, 1)}
+                record = {"kind": "epoch", "epoch": epoch, **{k: v / max(rows, 1) for k, v in sums.items()}}
+                if task != "regression":
+                    record["train_top1"] = correct / max(seen, 1)
                 if checkpoint:
-                    record["val_top1"] = validation_top1(model, val, data_cfg, device)
+                    record.update(validation_scores(model, val, data_cfg, device, task))
                 record["seconds"] = round(time.perf_counter() - started, 2)
                 history.append(record)
                 if metrics is not None:

@@ -174,17 +174,68 @@ class FrameGrabber(object):
             self.cap.release()
 
 
+class _Classify(object):
+    """Classification: the top class and its confidence; reject when it is ``reject_class`` at ``threshold``."""
+
+    def __init__(self, manifest, reject_class, threshold):
+        self.classes = manifest.classes
+        if reject_class is not None and reject_class not in self.classes:
+            raise SourceError("--reject-class '%s' is not a class of this model (%s)"
+                              % (reject_class, ", ".join(self.classes)))
+        self.reject_class, self.threshold = reject_class, threshold
+        self.header = ["class", "confidence"]
+        self.rule = reject_class
+
+    def __call__(self, outputs):
+        label, confidence = softmax_top1(outputs[:1])
+        name, conf = self.classes[int(label[0])], float(confidence[0])
+        reject = self.reject_class is not None and name == self.reject_class and conf >= self.threshold
+        return [name, "%.4f" % conf], reject, "%s (%.2f)" % (name, conf)
+
+
+class _Measure(object):
+    """Regression: the values in target units; reject when the chosen target is above/below the thresholds."""
+
+    def __init__(self, manifest, above, below, target):
+        from .regression import restore
+
+        self.restore, self.targets = restore, manifest.targets
+        names = manifest.classes
+        if target is not None and target not in names:
+            raise SourceError("--reject-target '%s' is not a target of this model (%s)" % (target, ", ".join(names)))
+        self.names, self.index = names, names.index(target) if target is not None else 0
+        self.above, self.below = above, below
+        self.header = list(names)
+        self.rule = None
+        if above is not None or below is not None:
+            self.rule = "%s%s%s" % (names[self.index], " > %g" % above if above is not None else "",
+                                    " or < %g" % below if below is not None else "")
+
+    def __call__(self, outputs):
+        values = self.restore(self.targets, outputs[:1])[0]
+        value = float(values[self.index])
+        reject = (self.above is not None and value > self.above) or (self.below is not None and value < self.below)
+        text = ", ".join("%s=%.4g" % (n, v) for n, v in zip(self.names, values))
+        return ["%.6g" % v for v in values], bool(reject), text
+
+
 def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_path=None, reject_class=None,
                reject_threshold=0.5, opener=open_capture, max_reconnects=3, reconnect_delay=1.0, on_reject=None,
-               summary_path=None):
-    """Classify frames until ``duration`` s, ``max_frames`` or the end of a file; returns the summary.
+               summary_path=None, reject_above=None, reject_below=None, reject_target=None, on_frame=None):
+    """Classify (or, for a regression bundle, measure) frames until ``duration`` s, ``max_frames`` or the end of a
+    file; returns the summary.
 
-    Per-frame rows (frame, time, class, confidence, latency, reject) go to ``csv_path`` as they happen, so a
-    crash or a lost camera loses nothing already classified.
+    Per-frame rows (frame, time, class and confidence or the target values, latency, reject) go to ``csv_path`` as
+    they happen, so a crash or a lost camera loses nothing already processed. ``on_reject(frame, text)`` is called
+    for each rejected frame, ``on_frame(frame, text)`` for every frame.
     """
-    classes = manifest.classes
-    if reject_class is not None and reject_class not in classes:
-        raise SourceError("--reject-class '%s' is not a class of this model (%s)" % (reject_class, ", ".join(classes)))
+    if manifest.task == "regression":
+        decide = _Measure(manifest, reject_above, reject_below, reject_target)
+    else:
+        if reject_above is not None or reject_below is not None:
+            raise SourceError("--reject-above/--reject-below apply to regression bundles; this one classifies: use "
+                              "--reject-class")
+        decide = _Classify(manifest, reject_class, reject_threshold)
     spec = manifest.preprocess
     grabber = FrameGrabber(source, opener, max_reconnects, reconnect_delay,
                            transform=lambda frame: preprocess([frame], spec, input_order="BGR")).start()
@@ -196,7 +247,7 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
     writer_fh = open(csv_path, "w") if csv_path else None
     writer = csv.writer(writer_fh) if writer_fh else None
     if writer:
-        writer.writerow(["frame", "time_s", "class", "confidence", "latency_ms", "reject"])
+        writer.writerow(["frame", "time_s"] + decide.header + ["latency_ms", "reject"])
     started = time.perf_counter()
     try:
         while True:
@@ -216,9 +267,7 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
             t0 = t1 - prep_seconds  # preprocessing ran in the capture thread, overlapped with the last inference
             logits = runner.infer({manifest.input_name: batch})[manifest.output_name]
             t2 = time.perf_counter()
-            label, confidence = softmax_top1(np.asarray(logits)[:1])
-            name, conf = classes[int(label[0])], float(confidence[0])
-            reject = reject_class is not None and name == reject_class and conf >= reject_threshold
+            cells, reject, text = decide(np.asarray(logits))
             t3 = time.perf_counter()
             stages["preprocess"].append(t1 - t0)
             stages["infer"].append(t2 - t1)
@@ -227,10 +276,11 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
             if reject:
                 rejects += 1
                 if on_reject:
-                    on_reject(processed, name, conf)
+                    on_reject(processed, text)
+            if on_frame:
+                on_frame(processed, text)
             if writer:
-                writer.writerow([processed, "%.4f" % (t3 - started), name, "%.4f" % conf, "%.3f" % ((t3 - t0) * 1e3),
-                                 int(reject)])
+                writer.writerow([processed, "%.4f" % (t3 - started)] + cells + ["%.3f" % ((t3 - t0) * 1e3), int(reject)])
                 writer_fh.flush()
             processed += 1
     finally:
@@ -253,6 +303,8 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
         "model_only_fps": (len(stages["infer"]) / sum(stages["infer"])) if stages["infer"] else None,
         "rejects": rejects,
         "reject_class": reject_class,
+        "reject_rule": decide.rule,
+        "task": manifest.task,
         "error": str(error) if error else None,
         "csv": csv_path,
     }

@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 
+import numpy as np
 
 from .bench import DEFAULT_FRAME_SIZE, parse_frame_size, report_text, run_bench, to_json, verdict
 from .bundle import open_bundle
@@ -95,22 +96,58 @@ def cmd_build(args):
     return 0
 
 
-def evaluate_bundle(runner, bundle, batch=None):
-    """Top-1 of ``runner`` on the bundle's labelled validation images, preprocessed as the manifest says."""
+def bundle_outputs(runner, bundle, batch=None):
+    """(model outputs, labels) of ``runner`` on the bundle's validation images, preprocessed as the manifest says."""
     images, labels = bundle.validation()
     m = bundle.manifest
     batch = batch or m.input_shape[0]
     fixed = None if m.model.get("dynamic_batch") else m.input_shape[0]
-    correct = 0
+    outputs = []
     for i in range(0, len(images), batch):
         feed = preprocess(images[i:i + batch], m.preprocess, input_order="RGB")
-        logits = infer_chunk(runner, feed, m.input_name, m.output_name, fixed)
-        correct += int((logits.argmax(1) == labels[i:i + len(feed)]).sum())
-    return correct / float(len(images))
+        outputs.append(np.asarray(infer_chunk(runner, feed, m.input_name, m.output_name, fixed)))
+    return np.concatenate(outputs), labels
+
+
+def evaluate_bundle(runner, bundle, batch=None):
+    """Top-1 of ``runner`` on the bundle's labelled validation images."""
+    logits, labels = bundle_outputs(runner, bundle, batch)
+    return float((logits.argmax(1) == labels).mean())
+
+
+def _validate_regression(args, bundle, runner):
+    """MAE and R^2 against the bundle's targets (target units), next to the host's; PASS while R^2 drops at most
+    --max-drop."""
+    from .regression import restore, summarize
+
+    m = bundle.manifest
+    outputs, targets = bundle_outputs(runner, bundle)
+    got = summarize(restore(m.targets, outputs), np.asarray(targets, dtype=np.float64), m.classes)
+    host = m.data["metrics"].get("int8", {})
+    host_r2, host_mae = host.get("fp32_r2"), host.get("fp32_mae")
+    what = args.engine or "onnxruntime:%s" % (args.variant or "fp32")
+    print("MAE %.4g  RMSE %.4g  R2 %.4f on %d bundle images (%s)" % (
+        got["mae"], got["rmse"], got["r2"], len(targets), what))
+    for name, t in sorted(got["per_target"].items()):
+        print("  %s: MAE %.4g  R2 %.4f" % (name, t["mae"], t["r2"]))
+    if host_r2 is not None:
+        print("host  FP32 MAE %.4g  R2 %.4f" % (host_mae, host_r2))
+    drop = (host_r2 - got["r2"]) if host_r2 is not None else 0.0
+    result = {"task": "regression", "mae": got["mae"], "rmse": got["rmse"], "r2": got["r2"],
+              "per_target": got["per_target"], "host_fp32_r2": host_r2, "host_fp32_mae": host_mae, "drop": drop,
+              "max_drop": args.max_drop, "status": "PASS" if drop <= args.max_drop else "FAIL"}
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(to_json(result))
+    print("VERDICT: %s (R2 drop %.4f vs host FP32, limit %.4f)" % (result["status"], drop, args.max_drop))
+    return 0 if result["status"] == "PASS" else 1
 
 
 def cmd_validate(args):
     bundle = _open(args)
+    if bundle.manifest.task == "regression":
+        with _runner(args, bundle) as runner:
+            return _validate_regression(args, bundle, runner)
     with _runner(args, bundle) as runner:
         top1 = evaluate_bundle(runner, bundle)
     metrics = bundle.manifest.data["metrics"]
@@ -163,14 +200,20 @@ def cmd_camera(args):
 
     bundle = _open(args)
 
-    def announce(frame, name, conf):
-        print("REJECT frame %d: %s (%.2f)" % (frame, name, conf))
+    def announce(frame, text):
+        print("REJECT frame %d: %s" % (frame, text))
         sys.stdout.flush()
 
+    def value(frame, text):  # regression: the measured value of every frame
+        print("frame %d: %s" % (frame, text))
+
+    regression = bundle.manifest.task == "regression"
     with _runner(args, bundle) as runner:
         summary = run_camera(runner, bundle.manifest, args.source, duration=args.duration, max_frames=args.max_frames,
                              csv_path=args.csv, reject_class=args.reject_class, reject_threshold=args.reject_threshold,
-                             max_reconnects=args.reconnects, on_reject=announce, summary_path=args.json)
+                             max_reconnects=args.reconnects, on_reject=announce, summary_path=args.json,
+                             reject_above=args.reject_above, reject_below=args.reject_below,
+                             reject_target=args.reject_target, on_frame=value if regression else None)
     fps = summary["end_to_end_fps"]
     print("camera %s: %d frames in %.1f s, end-to-end %.1f FPS (model only %.1f FPS), %d dropped, %d reconnects, "
           "%d rejects" % (args.source, summary["frames_processed"], summary["seconds"], fps,
@@ -227,7 +270,8 @@ def build_parser():
 
     p = sub.add_parser("validate", help="accuracy on the bundle's validation images vs the host")
     runner_args(p)
-    p.add_argument("--max-drop", type=float, default=0.01, help="allowed top-1 drop vs host FP32 (0.01 = 1 point)")
+    p.add_argument("--max-drop", type=float, default=0.01,
+                   help="allowed top-1 drop vs host FP32 (0.01 = 1 point); regression bundles: allowed R2 drop")
     p.add_argument("--json")
     p = sub.add_parser("bench", help="throughput, latency, memory; PASS/FAIL verdict")
     runner_args(p)
@@ -250,6 +294,10 @@ def build_parser():
     p.add_argument("--csv", help="per-frame predictions")
     p.add_argument("--reject-class")
     p.add_argument("--reject-threshold", type=float, default=0.5)
+    p.add_argument("--reject-above", type=float, help="regression bundles: reject a frame whose value (of --reject-target)"
+                                                      " is above this, in target units")
+    p.add_argument("--reject-below", type=float, help="regression bundles: reject a frame whose value is below this")
+    p.add_argument("--reject-target", help="regression bundles: the target the thresholds apply to (default: the first)")
     p.add_argument("--reconnects", type=int, default=3)
     p.add_argument("--fps-target", type=float)
     p.add_argument("--json", help="write the summary here")

@@ -32,6 +32,7 @@ REQUIRED = {
     "versions": dict,
     "source": dict,
 }
+TASKS = ("classification", "regression")  # optional key "task"; absent: classification
 MODEL_KEYS = ("file", "input_name", "input_shape", "output_name", "output_shape", "layout", "dtype", "opset")
 
 
@@ -83,6 +84,13 @@ class Manifest(object):
             raise BundleError("%s: model.file '%s' has no sha256 under 'files'" % (where, data["model"]["file"]))
         if not data["classes"]:
             raise BundleError("%s: 'classes' is empty" % where)
+        task = data.get("task", "classification")
+        if task not in TASKS:
+            raise BundleError("%s: 'task' is '%s'; this edgerun knows %s" % (where, task, ", ".join(TASKS)))
+        if task == "regression":
+            from .regression import check_targets
+
+            check_targets(data, where)
 
     # -- accessors ------------------------------------------------------------------------------------------
     @property
@@ -91,7 +99,17 @@ class Manifest(object):
 
     @property
     def classes(self):
+        """Class names; for a regression bundle, the target names (one output each)."""
         return list(self.data["classes"])
+
+    @property
+    def task(self):
+        return self.data.get("task", "classification")
+
+    @property
+    def targets(self):
+        """Regression: {names, mean, std} that turn the model's standardized outputs into target units."""
+        return self.data.get("targets")
 
     @property
     def model(self):
