@@ -67,3 +67,25 @@ def write_table(name: str, title: str, header: list[str], rows: list[list[str]],
     path.write_text("\n".join(lines))
     print("\n".join(lines))
     return path
+
+
+def load_rows(path: Path) -> list:
+    """The finished rows of a resumable benchmark (one JSON object per line), [] before the first."""
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text().splitlines()] if Path(path).exists() else []
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Record one finished row at once, so a killed benchmark resumes after it."""
+    import json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def resume(path: Path, key: str, wanted) -> tuple[dict, list]:
+    """(finished rows of ``path`` by their ``key``, the ``wanted`` keys that have no row yet)."""
+    done = {r[key]: r for r in load_rows(path)}
+    return done, [w for w in wanted if w not in done]

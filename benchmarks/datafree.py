@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_table  # noqa: E402
+from common import append_row, resume, write_table  # noqa: E402
 
 from edgedistill.cli import main as edgedistill_main  # noqa: E402
 from edgedistill.evaluate import load_summary  # noqa: E402
@@ -46,10 +46,8 @@ def main() -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.jsonl"
-    done = {r["size"]: r for r in map(json.loads, rows_path.read_text().splitlines())} if rows_path.exists() else {}
-    for size in args.sizes:
-        if size in done:
-            continue
+    done, todo = resume(rows_path, "size", args.sizes)
+    for size in todo:
         run = out / f"per-class-{size}"
         overrides = [f"output={run}", f"name=datafree-{size}", "data.source=datafree", f"data.root={args.data}",
                      "data.train_per_class=null", f"teacher.pretrained_path={teacher_run / 'teacher' / 'model.safetensors'}",
@@ -68,8 +66,7 @@ def main() -> int:
                         "train_s": sum(r.get("seconds", 0.0) for st in ("student", "baseline")
                                        for r in epoch_records(run / st / "metrics.jsonl"))})
         done[size] = row
-        with open(rows_path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        append_row(rows_path, row)
     table = [["data-driven (real training images)", f"{base.data.train_per_class or 'all'} real per class", f"{100 * driven['teacher']['top1']:.1f}", f"{100 * driven['student']['top1']:.1f}",
               f"{100 * driven['baseline']['top1']:.1f}", "-", "-"]]
     met = []

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import mean_std, write_table  # noqa: E402
+from common import append_row, load_rows, mean_std, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSISTANT = "{model: mobilenetv2_100, model_kwargs: {output_stride: 8}}"
@@ -102,10 +102,6 @@ def evaluate_job(args, seed: int, method: str, threads: int) -> dict:
             "unlabeled_images": s.get("unlabeled_images", 0), "device": s["host"]["device"]}
 
 
-def load_all(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def render(args, rows: dict) -> None:
     seeds = args.seeds
     table, notes = [], []
@@ -147,7 +143,7 @@ def render(args, rows: dict) -> None:
                  f"{args.jobs} training(s) sharing the machine at a time (seconds include that contention)")
     notes += [f"{m}: {' '.join(method_overrides(args, m)).replace(args.unlabeled, '<archive>/train') or 'the recipe'}"
               for m in METHODS]
-    notes += [f"seed {r['seed']} {r['method']}: {r['status']}" for r in load_all(Path(args.output) / "rows.jsonl")
+    notes += [f"seed {r['seed']} {r['method']}: {r['status']}" for r in load_rows(Path(args.output) / "rows.jsonl")
               if r["status"] != "ok" and (r["seed"], r["method"]) not in rows]
     if args.overrides:
         notes.append("recipe overrides for every row: " + ", ".join(args.overrides))
@@ -220,13 +216,12 @@ def main() -> int:
     args.unlabeled = unlabeled_folder(args.data)
     rows_path = Path(args.output) / "rows.jsonl"
     rows_path.parent.mkdir(parents=True, exist_ok=True)
-    rows = {(r["seed"], r["method"]): r for r in load_all(rows_path) if r["status"] == "ok"}
+    rows = {(r["seed"], r["method"]): r for r in load_rows(rows_path) if r["status"] == "ok"}
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
     def evaluate(seed_method):
         row = evaluate_job(args, *seed_method, threads)
-        with open(rows_path, "a") as fh:  # one line per finished row, written at once
-            fh.write(json.dumps(row) + "\n")
+        append_row(rows_path, row)
         print(f"seed {row['seed']} {row['method']}: {row['status']}" + (
             f" — student {100 * row['student']:.2f}%, gain {100 * row['kd_gain']:+.2f}"
             if row["status"] == "ok" else ""), flush=True)

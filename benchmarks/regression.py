@@ -10,13 +10,12 @@ finished seed is a row in OUTPUT/rows.jsonl; a rerun resumes from them. Writes b
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import mean_std, write_table  # noqa: E402
+from common import append_row, resume, mean_std, write_table  # noqa: E402
 
 from edgedistill.cli import main as edgedistill_main  # noqa: E402
 from edgedistill.demodata import write_digits_regression  # noqa: E402
@@ -37,10 +36,8 @@ def main() -> int:
     if not (data / "val" / "targets.csv").exists():
         write_digits_regression(data)
     rows_path = out / "rows.jsonl"
-    done = {r["seed"]: r for r in map(json.loads, rows_path.read_text().splitlines())} if rows_path.exists() else {}
-    for seed in args.seeds:
-        if seed in done:
-            continue
+    done, todo = resume(rows_path, "seed", args.seeds)
+    for seed in todo:
         run = out / f"seed{seed}"
         code = edgedistill_main(["run", args.recipe, "--stages", "teacher,distill,baseline,evaluate", "--set",
                                  f"data.root={data}", "--set", f"seed={seed}", "--set", f"output={run}",
@@ -53,8 +50,7 @@ def main() -> int:
             row.update({"retention": s["retention"], "kd_gain": s["kd_gain"], "kd_gain_interval":
                         s["intervals"]["kd_gain"], "eval_samples": s["eval_samples"]})
         done[seed] = row
-        with open(rows_path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        append_row(rows_path, row)
     ok = [done[s] for s in args.seeds if done[s]["status"] == "ok"]
     table = []
     for r in (done[s] for s in args.seeds):

@@ -35,7 +35,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import mean_std, write_table  # noqa: E402
+from common import append_row, load_rows, mean_std, write_table  # noqa: E402
 
 from edgedistill.cli import main as edgedistill_main  # noqa: E402
 from edgedistill.data import load_data  # noqa: E402
@@ -167,7 +167,7 @@ def accuracy_check(args) -> None:
     out = Path(args.output) / "accuracy"
     out.mkdir(parents=True, exist_ok=True)
     done_path = out / "accuracy.jsonl"
-    done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
+    done = load_rows(done_path)
     for seed in range(args.accuracy_seeds):
         for mode in ("online", "cached"):
             if any(r["seed"] == seed and r["mode"] == mode for r in done):
@@ -185,8 +185,7 @@ def accuracy_check(args) -> None:
                 row = {"seed": seed, "mode": mode, "status": "ok", "distill_s": walls["distill"],
                        "top1": json.loads((run / "student" / "done.json").read_text())["top1"]}
             done.append(row)
-            with open(done_path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            append_row(done_path, row)
     rows, speedups, gaps = [], [], []
     for seed in range(args.accuracy_seeds):
         pair = {r["mode"]: r for r in done if r["seed"] == seed and r.get("status") == "ok"}

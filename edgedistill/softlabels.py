@@ -3,7 +3,7 @@
 After Shen & Xing, "A Fast Knowledge Distillation Framework for Visual Recognition" (FKD, ECCV 2022): store the
 teacher's outputs for a fixed number of augmented views of every training image, then train the student on
 exactly those views without running the teacher. Here a view is reproduced rather than described: the training
-loader's shuffle and augmentation depend only on (seed, epoch) (``data.train_loader``), so draw ``d`` is "the
+loader's shuffle and augmentation depend only on (seed, epoch) (``loaders.train_loader``), so draw ``d`` is "the
 loader of epoch ``d``", and student epoch ``e`` replays draw ``e % draws`` batch by batch. The cache holds, per
 draw, the teacher's logits in loader order: the full vector when there are at most 100 classes (or
 ``cache_topk`` is unset), else the top-k values and their class indices (the rest are treated as -inf, i.e.
@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from . import distributed
-from .data import Split, train_loader
+from .data import Split
+from .loaders import train_loader
 from .recipe import DataConfig
 
 log = logging.getLogger(__name__)

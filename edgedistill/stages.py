@@ -23,8 +23,8 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import atomic_write_text, load_model, save_model
-from .data import (DataBundle, Split, eval_loader, load_data, load_datafree, load_unlabeled, training_side,
-                   with_unlabeled)
+from .data import DataBundle, Split, load_data, load_datafree, load_unlabeled, training_side, with_unlabeled
+from .loaders import eval_loader
 from .errors import StageMissingError, TeacherTooWeakError
 from .cost import cost_comparison
 from .evaluate import (bootstrap_intervals, classification_report, images_to_resolve, mcnemar_exact, measure_latency,
@@ -505,18 +505,23 @@ def _model_facts(model: nn.Module, top1: float, name: str) -> dict[str, Any]:
     return {"model": name, "top1": top1, "params": count_params(model), "size_mb": weight_bytes(model) / 1e6}
 
 
-def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
-    if ctx.recipe.task == "regression":
-        return stage_evaluate_regression(ctx)
-    recipe, data = ctx.recipe, ctx.data
-    ev = recipe.evaluate
+def _evaluated_models(ctx: RunContext) -> tuple[Split, Any, str, dict[str, str], dict[str, nn.Module]]:
+    """What the evaluate stage compares: its split and loader, the student kept, each role's step and model."""
     split = ctx.eval_split
-    loader = eval_loader(split, recipe.data)
     ctx.require("teacher", "evaluate")
     student_key = ctx.best_student()
     roles = {"teacher": "teacher", **{key: key for key in ctx.chain_keys()}, "student": student_key,
              "baseline": "baseline"}
     models = {role: ctx.trained_model(key, "evaluate") for role, key in roles.items()}
+    return split, eval_loader(split, ctx.recipe.data), student_key, roles, models
+
+
+def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
+    if ctx.recipe.task == "regression":
+        return stage_evaluate_regression(ctx)
+    recipe, data = ctx.recipe, ctx.data
+    ev = recipe.evaluate
+    split, loader, student_key, roles, models = _evaluated_models(ctx)
     summary: dict[str, Any] = {"name": recipe.name, "seed": recipe.seed, "fingerprint": ctx.fingerprint("evaluate"),
                                "latency_batch": ev.latency_batch,
                                "eval_split": split.name, "eval_samples": len(split), "classes": data.classes}
@@ -625,13 +630,7 @@ def stage_evaluate_regression(ctx: RunContext) -> dict[str, Any]:
     / teacher R²; KD gain = baseline MAE - student MAE (positive: the student is closer); a bootstrap interval of
     the gain over images."""
     recipe, data = ctx.recipe, ctx.data
-    split = ctx.eval_split
-    loader = eval_loader(split, recipe.data)
-    ctx.require("teacher", "evaluate")
-    student_key = ctx.best_student()
-    roles = {"teacher": "teacher", **{key: key for key in ctx.chain_keys()}, "student": student_key,
-             "baseline": "baseline"}
-    models = {role: ctx.trained_model(key, "evaluate") for role, key in roles.items()}
+    split, loader, student_key, roles, models = _evaluated_models(ctx)
     summary: dict[str, Any] = {"name": recipe.name, "seed": recipe.seed, "task": "regression",
                                "fingerprint": ctx.fingerprint("evaluate"), "latency_batch": recipe.evaluate.latency_batch,
                                "eval_split": split.name, "eval_samples": len(split), "classes": data.classes,

@@ -17,7 +17,7 @@ import logging
 from typing import Any, Optional
 
 from .checkpoint import atomic_write_text
-from .data import eval_loader
+from .loaders import eval_loader
 from .errors import EdgedistillError, RecipeError
 from .evaluate import predict
 from .stages import STUDENT_SECTIONS, RunContext, Step, check_teacher_floor, run_stage, train_step

@@ -26,7 +26,8 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import atomic_write_text, load_training_state, read_metadata, save_training_state
-from .data import Split, eval_loader, train_loader
+from .data import Split
+from .loaders import eval_loader, train_loader
 from .errors import CheckpointError, NonFiniteLossError
 from .evaluate import predict
 from .features import DEFAULT_WEIGHTS, FeatureMatcher

@@ -183,7 +183,7 @@ def test_importing_the_data_path_never_reaches_the_network():
             "calls = []\n"
             "socket.getaddrinfo = lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(OSError('offline'))\n"
             "os.environ.pop('NO_ALBUMENTATIONS_UPDATE', None)\n"
-            "import edgedistill.data\n"
+            "import edgedistill.loaders\n"
             "print(len(calls), os.environ['NO_ALBUMENTATIONS_UPDATE'])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -199,7 +199,8 @@ def test_decoded_images_are_kept_on_disk_and_a_changed_image_is_decoded_again(tm
 
     import edgedistill.data as data_module
     from edgedistill import imagecache
-    from edgedistill.data import eval_loader, eval_spec, load_data, read_image
+    from edgedistill.data import eval_spec, load_data, read_image
+    from edgedistill.loaders import eval_loader
     from edgedistill.export import raw_validation_images
     from edgedistill.recipe import DataConfig
     from edgerun.preprocess import preprocess

@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from conftest import FAST, deep_update, kill_when_written
-from edgedistill.data import EpochBatchSampler, TrainDataset, batch_sizes, load_data, train_loader
+from edgedistill.data import load_data
+from edgedistill.loaders import EpochBatchSampler, TrainDataset, batch_sizes, train_loader
 from edgedistill.errors import DataError
 from edgedistill.recipe import DataConfig, load_recipe
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgedistill.data import load_data, train_loader
+from edgedistill.data import load_data
+from edgedistill.loaders import train_loader
 from edgedistill.models import create_model
 from edgedistill.recipe import load_recipe
 from edgedistill.softlabels import SoftLabelCache, build, cache_key, cached_soft_labels
