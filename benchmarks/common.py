@@ -50,10 +50,10 @@ def command() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], fmt: str = ".2f") -> str:
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return format(values[0], fmt)
+    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt.lstrip('+'))}"
 
 
 def write_table(name: str, title: str, header: list[str], rows: list[list[str]], notes: list[str]) -> Path:

@@ -65,10 +65,11 @@ def main() -> int:
     if ok:
         mean = {role: {k: statistics.mean(r[role][k] for r in ok) for k in ("mae", "r2")}
                 for role in ("teacher", "student", "baseline")}
-        table.append(["mean ± std"] + [f"{mean_std([r[role]['mae'] for r in ok])} / "
-                                       f"{mean_std([r[role]['r2'] for r in ok])}" for role in
+        table.append(["mean ± std"] + [f"{mean_std([r[role]['mae'] for r in ok], '.4f')} / "
+                                       f"{mean_std([r[role]['r2'] for r in ok], '.4f')}" for role in
                                        ("teacher", "student", "baseline")]
-                     + [f"{mean_std([100 * r['retention'] for r in ok])}%", mean_std([r["kd_gain"] for r in ok])])
+                     + [f"{mean_std([100 * r['retention'] for r in ok], '.1f')}%",
+                        mean_std([r["kd_gain"] for r in ok], "+.4f")])
         r2_met = mean["student"]["r2"] >= 0.95 * mean["teacher"]["r2"]
         mae_met = mean["student"]["mae"] < mean["baseline"]["mae"]
         notes.append(f"target student R² >= 0.95 x teacher R²: {mean['student']['r2']:.4f} vs "

@@ -230,6 +230,9 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
     for each rejected frame, ``on_frame(frame, text)`` for every frame.
     """
     if manifest.task == "regression":
+        if reject_class is not None:
+            raise SourceError("--reject-class applies to classification bundles; this one measures %s: use "
+                              "--reject-above/--reject-below" % ", ".join(manifest.classes))
         decide = _Measure(manifest, reject_above, reject_below, reject_target)
     else:
         if reject_above is not None or reject_below is not None:
