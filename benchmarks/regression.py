@@ -1,6 +1,7 @@
 """Regression targets over seeds: teacher, distilled student and baseline MAE / R² (mean ± std).
 
     python benchmarks/regression.py [--seeds 0 1 2] [--recipe recipes/regression-digits.yaml] [--set key=value ...]
+                                    [--results-name regression]
 
 Data: scikit-learn's digits with each image's ink area and mean intensity as the targets
 (``edgedistill.demodata``; 1,200 training and 597 validation images), written once under OUTPUT/data.
@@ -30,6 +31,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", default="runs/regression")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--results-name", default="regression", help="table file benchmarks/results/<name>.md")
     args = parser.parse_args()
     out = Path(args.output)
     data = out / "data"
@@ -80,7 +82,9 @@ def main() -> int:
                      "validation images; MAE and R² are means over the two targets (ink area and mean intensity, "
                      "both on a 0-1 scale; per-target figures in each run's summary); KD gain = baseline MAE - "
                      "student MAE with its 95% bootstrap interval")
-    write_table("regression", "Regression targets: digits' ink area and mean intensity (benchmarks/regression.py)",
+    if args.overrides:
+        notes.append("recipe overrides: " + " ".join(f"--set {o}" for o in args.overrides))
+    write_table(args.results_name, "Regression targets: digits' ink area and mean intensity (benchmarks/regression.py)",
                 ["seed", "teacher MAE / R²", "student MAE / R²", "baseline MAE / R²", "retention (R²)",
                  "KD gain (MAE)"], table, notes)
     return 0
