@@ -1,7 +1,7 @@
 """Data-free distillation on the CIFAR-10 recipe's teacher: the student learns from synthetic images only.
 
     python benchmarks/datafree.py ../shared/data/cifar10-jpeg.tar.gz --teacher-run runs/methods-cpu6/seed0/kd \
-        [--sizes 10 30] [--steps 200] [--epochs 30]
+        [--sizes 10 30] [--steps 200] [--epochs 30] [--set datafree.bn_weight=0.01] [--results-name datafree]
 
 ``--teacher-run`` is a finished data-driven run of ``recipes/cifar10.yaml`` (teacher, KD student, baseline
 evaluated on the 10,000 real test images); its teacher's weights are the only thing the data-free runs take
@@ -39,6 +39,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=200, help="DeepInversion steps per batch")
     parser.add_argument("--epochs", type=int, default=30, help="student and baseline epochs on the synthetic set")
     parser.add_argument("--output", default="runs/datafree")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="more recipe overrides, e.g. "
+                        "datafree.bn_weight=0.01")
+    parser.add_argument("--results-name", default="datafree", help="table file benchmarks/results/<name>.md")
     args = parser.parse_args()
     teacher_run = Path(args.teacher_run)
     driven = load_summary(teacher_run)
@@ -52,7 +55,7 @@ def main() -> int:
         overrides = [f"output={run}", f"name=datafree-{size}", "data.source=datafree", f"data.root={args.data}",
                      "data.train_per_class=null", f"teacher.pretrained_path={teacher_run / 'teacher' / 'model.safetensors'}",
                      "teacher.epochs=0", f"student.epochs={args.epochs}", f"datafree.images_per_class={size}",
-                     f"datafree.steps={args.steps}", "datafree.batch_size=100", "export.int8=false"]
+                     f"datafree.steps={args.steps}", "datafree.batch_size=100", "export.int8=false", *args.overrides]
         code = edgedistill_main(["run", str(teacher_run / "recipe.yaml"), "--stages",
                                  "datafree,teacher,distill,baseline,evaluate",
                                  *sum((["--set", o] for o in overrides), [])])
@@ -89,7 +92,9 @@ def main() -> int:
              f"target: data-free student >= chance + 20 points ({100 * (CHANCE + 0.2):.0f}%): "
              + ("met" if met and all(met) else "NOT met" if met else "not measured")
              + (f" ({sum(met)} of {len(met)} sizes)" if met else "")]
-    write_table("datafree", "Data-free distillation (DeepInversion) on the CIFAR-10 recipe's teacher "
+    if args.overrides:
+        notes.append("recipe overrides: " + " ".join(f"--set {o}" for o in args.overrides))
+    write_table(args.results_name, "Data-free distillation (DeepInversion) on the CIFAR-10 recipe's teacher "
                 "(benchmarks/datafree.py)", ["student trained on", "images", "teacher top-1", "student top-1",
                                              "baseline top-1", "BN-statistics loss", "teacher confidence"],
                 table, notes)
