@@ -54,7 +54,8 @@ class DataConfig(_Strict):
                                             "global batch is then this x processes); default: batch_size split "
                                             "over the processes")
     workers: Union[Literal["auto"], NonNegativeInt] = Field(
-        "auto", description="loader worker processes; auto = the cores this process may use less one (at most 8)")
+        "auto", description="loader worker processes; auto = the cores this process may use less one (at most 8), "
+                            "none with 2 cores or fewer, where a worker measured slower")
     train_per_class: Optional[int] = Field(None, ge=1, description="cap images per class (CPU budgets)")
     val_per_class: Optional[int] = Field(None, ge=1)
     cache: Optional[bool] = Field(None, description="decode images once into memory; default: when small")
