@@ -489,8 +489,9 @@ def stage_self_distill(ctx: RunContext) -> Optional[list[dict[str, Any]]]:
     for key in keys:
         report = train_step(ctx, key)
         if previous is not None:
-            log.info("%s: validation score %.4f vs %.4f for the generation before (%+.4f; top-1, or R² for "
-                     "regression)", key, report["score"], previous["score"], report["score"] - previous["score"])
+            what, scale = ("R²", 1) if ctx.recipe.task == "regression" else ("top-1", 100)
+            log.info("%s: %s %.2f vs %.2f for the generation before (%+.2f)", key, what, report["score"] * scale,
+                     previous["score"] * scale, (report["score"] - previous["score"]) * scale)
         previous = report
         reports.append(report)
     log.info("self-distill: the student kept is %s", ctx.best_student())
