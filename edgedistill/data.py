@@ -55,15 +55,16 @@ class Split:
     def load(self, index: int) -> np.ndarray:
         if self.images is not None and self.images[index] is not None:
             return self.images[index]
-        image = read_image(self.paths[index])
-        if image is None:
-            raise DataError(f"image '{self.paths[index]}' became unreadable during the run")
+        image = self._read(index)
         return geometric(image, self.prepared) if self.prepared else fit_shorter_side(image, self.max_side)
 
     def original(self, index: int) -> np.ndarray:
         """The image as its file decodes (an evaluation split may hold it already cropped)."""
         if self.prepared is None or not self.paths:
             return self.load(index)
+        return self._read(index)
+
+    def _read(self, index: int) -> np.ndarray:
         image = read_image(self.paths[index])
         if image is None:
             raise DataError(f"image '{self.paths[index]}' became unreadable during the run")
@@ -536,6 +537,11 @@ def load_idx_source(cfg: DataConfig) -> DataBundle:
         source=str(root),
         rest=rest,
     )
+
+
+def folder_classes(cfg: DataConfig, seed: int) -> list[str]:
+    """The class names of ``data.root``'s validation folder, from its sub-folders alone (nothing decoded)."""
+    return scan_folder_split(resolve_root(cfg.root), cfg.val_dir, cfg.val_per_class, seed).classes
 
 
 def real_evaluation_splits(cfg: DataConfig, seed: int) -> tuple[Optional[Split], Optional[Split]]:

@@ -30,7 +30,7 @@ from torch import nn
 from . import distributed
 from .data import Split
 from .loaders import train_loader
-from .recipe import DataConfig
+from .recipe import HARDWARE_KEYS, DataConfig
 
 log = logging.getLogger(__name__)
 FULL_VECTOR_CLASSES = 100
@@ -39,10 +39,12 @@ FULL_VECTOR_CLASSES = 100
 def cache_key(teacher_sha256: str, split: Split, data_cfg: DataConfig, seed: int, draws: int,
               topk: Optional[int]) -> str:
     """What decides the cached logits, hashed: teacher weights, images (labels included: they mark unlabeled
-    rows), every data/augmentation setting, seed, draws, k."""
+    rows), every data/augmentation setting (not the loader workers, which change no view), seed, draws, k."""
     h = hashlib.sha256()
     h.update(teacher_sha256.encode())
-    h.update(json.dumps({"data": data_cfg.model_dump(mode="json"), "seed": seed, "draws": draws, "topk": topk,
+    hardware = {k.split(".", 1)[1] for k in HARDWARE_KEYS if k.startswith("data.")}
+    data = data_cfg.model_dump(mode="json", exclude=hardware)
+    h.update(json.dumps({"data": data, "seed": seed, "draws": draws, "topk": topk,
                          "images": len(split)}, sort_keys=True).encode())
     h.update(np.ascontiguousarray(split.labels).tobytes())
     for i in range(len(split)):

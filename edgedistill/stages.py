@@ -166,14 +166,14 @@ class RunContext:
         """The classes a data-free run synthesizes: the real validation folder's, else datafree.classes, else
         the teacher checkpoint's."""
         from .checkpoint import read_metadata
-        from .data import real_evaluation_splits
+        from .data import folder_classes
 
         if self._classes is not None:
             return self._classes
         recipe = self.recipe
         path = recipe.teacher.pretrained_path
         if recipe.data.root:
-            classes = real_evaluation_splits(recipe.data, recipe.seed)[0].classes
+            classes = folder_classes(recipe.data, recipe.seed)  # scanned only: load_datafree decodes them once
         elif recipe.datafree.classes:
             classes = list(recipe.datafree.classes)
         else:

@@ -18,6 +18,7 @@ import numpy as np
 from .bench import percentile, softmax_top1
 from .errors import SourceError
 from .preprocess import preprocess
+from .regression import restore
 
 
 def csi_pipeline(sensor_id, capture_size=(1280, 720), fps=30, output_size=None, flip=0):
@@ -197,9 +198,7 @@ class _Measure(object):
     """Regression: the values in target units; reject when the chosen target is above/below the thresholds."""
 
     def __init__(self, manifest, above, below, target):
-        from .regression import restore
-
-        self.restore, self.targets = restore, manifest.targets
+        self.targets = manifest.targets
         names = manifest.classes
         if target is not None and target not in names:
             raise SourceError("--reject-target '%s' is not a target of this model (%s)" % (target, ", ".join(names)))
@@ -212,7 +211,7 @@ class _Measure(object):
                                     " or < %g" % below if below is not None else "")
 
     def __call__(self, outputs):
-        values = self.restore(self.targets, outputs[:1])[0]
+        values = restore(self.targets, outputs[:1])[0]
         value = float(values[self.index])
         reject = (self.above is not None and value > self.above) or (self.below is not None and value < self.below)
         text = ", ".join("%s=%.4g" % (n, v) for n, v in zip(self.names, values))
