@@ -53,7 +53,7 @@ def setup_logging(run_dir: Optional[Path], verbose: bool = False, quiet: bool = 
 
 
 def print_summary(summary: dict) -> None:
-    from .report import summary_facts, summary_rows
+    from .summary import summary_facts, summary_rows
 
     rows = summary_rows(summary, summary["latency_batch"])
     table = Table(title=f"{summary['name']}: evaluated on {summary['eval_split']} ({summary['eval_samples']} images)")
@@ -196,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "compare":
         setup_logging(None, args.verbose)
         from .evaluate import load_summary
-        from .report import compare_text
+        from .summary import compare_text
 
         print(compare_text([load_summary(run) for run in args.runs], args.runs))
         return 0

@@ -33,7 +33,7 @@ from .features import FeatureMatcher, mapping_lines, resolve_pairs
 from .models import count_params, create_model, weight_bytes, zero_head
 from .planner import recipe_estimate
 from .recipe import ModelConfig, Recipe
-from .report import advice, summary_markdown, verdict
+from .summary import advice, summary_markdown, verdict
 from .train import Teaching, resolve_device, train_model
 
 log = logging.getLogger(__name__)

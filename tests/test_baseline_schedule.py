@@ -12,7 +12,7 @@ from edgedistill.data import load_data, load_unlabeled
 from edgedistill.errors import DataError, RecipeError
 from edgedistill.losses import UNLABELED
 from edgedistill.recipe import load_recipe
-from edgedistill.report import compare_text
+from edgedistill.summary import compare_text
 from edgedistill.stages import RunContext, baseline_epochs
 
 

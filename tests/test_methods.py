@@ -13,7 +13,7 @@ from edgedistill.features import FeatureMatcher, auto_map, model_stages, resolve
 from edgedistill.losses import attention_loss, distillation_loss, dkd_loss, kd_loss
 from edgedistill.models import create_model
 from edgedistill.recipe import FeaturePair, ModelConfig, load_recipe
-from edgedistill.report import advice, verdict
+from edgedistill.summary import advice, verdict
 
 
 # ------------------------------------------------------------------------------------------------- DKD
