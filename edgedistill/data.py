@@ -91,6 +91,7 @@ class DataBundle:
     test: Optional[Split]
     source: str
     rest: Optional[Split] = None  # training images that train_per_class left out (``data.unlabeled: rest``)
+    calib: Optional[Split] = None  # labelled images for the operating point's threshold (data.calib_dir/_fraction)
     scaling: Optional["TargetScaling"] = None  # task: regression: the train statistics the targets are standardized by
 
     @property
@@ -380,11 +381,17 @@ def load_folder(cfg: DataConfig, seed: int) -> DataBundle:
         raise DataError(f"class folders of '{root / cfg.val_dir}' differ from '{root / cfg.train_dir}': "
                         f"only in train: {only_train or '-'}, only in val: {only_val or '-'}; "
                         f"both splits need the same class sub-folders")
-    test = None
+    test = calib = None
     if cfg.test_dir:
         test = scan_folder_split(root, cfg.test_dir, cfg.val_per_class, seed)
         if test.classes != train.classes:
             raise DataError(f"class folders of '{root / cfg.test_dir}' differ from '{root / cfg.train_dir}'")
+    if cfg.calib_dir:
+        calib = scan_folder_split(root, cfg.calib_dir, None, seed)
+        if calib.classes != train.classes:
+            raise DataError(f"class folders of '{root / cfg.calib_dir}' (data.calib_dir) differ from "
+                            f"'{root / cfg.train_dir}': the threshold is picked per class, so both need the same "
+                            "class sub-folders")
     rest = None
     if cfg.train_per_class and cfg.unlabeled == UNLABELED_REST:
         kept = set(train.paths)
@@ -395,7 +402,8 @@ def load_folder(cfg: DataConfig, seed: int) -> DataBundle:
     train = verify_and_cache(train, cfg.cache, max_side=training_side(cfg))
     val = verify_and_cache(val, cfg.cache, prepared=eval_spec(cfg))
     test = verify_and_cache(test, cfg.cache, prepared=eval_spec(cfg)) if test else None
-    return DataBundle(train, val, test, source=str(root), rest=rest)
+    calib = verify_and_cache(calib, cfg.cache, prepared=eval_spec(cfg)) if calib else None
+    return DataBundle(train, val, test, source=str(root), rest=rest, calib=calib)
 
 
 def load_unlabeled(source: str, data: DataBundle, cache: Optional[bool], max_side: Optional[int] = None) -> Split:
@@ -416,7 +424,7 @@ def load_unlabeled(source: str, data: DataBundle, cache: Optional[bool], max_sid
                      paths=list(rest.paths) if rest.paths else [], images=rest.images)
     root = resolve_root(source)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    known = {Path(p).resolve() for split in (data.train, data.val, data.test) if split is not None
+    known = {Path(p).resolve() for split in (data.train, data.val, data.test, data.calib) if split is not None
              for p in split.paths if p is not None}
     fresh = [p for p in files if p.resolve() not in known]
     if not fresh:
@@ -595,10 +603,33 @@ def load_data(cfg: DataConfig, seed: int = 0, task: str = "classification") -> D
         "digits": lambda: load_digits_source(cfg),
         "idx": lambda: load_idx_source(cfg),
     }
+    if cfg.calib_dir and cfg.source != "folder":
+        raise DataError(f"data.calib_dir is a split folder of data.root, and data.source: {cfg.source} has none: use "
+                        "data.calib_fraction (a held-out share of train) instead")
     bundle = loaders[cfg.source]()
-    log.info("data %s: %d classes, %d train / %d val images%s", bundle.source, len(bundle.classes),
-             len(bundle.train), len(bundle.val), f" / {len(bundle.test)} test" if bundle.test else "")
+    if cfg.calib_fraction and bundle.calib is None:
+        bundle = hold_out_calibration(bundle, cfg.calib_fraction, seed)
+    if len(bundle.classes) < 2:
+        raise DataError(f"data {bundle.source}: one class ({bundle.classes[0]}): a classifier needs at least two")
+    log.info("data %s: %d classes, %d train / %d val images%s%s", bundle.source, len(bundle.classes),
+             len(bundle.train), len(bundle.val), f" / {len(bundle.test)} test" if bundle.test else "",
+             f" / {len(bundle.calib)} calibration" if bundle.calib is not None else "")
     return bundle
+
+
+def hold_out_calibration(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
+    """``data.calib_fraction``: a stratified share of the labelled training images (at least one per class, fixed
+    by seed) held out for the operating point's threshold; no model trains on them."""
+    keep, held = _stratified_split(bundle.train.labels, fraction, seed)
+    if len(keep) == 0 or any(not np.any(bundle.train.labels[keep] == c) for c in range(len(bundle.classes))):
+        raise DataError(f"data.calib_fraction {fraction}: holding out {len(held)} of {len(bundle.train)} training "
+                        "images leaves a class without training images: add images or set data.calib_dir")
+    calib = bundle.train.subset(held)
+    calib.name = "calib"
+    log.info("data.calib_fraction %.2f: %d training images held out (stratified, seed %d) to pick the operating "
+             "point's threshold; %d remain for training", fraction, len(held), seed, len(keep))
+    return DataBundle(bundle.train.subset(keep), bundle.val, bundle.test, bundle.source, rest=bundle.rest,
+                      calib=calib, scaling=bundle.scaling)
 
 
 # ----------------------------------------------------------------------------------------------- transforms

@@ -181,13 +181,21 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, cfg: Expor
 
 
 def quality(path: Path, batches: np.ndarray, labels: np.ndarray, cfg: ExportConfig,
-            targets: Optional[dict] = None) -> dict[str, float]:
-    """The ONNX model's quality on held-out images: ``top1``; or, with regression ``targets`` (labels in target
-    units), ``r2`` and ``mae``. ``score`` is the one compared across variants."""
+            targets: Optional[dict] = None, decision: Optional[dict] = None) -> dict[str, float]:
+    """The ONNX model's quality on held-out images: ``top1`` (and, with a ``decision`` threshold, the recall and
+    false-reject rate of its positive class there); or, with regression ``targets`` (labels in target units),
+    ``r2`` and ``mae``. ``score`` is the one compared across variants."""
     outputs = _ort_logits(path, batches, cfg.batch, cfg.dynamic_batch)
     if targets is None:
         top1 = float((outputs.argmax(1) == labels).mean())
-        return {"top1": top1, "score": top1}
+        out = {"top1": top1, "score": top1}
+        if decision and decision.get("threshold") is not None:
+            from edgerun.decision import positive_scores, rates_at
+
+            index = decision["positive_index"]
+            rates = rates_at(np.asarray(labels) == index, positive_scores(outputs, index), decision["threshold"])
+            out.update(recall=rates["recall"], false_reject=rates["false_reject"])
+        return out
     from edgerun.regression import restore, summarize
 
     got = summarize(restore(targets, outputs), np.asarray(labels, dtype=np.float64), targets["names"])
@@ -197,10 +205,12 @@ def quality(path: Path, batches: np.ndarray, labels: np.ndarray, cfg: ExportConf
 def build_bundle(*, model: nn.Module, out_dir: Path, name: str, classes: list[str], train: Split, val: Split,
                  data_cfg, cfg: ExportConfig, seed: int, checkpoint: Path, source: dict[str, Any],
                  host_metrics: dict[str, Any], recipe_yaml: str, teacher: Optional[nn.Module] = None,
-                 targets: Optional[dict] = None) -> dict:
+                 targets: Optional[dict] = None, decision: Optional[dict] = None) -> dict:
     """Write a verified bundle folder at ``out_dir`` and return its manifest dictionary. ``targets`` (regression:
     {names, mean, std}) makes a regression bundle: val.npz holds target values in target units, the manifest
-    carries the scaling, INT8 is judged by its R² drop."""
+    carries the scaling, INT8 is judged by its R² drop. ``decision`` ({metric, positive_class, threshold, ...}:
+    the evaluate stage's operating point) goes into the manifest for the device's reject decision, with the
+    recall and false-reject rate of FP32 and every INT8 variant on the bundle's own validation images."""
     target = get_target(cfg.target)
     opset = cfg.opset or target["max_opset"]
     if opset > target["max_opset"]:
@@ -244,7 +254,11 @@ def build_bundle(*, model: nn.Module, out_dir: Path, name: str, classes: list[st
         calib = preprocess([train.load(int(i)) for i in calib_idx], spec)
         np.save(tmp / CALIB_FILE, calib)
 
-        held_out = (val_batches[:cfg.val_samples], val_labels[:cfg.val_samples], cfg, targets)
+        if decision is not None:
+            decision = dict(decision)
+            if decision.get("positive_class") is not None:
+                decision["positive_index"] = list(classes).index(decision["positive_class"])
+        held_out = (val_batches[:cfg.val_samples], val_labels[:cfg.val_samples], cfg, targets, decision)
         fp32 = quality(onnx_path, *held_out)
         fp32_score = fp32["score"]
         variants: dict[str, Any] = {}
@@ -280,6 +294,7 @@ def build_bundle(*, model: nn.Module, out_dir: Path, name: str, classes: list[st
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "classes": list(classes),
             **({"task": "regression", "targets": dict(targets)} if targets is not None else {}),
+            **({"decision": decision} if decision is not None else {}),
             "model": {"file": MODEL_FILE, "input_name": INPUT_NAME, "input_shape": list(shape),
                       "output_name": OUTPUT_NAME, "output_shape": [cfg.batch, len(classes)], "layout": "NCHW",
                       "dtype": "float32", "opset": opset, "simplified": bool(simplified),

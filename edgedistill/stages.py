@@ -27,14 +27,15 @@ from .data import DataBundle, Split, load_data, load_datafree, load_unlabeled, t
 from .loaders import eval_loader
 from .errors import StageMissingError, TeacherTooWeakError
 from .cost import cost_comparison
-from .evaluate import (bootstrap_intervals, classification_report, images_to_resolve, mcnemar_exact, measure_latency,
-                       measure_ort_latency, predict, regression_markdown, regression_report, report_markdown)
+from .evaluate import (Prediction, classification_report, compare_models, measure_latency, measure_ort_latency,
+                       predict, regression_markdown, regression_report, report_markdown)
 from .features import FeatureMatcher, mapping_lines, resolve_pairs
 from .models import count_params, create_model, weight_bytes, zero_head
-from .planner import recipe_estimate
+from .planner import device_check, recipe_estimate
 from .recipe import ModelConfig, Recipe
+from .metrics import EvalPlan, OperatingPoint, plan_evaluation
 from .summary import advice, summary_markdown, verdict
-from .train import Teaching, resolve_device, train_model
+from .train import Teaching, TrainJob, balance_for, resolve_device, train_model
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ BASELINE_SECTIONS = ("seed", "task", "data", "student", "baseline", "train", "da
 DEPENDS_ON = {
     "datafree": ("seed", "task", "data", "teacher", "datafree"),
     "evaluate": STUDENT_SECTIONS + ("self_distill", "evaluate"),
-    "export": STUDENT_SECTIONS + ("self_distill", "export"),
+    "export": STUDENT_SECTIONS + ("self_distill", "evaluate", "export"),  # evaluate: the manifest's decision
 }
 COMPRESSION_WARNING = 50  # teacher/student parameter ratio above which quality rarely survives
 TITLES = {"teacher": "Teacher", "assistant": "Teacher assistant", "student": "Distilled student",
@@ -119,6 +120,7 @@ class RunContext:
         self._data: Optional[DataBundle] = None
         self._unlabeled: Optional[Split] = None
         self._classes: Optional[list[str]] = None  # data.source: datafree, before the synthetic set exists
+        self._evaluation: Optional[EvalPlan] = None
         if distributed.world().is_main:
             atomic_write_text(self.run_dir / "recipe.yaml", recipe.to_yaml())
 
@@ -193,6 +195,59 @@ class RunContext:
             log.info("data.unlabeled: %d images for distillation (the teacher labels them; CE skips them)",
                      len(self._unlabeled))
         return self._unlabeled
+
+    @property
+    def evaluation(self) -> Optional[EvalPlan]:
+        """What the run is judged on (metric, positive class, operating point), from the recipe and the training
+        labels; None for regression."""
+        if self.recipe.task == "regression":
+            return None
+        if self._evaluation is None:
+            from .errors import RecipeError
+
+            ev = self.recipe.evaluate
+            point = OperatingPoint(**ev.operating_point.model_dump()) if ev.operating_point else None
+            try:
+                self._evaluation = plan_evaluation(ev.metric, ev.positive_class, point, self.data.classes,
+                                                   self.data.train.labels)
+            except ValueError as exc:
+                raise RecipeError(str(exc)) from None
+        return self._evaluation
+
+    def announce_evaluation(self) -> None:
+        """Before training: the metric the run is judged on and why, the positive class, and any warning."""
+        plan = self.evaluation
+        if plan is None:
+            return
+        log.info("evaluate: judged on %s (%s)", plan.metric_title, plan.metric_reason)
+        if plan.positive is not None:
+            log.info("evaluate: positive class %s (%s)", plan.positive, plan.positive_reason)
+        if plan.operating_point is not None or plan.metric == "recall_at_false_reject":
+            split = self.calib_split
+            log.info("evaluate: thresholds picked on split '%s' (%d images), reported on '%s'", split.name,
+                     len(split), self.eval_split.name)
+        for warning in plan.warnings:
+            log.warning("evaluate: %s", warning)
+
+    @property
+    def calib_split(self) -> Optional[Split]:
+        """Where thresholds are picked: data.calib_dir or the held-out share of train, else val/ when the test
+        split is the one reported; None when nothing needs a threshold."""
+        if not self.recipe.needs_calibration():
+            return None
+        if self.data.calib is not None:
+            return self.data.calib
+        if self.data.test is not None:
+            return self.data.val
+        raise StageMissingError("evaluate.operating_point needs labelled images apart from the evaluated ones: set "
+                                "data.calib_dir, data.calib_fraction or data.test_dir")
+
+    def step_data(self, step: "Step"):
+        """The data settings a step trains with: the recipe's, with a class-balanced sampler for distillation
+        steps under distill.balance: sampler."""
+        if step.teacher is not None and self.recipe.distill.balance == "sampler" and self.recipe.task != "regression":
+            return self.recipe.data.model_copy(update={"sampler": "balanced"})
+        return self.recipe.data
 
     @property
     def eval_split(self) -> Split:
@@ -274,7 +329,7 @@ class RunContext:
 
     def best_student(self) -> str:
         """The student step kept: the born-again generation (or the first student) with the best validation
-        top-1; the earlier one on a tie."""
+        score (the run's metric: top-1, balanced accuracy, ...); the earlier one on a tie."""
         self.require("distill", "choosing the student")
         keys = ["distill"] + [k for k in self.generation_keys() if self.is_done(k)]
         scores = [self.done_record(k).get("score", self.done_record(k).get("top1")) for k in keys]
@@ -292,8 +347,7 @@ def _validate_and_report(ctx: RunContext, key: str, model: nn.Module, title: str
         atomic_write_text(folder / "report.json", json.dumps(report, indent=2))
         atomic_write_text(folder / "report.md", regression_markdown(title, report))
         return report
-    report = classification_report(pred, data.classes)
-    report["score"] = report["top1"]
+    report = classification_report(pred, data.classes, ctx.evaluation)
     report["skipped_images"] = {"train": data.train.skipped, "val": data.val.skipped}
     atomic_write_text(folder / "report.json", json.dumps(report, indent=2))
     atomic_write_text(folder / "report.md", report_markdown(title, report, data.classes))
@@ -329,7 +383,7 @@ def _teaching(ctx: RunContext, step: Step, model: nn.Module, train: Split) -> Te
         from .softlabels import cached_soft_labels
 
         cache = cached_soft_labels(teacher, sha256_file(str(ctx.stage_dir(step.teacher) / MODEL_FILE)), train,
-                                   ctx.recipe.data, ctx.recipe.seed + step.seed_offset, distill.cache_draws,
+                                   ctx.step_data(step), ctx.recipe.seed + step.seed_offset, distill.cache_draws,
                                    distill.cache_topk, ctx.run_dir / "soft_labels", ctx.device)
         return Teaching(teacher=None, distill=distill, soft_labels=cache)
     return Teaching(teacher=teacher, distill=distill, features=features)
@@ -363,9 +417,15 @@ def train_step(ctx: RunContext, key: str) -> dict[str, Any]:
     extra.update({"epochs": cfg.epochs, "train_images": len(train)})
     if cfg.epochs:
         teaching = _teaching(ctx, step, model, train) if step.teacher is not None else None
-        train_model(model, train, ctx.data.val, ctx.recipe.data, cfg, folder, ctx.recipe.seed + step.seed_offset,
-                    ctx.fingerprint(key), ctx.device, label=key, teaching=teaching, hardware=ctx.recipe.train,
-                    task=ctx.recipe.task)
+        data_cfg = ctx.step_data(step)
+        balance = None
+        if ctx.recipe.task != "regression":
+            balance = balance_for(cfg, train, data_cfg, ctx.recipe.distill if step.teacher is not None else None,
+                                  original_sampler=ctx.recipe.data.sampler)
+        train_model(TrainJob(model=model, train=train, val=ctx.data.val, data=data_cfg, cfg=cfg, folder=folder,
+                             seed=ctx.recipe.seed + step.seed_offset, fingerprint=ctx.fingerprint(key),
+                             device=ctx.device, label=key, teaching=teaching, hardware=ctx.recipe.train,
+                             task=ctx.recipe.task, balance=balance))
     elif not step.cfg.pretrained_path and not step.cfg.pretrained:
         log.warning("%s: %s.epochs is 0 and no weights are given: the model stays untrained", key, step.role)
     if not distributed.world().is_main:  # rank 0 saves, validates and marks the step done
@@ -377,14 +437,16 @@ def train_step(ctx: RunContext, key: str) -> dict[str, Any]:
     if (folder / FEATURE_MAP_FILE).exists():
         outputs.append(FEATURE_MAP_FILE)
     scores = ({"r2": report["r2"], "mae": report["mae"]} if ctx.recipe.task == "regression"
-              else {"top1": report["top1"]})
+              else {"top1": report["top1"], "metric": report.get("metric", "top1")})
     ctx.mark_done(key, outputs, {**scores, "score": report["score"], "model": step.cfg.model, "teacher": step.teacher,
                                  **extra})
     if ctx.recipe.task == "regression":
         log.info("%s: %s MAE %.4g, R² %.4f on %d validation images", key, step.cfg.model, report["mae"],
                  report["r2"], report["samples"])
     else:
-        log.info("%s: %s top-1 %.2f%% on %d validation images", key, step.cfg.model, report["top1"] * 100,
+        plan = ctx.evaluation
+        also = f", {plan.metric_title} {report['score'] * 100:.2f}%" if plan and plan.metric != "top1" else ""
+        log.info("%s: %s top-1 %.2f%%%s on %d validation images", key, step.cfg.model, report["top1"] * 100, also,
                  report["samples"])
     distributed.barrier()
     return report
@@ -518,29 +580,43 @@ def _evaluated_models(ctx: RunContext) -> tuple[Split, Any, str, dict[str, str],
 
 
 def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
+    """Teacher, assistants, the kept student and the baseline on the evaluation split, judged on the run's metric
+    (``ctx.evaluation``): retention and KD gain with their paired test and bootstrap intervals, thresholds picked on
+    the calibration split with recall and false-reject rate at them, speed, the device estimate, cost, verdict."""
     if ctx.recipe.task == "regression":
         return stage_evaluate_regression(ctx)
     recipe, data = ctx.recipe, ctx.data
     ev = recipe.evaluate
+    plan = ctx.evaluation
     split, loader, student_key, roles, models = _evaluated_models(ctx)
     summary: dict[str, Any] = {"name": recipe.name, "seed": recipe.seed, "fingerprint": ctx.fingerprint("evaluate"),
                                "latency_batch": ev.latency_batch,
                                "eval_split": split.name, "eval_samples": len(split), "classes": data.classes}
-    correct = {}
+    preds: dict[str, Prediction] = {}
     for role, model in models.items():
-        pred = predict(model.to(ctx.device), loader, ctx.device)
-        correct[role] = pred.predicted == pred.labels
-        summary[role] = _model_facts(model, pred.top1, ctx.steps[roles[role]].cfg.model)
+        preds[role] = predict(model.to(ctx.device), loader, ctx.device)
+        summary[role] = _model_facts(model, preds[role].top1, ctx.steps[roles[role]].cfg.model)
+    calib = None
+    if ctx.calib_split is not None:
+        calib_loader = eval_loader(ctx.calib_split, recipe.data)
+        calib = {role: predict(model.to(ctx.device), calib_loader, ctx.device) for role, model in models.items()}
+    judged = compare_models(preds, plan, calib, ctx.calib_split.name if calib else "", seed=recipe.seed)
+    for role, facts in judged.pop("models").items():
+        summary[role].update(facts)
+    summary.update(judged)
+    summary["top1_retention"] = summary["student"]["top1"] / summary["teacher"]["top1"] if summary["teacher"]["top1"] \
+        else 0.0
+    summary["top1_kd_gain"] = summary["student"]["top1"] - summary["baseline"]["top1"]
     summary["chain"] = [{"role": key, "model": ctx.steps[key].cfg.model} for key in ctx.chain_keys()]
     summary["student"]["step"] = student_key
     if ctx.generation_keys():
         summary["student"]["generation"] = 0 if student_key == "distill" else int(student_key.split("-")[1])
         summary["generations"] = []
         for g, key in enumerate(["distill"] + ctx.generation_keys()):
-            top1 = summary["student"]["top1"] if key == student_key else predict(
-                ctx.trained_model(key, "evaluate").to(ctx.device), loader, ctx.device).top1  # kept one: done above
-            summary["generations"].append({"generation": g, "top1": top1, "kept": key == student_key,
-                                           "val_top1": ctx.done_record(key)["top1"]})
+            report = classification_report(preds["student"] if key == student_key else predict(
+                ctx.trained_model(key, "evaluate").to(ctx.device), loader, ctx.device), data.classes, plan)
+            summary["generations"].append({"generation": g, "top1": report["top1"], "score": report["score"],
+                                           "kept": key == student_key, "val_score": ctx.done_record(key)["score"]})
     summary["unlabeled_images"] = (ctx.done_record("distill") or {}).get("unlabeled_images", 0)
     if recipe.data.source == "datafree":
         facts = json.loads((ctx.stage_dir("datafree") / "synthesis.json").read_text())
@@ -558,14 +634,7 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
                            for role, key in (("student", student_key), ("baseline", "baseline"))}
     _host_latency(ctx, models, summary)
     summary["device_estimate"] = recipe_estimate(recipe, len(data.classes))
-    t, s, b = summary["teacher"], summary["student"], summary["baseline"]
-    summary["retention"] = s["top1"] / t["top1"] if t["top1"] else 0.0
-    summary["kd_gain"] = s["top1"] - b["top1"]
-    sig = mcnemar_exact(correct["student"], correct["baseline"])
-    sig["images_to_resolve"] = images_to_resolve(sig["a_only"], sig["b_only"], sig["images"])
-    summary["significance"] = sig
-    summary["intervals"] = bootstrap_intervals(correct["teacher"], correct["student"], correct["baseline"],
-                                               seed=recipe.seed)
+    summary["device_check"] = device_check(summary["device_estimate"], recipe, len(data.classes))
     _speed_and_cost(ctx, summary)
     summary["verdict"], helped = verdict(summary, ev.min_kd_gain)
     summary["kd_gain_flag"] = not helped
@@ -679,12 +748,21 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
     teacher = ctx.trained_model("teacher", "export") if recipe.export.teacher else None
     summary_path = ctx.run_dir / "summary.json"
     host: dict[str, Any] = {}
+    decision = None
     if summary_path.exists():
         s = json.loads(summary_path.read_text())
         quality = ("r2", "mae") if recipe.task == "regression" else ("top1",)
         host = {f"{role}_{k}": s[role][k] for role in ("teacher", "student", "baseline") for k in quality}
         host.update({"retention": s["retention"], "kd_gain": s["kd_gain"], "eval_split": s["eval_split"],
                      "eval_samples": s["eval_samples"]})
+        if s.get("metric"):
+            host["metric"] = s["metric"]["name"]
+            host.update({f"{role}_score": s[role]["score"] for role in ("teacher", "student", "baseline")})
+            if s.get("fingerprint") == ctx.fingerprint("evaluate"):
+                decision = _decision(s)
+            else:
+                log.warning("export: %s is from another recipe: the bundle gets no reject threshold; run `edgedistill "
+                            "evaluate RECIPE` first", summary_path)
     else:
         log.warning("export: no summary.json yet (run evaluate first to carry host metrics into the manifest)")
     manifest = build_bundle(
@@ -693,7 +771,7 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
         checkpoint=ctx.stage_dir(student_key) / MODEL_FILE, recipe_yaml=recipe.to_yaml(), teacher=teacher,
         source={"student_model": recipe.student.model, "teacher_model": recipe.teacher.model,
                 "recipe_fingerprint": ctx.fingerprint("export")},
-        host_metrics=host, targets=data.scaling.as_dict() if data.scaling is not None else None)
+        host_metrics=host, targets=data.scaling.as_dict() if data.scaling is not None else None, decision=decision)
     ctx.mark_done("export", ["manifest.json", "model.onnx"])
     par = manifest["metrics"]["parity"]
     log.info("export: bundle for %s in %s (parity max abs error %.1e%s); pack it with `edgedistill pack %s -o "
@@ -701,6 +779,25 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
              "" if data.scaling is not None else f", top-1 agreement {par['top1_agreement'] * 100:.2f}%",
              ctx.stage_dir("export"), recipe.name)
     return manifest
+
+
+def _decision(summary: dict[str, Any]) -> dict[str, Any]:
+    """The device's reject decision from the evaluate stage: the metric, the positive class and, when a threshold
+    was picked (an operating point, or recall at a false-reject limit), the student's threshold with what it gave
+    on the host."""
+    chosen = summary["metric"]
+    out: dict[str, Any] = {"metric": chosen["name"], "positive_class": chosen.get("positive_class")}
+    op = summary.get("operating_point")
+    if op:
+        mine = op["student"]
+        out.update(threshold=mine["threshold"], operating_point=chosen["operating_point"],
+                   calibration_split=op["calibration_split"],
+                   host={"split": summary["eval_split"], "recall": mine["recall"], "false_reject": mine["false_reject"]})
+    elif summary["student"].get("metric_threshold") is not None:
+        out.update(threshold=summary["student"]["metric_threshold"],
+                   operating_point={"target_recall": None, "max_false_reject": chosen.get("false_reject_limit")},
+                   calibration_split=(chosen.get("calibration") or {}).get("split"))
+    return out
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[RunContext], Any]] = {

@@ -6,7 +6,8 @@ Each cell is a distillation step in ``<run>/sweep/T<T>-a<alpha>/`` with its own 
 checkpoint, so a killed sweep continues where it stopped and finished cells are never retrained. After
 every cell, ``sweep/results.csv`` and ``sweep/results.md`` are rewritten from the cells done so far; at the
 end a heatmap (``sweep/heatmap.png``) and the best cell with the recipe lines to use. The best cell is
-chosen on the validation split; the evaluation split (``test`` when the recipe has one) is reported beside it.
+chosen on the validation split by the run's metric (``evaluate.metric``: top-1, balanced accuracy, ...); the
+evaluation split (``test`` when the recipe has one) is reported beside it, and top-1 stays as a column.
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from typing import Any, Optional
 from .checkpoint import atomic_write_text
 from .loaders import eval_loader
 from .errors import EdgedistillError, RecipeError
-from .evaluate import predict
+from .evaluate import classification_report, predict
 from .stages import STUDENT_SECTIONS, RunContext, Step, check_teacher_floor, run_stage, train_step
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["temperature", "alpha", "status", "val_top1", "eval_top1", "eval_split", "retention", "train_s", "folder"]
+COLUMNS = ["temperature", "alpha", "status", "val_top1", "eval_top1", "metric", "val_score", "eval_score", "eval_split",
+           "retention", "train_s", "folder"]
 
 
 def parse_values(text: str, name: str) -> list[float]:
@@ -51,7 +53,7 @@ def _train_seconds(folder) -> float:
                if '"kind": "epoch"' in line)
 
 
-def run_cell(ctx: RunContext, temperature: float, alpha: float, teacher_eval_top1: float) -> dict[str, Any]:
+def run_cell(ctx: RunContext, temperature: float, alpha: float, teacher_eval_score: float) -> dict[str, Any]:
     recipe = ctx.recipe.model_copy(update={"distill": ctx.recipe.distill.model_copy(
         update={"temperature": temperature, "alpha": alpha})})
     cell = ctx.derive(recipe)
@@ -65,10 +67,18 @@ def run_cell(ctx: RunContext, temperature: float, alpha: float, teacher_eval_top
         log.warning("%s: %s", key, exc)
         return {**row, "status": f"failed: {str(exc).splitlines()[0][:120]}"}
     split = ctx.eval_split
-    top1 = predict(cell.trained_model(key, "sweep").to(ctx.device), eval_loader(split, recipe.data), ctx.device).top1
-    return {**row, "status": "ok", "val_top1": report["top1"], "eval_top1": top1, "eval_split": split.name,
-            "retention": top1 / teacher_eval_top1 if teacher_eval_top1 else 0.0,
+    judged = _eval_report(cell, cell.trained_model(key, "sweep"))
+    return {**row, "status": "ok", "val_top1": report["top1"], "eval_top1": judged["top1"],
+            "metric": ctx.evaluation.metric, "val_score": report["score"], "eval_score": judged["score"],
+            "eval_split": split.name, "retention": judged["score"] / teacher_eval_score if teacher_eval_score else 0.0,
             "train_s": round(_train_seconds(cell.stage_dir(key)), 1)}
+
+
+def _eval_report(ctx: RunContext, model) -> dict[str, Any]:
+    """A model on the evaluation split, scored on the run's metric (a threshold-based metric picks its threshold
+    on the same split: a ranking, not the operating point's report)."""
+    pred = predict(model.to(ctx.device), eval_loader(ctx.eval_split, ctx.recipe.data), ctx.device)
+    return classification_report(pred, ctx.data.classes, ctx.evaluation)
 
 
 def write_tables(ctx: RunContext, rows: list[dict[str, Any]], temperatures: list[float], alphas: list[float]) -> None:
@@ -82,8 +92,8 @@ def write_tables(ctx: RunContext, rows: list[dict[str, Any]], temperatures: list
     by_cell = {(r["temperature"], r["alpha"]): r for r in rows}
     best = best_cell(rows)
     lines = [f"# {ctx.recipe.name}: temperature / alpha sweep", "",
-             f"Student `{ctx.recipe.student.model}`, teacher `{ctx.recipe.teacher.model}`; cells: validation top-1 % "
-             f"(evaluation split top-1 % in brackets); best in bold.", "",
+             f"Student `{ctx.recipe.student.model}`, teacher `{ctx.recipe.teacher.model}`; cells: validation "
+             f"{ctx.evaluation.metric_title} % (evaluation split in brackets); best in bold; top-1 in results.csv.", "",
              "| T \\ alpha | " + " | ".join(f"{a:g}" for a in alphas) + " |", "|---" * (len(alphas) + 1) + "|"]
     for t in temperatures:
         cells = []
@@ -94,7 +104,7 @@ def write_tables(ctx: RunContext, rows: list[dict[str, Any]], temperatures: list
             elif r["status"] != "ok":
                 cells.append(r["status"].split(":")[0])
             else:
-                text = f"{r['val_top1'] * 100:.2f} ({r['eval_top1'] * 100:.2f})"
+                text = f"{r['val_score'] * 100:.2f} ({r['eval_score'] * 100:.2f})"
                 cells.append(f"**{text}**" if r is best else text)
         lines.append(f"| {t:g} | " + " | ".join(cells) + " |")
     if best is not None:
@@ -104,7 +114,7 @@ def write_tables(ctx: RunContext, rows: list[dict[str, Any]], temperatures: list
 
 def best_cell(rows: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
     ok = [r for r in rows if r["status"] == "ok"]
-    return max(ok, key=lambda r: (r["val_top1"], r["eval_top1"])) if ok else None
+    return max(ok, key=lambda r: (r["val_score"], r["eval_score"])) if ok else None
 
 
 def recipe_lines(best: dict[str, Any]) -> str:
@@ -122,7 +132,7 @@ def heatmap(ctx: RunContext, rows: list[dict[str, Any]], temperatures: list[floa
     grid = np.full((len(temperatures), len(alphas)), np.nan)
     for r in rows:
         if r["status"] == "ok":
-            grid[temperatures.index(r["temperature"]), alphas.index(r["alpha"])] = r["val_top1"] * 100
+            grid[temperatures.index(r["temperature"]), alphas.index(r["alpha"])] = r["val_score"] * 100
     fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(alphas), 1.2 + 0.7 * len(temperatures)))
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
@@ -136,7 +146,7 @@ def heatmap(ctx: RunContext, rows: list[dict[str, Any]], temperatures: list[floa
                 star = best is not None and (best["temperature"], best["alpha"]) == (t, a)
                 ax.text(j, i, f"{grid[i, j]:.1f}{'*' if star else ''}", ha="center", va="center",
                         color="white" if grid[i, j] < np.nanmean(grid) else "black", fontsize=9)
-    fig.colorbar(image, ax=ax, label="validation top-1 %")
+    fig.colorbar(image, ax=ax, label=f"validation {ctx.evaluation.metric_title} %")
     ax.set_title(f"{ctx.recipe.student.model} from {ctx.recipe.teacher.model}", fontsize=10)
     fig.tight_layout()
     fig.savefig(ctx.run_dir / "sweep" / "heatmap.png", dpi=120)
@@ -150,18 +160,18 @@ def run_sweep(ctx: RunContext, temperatures: list[float], alphas: list[float]) -
     run_stage(ctx, "teacher")
     check_teacher_floor(ctx, "sweep")
     run_stage(ctx, "assistant")
-    teacher_top1 = predict(ctx.trained_model("teacher", "sweep").to(ctx.device),
-                           eval_loader(ctx.eval_split, ctx.recipe.data), ctx.device).top1
+    teacher_score = _eval_report(ctx, ctx.trained_model("teacher", "sweep"))["score"]
     rows: list[dict[str, Any]] = []
     cells = [(t, a) for t in temperatures for a in alphas]
     for n, (t, a) in enumerate(cells, 1):
         log.info("sweep cell %d/%d: T = %g, alpha = %g", n, len(cells), t, a)
-        rows.append(run_cell(ctx, t, a, teacher_top1))
+        rows.append(run_cell(ctx, t, a, teacher_score))
         write_tables(ctx, rows, temperatures, alphas)
     heatmap(ctx, rows, temperatures, alphas)
     best = best_cell(rows)
     if best is None:
         raise EdgedistillError(f"sweep: every cell failed; see {ctx.run_dir / 'sweep' / 'results.csv'}")
-    log.info("sweep: best cell T = %g, alpha = %g (validation %.2f%%, %s %.2f%%); use %s", best["temperature"],
-             best["alpha"], best["val_top1"] * 100, best["eval_split"], best["eval_top1"] * 100, recipe_lines(best))
-    return {"best": best, "rows": rows, "teacher_eval_top1": teacher_top1}
+    log.info("sweep: best cell T = %g, alpha = %g (validation %s %.2f%%, %s %.2f%%); use %s", best["temperature"],
+             best["alpha"], ctx.evaluation.metric_title, best["val_score"] * 100, best["eval_split"],
+             best["eval_score"] * 100, recipe_lines(best))
+    return {"best": best, "rows": rows, "teacher_eval_score": teacher_score}

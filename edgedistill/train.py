@@ -14,7 +14,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,8 +31,8 @@ from .loaders import eval_loader, train_loader
 from .errors import CheckpointError, NonFiniteLossError
 from .evaluate import predict
 from .features import DEFAULT_WEIGHTS, FeatureMatcher
-from .losses import (UNLABELED, distillation_loss, dkd_loss, labeled_cross_entropy, regression_distillation_loss,
-                     regression_loss)
+from .losses import (UNLABELED, Balance, distillation_loss, dkd_loss, effective_number_weights,
+                     inverse_frequency_weights, labeled_cross_entropy, regression_distillation_loss, regression_loss)
 from .recipe import DataConfig, DistillConfig, ModelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,72 @@ def dkd_ramp(progress_epochs: float, cfg: ModelConfig, distill: DistillConfig) -
     return 1.0 if warmup <= 0 else min(1.0, progress_epochs / warmup)
 
 
+@dataclass
+class TrainJob:
+    """One model's training: the model, the images it learns from and is validated on, its schedule and loss
+    settings, where it saves, and (for distillation) what teaches it. ``train_model`` reads nothing else."""
+
+    model: nn.Module
+    train: Split
+    val: Split
+    data: DataConfig  # augmentation, batch, data.sampler (distill.balance: sampler swaps in a balanced one)
+    cfg: ModelConfig  # epochs, optimizer, class weights, logit adjustment, layer decay
+    folder: Path
+    seed: int
+    fingerprint: str
+    device: torch.device
+    label: str
+    teaching: Optional["Teaching"] = None
+    hardware: TrainConfig = field(default_factory=TrainConfig)
+    task: str = "classification"
+    balance: Optional[Balance] = None
+
+
+def balance_for(cfg: ModelConfig, train: Split, data_cfg: DataConfig, distill: Optional[DistillConfig] = None,
+                original_sampler: Optional[str] = None) -> Optional[Balance]:
+    """The loss's treatment of imbalanced classes for one step, from its training labels:
+
+    - ``cfg.class_weights`` (auto: ``n / (classes n_c)``, or the listed weights) weigh the CE term;
+    - ``cfg.logit_adjustment`` tau adds ``tau * log prior`` to the logits inside CE, the prior being the class
+      frequencies the training stream shows (Menon et al. 2021);
+    - ``distill.balance: sampler``: the stream is drawn class-balanced (``data_cfg.sampler``), and CE is
+      importance-weighted by ``prior_original / prior_balanced`` back to ``original_sampler``'s distribution;
+    - ``distill.balance: reweight``: the KD target is class-balanced (Balanced KD, effective-number weights).
+    None when nothing applies (the loss is then exactly as before)."""
+    from .errors import RecipeError
+    from .loaders import stream_prior
+
+    labels = np.asarray(train.labels)
+    k = len(train.classes)
+    sizes = np.bincount(labels[labels >= 0], minlength=k)
+    weight = None
+    if cfg.class_weights == "auto":
+        weight = inverse_frequency_weights(sizes)
+    elif isinstance(cfg.class_weights, list):
+        if len(cfg.class_weights) != k:
+            raise RecipeError(f"class_weights lists {len(cfg.class_weights)} weights for {k} classes "
+                              f"({', '.join(train.classes)}): give one per class, in that order")
+        weight = np.asarray(cfg.class_weights, dtype=np.float64)
+    prior = stream_prior(labels, k, data_cfg.sampler)
+    if distill is not None and distill.balance == "sampler":
+        correction = stream_prior(labels, k, original_sampler or "uniform") / np.maximum(prior, 1e-12)
+        weight = correction if weight is None else weight * correction
+    adjust = cfg.logit_adjustment * np.log(np.maximum(prior, 1e-12)) if cfg.logit_adjustment else None
+    kd_weight = (np.log(effective_number_weights(sizes)) if distill is not None and distill.balance == "reweight"
+                 else None)
+    if weight is None and adjust is None and kd_weight is None:
+        return None
+    as_tensor = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    return Balance(as_tensor(weight), as_tensor(adjust), as_tensor(kd_weight))
+
+
 def compute_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: Optional[torch.Tensor],
                  cfg: ModelConfig, distill: Optional[DistillConfig], progress_epochs: float = 0.0,
-                 task: str = "classification") -> dict[str, torch.Tensor]:
+                 task: str = "classification", balance: Optional[Balance] = None) -> dict[str, torch.Tensor]:
     """The loss terms of one batch: CE alone (no teacher), or KD/DKD + CE; targets of -1 are unlabeled. For
     regression: the MSE/Huber task loss, and with a teacher ``alpha * MSE(student, teacher)`` added (as ``kd``;
-    the task term is logged as ``ce``)."""
+    the task term is logged as ``ce``). ``balance`` weighs and adjusts CE and class-balances KD (imbalanced
+    classes)."""
     if task == "regression":
         if teacher_logits is None:
             loss = regression_loss(logits, targets, cfg.loss)
@@ -86,19 +146,25 @@ def compute_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: Op
         assert distill is not None
         out = regression_distillation_loss(logits, teacher_logits, targets, distill.alpha, cfg.loss)
         return {"loss": out.total, "kd": out.kd, "ce": out.ce}
+    balance = balance or Balance()
     if teacher_logits is None:
-        ce = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+        if balance == Balance():
+            ce = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+        else:
+            ce = labeled_cross_entropy(logits, targets, cfg.label_smoothing, balance.ce_weight, balance.ce_adjust)
         return {"loss": ce, "ce": ce}
     assert distill is not None
     if distill.method == "kd":
         out = distillation_loss(logits, teacher_logits, targets, distill.temperature, distill.alpha,
-                                cfg.label_smoothing)
+                                cfg.label_smoothing, balance)
         return {"loss": out.total, "kd": out.kd, "ce": out.ce}
     # DKD needs a target class: an unlabeled image takes the teacher's prediction
+    if balance.kd_log_weight is not None:  # the class-balanced teacher decides the target class too
+        teacher_logits = teacher_logits + balance.kd_log_weight * distill.temperature
     pseudo = torch.where(targets == UNLABELED, teacher_logits.argmax(-1), targets)
     tckd, nckd = dkd_loss(logits, teacher_logits, pseudo, distill.temperature, distill.dkd_alpha, distill.dkd_beta)
     kd = dkd_ramp(progress_epochs, cfg, distill) * (tckd + nckd)
-    ce = labeled_cross_entropy(logits, targets, cfg.label_smoothing)
+    ce = labeled_cross_entropy(logits, targets, cfg.label_smoothing, balance.ce_weight, balance.ce_adjust)
     return {"loss": distill.alpha * kd + (1 - distill.alpha) * ce, "kd": kd, "ce": ce,
             "tckd": tckd.detach(), "nckd": nckd.detach()}
 
@@ -162,6 +228,25 @@ class _StudentForward(nn.Module):
         return student(images)
 
 
+def param_groups(trainable: nn.Module, model: nn.Module, cfg: ModelConfig) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: one, or with ``cfg.layer_decay`` timm's layer-wise groups of the model
+    (each carries an ``lr_scale``: the head 1, each block below ``layer_decay`` times the one above; biases and
+    norms without weight decay), plus one group for whatever else trains beside it (feature projections)."""
+    if not cfg.layer_decay:
+        return [{"params": [p for p in trainable.parameters() if p.requires_grad]}]
+    from timm.optim import param_groups_layer_decay
+
+    from .errors import RecipeError
+
+    if not hasattr(model, "group_matcher"):
+        raise RecipeError(f"layer_decay needs a timm model that names its layer groups (group_matcher); "
+                          f"{type(model).__name__} has none: remove layer_decay")
+    groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
+    own = {id(p) for g in groups for p in g["params"]}
+    rest = [p for p in trainable.parameters() if p.requires_grad and id(p) not in own]
+    return groups + ([{"params": rest, "lr_scale": 1.0}] if rest else [])
+
+
 def validation_scores(model: nn.Module, val: Split, data_cfg: DataConfig, device: torch.device,
                       task: str = "classification") -> dict[str, float]:
     """``val_top1`` on ``val`` (regression: ``val_r2``, the mean over targets of R^2); under torchrun each
@@ -181,27 +266,28 @@ def validation_scores(model: nn.Module, val: Split, data_cfg: DataConfig, device
     return {"val_r2": float(np.mean(1 - sse / sst))}
 
 
-def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig, cfg: ModelConfig,
-                stage_dir: Path, seed: int, fingerprint: str, device: torch.device, label: str,
-                teaching: Optional[Teaching] = None, hardware: Optional[TrainConfig] = None,
-                task: str = "classification") -> list[dict[str, Any]]:
-    """Train ``model`` for ``cfg.epochs`` epochs, resuming from ``stage_dir/last.safetensors`` if it fits.
+def train_model(job: TrainJob) -> list[dict[str, Any]]:
+    """Train ``job.model`` for ``job.cfg.epochs`` epochs, resuming from ``job.folder/last.safetensors`` if it fits.
 
-    Without ``teaching``: cross-entropy. With it: the distillation loss against the frozen teacher, plus the
+    Without ``job.teaching``: cross-entropy. With it: the distillation loss against the frozen teacher, plus the
     feature term when ``teaching.features`` is set (its projections train with the model and are saved in
-    the resumable state, never in the model). Rows labelled -1 in ``train`` are unlabeled images.
+    the resumable state, never in the model). Rows labelled -1 in ``job.train`` are unlabeled images.
 
     Under torchrun every process runs this with its share of each global batch (DistributedDataParallel
     averages the gradients, weighted so the step equals one process's step on the whole batch); the logged
     losses and accuracies are sums over the processes; rank 0 alone writes metrics and checkpoints.
     """
+    model, train, val, data_cfg, cfg, stage_dir = job.model, job.train, job.val, job.data, job.cfg, job.folder
+    seed, fingerprint, device, label, teaching, task = job.seed, job.fingerprint, job.device, job.label, \
+        job.teaching, job.task
+    hardware = job.hardware
+    balance = job.balance.to(device) if job.balance is not None else None
     world = distributed.world()
     stage_dir.mkdir(parents=True, exist_ok=True)
     state_path, metrics_path = stage_dir / STATE_FILE, stage_dir / METRICS_FILE
     torch.manual_seed(seed)
     model.to(device)
     use_cuda = device.type == "cuda"
-    hardware = hardware or TrainConfig()
     if use_cuda:
         if world.active and hardware.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
@@ -223,7 +309,7 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
     if features is not None:
         features.to(device).attach(model, teacher)
         trainable = nn.ModuleDict({"student": model, "features": features})  # one optimizer, one checkpoint
-    optimizer = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(trainable, model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     dtype = amp_dtype(hardware.amp, device)
     # a grad scaler only for fp16, whose range needs it; bf16 has float32's exponent range
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -273,7 +359,7 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
                     step = epoch * steps_per_epoch + i
                     lr = lr_at(step, total_steps, warmup_steps, cfg.lr)
                     for group in optimizer.param_groups:
-                        group["lr"] = lr
+                        group["lr"] = lr * group.get("lr_scale", 1.0)  # layer decay: deeper-down blocks learn slower
                     images = images.to(device, non_blocking=True)
                     targets = targets.to(device, non_blocking=True)
                     if use_cuda:
@@ -288,7 +374,7 @@ def train_model(model: nn.Module, train: Split, val: Split, data_cfg: DataConfig
                                 teacher_logits = teacher(images)
                             teacher_logits = teacher_logits.float().clone()  # a normal tensor again, float32
                         losses = compute_loss(logits.float(), targets, teacher_logits, cfg, distill,
-                                              step / steps_per_epoch, task)
+                                              step / steps_per_epoch, task, balance)
                         if features is not None:
                             losses["feat"] = features.loss()
                             losses["loss"] = losses["loss"] + teaching.feature_weight * losses["feat"]

@@ -59,12 +59,12 @@ def test_rest_withholds_the_labels_of_the_images_train_per_class_leaves_out(make
 
 def test_validation_every_n_epochs_keeps_the_last_one(make_recipe, tmp_path):
     from edgedistill.models import create_model
-    from edgedistill.train import train_model
+    from edgedistill.train import TrainJob, train_model
 
     r = _recipe(make_recipe, student={"epochs": 3, "val_every": 2}, data={"train_per_class": 3, "val_per_class": 2})
     data = load_data(r.data)
     model = create_model(r.student, len(data.classes))
-    train_model(model, data.train, data.val, r.data, r.student, tmp_path / "s", 0, "fp", torch.device("cpu"), "s")
+    train_model(TrainJob(model, data.train, data.val, r.data, r.student, tmp_path / "s", 0, "fp", torch.device("cpu"), "s"))
     epochs = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()
               if '"kind": "epoch"' in line]
     assert [("val_top1" in e) for e in epochs] == [False, True, True]  # epoch 2 (every 2nd) and the last
@@ -88,7 +88,7 @@ def test_bf16_autocast_trains_on_cpu_so_the_amp_path_cannot_rot(make_recipe, tmp
     """train.amp: bf16 runs the same loop under CPU autocast: finite losses close to full precision's."""
     from edgedistill.models import create_model
     from edgedistill.recipe import TrainConfig
-    from edgedistill.train import amp_dtype, train_model
+    from edgedistill.train import TrainJob, amp_dtype, train_model
 
     assert amp_dtype("auto", torch.device("cpu")) is None and amp_dtype("off", torch.device("cpu")) is None
     assert amp_dtype("bf16", torch.device("cpu")) is torch.bfloat16
@@ -98,8 +98,8 @@ def test_bf16_autocast_trains_on_cpu_so_the_amp_path_cannot_rot(make_recipe, tmp
     for amp in ("off", "bf16"):
         torch.manual_seed(0)
         model = create_model(r.student, len(data.classes))
-        train_model(model, data.train, data.val, r.data, r.student, tmp_path / amp, 0, "fp", torch.device("cpu"),
-                    amp, hardware=TrainConfig(amp=amp))
+        train_model(TrainJob(model, data.train, data.val, r.data, r.student, tmp_path / amp, 0, "fp",
+                             torch.device("cpu"), amp, hardware=TrainConfig(amp=amp)))
         steps = [json.loads(line) for line in (tmp_path / amp / "metrics.jsonl").read_text().splitlines()
                  if '"kind": "step"' in line]
         losses[amp] = np.array([s["loss"] for s in steps])

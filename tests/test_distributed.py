@@ -72,9 +72,12 @@ def _steps(path):
 def test_torchrun_two_processes_match_one_and_resume_after_a_kill(tmp_path):
     """Two gloo processes on CPU, each with half of every global batch, take the same steps as one process (a
     BatchNorm-free model, since gloo has no SyncBatchNorm); killed after the teacher's first checkpoint and
-    launched again, they resume and still match, through the teacher and the distill stage."""
+    launched again, they resume and still match, through the teacher and the distill stage. The draws are
+    class-balanced (data.sampler: balanced, with replacement) and the KD term is Balanced KD (distill.balance:
+    reweight), so those paths run under DistributedDataParallel too."""
     base = deep_update(FAST, {
-        "data": {"image_size": 32, "train_per_class": 24, "val_per_class": 6, "workers": 0},
+        "data": {"image_size": 32, "train_per_class": 24, "val_per_class": 6, "workers": 0, "sampler": "balanced"},
+        "distill": {"balance": "reweight"},
         "teacher": {"model": "convnext_atto", "epochs": 3, "lr": 0.002, "val_every": 1},
         "student": {"model": "convnext_atto", "epochs": 1, "lr": 0.002},
     })

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from edgedistill.errors import RecipeError
-from edgedistill.evaluate import bootstrap_intervals, images_to_resolve, mcnemar_exact
+from edgedistill.evaluate import images_to_resolve
+from edgedistill.metrics import bootstrap_samples, interval, mcnemar_exact, resampled_metric
 from edgedistill.features import FeatureMatcher, auto_map, model_stages, resolve_pairs
 from edgedistill.losses import attention_loss, distillation_loss, dkd_loss, kd_loss
 from edgedistill.models import create_model
@@ -193,14 +194,20 @@ def test_images_to_resolve_follows_connor_and_shrinks_with_larger_differences():
 
 def test_bootstrap_intervals_bracket_the_estimates():
     rng = np.random.default_rng(1)
-    t = rng.random(400) < 0.9
-    s = rng.random(400) < 0.8
-    b = rng.random(400) < 0.7
-    out = bootstrap_intervals(t, s, b, samples=500)
-    assert out["retention"][0] < s.mean() / t.mean() < out["retention"][1]
-    assert out["kd_gain"][0] < s.mean() - b.mean() < out["kd_gain"][1]
-    wide = bootstrap_intervals(t[:50], s[:50], b[:50], samples=500)
-    assert wide["kd_gain"][1] - wide["kd_gain"][0] > out["kd_gain"][1] - out["kd_gain"][0]
+    labels = np.zeros(400, dtype=np.int64)
+    t, s, b = ((rng.random(400) >= p).astype(np.int64) for p in (0.9, 0.8, 0.7))  # 0 = right, 1 = wrong
+
+    def gain_interval(n):
+        idx = bootstrap_samples(n, 500, seed=0)
+        acc = {k: resampled_metric("top1", labels[:n], v[:n], 2, idx) for k, v in (("t", t), ("s", s), ("b", b))}
+        return interval(acc["s"] / acc["t"]), interval(acc["s"] - acc["b"])
+
+    retention, gain = gain_interval(400)
+    top1 = {k: float((v == 0).mean()) for k, v in (("t", t), ("s", s), ("b", b))}
+    assert retention[0] < top1["s"] / top1["t"] < retention[1]
+    assert gain[0] < top1["s"] - top1["b"] < gain[1]
+    _, wide = gain_interval(50)
+    assert wide[1] - wide[0] > gain[1] - gain[0]
 
 
 def _summary(gain, p, retention=0.95, a_only=30, b_only=10, need=None):

@@ -83,7 +83,7 @@ def test_born_again_generations_keep_the_best_student(make_recipe, tmp_path):
     gens = summary["generations"]
     assert [g["generation"] for g in gens] == [0, 1, 2] and sum(g["kept"] for g in gens) == 1
     kept = next(g for g in gens if g["kept"])
-    assert kept["val_top1"] == max(g["val_top1"] for g in gens)
+    assert kept["val_score"] == max(g["val_score"] for g in gens)
     assert summary["student"]["generation"] == kept["generation"] and summary["student"]["top1"] == kept["top1"]
     folder = "student" if kept["generation"] == 0 else f"student-gen{kept['generation']}"
     manifest = json.loads((run / "bundle" / "manifest.json").read_text())
@@ -148,7 +148,7 @@ def test_sweep_resumes_after_a_kill_and_names_the_best_cell(make_recipe, tmp_pat
     assert lines[0].startswith("temperature,alpha,status,val_top1") and len(lines) == 5
     rows = [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]]
     assert all(r["status"] == "ok" for r in rows)
-    best = max(rows, key=lambda r: (float(r["val_top1"]), float(r["eval_top1"])))
+    best = max(rows, key=lambda r: (float(r["val_score"]), float(r["eval_score"])))
     md = (run / "sweep" / "results.md").read_text()
     assert f"Best: T = {float(best['temperature']):g}, alpha = {float(best['alpha']):g}" in md
     assert f"--set distill.temperature={float(best['temperature']):g}" in md

@@ -13,7 +13,7 @@ from edgedistill.loaders import train_loader
 from edgedistill.models import create_model
 from edgedistill.recipe import load_recipe
 from edgedistill.softlabels import SoftLabelCache, build, cache_key, cached_soft_labels
-from edgedistill.train import Teaching, train_model
+from edgedistill.train import Teaching, TrainJob, train_model
 
 
 @pytest.fixture
@@ -76,8 +76,8 @@ def test_with_a_draw_per_epoch_cached_training_equals_online(small, tmp_path):
             teaching = Teaching(teacher=None, distill=r.distill, soft_labels=cache)
         else:
             teaching = Teaching(teacher=teacher, distill=r.distill)
-        train_model(student, data.train, data.val, r.data, r.student, tmp_path / mode, 5, "fp", torch.device("cpu"),
-                    mode, teaching=teaching)
+        train_model(TrainJob(student, data.train, data.val, r.data, r.student, tmp_path / mode, 5, "fp",
+                             torch.device("cpu"), mode, teaching=teaching))
         losses[mode] = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()
                         if '"kind": "step"' in line]
     assert len(losses["online"]) == len(losses["cached"]) > 0

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from .bench import percentile, softmax_top1
+from .decision import positive_scores
 from .errors import SourceError
 from .preprocess import preprocess
 from .regression import restore
@@ -175,23 +176,48 @@ class FrameGrabber(object):
             self.cap.release()
 
 
+def reject_rule(manifest, reject_class, threshold=None):
+    """(threshold, where it came from) for rejecting ``reject_class``: ``--threshold`` when given, else the
+    manifest's operating-point threshold when ``reject_class`` is the bundle's positive class, else 0.5."""
+    if threshold is not None:
+        return float(threshold), "--threshold"
+    decision = manifest.decision
+    if reject_class is not None and reject_class == decision.get("positive_class") \
+            and decision.get("threshold") is not None:
+        point = decision.get("operating_point") or {}
+        rule = ("recall >= %g" % point["target_recall"] if point.get("target_recall") is not None else
+                "false-reject <= %g" % point["max_false_reject"] if point.get("max_false_reject") is not None else "")
+        return float(decision["threshold"]), "the bundle's operating point (%s, picked on %s)" % (
+            rule, decision.get("calibration_split") or "held-out images")
+    return 0.5, "default 0.5 (the bundle has no operating point for this class)"
+
+
 class _Classify(object):
-    """Classification: the top class and its confidence; reject when it is ``reject_class`` at ``threshold``."""
+    """Classification: the top class and its confidence, and the probability of the positive class (the reject
+    class, else the bundle's positive class); reject when that probability reaches the threshold."""
 
     def __init__(self, manifest, reject_class, threshold):
         self.classes = manifest.classes
         if reject_class is not None and reject_class not in self.classes:
             raise SourceError("--reject-class '%s' is not a class of this model (%s)"
                               % (reject_class, ", ".join(self.classes)))
-        self.reject_class, self.threshold = reject_class, threshold
-        self.header = ["class", "confidence"]
-        self.rule = reject_class
+        self.reject_class = reject_class
+        self.threshold, self.threshold_source = reject_rule(manifest, reject_class, threshold)
+        positive = reject_class if reject_class is not None else manifest.decision.get("positive_class")
+        self.positive = self.classes.index(positive) if positive is not None else None
+        self.header = ["class", "confidence"] + (["score_%s" % positive] if positive is not None else [])
+        self.rule = None if reject_class is None else "P(%s) >= %.4f" % (reject_class, self.threshold)
 
     def __call__(self, outputs):
         label, confidence = softmax_top1(outputs[:1])
         name, conf = self.classes[int(label[0])], float(confidence[0])
-        reject = self.reject_class is not None and name == self.reject_class and conf >= self.threshold
-        return [name, "%.4f" % conf], reject, "%s (%.2f)" % (name, conf)
+        cells = [name, "%.4f" % conf]
+        reject = False
+        if self.positive is not None:
+            score = float(positive_scores(outputs[:1], self.positive)[0])
+            cells.append("%.6f" % score)
+            reject = self.reject_class is not None and score >= self.threshold
+        return cells, reject, "%s (%.2f)" % (name, conf)
 
 
 class _Measure(object):
@@ -219,14 +245,16 @@ class _Measure(object):
 
 
 def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_path=None, reject_class=None,
-               reject_threshold=0.5, opener=open_capture, max_reconnects=3, reconnect_delay=1.0, on_reject=None,
+               reject_threshold=None, opener=open_capture, max_reconnects=3, reconnect_delay=1.0, on_reject=None,
                summary_path=None, reject_above=None, reject_below=None, reject_target=None, on_frame=None):
     """Classify (or, for a regression bundle, measure) frames until ``duration`` s, ``max_frames`` or the end of a
     file; returns the summary.
 
-    Per-frame rows (frame, time, class and confidence or the target values, latency, reject) go to ``csv_path`` as
-    they happen, so a crash or a lost camera loses nothing already processed. ``on_reject(frame, text)`` is called
-    for each rejected frame, ``on_frame(frame, text)`` for every frame.
+    Per-frame rows (frame, time, class, confidence and the positive class's probability, or the target values;
+    latency, reject) go to ``csv_path`` as they happen, so a crash or a lost camera loses nothing already
+    processed. A classification frame is rejected when the probability of ``reject_class`` reaches
+    ``reject_threshold`` (default: the bundle's operating-point threshold for its positive class, else 0.5).
+    ``on_reject(frame, text)`` is called for each rejected frame, ``on_frame(frame, text)`` for every frame.
     """
     if manifest.task == "regression":
         if reject_class is not None:
@@ -306,6 +334,8 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
         "rejects": rejects,
         "reject_class": reject_class,
         "reject_rule": decide.rule,
+        "reject_threshold": getattr(decide, "threshold", None) if reject_class is not None else None,
+        "threshold_source": getattr(decide, "threshold_source", None) if reject_class is not None else None,
         "task": manifest.task,
         "error": str(error) if error else None,
         "csv": csv_path,

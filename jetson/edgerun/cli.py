@@ -143,13 +143,41 @@ def _validate_regression(args, bundle, runner):
     return 0 if result["status"] == "PASS" else 1
 
 
+def _decision_check(bundle, logits, labels, max_drop):
+    """With an operating point in the manifest: recall and false-reject rate of the positive class at its threshold
+    on the bundle's images, against the host's FP32 figures on the same images; None without one."""
+    from .decision import positive_scores, rates_at
+
+    m = bundle.manifest
+    decision = m.decision
+    if decision.get("threshold") is None:
+        return None
+    index = m.classes.index(decision["positive_class"])
+    got = rates_at(np.asarray(labels) == index, positive_scores(logits, index), decision["threshold"])
+    host = m.data["metrics"].get("int8", {})
+    host_recall, host_fr = host.get("fp32_recall"), host.get("fp32_false_reject")
+    recall_drop = (host_recall - got["recall"]) if None not in (host_recall, got["recall"]) else 0.0
+    fr_rise = (got["false_reject"] - host_fr) if None not in (host_fr, got["false_reject"]) else 0.0
+    ok = recall_drop <= max_drop and fr_rise <= max_drop
+    pct = lambda v: "-" if v is None else "%.1f%%" % (100 * v)  # noqa: E731
+    print("%s at threshold %.4f: recall %s (%d of %d rejected), false-reject %s (%d of %d good rejected)" % (
+        decision["positive_class"], decision["threshold"], pct(got["recall"]), got["detected"], got["positives"],
+        pct(got["false_reject"]), got["false_rejects"], got["negatives"]))
+    if host_recall is not None:
+        print("host  FP32 recall %s, false-reject %s on the same images" % (pct(host_recall), pct(host_fr)))
+    return dict(got, positive_class=decision["positive_class"], host_fp32_recall=host_recall,
+                host_fp32_false_reject=host_fr, recall_drop=recall_drop, false_reject_rise=fr_rise,
+                status="PASS" if ok else "FAIL")
+
+
 def cmd_validate(args):
     bundle = _open(args)
     if bundle.manifest.task == "regression":
         with _runner(args, bundle) as runner:
             return _validate_regression(args, bundle, runner)
     with _runner(args, bundle) as runner:
-        top1 = evaluate_bundle(runner, bundle)
+        logits, labels = bundle_outputs(runner, bundle)
+    top1 = float((logits.argmax(1) == labels).mean())
     metrics = bundle.manifest.data["metrics"]
     host_fp32 = metrics.get("int8", {}).get("fp32_top1")
     host_int8 = (metrics.get("int8", {}).get("int8") or {}).get("top1")
@@ -158,12 +186,18 @@ def cmd_validate(args):
     if host_fp32 is not None:
         print("host  FP32 %.2f%%%s" % (host_fp32 * 100, "   INT8 %.2f%%" % (host_int8 * 100) if host_int8 is not None else ""))
     drop = (host_fp32 - top1) if host_fp32 is not None else 0.0
+    decision = _decision_check(bundle, logits, labels, args.max_drop)
+    ok = drop <= args.max_drop and (decision is None or decision["status"] == "PASS")
     result = {"top1": top1, "host_fp32_top1": host_fp32, "host_int8_top1": host_int8, "drop": drop,
-              "max_drop": args.max_drop, "status": "PASS" if drop <= args.max_drop else "FAIL"}
+              "max_drop": args.max_drop, "decision": decision, "status": "PASS" if ok else "FAIL"}
     if args.json:
         with open(args.json, "w") as fh:
             fh.write(to_json(result))
-    print("VERDICT: %s (drop %.2f points vs host FP32, limit %.2f)" % (result["status"], drop * 100, args.max_drop * 100))
+    line = "VERDICT: %s (drop %.2f points vs host FP32" % (result["status"], drop * 100)
+    if decision is not None:
+        line += ", recall drop %.2f, false-reject rise %.2f points" % (decision["recall_drop"] * 100,
+                                                                      decision["false_reject_rise"] * 100)
+    print(line + ", limit %.2f)" % (args.max_drop * 100))
     return 0 if result["status"] == "PASS" else 1
 
 
@@ -208,9 +242,14 @@ def cmd_camera(args):
         print("frame %d: %s" % (frame, text))
 
     regression = bundle.manifest.task == "regression"
+    if args.reject_class is not None and not regression:
+        from .camera import reject_rule
+
+        threshold, source = reject_rule(bundle.manifest, args.reject_class, args.threshold)
+        print("reject rule: P(%s) >= %.4f (%s)" % (args.reject_class, threshold, source))
     with _runner(args, bundle) as runner:
         summary = run_camera(runner, bundle.manifest, args.source, duration=args.duration, max_frames=args.max_frames,
-                             csv_path=args.csv, reject_class=args.reject_class, reject_threshold=args.reject_threshold,
+                             csv_path=args.csv, reject_class=args.reject_class, reject_threshold=args.threshold,
                              max_reconnects=args.reconnects, on_reject=announce, summary_path=args.json,
                              reject_above=args.reject_above, reject_below=args.reject_below,
                              reject_target=args.reject_target, on_frame=value if regression else None)
@@ -271,7 +310,8 @@ def build_parser():
     p = sub.add_parser("validate", help="accuracy on the bundle's validation images vs the host")
     runner_args(p)
     p.add_argument("--max-drop", type=float, default=0.01,
-                   help="allowed top-1 drop vs host FP32 (0.01 = 1 point); regression bundles: allowed R2 drop")
+                   help="allowed top-1 drop vs host FP32 (0.01 = 1 point), and with an operating point in the bundle "
+                        "the allowed recall drop and false-reject rise at its threshold; regression: allowed R2 drop")
     p.add_argument("--json")
     p = sub.add_parser("bench", help="throughput, latency, memory; PASS/FAIL verdict")
     runner_args(p)
@@ -292,8 +332,10 @@ def build_parser():
     p.add_argument("--duration", type=float, default=None, help="seconds (default: until the source ends)")
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--csv", help="per-frame predictions")
-    p.add_argument("--reject-class")
-    p.add_argument("--reject-threshold", type=float, default=0.5)
+    p.add_argument("--reject-class", help="reject a frame when the probability of this class reaches the threshold")
+    p.add_argument("--threshold", "--reject-threshold", dest="threshold", type=float, default=None,
+                   help="the reject threshold (default: the bundle's operating-point threshold when --reject-class is "
+                        "its positive class, else 0.5)")
     p.add_argument("--reject-above", type=float, help="regression bundles: reject a frame whose value (of --reject-target)"
                                                       " is above this, in target units")
     p.add_argument("--reject-below", type=float, help="regression bundles: reject a frame whose value is below this")

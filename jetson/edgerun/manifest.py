@@ -91,6 +91,9 @@ class Manifest(object):
             from .regression import check_targets
 
             check_targets(data, where)
+        from .decision import check_decision
+
+        check_decision(data, where)
 
     # -- accessors ------------------------------------------------------------------------------------------
     @property
@@ -110,6 +113,11 @@ class Manifest(object):
     def targets(self):
         """Regression: {names, mean, std} that turn the model's standardized outputs into target units."""
         return self.data.get("targets")
+
+    @property
+    def decision(self):
+        """The line's reject decision ({metric, positive_class, threshold, operating_point, ...}), or {}."""
+        return dict(self.data.get("decision") or {})
 
     @property
     def model(self):

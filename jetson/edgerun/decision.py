@@ -1,0 +1,56 @@
+"""The line's reject decision: a positive class (a defect), its score, a threshold chosen on the workstation.
+
+An inspection line does not act on the arg-max: it rejects a part when the model's probability of the positive
+class reaches the threshold picked on held-out images for a target recall or a maximum false-reject rate
+(``edgedistill``'s evaluate stage; the manifest's ``decision`` carries it here). Recall is the share of positive
+(defective) parts rejected; the false-reject rate is the share of negative (good) parts rejected.
+
+One implementation for both sides: the workstation's metrics and the device's ``validate`` and ``camera`` use
+these functions. Python 3.6, numpy only.
+"""
+import numpy as np
+
+from .errors import BundleError
+
+
+def softmax(logits):
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def positive_scores(logits, index):
+    """The probability of class ``index`` for each row of ``logits`` (softmax over the classes)."""
+    return softmax(logits)[:, int(index)]
+
+
+def rates_at(is_positive, scores, threshold):
+    """Recall and false-reject rate when every image scoring ``>= threshold`` is rejected."""
+    pos = np.asarray(is_positive, dtype=bool)
+    rejected = np.asarray(scores, dtype=np.float64) >= float(threshold)
+    positives, negatives = int(pos.sum()), int((~pos).sum())
+    detected, false_rejects = int((rejected & pos).sum()), int((rejected & ~pos).sum())
+    return {"recall": detected / positives if positives else None,
+            "false_reject": false_rejects / negatives if negatives else None,
+            "positives": positives, "negatives": negatives, "detected": detected, "false_rejects": false_rejects,
+            "threshold": float(threshold)}
+
+
+def check_decision(data, where):
+    """The manifest's optional ``decision``: {metric, positive_class, threshold, ...}; raises BundleError."""
+    decision = data.get("decision")
+    if decision is None:
+        return
+    if not isinstance(decision, dict):
+        raise BundleError("%s: 'decision' must be an object" % where)
+    positive = decision.get("positive_class")
+    if positive is not None and positive not in data["classes"]:
+        raise BundleError("%s: decision.positive_class '%s' is not one of the classes %s"
+                          % (where, positive, data["classes"]))
+    threshold = decision.get("threshold")
+    if threshold is not None:
+        if positive is None:
+            raise BundleError("%s: decision.threshold needs decision.positive_class" % where)
+        if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise BundleError("%s: decision.threshold must be a probability in [0, 1], not %r" % (where, threshold))

