@@ -269,6 +269,7 @@ def _run_recipe(args: argparse.Namespace, recipe, world) -> int:
     if world.active:
         ctx.load_data_in_turn()
     if args.command == "sweep":
+        ctx.announce_evaluation()
         from .sweep import parse_values, run_sweep
 
         result = run_sweep(ctx, parse_values(args.temperature, "temperature"), parse_values(args.alpha, "alpha"))
@@ -288,6 +289,10 @@ def _run_recipe(args: argparse.Namespace, recipe, world) -> int:
             print_device_plan(ctx)
     else:
         stages = [args.command]
+    datafree_pending = recipe.data.source == "datafree" and not ctx.is_done("datafree")
+    if world.is_main and not datafree_pending and set(stages) & {"teacher", "assistant", "distill", "self-distill",
+                                                                  "baseline", "evaluate"}:
+        ctx.announce_evaluation()  # the metric the run is judged on, and why; the imbalance warning
     for stage in stages:
         run_stage(ctx, stage)
     summary_path = ctx.run_dir / "summary.json"

@@ -13,7 +13,8 @@ TITLES = {"top1": "top-1", "balanced_accuracy": "balanced accuracy", "macro_f1":
 # the next size up within a family, for "a larger student" advice
 _LARGER = [(r"^mobilenetv3_small_\d+$", "mobilenetv3_large_100"), (r"^mobilenetv2_0\d\d$", "mobilenetv2_100"),
            (r"^mobilenetv2_100$", "mobilenetv2_140"), (r"^squeezenet1_1$", "squeezenet1_0"),
-           (r"^efficientnet_b(\d)$", None), (r"^resnet10t$", "resnet18")]
+           (r"^efficientnet_b(\d)$", None), (r"^resnet10t$", "resnet18"), (r"^lcnet_0\d\d$", "lcnet_100"),
+           (r"^lcnet_100$", "lcnet_150")]
 
 
 def larger_model(name: str) -> Optional[str]:
@@ -168,6 +169,7 @@ def summary_facts(summary: dict[str, Any]) -> list[str]:
     facts = []
     chosen = summary.get("metric")
     if chosen:
+        facts += [f"WARNING: {w}" for w in chosen.get("warnings", [])]
         facts.append(f"judged on {what}: {chosen['reason']}")
         if chosen.get("positive_class"):
             facts.append(f"positive class {chosen['positive_class']}: {chosen['positive_reason']}")
