@@ -236,9 +236,11 @@ def _decisions(pred: Prediction, plan: EvalPlan, threshold: Optional[float]) -> 
 
 
 def compare_models(preds: dict[str, Prediction], plan: EvalPlan, calib: Optional[dict[str, Prediction]] = None,
-                   calib_name: str = "", seed: int = 0, samples: int = 2000) -> dict[str, Any]:
+                   calib_name: str = "", seed: int = 0, samples: int = 2000,
+                   classes: Optional[list[str]] = None) -> dict[str, Any]:
     """Every model of a run on the evaluation images, judged on the plan's metric: each model's metrics (top-1,
-    balanced accuracy, macro F1; ROC-AUC and PR-AUC of the positive class), thresholds picked on the calibration
+    balanced accuracy with its interval, macro F1, per-class precision/recall/F1; ROC-AUC and PR-AUC of the
+    positive class), thresholds picked on the calibration
     predictions (``calib``) with recall and false-reject rate on the evaluation images, the paired test of student
     vs baseline on the metric, and bootstrap intervals (images resampled, models kept paired).
 
@@ -265,14 +267,17 @@ def compare_models(preds: dict[str, Prediction], plan: EvalPlan, calib: Optional
     per_resample: dict[str, np.ndarray] = {}
     for role in roles:
         pred = preds[role]
-        y, p, classes, name = _decisions(pred, plan, metric_threshold[role])
+        y, p, n_classes, name = _decisions(pred, plan, metric_threshold[role])
         facts: dict[str, Any] = {"top1": pred.top1, "balanced_accuracy": metrics.balanced_accuracy(labels, pred.predicted, k),
                                  "macro_f1": metrics.macro_f1(labels, pred.predicted, k)}
-        value = float(metrics.metric_from_counts(name, *metrics.counts(y, p, classes)))
+        value = float(metrics.metric_from_counts(name, *metrics.counts(y, p, n_classes)))
         facts[plan.metric] = value
         facts["score"] = value
-        per_resample[role] = metrics.resampled_metric(name, y, p, classes, idx)
+        per_resample[role] = metrics.resampled_metric(name, y, p, n_classes, idx)
         facts["score_interval"] = metrics.interval(per_resample[role])
+        facts["balanced_accuracy_interval"] = facts["score_interval"] if name == "balanced_accuracy" else \
+            metrics.interval(metrics.resampled_metric("balanced_accuracy", labels, pred.predicted, k, idx))
+        facts["per_class"] = metrics.per_class(labels, pred.predicted, classes or [str(i) for i in range(k)])
         if metric_threshold[role] is not None:
             facts["metric_threshold"] = metric_threshold[role]
         if positive is not None and role in ("teacher", "student", "baseline"):
@@ -303,7 +308,7 @@ def compare_models(preds: dict[str, Prediction], plan: EvalPlan, calib: Optional
                             lambda r: _share(decided[r], ~positive[r]), idx))}
         out["operating_point"] = op
     # the paired test and the intervals of retention and gain, on the metric
-    y_s, p_s, classes, name = _decisions(preds["student"], plan, metric_threshold["student"])
+    y_s, p_s, n_classes, name = _decisions(preds["student"], plan, metric_threshold["student"])
     _, p_b, _, _ = _decisions(preds["baseline"], plan, metric_threshold["baseline"])
     if name in ("top1", "recall"):
         keep = np.ones(len(y_s), dtype=bool) if name == "top1" else y_s == 1  # recall: the positive images
@@ -312,7 +317,7 @@ def compare_models(preds: dict[str, Prediction], plan: EvalPlan, calib: Optional
         if name == "recall":
             sig["note"] = "positive images only, each model rejecting at its own threshold"
     else:
-        sig = metrics.permutation_test(name, y_s, p_s, p_b, classes, seed=seed)
+        sig = metrics.permutation_test(name, y_s, p_s, p_b, n_classes, seed=seed)
     out["significance"] = sig
     t, s_, b = (out["models"][r]["score"] for r in ("teacher", "student", "baseline"))
     out["retention"] = s_ / t if t else 0.0

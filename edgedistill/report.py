@@ -91,13 +91,13 @@ def report_sections(info: dict[str, Any]) -> list[tuple[str, list[str]]]:
         out.append(("Teacher validation", [f"top-1 {100 * teacher['top1']:.2f}% on {teacher['samples']} images; "
                                            f"expected calibration error {teacher['ece']:.4f} (15 bins)", ""]
                     + _md_table(["class", "teacher accuracy"], per_class)))
-    roles = [r for r in ("teacher", "student", "baseline") if (info["reports"].get(r) or {}).get("per_class_metrics")]
+    roles = [r for r in ("teacher", "student", "baseline") if isinstance((s.get(r) or {}).get("per_class"), dict)]
     if roles and s.get("task") != "regression":
-        prf = {r: info["reports"][r]["per_class_metrics"] for r in roles}
+        prf = {r: s[r]["per_class"] for r in roles}
         rows_c = [(c, str(prf[roles[0]][c]["support"]), *(f"{100 * prf[r][c]['precision']:.1f} / "
                                                           f"{100 * prf[r][c]['recall']:.1f} / {100 * prf[r][c]['f1']:.1f}"
                                                           for r in roles)) for c in prf[roles[0]]]
-        out.append(("Per class on the validation split: precision / recall / F1 (%)",
+        out.append((f"Per class on `{s['eval_split']}`: precision / recall / F1 (%)",
                     _md_table(["class", "images", *roles], rows_c)))
     op = s.get("operating_point")
     if op:

@@ -600,7 +600,8 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
     if ctx.calib_split is not None:
         calib_loader = eval_loader(ctx.calib_split, recipe.data)
         calib = {role: predict(model.to(ctx.device), calib_loader, ctx.device) for role, model in models.items()}
-    judged = compare_models(preds, plan, calib, ctx.calib_split.name if calib else "", seed=recipe.seed)
+    judged = compare_models(preds, plan, calib, ctx.calib_split.name if calib else "", seed=recipe.seed,
+                            classes=data.classes)
     for role, facts in judged.pop("models").items():
         summary[role].update(facts)
     summary.update(judged)

@@ -180,6 +180,10 @@ def summary_facts(summary: dict[str, Any]) -> list[str]:
     if chosen and chosen["name"] != "top1":
         facts.append(f"top-1 for reference: retention {summary['top1_retention'] * 100:.1f}%, student − baseline "
                      f"{summary['top1_kd_gain'] * 100:+.2f} points")
+    if chosen and chosen["name"] != "balanced_accuracy" and summary["student"].get("balanced_accuracy_interval"):
+        facts.append("balanced accuracy with 95% intervals: " + "; ".join(
+            f"{r} {summary[r]['balanced_accuracy'] * 100:.2f}% [{summary[r]['balanced_accuracy_interval'][0] * 100:.2f}, "
+            f"{summary[r]['balanced_accuracy_interval'][1] * 100:.2f}]" for r in ("teacher", "student", "baseline")))
     facts += positive_facts(summary)
     free = summary.get("data_free")
     if free:

@@ -73,6 +73,11 @@ def test_the_run_is_judged_on_balanced_accuracy_with_the_defect_threshold_picked
         assert lo <= op[role]["recall"] <= hi
         assert 0 <= s[role]["roc_auc"] <= 1 and s[role]["pr_auc"] is not None
     assert s["top1_kd_gain"] == pytest.approx(s["student"]["top1"] - s["baseline"]["top1"])
+    per = s["student"]["per_class"]  # on test/, with precision/recall/F1 for every model
+    assert per["defect"]["support"] == 15 and per["good"]["support"] == 60
+    assert s["student"]["balanced_accuracy"] == pytest.approx((per["defect"]["recall"] + per["good"]["recall"]) / 2)
+    lo, hi = s["student"]["balanced_accuracy_interval"]
+    assert lo <= s["student"]["balanced_accuracy"] <= hi
     md = (run / "summary.md").read_text()
     assert "judged on balanced accuracy" in md and "operating point recall >= 0.9" in md and "| balanced accuracy |" in md
     # at 16 px the planner estimates this student slower than its teacher on the Nano: the verdict says so
