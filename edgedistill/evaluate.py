@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from . import metrics
 from .metrics import EvalPlan, confusion_matrix, softmax
 
+
 @dataclass
 class Prediction:
     logits: np.ndarray  # (N, C) float32

@@ -101,6 +101,10 @@ class Balance(NamedTuple):
     ce_adjust: Optional[torch.Tensor] = None  # per class: tau * log prior, added to the logits inside CE only
     kd_log_weight: Optional[torch.Tensor] = None  # per class: log class-balanced weights of the teacher's targets
 
+    @property
+    def empty(self) -> bool:
+        return all(t is None for t in self)
+
     def to(self, device: torch.device) -> "Balance":
         return Balance(*(None if t is None else t.to(device) for t in self))
 

@@ -148,7 +148,7 @@ def compute_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: Op
         return {"loss": out.total, "kd": out.kd, "ce": out.ce}
     balance = balance or Balance()
     if teacher_logits is None:
-        if balance == Balance():
+        if balance.empty:
             ce = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
         else:
             ce = labeled_cross_entropy(logits, targets, cfg.label_smoothing, balance.ce_weight, balance.ce_adjust)

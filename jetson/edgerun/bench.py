@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from .decision import softmax
 from .errors import EdgerunError
 from .device import TegraStats, clocks, meminfo, nvpmodel_mode, process_memory_mb
 from .preprocess import preprocess
@@ -61,9 +62,7 @@ def summarize(latencies_s, batch):
 
 
 def softmax_top1(logits):
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    probs = e / e.sum(axis=1, keepdims=True)
+    probs = softmax(logits)
     return probs.argmax(1), probs.max(1)
 
 
