@@ -97,7 +97,7 @@ def report_sections(info: dict[str, Any]) -> list[tuple[str, list[str]]]:
         rows_c = [(c, str(prf[roles[0]][c]["support"]), *(f"{100 * prf[r][c]['precision']:.1f} / "
                                                           f"{100 * prf[r][c]['recall']:.1f} / {100 * prf[r][c]['f1']:.1f}"
                                                           for r in roles)) for c in prf[roles[0]]]
-        out.append((f"Per class on `{s['eval_split']}`: precision / recall / F1 (%)",
+        out.append((f"Per class on the {s['eval_split']} split: precision / recall / F1 (%)",
                     _md_table(["class", "images", *roles], rows_c)))
     op = s.get("operating_point")
     if op:

