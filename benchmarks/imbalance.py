@@ -183,7 +183,7 @@ def pretrained_teacher(args) -> int:
                          str(len(got)), mean_std([100 * g["balanced_accuracy"] for g in got]),
                          mean_std([100 * g["top1"] for g in got]),
                          f"{statistics.mean(g['seconds'] for g in got):.0f}"])
-    notes = [f"the demo data (scikit-learn digits, 20 labelled images per class, 360 validation images) at 64 px; "
+    notes = [f"the demo data (scikit-learn digits, 20 labelled images per class, 359 validation images) at 64 px; "
              f"recipes/inspection.yaml's teacher settings, {args.teacher_epochs} epochs; the same seed draws the same "
              "images and head initialisation for both"]
     if len(means) == 2:
