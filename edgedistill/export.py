@@ -10,7 +10,7 @@ import shutil
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import onnx
@@ -19,7 +19,7 @@ from torch import nn
 
 from edgerun.manifest import sha256_file, write_manifest
 from edgerun.preprocess import PreprocessSpec, center_crop, preprocess, resize_shorter_side
-from edgerun.profiles import get_target, parse_version, uses_explicit_quantization
+from edgerun.profiles import get_target, parse_version
 from edgerun.runners import OrtRunner, infer_chunk
 
 from . import __version__
@@ -137,49 +137,6 @@ def _pick(n_total: int, n: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n_total, size=min(n, n_total), replace=False))
 
 
-class _CalibReader:
-    """onnxruntime.quantization.CalibrationDataReader over model-ready batches."""
-
-    def __init__(self, batches: np.ndarray, batch: int):
-        self.batches = batches
-        self.batch = batch
-        self.i = 0
-
-    def get_next(self):
-        if self.i + self.batch > len(self.batches):
-            return None
-        chunk = np.ascontiguousarray(self.batches[self.i:self.i + self.batch])
-        self.i += self.batch
-        return {INPUT_NAME: chunk}
-
-    def rewind(self):
-        self.i = 0
-
-
-def quantize_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, cfg: ExportConfig, symmetric: bool) -> None:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-              "percentile": CalibrationMethod.Percentile}[cfg.int8_method]
-    prepared = out_path.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-    batch = cfg.batch if not cfg.dynamic_batch else 1
-    try:
-        quantize_static(str(prepared), str(out_path), _CalibReader(calib, batch), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=method,
-                        # TensorRT's explicit quantization takes symmetric INT8 scales (zero point 0) only, and
-                        # folds FP32 biases into its INT8 convolutions itself: its parser rejects the INT32 bias
-                        # DequantizeLinear that bias quantization would add.
-                        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
-                                       "QuantizeBias": not symmetric})
-    finally:
-        prepared.unlink(missing_ok=True)
-        for leftover in out_path.parent.glob("augmented_model*.onnx"):
-            leftover.unlink()
-
-
 def quality(path: Path, batches: np.ndarray, labels: np.ndarray, cfg: ExportConfig,
             targets: Optional[dict] = None, decision: Optional[dict] = None) -> dict[str, float]:
     """The ONNX model's quality on held-out images: ``top1`` (and, with a ``decision`` threshold, the recall and
@@ -202,15 +159,40 @@ def quality(path: Path, batches: np.ndarray, labels: np.ndarray, cfg: ExportConf
     return {"r2": got["r2"], "mae": got["mae"], "score": got["r2"]}
 
 
+def _int8(onnx_path: Path, folder: Path, calib: np.ndarray, held_out: tuple, cfg: ExportConfig, fp32_score: float,
+          shape: tuple, opset: int, target: dict, qad) -> dict[str, Any]:
+    """The bundle's INT8 model (``quantize.build_int8``): PTQ, partial, QAD as ``export.int8`` asks."""
+    from .quantize import Int8Job, build_int8
+
+    batch = cfg.batch if not cfg.dynamic_batch else 1
+
+    def export_float(model: nn.Module, path: Path) -> Path:
+        export_onnx(model, path, shape, opset, cfg.dynamic_batch)
+        if cfg.simplify:
+            simplify(path)
+        check_operators(onnx.load(str(path)), target, opset)
+        return path
+
+    job = Int8Job(fp32_path=onnx_path, workdir=folder, calib=calib, calib_batch=batch,
+                  score=lambda path: quality(path, *held_out), run_calib=lambda path: _ort_logits(
+                      path, calib[:cfg.int8_sensitivity_images], cfg.batch, cfg.dynamic_batch),
+                  fp32_score=fp32_score, mode=cfg.int8, method=cfg.int8_method, limit=cfg.int8_max_drop,
+                  budget=cfg.int8_keep_budget, sensitivity_images=cfg.int8_sensitivity_images, qad=qad,
+                  export_float=export_float)
+    return build_int8(job)
+
+
 def build_bundle(*, model: nn.Module, out_dir: Path, name: str, classes: list[str], train: Split, val: Split,
                  data_cfg, cfg: ExportConfig, seed: int, checkpoint: Path, source: dict[str, Any],
                  host_metrics: dict[str, Any], recipe_yaml: str, teacher: Optional[nn.Module] = None,
-                 targets: Optional[dict] = None, decision: Optional[dict] = None) -> dict:
+                 targets: Optional[dict] = None, decision: Optional[dict] = None,
+                 qad: Optional[Callable[[dict[str, float]], tuple[nn.Module, dict[str, Any]]]] = None) -> dict:
     """Write a verified bundle folder at ``out_dir`` and return its manifest dictionary. ``targets`` (regression:
     {names, mean, std}) makes a regression bundle: val.npz holds target values in target units, the manifest
     carries the scaling, INT8 is judged by its R² drop. ``decision`` ({metric, positive_class, threshold, ...}:
     the evaluate stage's operating point) goes into the manifest for the device's reject decision, with the
-    recall and false-reject rate of FP32 and every INT8 variant on the bundle's own validation images."""
+    recall and false-reject rate of FP32 and the INT8 model on the bundle's own validation images. ``qad`` trains
+    the fake-quantized student when ``export.int8`` reaches quantization-aware distillation (``quantize.py``)."""
     target = get_target(cfg.target)
     opset = cfg.opset or target["max_opset"]
     if opset > target["max_opset"]:
@@ -263,24 +245,16 @@ def build_bundle(*, model: nn.Module, out_dir: Path, name: str, classes: list[st
         fp32_score = fp32["score"]
         variants: dict[str, Any] = {}
         int8_metrics: dict[str, Any] = {f"fp32_{k}": v for k, v in fp32.items() if k != "score"}
-        if cfg.int8:
-            kinds = [("int8", "model.int8.onnx", False)]
-            if uses_explicit_quantization(target):
-                kinds.append(("int8_trt", "model.int8.qdq.onnx", True))
-            for key, file, symmetric in kinds:
-                path = tmp / file
-                quantize_int8(onnx_path, path, calib, cfg, symmetric)
-                got = quality(path, *held_out)
-                drop = fp32_score - got["score"]
-                status = "accepted" if drop <= cfg.int8_max_drop else "rejected"
-                measured = {k: v for k, v in got.items() if k != "score"}
-                variants[key] = {"file": file, "precision": "int8", "format": "qdq", "symmetric": symmetric,
-                                 "calibration": cfg.int8_method, **measured, "drop": drop, "status": status,
-                                 "for": "tensorrt-explicit-quantization" if symmetric else "onnxruntime"}
-                int8_metrics[key] = {**measured, "drop": drop, "status": status}
-                log.info("%s: %s %.4f vs FP32 %.4f (drop %.4f, limit %.4f): %s", file,
-                         "R²" if targets is not None else "top-1", got["score"], fp32_score, drop, cfg.int8_max_drop,
-                         status)
+        if cfg.int8 != "off":
+            int8 = _int8(onnx_path, tmp, calib, held_out, cfg, fp32_score, shape, opset, target, qad)
+            int8_metrics.update({k: v for k, v in int8.items() if k not in ("quality",)})
+            int8_metrics["int8"] = {**int8["quality"], "drop": int8["drop"], "status": int8["status"],
+                                    "method": int8["chosen"]}
+            variants["int8"] = {"file": "model.int8.onnx", "precision": "int8", "format": "qdq", "symmetric": True,
+                                "explicit_quantization": True, "method": int8["chosen"], "calibration": cfg.int8_method,
+                                "kept_fp16": int8["kept_fp16"], **int8["quality"], "drop": int8["drop"],
+                                "status": int8["status"], "for": "tensorrt (every version, no calibrator) and onnxruntime"}
+            log.info("%s", int8["advice"])
         if teacher is not None:
             export_onnx(teacher, tmp / "teacher.onnx", shape, opset, cfg.dynamic_batch)
             check_operators(onnx.load(str(tmp / "teacher.onnx")), target, opset)

@@ -297,9 +297,27 @@ class ExportConfig(_Strict):
     parity_samples: int = Field(256, ge=1)
     calib_samples: int = Field(512, ge=1)
     val_samples: int = Field(300, ge=1)
-    int8: bool = True
-    int8_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    int8: Literal["auto", "ptq", "partial", "qad", "off"] = Field(
+        "auto", description="the INT8 model (explicit Q/DQ by TensorRT's rules, one for every TensorRT): ptq "
+                            "(post-training), partial (PTQ, then the most sensitive layers kept in FP16 until the gate "
+                            "passes), qad (quantization-aware distillation against the FP32 teacher), auto (ptq, then "
+                            "partial, then qad, until one passes), off; true/false mean auto/off")
+    int8_method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="activation calibration")
     int8_max_drop: float = Field(0.01, ge=0, description="reject INT8 when top-1 drops more (0.01 = 1 point)")
+    int8_keep_budget: int = Field(8, ge=1, description="partial: at most this many layers kept out of INT8")
+    int8_sensitivity_images: int = Field(256, ge=16, description="calibration images the layer sensitivity is "
+                                                                  "measured on")
+    qad_epochs: int = Field(2, ge=1, description="quantization-aware distillation: epochs of fine-tuning")
+    qad_lr: float = Field(1e-4, gt=0, description="quantization-aware distillation: learning rate (no warm-up, "
+                                                  "cosine decay)")
+    qad_teacher: Literal["teacher", "student"] = Field(
+        "teacher", description="whom the fake-quantized student learns from: the run's FP32 teacher, or the FP32 "
+                               "student itself (its own weights before quantization)")
+
+    @field_validator("int8", mode="before")
+    @classmethod
+    def _bool_int8(cls, value: Any) -> Any:
+        return {True: "auto", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class TrainConfig(_Strict):

@@ -129,6 +129,25 @@ def report_sections(info: dict[str, Any]) -> list[tuple[str, list[str]]]:
             lines.append(f"- host INT8 (ONNX Runtime, QDQ): R² {int8['int8']['r2']:.4f}, MAE {int8['int8']['mae']:.4g} vs "
                          f"FP32 R² {int8['fp32_r2']:.4f}, MAE {int8['fp32_mae']:.4g} (R² drop {int8['int8']['drop']:.4f}, "
                          f"{int8['int8']['status']})")
+        elif int8.get("attempts"):
+            names = {"ptq": "PTQ", "partial": "partial", "qad": "QAD", "qad+partial": "QAD + partial"}
+            lines += ["", "INT8 on the host (ONNX Runtime, explicit Q/DQ by TensorRT's rules, the bundle's validation "
+                          "images):", ""]
+            rows_i = [("FP32", f"{100 * int8['fp32_top1']:.2f}%", "–", "–", "–")]
+            rows_i += [(names[k], f"{100 * a['top1']:.2f}%", f"{100 * a['drop']:+.2f}", str(len(a["kept_fp16"])),
+                        "ships" if k == int8.get("chosen") and int8.get("status") == "accepted" else
+                        ("passes" if a["passes"] else "over the gate")) for k, a in int8["attempts"].items()]
+            lines += _md_table(["model", "top-1", "drop (points)", "layers in FP16", ""], rows_i) + [""]
+            lines.append(f"- {int8['advice']}")
+            if int8.get("sensitivity"):
+                top = int8["sensitivity"][:10]
+                lines += ["", f"Layer sensitivity on the calibration images (top-1 agreement with FP32 when that layer "
+                              f"alone stays in floating point; {len(int8['sensitivity'])} layers, the 10 most "
+                              "sensitive):", ""]
+                lines += _md_table(["layer", "agreement, all INT8", "agreement without it", "recovered", "kept in FP16"],
+                                   [(r["layer"], f"{100 * r['agreement_all_int8']:.1f}%",
+                                     f"{100 * r['agreement_without_it']:.1f}%", f"{100 * r['recovered']:+.1f}",
+                                     "yes" if r["kept"] else "no") for r in top])
         elif int8.get("int8"):
             lines.append(f"- host INT8 (ONNX Runtime, QDQ): top-1 {100 * int8['int8']['top1']:.2f}% vs FP32 "
                          f"{100 * int8['fp32_top1']:.2f}% (drop {100 * int8['int8']['drop']:.2f} points, "

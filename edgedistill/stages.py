@@ -767,6 +767,7 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
     else:
         log.warning("export: no summary.json yet (run evaluate first to carry host metrics into the manifest)")
     manifest = build_bundle(
+        qad=lambda input_amax: quantization_aware_distillation(ctx, student, student_key, input_amax),
         model=student, out_dir=ctx.stage_dir("export"), name=recipe.name, classes=data.classes, train=data.train,
         val=data.val, data_cfg=recipe.data, cfg=recipe.export, seed=recipe.seed,
         checkpoint=ctx.stage_dir(student_key) / MODEL_FILE, recipe_yaml=recipe.to_yaml(), teacher=teacher,
@@ -774,12 +775,67 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
                 "recipe_fingerprint": ctx.fingerprint("export")},
         host_metrics=host, targets=data.scaling.as_dict() if data.scaling is not None else None, decision=decision)
     ctx.mark_done("export", ["manifest.json", "model.onnx"])
+    int8 = manifest["metrics"].get("int8") or {}
+    if summary_path.exists() and int8.get("attempts"):
+        s = json.loads(summary_path.read_text())  # the gate speaks where the user reads the verdict
+        s["int8"] = {k: int8.get(k) for k in ("fp32_top1", "fp32_r2", "attempts", "chosen", "status", "drop",
+                                              "kept_fp16", "advice", "layers", "calibration")}
+        atomic_write_text(summary_path, json.dumps(s, indent=2))
+        atomic_write_text(ctx.run_dir / "summary.md", summary_markdown(s))
     par = manifest["metrics"]["parity"]
     log.info("export: bundle for %s in %s (parity max abs error %.1e%s); pack it with `edgedistill pack %s -o "
              "%s.edb`", recipe.export.target, ctx.stage_dir("export"), par["max_abs_error"],
              "" if data.scaling is not None else f", top-1 agreement {par['top1_agreement'] * 100:.2f}%",
              ctx.stage_dir("export"), recipe.name)
     return manifest
+
+
+def quantization_aware_distillation(ctx: RunContext, student: nn.Module, student_key: str,
+                                    input_amax: dict[str, float]) -> tuple[nn.Module, dict[str, Any]]:
+    """``export.int8`` reaching QAD: the trained student with fake quantization on the layers the INT8 model
+    quantizes (``input_amax``: their calibrated input ranges), fine-tuned with the distill stage's loss against the
+    FP32 teacher (``export.qad_teacher``: the run's teacher, or the FP32 student itself) for ``export.qad_epochs`` at
+    ``export.qad_lr``, BatchNorm statistics frozen; resumable in ``<run>/qad/`` like every step. Returns the float
+    model with the fine-tuned weights and the facts the manifest records."""
+    import hashlib
+
+    from .checkpoint import read_metadata
+    from .quantize import add_fake_quant, remove_fake_quant
+
+    recipe = ctx.recipe
+    export = recipe.export
+    folder = ctx.run_dir / "qad"
+    fingerprint = hashlib.sha256(json.dumps({
+        "student": ctx.fingerprint(student_key), "export": recipe.fingerprint("export"),
+        "amax": sorted(input_amax.items())}, sort_keys=True).encode()).hexdigest()[:16]
+    step = ctx.steps[student_key]
+    if export.qad_teacher == "teacher":
+        teacher = ctx.trained_model(ctx.steps["distill"].teacher, "export (quantization-aware distillation)")
+    else:
+        teacher = ctx.trained_model(student_key, "export (quantization-aware distillation)")
+    model = add_fake_quant(student, input_amax)
+    cfg = recipe.student.model_copy(update={"epochs": export.qad_epochs, "lr": export.qad_lr, "warmup_epochs": 0.0,
+                                            "val_every": 1, "layer_decay": None})
+    train = ctx.data.train if ctx.unlabeled is None else with_unlabeled(ctx.data.train, ctx.unlabeled)
+    balance = None
+    if recipe.task != "regression":
+        balance = balance_for(cfg, train, recipe.data, recipe.distill)
+    log.info("export: quantization-aware distillation of %s against the FP32 %s (%d epoch(s), lr %.1e, %d fake-"
+             "quantized layers) in %s", step.cfg.model, export.qad_teacher, cfg.epochs, cfg.lr, len(input_amax), folder)
+    history = train_model(TrainJob(model=model, train=train, val=ctx.data.val, data=recipe.data, cfg=cfg, folder=folder,
+                                   seed=recipe.seed, fingerprint=fingerprint, device=ctx.device, label="qad",
+                                   teaching=Teaching(teacher=teacher, distill=recipe.distill), hardware=recipe.train,
+                                   task=recipe.task, balance=balance, freeze_bn=True))
+    seconds = sum(r.get("seconds", 0.0) for r in history)
+    student_seconds = sum(json.loads(line).get("seconds", 0.0)
+                          for line in (ctx.stage_dir(student_key) / "metrics.jsonl").read_text().splitlines()
+                          if '"kind": "epoch"' in line) if (ctx.stage_dir(student_key) / "metrics.jsonl").exists() else 0
+    facts = {"epochs": cfg.epochs, "lr": cfg.lr, "teacher": export.qad_teacher, "train_seconds": round(seconds, 1),
+             "student_train_seconds": round(student_seconds, 1),
+             "val_top1_fake_quant": (history[-1] if history else {}).get("val_top1"),
+             "checkpoint": str(folder / "last.safetensors"),
+             "fingerprint": read_metadata(folder / "last.safetensors").get("fingerprint")}
+    return remove_fake_quant(model.cpu()).eval(), facts
 
 
 def _decision(summary: dict[str, Any]) -> dict[str, Any]:

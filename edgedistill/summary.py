@@ -267,7 +267,29 @@ def _speed_facts(summary: dict[str, Any], batch: int) -> list[str]:
                      + "); measure with `edgerun bench`")
     if summary.get("cost"):
         facts.append(cost_line(summary["cost"]))
+    facts += int8_facts(summary)
     return facts
+
+
+def int8_facts(summary: dict[str, Any]) -> list[str]:
+    """The export's INT8 attempts side by side (host, ONNX Runtime) and what ships, or why not and what next."""
+    int8 = summary.get("int8")
+    if not int8 or not int8.get("attempts"):
+        return []
+    regression = "fp32_r2" in int8 and int8.get("fp32_r2") is not None
+    key, scale, unit = ("r2", 1, "") if regression else ("top1", 100, "%")
+    fp32 = int8["fp32_r2"] if regression else int8["fp32_top1"]
+    names = {"ptq": "PTQ", "partial": "partial", "qad": "QAD", "qad+partial": "QAD + partial"}
+    parts = [f"FP32 {fp32 * scale:.2f}{unit}"]
+    for kind, a in int8["attempts"].items():
+        kept = f", {len(a['kept_fp16'])} layers FP16" if a.get("kept_fp16") else ""
+        parts.append(f"{names[kind]} {a[key] * scale:.2f}{unit} (drop {a['drop'] * scale:.2f}{kept})")
+    shipped = (f"ships {names[int8['chosen']]} INT8" if int8["status"] == "accepted"
+               else f"INT8 REJECTED (the bundle keeps its best attempt, {names[int8['chosen']]}, marked rejected)")
+    lines = ["INT8 on the host (ONNX Runtime, the bundle's validation images): " + "; ".join(parts) + f": {shipped}"]
+    if int8["status"] != "accepted":
+        lines.append(int8["advice"])
+    return lines
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:

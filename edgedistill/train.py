@@ -92,6 +92,7 @@ class TrainJob:
     hardware: TrainConfig = field(default_factory=TrainConfig)
     task: str = "classification"
     balance: Optional[Balance] = None
+    freeze_bn: bool = False  # BatchNorm statistics stay as they are (quantization-aware fine-tuning)
 
 
 def balance_for(cfg: ModelConfig, train: Split, data_cfg: DataConfig, distill: Optional[DistillConfig] = None,
@@ -348,6 +349,10 @@ def train_model(job: TrainJob) -> list[dict[str, Any]]:
         with _progress() as progress, (open(metrics_path, "a") if world.is_main else nullcontext()) as metrics:
             for epoch in range(start_epoch, cfg.epochs):
                 model.train()
+                if job.freeze_bn:
+                    for module in model.modules():
+                        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                            module.eval()
                 # cached soft labels: epoch e replays augmentation draw e % draws, whose teacher logits are stored
                 draw = epoch % cache.draws if cache is not None else epoch
                 loader.batch_sampler.set_epoch(draw)

@@ -175,9 +175,17 @@ def _enum(owner, names):
     return SimpleNamespace(**dict((n, _EnumMember(owner, n, i)) for i, n in enumerate(names)))
 
 
+# ONNX operators whose TensorRT layers the DLA runs (TensorRT's "DLA Supported Layers": convolution, activations
+# ReLU/Sigmoid/clipped ReLU, pooling, scale, element-wise, concatenation; Q/DQ of explicit INT8). Anything else
+# (HardSigmoid, GlobalAveragePool's reduce, Flatten's shuffle, Gemm) falls back to the GPU or fails.
+DLA_OPS = {"Conv", "Relu", "Clip", "Sigmoid", "MaxPool", "AveragePool", "BatchNormalization", "Add", "Mul", "Sub",
+           "Concat", "QuantizeLinear", "DequantizeLinear"}
+
+
 def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_error=None, cuda=None,
-                  context_fails=False):
-    """A module-like namespace imitating ``tensorrt`` at ``version`` (its calls in ``.calls``)."""
+                  context_fails=False, dla_cores=0):
+    """A module-like namespace imitating ``tensorrt`` at ``version`` (its calls in ``.calls``); ``dla_cores``: the
+    board's Deep Learning Accelerators (0 on Nano, TX2, Orin Nano)."""
     v = parse_version(version)
     gen10, has_pool, has_iomode, has_node_name = v >= (10,), v >= (8, 4), v >= (8, 5), v >= (8, 6)
     calls = []
@@ -188,7 +196,8 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
     TensorIOMode = _enum("TensorIOMode", ["NONE", "INPUT", "OUTPUT"])
     MemoryPoolType = _enum("MemoryPoolType", ["WORKSPACE", "DLA_MANAGED_SRAM", "DLA_LOCAL_DRAM",
                                               "DLA_GLOBAL_DRAM", "TACTIC_DRAM"])
-    BuilderFlag = _enum("BuilderFlag", ["FP16", "INT8"])
+    BuilderFlag = _enum("BuilderFlag", ["FP16", "INT8", "GPU_FALLBACK"])
+    DeviceType = _enum("DeviceType", ["GPU", "DLA"])
     NetworkDefinitionCreationFlag = _enum("NetworkDefinitionCreationFlag", ["EXPLICIT_BATCH"])
 
     def need_cuda(what):
@@ -214,9 +223,14 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
             self.calibration_profile = None
             self._cache = None
             self.workspace = None
+            self.default_device_type = DeviceType.GPU
+            self.DLA_core = -1
 
         def set_flag(self, flag):
             self.flags.add(flag.name)
+
+        def can_run_on_DLA(self, layer):  # noqa: N802  (TensorRT's name)
+            return layer.type in DLA_OPS
 
         def add_optimization_profile(self, profile):
             self.profiles.append(profile)
@@ -250,12 +264,31 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
             self.workspace = nbytes
         Config.max_workspace_size = property(lambda self: self.workspace, _set_ws)
 
+    class Layer:
+        _stub = "ILayer"
+
+        def __init__(self, node):
+            self.name, self.type = node.name, node.op_type
+
     class Network:
         _stub = "INetworkDefinition"
 
         def __init__(self, flags):
             self.flags = flags
             self.onnx = None
+
+        @property
+        def _layers(self):
+            import onnx
+
+            return [Layer(n) for n in onnx.load_from_string(self.onnx).graph.node]
+
+        @property
+        def num_layers(self):
+            return len(self._layers)
+
+        def get_layer(self, index):
+            return self._layers[index]
 
     class ParserError:
         _stub = "ParserError"
@@ -314,8 +347,21 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
         def create_optimization_profile(self):
             return Profile()
 
+        @property
+        def num_DLA_cores(self):  # noqa: N802  (TensorRT's name)
+            return dla_cores
+
         def build_serialized_network(self, network, config):
             calls.append(("build", sorted(config.flags), config.workspace))
+            if config.default_device_type is DeviceType.DLA:
+                calls.append(("dla", config.DLA_core))
+                if not 0 <= config.DLA_core < dla_cores:
+                    self.logger.log(_Severity.ERROR, "Cannot create DLA engine, %d not available" % config.DLA_core)
+                    return None
+                falls = [layer.name for layer in network._layers if not config.can_run_on_DLA(layer)]
+                if falls and "GPU_FALLBACK" not in config.flags:
+                    self.logger.log(_Severity.ERROR, "%s: layer cannot run on DLA and GPU fallback is off" % falls[0])
+                    return None
             state["workspaces"].append(config.workspace)
             if state["oom_left"] > 0:
                 state["oom_left"] -= 1
@@ -475,9 +521,9 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
     members = dict(
         __version__=version, ILogger=_ILogger, IInt8EntropyCalibrator2=_Calibrator, Builder=Builder,
         OnnxParser=Parser, Runtime=Runtime, nptype=nptype, DataType=DataType, BuilderFlag=BuilderFlag,
-        NetworkDefinitionCreationFlag=NetworkDefinitionCreationFlag, calls=calls, state=state,
-        classes=dict(Config=Config, Network=Network, ParserError=ParserError, Engine=Engine, Context=Context,
-                     Profile=Profile),
+        NetworkDefinitionCreationFlag=NetworkDefinitionCreationFlag, DeviceType=DeviceType, calls=calls,
+        state=state, classes=dict(Config=Config, Network=Network, ParserError=ParserError, Engine=Engine,
+                                  Context=Context, Profile=Profile, Layer=Layer),
     )
     if has_pool:
         members["MemoryPoolType"] = MemoryPoolType

@@ -111,7 +111,13 @@ def test_trained_bundle_has_int8_accuracy_and_host_metrics(trained_run):
     assert 0.4 < int8["fp32_top1"] <= 1.0  # a trained student on real digits (chance: 0.1)
     assert 0 <= int8["int8"]["top1"] <= 1 and int8["int8"]["status"] in ("accepted", "rejected")
     assert int8["int8"]["drop"] == pytest.approx(int8["fp32_top1"] - int8["int8"]["top1"])
-    assert m["variants"]["int8"]["file"] == "model.int8.onnx" and "int8_trt" not in m["variants"]  # TRT 8.2 target
+    variant = m["variants"]["int8"]
+    assert variant["file"] == "model.int8.onnx" and "int8_trt" not in m["variants"]  # one model for every TensorRT
+    assert variant["explicit_quantization"] and variant["method"] in ("ptq", "partial", "qad", "qad+partial")
+    from edgedistill.quantize import qdq_violations
+
+    assert qdq_violations(onnx.load(str(trained_run / "bundle" / "model.int8.onnx"))) == []  # TensorRT 8.2 takes it
+    assert int8["attempts"]["ptq"]["drop"] == pytest.approx(int8["fp32_top1"] - int8["attempts"]["ptq"]["top1"])
     assert m["metrics"]["host"]["student_top1"] > 0 and "retention" in m["metrics"]["host"]
     assert len(m["source"]["checkpoint_sha256"]) == 64 and m["versions"]["torch"]
     assert set(m["files"]) >= {"model.onnx", "calib.npy", "val.npz", "recipe.yaml", "model.int8.onnx"}
@@ -134,11 +140,17 @@ def test_rejected_int8_is_marked_not_fatal(tmp_path, digits, monkeypatch):
 
     monkeypatch.setattr(export, "quality", worse_int8)
     model = create_model(ModelConfig(model="mobilenetv3_small_050"), num_classes=10).eval()
-    m = _bundle(tmp_path, model, digits, int8=True, int8_max_drop=0.01, target="jetson-orin-nano-jp6")
+    m = _bundle(tmp_path, model, digits, int8=True, int8_max_drop=0.01, int8_keep_budget=3, target="jetson-nano-jp4")
     assert m["variants"]["int8"]["status"] == "rejected" and m["variants"]["int8"]["drop"] > 0.01
-    assert m["variants"]["int8_trt"]["symmetric"] is True  # TensorRT 10: explicit quantization QDQ model
-    qdq = onnx.load(str(tmp_path / "bundle" / "model.int8.qdq.onnx"))
+    assert m["variants"]["int8"]["symmetric"] is True and m["variants"]["int8"]["explicit_quantization"]
+    int8 = m["metrics"]["int8"]
+    assert set(int8["attempts"]) == {"ptq", "partial"}  # build_bundle alone has no QAD: the export stage gives it
+    assert len(int8["attempts"]["partial"]["kept_fp16"]) <= 3 and len(int8["sensitivity"]) == int8["layers"]
+    assert sum(r["kept"] for r in int8["sensitivity"]) == len(int8["attempts"]["partial"]["kept_fp16"])
+    assert int8["advice"].startswith("INT8 rejected: PTQ (minmax): drop") and "--set export.int8=qad" in int8["advice"]
+    qdq = onnx.load(str(tmp_path / "bundle" / "model.int8.onnx"))
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in qdq.graph.node}
+    assert not list((tmp_path / "bundle").glob(".int8-*"))  # the attempts are not left in the bundle
 
 
 def test_tampered_file_fails_its_sha256_check(trained_run, tmp_path):

@@ -8,13 +8,14 @@ import pytest
 from edgerun.bundle import open_bundle
 from edgerun.errors import EngineBuildError, EngineMismatchError
 from edgerun.preprocess import preprocess
-from edgerun.profiles import parse_version
+from edgerun.profiles import get_target, parse_version
 from edgerun.runners import OrtRunner
 from edgerun.trt import TrtRunner, _Api8, _Api10, build_engine, check_engine, select_api
-from fake_tensorrt import FakeCuda, make_fake_trt
+from fake_tensorrt import DLA_OPS, FakeCuda, make_fake_trt
 
 NANO = {"name": "Jetson Nano", "compute_capability": "5.3"}
 ORIN = {"name": "Orin", "compute_capability": "8.7"}
+XAVIER = {"name": "Xavier", "compute_capability": "7.2"}
 
 
 def _untrained_bundle(folder, name, **export):
@@ -36,8 +37,21 @@ def _untrained_bundle(folder, name, **export):
 
 @pytest.fixture(scope="module")
 def orin_bundle(tmp_path_factory):
-    """A bundle exported for a TensorRT 10 target: it carries the symmetric QDQ ONNX for explicit INT8."""
+    """A bundle exported for a TensorRT 10 target; like every bundle it carries the explicit-quantization model."""
     return _untrained_bundle(tmp_path_factory.mktemp("orin"), "orin", target="jetson-orin-nano-jp6")
+
+
+def _older_bundle(bundle, folder):
+    """A copy of ``bundle`` as bundles were before explicit quantization for every TensorRT: no Q/DQ variant."""
+    import shutil
+
+    from edgerun.manifest import write_manifest
+
+    shutil.copytree(bundle.folder, folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    (folder / data["variants"].pop("int8")["file"]).unlink()
+    write_manifest(str(folder), data)
+    return open_bundle(folder)
 
 
 def test_versions_compare_as_numbers_and_pick_the_api():
@@ -67,32 +81,79 @@ def test_build_on_tensorrt_8_2_uses_max_workspace_size_and_explicit_batch(traine
 
 def test_build_on_tensorrt_10_uses_memory_pool_and_qdq_for_int8(orin_bundle, tmp_path):
     trt = make_fake_trt("10.3.0")
-    if orin_bundle.manifest.variant("int8_trt")["status"] == "rejected":  # an untrained model may lose > 1 point
+    if orin_bundle.manifest.variant("int8")["status"] == "rejected":  # an untrained model may lose > 1 point
         with pytest.raises(EngineBuildError, match="rejected on the host"):
             build_engine(orin_bundle, "int8", str(tmp_path / "o.int8.engine"), gpu=ORIN, trt=trt, log=lambda m: None, cuda=FakeCuda())
     meta = build_engine(orin_bundle, "int8", str(tmp_path / "o.int8.engine"), gpu=ORIN, trt=trt, force=True,
                         log=lambda m: None, cuda=FakeCuda())
     assert ("create_network", 0) in trt.calls and ("set_memory_pool_limit", 1024 << 20) in trt.calls
-    assert meta["onnx"] == "model.int8.qdq.onnx" and "calibrate" not in trt.calls  # explicit quantization
+    assert meta["onnx"] == "model.int8.onnx" and "calibrate" not in trt.calls  # explicit quantization
+    assert meta["explicit_quantization"] is True
     assert ("build", ["FP16", "INT8"], 1024 << 20) in trt.calls
 
 
-def test_tensorrt_10_int8_needs_the_qdq_model(trained_run, tmp_path):
-    with pytest.raises(EngineBuildError, match="explicit-quantization.*jetson-orin-nano-jp6"):
-        build_engine(open_bundle(trained_run / "bundle"), "int8", str(tmp_path / "e"), trt=make_fake_trt("10.3.0"),
-                     gpu=ORIN, log=lambda m: None, cuda=FakeCuda())
+def test_tensorrt_10_int8_of_an_older_bundle_without_qdq_is_refused(trained_run, tmp_path):
+    older = _older_bundle(open_bundle(trained_run / "bundle"), tmp_path / "older")
+    with pytest.raises(EngineBuildError, match="explicit-quantization.*re-export"):
+        build_engine(older, "int8", str(tmp_path / "e"), trt=make_fake_trt("10.3.0"), gpu=ORIN, log=lambda m: None,
+                     cuda=FakeCuda())
 
 
-def test_int8_refused_on_nano_unless_forced_then_calibrated_from_calib_npy(trained_run, tmp_path):
+@pytest.mark.parametrize("version", ["8.2.1.8", "8.5.2", "10.3.0"])
+def test_int8_builds_from_the_explicit_model_without_a_calibrator_on_every_tensorrt(trained_run, tmp_path, version):
+    bundle = open_bundle(trained_run / "bundle")
+    cuda = FakeCuda()
+    trt = make_fake_trt(version, cuda=cuda)
+    engine = str(tmp_path / "e.engine")
+    meta = build_engine(bundle, "int8", engine, force=True, trt=trt, cuda=cuda, gpu=XAVIER, log=lambda m: None)
+    assert meta["onnx"] == "model.int8.onnx" and meta["explicit_quantization"] is True
+    assert "calibrate" not in trt.calls and trt.state["calibration"] == []
+    assert any(c[0] == "build" and "INT8" in c[1] and "FP16" in c[1] for c in trt.calls if isinstance(c, tuple))
+    images, _ = bundle.validation()  # the engine computes what the Q/DQ model computes on the host
+    feed = preprocess(images[:1], bundle.manifest.preprocess)
+    with TrtRunner(engine, bundle=bundle, trt=trt, cuda=cuda, gpu=XAVIER) as runner:
+        got = runner.infer({"input": feed})["logits"]
+    with OrtRunner(bundle.variant_path("int8")) as ort_runner:
+        want = ort_runner.infer({"input": feed})["logits"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_refused_on_nano_unless_forced_and_older_bundles_calibrate_from_calib_npy(trained_run, tmp_path):
     bundle = open_bundle(trained_run / "bundle")
     with pytest.raises(EngineBuildError, match=r"INT8 refused on Jetson Nano \(compute capability 5.3\).*--force"):
         build_engine(bundle, "int8", str(tmp_path / "e"), trt=make_fake_trt("8.2.1.8", fast_int8=False), gpu=NANO, cuda=FakeCuda())
+    older = _older_bundle(bundle, tmp_path / "older")
     cuda = FakeCuda()
     trt = make_fake_trt("8.2.1.8", fast_int8=False, cuda=cuda)
-    build_engine(bundle, "int8", str(tmp_path / "e.engine"), force=True, trt=trt, cuda=cuda, gpu=NANO, log=lambda m: None)
-    assert "calibrate" in trt.calls and trt.state["calibration_batch"] == 1
+    meta = build_engine(older, "int8", str(tmp_path / "e.engine"), force=True, trt=trt, cuda=cuda, gpu=NANO,
+                        log=lambda m: None)
+    assert "calibrate" in trt.calls and trt.state["calibration_batch"] == 1 and meta["explicit_quantization"] is False
     cache, = tmp_path.glob("e.engine.calib-*-b1.cache")
     assert cache.read_bytes() == b"CALIBCACHE"
+
+
+def test_dla_is_refused_on_a_nano_and_lists_the_layers_that_fall_back_on_xavier_and_orin(trained_run, tmp_path):
+    bundle = open_bundle(trained_run / "bundle")
+    with pytest.raises(EngineBuildError, match="Jetson Nano 4GB has no Deep Learning Accelerator"):
+        build_engine(bundle, "fp16", str(tmp_path / "n"), dla_core=0, trt=make_fake_trt("8.2.1.8", dla_cores=0),
+                     gpu=NANO, cuda=FakeCuda(), target=get_target("jetson-nano-jp4"))
+    for version, board in (("8.5.2", "agx-xavier-jp5"), ("10.3.0", "agx-orin-jp6")):
+        trt = make_fake_trt(version, dla_cores=2)
+        with pytest.raises(EngineBuildError, match=r"\d+ layer\(s\) cannot run on the DLA.*--gpu-fallback"):
+            build_engine(bundle, "fp16", str(tmp_path / "x"), dla_core=1, trt=trt, gpu=XAVIER, cuda=FakeCuda(),
+                         target=get_target(board), log=lambda m: None)
+        with pytest.raises(EngineBuildError, match="has 2 DLA core"):
+            build_engine(bundle, "fp16", str(tmp_path / "x"), dla_core=2, trt=trt, gpu=XAVIER, cuda=FakeCuda())
+        with pytest.raises(EngineBuildError, match="not FP32"):
+            build_engine(bundle, "fp32", str(tmp_path / "x"), dla_core=0, trt=trt, gpu=XAVIER, cuda=FakeCuda())
+        meta = build_engine(bundle, "fp16", str(tmp_path / f"{board}.engine"), dla_core=1, gpu_fallback=True, trt=trt,
+                            gpu=XAVIER, cuda=FakeCuda(), target=get_target(board), log=lambda m: None)
+        import onnx
+
+        unsupported = [n.name for n in onnx.load(bundle.model_path).graph.node if n.op_type not in DLA_OPS]
+        assert meta["dla"] == {"core": 1, "gpu_fallback": True, "gpu_layers": unsupported} and unsupported
+        assert ("dla", 1) in trt.calls
+        assert any(c[0] == "build" and "GPU_FALLBACK" in c[1] for c in trt.calls if isinstance(c, tuple))
 
 
 def test_out_of_memory_retries_with_half_the_workspace_then_points_at_swap(trained_run, tmp_path):
@@ -176,37 +237,40 @@ def test_build_cli_names_the_engine_after_the_bundle_file(trained_run, tmp_path,
     assert (tmp_path / "student.fp16.engine").exists() and (tmp_path / "student.fp16.engine.json").exists()
     assert cli.main(["build", edb, "--precision", "int8"]) == 2  # Nano: no fast INT8
     assert "INT8 refused" in capsys.readouterr().err
+    assert cli.main(["build", edb, "--precision", "fp16", "--dla", "0"]) == 2  # the Nano has no DLA
+    assert "no Deep Learning Accelerator" in capsys.readouterr().err
 
 
 def test_tensorrt_qdq_model_follows_explicit_quantization_rules(orin_bundle):
-    """TensorRT's ONNX parser takes only 8-bit Q/DQ with zero point 0, per-channel on axis 0 for conv weights,
-    and folds FP32 biases itself: an INT32 bias DequantizeLinear is rejected."""
+    """TensorRT's ONNX parser takes only 8-bit Q/DQ with zero point 0, per-channel on axis 0 for conv weights (float
+    weights behind a Q/DQ pair, which it quantizes with the Q scale), and folds FP32 biases itself: an INT32 bias
+    DequantizeLinear is rejected. Checked here without quantize.qdq_violations, which the export already applies."""
     import onnx
     from onnx import numpy_helper
 
-    variant = orin_bundle.manifest.variant("int8_trt")
+    variant = orin_bundle.manifest.variant("int8")
     graph = onnx.load(orin_bundle.path(variant["file"])).graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert qdq, "the model has no Q/DQ nodes"
-    consumers = {}
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node, i))
+    producer = {o: n for n in graph.node for o in n.output}
     conv_weights = 0
     for node in qdq:
-        if node.input[0] in inits:
-            assert inits[node.input[0]].dtype == np.int8, "%s quantizes %s to %s" % (
-                node.name, node.input[0], inits[node.input[0]].dtype)
-            assert inits[node.input[0]].min() >= -127 and inits[node.input[0]].max() <= 127
-        if len(node.input) > 2:
-            zero = inits[node.input[2]]
-            assert zero.dtype == np.int8 and not zero.any(), "%s: zero point %s" % (node.name, zero)
-        for consumer, index in consumers.get(node.output[0], []):
-            if node.op_type == "DequantizeLinear" and consumer.op_type == "Conv" and index == 1:
-                conv_weights += 1
-                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-                assert axis == 0 and inits[node.input[1]].size == inits[node.input[0]].shape[0]
+        zero = inits[node.input[2]]
+        assert zero.dtype == np.int8 and not zero.any(), "%s: zero point %s" % (node.name, zero)
+        if node.op_type == "QuantizeLinear" and node.input[0] in inits:  # a weight
+            weight, scale = inits[node.input[0]], inits[node.input[1]]
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            assert axis == 0 and scale.shape == (weight.shape[0],), node.name
+            codes = np.round(weight / scale.reshape((-1,) + (1,) * (weight.ndim - 1)))
+            assert codes.min() >= -127 and codes.max() <= 127  # symmetric: -128 never used
+    for node in graph.node:
+        if node.op_type == "Conv":
+            weight_dq = producer[node.input[1]]
+            assert weight_dq.op_type == "DequantizeLinear" and producer[weight_dq.input[0]].op_type == "QuantizeLinear"
+            conv_weights += 1
+            if len(node.input) > 2:
+                assert node.input[2] in inits, "%s: the bias must stay a float constant" % node.name
     assert conv_weights > 10
 
 
@@ -272,14 +336,15 @@ def test_builder_needs_the_cuda_context_first(trained_run, tmp_path, monkeypatch
 
 
 def test_calibration_cache_belongs_to_one_bundle(trained_run, tmp_path):
-    bundle = open_bundle(trained_run / "bundle")
+    """Bundles without the explicit-quantization model (older releases) are calibrated on TensorRT 8.x."""
+    bundle = _older_bundle(open_bundle(trained_run / "bundle"), tmp_path / "older")
     out = str(tmp_path / "e.engine")
     cuda = FakeCuda()
     trt = make_fake_trt("8.2.1.8", cuda=cuda)
     build_engine(bundle, "int8", out, trt=trt, cuda=cuda, force=True, log=lambda m: None)
     build_engine(bundle, "int8", out, trt=trt, cuda=cuda, force=True, log=lambda m: None)
     changed = tmp_path / "changed"
-    shutil.copytree(trained_run / "bundle", changed)
+    shutil.copytree(tmp_path / "older", changed)
     manifest = json.loads((changed / "manifest.json").read_text())
     manifest["name"] = "retrained"
     (changed / "manifest.json").write_text(json.dumps(manifest))

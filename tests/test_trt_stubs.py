@@ -125,7 +125,8 @@ def test_every_fake_member_exists_in_the_stubs_with_compatible_parameters(stubs)
 def test_every_enum_member_of_the_fake_is_real(stubs):
     classes, _ = stubs
     trt = make_fake_trt("10.3.0")
-    for enum in ("DataType", "TensorIOMode", "MemoryPoolType", "BuilderFlag", "NetworkDefinitionCreationFlag"):
+    for enum in ("DataType", "TensorIOMode", "MemoryPoolType", "BuilderFlag", "NetworkDefinitionCreationFlag",
+                 "DeviceType"):
         members = [n for n in vars(getattr(trt, enum))]
         assert members and set(members) <= set(classes[enum]), f"{enum}: {set(members) - set(classes[enum])}"
     severity = [n for n in vars(trt.ILogger.Severity) if not n.startswith("_")]

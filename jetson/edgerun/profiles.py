@@ -58,15 +58,18 @@ def _target(base, device, sm, memory_mb, fast_int8, **extra):
     return facts
 
 
+# dla_cores: NVIDIA's Jetson module data sheets (Nano, TX2 and Orin Nano have no Deep Learning Accelerator; Xavier NX,
+# AGX Xavier, Orin NX 16GB and AGX Orin have two)
 TARGETS = {
-    "jetson-nano-jp4": _target(JETPACK_4, "Jetson Nano 4GB", "5.3", 4096, False, gpu=NANO_GPU),
-    "jetson-nano-2gb-jp4": _target(JETPACK_4, "Jetson Nano 2GB", "5.3", 2048, False, gpu=NANO_GPU),
-    "jetson-tx2-jp4": _target(JETPACK_4, "Jetson TX2", "6.2", 8192, False, gpu=TX2_GPU),
-    "xavier-nx-jp5": _target(JETPACK_5, "Jetson Xavier NX", "7.2", 8192, True, gpu=XAVIER_NX_GPU),
-    "agx-xavier-jp5": _target(JETPACK_5, "Jetson AGX Xavier", "7.2", 32768, True, gpu=AGX_XAVIER_GPU),
-    "jetson-orin-nano-jp6": _target(JETPACK_6, "Jetson Orin Nano 8GB", "8.7", 8192, True, gpu=ORIN_NANO_GPU),
-    "orin-nx-jp6": _target(JETPACK_6, "Jetson Orin NX 16GB", "8.7", 16384, True, gpu=ORIN_NX_GPU),
-    "agx-orin-jp6": _target(JETPACK_6, "Jetson AGX Orin 64GB", "8.7", 65536, True, gpu=AGX_ORIN_GPU),
+    "jetson-nano-jp4": _target(JETPACK_4, "Jetson Nano 4GB", "5.3", 4096, False, gpu=NANO_GPU, dla_cores=0),
+    "jetson-nano-2gb-jp4": _target(JETPACK_4, "Jetson Nano 2GB", "5.3", 2048, False, gpu=NANO_GPU, dla_cores=0),
+    "jetson-tx2-jp4": _target(JETPACK_4, "Jetson TX2", "6.2", 8192, False, gpu=TX2_GPU, dla_cores=0),
+    "xavier-nx-jp5": _target(JETPACK_5, "Jetson Xavier NX", "7.2", 8192, True, gpu=XAVIER_NX_GPU, dla_cores=2),
+    "agx-xavier-jp5": _target(JETPACK_5, "Jetson AGX Xavier", "7.2", 32768, True, gpu=AGX_XAVIER_GPU, dla_cores=2),
+    "jetson-orin-nano-jp6": _target(JETPACK_6, "Jetson Orin Nano 8GB", "8.7", 8192, True, gpu=ORIN_NANO_GPU,
+                                    dla_cores=0),
+    "orin-nx-jp6": _target(JETPACK_6, "Jetson Orin NX 16GB", "8.7", 16384, True, gpu=ORIN_NX_GPU, dla_cores=2),
+    "agx-orin-jp6": _target(JETPACK_6, "Jetson AGX Orin 64GB", "8.7", 65536, True, gpu=AGX_ORIN_GPU, dla_cores=2),
     "generic-x86-ort": {"device": "x86-64 CPU (ONNX Runtime)", "runtime": "onnxruntime", "max_opset": 17,
                         "fast_int8": True, "memory_mb": None, "compute_capability": None, "jetpack": None,
                         "l4t": None, "tensorrt": None, "cuda": None, "python": "3.8+"},
@@ -97,6 +100,15 @@ def parse_version(text):
             break
         parts.append(int(digits))
     return tuple(parts)
+
+
+def explicit_int8_variant(manifest):
+    """The bundle's explicit-quantization (Q/DQ) INT8 model, which every TensorRT builds without a calibrator: the
+    ``int8`` variant of bundles from this release, the ``int8_trt`` one of older TensorRT 10 bundles; else None."""
+    variant = manifest.variant("int8")
+    if variant and variant.get("explicit_quantization"):
+        return variant
+    return manifest.variant("int8_trt")
 
 
 def uses_explicit_quantization(target):

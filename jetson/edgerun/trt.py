@@ -5,8 +5,11 @@ The API differences between generations live in one place, ``select_api``, which
 - TensorRT 8.x: explicit-batch networks, ``config.max_workspace_size`` (8.2; a memory-pool limit from 8.4),
   I/O by binding index, ``context.set_binding_shape`` and ``execute_async_v2(bindings, stream)``.
 - TensorRT 10.x: I/O by tensor name (``num_io_tensors``, ``get_tensor_mode``), ``set_input_shape``,
-  ``set_tensor_address`` and ``execute_async_v3(stream)``; implicit INT8 calibrators are deprecated, so INT8
-  engines are built from the bundle's explicit-quantization (QDQ) ONNX.
+  ``set_tensor_address`` and ``execute_async_v3(stream)``; implicit INT8 calibrators are deprecated.
+- INT8 on every generation: bundles carry an explicit-quantization (Q/DQ) ONNX by TensorRT's rules, built without
+  a calibrator (8.0 and later take Q/DQ); only older bundles fall back to the calibrator on 8.x.
+- DLA (Xavier, Orin NX, AGX Orin): ``default_device_type``, ``DLA_core``, ``can_run_on_DLA`` and the
+  ``GPU_FALLBACK`` flag, the same names on 8.x and 10.x.
 
 Versions are compared as tuples of integers (``edgerun.profiles.parse_version``), never as strings. Tensor
 types map to numpy through this module's own table: ``trt.nptype`` of TensorRT 8.5 refers to ``np.bool``,
@@ -25,7 +28,7 @@ import numpy as np
 from .device import board_model, l4t_release
 from .errors import EngineBuildError, EngineMismatchError, RunnerError
 from .manifest import MANIFEST_FILE, sha256_file
-from .profiles import parse_version
+from .profiles import explicit_int8_variant, parse_version
 from .runners import Runner
 
 OOM_MARKERS = ("out of memory", "outofmemory", "failed to allocate", "cudaerrormemoryallocation", "insufficient memory")
@@ -265,9 +268,40 @@ def _parse_onnx(trt, api, builder, logger, onnx_path):
     return network, parser
 
 
+def check_dla(builder, target, dla_core, precision):
+    """``--dla N``: refused where the board has no Deep Learning Accelerator (by the builder, else the profile), for
+    a core it lacks, or at FP32 (the DLA runs FP16 and INT8)."""
+    if dla_core is None:
+        return
+    cores = getattr(builder, "num_DLA_cores", None)
+    if cores is None:
+        cores = target.get("dla_cores", 0)
+    where = target.get("device") or "this device"
+    if not cores:
+        raise EngineBuildError("--dla: %s has no Deep Learning Accelerator (Jetson Nano, TX2 and Orin Nano have none; "
+                               "Xavier NX, AGX Xavier, Orin NX and AGX Orin have DLA cores): build without --dla"
+                               % where)
+    if not 0 <= int(dla_core) < cores:
+        raise EngineBuildError("--dla %s: %s has %d DLA core(s), numbered 0 to %d" % (dla_core, where, cores, cores - 1))
+    if precision == "fp32":
+        raise EngineBuildError("--dla: the DLA runs FP16 and INT8, not FP32: add --precision fp16 or int8")
+
+
+def dla_fallback_layers(network, config):
+    """Names of the layers the DLA cannot run (they run on the GPU with --gpu-fallback)."""
+    return [network.get_layer(i).name for i in range(network.num_layers)
+            if not config.can_run_on_DLA(network.get_layer(i))]
+
+
 def build_engine(bundle, precision="fp16", output=None, workspace_mb=1024, timing_cache=None, force=False,
-                 target=None, gpu=None, trt=None, cuda=None, log=print, board=None):
+                 target=None, gpu=None, trt=None, cuda=None, log=print, board=None, dla_core=None,
+                 gpu_fallback=False):
     """Build and serialize an engine for ``bundle``; write ``<output>`` and ``<output>.json``.
+
+    INT8 engines come from the bundle's explicit-quantization model (Q/DQ, no calibrator) when it has one; older
+    bundles are calibrated from ``calib.npy`` (TensorRT 8.x). ``dla_core`` builds for that Deep Learning
+    Accelerator core; layers it cannot run are refused, or run on the GPU with ``gpu_fallback`` (listed in the
+    engine's record).
 
     On an out-of-memory build the workspace is halved and the build tried once more; a second failure
     says so and points at swap. Returns the engine's metadata dictionary.
@@ -284,17 +318,21 @@ def build_engine(bundle, precision="fp16", output=None, workspace_mb=1024, timin
     check_int8_allowed(precision, target, gpu, force, builder)
 
     onnx_file = bundle.model_path
-    explicit_int8 = precision == "int8" and api.generation >= 10
-    if explicit_int8:
-        variant = manifest.variant("int8_trt")
-        if not variant:
+    explicit_int8 = False
+    if precision == "int8":
+        variant = explicit_int8_variant(manifest)
+        if variant is not None:
+            explicit_int8 = True  # Q/DQ in the graph: no calibrator, on 8.2, 8.5 and 10.x alike
+            if variant.get("status") == "rejected" and not force:
+                raise EngineBuildError("the bundle's INT8 model was rejected on the host (%s drop %.2f points, over "
+                                       "its gate); pass --force to build it anyway" % (
+                                           variant.get("method", "INT8"), 100 * variant.get("drop", 0)))
+            onnx_file = bundle.path(variant["file"])
+        elif api.generation >= 10:
             raise EngineBuildError("TensorRT %s builds INT8 from an explicit-quantization (QDQ) ONNX, which this "
-                                   "bundle lacks: re-export with a TensorRT 10 target (e.g. --target "
-                                   "jetson-orin-nano-jp6)" % trt.__version__)
-        if variant.get("status") == "rejected" and not force:
-            raise EngineBuildError("the bundle's INT8 model was rejected on the host (top-1 drop %.2f points); "
-                                   "pass --force to build it anyway" % (100 * variant.get("drop", 0)))
-        onnx_file = bundle.path(variant["file"])
+                                   "bundle lacks: re-export it with this edgedistill (every bundle now carries one), "
+                                   "or with a TensorRT 10 target (e.g. --target jetson-orin-nano-jp6)" % trt.__version__)
+    check_dla(builder, target, dla_core, precision)
     network, _parser = _parse_onnx(trt, api, builder, logger, onnx_file)
 
     output = output or os.path.join(os.getcwd(), "%s.%s.engine" % (manifest.data["name"], precision))
@@ -315,6 +353,16 @@ def build_engine(bundle, precision="fp16", output=None, workspace_mb=1024, timin
             rest = tuple(manifest.input_shape[1:])
             profile.set_shape(manifest.input_name, (dyn["min"],) + rest, (dyn["opt"],) + rest, (dyn["max"],) + rest)
             config.add_optimization_profile(profile)
+        gpu_layers = None
+        if dla_core is not None:
+            config.default_device_type = trt.DeviceType.DLA
+            config.DLA_core = int(dla_core)
+            gpu_layers = dla_fallback_layers(network, config)
+            if gpu_layers and not gpu_fallback:
+                raise EngineBuildError("%d layer(s) cannot run on the DLA (first: %s): add --gpu-fallback to run them "
+                                       "on the GPU" % (len(gpu_layers), ", ".join(gpu_layers[:5])))
+            if gpu_fallback:
+                config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
         if precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)
             if not explicit_int8:
@@ -367,6 +415,9 @@ def build_engine(bundle, precision="fp16", output=None, workspace_mb=1024, timin
         "board": board if board is not None else board_model(),
         "precision": precision,
         "onnx": os.path.basename(onnx_file),
+        "explicit_quantization": explicit_int8,
+        "dla": None if dla_core is None else {"core": int(dla_core), "gpu_fallback": bool(gpu_fallback),
+                                              "gpu_layers": gpu_layers},
         "bundle_sha256": bundle_fingerprint(bundle),
         "bundle_name": manifest.data["name"],
         "workspace_mb": workspace >> 20,
