@@ -75,9 +75,13 @@ def activation_ranges(fp32_path: Path, calib: np.ndarray, batch: int, method: st
 
     chosen = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[method]
+    # histograms as TensorRT's own calibrators use them: 2048 bins, entropy searches thresholds quantized to 128 bins
+    # (ONNX Runtime's defaults of 128 and 128 leave its KL search one candidate, the maximum), symmetric ranges
+    extra = {"symmetric": True, **({"num_bins": 2048, "num_quantized_bins": 128} if method == "entropy" else {}),
+             **({"num_bins": 2048, "percentile": 99.999} if method == "percentile" else {})}
     augmented = Path(workdir) / "calibration.augmented.onnx"
     calibrator = create_calibrator(str(fp32_path), list(CALIBRATION_OPS), augmented_model_path=str(augmented),
-                                   calibrate_method=chosen, providers=["CPUExecutionProvider"])
+                                   calibrate_method=chosen, providers=["CPUExecutionProvider"], extra_options=extra)
     try:
         calibrator.collect_data(CalibrationReader(calib, batch))
         data = calibrator.compute_data()
@@ -194,6 +198,9 @@ def qdq_violations(model: onnx.ModelProto) -> list[str]:
     keeps them all (INT8 zero points of 0, positive finite scales, per-tensor activations, per-channel weights
     on axis 0 sized to the output channels, no quantized bias)."""
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:  # exporters also write constants as Constant nodes
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            inits[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
     consumers: dict[str, list] = {}
     for n in model.graph.node:
         for k, name in enumerate(n.input):
