@@ -131,7 +131,10 @@ def modelopt_row(recipe_file: str, run: Path, epochs: int, lr: float, overrides:
                              lambda m: [m(torch.from_numpy(calib[i:i + 32])) for i in range(0, len(calib), 32)])
     cfg = recipe.student.model_copy(update={"epochs": epochs, "lr": lr, "warmup_epochs": 0.0, "val_every": 1,
                                             "layer_decay": None})
-    history = train_model(TrainJob(model=quantized, train=ctx.data.train, val=ctx.data.val, data=recipe.data, cfg=cfg,
+    from edgedistill.data import with_unlabeled
+
+    train = ctx.data.train if ctx.unlabeled is None else with_unlabeled(ctx.data.train, ctx.unlabeled)  # as ours
+    history = train_model(TrainJob(model=quantized, train=train, val=ctx.data.val, data=recipe.data, cfg=cfg,
                                    folder=run / "qad-modelopt", seed=recipe.seed, fingerprint="modelopt", device=ctx.device,
                                    label="qad-modelopt", teaching=Teaching(teacher=teacher, distill=recipe.distill),
                                    hardware=recipe.train, task=recipe.task, freeze_bn=True))
