@@ -78,7 +78,7 @@ def short_student(recipe: str, run: Path, out: Path, epochs: int, overrides: lis
             shutil.copytree(run / "teacher", out / "teacher")
         seed = json.loads((run / "summary.json").read_text())["seed"]
         code = edgedistill_main(["run", *run_args(recipe, out, overrides + [f"seed={seed}"]), "--stages",
-                                 "teacher,distill", "--set", f"student.epochs={epochs}", "--set", "student.val_every=1"])
+                                 "teacher,distill"])
         if code != 0:
             raise SystemExit(f"short-schedule student in {out} failed (exit {code})")
     return out
@@ -165,7 +165,8 @@ def main() -> int:
     args = parser.parse_args()
     rows_path = Path(args.output) / "rows.jsonl"
     runs = [Path(r) for r in args.runs]
-    if args.case == "short":
+    if args.case == "short":  # every command on these runs carries the short schedule, so their stages match
+        args.overrides += [f"student.epochs={args.short_epochs}", "student.val_every=1"]
         runs = [short_student(args.recipe, r, Path(args.output) / f"short-{r.name}", args.short_epochs, args.overrides)
                 for r in runs]
     wanted = [f"{args.case}/{r.name}/{m}" for r in runs for m in args.modes]
