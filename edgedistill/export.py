@@ -177,7 +177,8 @@ def _int8(onnx_path: Path, folder: Path, calib: np.ndarray, held_out: tuple, cfg
                   score=lambda path: quality(path, *held_out), run_calib=lambda path: _ort_logits(
                       path, calib[:cfg.int8_sensitivity_images], cfg.batch, cfg.dynamic_batch),
                   fp32_score=fp32_score, mode=cfg.int8, method=cfg.int8_method, limit=cfg.int8_max_drop,
-                  budget=cfg.int8_keep_budget, sensitivity_images=cfg.int8_sensitivity_images, qad=qad,
+                  budget=cfg.int8_keep_budget, sensitivity_images=cfg.int8_sensitivity_images,
+                  regression=held_out[3] is not None, qad=qad,
                   export_float=export_float)
     return build_int8(job)
 

@@ -261,15 +261,24 @@ def agreement(reference: np.ndarray, logits: np.ndarray) -> float:
     return float((reference.argmax(1) == logits.argmax(1)).mean())
 
 
+def output_r2(reference: np.ndarray, outputs: np.ndarray) -> float:
+    """Regression: how much of the FP32 outputs' variance the INT8 outputs reproduce (R² against FP32, mean over
+    targets); 1 is identical."""
+    ref, out = np.asarray(reference, dtype=np.float64), np.asarray(outputs, dtype=np.float64)
+    sst = np.maximum(((ref - ref.mean(0)) ** 2).sum(0), 1e-12)
+    return float(np.mean(1 - ((ref - out) ** 2).sum(0) / sst))
+
+
 def sensitivity(fp32: onnx.ModelProto, amax: dict[str, float], run: Callable[[onnx.ModelProto], np.ndarray],
-                reference: np.ndarray, nodes: list[str]) -> list[dict[str, Any]]:
-    """Each quantized layer's share of the INT8 error, label-free on the calibration images: top-1 agreement with
-    the FP32 model when everything is quantized, and when that layer alone is left in floating point. Rows sorted by
-    the agreement the layer recovers, most first."""
-    full = agreement(reference, run(insert_qdq(fp32, amax)))
+                reference: np.ndarray, nodes: list[str],
+                fidelity: Callable[[np.ndarray, np.ndarray], float] = agreement) -> list[dict[str, Any]]:
+    """Each quantized layer's share of the INT8 error, label-free on the calibration images: ``fidelity`` to the FP32
+    model (top-1 agreement; regression: R² against FP32's outputs) when everything is quantized, and when that layer
+    alone is left in floating point. Rows sorted by what the layer recovers, most first."""
+    full = fidelity(reference, run(insert_qdq(fp32, amax)))
     rows = []
     for name in nodes:
-        alone_out = agreement(reference, run(insert_qdq(fp32, amax, exclude=[name])))
+        alone_out = fidelity(reference, run(insert_qdq(fp32, amax, exclude=[name])))
         rows.append({"layer": name, "agreement_all_int8": full, "agreement_without_it": alone_out,
                      "recovered": alone_out - full})
     rows.sort(key=lambda r: r["recovered"], reverse=True)
@@ -384,6 +393,7 @@ class Int8Job:
     limit: float  # export.int8_max_drop
     budget: int  # export.int8_keep_budget
     sensitivity_images: int
+    regression: bool = False  # fidelity to FP32 is then R² of the outputs, not top-1 agreement
     qad: Optional[Callable[[dict[str, float]], tuple[nn.Module, dict[str, Any]]]] = None  # input amax -> model, facts
     export_float: Optional[Callable[[nn.Module, Path], Path]] = None  # a float model -> simplified FP32 ONNX
 
@@ -425,9 +435,10 @@ def build_int8(job: Int8Job) -> dict[str, Any]:
         def on_calib(model: onnx.ModelProto) -> np.ndarray:
             return job.run_calib(_save(model, job.workdir / ".int8-probe.onnx"))[: job.sensitivity_images]
 
-        rows = sensitivity(fp32, amax, on_calib, reference, nodes)
-        # decided on the calibration images (agreement with FP32, no labels); the validation images judge the result
-        kept, _, steps = keep_sensitive(rows, job.budget, lambda k: agreement(reference, on_calib(
+        fidelity = output_r2 if job.regression else agreement
+        rows = sensitivity(fp32, amax, on_calib, reference, nodes, fidelity)
+        # decided on the calibration images (fidelity to FP32, no labels); the validation images judge the result
+        kept, _, steps = keep_sensitive(rows, job.budget, lambda k: fidelity(reference, on_calib(
             insert_qdq(fp32, amax, exclude=k))), 1.0, job.limit)
         (job.workdir / ".int8-probe.onnx").unlink(missing_ok=True)
         for row in rows:

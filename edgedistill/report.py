@@ -141,10 +141,11 @@ def report_sections(info: dict[str, Any]) -> list[tuple[str, list[str]]]:
             lines.append(f"- {int8['advice']}")
             if int8.get("sensitivity"):
                 top = int8["sensitivity"][:10]
-                lines += ["", f"Layer sensitivity on the calibration images (top-1 agreement with FP32 when that layer "
-                              f"alone stays in floating point; {len(int8['sensitivity'])} layers, the 10 most "
+                fidelity = "R² against the FP32 outputs" if regression else "top-1 agreement with FP32"
+                lines += ["", f"Layer sensitivity on the calibration images ({fidelity}, with every layer in INT8 and "
+                              f"with that layer alone in floating point; {len(int8['sensitivity'])} layers, the 10 most "
                               "sensitive):", ""]
-                lines += _md_table(["layer", "agreement, all INT8", "agreement without it", "recovered", "kept in FP16"],
+                lines += _md_table(["layer", "all INT8", "without it", "recovered", "kept in FP16"],
                                    [(r["layer"], f"{100 * r['agreement_all_int8']:.1f}%",
                                      f"{100 * r['agreement_without_it']:.1f}%", f"{100 * r['recovered']:+.1f}",
                                      "yes" if r["kept"] else "no") for r in top])

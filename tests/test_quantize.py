@@ -201,6 +201,15 @@ def test_the_gate_says_what_was_tried_and_the_next_recipe_line():
     assert ok.startswith("INT8 ptq passes the 1.00-point gate")
 
 
+def test_regression_fidelity_is_r2_against_the_fp32_outputs():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(200, 2))
+    assert q.output_r2(ref, ref) == 1.0
+    noisy = ref + rng.normal(scale=0.5, size=ref.shape)
+    assert 0.6 < q.output_r2(ref, noisy) < 0.9  # about 1 - 0.25 / 1
+    assert q.output_r2(ref, np.zeros_like(ref)) < 0.1
+
+
 def test_module_names_follow_the_exporters_scopes():
     assert q.module_for_node("/blocks/blocks.0/blocks.0.0/se/conv_reduce/Conv") == "blocks.0.0.se.conv_reduce"
     assert q.module_for_node("/layer4/layer4.0/downsample/downsample.1/Conv") == "layer4.0.downsample.1"
