@@ -44,18 +44,18 @@ def run_costs(run_dir, overrides: dict[str, Any]) -> dict[str, Any]:
     """Costs of a finished run: its summary's host latencies, the recipe's prices with ``overrides`` on top."""
     from pathlib import Path
 
-    import yaml
     from pydantic import ValidationError
 
     from .errors import EdgedistillError
     from .evaluate import load_summary
+    from .recipe import safe_yaml
 
     run_dir = Path(run_dir)
     summary = load_summary(run_dir)
     recipe_cost: dict[str, Any] = {}
     recipe_path = run_dir / "recipe.yaml"
     if recipe_path.exists():
-        recipe_cost = ((yaml.safe_load(recipe_path.read_text()) or {}).get("evaluate") or {}).get("cost") or {}
+        recipe_cost = ((safe_yaml(recipe_path.read_text()) or {}).get("evaluate") or {}).get("cost") or {}
     values = {**recipe_cost, **{k: v for k, v in overrides.items() if v is not None}}
     try:
         cfg = CostConfig(**values)

@@ -540,6 +540,23 @@ def _explain(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.safe_load without aliases: ``*name`` references let a few hundred bytes expand into millions of nodes
+    (a "billion laughs"), and nothing in a recipe needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise RecipeError(f"YAML alias '*{event.anchor}' at line {event.start_mark.line + 1}: recipes do not take "
+                              "aliases (they can expand a few bytes into millions of values); write the value out")
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses aliases (RecipeError naming the line)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise RecipeError(f"--set expects key=value, got '{text}' (for example --set data.batch_size=32)")
@@ -548,7 +565,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise RecipeError(f"--set has an empty key in '{text}'")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_yaml(raw) if raw.strip() else None
+    except RecipeError as exc:
+        raise RecipeError(f"--set {key}: {exc}") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"--set {key}: value '{raw}' is not valid YAML: {exc}") from exc
     return key.split("."), value
@@ -574,7 +593,9 @@ def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Reci
     if not path.is_file():
         raise RecipeError(f"recipe file '{path}' does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = safe_yaml(path.read_text()) or {}
+    except RecipeError as exc:
+        raise RecipeError(f"recipe '{path}': {exc}") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe '{path}' is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):

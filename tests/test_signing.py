@@ -192,7 +192,7 @@ def test_keys_of_another_kind_are_refused(tmp_path):
     with pytest.raises(SignatureError, match="not an Ed25519 public key"):
         load_trust(str(tmp_path / "ec.pub"))
     (tmp_path / "junk.pub").write_text("hello")
-    with pytest.raises(SignatureError, match="not a PEM public key"):
+    with pytest.raises(SignatureError, match="holds no PEM public key"):
         load_trust(str(tmp_path / "junk.pub"))
     generate_keypair(tmp_path / "k")
     with pytest.raises(SignatureError, match="already exists"):

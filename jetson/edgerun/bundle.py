@@ -1,12 +1,12 @@
 """Open, verify and pack bundles (a folder, or one .edb file = a gzip tar of that folder)."""
 import os
-import tempfile
+import shutil
 
 import numpy as np
 
-from .archive import pack_folder, safe_extract
-from .errors import BundleError
-from .manifest import MANIFEST_FILE, load_manifest
+from .archive import Limits, pack_folder, unpack_private
+from .errors import BundleError, UnsafeArchiveError
+from .manifest import MANIFEST_FILE, read_manifest
 
 BUNDLE_SUFFIX = ".edb"
 
@@ -48,34 +48,46 @@ class Bundle(object):
             return data["images"], data["labels"]
 
 
-def open_bundle(path, workdir=None, verify=True, trust=None):
-    """Open a bundle folder or .edb file; an archive is unpacked (checked member by member) first.
+def open_bundle(path, workdir=None, verify=True, trust=None, max_unpack_mb=None):
+    """Open a bundle folder or .edb file; an archive is unpacked (checked member by member, within the size caps:
+    ``max_unpack_mb``, else $EDGERUN_MAX_UNPACK_MB, else 1 GB) into a folder private to this process first.
 
     ``trust``: a public key file or folder of them (see :mod:`edgerun.signing`); with it the bundle must be
-    signed by one of those keys and every byte must match, whatever ``verify`` says.
+    signed by one of those keys and every byte must match, whatever ``verify`` says. The signature is checked over
+    the manifest bytes that are parsed, and an archive's files against the hashes of the bytes unpacked; a refused
+    archive leaves nothing behind.
     """
     path = str(path)
     if not os.path.exists(path):
         raise BundleError("bundle '%s' does not exist" % path)
+    digests, private = None, False
     if os.path.isdir(path):
         folder = path
     else:
-        base = workdir or os.path.join(tempfile.gettempdir(), "edgerun-bundles")
-        stem = os.path.basename(path)
-        if stem.endswith(BUNDLE_SUFFIX):
-            stem = stem[:-len(BUNDLE_SUFFIX)]
-        folder = safe_extract(path, os.path.join(base, stem))
-    manifest_path = os.path.join(folder, MANIFEST_FILE)
-    if not os.path.isfile(manifest_path):
-        raise BundleError("'%s' has no %s: is it an edgedistill bundle?" % (path, MANIFEST_FILE))
-    manifest = load_manifest(manifest_path)
-    if trust:
-        from .signing import check_trust
+        folder, digests = unpack_private(path, workdir, Limits.for_bundles(max_unpack_mb))
+        private = True
+    try:
+        manifest_path = os.path.join(folder, MANIFEST_FILE)
+        if not os.path.isfile(manifest_path):
+            raise BundleError("'%s' has no %s: is it an edgedistill bundle?" % (path, MANIFEST_FILE))
+        manifest, raw = read_manifest(manifest_path)
+        for name in list(manifest.data["files"]) + [v.get("file") for v in manifest.data.get("variants", {}).values()
+                                                    if isinstance(v, dict) and v.get("file")]:
+            inner = os.path.normpath(os.path.join(folder, name))
+            if os.path.isabs(name) or not inner.startswith(os.path.normpath(folder) + os.sep):
+                raise BundleError("manifest of '%s' names a file outside the bundle ('%s'); refusing it"
+                                  % (path, name))
+        if trust:
+            from .signing import check_trust
 
-        return Bundle(folder, manifest, signer=check_trust(folder, manifest, trust), trust=trust)
-    if verify:
-        manifest.verify_files(folder)
-    return Bundle(folder, manifest)
+            return Bundle(folder, manifest, signer=check_trust(folder, manifest, trust, raw, digests), trust=trust)
+        if verify:
+            manifest.verify_files(folder, digests)
+        return Bundle(folder, manifest)
+    except BaseException:
+        if private:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def pack_bundle(folder, output, sign_key=None, passphrase=None):
@@ -89,7 +101,14 @@ def pack_bundle(folder, output, sign_key=None, passphrase=None):
     output = str(output)
     if not output.endswith(BUNDLE_SUFFIX):
         output += BUNDLE_SUFFIX
+    inside = os.path.realpath(os.path.abspath(output))
+    if inside.startswith(os.path.realpath(bundle.folder) + os.sep):
+        raise UnsafeArchiveError("-o '%s' is inside the bundle folder it packs: write the .edb elsewhere" % output)
     parent = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(parent):
         os.makedirs(parent)
-    return pack_folder(bundle.folder, output)
+    try:
+        return pack_folder(bundle.folder, output)
+    finally:
+        if os.path.exists(output + ".tmp"):
+            os.remove(output + ".tmp")  # a refused or interrupted pack leaves nothing half written

@@ -33,7 +33,8 @@ def _open(args):
     """The bundle named on the command line, held to the trust set when one is configured."""
     from .signing import resolve_trust
 
-    bundle = open_bundle(args.bundle, trust=resolve_trust(getattr(args, "trust", None)))
+    bundle = open_bundle(args.bundle, trust=resolve_trust(getattr(args, "trust", None)),
+                         max_unpack_mb=getattr(args, "max_unpack_mb", None))
     if bundle.trust:
         sys.stderr.write("bundle signed by trusted key %s (%s)\n" % (bundle.signer, bundle.trust))
     return bundle
@@ -292,6 +293,8 @@ def build_parser():
     def trust_arg(p):
         p.add_argument("--trust", help="accept only bundles signed by this public key (KEY.pub) or by a key in this "
                                        "folder (default: $EDGERUN_TRUST, else /etc/edgerun/trusted-keys if present)")
+        p.add_argument("--max-unpack-mb", type=float, help="refuse an .edb that unpacks to more than this (default: "
+                                                           "$EDGERUN_MAX_UNPACK_MB, else 1024)")
     p = sub.add_parser("info", help="device, JetPack/L4T, TensorRT, CUDA, memory, clocks")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("build", help="build a TensorRT engine from a bundle")

@@ -142,30 +142,39 @@ class Manifest(object):
         return json.dumps(self.data, indent=2, sort_keys=True)
 
     # -- files ----------------------------------------------------------------------------------------------
-    def verify_files(self, folder):
-        """Check every listed file's sha256; raise BundleError naming the first that fails."""
+    def verify_files(self, folder, digests=None):
+        """Check every listed file's sha256; raise BundleError naming the first that fails. ``digests`` ({name:
+        sha256}) are hashes taken of the bytes as they were written while unpacking (the files are then not read
+        a second time to be checked)."""
         for name, expected in sorted(self.data["files"].items()):
             path = os.path.join(folder, name)
             if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
                 raise BundleError("manifest lists an unsafe file name '%s'" % name)
             if not os.path.isfile(path):
                 raise BundleError("bundle file '%s' listed in the manifest is missing from %s" % (name, folder))
-            actual = sha256_file(path)
+            actual = digests[name] if digests is not None and name in digests else sha256_file(path)
             if actual != expected:
                 raise BundleError("bundle file '%s' fails its sha256 check (expected %s..., found %s...): it was "
                                   "changed or damaged after export; copy the bundle again"
                                   % (name, expected[:12], actual[:12]))
 
 
-def load_manifest(path):
+def read_manifest(path):
+    """(Manifest, the exact bytes it was parsed from): one read, so a signature is checked over what is used."""
     try:
-        with open(path) as fh:
-            data = json.load(fh)
+        with open(path, "rb") as fh:
+            raw = fh.read()
     except (OSError, IOError) as exc:
         raise BundleError("cannot read manifest '%s': %s" % (path, exc))
-    except ValueError as exc:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError("manifest '%s' is not valid JSON: %s" % (path, exc))
-    return Manifest(data, source=str(path))
+    return Manifest(data, source=str(path)), raw
+
+
+def load_manifest(path):
+    return read_manifest(path)[0]
 
 
 def write_manifest(folder, data):

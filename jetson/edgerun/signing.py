@@ -19,6 +19,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 
 from .errors import SignatureError
 from .manifest import MANIFEST_FILE, SIGNATURE_FILE
@@ -111,17 +112,40 @@ def load_private_key(path, passphrase=None):
     return key
 
 
-def load_public_key(path):
+_PEM_BLOCK = re.compile(br"-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----", re.S)
+
+
+def load_public_keys(path):
+    """Every Ed25519 public key of a ``.pub`` file (PEM blocks one after the other); a file holding anything else,
+    or no key, is refused rather than half read."""
     c = _crypto()
     data = _read_key_file(path, "trusted key")
-    try:
-        key = c["serialization"].load_pem_public_key(data, backend=c["backend"])
-    except (ValueError, c["UnsupportedAlgorithm"]) as exc:
-        raise SignatureError("trusted key '%s' is not a PEM public key this host can read (%s): copy the "
-                             "KEY.pub that `edgedistill keygen` wrote" % (path, exc))
-    if not isinstance(key, c["ed25519"].Ed25519PublicKey):
-        raise SignatureError("trusted key '%s' is not an Ed25519 public key" % path)
-    return key
+    blocks = _PEM_BLOCK.findall(data)
+    if not blocks:
+        raise SignatureError("trusted key '%s' holds no PEM public key: copy the KEY.pub that `edgedistill keygen` "
+                             "wrote" % path)
+    if _PEM_BLOCK.sub(b"", data).strip():
+        raise SignatureError("trusted key '%s' holds text outside its PEM public keys: every part of a trust file "
+                             "must be a key, or it is refused (nothing in it is trusted)" % path)
+    keys = []
+    for n, block in enumerate(blocks, 1):
+        try:
+            key = c["serialization"].load_pem_public_key(block, backend=c["backend"])
+        except (ValueError, c["UnsupportedAlgorithm"]) as exc:
+            raise SignatureError("key %d of trusted key file '%s' is not a PEM public key this host can read (%s)"
+                                 % (n, path, exc))
+        if not isinstance(key, c["ed25519"].Ed25519PublicKey):
+            raise SignatureError("key %d of trusted key file '%s' is not an Ed25519 public key" % (n, path))
+        keys.append(key)
+    return keys
+
+
+def load_public_key(path):
+    """The one key of a single-key ``.pub`` file."""
+    keys = load_public_keys(path)
+    if len(keys) != 1:
+        raise SignatureError("'%s' holds %d public keys, one was expected" % (path, len(keys)))
+    return keys[0]
 
 
 def load_trust(path):
@@ -138,18 +162,26 @@ def load_trust(path):
         raise SignatureError("trusted key or folder '%s' does not exist" % path)
     keys = {}
     for name in files:
-        key = load_public_key(name)
-        keys[key_id(key)] = key
+        for key in load_public_keys(name):
+            keys[key_id(key)] = key
     return keys
 
 
 def resolve_trust(explicit=None, environ=None, default_dir=None):
     """Where the trust set comes from: --trust, else $EDGERUN_TRUST, else the device's trust folder if it
-    exists; None means no trust is configured (unsigned bundles run)."""
+    exists; None means no trust is configured (unsigned bundles run). A trust given but empty (``--trust ''``,
+    ``--trust "$UNSET"``, ``EDGERUN_TRUST=``) is an error: verification never turns off by accident."""
     environ = os.environ if environ is None else environ
-    if explicit:
+    if explicit is not None:
+        if not str(explicit).strip():
+            raise SignatureError("--trust is empty (an unset variable in a script?): name a KEY.pub or a folder of "
+                                 "them; an empty value never turns verification off (leave --trust out to use $%s "
+                                 "or %s)" % (TRUST_ENV, DEFAULT_TRUST_DIR))
         return str(explicit)
-    if environ.get(TRUST_ENV):
+    if TRUST_ENV in environ:
+        if not environ[TRUST_ENV].strip():
+            raise SignatureError("$%s is set but empty: name a KEY.pub or a folder of them, or unset it (an empty "
+                                 "value never turns verification off)" % TRUST_ENV)
         return environ[TRUST_ENV]
     default_dir = DEFAULT_TRUST_DIR if default_dir is None else default_dir
     return default_dir if os.path.isdir(default_dir) else None
@@ -208,11 +240,13 @@ def read_signature(folder):
     return record
 
 
-def verify_signature(folder, trusted, trust_source="the trust set"):
+def verify_signature(folder, trusted, trust_source="the trust set", manifest_bytes=None):
     """Check ``folder``'s signature against ``trusted`` ({key id: public key}); returns the signer's key id.
 
-    Raises SignatureError naming what failed: no signature, an untrusted signer, or a manifest that changed
-    after signing. The files themselves are checked by :func:`check_trust`.
+    ``manifest_bytes``: the manifest exactly as it was read and parsed (default: read here), so what is verified is
+    what is used. Raises SignatureError naming what failed: no signature, an untrusted signer, a manifest that
+    changed after signing, or a signature that does not verify at all. The files themselves are checked by
+    :func:`check_trust`.
     """
     c = _crypto()
     folder = str(folder)
@@ -221,8 +255,10 @@ def verify_signature(folder, trusted, trust_source="the trust set"):
         raise SignatureError("bundle '%s' is unsigned, and %s requires a signature from one of its keys (%s): "
                              "sign it on the workstation with `edgedistill pack BUNDLE -o X.edb --sign KEY`"
                              % (folder, trust_source, ", ".join(sorted(trusted))))
-    with open(os.path.join(folder, MANIFEST_FILE), "rb") as fh:
-        data = fh.read()
+    data = manifest_bytes
+    if data is None:
+        with open(os.path.join(folder, MANIFEST_FILE), "rb") as fh:
+            data = fh.read()
     try:
         signature = base64.b64decode(record["signature"].encode("ascii"))
     except (ValueError, TypeError) as exc:
@@ -234,6 +270,11 @@ def verify_signature(folder, trusted, trust_source="the trust set"):
         except c["InvalidSignature"]:
             continue
     signer = record.get("key_id", "?")
+    digest = hashlib.sha256(data).hexdigest()
+    if signer in trusted and record.get("manifest_sha256") == digest:
+        raise SignatureError("bundle '%s': invalid signature: it names trusted key %s and the manifest is the one it "
+                             "claims to sign (sha256 %s...), but the signature does not verify with that key: it is "
+                             "forged or damaged; do not run this bundle" % (folder, signer, digest[:12]))
     if signer in trusted:
         raise SignatureError("bundle '%s': %s was changed after it was signed (its signature by trusted key %s no "
                              "longer matches; sha256 now %s..., signed %s...): re-export and re-sign it, or copy "
@@ -245,10 +286,11 @@ def verify_signature(folder, trusted, trust_source="the trust set"):
                                                                         ", ".join(sorted(trusted))))
 
 
-def check_trust(folder, manifest, trust_path):
-    """The whole check for a trusted device: signature, then every file's bytes, then no unlisted files."""
+def check_trust(folder, manifest, trust_path, manifest_bytes=None, digests=None):
+    """The whole check for a trusted device: signature (over ``manifest_bytes``, the bytes parsed into
+    ``manifest``), then every file's bytes (``digests``: computed while unpacking them), then no unlisted files."""
     trusted = load_trust(trust_path)
-    signer = verify_signature(folder, trusted, trust_source="trust '%s'" % trust_path)
-    manifest.verify_files(folder)
+    signer = verify_signature(folder, trusted, trust_source="trust '%s'" % trust_path, manifest_bytes=manifest_bytes)
+    manifest.verify_files(folder, digests)
     _check_listed_only(folder, manifest)
     return signer

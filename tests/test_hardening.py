@@ -1,0 +1,250 @@
+"""Issue 18: what an outside attack and a careless user found, each fixed with a test that failed before the fix.
+Private unpack folders (check and use of the same bytes), trust that never fails open, archive bombs, YAML alias
+bombs, damaged archives as errors, the bench harness's own memory."""
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from edgerun.archive import Limits, safe_extract, unpack_private
+from edgerun.bundle import open_bundle, pack_bundle
+from edgerun.cli import main as edgerun_main
+from edgerun.errors import BundleError, SignatureError, UnsafeArchiveError
+
+
+def _tar(path: Path, members: dict, mode="w:gz") -> Path:
+    with tarfile.open(path, mode) as tar:
+        for name, data in members.items():
+            if data is None:
+                info = tarfile.TarInfo(name)
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+# --------------------------------------------------------------------- 1. the signature covers the bytes that run
+def test_each_open_unpacks_into_a_fresh_private_folder_and_a_refusal_leaves_nothing(trained_run, tmp_path):
+    edb = pack_bundle(trained_run / "bundle", tmp_path / "student.edb")
+    work = tmp_path / "work"
+    old_shared = work / "student"  # the name every process used to share (and rmtree)
+    old_shared.mkdir(parents=True)
+    (old_shared / "keep.txt").write_text("not ours")
+    a, b = open_bundle(edb, workdir=work), open_bundle(edb, workdir=work)
+    assert a.folder != b.folder and Path(a.folder).parent == Path(b.folder).parent == work
+    for folder in (a.folder, b.folder):
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    assert (old_shared / "keep.txt").read_text() == "not ours"  # an existing folder is never touched
+    tampered = tmp_path / "tampered"
+    shutil.copytree(trained_run / "bundle", tampered)
+    with open(tampered / "model.onnx", "r+b") as fh:
+        fh.seek(200)
+        fh.write(b"\x00\x01\x02")
+    from edgerun.archive import pack_folder
+
+    bad = pack_folder(tampered, tmp_path / "bad.edb")
+    before = set(os.listdir(work))
+    with pytest.raises(BundleError, match="'model.onnx' fails its sha256"):
+        open_bundle(bad, workdir=work)
+    assert set(os.listdir(work)) == before  # the refused bundle's files are gone
+
+
+@pytest.mark.slow
+def test_two_processes_opening_bundles_of_one_file_name_never_run_each_others_model(trained_run, tmp_path):
+    """Two `edgerun validate` processes at once, again and again, on two different bundles both named
+    student.edb: each reports its own model's accuracy (the race swapped models in 4-6 of 25 runs)."""
+    from test_trt import _untrained_bundle
+
+    (tmp_path / "other-src").mkdir()
+    other = _untrained_bundle(tmp_path / "other-src", "other", target="jetson-nano-jp4", int8=False)
+    edbs = {}
+    for name, folder in (("trained", trained_run / "bundle"), ("other", Path(other.folder))):
+        (tmp_path / name).mkdir()
+        edbs[name] = pack_bundle(folder, tmp_path / name / "student.edb")
+    expected = {}
+    for name, edb in edbs.items():
+        out = tmp_path / f"{name}-ref.json"
+        assert edgerun_main(["validate", edb, "--json", str(out), "--max-drop", "1"]) == 0
+        expected[name] = json.loads(out.read_text())["top1"]
+    assert expected["trained"] != expected["other"]
+    env = dict(os.environ, TMPDIR=str(tmp_path / "shared-tmp"))  # the same temporary folder for both
+    (tmp_path / "shared-tmp").mkdir()
+    for round_ in range(5):
+        procs = {name: subprocess.Popen([sys.executable, "-m", "edgerun", "validate", edb, "--max-drop", "1",
+                                         "--json", str(tmp_path / f"{name}-{round_}.json")], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for name, edb in edbs.items()}
+        for name, proc in procs.items():
+            assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-500:]
+            assert json.loads((tmp_path / f"{name}-{round_}.json").read_text())["top1"] == expected[name]
+    assert not [n for n in os.listdir(tmp_path / "shared-tmp") if n.startswith("edgerun-")]  # removed at exit
+
+
+# ------------------------------------------------------------------------------------ 3. trust never fails open
+@pytest.fixture
+def signed(trained_run, tmp_path):
+    from edgedistill.cli import main as edgedistill_main
+
+    assert edgedistill_main(["keygen", "-o", str(tmp_path / "line.key")]) == 0
+    edb = tmp_path / "signed.edb"
+    shutil.copytree(trained_run / "bundle", tmp_path / "b")
+    pack_bundle(tmp_path / "b", edb, sign_key=str(tmp_path / "line.key"))
+    return edb, tmp_path / "line.key.pub"
+
+
+def test_an_empty_trust_is_an_error_never_verification_off(signed, monkeypatch, capsys):
+    from edgerun.signing import resolve_trust
+
+    edb, pub = signed
+    with pytest.raises(SignatureError, match="--trust is empty"):
+        resolve_trust("")
+    with pytest.raises(SignatureError, match="EDGERUN_TRUST is set but empty"):
+        resolve_trust(None, environ={"EDGERUN_TRUST": ""})
+    assert resolve_trust(None, environ={}, default_dir="/nonexistent") is None  # nothing configured: unsigned runs
+    assert edgerun_main(["verify", str(edb), "--trust", ""]) == 2
+    assert "--trust is empty" in capsys.readouterr().err
+    monkeypatch.setenv("EDGERUN_TRUST", " ")
+    assert edgerun_main(["verify", str(edb)]) == 2
+    assert "EDGERUN_TRUST is set but empty" in capsys.readouterr().err
+
+
+def test_a_pub_file_with_several_keys_loads_them_all_and_junk_is_refused(signed, tmp_path):
+    from edgedistill.cli import main as edgedistill_main
+    from edgerun.signing import load_trust
+
+    edb, pub = signed
+    assert edgedistill_main(["keygen", "-o", str(tmp_path / "other.key")]) == 0
+    both = tmp_path / "both.pub"
+    both.write_bytes((tmp_path / "other.key.pub").read_bytes() + pub.read_bytes())  # the signer's key second
+    assert len(load_trust(str(both))) == 2
+    assert open_bundle(edb, workdir=tmp_path / "u", trust=str(both)).signer
+    (tmp_path / "junk.pub").write_bytes(pub.read_bytes() + b"\nnot a key\n")
+    with pytest.raises(SignatureError, match="text outside its PEM public keys"):
+        load_trust(str(tmp_path / "junk.pub"))
+
+
+def test_a_forged_signature_with_a_trusted_key_id_is_called_invalid(signed, tmp_path):
+    import base64
+
+    edb, pub = signed
+    folder = tmp_path / "forged"
+    safe_extract(edb, folder)
+    record = json.loads((folder / "manifest.sig").read_text())
+    record["signature"] = base64.b64encode(b"\x01" * 64).decode()  # the key id and manifest hash untouched
+    (folder / "manifest.sig").write_text(json.dumps(record))
+    with pytest.raises(SignatureError, match="invalid signature.*forged or damaged"):
+        open_bundle(folder, trust=str(pub))
+
+
+# ------------------------------------------------------------------------------------------------ 5. bombs
+def test_a_gigabyte_of_zeros_is_refused_before_anything_is_written(tmp_path):
+    edb = tmp_path / "bomb.edb"
+    with tarfile.open(edb, "w:gz", compresslevel=1) as tar:
+        info = tarfile.TarInfo("model.onnx")
+        info.size = 1 << 30
+
+        class Zeros(io.RawIOBase):
+            left = 1 << 30
+
+            def readable(self):
+                return True
+
+            def readinto(self, buffer):
+                n = min(len(buffer), self.left)
+                buffer[:n] = b"\x00" * n
+                self.left -= n
+                return n
+
+        tar.addfile(info, io.BufferedReader(Zeros(), 1 << 20))
+    assert edb.stat().st_size < 8 << 20  # a few MB that declare a gigabyte
+    work = tmp_path / "work"
+    with pytest.raises(UnsafeArchiveError, match="declares 1024 MB of files, over the 1024 MB cap|over the .* MB cap"):
+        open_bundle(edb, workdir=work, max_unpack_mb=512)
+    assert sum(f.stat().st_size for f in work.rglob("*") if f.is_file()) == 0  # nothing written
+    assert edgerun_main(["verify", str(edb), "--max-unpack-mb", "512"]) == 2
+
+
+def test_sparse_members_and_too_many_members_are_refused(tmp_path):
+    if shutil.which("tar") is None:
+        pytest.skip("GNU tar is needed to write a sparse member")
+    sparse = tmp_path / "sparse"
+    sparse.mkdir()
+    with open(sparse / "disk.img", "wb") as fh:
+        fh.truncate(100 << 30)  # 100 GB of holes
+    subprocess.run(["tar", "--sparse", "-czf", str(tmp_path / "s.edb"), "-C", str(sparse), "disk.img"], check=True)
+    with pytest.raises(UnsafeArchiveError, match="'disk.img' is a sparse file"):
+        open_bundle(tmp_path / "s.edb", workdir=tmp_path / "w")
+    many = _tar(tmp_path / "many.edb", {f"f{i}": b"x" for i in range(300)})
+    with pytest.raises(UnsafeArchiveError, match="300 members, over the cap of 256"):
+        open_bundle(many, workdir=tmp_path / "w")
+    assert safe_extract(many, tmp_path / "data", Limits()) == str(tmp_path / "data")  # data sets have no such cap
+
+
+# --------------------------------------------------------------------------- 7. YAML alias bombs in recipes
+def test_yaml_aliases_are_refused_before_anything_expands(make_recipe, tmp_path):
+    from edgedistill.errors import RecipeError
+    from edgedistill.recipe import load_recipe
+
+    bomb = tmp_path / "bomb.yaml"
+    rows = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    rows += [f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 10) + "]" for i in range(8)]
+    bomb.write_text("name: bomb\n" + "\n".join(rows) + "\n")  # 10^9 elements once expanded
+    with pytest.raises(RecipeError, match=r"YAML alias '\*a' at line 3: recipes do not take aliases"):
+        load_recipe(bomb)
+    with pytest.raises(RecipeError, match="--set teacher.model_kwargs: YAML alias"):
+        load_recipe(make_recipe(), ["teacher.model_kwargs={a: &x [1], b: *x}"])
+
+
+# ----------------------------------------------------------------------------- 8. damaged inputs are errors
+def test_damaged_archives_and_misplaced_outputs_are_errors_with_exit_2(trained_run, tmp_path, capsys):
+    edb = pack_bundle(trained_run / "bundle", tmp_path / "student.edb")
+    data = Path(edb).read_bytes()
+    Path(tmp_path / "cut.edb").write_bytes(data[: len(data) // 2])  # an interrupted copy
+    assert edgerun_main(["verify", str(tmp_path / "cut.edb")]) == 2
+    assert "truncated or damaged" in capsys.readouterr().err
+    clash = _tar(tmp_path / "clash.edb", {"a": b"file", "a/b": b"then a folder of the same name"})
+    with pytest.raises(UnsafeArchiveError, match="cannot unpack member 'a/b'.*clash"):
+        unpack_private(clash, tmp_path / "w")
+    newline = _tar(tmp_path / "nl.edb", {"evil\nname/../x": b"x"})
+    with pytest.raises(UnsafeArchiveError, match=r"'evil\\nname/../x' climbs out"):
+        unpack_private(newline, tmp_path / "w")
+    with pytest.raises(UnsafeArchiveError, match="inside the bundle folder"):
+        pack_bundle(trained_run / "bundle", trained_run / "bundle" / "x.edb")
+    assert not list((trained_run / "bundle").glob("*.tmp")) and not (trained_run / "bundle" / "x.edb").exists()
+    outside = tmp_path / "outside"
+    shutil.copytree(trained_run / "bundle", outside)
+    manifest = json.loads((outside / "manifest.json").read_text())
+    manifest["variants"]["int8"]["file"] = "../../etc/passwd"
+    (outside / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="names a file outside the bundle"):
+        open_bundle(outside, verify=False)
+
+
+# ------------------------------------------------------------ 9. the bench harness does not inflate its memory
+@pytest.mark.slow
+def test_bench_memory_grows_by_no_more_than_its_frames(trained_run, tmp_path):
+    """VmHWM of a whole bench at 1920x1080 frames against 64x48: the difference is at most the frames themselves
+    (4 of them) plus a margin, not 8x them (int64 draws cast to uint8)."""
+    code = ("import json, sys; from edgerun.bundle import open_bundle; from edgerun.bench import run_bench; "
+            "from edgerun.runners import OrtRunner; from edgerun.device import process_memory_mb; "
+            "b = open_bundle(sys.argv[1]); w, h = int(sys.argv[2]), int(sys.argv[3]); "
+            "r = OrtRunner(b.model_path); r.__enter__(); "
+            "run_bench(r, b.manifest, warmup=5, iterations=20, frame_size=(w, h)); "
+            "print(json.dumps(process_memory_mb()))")
+    peaks = {}
+    for w, h in ((64, 48), (1920, 1080)):
+        out = subprocess.run([sys.executable, "-c", code, str(trained_run / "bundle"), str(w), str(h)],
+                             capture_output=True, text=True, check=True)
+        peaks[w] = json.loads(out.stdout.strip().splitlines()[-1])[1]
+    frames_mb = 4 * 1920 * 1080 * 3 / 2 ** 20
+    assert peaks[1920] - peaks[64] <= frames_mb * 1.5 + 16, peaks
