@@ -196,9 +196,11 @@ def load_regression_folder(cfg: DataConfig, seed: int) -> DataBundle:
         if name == "train":
             if cfg.train_per_class:
                 log.warning("data.train_per_class has no classes to cap under task: regression; ignored")
-            splits[name] = verify_and_cache(split, cfg.cache, labelled=False, max_side=training_side(cfg))
+            splits[name] = verify_and_cache(split, cfg.cache, labelled=False, max_side=training_side(cfg),
+                                            max_pixels=cfg.max_pixels)
         else:
-            splits[name] = verify_and_cache(split, cfg.cache, labelled=False, prepared=eval_spec(cfg))
+            splits[name] = verify_and_cache(split, cfg.cache, labelled=False, prepared=eval_spec(cfg),
+                                            max_pixels=cfg.max_pixels)
     return DataBundle(splits["train"], splits["val"], splits.get("test"), source=str(root), scaling=scaling)
 
 
@@ -223,8 +225,56 @@ def fit_shorter_side(image: np.ndarray, side: Optional[int]) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
-def read_image(path: Path, reduced: bool = False) -> Optional[np.ndarray]:
-    """Decode to RGB uint8 (H, W, 3); grayscale becomes 3 channels; ``None`` when unreadable."""
+DEFAULT_MAX_PIXELS = 100_000_000
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def header_size(data: bytes) -> Optional[tuple[int, int]]:
+    """(width, height) from a PNG, JPEG or BMP header without decoding the pixels; None for other formats."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:2] == b"BM" and len(data) >= 26:
+        width, height = struct.unpack("<ii", data[18:26])
+        return abs(width), abs(height)
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 < len(data):
+            if data[i] != 0xFF:
+                i += 1
+                continue
+            marker = data[i + 1]
+            if marker in _JPEG_SOF:
+                height, width = struct.unpack(">HH", data[i + 5:i + 9])
+                return width, height
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+                i += 2 if marker != 0xFF else 1
+                continue
+            if marker == 0xDA:  # start of scan before any frame header: not a valid JPEG
+                return None
+            i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
+    return None
+
+
+def image_problem(path: Path, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Optional[str]:
+    """Why ``path`` is not read as an image (too many pixels for ``data.max_pixels``, empty, unreadable), or None."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if not head:
+        return "empty file"
+    size = header_size(head)
+    if max_pixels and size and size[0] * size[1] > max_pixels:
+        return (f"{size[0]}x{size[1]} pixels, over data.max_pixels {max_pixels:,} (raise it if such images are "
+                "genuine)")
+    return None
+
+
+def read_image(path: Path, reduced: bool = False, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
+               ) -> Optional[np.ndarray]:
+    """Decode to RGB uint8 (H, W, 3); grayscale becomes 3 channels; ``None`` when unreadable, when the header
+    declares more than ``max_pixels`` pixels (checked before decoding) or when the decoder fails."""
     flag = cv2.IMREAD_REDUCED_COLOR_8 if reduced else cv2.IMREAD_COLOR
     try:
         data = np.fromfile(str(path), dtype=np.uint8)
@@ -232,9 +282,17 @@ def read_image(path: Path, reduced: bool = False) -> Optional[np.ndarray]:
         return None
     if data.size == 0:
         return None
-    image = cv2.imdecode(data, flag)
+    size = header_size(data[: 1 << 16].tobytes())
+    if max_pixels and size and size[0] * size[1] > max_pixels:
+        return None
+    try:
+        image = cv2.imdecode(data, flag)
+    except cv2.error:  # OpenCV's own checks (its pixel limit, a broken header) raise instead of returning None
+        return None
     if image is None or image.size == 0:
         return None
+    if max_pixels and image.shape[0] * image.shape[1] > max_pixels * (64 if reduced else 1):
+        return None  # a format whose header was not read here
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -296,7 +354,8 @@ def scan_folder_split(root: Path, split: str, cap_per_class: Optional[int], seed
 
 
 def verify_and_cache(split: Split, cache: Optional[bool], labelled: bool = True,
-                     max_side: Optional[int] = None, prepared: Optional[PreprocessSpec] = None) -> Split:
+                     max_side: Optional[int] = None, prepared: Optional[PreprocessSpec] = None,
+                     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Split:
     """Decode every image once; unreadable files are dropped, counted and listed (never fatal alone).
 
     Folder images go to the on-disk decoded cache (``imagecache``) unless ``cache`` is false: training splits
@@ -305,11 +364,11 @@ def verify_and_cache(split: Split, cache: Optional[bool], labelled: bool = True,
     the full-resolution file (the device sees the full frame: bundles take the originals).
     """
     if (max_side or prepared) and cache is not False and split.paths:
-        return _from_disk_cache(split, labelled, max_side, prepared)
+        return _from_disk_cache(split, labelled, max_side, prepared, max_pixels)
     keep, images, skipped, pixels = [], [], [], 0
     hold = cache is not False
     for i, path in enumerate(split.paths):
-        image = read_image(path, reduced=not hold)
+        image = read_image(path, reduced=not hold, max_pixels=max_pixels)
         if image is None:
             skipped.append(str(path))
             continue
@@ -320,11 +379,11 @@ def verify_and_cache(split: Split, cache: Optional[bool], labelled: bool = True,
             pixels += image.size
             if cache is None and pixels > CACHE_PIXELS:  # too big to hold: fall back to lazy decoding
                 hold, images = False, []
-    return _finish(split, keep, images if hold else None, skipped, labelled, max_side)
+    return _finish(split, keep, images if hold else None, skipped, labelled, max_side, max_pixels=max_pixels)
 
 
 def _from_disk_cache(split: Split, labelled: bool, max_side: Optional[int],
-                     prepared: Optional[PreprocessSpec]) -> Split:
+                     prepared: Optional[PreprocessSpec], max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Split:
     """Images from the on-disk decoded cache (``imagecache``), decoding only on a miss."""
     from . import imagecache
 
@@ -334,6 +393,8 @@ def _from_disk_cache(split: Split, labelled: bool, max_side: Optional[int],
     else:
         variant = f"train side {max_side} area"
         form = lambda image: fit_shorter_side(image, max_side)  # noqa: E731
+    if max_pixels != DEFAULT_MAX_PIXELS:  # which images are skipped depends on the limit
+        variant += f" max pixels {max_pixels}"
     key = imagecache.entry_key(split.paths, variant)
     entry = imagecache.load(key)
     if entry is None:
@@ -341,18 +402,19 @@ def _from_disk_cache(split: Split, labelled: bool, max_side: Optional[int],
                  imagecache.cache_dir())
 
         def decode(i: int) -> Optional[np.ndarray]:
-            image = read_image(split.paths[i])
+            image = read_image(split.paths[i], max_pixels=max_pixels)
             return None if image is None else form(image)
 
         entry = imagecache.build(key, len(split), decode)
     keep, images = entry
     kept = set(keep)
     skipped = [str(p) for i, p in enumerate(split.paths) if i not in kept]
-    return _finish(split, keep, images, skipped, labelled, max_side, prepared)
+    return _finish(split, keep, images, skipped, labelled, max_side, prepared, max_pixels)
 
 
 def _finish(split: Split, keep: list[int], images: Optional[list[np.ndarray]], skipped: list[str], labelled: bool,
-            max_side: Optional[int], prepared: Optional[PreprocessSpec] = None) -> Split:
+            max_side: Optional[int], prepared: Optional[PreprocessSpec] = None,
+            max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Split:
     if not keep:
         raise DataError(f"no readable image in '{split.paths[0].parent.parent}' ({len(skipped)} unreadable)")
     out = split.subset(keep)
@@ -364,8 +426,9 @@ def _finish(split: Split, keep: list[int], images: Optional[list[np.ndarray]], s
         if not np.any(out.labels == cls):
             raise DataError(f"class '{split.classes[cls]}' of split '{split.name}' has no readable image left")
     if skipped:
-        log.warning("split %s: skipped %d unreadable image(s): %s%s", split.name, len(skipped),
-                    ", ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
+        reasons = [f"{p} ({image_problem(Path(p), max_pixels) or 'not a decodable image'})" for p in skipped[:5]]
+        log.warning("split %s: skipped %d unreadable image(s): %s%s", split.name, len(skipped), ", ".join(reasons),
+                    " ..." if len(skipped) > 5 else "")
     return out
 
 
@@ -397,12 +460,13 @@ def load_folder(cfg: DataConfig, seed: int) -> DataBundle:
         kept = set(train.paths)
         everything = scan_folder_split(root, cfg.train_dir, None, seed)
         left = [i for i, p in enumerate(everything.paths) if p not in kept]
-        rest = (verify_and_cache(everything.subset(left), cfg.cache, labelled=False, max_side=training_side(cfg))
+        rest = (verify_and_cache(everything.subset(left), cfg.cache, labelled=False, max_side=training_side(cfg),
+                                 max_pixels=cfg.max_pixels)
                 if left else None)
-    train = verify_and_cache(train, cfg.cache, max_side=training_side(cfg))
-    val = verify_and_cache(val, cfg.cache, prepared=eval_spec(cfg))
-    test = verify_and_cache(test, cfg.cache, prepared=eval_spec(cfg)) if test else None
-    calib = verify_and_cache(calib, cfg.cache, prepared=eval_spec(cfg)) if calib else None
+    train = verify_and_cache(train, cfg.cache, max_side=training_side(cfg), max_pixels=cfg.max_pixels)
+    val = verify_and_cache(val, cfg.cache, prepared=eval_spec(cfg), max_pixels=cfg.max_pixels)
+    test = verify_and_cache(test, cfg.cache, prepared=eval_spec(cfg), max_pixels=cfg.max_pixels) if test else None
+    calib = verify_and_cache(calib, cfg.cache, prepared=eval_spec(cfg), max_pixels=cfg.max_pixels) if calib else None
     return DataBundle(train, val, test, source=str(root), rest=rest, calib=calib)
 
 
@@ -559,11 +623,11 @@ def real_evaluation_splits(cfg: DataConfig, seed: int) -> tuple[Optional[Split],
         return None, None
     root = resolve_root(cfg.root)
     val = verify_and_cache(scan_folder_split(root, cfg.val_dir, cfg.val_per_class, seed), cfg.cache,
-                           prepared=eval_spec(cfg))
+                           prepared=eval_spec(cfg), max_pixels=cfg.max_pixels)
     test = None
     if cfg.test_dir:
         test = verify_and_cache(scan_folder_split(root, cfg.test_dir, cfg.val_per_class, seed), cfg.cache,
-                                prepared=eval_spec(cfg))
+                                prepared=eval_spec(cfg), max_pixels=cfg.max_pixels)
     return val, test
 
 
@@ -574,7 +638,7 @@ def load_datafree(cfg: DataConfig, seed: int, folder: Path, files: Sequence[str]
     ones: warned)."""
     train = Split(name="synthetic", classes=classes, labels=np.asarray(labels, dtype=np.int64),
                   paths=[folder / f for f in files])
-    train = verify_and_cache(train, cfg.cache, max_side=training_side(cfg))
+    train = verify_and_cache(train, cfg.cache, max_side=training_side(cfg), max_pixels=cfg.max_pixels)
     val, test = real_evaluation_splits(cfg, seed)
     if val is not None and val.classes != classes:
         raise DataError(f"data.source: datafree: the class folders of '{cfg.root}/{cfg.val_dir}' ({val.classes}) "
@@ -585,7 +649,7 @@ def load_datafree(cfg: DataConfig, seed: int, folder: Path, files: Sequence[str]
                     cfg.val_dir)
         val = Split(name="synthetic", classes=classes, labels=train.labels, paths=list(train.paths),
                     images=None)
-        val = verify_and_cache(val, cfg.cache, prepared=eval_spec(cfg))
+        val = verify_and_cache(val, cfg.cache, prepared=eval_spec(cfg), max_pixels=cfg.max_pixels)
     return DataBundle(train, val, test, source=f"synthetic ({folder})")
 
 

@@ -64,6 +64,8 @@ class DataConfig(_Strict):
                                      "withheld): the teacher labels them and distillation trains on them too; "
                                      "never the baseline")
     augment: AugmentConfig = AugmentConfig()
+    max_pixels: int = Field(100_000_000, ge=1, description="images whose header declares more pixels (width x "
+                            "height) are skipped and listed before decoding: a 875 KB PNG can decode to 2.7 GB")
     sampler: Literal["uniform", "balanced", "sqrt"] = Field(
         "uniform", description="how training batches draw images: uniform (every image once per epoch), balanced "
                                "(every class equally often) or sqrt (class frequency ~ sqrt of its size), drawn with "

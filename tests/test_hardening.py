@@ -190,6 +190,43 @@ def test_sparse_members_and_too_many_members_are_refused(tmp_path):
     assert safe_extract(many, tmp_path / "data", Limits()) == str(tmp_path / "data")  # data sets have no such cap
 
 
+# ---------------------------------------------------------------------- 6. one bad image never stops a data set
+def _png_header(width, height):
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+def test_images_over_the_pixel_limit_and_decoder_errors_are_skipped_and_listed(digits_folder, tmp_path, caplog):
+    import cv2
+    import numpy as np
+
+    from edgedistill.data import header_size, load_data
+    from edgedistill.recipe import DataConfig
+
+    root = tmp_path / "parts"
+    shutil.copytree(digits_folder, root)
+    bomb = root / "train" / "digit3" / "bomb.png"
+    bomb.write_bytes(_png_header(50000, 50000))  # 68 bytes that OpenCV answers with an exception
+    big = root / "train" / "digit4" / "big.png"
+    cv2.imwrite(str(big), np.zeros((2100, 2100), np.uint8))  # valid, 4.4 million pixels
+    jpeg = root / "train" / "digit5" / "photo.jpg"
+    cv2.imwrite(str(jpeg), np.full((30, 40, 3), 128, np.uint8))
+    assert header_size(bomb.read_bytes()) == (50000, 50000) and header_size(jpeg.read_bytes()) == (40, 30)
+    cfg = DataConfig(source="folder", root=str(root), image_size=16, max_pixels=4_000_000, cache=False)
+    with caplog.at_level("WARNING"):
+        data = load_data(cfg)
+    skipped = {Path(p).name for p in data.train.skipped}
+    assert skipped == {"bomb.png", "big.png"} and len(data.train) == 251  # 250 digits + the small JPEG
+    text = caplog.text
+    assert "50000x50000 pixels, over data.max_pixels 4,000,000" in text and "2100x2100 pixels" in text
+
+
 # --------------------------------------------------------------------------- 7. YAML alias bombs in recipes
 def test_yaml_aliases_are_refused_before_anything_expands(make_recipe, tmp_path):
     from edgedistill.errors import RecipeError
