@@ -256,6 +256,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_recipe(args: argparse.Namespace, recipe, world) -> int:
     """A command on a recipe; under torchrun (``world.active``) rank 0 alone logs to run.log and prints."""
+    if recipe.run_dir.exists() and not recipe.run_dir.is_dir():
+        raise EdgedistillError(f"output '{recipe.run_dir}' is a file: the run needs a folder there; choose another "
+                               "output (or name)")
     setup_logging(recipe.run_dir if world.is_main else None, args.verbose, quiet=not world.is_main)
     from .stages import PIPELINE, STAGE_FUNCTIONS, RunContext, run_stage
 

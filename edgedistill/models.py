@@ -115,8 +115,12 @@ def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         kwargs = dict(cfg.model_kwargs)
         if cfg.drop_rate:
             kwargs["drop_rate"] = cfg.drop_rate
-        model = timm.create_model(name, pretrained=cfg.pretrained is True and not cfg.pretrained_path,
-                                  num_classes=num_classes, **kwargs)
+        try:
+            model = timm.create_model(name, pretrained=cfg.pretrained is True and not cfg.pretrained_path,
+                                      num_classes=num_classes, **kwargs)
+        except TypeError as exc:  # a model_kwargs key the model does not take
+            raise RecipeError(f"{name}: model_kwargs {sorted(cfg.model_kwargs)} do not fit this model ({exc}); check "
+                              "the keys against the model's timm constructor") from None
     if cfg.pretrained_path:
         load_weights(model, cfg.pretrained_path)
     elif from_pypi:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -25,6 +26,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_finite_numbers(cls, value: Any, info: Any) -> Any:
+        """A number field takes a finite number: YAML's true/false (which Python counts as 1/0) and .inf/.nan are
+        refused with the key named, instead of training 1 epoch or diverging."""
+        field = cls.model_fields.get(info.field_name)
+        kinds = set(getattr(field.annotation, "__args__", ())) | {field.annotation} if field else set()
+        numeric = kinds & {int, float, NonNegativeInt}
+        if numeric and bool not in kinds:
+            if isinstance(value, bool):
+                raise ValueError(f"a number, not {str(value).lower()}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"a finite number, not {value}")
+        return value
+
 
 class AugmentConfig(_Strict):
     """Training augmentation (albumentations). Evaluation always uses resize + centre crop."""
@@ -35,6 +51,20 @@ class AugmentConfig(_Strict):
     color_jitter: float = Field(0.3, ge=0, description="brightness/contrast/saturation strength; 0 turns it off")
     rotate: float = Field(0.0, ge=0, le=180, description="max rotation in degrees; 0 turns it off")
 
+    @field_validator("scale")
+    @classmethod
+    def _scale_is_a_share(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(f"a (min, max) share of the image area with 0 < min <= max <= 1, not {list(value)}")
+        return value
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_is_positive(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"a (min, max) aspect ratio with 0 < min <= max, not {list(value)}")
+        return value
+
 
 class DataConfig(_Strict):
     source: Literal["folder", "digits", "idx", "datafree"] = Field(
@@ -44,7 +74,7 @@ class DataConfig(_Strict):
     train_dir: str = "train"
     val_dir: str = "val"
     test_dir: Optional[str] = None
-    image_size: int = Field(32, ge=8)
+    image_size: int = Field(32, ge=8, le=4096)
     crop_pct: float = Field(1.0, gt=0, le=1)
     interpolation: Literal["nearest", "bilinear", "bicubic", "area"] = "bilinear"
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -64,6 +94,14 @@ class DataConfig(_Strict):
                                      "withheld): the teacher labels them and distillation trains on them too; "
                                      "never the baseline")
     augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not all(v > 0 for v in value):
+            raise ValueError(f"every channel's std must be positive (the images are divided by it), not {list(value)}")
+        return value
+
     max_pixels: int = Field(100_000_000, ge=1, description="images whose header declares more pixels (width x "
                             "height) are skipped and listed before decoding: a 875 KB PNG can decode to 2.7 GB")
     sampler: Literal["uniform", "balanced", "sqrt"] = Field(

@@ -114,6 +114,11 @@ class RunContext:
         self.recipe = recipe
         self.force = force
         self.run_dir = recipe.run_dir
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            from .errors import RecipeError
+
+            raise RecipeError(f"output '{self.run_dir}' is a file: the run needs a folder there; choose another "
+                              "output (or name)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(recipe.device)
         self.steps = plan_steps(recipe)

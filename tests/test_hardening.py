@@ -285,3 +285,104 @@ def test_bench_memory_grows_by_no_more_than_its_frames(trained_run, tmp_path):
         peaks[w] = json.loads(out.stdout.strip().splitlines()[-1])[1]
     frames_mb = 4 * 1920 * 1080 * 3 / 2 ** 20
     assert peaks[1920] - peaks[64] <= frames_mb * 1.5 + 16, peaks
+
+
+# ----------------------------------------------------- 8. the catalogue of bad inputs: exit 2 and one clear line
+def _variant_bundles(trained_run, tmp_path):
+    """Bundles whose manifest disagrees with their model: input shape, output name, class count."""
+    from edgerun.manifest import write_manifest
+
+    out = {}
+    for name, change in (("shape", lambda m: m["model"].__setitem__("input_shape", [1, 3, 24, 24])),
+                         ("outname", lambda m: m["model"].__setitem__("output_name", "nope")),
+                         ("classes", lambda m: m.__setitem__("classes", ["a", "b", "c"]))):
+        folder = tmp_path / f"bad-{name}"
+        shutil.copytree(trained_run / "bundle", folder)
+        data = json.loads((folder / "manifest.json").read_text())
+        change(data)
+        write_manifest(str(folder), data)
+        out[name] = str(folder)
+    return out
+
+
+BAD_INPUTS = [
+    # (what, tool, arguments, exit code, words the message must hold)
+    ("a boolean as a number", "edgedistill", ["teacher", "{recipe}", "--set", "teacher.epochs=true"], 2,
+     "teacher.epochs: Value error, a number, not true"),
+    ("an infinite learning rate", "edgedistill", ["teacher", "{recipe}", "--set", "teacher.lr=.inf"], 2,
+     "teacher.lr: Value error, a finite number"),
+    ("a zero std", "edgedistill", ["teacher", "{recipe}", "--set", "data.std=[0,0.5,0.5]"], 2,
+     "every channel's std must be positive"),
+    ("an augmentation scale over 1", "edgedistill", ["teacher", "{recipe}", "--set", "data.augment.scale=[0.5,1.5]"],
+     2, "data.augment.scale"),
+    ("an absurd image size", "edgedistill", ["teacher", "{recipe}", "--set", "data.image_size=100000"], 2,
+     "data.image_size: Input should be less than or equal to 4096"),
+    ("a model_kwargs typo", "edgedistill", ["teacher", "{recipe}", "--set", "teacher.model_kwargs={{outpt_stride: 8}}"],
+     2, "model_kwargs ['outpt_stride'] do not fit this model"),
+    ("an output that is a file", "edgedistill", ["teacher", "{recipe}", "--set", "output={tmp}/afile"], 2,
+     "is a file: the run needs a folder"),
+    ("a YAML alias", "edgedistill", ["teacher", "{recipe}", "--set", "teacher.model_kwargs={{a: &x [1], b: *x}}"], 2,
+     "YAML alias"),
+    ("one class", "edgedistill", ["teacher", "{recipe}", "--set", "data.source=folder", "--set", "data.root={one_class}",
+                                  "--set", "data.train_per_class=null", "--set", "data.val_per_class=null"], 2,
+     "a classifier needs at least two"),
+    ("pack -o inside the bundle", "edgedistill", ["pack", "{bundle}", "-o", "{bundle}/x.edb"], 2,
+     "inside the bundle folder"),
+    ("bench --iterations 0", "edgerun", ["bench", "{bundle}", "--iterations", "0"], 2, "must be at least 1"),
+    ("--json into a missing folder", "edgerun", ["bench", "{bundle}", "--json", "{tmp}/missing/x.json"], 2,
+     "does not exist; create it first (nothing was run)"),
+    ("--csv into a missing folder", "edgerun", ["camera", "{bundle}", "--source", "x.mp4", "--csv", "{tmp}/no/f.csv"],
+     2, "--csv"),
+    ("--batch 4 on a batch-1 model", "edgerun", ["bench", "{bundle}", "--batch", "4"], 2, "takes batches of 1"),
+    ("--frame-size 100000x100000", "edgerun", ["bench", "{bundle}", "--frame-size", "100000x100000"], 2,
+     "at most 8192 pixels"),
+    ("--trust ''", "edgerun", ["verify", "{bundle}", "--trust", ""], 2, "--trust is empty"),
+    ("a truncated .edb", "edgerun", ["verify", "{cut}"], 2, "truncated or damaged"),
+    ("a manifest input shape unlike the model's", "edgerun", ["validate", "{shape}"], 2, "input shape [1, 3, 24, 24]"),
+    ("a manifest output name unlike the model's", "edgerun", ["validate", "{outname}"], 2, "output 'nope'"),
+    ("3 class names for 10 outputs", "edgerun", ["camera", "{classes}", "--source", "x.mp4"], 2,
+     "10 outputs and the manifest names 3"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_places(trained_run, tmp_path_factory):
+    from conftest import FAST, deep_update
+
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("bad-inputs")
+    (tmp / "afile").write_text("a file where a folder should be")
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(deep_update(FAST, {"output": str(tmp / "run")})))
+    one = tmp / "one-class"
+    import cv2
+    import numpy as np
+
+    for split in ("train", "val"):
+        (one / split / "only").mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(one / split / "only" / f"{i}.png"), np.full((16, 16), 40 * i, np.uint8))
+    edb = pack_bundle(trained_run / "bundle", tmp / "student.edb")
+    data = Path(edb).read_bytes()
+    (tmp / "cut.edb").write_bytes(data[: len(data) // 2])
+    places = {"recipe": str(recipe), "tmp": str(tmp), "bundle": str(trained_run / "bundle"), "one_class": str(one),
+              "cut": str(tmp / "cut.edb"), **_variant_bundles(trained_run, tmp)}
+    return places
+
+
+@pytest.mark.parametrize("what,tool,args,code,words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_every_bad_input_exits_2_with_one_clear_line(bad_input_places, capsys, what, tool, args, code, words):
+    from edgedistill.cli import main as edgedistill_main
+
+    argv = [a.format(**bad_input_places) for a in args]
+    main = edgedistill_main if tool == "edgedistill" else edgerun_main
+    try:
+        exit_code = main(argv)
+    except SystemExit as exc:  # argparse's own refusals exit 2 themselves
+        exit_code = exc.code
+    assert exit_code == code, what
+    captured = capsys.readouterr()
+    text = captured.err + captured.out
+    assert words in " ".join(text.split()), text[-600:]
+    assert "Traceback" not in text

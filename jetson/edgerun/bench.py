@@ -19,6 +19,9 @@ TRIM = 0.05
 DEFAULT_FRAME_SIZE = (1280, 720)  # a common line camera; resizing it is part of what the device pays per frame
 
 
+MAX_FRAME_SIDE = 8192
+
+
 def parse_frame_size(text):
     """'1920x1080' -> (1920, 1080)."""
     try:
@@ -27,6 +30,9 @@ def parse_frame_size(text):
         raise EdgerunError("--frame-size must be WIDTHxHEIGHT, e.g. 1280x720, not %r" % (text,))
     if w <= 0 or h <= 0:
         raise EdgerunError("--frame-size must be positive, not %r" % (text,))
+    if w > MAX_FRAME_SIDE or h > MAX_FRAME_SIDE:
+        raise EdgerunError("--frame-size %r: each side at most %d pixels (an 8K camera); 4 frames of %dx%d would need "
+                           "%.0f GB" % (text, MAX_FRAME_SIDE, w, h, 4.0 * w * h * 3 / 2 ** 30))
     return w, h
 
 

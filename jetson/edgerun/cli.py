@@ -16,6 +16,7 @@ when that folder exists) every command refuses a bundle that is unsigned, signed
 in any byte since it was signed (`edgedistill pack BUNDLE -o X.edb --sign KEY`).
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -49,6 +50,64 @@ def _runner(args, bundle):
     from .runners import OrtRunner
 
     return OrtRunner(bundle.variant_path(args.variant), threads=args.threads)
+
+
+@contextlib.contextmanager
+def _active(args, bundle):
+    """The command's runner, active, its model checked against the manifest (ONNX Runtime: the engine's own record
+    is checked by TrtRunner)."""
+    with _runner(args, bundle) as runner:
+        if not args.engine:
+            check_model_matches(bundle, runner)
+        yield runner
+
+
+def check_model_matches(bundle, runner):
+    """The manifest describes the model it ships: input and output names, input shape, one output per class. A
+    bundle that disagrees is refused here, before it runs (not as an ONNX Runtime traceback, nor a camera that
+    crashes on its first frame)."""
+    m = bundle.manifest
+    inputs = dict((i.name, i.shape) for i in runner.session.get_inputs())
+    outputs = dict((o.name, o.shape) for o in runner.session.get_outputs())
+    where = "bundle '%s'" % m.data.get("name")
+    if m.input_name not in inputs:
+        raise EdgerunError("%s: the manifest's input '%s' is not an input of its model (%s)"
+                           % (where, m.input_name, ", ".join(inputs)))
+    if m.output_name not in outputs:
+        raise EdgerunError("%s: the manifest's output '%s' is not an output of its model (%s)"
+                           % (where, m.output_name, ", ".join(outputs)))
+    shape = inputs[m.input_name]
+    declared = list(m.input_shape)
+    if len(shape) != len(declared) or any(isinstance(a, int) and a != b for a, b in zip(shape[1:], declared[1:])):
+        raise EdgerunError("%s: the manifest's input shape %s differs from the model's %s: re-export the bundle"
+                           % (where, declared, list(shape)))
+    width = outputs[m.output_name][-1]
+    if isinstance(width, int) and width != len(m.classes):
+        raise EdgerunError("%s: the model has %d outputs and the manifest names %d classes/targets: re-export the "
+                           "bundle" % (where, width, len(m.classes)))
+
+
+def _check_outputs(args):
+    """Every file a command will write (--json, --csv) goes into an existing folder: checked before the work."""
+    for flag in ("json", "csv"):
+        path = getattr(args, flag, None)
+        if path and not isinstance(path, bool):
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                raise EdgerunError("--%s %s: the folder '%s' does not exist; create it first (nothing was run)"
+                                   % (flag, path, folder))
+
+
+def write_json(path, data):
+    """Write ``data`` as JSON atomically: a full disk or a kill never leaves a truncated file in place of the old."""
+    tmp = "%s.tmp-%d" % (path, os.getpid())
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(to_json(data))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _device_memory(args, bundle):
@@ -141,8 +200,7 @@ def _validate_regression(args, bundle, runner):
               "per_target": got["per_target"], "host_fp32_r2": host_r2, "host_fp32_mae": host_mae, "drop": drop,
               "max_drop": args.max_drop, "status": "PASS" if drop <= args.max_drop else "FAIL"}
     if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(to_json(result))
+        write_json(args.json, result)
     print("VERDICT: %s (R2 drop %.4f vs host FP32, limit %.4f)" % (result["status"], drop, args.max_drop))
     return 0 if result["status"] == "PASS" else 1
 
@@ -175,11 +233,12 @@ def _decision_check(bundle, logits, labels, max_drop):
 
 
 def cmd_validate(args):
+    _check_outputs(args)
     bundle = _open(args)
     if bundle.manifest.task == "regression":
-        with _runner(args, bundle) as runner:
+        with _active(args, bundle) as runner:
             return _validate_regression(args, bundle, runner)
-    with _runner(args, bundle) as runner:
+    with _active(args, bundle) as runner:
         logits, labels = bundle_outputs(runner, bundle)
     top1 = float((logits.argmax(1) == labels).mean())
     metrics = bundle.manifest.data["metrics"]
@@ -195,8 +254,7 @@ def cmd_validate(args):
     result = {"top1": top1, "host_fp32_top1": host_fp32, "host_int8_top1": host_int8, "drop": drop,
               "max_drop": args.max_drop, "decision": decision, "status": "PASS" if ok else "FAIL"}
     if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(to_json(result))
+        write_json(args.json, result)
     line = "VERDICT: %s (drop %.2f points vs host FP32" % (result["status"], drop * 100)
     if decision is not None:
         line += ", recall drop %.2f, false-reject rise %.2f points" % (decision["recall_drop"] * 100,
@@ -206,10 +264,17 @@ def cmd_validate(args):
 
 
 def cmd_bench(args):
+    _check_outputs(args)
+    frame_size = _frame_size(args, None) if args.frame_size else None
     bundle = _open(args)
-    with _runner(args, bundle) as runner:
+    m = bundle.manifest
+    if args.batch is not None and not m.model.get("dynamic_batch") and args.batch != m.input_shape[0]:
+        raise EdgerunError("--batch %d: this model takes batches of %d (its input shape is %s, no dynamic batch); "
+                           "re-export with export.dynamic_batch for other batches" % (args.batch, m.input_shape[0],
+                                                                                       list(m.input_shape)))
+    with _active(args, bundle) as runner:
         result = run_bench(runner, bundle.manifest, batch=args.batch, warmup=args.warmup, iterations=args.iterations,
-                           min_seconds=args.min_seconds, frame_size=_frame_size(args, bundle))
+                           min_seconds=args.min_seconds, frame_size=frame_size or _frame_size(args, bundle))
     result["runner"] = runner.name
     v = verdict(result, args.fps_target, args.budget_mb, _device_memory(args, bundle))
     from .device import board_model
@@ -222,20 +287,20 @@ def cmd_bench(args):
     if args.json:
         source = bundle.manifest.data.get("source") or {}
         engine = getattr(runner, "meta", None)
-        with open(args.json, "w") as fh:
-            # what the workstation's planner needs to set this measurement beside its estimate
-            fh.write(to_json({"result": result, "verdict": v, "board": board,
-                              "bundle": {"name": bundle.manifest.data["name"], "model": source.get("student_model"),
-                                         "input_shape": bundle.manifest.input_shape,
-                                         "target": bundle.manifest.data.get("target")},
-                              "engine": ({"path": args.engine, "precision": engine.get("precision"),
-                                          "tensorrt": engine.get("tensorrt")} if engine else None)}))
+        # what the workstation's planner needs to set this measurement beside its estimate
+        write_json(args.json, {"result": result, "verdict": v, "board": board,
+                               "bundle": {"name": bundle.manifest.data["name"], "model": source.get("student_model"),
+                                          "input_shape": bundle.manifest.input_shape,
+                                          "target": bundle.manifest.data.get("target")},
+                               "engine": ({"path": args.engine, "precision": engine.get("precision"),
+                                           "tensorrt": engine.get("tensorrt")} if engine else None)})
     return 1 if (args.strict and v["overall"] == "FAIL") else 0
 
 
 def cmd_camera(args):
     from .camera import run_camera
 
+    _check_outputs(args)
     bundle = _open(args)
 
     def announce(frame, text):
@@ -251,7 +316,7 @@ def cmd_camera(args):
 
         threshold, source = reject_rule(bundle.manifest, args.reject_class, args.threshold)
         print("reject rule: P(%s) >= %.4f (%s)" % (args.reject_class, threshold, source))
-    with _runner(args, bundle) as runner:
+    with _active(args, bundle) as runner:
         summary = run_camera(runner, bundle.manifest, args.source, duration=args.duration, max_frames=args.max_frames,
                              csv_path=args.csv, reject_class=args.reject_class, reject_threshold=args.threshold,
                              max_reconnects=args.reconnects, on_reject=announce, summary_path=args.json,
@@ -283,6 +348,19 @@ def cmd_verify(args):
     else:
         print("signature: none (unsigned bundle; no trust set configured)")
     return 0
+
+
+def _count(least):
+    """An argparse type: an integer of at least ``least`` (argparse's own error, exit 2, otherwise)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a whole number" % (text,))
+        if value < least:
+            raise argparse.ArgumentTypeError("must be at least %d, not %d" % (least, value))
+        return value
+    return parse
 
 
 def build_parser():
@@ -329,8 +407,8 @@ def build_parser():
     p.add_argument("--budget-mb", type=float, help="memory budget of this process")
     p.add_argument("--device-profile", choices=sorted(TARGETS), help="default: the bundle's target")
     p.add_argument("--batch", type=int)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--iterations", type=int, default=200)
+    p.add_argument("--warmup", type=_count(0), default=20)
+    p.add_argument("--iterations", type=_count(1), default=200)
     p.add_argument("--min-seconds", type=float, default=0.0)
     p.add_argument("--frame-size", help="synthetic camera frames, WIDTHxHEIGHT (default: the device profile's "
                                         "camera, else 1280x720): their resize is timed as part of each frame")
