@@ -215,10 +215,48 @@ def test_engines_from_another_version_device_or_bundle_are_refused(trained_run, 
     (tmp_path / "s.engine.json").unlink()
     with pytest.raises(EngineMismatchError, match="origin is unknown"):
         check_engine(engine, bundle, make_fake_trt("8.2.1.8"), NANO)
-    (tmp_path / "junk.engine").write_bytes(b"garbage")
-    (tmp_path / "junk.engine.json").write_text(json.dumps({"tensorrt": "8.2.1.8"}))
+    from edgerun.engine_record import device_key, seal
+
+    (tmp_path / "junk.engine").write_bytes(b"garbage")  # sealed by this device, yet not an engine
+    (tmp_path / "junk.engine.json").write_text(json.dumps(seal({"tensorrt": "8.2.1.8"}, b"garbage", device_key())))
     with pytest.raises(EngineMismatchError, match="could not deserialize"):
         TrtRunner(str(tmp_path / "junk.engine"), trt=make_fake_trt("8.2.1.8"), cuda=FakeCuda()).activate()
+
+
+def test_an_engine_swapped_or_a_record_edited_is_refused(trained_run, tmp_path):
+    """The signed bundle does not cover the engine: its record does, with the engine's sha256 sealed by the device
+    key. Before, any engine ran under a trusted bundle as long as its .engine.json named the bundle's hash."""
+    import os
+    import stat
+
+    from edgerun.engine_record import device_key_path
+
+    bundle = open_bundle(trained_run / "bundle")
+    cuda = FakeCuda()
+    trt = make_fake_trt("8.2.1.8", cuda=cuda)
+    engine = tmp_path / "s.engine"
+    meta = build_engine(bundle, "fp16", str(engine), trt=trt, gpu=NANO, log=lambda m: None, cuda=cuda)
+    assert len(meta["engine_sha256"]) == 64 and meta["record_hmac"]
+    assert stat.S_IMODE(os.stat(device_key_path()).st_mode) == 0o600
+    with TrtRunner(str(engine), bundle=bundle, trt=trt, cuda=cuda, gpu=NANO) as runner:
+        assert runner.meta["engine_sha256"] == meta["engine_sha256"]
+    other = tmp_path / "other.engine"  # another engine (the INT8 one, from the Q/DQ model), its record copied over
+    build_engine(bundle, "int8", str(other), force=True, trt=trt, gpu=NANO, log=lambda m: None, cuda=cuda)
+    assert other.read_bytes() != engine.read_bytes()
+    shutil.copy(other, tmp_path / "swapped.engine")
+    shutil.copy(str(engine) + ".json", tmp_path / "swapped.engine.json")
+    with pytest.raises(EngineMismatchError, match="is not the engine its record describes"):
+        TrtRunner(str(tmp_path / "swapped.engine"), bundle=bundle, trt=trt, cuda=cuda, gpu=NANO).activate()
+    edited = json.loads((tmp_path / "other.engine.json").read_text())
+    edited["precision"] = "fp16"  # a record rewritten without the device key
+    (tmp_path / "other.engine.json").write_text(json.dumps(edited))
+    with pytest.raises(EngineMismatchError, match="not sealed by this device's key"):
+        TrtRunner(str(other), bundle=bundle, trt=trt, cuda=cuda, gpu=NANO).activate()
+    unsealed = {k: v for k, v in meta.items() if k not in ("record_hmac", "engine_sha256")}
+    (tmp_path / "old.engine").write_bytes(engine.read_bytes())
+    (tmp_path / "old.engine.json").write_text(json.dumps(unsealed))  # as older edgerun releases wrote it
+    with pytest.raises(EngineMismatchError, match="unsealed record"):
+        TrtRunner(str(tmp_path / "old.engine"), bundle=bundle, trt=trt, cuda=cuda, gpu=NANO).activate()
 
 
 def test_build_cli_names_the_engine_after_the_bundle_file(trained_run, tmp_path, monkeypatch, capsys):

@@ -26,6 +26,7 @@ from datetime import datetime
 import numpy as np
 
 from .device import board_model, l4t_release
+from .engine_record import check_sealed, device_key, seal, write_atomically
 from .errors import EngineBuildError, EngineMismatchError, RunnerError
 from .manifest import MANIFEST_FILE, sha256_file
 from .profiles import explicit_int8_variant, parse_version
@@ -401,8 +402,8 @@ def build_engine(bundle, precision="fp16", output=None, workspace_mb=1024, timin
                                    "--workspace-mb. TensorRT said: %s" % (workspace >> 20, detail))
         raise EngineBuildError("TensorRT could not build the engine: %s" % detail)
     build_seconds = time.time() - started
-    with open(output, "wb") as fh:
-        fh.write(bytes(serialized))
+    engine_bytes = bytes(serialized)
+    key = device_key(create=True)  # before anything is written: a device that cannot seal builds nothing
     if cache is not None:
         with open(timing_cache, "wb") as fh:
             fh.write(bytes(config.get_timing_cache().serialize()))
@@ -424,14 +425,17 @@ def build_engine(bundle, precision="fp16", output=None, workspace_mb=1024, timin
         "build_seconds": round(build_seconds, 2),
         "created": datetime.utcnow().replace(microsecond=0).isoformat() + "Z",
     }
-    with open(engine_meta_path(output), "w") as fh:
-        json.dump(meta, fh, indent=2, sort_keys=True)
+    meta = seal(meta, engine_bytes, key)  # the engine's sha256, sealed with this device's key
+    # engine, then its record, each through a rename: a reader never sees half of either
+    write_atomically(output, engine_bytes)
+    write_atomically(engine_meta_path(output), json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
     return meta
 
 
-def check_engine(engine_path, bundle=None, trt=None, gpu=None, board=None):
+def check_engine(engine_path, bundle=None, trt=None, gpu=None, board=None, engine_bytes=None):
     """Refuse an engine made by another TensorRT version, on another device (compute capability and board
-    model: Orin Nano and AGX Orin are both 8.7), or for another bundle."""
+    model: Orin Nano and AGX Orin are both 8.7), or for another bundle; with ``engine_bytes`` (the bytes about to be
+    deserialized), also one whose bytes differ from its record or whose record this device did not seal."""
     meta_path = engine_meta_path(engine_path)
     if not os.path.isfile(str(engine_path)):
         raise EngineMismatchError("engine '%s' does not exist: build it with `edgerun build`" % engine_path)
@@ -453,6 +457,8 @@ def check_engine(engine_path, bundle=None, trt=None, gpu=None, board=None):
     if board and meta.get("board") and meta["board"] != board:
         raise EngineMismatchError("engine '%s' was built on a %s, this is a %s: an engine is tuned to its board's "
                                   "GPU and memory; rebuild it with `edgerun build`" % (engine_path, meta["board"], board))
+    if engine_bytes is not None:
+        check_sealed(meta, engine_bytes, engine_path, device_key())
     if bundle is not None and meta.get("bundle_sha256") != bundle_fingerprint(bundle):
         raise EngineMismatchError("engine '%s' was built from another bundle (or a changed one): rebuild it with "
                                   "`edgerun build`" % engine_path)
@@ -479,12 +485,15 @@ class TrtRunner(Runner):
         trt = self._trt or import_tensorrt()
         self.cuda_context = cuda.Context.get_current()  # pushed around every call: any thread may infer
         self.free_at_start = cuda.mem_get_info()[0]  # device memory is measured from here (engine load on)
-        self.meta = check_engine(self.engine_path, self.bundle, trt, self.gpu, self.board)
+        if not os.path.isfile(str(self.engine_path)):
+            raise EngineMismatchError("engine '%s' does not exist: build it with `edgerun build`" % self.engine_path)
+        with open(self.engine_path, "rb") as fh:
+            blob = fh.read()  # one read: the bytes checked against the record are the bytes deserialized
+        self.meta = check_engine(self.engine_path, self.bundle, trt, self.gpu, self.board, engine_bytes=blob)
         self.api = select_api(trt)
         self.logger = make_logger(trt)
         self.runtime = trt.Runtime(self.logger)
-        with open(self.engine_path, "rb") as fh:
-            self.engine = self.runtime.deserialize_cuda_engine(fh.read())
+        self.engine = self.runtime.deserialize_cuda_engine(blob)
         if self.engine is None:
             raise EngineMismatchError("TensorRT %s could not deserialize '%s' (%s): rebuild it with `edgerun build`"
                                       % (trt.__version__, self.engine_path,
