@@ -221,6 +221,19 @@ REAL_TEGRASTATS = {
                       "[1%@1420,2%@1420,0%@1420,2%@1420,2%@729,1%@729] GR3D_FREQ 0% cpu@50.031C soc2@49.031C soc0@50C "
                       "gpu@49.031C tj@50.25C soc1@50.25C VDD_IN 4824mW/4824mW VDD_CPU_GPU_CV 518mW/518mW "
                       "VDD_SOC 1475mW/1475mW", 4824, "VDD_IN", 3452),
+    # Jetson AGX Xavier, JetPack 4.2 (martinkersner/gtop#7): no input rail; the total is the sum of its six rails
+    "agx-xavier-jp4": ("RAM 14700/15692MB (lfb 3x2MB) SWAP 898/8192MB (cached 23MB) CPU [0%@1190,0%@1190,0%@1190,"
+                       "0%@1190,0%@1190,0%@1190,0%@1190,0%@1190] EMC_FREQ 0% GR3D_FREQ 0% AO@30C GPU@30.5C Tboard@31C "
+                       "Tdiode@32C AUX@30.5C CPU@31.5C thermal@30.8C PMIC@100C GPU 463/463 CPU 618/618 SOC 2936/2936 "
+                       "CV 0/0 VDDRQ 309/309 SYS5V 3306/3306", 463 + 618 + 2936 + 0 + 309 + 3306,
+                       "GPU+CPU+SOC+CV+VDDRQ+SYS5V", 14700),
+    # Jetson AGX Orin, JetPack 5 rail names (rbonghi/jetson_stats#344: VIN_SYS_5V0 is one 5 V rail, not the input);
+    # the figures are made up, the format is the board's
+    "agx-orin-jp5": ("RAM 4012/30536MB (lfb 6754x4MB) SWAP 0/15268MB (cached 0MB) CPU [1%@729,0%@729,0%@729,0%@729] "
+                     "EMC_FREQ 0%@2133 GR3D_FREQ 0%@[0,0] VIC_FREQ 729 APE 174 CPU@44.5C GPU@42.8C "
+                     "VDD_GPU_SOC 2392mW/2392mW VDD_CPU_CV 398mW/398mW VIN_SYS_5V0 2827mW/2827mW "
+                     "VDDQ_VDD2_1V8AO 503mW/503mW", 2392 + 398 + 2827 + 503,
+                     "VDD_GPU_SOC+VDD_CPU_CV+VIN_SYS_5V0+VDDQ_VDD2_1V8AO", 4012),
 }
 
 
@@ -310,3 +323,23 @@ def test_nvmap_clients_table_is_read_per_process(tmp_path):
                      "user                         python3      4242       1M\n")
     assert nvmap_process_mb(4242, str(table)) == pytest.approx(52400 / 1024.0 + 1)
     assert nvmap_process_mb(999, str(table)) is None and nvmap_process_mb(4242, str(tmp_path / "no")) is None
+
+
+def test_board_model_seen_from_a_container(tmp_path):
+    """Docker masks /proc/device-tree: the model comes from $EDGERUN_BOARD or a mounted /etc/edgerun/board-model,
+    a Jetson that shows neither is named as one of unknown model, and a plain host is not called a board."""
+    from edgerun.device import board_label, board_model
+
+    root = str(tmp_path)
+    assert board_model({}, root) is None and board_label({}, root) is None  # a workstation: no board
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "nv_tegra_release").write_text("# R32 (release), REVISION: 7.1\n")
+    assert board_model({}, root) is None and "unknown model" in board_label({}, root)
+    assert "/etc/edgerun/board-model" in board_label({}, root)
+    (tmp_path / "etc" / "edgerun").mkdir()
+    (tmp_path / "etc" / "edgerun" / "board-model").write_bytes(b"NVIDIA Jetson Nano Developer Kit\x00")
+    assert board_model({}, root) == "NVIDIA Jetson Nano Developer Kit" == board_label({}, root)
+    assert board_model({"EDGERUN_BOARD": "NVIDIA Orin Nano"}, root) == "NVIDIA Orin Nano"  # the variable wins
+    (tmp_path / "proc" / "device-tree").mkdir(parents=True)
+    (tmp_path / "proc" / "device-tree" / "model").write_bytes(b"NVIDIA Jetson Xavier NX Developer Kit\x00")
+    assert board_model({"EDGERUN_BOARD": "NVIDIA Orin Nano"}, root) == "NVIDIA Jetson Xavier NX Developer Kit"

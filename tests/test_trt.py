@@ -422,6 +422,23 @@ def test_engines_are_matched_to_the_board_model(trained_run, tmp_path):
         check_engine(engine, bundle, make_fake_trt("10.3.0"), ORIN, board="Jetson AGX Orin")  # both 8.7
 
 
+
+def test_a_jetson_that_cannot_see_its_model_refuses_a_board_engine(trained_run, tmp_path, monkeypatch):
+    """In a container /proc/device-tree is masked: a Jetson that cannot name itself must not run an engine tuned
+    to a board, and the error says which mount fixes it."""
+    import edgerun.trt as trt_module
+
+    bundle = open_bundle(trained_run / "bundle")
+    engine = str(tmp_path / "e.engine")
+    build_engine(bundle, "fp16", engine, trt=make_fake_trt("10.3.0"), cuda=FakeCuda(), gpu=ORIN,
+                 board="NVIDIA Jetson Orin Nano Developer Kit", log=lambda m: None)
+    monkeypatch.setattr(trt_module, "is_tegra", lambda: True)
+    with pytest.raises(EngineMismatchError, match="cannot see its own model.*device-tree/model.*EDGERUN_BOARD"):
+        check_engine(engine, bundle, make_fake_trt("10.3.0"), ORIN, board="")
+    monkeypatch.setattr(trt_module, "is_tegra", lambda: False)  # a workstation checking a Jetson's engine
+    check_engine(engine, bundle, make_fake_trt("10.3.0"), ORIN, board="")
+
+
 def test_tensorrt_10_parser_errors_name_node_and_operator(trained_run, tmp_path):
     trt = make_fake_trt("10.3.0", parse_error=(17, "no importer", "/blocks/Conv_17", "Conv"))
     with pytest.raises(EngineBuildError, match="node 17 '/blocks/Conv_17' \\(Conv\\): no importer"):

@@ -277,12 +277,12 @@ def cmd_bench(args):
                            min_seconds=args.min_seconds, frame_size=frame_size or _frame_size(args, bundle))
     result["runner"] = runner.name
     v = verdict(result, args.fps_target, args.budget_mb, _device_memory(args, bundle))
-    from .device import board_model
+    from .device import board_label, board_model
 
     board = board_model()
     title = "edgerun bench: %s via %s on %s (synthetic feed)" % (
         bundle.manifest.data["name"], args.engine or runner.name,
-        board or "this host, not a Jetson: not a device figure")
+        board_label() or "this host, not a Jetson: not a device figure")
     print(report_text(result, v, title))
     if args.json:
         source = bundle.manifest.data.get("source") or {}

@@ -20,8 +20,36 @@ def _read(path):
         return None
 
 
-def board_model():
-    return _read("/proc/device-tree/model")
+BOARD_ENV = "EDGERUN_BOARD"
+# Docker masks /proc/device-tree: mount the model there read-only, e.g.
+#   docker run ... -v /proc/device-tree/model:/etc/edgerun/board-model:ro
+BOARD_FILE = "/etc/edgerun/board-model"
+
+
+def board_model(environ=None, root="/"):
+    """The board's model ('NVIDIA Jetson Nano Developer Kit'): /proc/device-tree/model, else $EDGERUN_BOARD, else
+    the mounted /etc/edgerun/board-model (containers cannot see the device tree); None when none says."""
+    environ = os.environ if environ is None else environ
+    return (_read(os.path.join(root, "proc/device-tree/model")) or (environ.get(BOARD_ENV) or "").strip() or
+            _read(os.path.join(root, BOARD_FILE.lstrip("/"))) or None)
+
+
+def is_tegra(root="/"):
+    """A Jetson (L4T), seen even from a container: its release file or the SoC family say so."""
+    family = _read(os.path.join(root, "sys/devices/soc0/family")) or ""
+    return os.path.exists(os.path.join(root, "etc/nv_tegra_release")) or "tegra" in family.lower()
+
+
+def board_label(environ=None, root="/"):
+    """How reports name this machine: the board model; a Jetson whose model cannot be seen says so (with the mount
+    that fixes it); anything else is this host."""
+    board = board_model(environ, root)
+    if board:
+        return board
+    if is_tegra(root):
+        return ("a Jetson of unknown model (in a container: mount /proc/device-tree/model at %s or set $%s)"
+                % (BOARD_FILE, BOARD_ENV))
+    return None
 
 
 def l4t_release():
@@ -178,9 +206,14 @@ def gpu_properties():
 
 TEGRA_RAM = re.compile(r"RAM (\d+)/(\d+)MB")
 TEGRA_GR3D = re.compile(r"GR3D_FREQ (\d+)%")
-# the board's input rail: 'POM_5V_IN 1958/1958' on JetPack 4 (mW, no unit written), 'VDD_IN 4567mW/4567mW'
-# on JetPack 5 and 6; current/average
-TEGRA_POWER = re.compile(r"\b(VDD_IN|POM_5V_IN|VIN_SYS_5V0)\s+(\d+)(?:mW)?/(\d+)(?:mW)?\b")
+# every power rail, current/average: 'POM_5V_IN 1958/1958' on JetPack 4 (mW, no unit written), 'VDD_IN 4567mW/4567mW'
+# on JetPack 5 and 6; RAM and SWAP look alike but end in MB
+TEGRA_RAIL = re.compile(r"\b([A-Z][A-Z0-9_]*)\s+(\d+)(?:mW)?/(\d+)(?:mW)?(?![A-Za-z0-9])")
+NOT_RAILS = ("RAM", "SWAP", "IRAM")
+# the board's own input rail where it has one (Nano: POM_5V_IN; Xavier NX, Orin NX and Orin Nano: VDD_IN); AGX
+# Xavier (GPU CPU SOC CV VDDRQ SYS5V) and AGX Orin (VDD_GPU_SOC VDD_CPU_CV VIN_SYS_5V0 VDDQ_VDD2_1V8AO) have none,
+# and their total is the sum of their rails, as jtop computes it (VIN_SYS_5V0 alone is one 5 V rail, not the input)
+INPUT_RAILS = ("VDD_IN", "POM_5V_IN")
 
 
 def parse_tegrastats(line):
@@ -192,10 +225,14 @@ def parse_tegrastats(line):
     match = TEGRA_GR3D.search(line)
     if match:
         out["gpu_load"] = int(match.group(1))
-    match = TEGRA_POWER.search(line)
-    if match:
-        out["power_mw"] = int(match.group(2))
-        out["power_rail"] = match.group(1)
+    rails = [(m.group(1), int(m.group(2))) for m in TEGRA_RAIL.finditer(line) if m.group(1) not in NOT_RAILS]
+    if rails:
+        named = dict(rails)
+        total = next((r for r in INPUT_RAILS if r in named), None)
+        if total:
+            out["power_mw"], out["power_rail"] = named[total], total
+        else:
+            out["power_mw"], out["power_rail"] = sum(v for _, v in rails), "+".join(n for n, _ in rails)
     return out
 
 

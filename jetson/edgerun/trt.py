@@ -25,7 +25,7 @@ from datetime import datetime
 
 import numpy as np
 
-from .device import board_model, l4t_release
+from .device import BOARD_ENV, BOARD_FILE, board_model, is_tegra, l4t_release
 from .engine_record import check_sealed, device_key, seal, write_atomically
 from .errors import EngineBuildError, EngineMismatchError, RunnerError
 from .manifest import MANIFEST_FILE, sha256_file
@@ -454,6 +454,11 @@ def check_engine(engine_path, bundle=None, trt=None, gpu=None, board=None, engin
                                                                meta["compute_capability"], gpu.get("name"),
                                                                gpu.get("compute_capability")))
     board = board if board is not None else board_model()
+    if meta.get("board") and not board and is_tegra():
+        raise EngineMismatchError("engine '%s' was built on a %s, and this Jetson cannot see its own model (a "
+                                  "container?): mount it (-v /proc/device-tree/model:%s:ro) or set $%s, so that an "
+                                  "engine tuned to another board is never run here" % (engine_path, meta["board"],
+                                                                                        BOARD_FILE, BOARD_ENV))
     if board and meta.get("board") and meta["board"] != board:
         raise EngineMismatchError("engine '%s' was built on a %s, this is a %s: an engine is tuned to its board's "
                                   "GPU and memory; rebuild it with `edgerun build`" % (engine_path, meta["board"], board))
