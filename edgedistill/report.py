@@ -66,7 +66,8 @@ def collect_report(run_dir, measured: Sequence[str] = ()) -> dict[str, Any]:
                                    "`camera --json` file")
         device.append({"path": str(path), "kind": kind, "data": data})
     return {"summary": summary, "curves": {k: v for k, v in curves.items() if v}, "reports": reports,
-            "manifest": manifest, "device": device, "run_dir": str(run_dir)}
+            "manifest": manifest, "device": device, "run_dir": str(run_dir),
+            "fleet": _read_json(run_dir / "devices" / "fleet.json")}
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -174,6 +175,15 @@ def report_sections(info: dict[str, Any]) -> list[tuple[str, list[str]]]:
                      "board and `edgedistill report RUN --measured bench.json`")
     if lines:
         out.append(("Device", lines))
+    fleet = info.get("fleet")
+    if fleet:
+        from .deploy import fleet_table
+
+        rel = fleet["release"]
+        out.append(("Fleet (edgedistill deploy)", [
+            f"Release {rel['version']} of `{rel['name']}` ({fleet['precision']}"
+            + (f", camera {fleet['source']}" if fleet.get("source") else "") + "); measured on each board, results in "
+            f"`{info['run_dir']}/devices/<board>/`.", ""] + fleet_table(fleet["rows"])))
     if s.get("cost"):
         out.append(("Cost", [f"- {cost_line(s['cost'])}", "- prices are the recipe's inputs; try others with "
                              f"`edgedistill cost {info['run_dir']} --price-per-hour P --distillation-cost C`"]))

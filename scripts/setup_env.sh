@@ -21,3 +21,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -c "import edgedistill, edgerun, torch, timm, onnxruntime, tensorrt_bindings"
   echo "$want" > "$stamp"
 fi
+# the oldest published TensorRT 10 stubs too (10.8; none exist for JetPack 6's 10.3), beside the venv's packages
+[ -f "$VENV/trt-stubs-10.8/tensorrt_bindings/tensorrt.pyi" ] || \
+  "$VENV/bin/python" -m pip install -q --no-deps --target "$VENV/trt-stubs-10.8" "tensorrt-stubs==10.8.0.43.1" 2>&1 \
+    | grep -v '^WARNING: Location' || true

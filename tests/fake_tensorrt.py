@@ -11,6 +11,7 @@ The 10.x surface is checked against NVIDIA's published type stubs (``tensorrt-st
 class here names its stub class in ``_stub``.
 """
 import json
+import mmap
 import threading
 import time
 from types import SimpleNamespace
@@ -21,16 +22,31 @@ import onnxruntime as ort
 from edgerun.profiles import parse_version
 
 
+TIMING_CACHE_MAGIC = b"FAKE-TIMING-CACHE:"
+
+
 class FakeLogicError(RuntimeError):
     """pycuda.driver.LogicError: e.g. 'invalid device context' when no context is current on the thread."""
 
 
 # ------------------------------------------------------------------------------------------- pycuda.driver
+def _rss_bytes():
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
 class FakeCuda:
     """pycuda.driver after ``import pycuda.autoprimaryctx``: the primary context is current on the importing
     thread only; any other thread must push it first."""
 
-    def __init__(self, total_mb=4096):
+    def __init__(self, total_mb=4096, shares_host_memory=False):
+        """``shares_host_memory``: a Jetson's integrated GPU, whose cuMemGetInfo free figure is the OS's free memory,
+        so host allocations by this process (its RSS growth) lower it as device allocations do."""
+        self.shares_host_memory = shares_host_memory
+        self.rss_at_start = _rss_bytes()
         self.memory = {}
         self.next_ptr = 0x1000
         self.calls = []
@@ -81,12 +97,16 @@ class FakeCuda:
         self._check("cuMemAlloc")
         ptr = self.next_ptr
         self.next_ptr += int(nbytes) + 256
-        self.memory[ptr] = bytearray(int(nbytes))
+        # anonymous pages, resident only once written: like device memory on a Jetson (nvmap), an allocation is
+        # not in this process's RSS, so the shared-memory arithmetic of mem_get_info stays true
+        self.memory[ptr] = mmap.mmap(-1, max(1, int(nbytes)))
         return FakeCuda._Alloc(ptr)
 
     def mem_get_info(self):
         self._check("cuMemGetInfo")
-        used = sum(len(b) for b in self.memory.values())
+        used = sum(len(b) for b in self.memory.values())  # what the driver reserved, resident or not
+        if self.shares_host_memory:
+            used += max(0, _rss_bytes() - self.rss_at_start)
         return self.total - used, self.total
 
     def pagelocked_empty(self, count, dtype):
@@ -187,7 +207,8 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
     """A module-like namespace imitating ``tensorrt`` at ``version`` (its calls in ``.calls``); ``dla_cores``: the
     board's Deep Learning Accelerators (0 on Nano, TX2, Orin Nano)."""
     v = parse_version(version)
-    gen10, has_pool, has_iomode, has_node_name = v >= (10,), v >= (8, 4), v >= (8, 5), v >= (8, 6)
+    # IParserError.nodeName()/nodeOperator() came with TensorRT 10.0 (8.6's parser error has node() only)
+    gen10, has_pool, has_iomode, has_node_name = v >= (10,), v >= (8, 4), v >= (8, 5), v >= (10,)
     calls = []
     state = {"oom_left": oom_times, "workspaces": [], "calibration": []}
     dtype_names = ["FLOAT", "HALF", "INT8", "INT32", "BOOL"] + (["UINT8"] if v >= (8, 5) else []) + \
@@ -213,6 +234,11 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
         def set_shape(self, input, min, opt, max):  # noqa: A002  (TensorRT's parameter names)
             self.shapes[input] = (tuple(min), tuple(opt), tuple(max))
 
+        def _valid(self):
+            """TensorRT's check: shapes set, and min <= opt <= max in every dimension."""
+            return bool(self.shapes) and all(all(a <= b <= c for a, b, c in zip(*shapes))
+                                             for shapes in self.shapes.values())
+
     class Config:
         _stub = "IBuilderConfig"
 
@@ -233,19 +259,33 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
             return layer.type in DLA_OPS
 
         def add_optimization_profile(self, profile):
+            if not profile._valid():
+                return -1  # TensorRT's answer to an invalid profile: the index -1, no exception
             self.profiles.append(profile)
             return len(self.profiles) - 1
 
         def set_calibration_profile(self, profile):
             calls.append("set_calibration_profile")
+            if profile is None or not profile._valid():
+                return False
             self.calibration_profile = profile
             return True
 
         def create_timing_cache(self, serialized_timing_cache):
+            """A cache this build can read (empty, or written by the same TensorRT version) or None, as TensorRT
+            returns for a damaged blob; one from another version is read, and refused by set_timing_cache."""
             calls.append("create_timing_cache")
-            return SimpleNamespace(serialize=lambda: b"TIMINGCACHE")
+            blob = bytes(serialized_timing_cache)
+            if blob and not blob.startswith(TIMING_CACHE_MAGIC):
+                return None
+            made_by = blob[len(TIMING_CACHE_MAGIC):].decode("ascii", "replace") if blob else version
+            return SimpleNamespace(made_by=made_by,
+                                   serialize=lambda: TIMING_CACHE_MAGIC + version.encode("ascii"))
 
         def set_timing_cache(self, cache, ignore_mismatch):
+            calls.append("set_timing_cache")
+            if cache.made_by != version and not ignore_mismatch:
+                return False  # a cache from another TensorRT version or device
             self._cache = cache
             return True
 

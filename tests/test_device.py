@@ -1,5 +1,6 @@
 """The device runtime through OrtRunner on real bundles: bench verdicts, validate, camera loop, device readers."""
 import json
+import os
 import shutil
 import stat
 
@@ -343,3 +344,174 @@ def test_board_model_seen_from_a_container(tmp_path):
     (tmp_path / "proc" / "device-tree").mkdir(parents=True)
     (tmp_path / "proc" / "device-tree" / "model").write_bytes(b"NVIDIA Jetson Xavier NX Developer Kit\x00")
     assert board_model({"EDGERUN_BOARD": "NVIDIA Orin Nano"}, root) == "NVIDIA Jetson Xavier NX Developer Kit"
+
+
+_BENCH_MEMORY_SCRIPT = r"""
+import json, sys
+from fake_tensorrt import FakeCuda, make_fake_trt
+import edgerun.device as device
+from edgerun.bench import run_bench
+from edgerun.bundle import open_bundle
+from edgerun.trt import TrtRunner, build_engine
+
+bundle_dir, engine, absent, width, height = sys.argv[1:6]
+device.NVMAP_CLIENTS = absent
+cuda = FakeCuda(shares_host_memory=True)
+trt = make_fake_trt("10.3.0", cuda=cuda)
+bundle = open_bundle(bundle_dir)
+build_engine(bundle, "fp16", engine, trt=trt, cuda=cuda, log=lambda m: None)
+gpu = {"name": "Orin", "compute_capability": "8.7", "integrated": True}
+with TrtRunner(engine, bundle=bundle, trt=trt, cuda=cuda, gpu=gpu) as runner:
+    cuda.mem_alloc(64 << 20)  # the engine's own device memory
+    memory = run_bench(runner, bundle.manifest, warmup=2, iterations=10, frame_size=(int(width), int(height)))["memory"]
+print(json.dumps(memory))
+"""
+
+
+def _bench_memory(trained_run, tmp_path, frame_size):
+    """bench on a fake Jetson (integrated GPU: host allocations lower cuMemGetInfo's free figure too), each in a
+    fresh process: a process's resident baseline depends on what it ran before, as a real bench's would not."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests), str(tests.parent / "jetson")]))
+    out = subprocess.run([sys.executable, "-c", _BENCH_MEMORY_SCRIPT, str(trained_run / "bundle"),
+                          str(tmp_path / ("e%dx%d.engine" % frame_size)), str(tmp_path / "absent"),
+                          str(frame_size[0]), str(frame_size[1])], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_bench_memory_grows_by_the_frames_alone_on_a_shared_memory_device(trained_run, tmp_path):
+    """On Tegra the GPU's free figure is the OS's: the frames (host memory, in VmHWM) must not also be counted as
+    device memory. 1920x1080 against 64x48 frames: the total differs by the frames and no more."""
+    small = _bench_memory(trained_run, tmp_path, (64, 48))
+    large = _bench_memory(trained_run, tmp_path, (1920, 1080))
+    frames_mb = 4 * 1080 * 1920 * 3 / float(1 << 20)  # four uint8 frames of 1920x1080
+    for memory in (small, large):
+        assert memory["device_mb"] == pytest.approx(64, abs=4), memory["device_method"]
+        assert "less this process's RSS growth" in memory["device_method"]
+    assert large["total_mb"] - small["total_mb"] <= frames_mb + 4
+    assert large["total_mb"] - small["total_mb"] >= frames_mb - 4  # the frames are held, and counted once
+
+
+def test_budget_is_judged_on_the_serving_loop_not_on_set_up(trained_run, tmp_path, monkeypatch):
+    """A spike during set-up (here 300 MB, freed again) is reported but not held against the budget; where VmHWM
+    cannot be reset, the loop's RSS is sampled instead, and the report says which method measured it."""
+    import edgerun.bench as bench
+
+    bundle = open_bundle(trained_run / "bundle")
+    spike = np.ones(300 << 20, dtype=np.uint8)
+    del spike
+    with OrtRunner(bundle.model_path) as runner:
+        memory = run_bench(runner, bundle.manifest, warmup=2, iterations=5, frame_size=(64, 48))["memory"]
+    assert memory["setup_peak_mb"] >= memory["process_peak_mb"] + 250
+    assert memory["process_peak_method"].startswith("VmHWM of the serving loop")
+    monkeypatch.setattr(bench, "reset_peak_memory", lambda: False)
+    spike = np.ones(300 << 20, dtype=np.uint8)  # the first bench restarted VmHWM: a new set-up spike
+    del spike
+    with OrtRunner(bundle.model_path) as runner:
+        result = run_bench(runner, bundle.manifest, warmup=2, iterations=5, frame_size=(64, 48))
+    assert result["memory"]["process_peak_method"].startswith("VmRSS sampled")
+    assert result["memory"]["setup_peak_mb"] >= result["memory"]["process_peak_mb"] + 250
+    assert "VmRSS sampled" in bench.report_text(result, verdict(result), "t")
+
+
+def test_onnxruntime_on_a_gpu_is_not_measured_never_zero(trained_run, tmp_path, monkeypatch, capsys):
+    import edgerun.device as device
+    from edgerun.bench import report_text
+
+    monkeypatch.setattr(device, "NVMAP_CLIENTS", str(tmp_path / "absent"))
+    bundle = open_bundle(trained_run / "bundle")
+    with OrtRunner(bundle.model_path) as runner:
+        assert runner.device_memory() is None  # the CPU provider holds no GPU memory
+        runner.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # as onnxruntime-gpu reports it
+        result = run_bench(runner, bundle.manifest, warmup=1, iterations=3, frame_size=(64, 48))
+    memory = result["memory"]
+    assert memory["device_mb"] is None and memory["total_mb"] is None
+    assert "CUDAExecutionProvider memory not measured" in memory["device_method"]
+    row = verdict(result, budget_mb=100000)["checks"][1]
+    assert row["status"] == "SKIP" and "not measured" in row["note"]  # never a PASS on an unknown total
+    assert "device not measured" in report_text(result, verdict(result, budget_mb=100000), "t")
+    table = tmp_path / "clients"
+    import os
+    table.write_text("user python3 %d 20480K\n" % os.getpid())
+    monkeypatch.setattr(device, "NVMAP_CLIENTS", str(table))
+    with OrtRunner(bundle.model_path) as runner:
+        runner.providers = ["CUDAExecutionProvider"]
+        assert runner.device_memory()["mb"] == pytest.approx(20)
+
+
+class FixedBatchRunner(OrtRunner):
+    """An engine built for a fixed batch of 4 (as TrtRunner refuses any other feed), computed on the batch-1 ONNX
+    model one item at a time."""
+
+    name = "fixed-batch-4"
+
+    def _infer(self, feed):
+        (name, array), = feed.items()
+        if array.shape[0] != 4:
+            raise RunnerError("input '%s' is fixed at batch 4, the feed is %s" % (name, array.shape))
+        outs = [OrtRunner._infer(self, {name: array[i:i + 1]}) for i in range(4)]
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def test_camera_pads_one_frame_to_a_fixed_batch_engine(trained_run, tmp_path):
+    """A batch-4 engine used to be refused with advice the camera could not follow ('feed batch 4')."""
+    from edgerun.manifest import Manifest
+
+    bundle = open_bundle(trained_run / "bundle")
+    data = json.loads(json.dumps(bundle.manifest.data))
+    data["model"]["input_shape"][0] = 4
+    manifest = Manifest(data)
+    video = _video(tmp_path / "line.avi", bundle, n=12)
+    with OrtRunner(bundle.model_path) as plain:
+        expected = run_camera(plain, bundle.manifest, str(video), csv_path=str(tmp_path / "a.csv"))
+    with FixedBatchRunner(bundle.model_path) as runner:
+        summary = run_camera(runner, manifest, str(video), csv_path=str(tmp_path / "b.csv"))
+    assert summary["error"] is None and summary["frames_processed"] == expected["frames_processed"] == 12
+    assert summary["engine_batch"] == 4 and expected["engine_batch"] == 1
+    classes = lambda p: [r.split(",")[2] for r in p.read_text().splitlines()[1:]]  # noqa: E731
+    assert classes(tmp_path / "b.csv") == classes(tmp_path / "a.csv")  # the padding never reaches a result
+
+
+def test_clocks_pinned_on_a_lower_power_mode_are_not_called_unpinned(tmp_path):
+    """nvpmodel's lower modes cap scaling_max_freq below cpuinfo_max_freq; jetson_clocks pins min to that cap."""
+    from edgerun.device import clocks
+
+    for cpu in range(2):
+        folder = tmp_path / "sys" / "devices" / "system" / "cpu" / ("cpu%d" % cpu) / "cpufreq"
+        folder.mkdir(parents=True)
+        for name, value in (("scaling_cur_freq", "918000"), ("cpuinfo_max_freq", "1479000"),
+                            ("scaling_max_freq", "918000"), ("scaling_min_freq", "918000")):
+            (folder / name).write_text(value + "\n")
+    state = clocks(root=str(tmp_path))
+    assert state["maxed"] is True and state["cpu"][0]["hw_max_khz"] == 1479000
+    (folder / "scaling_min_freq").write_text("102000\n")  # DVFS free to go down: not pinned
+    assert clocks(root=str(tmp_path))["maxed"] is False
+
+
+def test_no_visible_gpu_is_an_edgerun_error_not_a_pycuda_traceback(tmp_path, monkeypatch):
+    """pycuda.autoprimaryctx raises pycuda._driver.RuntimeError when cuInit finds no device (a container started
+    without --runtime nvidia)."""
+    import sys
+
+    from edgerun.trt import import_cuda
+
+    package = tmp_path / "pycuda"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "_driver.py").write_text("class Error(Exception):\n    pass\n\n\nclass RuntimeError(Error):\n    pass\n")
+    (package / "autoprimaryctx.py").write_text(
+        "from pycuda._driver import RuntimeError\nraise RuntimeError('cuInit failed: no CUDA-capable device is "
+        "detected')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(RunnerError, match="no CUDA GPU is visible.*cuInit failed.*--runtime nvidia"):
+            import_cuda()
+    finally:
+        for name in [n for n in sys.modules if n == "pycuda" or n.startswith("pycuda.")]:
+            del sys.modules[name]

@@ -197,3 +197,91 @@ def test_keys_of_another_kind_are_refused(tmp_path):
     generate_keypair(tmp_path / "k")
     with pytest.raises(SignatureError, match="already exists"):
         generate_keypair(tmp_path / "k")
+
+
+def _release(bundle_copy, keys, tmp_path, created, name=None, tag=None):
+    """A signed .edb of the same model as it would be released on ``created`` (another manifest, same key)."""
+    folder = tmp_path / ("release-" + (tag or created[:10]))
+    shutil.copytree(bundle_copy, folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["created"] = created
+    if name:
+        data["name"] = name
+    write_manifest(folder, data)
+    edb = tmp_path / (folder.name + ".edb")
+    assert edgedistill(["pack", str(folder), "-o", str(edb), "--sign", str(keys / "line.key")]) == 0
+    return edb
+
+
+def test_pins_refuse_an_older_release_signed_by_the_same_key(bundle_copy, keys, tmp_path, capsys):
+    """Rollback: without pins any older bundle by the approved key verifies; a pin names the rule that refuses it."""
+    trust = str(keys / "line.key.pub")
+    old = _release(bundle_copy, keys, tmp_path, "2026-10-01T08:00:00+00:00")
+    new = _release(bundle_copy, keys, tmp_path, "2026-11-15T08:00:00+00:00")
+    assert edgerun(["verify", str(old), "--trust", trust]) == 0  # the attack this closes
+    capsys.readouterr()
+    pins = tmp_path / "pins.json"
+    assert edgerun(["pin", str(new), "--rule", "not_before", "--trust", trust, "--pins", str(pins)]) == 0
+    assert json.loads(pins.read_text())["pins"]["fast"]["not_before"] == "2026-11-15T08:00:00+00:00"
+    capsys.readouterr()
+    assert edgerun(["validate", str(old), "--trust", trust, "--pins", str(pins)]) == 2
+    err = capsys.readouterr().err
+    assert "refused by pin 'fast'" in err and "rule 'not_before'" in err and "rollback" in err
+    assert edgerun(["verify", str(new), "--trust", trust, "--pins", str(pins)]) == 0
+    assert "pins: pin 'fast' (not_before 2026-11-15" in capsys.readouterr().out
+    # the date is part of the signature: without a trust set the rule cannot hold, and says so
+    assert edgerun(["verify", str(new), "--pins", str(pins)]) == 2
+    assert "needs a trust set" in capsys.readouterr().err
+
+
+def test_an_allow_list_runs_exactly_the_approved_manifests(bundle_copy, keys, tmp_path, capsys, monkeypatch):
+    import edgerun.pins as pins_module
+
+    trust = str(keys / "line.key.pub")
+    old = _release(bundle_copy, keys, tmp_path, "2026-10-01T08:00:00+00:00")
+    new = _release(bundle_copy, keys, tmp_path, "2026-11-15T08:00:00+00:00")
+    other = _release(bundle_copy, keys, tmp_path, "2026-11-15T08:00:00+00:00", name="other-model", tag="other")
+    pins = tmp_path / "pins.json"
+    monkeypatch.setenv(pins_module.PINS_ENV, str(pins))  # where `pin` writes and every command reads
+    assert edgerun(["pin", str(new), "--trust", trust]) == 0
+    capsys.readouterr()
+    assert edgerun(["verify", str(new), "--trust", trust]) == 0
+    digest = [line for line in capsys.readouterr().out.splitlines() if line.startswith("manifest sha256")][0]
+    assert digest.split()[2] in json.loads(pins.read_text())["pins"]["fast"]["allow"]
+    assert edgerun(["verify", str(old)]) == 2  # holds without a signature: the manifest's digest names every byte
+    assert "rule 'allow'" in capsys.readouterr().err
+    assert edgerun(["verify", str(other), "--trust", trust]) == 2
+    assert "no pin for model 'other-model' and refuses unpinned" in capsys.readouterr().err
+    data = json.loads(pins.read_text())
+    pins.write_text(json.dumps(dict(data, unpinned="allow")))
+    assert edgerun(["verify", str(other), "--trust", trust]) == 0
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("content, words", [
+    ("{not json", "not valid JSON"),
+    ('{"pins": {"m": {"newer_than": "2026-01-01"}}}', "unknown rule(s) newer_than"),
+    ('{"pins": {"m": {"allow": ["abc"]}}}', "64 lowercase hex"),
+    ('{"pins": {"m": {"not_before": "2026-13-01"}}}', "not a valid date"),
+    ('{"pins": {"m": {"not_before": "last week"}}}', "not an ISO 8601"),
+    ('{"pins": {}, "unpinned": "maybe"}', "'unpinned' is 'maybe'"),
+    ('{"pinz": {}}', "must be a JSON object with a 'pins' object"),
+])
+def test_a_bad_pins_file_is_an_error_that_names_it(bundle_copy, tmp_path, capsys, content, words):
+    pins = tmp_path / "pins.json"
+    pins.write_text(content)
+    assert edgerun(["verify", str(bundle_copy), "--pins", str(pins)]) == 2
+    err = capsys.readouterr().err
+    assert str(pins) in err and words in err
+
+
+def test_empty_pins_settings_never_turn_the_pins_off(bundle_copy, monkeypatch, capsys):
+    from edgerun.pins import PINS_ENV, parse_time
+
+    assert edgerun(["verify", str(bundle_copy), "--pins", ""]) == 2
+    assert "--pins is empty" in capsys.readouterr().err
+    monkeypatch.setenv(PINS_ENV, " ")
+    assert edgerun(["verify", str(bundle_copy)]) == 2
+    assert "set but empty" in capsys.readouterr().err
+    assert parse_time("2026-11-01T09:00:00+01:00", "t") == parse_time("2026-11-01T08:00:00Z", "t") \
+        == parse_time("2026-11-01 08:00", "t")

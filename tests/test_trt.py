@@ -10,7 +10,7 @@ from edgerun.errors import EngineBuildError, EngineMismatchError
 from edgerun.preprocess import preprocess
 from edgerun.profiles import get_target, parse_version
 from edgerun.runners import OrtRunner
-from edgerun.trt import TrtRunner, _Api8, _Api10, build_engine, check_engine, select_api
+from edgerun.trt import TrtRunner, _Api8, _Api10, build_engine, check_engine, make_logger, select_api
 from fake_tensorrt import DLA_OPS, FakeCuda, make_fake_trt
 
 NANO = {"name": "Jetson Nano", "compute_capability": "5.3"}
@@ -76,7 +76,8 @@ def test_build_on_tensorrt_8_2_uses_max_workspace_size_and_explicit_batch(traine
     on_disk = json.loads((tmp_path / "s.fp16.engine.json").read_text())
     assert on_disk == meta and meta["tensorrt"] == "8.2.1.8" and meta["precision"] == "fp16"
     assert meta["compute_capability"] == "5.3" and len(meta["bundle_sha256"]) == 64
-    assert (tmp_path / "tc").read_bytes() == b"TIMINGCACHE"  # persistent timing cache written back
+    # the persistent timing cache, written back under this board's and TensorRT's name
+    assert (tmp_path / "tc.jetson-nano.trt8.2.1.8.cache").read_bytes() == b"FAKE-TIMING-CACHE:8.2.1.8"
 
 
 def test_build_on_tensorrt_10_uses_memory_pool_and_qdq_for_int8(orin_bundle, tmp_path):
@@ -443,3 +444,56 @@ def test_tensorrt_10_parser_errors_name_node_and_operator(trained_run, tmp_path)
     trt = make_fake_trt("10.3.0", parse_error=(17, "no importer", "/blocks/Conv_17", "Conv"))
     with pytest.raises(EngineBuildError, match="node 17 '/blocks/Conv_17' \\(Conv\\): no importer"):
         build_engine(open_bundle(trained_run / "bundle"), "fp16", str(tmp_path / "e"), trt=trt, cuda=FakeCuda())
+
+
+def test_the_timing_cache_is_keyed_by_board_and_tensorrt_and_a_refused_one_is_rebuilt(trained_run, tmp_path):
+    """A cache from another TensorRT (set_timing_cache -> False) or a damaged one (create_timing_cache -> None)
+    used to end the build in a traceback after the engine was written; now the build goes on without it, and
+    each board and version gets its own file."""
+    from edgerun.trt import timing_cache_path
+
+    bundle = open_bundle(trained_run / "bundle")
+    base = str(tmp_path / "edgerun.timing.cache")
+    nano = timing_cache_path(base, "8.2.1.8", "NVIDIA Jetson Nano Developer Kit")
+    orin = timing_cache_path(base, "10.3.0", "NVIDIA Jetson Orin Nano Developer Kit")
+    assert nano != orin and nano.endswith("edgerun.timing.nvidia-jetson-nano-developer-kit.trt8.2.1.8.cache")
+    with open(nano, "wb") as fh:  # a cache written by another TensorRT under this name
+        fh.write(b"FAKE-TIMING-CACHE:8.0.1")
+    messages = []
+    trt = make_fake_trt("8.2.1.8")
+    build_engine(bundle, "fp16", str(tmp_path / "a.engine"), timing_cache=base, gpu=NANO, trt=trt, cuda=FakeCuda(),
+                 board="NVIDIA Jetson Nano Developer Kit", log=messages.append)
+    assert any("refused the timing cache" in m for m in messages)
+    assert (tmp_path / "a.engine.json").exists() and open(nano, "rb").read() == b"FAKE-TIMING-CACHE:8.2.1.8"
+    with open(nano, "wb") as fh:
+        fh.write(b"\x00garbage")  # damaged: TensorRT's create_timing_cache returns None
+    messages = []
+    build_engine(bundle, "fp16", str(tmp_path / "b.engine"), timing_cache=base, gpu=NANO, trt=make_fake_trt("8.2.1.8"),
+                 cuda=FakeCuda(), board="NVIDIA Jetson Nano Developer Kit", log=messages.append)
+    assert any("refused the timing cache" in m for m in messages) and (tmp_path / "b.engine.json").exists()
+    assert open(nano, "rb").read() == b"FAKE-TIMING-CACHE:8.2.1.8"
+    build_engine(bundle, "fp16", str(tmp_path / "c.engine"), timing_cache=base, gpu=ORIN, trt=make_fake_trt("10.3.0"),
+                 cuda=FakeCuda(), board="NVIDIA Jetson Orin Nano Developer Kit", log=lambda m: None)
+    assert open(orin, "rb").read() == b"FAKE-TIMING-CACHE:10.3.0" and open(nano, "rb").read().endswith(b"8.2.1.8")
+
+
+def test_a_profile_tensorrt_refuses_is_an_error_not_a_silent_build(dynamic_bundle, tmp_path):
+    """add_optimization_profile returns -1 (no exception) for min > opt; set_calibration_profile returns False."""
+    bundle = open_bundle(dynamic_bundle.folder)
+    bundle.manifest.data["model"]["dynamic_batch"] = {"min": 4, "opt": 2, "max": 4}
+    trt = make_fake_trt("8.2.1.8")
+    with pytest.raises(EngineBuildError, match="refused the optimization profile.*min 4, opt 2, max 4"):
+        build_engine(bundle, "fp16", str(tmp_path / "e"), trt=trt, gpu=NANO, cuda=FakeCuda(), log=lambda m: None)
+    assert not (tmp_path / "e").exists()
+    builder = trt.Builder(make_logger(trt))
+    config, profile = builder.create_builder_config(), builder.create_optimization_profile()
+    profile.set_shape("input", (4, 3, 16, 16), (2, 3, 16, 16), (4, 3, 16, 16))
+    assert config.add_optimization_profile(profile) == -1 and config.set_calibration_profile(profile) is False
+
+
+def test_tensorrt_8_6_parser_errors_have_no_node_name(trained_run, tmp_path):
+    """IParserError.node_name()/node_operator() came with 10.0: on 8.6 the error names the node by index only."""
+    trt = make_fake_trt("8.6.1", parse_error=(17, "no importer", "/blocks/Conv_17", "Conv"))
+    with pytest.raises(EngineBuildError, match=r"node 17: no importer"):
+        build_engine(open_bundle(trained_run / "bundle"), "fp16", str(tmp_path / "e"), trt=trt, gpu=NANO,
+                     cuda=FakeCuda())

@@ -1,5 +1,6 @@
 """The TensorRT 10.x fake, and through it the 10.x code path of edgerun.trt, held to NVIDIA's published API:
-the type stubs of TensorRT 10.13 (PyPI ``tensorrt-stubs``, installed --no-deps by scripts/setup_env.sh).
+the type stubs of TensorRT 10.13 and 10.8, the oldest published (PyPI ``tensorrt-stubs``, installed --no-deps by
+scripts/setup_env.sh; no stubs exist for 10.3).
 
 Whatever the 10.x code path calls on TensorRT must exist on the fake (or the other tests fail); here every
 member of the fake must exist in the stubs with compatible parameters, every enum member it offers must be a
@@ -9,6 +10,7 @@ import ast
 import importlib.util
 import inspect
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,18 @@ STANDS_FOR = {"IHostMemory": (bytes,), "Dims": (list, tuple), "tuple": (tuple,),
               "str": (str,), "None": (type(None),), "ITimingCache": (object,)}
 
 
-def _stub_file() -> Path:
+# the oldest stubs on PyPI are 10.8's (none exist for 10.3, JetPack 6's TensorRT): the fake's 10.x surface is held to
+# the oldest and the newest published, installed by scripts/setup_env.sh
+STUB_VERSIONS = ("10.13", "10.8")
+
+
+def _stub_file(version: str = "10.13") -> Path:
+    if version != "10.13":
+        path = Path(sys.prefix) / f"trt-stubs-{version}" / "tensorrt_bindings" / "tensorrt.pyi"
+        if not path.is_file():
+            pytest.fail(f"{path} is missing: pip install --no-deps --target {path.parent.parent} "
+                        f"tensorrt-stubs=={version}.* (scripts/setup_env.sh does)")
+        return path
     spec = importlib.util.find_spec("tensorrt_bindings")
     if spec is None or not spec.submodule_search_locations:
         pytest.fail("tensorrt-stubs is not installed: pip install --no-deps tensorrt-stubs (scripts/setup_env.sh does)")
@@ -52,7 +65,7 @@ def _parse(text: str) -> ast.Module:
     raise AssertionError("the stub file has too many unparsable lines")
 
 
-def _surface():
+def _surface(version: str = "10.13"):
     """{class name: {member: [(parameter names, return annotation)] or 'attr'}} from the stub file."""
     classes = {}
 
@@ -71,12 +84,12 @@ def _surface():
                 members.setdefault(item.name, []).append(("class", item.name))
                 visit(item, prefix + node.name + ".")
 
-    tree = _parse(_stub_file().read_text())
+    tree = _parse(_stub_file(version).read_text())
     for node in tree.body:
         if isinstance(node, ast.ClassDef):
             visit(node)
     module_names = {n.name for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
-    init = _stub_file().parent.parent / "tensorrt" / "__init__.pyi"
+    init = _stub_file(version).parent.parent / "tensorrt" / "__init__.pyi"
     for node in _parse(init.read_text()).body:
         if isinstance(node, ast.ImportFrom):
             module_names.update(a.asname or a.name for a in node.names)
@@ -86,9 +99,9 @@ def _surface():
     return classes, module_names
 
 
-@pytest.fixture(scope="module")
-def stubs():
-    return _surface()
+@pytest.fixture(scope="module", params=STUB_VERSIONS)
+def stubs(request):
+    return _surface(request.param)
 
 
 def _fake_classes(trt):

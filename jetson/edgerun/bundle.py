@@ -1,4 +1,5 @@
 """Open, verify and pack bundles (a folder, or one .edb file = a gzip tar of that folder)."""
+import hashlib
 import os
 import shutil
 
@@ -14,11 +15,13 @@ BUNDLE_SUFFIX = ".edb"
 class Bundle(object):
     """A verified bundle on disk: ``folder``, ``manifest`` and helpers to reach its files."""
 
-    def __init__(self, folder, manifest, signer=None, trust=None):
+    def __init__(self, folder, manifest, signer=None, trust=None, manifest_sha256=None, pinned_by=None):
         self.folder = folder
         self.manifest = manifest
         self.signer = signer  # the trusted key id that signed it, when opened with a trust set
         self.trust = trust  # that trust set (a .pub file or a folder of them), or None
+        self.manifest_sha256 = manifest_sha256  # of the manifest bytes parsed: what pins and `edgerun pin` name
+        self.pinned_by = pinned_by  # the pin rule that admitted it, when opened with a pins file
 
     def path(self, name):
         return os.path.join(self.folder, name)
@@ -48,14 +51,14 @@ class Bundle(object):
             return data["images"], data["labels"]
 
 
-def open_bundle(path, workdir=None, verify=True, trust=None, max_unpack_mb=None):
+def open_bundle(path, workdir=None, verify=True, trust=None, max_unpack_mb=None, pins=None):
     """Open a bundle folder or .edb file; an archive is unpacked (checked member by member, within the size caps:
     ``max_unpack_mb``, else $EDGERUN_MAX_UNPACK_MB, else 1 GB) into a folder private to this process first.
 
     ``trust``: a public key file or folder of them (see :mod:`edgerun.signing`); with it the bundle must be
     signed by one of those keys and every byte must match, whatever ``verify`` says. The signature is checked over
     the manifest bytes that are parsed, and an archive's files against the hashes of the bytes unpacked; a refused
-    archive leaves nothing behind.
+    archive leaves nothing behind. ``pins``: a pins file (see :mod:`edgerun.pins`) the bundle must pass after that.
     """
     path = str(path)
     if not os.path.exists(path):
@@ -77,13 +80,21 @@ def open_bundle(path, workdir=None, verify=True, trust=None, max_unpack_mb=None)
             if os.path.isabs(name) or not inner.startswith(os.path.normpath(folder) + os.sep):
                 raise BundleError("manifest of '%s' names a file outside the bundle ('%s'); refusing it"
                                   % (path, name))
+        signer = None
         if trust:
             from .signing import check_trust
 
-            return Bundle(folder, manifest, signer=check_trust(folder, manifest, trust, raw, digests), trust=trust)
-        if verify:
+            signer = check_trust(folder, manifest, trust, raw, digests)
+        elif verify or pins:
             manifest.verify_files(folder, digests)
-        return Bundle(folder, manifest)
+        digest = hashlib.sha256(raw).hexdigest()
+        pinned_by = None
+        if pins:
+            from .pins import check_pins
+
+            pinned_by = check_pins(manifest, digest, pins, signed=bool(trust), bundle_path=path)
+        return Bundle(folder, manifest, signer=signer, trust=trust if trust else None, manifest_sha256=digest,
+                      pinned_by=pinned_by)
     except BaseException:
         if private:
             shutil.rmtree(folder, ignore_errors=True)

@@ -20,6 +20,7 @@ from .decision import positive_scores
 from .errors import SourceError
 from .preprocess import preprocess
 from .regression import restore
+from .runners import infer_chunk
 
 
 def csi_pipeline(sensor_id, capture_size=(1280, 720), fps=30, output_size=None, flip=0):
@@ -256,6 +257,8 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
     ``reject_threshold`` (default: the bundle's operating-point threshold for its positive class, else 0.5).
     ``on_reject(frame, text)`` is called for each rejected frame, ``on_frame(frame, text)`` for every frame.
     """
+    # a fixed-batch engine (batch 4, say) takes its whole batch: one frame is padded, as validate pads its last chunk
+    fixed_batch = None if manifest.model.get("dynamic_batch") else manifest.input_shape[0]
     if manifest.task == "regression":
         if reject_class is not None:
             raise SourceError("--reject-class applies to classification bundles; this one measures %s: use "
@@ -295,7 +298,7 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
             t1 = time.perf_counter()
             _frame, batch, prep_seconds = frame
             t0 = t1 - prep_seconds  # preprocessing ran in the capture thread, overlapped with the last inference
-            logits = runner.infer({manifest.input_name: batch})[manifest.output_name]
+            logits = infer_chunk(runner, batch, manifest.input_name, manifest.output_name, fixed_batch)
             t2 = time.perf_counter()
             cells, reject, text = decide(np.asarray(logits))
             t3 = time.perf_counter()
@@ -331,6 +334,8 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
                        "p95": percentile(values, 95) * 1e3 if values else None},
         "stages_ms": dict((k, (sum(v) / len(v) * 1e3 if v else None)) for k, v in stages.items()),
         "model_only_fps": (len(stages["infer"]) / sum(stages["infer"])) if stages["infer"] else None,
+        # one frame per inference: a fixed batch above 1 computes (batch - 1) padded copies each time
+        "engine_batch": fixed_batch or 1,
         "rejects": rejects,
         "reject_class": reject_class,
         "reject_rule": decide.rule,

@@ -5,7 +5,8 @@
     edgerun validate BUNDLE [--engine E]                      accuracy on the bundle's val.npz vs the host
     edgerun bench BUNDLE [--engine E] --fps-target 30 --budget-mb 500
     edgerun camera BUNDLE [--engine E] --source csi://0 --fps-target 30 --duration 60
-    edgerun verify BUNDLE [--trust KEY.pub|DIR]               every file's sha256, and the signature
+    edgerun verify BUNDLE [--trust KEY.pub|DIR]               every file's sha256, the signature, the pins
+    edgerun pin BUNDLE [--rule allow|not_before]              approve this release in the pins file
 
 Without --engine, the ONNX Runtime runner runs the bundle's ONNX model (``--variant int8`` for the host
 INT8 model). Exit status: 0 done/PASS, 1 FAIL (bench/camera with --strict, validate over its threshold),
@@ -14,9 +15,12 @@ INT8 model). Exit status: 0 done/PASS, 1 FAIL (bench/camera with --strict, valid
 Trust: with --trust KEY.pub or a folder of .pub files (else $EDGERUN_TRUST, else /etc/edgerun/trusted-keys
 when that folder exists) every command refuses a bundle that is unsigned, signed by another key, or changed
 in any byte since it was signed (`edgedistill pack BUNDLE -o X.edb --sign KEY`).
+Pins: with --pins FILE (else $EDGERUN_PINS, else /etc/edgerun/pins.json when it exists) only the releases it
+allows run, per model name: older bundles signed by the same key are refused (see edgerun/pins.py).
 """
 import argparse
 import contextlib
+import json
 import os
 import sys
 
@@ -30,14 +34,18 @@ from .profiles import TARGETS, get_target
 from .runners import infer_chunk
 
 
-def _open(args):
-    """The bundle named on the command line, held to the trust set when one is configured."""
+def _open(args, pinned=True):
+    """The bundle named on the command line, held to the trust set and the pins when they are configured."""
+    from .pins import resolve_pins
     from .signing import resolve_trust
 
     bundle = open_bundle(args.bundle, trust=resolve_trust(getattr(args, "trust", None)),
-                         max_unpack_mb=getattr(args, "max_unpack_mb", None))
+                         max_unpack_mb=getattr(args, "max_unpack_mb", None),
+                         pins=resolve_pins(getattr(args, "pins", None)) if pinned else None)
     if bundle.trust:
         sys.stderr.write("bundle signed by trusted key %s (%s)\n" % (bundle.signer, bundle.trust))
+    if bundle.pinned_by:
+        sys.stderr.write("bundle admitted by %s\n" % bundle.pinned_by)
     return bundle
 
 
@@ -100,14 +108,9 @@ def _check_outputs(args):
 
 def write_json(path, data):
     """Write ``data`` as JSON atomically: a full disk or a kill never leaves a truncated file in place of the old."""
-    tmp = "%s.tmp-%d" % (path, os.getpid())
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(to_json(data))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from .engine_record import write_atomically
+
+    write_atomically(path, to_json(data).encode("utf-8"))
 
 
 def _device_memory(args, bundle):
@@ -124,15 +127,36 @@ def _frame_size(args, bundle):
     return parse_frame_size(facts["camera"]) if facts.get("camera") else DEFAULT_FRAME_SIZE
 
 
+def trust_state():
+    """The trust set and pins this device applies, as `edgedistill deploy` asks before it copies a bundle: the
+    trusted key ids (None where no trust is configured), or the reason they cannot be read."""
+    import platform
+
+    from . import __version__
+    from .pins import resolve_pins
+    from .signing import load_trust, resolve_trust
+
+    state = {"edgerun": __version__, "python": platform.python_version(), "trust": None, "pins": None}
+    try:
+        source = resolve_trust()
+        if source:
+            state["trust"] = {"source": source, "key_ids": sorted(load_trust(source))}
+        state["pins"] = resolve_pins()
+    except EdgerunError as exc:
+        state["trust_error"] = str(exc)
+    return state
+
+
 def cmd_info(args):
     from .device import device_info
 
     info = device_info()
+    info.update(trust_state())
     if args.json:
         print(to_json(info))
         return 0
     for key in ("board", "l4t", "tensorrt", "cuda", "memory_total_mb", "memory_available_mb", "swap_total_mb",
-                "nvpmodel", "gpu", "profile"):
+                "nvpmodel", "gpu", "profile", "edgerun", "python", "trust", "pins"):
         print("%-20s %s" % (key, info.get(key) if info.get(key) is not None else "-"))
     maxed = info["clocks"].get("maxed")
     print("%-20s %s" % ("clocks pinned", {True: "yes (jetson_clocks)", False: "no: run sudo jetson_clocks before "
@@ -330,7 +354,12 @@ def cmd_camera(args):
     status = "SKIP"
     if args.fps_target:
         status = "PASS" if fps >= args.fps_target else "FAIL"
-    print("VERDICT: %s (end-to-end FPS %.1f, target %s)" % (status, fps, args.fps_target or "-"))
+    if summary.get("error"):
+        status = "FAIL"  # the source was lost for good: the frames so far are saved, the run is not a pass
+    if args.json:
+        write_json(args.json, dict(summary, verdict=status, fps_target=args.fps_target))
+    print("VERDICT: %s (end-to-end FPS %.1f, target %s%s)" % (status, fps, args.fps_target or "-",
+                                                            "; " + summary["error"] if summary.get("error") else ""))
     return 1 if (args.strict and status == "FAIL") else 0
 
 
@@ -347,6 +376,35 @@ def cmd_verify(args):
               % (SIGNATURE_FILE, record.get("key_id", "?")))
     else:
         print("signature: none (unsigned bundle; no trust set configured)")
+    print("manifest sha256: %s (model '%s', created %s)" % (bundle.manifest_sha256, bundle.manifest.data["name"],
+                                                            bundle.manifest.data.get("created", "?")))
+    print("pins: %s" % (bundle.pinned_by or "none configured"))
+    return 0
+
+
+def cmd_slot(args):
+    from . import slots
+
+    if args.action == "list":
+        result = slots.listing(args.root)
+    elif args.action == "activate":
+        if not args.version:
+            raise slots.SlotError("slot activate needs the release: edgerun slot activate NAME VERSION --root DIR")
+        result = slots.activate(args.root, args.name, args.version)
+    else:
+        result = slots.rollback(args.root, args.name)
+    print(to_json(result))
+    return 0
+
+
+def cmd_pin(args):
+    from .pins import DEFAULT_PINS_FILE, add_pin, resolve_pins
+
+    path = resolve_pins(args.pins) or DEFAULT_PINS_FILE
+    bundle = _open(args, pinned=False)  # verified (and held to the trust set) before it is approved
+    data = add_pin(path, bundle.manifest, bundle.manifest_sha256, args.rule)
+    print("%s: model '%s' now pinned with %s" % (path, bundle.manifest.data["name"],
+                                                json.dumps(data["pins"][bundle.manifest.data["name"]])))
     return 0
 
 
@@ -364,8 +422,11 @@ def _count(least):
 
 
 def build_parser():
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="edgerun", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="edgerun %s" % __version__)
     sub = parser.add_subparsers(dest="command")
 
     def trust_arg(p):
@@ -373,6 +434,8 @@ def build_parser():
                                        "folder (default: $EDGERUN_TRUST, else /etc/edgerun/trusted-keys if present)")
         p.add_argument("--max-unpack-mb", type=float, help="refuse an .edb that unpacks to more than this (default: "
                                                            "$EDGERUN_MAX_UNPACK_MB, else 1024)")
+        p.add_argument("--pins", help="run only the releases this pins file allows, per model name (default: "
+                                      "$EDGERUN_PINS, else /etc/edgerun/pins.json if present; see `edgerun pin`)")
     p = sub.add_parser("info", help="device, JetPack/L4T, TensorRT, CUDA, memory, clocks")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("build", help="build a TensorRT engine from a bundle")
@@ -432,14 +495,25 @@ def build_parser():
     p.add_argument("--fps-target", type=float)
     p.add_argument("--json", help="write the summary here")
     p.add_argument("--strict", action="store_true")
-    p = sub.add_parser("verify", help="check a bundle's files and signature without running it")
+    p = sub.add_parser("verify", help="check a bundle's files, signature and pins without running it")
     p.add_argument("bundle", help="bundle folder or .edb file")
+    trust_arg(p)
+    p = sub.add_parser("slot", help="deployed releases under a root folder: list, activate one, roll back")
+    p.add_argument("action", choices=["list", "activate", "rollback"])
+    p.add_argument("name", nargs="?", help="model name (the manifest's name)")
+    p.add_argument("version", nargs="?", help="activate: the release (16 hex digits of its manifest sha256)")
+    p.add_argument("--root", default="edgedistill", help="the deploy root (default: ~/edgedistill over ssh)")
+    p = sub.add_parser("pin", help="approve a bundle in the pins file: its exact manifest, or its date as the floor")
+    p.add_argument("bundle", help="bundle folder or .edb file")
+    p.add_argument("--rule", choices=["allow", "not_before"], default="allow",
+                   help="allow: add this manifest's sha256 to its model's allow list (default); not_before: refuse "
+                        "releases of this model created before this one (needs a trust set)")
     trust_arg(p)
     return parser
 
 
 COMMANDS = {"info": cmd_info, "build": cmd_build, "validate": cmd_validate, "bench": cmd_bench, "camera": cmd_camera,
-            "verify": cmd_verify}
+            "verify": cmd_verify, "pin": cmd_pin, "slot": cmd_slot}
 
 
 def main(argv=None):

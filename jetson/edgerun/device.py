@@ -100,14 +100,26 @@ def process_memory_mb():
     return values.get("VmRSS"), values.get("VmHWM")
 
 
+def reset_peak_memory(path="/proc/self/clear_refs"):
+    """Restart VmHWM from the current RSS (Linux >= 4.0: '5' to clear_refs), so that the next peak read is the
+    peak since now, not since start-up; False where the kernel or a sandbox refuses it."""
+    try:
+        with open(path, "w") as fh:
+            fh.write("5")
+        return True
+    except (OSError, IOError):
+        return False
+
+
 NVMAP_CLIENTS = "/sys/kernel/debug/nvmap/iovmm/clients"
 
 
-def nvmap_process_mb(pid=None, path=NVMAP_CLIENTS):
+def nvmap_process_mb(pid=None, path=None):
     """This process's nvmap allocations in MB (CUDA and TensorRT memory on a Jetson come from nvmap, outside
     the resident set): the SIZE column of its line in the nvmap clients table (debugfs, root only). None
     where unreadable. Lines look like 'user  python3  12345  52400K'."""
     pid = os.getpid() if pid is None else pid
+    path = NVMAP_CLIENTS if path is None else path
     total, found = 0.0, False
     for line in (_read(path) or "").splitlines():
         parts = line.split()
@@ -148,10 +160,14 @@ def clocks(root="/"):
     (jetson_clocks not applied), None when unknown."""
     result = {"cpu": [], "gpu": None, "maxed": None}
     for folder in sorted(glob.glob(os.path.join(root, "sys/devices/system/cpu/cpu[0-9]*/cpufreq"))):
-        cur, top = _read(os.path.join(folder, "scaling_cur_freq")), _read(os.path.join(folder, "cpuinfo_max_freq"))
+        # the ceiling is the policy's (scaling_max_freq), which a lower nvpmodel mode sets below the hardware's
+        # (cpuinfo_max_freq): jetson_clocks pins the minimum to the former
+        cur, hw_top = _read(os.path.join(folder, "scaling_cur_freq")), _read(os.path.join(folder, "cpuinfo_max_freq"))
+        top = _read(os.path.join(folder, "scaling_max_freq")) or hw_top
         low = _read(os.path.join(folder, "scaling_min_freq"))
         if cur and top:
-            result["cpu"].append({"cur_khz": int(cur), "max_khz": int(top), "min_khz": int(low) if low else None})
+            result["cpu"].append({"cur_khz": int(cur), "max_khz": int(top), "min_khz": int(low) if low else None,
+                                  "hw_max_khz": int(hw_top) if hw_top else None})
     for folder in gpu_devfreq_folders(root):
         cur, top = _read(os.path.join(folder, "cur_freq")), _read(os.path.join(folder, "max_freq"))
         low = _read(os.path.join(folder, "min_freq"))
@@ -200,8 +216,12 @@ def gpu_properties():
     except Exception:  # ImportError, or pycuda's LogicError/RuntimeError when no device: all mean "no GPU"
         return None
     major, minor = dev.compute_capability()
+    try:  # a Jetson's GPU shares the board's DRAM with the CPU
+        integrated = bool(dev.get_attribute(cuda.device_attribute.INTEGRATED))
+    except (AttributeError, cuda.Error):
+        integrated = is_tegra()
     return {"name": dev.name(), "compute_capability": "%d.%d" % (major, minor),
-            "memory_mb": dev.total_memory() // (1024 * 1024)}
+            "memory_mb": dev.total_memory() // (1024 * 1024), "integrated": integrated}
 
 
 TEGRA_RAM = re.compile(r"RAM (\d+)/(\d+)MB")

@@ -68,6 +68,9 @@ class Runner(object):
         raise NotImplementedError
 
 
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
 class OrtRunner(Runner):
     """ONNX Runtime: CPU here; CUDA/TensorRT execution providers when the installed build has them."""
 
@@ -79,6 +82,7 @@ class OrtRunner(Runner):
         self.requested_providers = providers
         self.threads = threads
         self.session = None
+        self.providers = []
 
     def _activate(self):
         try:
@@ -109,6 +113,21 @@ class OrtRunner(Runner):
         outputs = self.session.run(None, feed)
         self.last_timing = {"compute": time.perf_counter() - start}
         return dict(zip(self.output_names(), outputs))
+
+    def device_memory(self):
+        """None on the CPU provider; on a GPU provider nvmap's per-process figure where readable (a Jetson, as
+        root), else 'not measured' — onnxruntime's CUDA arena is invisible from here, and never counts as 0."""
+        gpu = [p for p in (self.providers or []) if p in GPU_PROVIDERS]
+        if not gpu:
+            return None
+        from .device import nvmap_process_mb
+
+        nvmap = nvmap_process_mb()
+        if nvmap is not None:
+            return {"mb": nvmap, "method": "nvmap per-process allocations (debugfs iovmm clients)"}
+        return {"mb": None, "method": "%s memory not measured: nvmap's table is unreadable (run as root on a "
+                                      "Jetson) or this is not a Jetson; use --backend tensorrt for a measured "
+                                      "figure" % gpu[0]}
 
     def _deactivate(self):
         self.session = None

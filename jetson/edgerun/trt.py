@@ -20,12 +20,13 @@ of both modules through the ``trt``/``cuda`` arguments.
 """
 import json
 import os
+import re
 import time
 from datetime import datetime
 
 import numpy as np
 
-from .device import BOARD_ENV, BOARD_FILE, board_model, is_tegra, l4t_release
+from .device import BOARD_ENV, BOARD_FILE, board_model, is_tegra, l4t_release, process_memory_mb
 from .engine_record import check_sealed, device_key, seal, write_atomically
 from .errors import EngineBuildError, EngineMismatchError, RunnerError
 from .manifest import MANIFEST_FILE, sha256_file
@@ -57,6 +58,11 @@ def import_cuda():
         import pycuda.driver as cuda
     except ImportError:
         raise RunnerError("pycuda is not installed: pip3 install pycuda (it builds against JetPack's CUDA)")
+    except Exception as exc:  # pycuda._driver.Error's subclasses (RuntimeError, LogicError): cuInit, no device
+        if not type(exc).__module__.startswith("pycuda"):
+            raise
+        raise RunnerError("no CUDA GPU is visible to this process (%s): in a container, run it with --runtime "
+                          "nvidia; on the host, check that the GPU driver is loaded (`edgerun info`)" % exc)
     return cuda
 
 
@@ -337,6 +343,8 @@ def build_engine(bundle, precision="fp16", output=None, workspace_mb=1024, timin
     network, _parser = _parse_onnx(trt, api, builder, logger, onnx_file)
 
     output = output or os.path.join(os.getcwd(), "%s.%s.engine" % (manifest.data["name"], precision))
+    board = board if board is not None else board_model()
+    cache_path = timing_cache_path(timing_cache, trt.__version__, board, gpu) if timing_cache else None
     workspace = int(workspace_mb) << 20
     attempt = 0
     while True:
@@ -353,7 +361,10 @@ def build_engine(bundle, precision="fp16", output=None, workspace_mb=1024, timin
             profile = builder.create_optimization_profile()
             rest = tuple(manifest.input_shape[1:])
             profile.set_shape(manifest.input_name, (dyn["min"],) + rest, (dyn["opt"],) + rest, (dyn["max"],) + rest)
-            config.add_optimization_profile(profile)
+            if config.add_optimization_profile(profile) < 0:  # TensorRT returns -1 for a profile it refuses
+                raise EngineBuildError("TensorRT refused the optimization profile of the dynamic batch (min %d, opt %d, "
+                                       "max %d for '%s'): re-export with min <= opt <= max"
+                                       % (dyn["min"], dyn["opt"], dyn["max"], manifest.input_name))
         gpu_layers = None
         if dla_core is not None:
             config.default_device_type = trt.DeviceType.DLA
@@ -373,14 +384,7 @@ def build_engine(bundle, precision="fp16", output=None, workspace_mb=1024, timin
                     calibration_cache_path(output, bundle_fingerprint(bundle), batch, dyn), batch)
                 if profile is not None and not config.set_calibration_profile(profile):
                     raise EngineBuildError("TensorRT refused the calibration profile of the dynamic batch")
-        cache = None
-        if timing_cache:
-            blob = b""
-            if os.path.isfile(timing_cache):
-                with open(timing_cache, "rb") as fh:
-                    blob = fh.read()
-            cache = config.create_timing_cache(blob)
-            config.set_timing_cache(cache, False)
+        cache = _use_timing_cache(config, cache_path, log) if cache_path else None
         started = time.time()
         del logger.messages[:]
         try:
@@ -404,16 +408,13 @@ def build_engine(bundle, precision="fp16", output=None, workspace_mb=1024, timin
     build_seconds = time.time() - started
     engine_bytes = bytes(serialized)
     key = device_key(create=True)  # before anything is written: a device that cannot seal builds nothing
-    if cache is not None:
-        with open(timing_cache, "wb") as fh:
-            fh.write(bytes(config.get_timing_cache().serialize()))
     meta = {
         "engine": os.path.basename(output),
         "tensorrt": trt.__version__,
         "device": (gpu or {}).get("name"),
         "compute_capability": (gpu or {}).get("compute_capability"),
         "l4t": l4t_release(),
-        "board": board if board is not None else board_model(),
+        "board": board,
         "precision": precision,
         "onnx": os.path.basename(onnx_file),
         "explicit_quantization": explicit_int8,
@@ -429,7 +430,53 @@ def build_engine(bundle, precision="fp16", output=None, workspace_mb=1024, timin
     # engine, then its record, each through a rename: a reader never sees half of either
     write_atomically(output, engine_bytes)
     write_atomically(engine_meta_path(output), json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
+    if cache is not None:
+        _save_timing_cache(config, cache_path, log)
     return meta
+
+
+def timing_cache_path(base, trt_version, board=None, gpu=None):
+    """The timing cache for this board and TensorRT version beside ``base``: 'edgerun.timing.cache' becomes
+    'edgerun.timing.nvidia-jetson-nano-developer-kit.trt8.2.1.8.cache'. Tactic timings are only true for the GPU
+    and TensorRT that measured them, so one file never serves two."""
+    where = board or (gpu or {}).get("name") or "unknown-device"
+    slug = re.sub(r"[^a-z0-9.]+", "-", where.lower()).strip("-") or "unknown-device"
+    stem, ext = os.path.splitext(str(base))
+    return "%s.%s.trt%s%s" % (stem, slug, trt_version, ext or ".cache")
+
+
+def _use_timing_cache(config, path, log):
+    """Load ``path`` into ``config``; a cache TensorRT refuses (damaged, or from another device or version: create
+    returns None, set returns False) is set aside and the build starts from an empty one, and without one when
+    even that fails. Returns the cache in use, or None."""
+    blob = b""
+    if os.path.isfile(path):
+        with open(path, "rb") as fh:
+            blob = fh.read()
+    for attempt in ((blob, "'%s'" % path), (b"", "an empty timing cache")) if blob else ((b"", "an empty cache"),):
+        data, what = attempt
+        try:
+            cache = config.create_timing_cache(data)
+        except (RuntimeError, TypeError, ValueError) as exc:  # pybind11 turns TensorRT's errors into these
+            cache = None
+            log("note: TensorRT could not read %s (%s)" % (what, exc))
+        if cache is not None and config.set_timing_cache(cache, False):
+            return cache
+        if data:
+            log("note: TensorRT refused the timing cache '%s' (damaged, or made by another device or TensorRT): "
+                "building without it; it is replaced after the build" % path)
+    log("note: building without a timing cache (TensorRT would not create one)")
+    return None
+
+
+def _save_timing_cache(config, path, log):
+    """Write the build's timing cache for the next build; a failure costs only the next build's time."""
+    try:
+        cache = config.get_timing_cache()
+        write_atomically(path, bytes(cache.serialize()))
+    except (OSError, IOError, RuntimeError, AttributeError) as exc:
+        log("note: the timing cache could not be saved to '%s' (%s); the next build measures its tactics again"
+            % (path, exc))
 
 
 def check_engine(engine_path, bundle=None, trt=None, gpu=None, board=None, engine_bytes=None):
@@ -490,6 +537,7 @@ class TrtRunner(Runner):
         trt = self._trt or import_tensorrt()
         self.cuda_context = cuda.Context.get_current()  # pushed around every call: any thread may infer
         self.free_at_start = cuda.mem_get_info()[0]  # device memory is measured from here (engine load on)
+        self.rss_at_start = process_memory_mb()[0]
         if not os.path.isfile(str(self.engine_path)):
             raise EngineMismatchError("engine '%s' does not exist: build it with `edgerun build`" % self.engine_path)
         with open(self.engine_path, "rb") as fh:
@@ -587,8 +635,20 @@ class TrtRunner(Runner):
             free_now = self.cuda.mem_get_info()[0]
         finally:
             self.cuda.Context.pop()
-        return {"mb": max(0, self.free_at_start - free_now) / float(1 << 20),
-                "method": "cuda.mem_get_info free-memory drop from engine load to now"}
+        drop = max(0, self.free_at_start - free_now) / float(1 << 20)
+        shared = (self.gpu or {}).get("integrated")
+        if not (is_tegra() if shared is None else shared):
+            return {"mb": drop, "method": "cuda.mem_get_info free-memory drop from engine load to now"}
+        # a Jetson's GPU shares DRAM with the CPU: its free figure is the OS's, so the drop also holds every host
+        # byte this process took meanwhile (TensorRT's host-side set-up, frames, Python's heap), which VmHWM
+        # already counts; take the process's own RSS growth over the same interval out
+        rss_now = process_memory_mb()[0]
+        growth = max(0.0, rss_now - self.rss_at_start) if rss_now is not None and self.rss_at_start is not None \
+            else 0.0
+        return {"mb": max(0.0, drop - growth),
+                "method": "cuda.mem_get_info free-memory drop from engine load to now (%.0f MB), less this "
+                          "process's RSS growth over the same interval (%.0f MB, host memory counted in VmHWM); "
+                          "other processes move it too" % (drop, growth)}
 
     def _deactivate(self):
         self.context = None
