@@ -183,6 +183,29 @@ def _int8(onnx_path: Path, folder: Path, calib: np.ndarray, held_out: tuple, cfg
     return build_int8(job)
 
 
+def _deepstream(folder: Path, onnx_path: Path, int8: Optional[dict], val: Split, indices: np.ndarray,
+                labels: np.ndarray, spec: PreprocessSpec, shape: tuple, classes: list[str], cfg: ExportConfig,
+                decision: Optional[dict], name: str) -> dict[str, Any]:
+    """The bundle's deepstream/ (``deepstream.write``) and the host top-1 under DeepStream's preprocessing, measured
+    on the validation images as they decode (a camera frame is not centre-cropped by nvinfer either)."""
+    from . import deepstream
+
+    int8_file = folder / int8["file"] if int8 and int8.get("status") == "accepted" else None
+    files = deepstream.write(folder / deepstream.FOLDER, bundle_model=onnx_path,
+                             manifest_model={"input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
+                                             "input_shape": list(shape)},
+                             classes=classes, spec=spec, folded=cfg.input == "uint8", batch=cfg.batch,
+                             int8_file=int8_file, decision=decision, source=cfg.deepstream_source,
+                             camera=cfg.deepstream_camera, name=name)
+    host = deepstream.host_accuracy(onnx_path, folder / deepstream.FOLDER / deepstream.MODEL,
+                                    [val.original(int(i)) for i in indices], labels, spec,
+                                    deepstream.parameters(spec, cfg.input == "uint8"), cfg.batch, cfg.dynamic_batch)
+    host.update(exact_normalization=files["exact_normalization"], input=files["input"])
+    log.info("DeepStream preprocessing on the host: top-1 %.2f%% against the bundle's %.2f%% (%+.2f points, %s)",
+             host["deepstream_top1"] * 100, host["bundle_top1"] * 100, host["difference"] * 100, files["note"])
+    return {"files": files, "host": host}
+
+
 def build_bundle(*, model: nn.Module, out_dir: Path, name: str, classes: list[str], train: Split, val: Split,
                  data_cfg, cfg: ExportConfig, seed: int, checkpoint: Path, source: dict[str, Any],
                  host_metrics: dict[str, Any], recipe_yaml: str, teacher: Optional[nn.Module] = None,
@@ -256,6 +279,10 @@ def build_bundle(*, model: nn.Module, out_dir: Path, name: str, classes: list[st
                                 "kept_fp16": int8["kept_fp16"], **int8["quality"], "drop": int8["drop"],
                                 "status": int8["status"], "for": "tensorrt (every version, no calibrator) and onnxruntime"}
             log.info("%s", int8["advice"])
+        deepstream = None
+        if cfg.deepstream and targets is None:
+            deepstream = _deepstream(tmp, onnx_path, variants.get("int8"), val, val_idx[:cfg.val_samples],
+                                     val.labels[val_idx[:cfg.val_samples]], spec, shape, classes, cfg, decision, name)
         if teacher is not None:
             export_onnx(teacher, tmp / "teacher.onnx", shape, opset, cfg.dynamic_batch)
             check_operators(onnx.load(str(tmp / "teacher.onnx")), target, opset)
@@ -284,7 +311,9 @@ def build_bundle(*, model: nn.Module, out_dir: Path, name: str, classes: list[st
                                 "split": val.name, "format": "raw uint8 RGB images + " + (
                                     "float targets in target units" if targets is not None else "int64 labels")}},
             "variants": variants,
-            "metrics": {"host": host_metrics, "parity": par, "int8": int8_metrics},
+            **({"deepstream": deepstream["files"]} if deepstream else {}),
+            "metrics": {"host": host_metrics, "parity": par, "int8": int8_metrics,
+                        **({"deepstream": deepstream["host"]} if deepstream else {})},
             "source": dict(source, checkpoint_sha256=sha256_file(str(checkpoint))),
             "versions": {"edgedistill": __version__, "torch": torch.__version__, "timm": timm.__version__,
                          "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},

@@ -353,6 +353,17 @@ class ExportConfig(_Strict):
     qad_teacher: Literal["teacher", "student"] = Field(
         "teacher", description="whom the fake-quantized student learns from: the run's FP32 teacher, or the FP32 "
                                "student itself (its own weights before quantization)")
+    deepstream: bool = Field(True, description="also write deepstream/ in the bundle: nvinfer and deepstream-app "
+                                               "configs for DeepStream 6.0 and 7.x, labels, the model with a "
+                                               "Softmax; the host top-1 under DeepStream's preprocessing")
+    input: Literal["float", "uint8"] = Field(
+        "float", description="the DeepStream model's input: float (nvinfer normalizes with net-scale-factor and "
+                             "offsets, exact only when data.std is one value for all channels) or uint8 (raw pixel "
+                             "values in, the recipe's normalization folded into the graph: exact for any std; the "
+                             "tensor stays float32, as nvinfer feeds it)")
+    deepstream_source: str = Field("csi://0", description="deepstream-app's [source0]: csi://N, usb://N, "
+                                                          "/dev/videoN, rtsp://..., or a video file on the device")
+    deepstream_camera: str = Field("1280x720@30", description="the camera's WIDTHxHEIGHT@FPS for deepstream-app")
 
     @field_validator("int8", mode="before")
     @classmethod

@@ -781,10 +781,14 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
         host_metrics=host, targets=data.scaling.as_dict() if data.scaling is not None else None, decision=decision)
     ctx.mark_done("export", ["manifest.json", "model.onnx"])
     int8 = manifest["metrics"].get("int8") or {}
-    if summary_path.exists() and int8.get("attempts"):
+    ds = manifest["metrics"].get("deepstream")
+    if summary_path.exists() and (int8.get("attempts") or ds):
         s = json.loads(summary_path.read_text())  # the gate speaks where the user reads the verdict
-        s["int8"] = {k: int8.get(k) for k in ("fp32_top1", "fp32_r2", "attempts", "chosen", "status", "drop",
-                                              "kept_fp16", "advice", "layers", "calibration")}
+        if int8.get("attempts"):
+            s["int8"] = {k: int8.get(k) for k in ("fp32_top1", "fp32_r2", "attempts", "chosen", "status", "drop",
+                                                  "kept_fp16", "advice", "layers", "calibration")}
+        if ds:
+            s["deepstream"] = dict(ds, note=manifest["deepstream"]["note"])
         atomic_write_text(summary_path, json.dumps(s, indent=2))
         atomic_write_text(ctx.run_dir / "summary.md", summary_markdown(s))
     par = manifest["metrics"]["parity"]

@@ -268,6 +268,11 @@ def _speed_facts(summary: dict[str, Any], batch: int) -> list[str]:
     if summary.get("cost"):
         facts.append(cost_line(summary["cost"]))
     facts += int8_facts(summary)
+    ds = summary.get("deepstream")
+    if ds:
+        facts.append(f"DeepStream preprocessing on the host (whole frame resized, one scale; {ds['images']} images): "
+                     f"top-1 {ds['deepstream_top1'] * 100:.2f}% against the bundle's {ds['bundle_top1'] * 100:.2f}% "
+                     f"({ds['difference'] * 100:+.2f} points; {ds['note']}); configs in bundle/deepstream/")
     return facts
 
 
