@@ -17,6 +17,7 @@ import numpy as np
 
 from .bench import percentile, softmax_top1
 from .decision import positive_scores
+from .drift import softmax
 from .errors import SourceError
 from .preprocess import preprocess
 from .regression import restore
@@ -74,8 +75,11 @@ class FrameGrabber(object):
     """Reads a capture in a thread; ``latest()`` returns the newest frame not yet taken."""
 
     def __init__(self, source, opener=open_capture, max_reconnects=3, reconnect_delay=1.0, drop=None,
-                 transform=None):
+                 transform=None, loop=False, on_event=None):
         self.source = source
+        self.loop = loop  # a file played again from the start at its end (soak tests on a recorded line)
+        self.loops = 0
+        self.on_event = on_event  # (kind, text): reconnects and loops, for the soak's event log
         self.opener = opener
         self.max_reconnects = max_reconnects
         self.reconnect_delay = reconnect_delay
@@ -107,6 +111,10 @@ class FrameGrabber(object):
         total = self.cap.get(cv2.CAP_PROP_FRAME_COUNT)
         return total > 0 and self.cap.get(cv2.CAP_PROP_POS_FRAMES) >= total
 
+    def _event(self, kind, text):
+        if self.on_event is not None:
+            self.on_event(kind, text)
+
     def _reconnect(self):
         while self.reconnects < self.max_reconnects and self.running:
             self.reconnects += 1
@@ -115,16 +123,28 @@ class FrameGrabber(object):
                 if self.cap is not None:
                     self.cap.release()
                 self.cap = self.opener(self.source)
+                self._event("reconnect", "source '%s' reopened (attempt %d)" % (self.source, self.reconnects))
                 return True
-            except SourceError:
+            except SourceError as exc:
+                self._event("reconnect_failed", "attempt %d: %s" % (self.reconnects, exc))
                 continue
         return False
+
+    def _rewind(self):
+        """A looped file: back to its first frame (reopened where seeking is refused)."""
+        self.loops += 1
+        if not self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
+            self.cap.release()
+            self.cap = self.opener(self.source)
 
     def _loop(self):
         while self.running:
             ok, frame = self.cap.read()
             if not ok or frame is None:
-                if self._at_end_of_file():
+                if self._at_end_of_file() or (self.loop and self.kind == "file"):
+                    if self.loop and self.captured > 0:
+                        self._rewind()
+                        continue
                     self._finish(None)
                     return
                 if not self._reconnect():
@@ -138,6 +158,8 @@ class FrameGrabber(object):
             with self.cond:
                 while not self.drop and self.frame_index > self.taken_index and self.running:
                     self.cond.wait(0.1)  # a file: wait until the consumer took the previous frame
+                if not self.running:  # stopped while waiting: the frame was never offered, not dropped
+                    return
                 if self.frame_index > self.taken_index:
                     self.dropped += 1
                 self.frame = frame
@@ -175,6 +197,36 @@ class FrameGrabber(object):
         if self.cap is not None:
             self.thread.join(timeout=2)
             self.cap.release()
+
+
+class Timings(object):
+    """Per-frame seconds in bounded memory, for a camera that runs for days: exact count, sum, min and max, and
+    a uniform sample of at most ``keep`` values (Vitter's reservoir, algorithm R) for the percentiles. Keeping
+    every value grew the process by ~16 MB per 100,000 frames (five lists of floats): 400 MB a day at 30 FPS,
+    which the soak test caught."""
+
+    def __init__(self, keep=20000, seed=0):
+        self.keep = keep
+        self.count = 0
+        self.total = 0.0
+        self.sample = []
+        self.rng = np.random.RandomState(seed)
+
+    def add(self, seconds):
+        self.count += 1
+        self.total += seconds
+        if len(self.sample) < self.keep:
+            self.sample.append(seconds)
+        else:
+            slot = self.rng.randint(0, self.count)
+            if slot < self.keep:
+                self.sample[slot] = seconds
+
+    def mean(self):
+        return self.total / self.count if self.count else None
+
+    def percentile(self, q):
+        return percentile(sorted(self.sample), q) if self.sample else None
 
 
 def reject_rule(manifest, reject_class, threshold=None):
@@ -247,7 +299,8 @@ class _Measure(object):
 
 def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_path=None, reject_class=None,
                reject_threshold=None, opener=open_capture, max_reconnects=3, reconnect_delay=1.0, on_reject=None,
-               summary_path=None, reject_above=None, reject_below=None, reject_target=None, on_frame=None):
+               summary_path=None, reject_above=None, reject_below=None, reject_target=None, on_frame=None,
+               loop=False, drift=None, unsure=None, soak=None):
     """Classify (or, for a regression bundle, measure) frames until ``duration`` s, ``max_frames`` or the end of a
     file; returns the summary.
 
@@ -256,6 +309,9 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
     processed. A classification frame is rejected when the probability of ``reject_class`` reaches
     ``reject_threshold`` (default: the bundle's operating-point threshold for its positive class, else 0.5).
     ``on_reject(frame, text)`` is called for each rejected frame, ``on_frame(frame, text)`` for every frame.
+    ``loop`` plays a file again from its start. ``drift`` (a :class:`edgerun.drift.DriftWatch`), ``unsure``
+    (:class:`edgerun.drift.UnsureFrames`) and ``soak`` (:class:`edgerun.soak.Soak`) watch every frame; their
+    summaries join this one under their names.
     """
     # a fixed-batch engine (batch 4, say) takes its whole batch: one frame is padded, as validate pads its last chunk
     fixed_batch = None if manifest.model.get("dynamic_batch") else manifest.input_shape[0]
@@ -270,10 +326,14 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
                               "--reject-class")
         decide = _Classify(manifest, reject_class, reject_threshold)
     spec = manifest.preprocess
+    if manifest.task == "regression" and (drift is not None or unsure is not None):
+        raise SourceError("the drift watch and unsure frames read class probabilities; this bundle measures %s"
+                          % ", ".join(manifest.classes))
     grabber = FrameGrabber(source, opener, max_reconnects, reconnect_delay,
-                           transform=lambda frame: preprocess([frame], spec, input_order="BGR")).start()
-    stages = {"preprocess": [], "infer": [], "postprocess": []}
-    totals = []
+                           transform=lambda frame: preprocess([frame], spec, input_order="BGR"), loop=loop,
+                           on_event=soak.event if soak is not None else None).start()
+    stages = {"preprocess": Timings(), "infer": Timings(), "postprocess": Timings()}
+    totals = Timings()
     rejects = 0
     processed = 0
     error = None
@@ -302,10 +362,18 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
             t2 = time.perf_counter()
             cells, reject, text = decide(np.asarray(logits))
             t3 = time.perf_counter()
-            stages["preprocess"].append(t1 - t0)
-            stages["infer"].append(t2 - t1)
-            stages["postprocess"].append(t3 - t2)
-            totals.append(t3 - t0)
+            if drift is not None or unsure is not None:
+                probs = softmax(np.asarray(logits)[:1])[0]
+                if drift is not None:
+                    drift.add(probs)
+                if unsure is not None:
+                    unsure.add(processed, _frame, probs)
+            if soak is not None:
+                soak.tick(processed)
+            stages["preprocess"].add(t1 - t0)
+            stages["infer"].add(t2 - t1)
+            stages["postprocess"].add(t3 - t2)
+            totals.add(t3 - t0)
             if reject:
                 rejects += 1
                 if on_reject:
@@ -321,7 +389,6 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
         grabber.stop()
         if writer_fh:
             writer_fh.close()
-    values = sorted(totals)
     summary = {
         "source": source,
         "frames_processed": processed,
@@ -330,10 +397,12 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
         "reconnects": grabber.reconnects,
         "seconds": elapsed,
         "end_to_end_fps": processed / elapsed if elapsed > 0 else 0.0,
-        "latency_ms": {"p50": percentile(values, 50) * 1e3 if values else None,
-                       "p95": percentile(values, 95) * 1e3 if values else None},
-        "stages_ms": dict((k, (sum(v) / len(v) * 1e3 if v else None)) for k, v in stages.items()),
-        "model_only_fps": (len(stages["infer"]) / sum(stages["infer"])) if stages["infer"] else None,
+        "latency_ms": {"p50": totals.percentile(50) * 1e3 if totals.count else None,
+                       "p95": totals.percentile(95) * 1e3 if totals.count else None,
+                       "of": ("every frame" if totals.count <= totals.keep else
+                              "a uniform sample of %d frames" % totals.keep)},
+        "stages_ms": dict((k, (v.mean() * 1e3 if v.count else None)) for k, v in stages.items()),
+        "model_only_fps": (stages["infer"].count / stages["infer"].total) if stages["infer"].total else None,
         # one frame per inference: a fixed batch above 1 computes (batch - 1) padded copies each time
         "engine_batch": fixed_batch or 1,
         "rejects": rejects,
@@ -344,7 +413,15 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
         "task": manifest.task,
         "error": str(error) if error else None,
         "csv": csv_path,
+        "loops": grabber.loops if loop else None,
     }
+    if drift is not None:
+        summary["drift"] = drift.summary()
+    if unsure is not None:
+        unsure.close()
+        summary["unsure"] = unsure.summary()
+    if soak is not None:
+        summary["soak"] = soak.summary(processed)
     if summary_path:
         import json
 

@@ -183,6 +183,30 @@ def clocks(root="/"):
     return result
 
 
+def temperatures(root="/"):
+    """{thermal zone type: degrees C} from /sys/class/thermal (Jetson: CPU-therm, GPU-therm, AO-therm, ...)."""
+    out = {}
+    for zone in sorted(glob.glob(os.path.join(root, "sys/class/thermal/thermal_zone*"))):
+        kind, temp = _read(os.path.join(zone, "type")), _read(os.path.join(zone, "temp"))
+        try:
+            out[kind or os.path.basename(zone)] = int(temp) / 1000.0
+        except (TypeError, ValueError):  # a zone that reads no number (a sensor switched off)
+            continue
+    return out
+
+
+def throttled(clock_state):
+    """True when clocks were pinned at their maximum (jetson_clocks) and one now runs below it: the thermal or
+    power governor lowered it; None when the clocks are not pinned (a governor may lower them at will)."""
+    if not clock_state.get("maxed"):
+        return None
+    below = [c["cur_khz"] < c["max_khz"] for c in clock_state["cpu"]]
+    gpu = clock_state.get("gpu")
+    if gpu:
+        below.append(gpu["cur_hz"] < gpu["max_hz"])
+    return any(below)
+
+
 def device_info():
     from .profiles import match_device
 
