@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="switch the board's current release: on a PASS (default), always, never")
     p.add_argument("--sign", metavar="KEY", help="sign the run's bundle with this key before copying")
     p.add_argument("--output", help="where results go (default: RUN/devices, or runs/<name>/devices for an .edb)")
+    p.add_argument("--pull-frames", action="store_true",
+                   help="fetch the frames each board's camera was unsure of (saved by the deploy's camera run or "
+                        "`edgerun camera --save-unsure`) into <run>/devices/<board>/unsure/, for data.unlabeled")
     p.add_argument("--rollback", action="store_true", help="switch each board back to its previous release of "
                                                            "the model named by TARGET (a run, an .edb or a name)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -208,20 +211,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from .deploy import DeployOptions, deploy, prepare_release, rollback
+    from .deploy import DeployOptions, deploy, prepare_release, pull_frames, rollback
 
     opts = DeployOptions(precision=args.precision, source=args.source, duration=args.duration,
                          fps_target=args.fps_target, budget_mb=args.budget_mb, frame_size=args.frame_size,
                          max_drop=args.max_drop, jobs=args.jobs, remote_dir=args.remote_dir, edgerun=args.edgerun,
                          ssh_config=args.ssh_config, ssh_options=args.ssh_option, activate=args.activate,
                          install=args.install, remote_python=args.remote_python)
-    if args.rollback:
+    if args.rollback and args.pull_frames:
+        raise EdgedistillError("--rollback and --pull-frames are two trips: run them one at a time")
+    if args.rollback or args.pull_frames:
         name = args.target
         if Path(args.target).exists():
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:
                 name = prepare_release(Path(args.target), Path(tmp)).name
+    if args.pull_frames:
+        run_dir = Path(args.target) if (Path(args.target) / "bundle").is_dir() else Path("runs") / name
+        out = Path(args.output) if args.output else run_dir / "devices"
+        rows = pull_frames(args.host, name, opts, out)
+        for row in rows:
+            print(f"{row['host']}: " + (f"{row['frames']} unsure frame(s) from {row['releases']} release(s) in "
+                                        f"{row['folder']}" if row["status"] == "DONE" else f"ERROR {row['reason']}"))
+        got = [r["folder"] for r in rows if r["status"] == "DONE" and r["frames"]]
+        if got:
+            print("let the teacher label them for the next student: edgedistill run RECIPE --set "
+                  f"data.unlabeled={got[0] if len(got) == 1 else out}")
+        return 0 if all(r["status"] == "DONE" for r in rows) else 1
+    if args.rollback:
         rows = rollback(args.host, name, opts)
         for row in rows:
             print(f"{row['host']}: {row['status']} " + (f"current {row['current']}, previous {row['previous']}"

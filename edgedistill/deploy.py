@@ -81,6 +81,9 @@ class BoardRow:
                 "files": self.files}
 
 
+UNSURE = "unsure"  # frames the camera was unsure of, per release on the board (edgerun camera --save-unsure)
+
+
 def host_slug(host: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", host).strip("_") or "host"
 
@@ -253,7 +256,7 @@ class Board:
         self.step("bench", self.edgerun_cmd(*bench))
         if self.opts.source:
             camera = ["camera", edb, *on, "--source", self.opts.source, "--duration", str(self.opts.duration),
-                      "--json", f"{results}/camera.json"]
+                      "--json", f"{results}/camera.json", "--save-unsure", f"{self.folder}/{UNSURE}"]
             if self.opts.fps_target is not None:
                 camera += ["--fps-target", str(self.opts.fps_target)]
             self.step("camera", self.edgerun_cmd(*camera), timeout=self.opts.duration + 600)
@@ -402,6 +405,30 @@ def refit_planner(rows: Sequence[dict], release: Release, opts: DeployOptions) -
         except (EdgedistillError, KeyError, ValueError) as exc:
             notes.append(f"planner not refit for {profile}: {exc}")
     return notes
+
+
+def pull_frames(hosts: Sequence[str], name: str, opts: DeployOptions, out_dir: Path) -> list[dict]:
+    """Fetch the frames each board's camera was unsure of (``edgerun camera --save-unsure``: every release of
+    ``name`` under the deploy root) into ``out_dir/<board>/unsure/<release>/``, with their index.csv. Rows:
+    {host, status, releases, frames, folder} or {host, status: ERROR, reason}."""
+    rows = []
+    for host in hosts:
+        board = Board(host, Release(Path("-"), name, "0" * 16, "", None, None), opts, out_dir)
+        local = Path(out_dir) / host_slug(board.ssh.dest) / UNSURE
+        try:
+            listing = board.ssh.run(f"ls -d {quote(board.root + '/models/' + name)}/*/{UNSURE} 2>/dev/null; true")
+            folders = [line for line in listing.stdout.decode("utf-8", "replace").splitlines()  # not current/previous
+                       if re.fullmatch(r"[0-9a-f]{16}", line.rstrip("/").split("/")[-2] if "/" in line else "")]
+            frames = 0
+            for folder in folders:
+                version = folder.rstrip("/").split("/")[-2]
+                written = board.ssh.fetch_tree(folder, local / version)
+                frames += sum(1 for p in written if p.suffix.lower() == ".jpg")
+            rows.append({"host": host, "status": "DONE", "releases": len(folders), "frames": frames,
+                         "folder": str(local)})
+        except (SshError, RemoteError) as exc:
+            rows.append({"host": host, "status": "ERROR", "reason": str(exc)})
+    return rows
 
 
 def rollback(hosts: Sequence[str], name: str, opts: DeployOptions) -> list[dict]:

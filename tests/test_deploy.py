@@ -165,10 +165,29 @@ def test_one_command_deploys_to_a_fleet_and_a_broken_board_is_a_row(boards, trai
     assert "| board-a | PASS |" in table and "| board-b | ERROR |" in table and "board-a | PASS" in out
     assert edgedistill(["report", str(run)]) == 0
     assert "Fleet (edgedistill deploy)" in (run / "report.md").read_text()
+    # the way back: the frames the camera was unsure of, saved on the board, come home for the teacher to label
+    on_board = release / "unsure"
+    saved = len(list(on_board.glob("*.jpg")))
+    assert (on_board / "index.csv").is_file() and saved == a_camera_unsure(run)
+    capsys.readouterr()
+    assert edgedistill(["deploy", str(run), "--pull-frames", "--host", "board-a", "--ssh-config",
+                        boards["config"]]) == 0
+    pulled = run / "devices" / "board-a" / "unsure" / fleet["release"]["version"]
+    assert len(list(pulled.glob("*.jpg"))) == saved and (pulled / "index.csv").read_bytes() == (
+        on_board / "index.csv").read_bytes()
+    printed = capsys.readouterr().out
+    assert f"board-a: {saved} unsure frame(s) from 1 release(s)" in printed
+    if saved:
+        assert "--set data.unlabeled=" in printed
     # again: the bundle is already there, nothing is copied twice
     assert _deploy(boards, run, "board-a") == 0
     steps = json.loads((run / "devices" / "fleet.json").read_text())["rows"][0]["steps"]
     assert {"step": "copy", "rc": 0, "note": "already on the board"} in steps
+
+
+def a_camera_unsure(run):
+    """How many frames board a's camera run reported saving (its camera.json, fetched by deploy)."""
+    return json.loads((run / "devices" / "board-a" / "camera.json").read_text())["unsure"]["saved"]
 
 
 def test_a_new_release_becomes_current_and_rollback_restores_the_previous(boards, trained_run, tmp_path, capsys):
