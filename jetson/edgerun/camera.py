@@ -297,10 +297,17 @@ class _Measure(object):
         return ["%.6g" % v for v in values], bool(reject), text
 
 
+def _counters(source, processed, grabber, rejects, seconds, drift):
+    return {"source": source, "frames": processed, "captured": grabber.captured, "dropped": grabber.dropped,
+            "reconnects": grabber.reconnects, "rejects": rejects, "seconds": seconds,
+            "drift": (("DRIFT" if drift.warnings else "stable") if drift.n_checks else "not checked yet")
+            if drift is not None else None}
+
+
 def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_path=None, reject_class=None,
                reject_threshold=None, opener=open_capture, max_reconnects=3, reconnect_delay=1.0, on_reject=None,
                summary_path=None, reject_above=None, reject_below=None, reject_target=None, on_frame=None,
-               loop=False, drift=None, unsure=None, soak=None):
+               loop=False, drift=None, unsure=None, soak=None, heartbeat=None):
     """Classify (or, for a regression bundle, measure) frames until ``duration`` s, ``max_frames`` or the end of a
     file; returns the summary.
 
@@ -311,7 +318,8 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
     ``on_reject(frame, text)`` is called for each rejected frame, ``on_frame(frame, text)`` for every frame.
     ``loop`` plays a file again from its start. ``drift`` (a :class:`edgerun.drift.DriftWatch`), ``unsure``
     (:class:`edgerun.drift.UnsureFrames`) and ``soak`` (:class:`edgerun.soak.Soak`) watch every frame; their
-    summaries join this one under their names.
+    summaries join this one under their names. ``heartbeat`` (:class:`edgerun.service.Heartbeat`) is told the
+    counters every frame (systemd's watchdog, the status file).
     """
     # a fixed-batch engine (batch 4, say) takes its whole batch: one frame is padded, as validate pads its last chunk
     fixed_batch = None if manifest.model.get("dynamic_batch") else manifest.input_shape[0]
@@ -378,12 +386,16 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
                 rejects += 1
                 if on_reject:
                     on_reject(processed, text)
+                if heartbeat is not None:
+                    heartbeat.verdict(processed, "REJECT " + text)
             if on_frame:
                 on_frame(processed, text)
             if writer:
                 writer.writerow([processed, "%.4f" % (t3 - started)] + cells + ["%.3f" % ((t3 - t0) * 1e3), int(reject)])
                 writer_fh.flush()
             processed += 1
+            if heartbeat is not None:
+                heartbeat.tick(_counters(source, processed, grabber, rejects, t3 - started, drift))
     finally:
         elapsed = time.perf_counter() - started
         grabber.stop()
@@ -415,6 +427,10 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
         "csv": csv_path,
         "loops": grabber.loops if loop else None,
     }
+    if heartbeat is not None:
+        heartbeat.write(dict(_counters(source, processed, grabber, rejects, elapsed, drift), ended=True,
+                             error=summary["error"]))
+        heartbeat.stopping()
     if drift is not None:
         summary["drift"] = drift.summary()
     if unsure is not None:

@@ -343,6 +343,11 @@ def cmd_camera(args):
     if regression and args.save_unsure:
         raise EdgerunError("--save-unsure reads class probabilities; bundle '%s' is a regression bundle"
                            % bundle.manifest.data.get("name"))
+    heartbeat = None
+    if args.status_file:
+        from .service import Heartbeat
+
+        heartbeat = Heartbeat(args.status_file)
     with _active(args, bundle) as runner:
         soak, drift, unsure = _watchers(args, bundle, runner, regression)
         summary = run_camera(runner, bundle.manifest, args.source, duration=args.duration, max_frames=args.max_frames,
@@ -350,7 +355,7 @@ def cmd_camera(args):
                              max_reconnects=args.reconnects, on_reject=announce, summary_path=args.json,
                              reject_above=args.reject_above, reject_below=args.reject_below,
                              reject_target=args.reject_target, on_frame=value if regression else None,
-                             loop=args.loop, drift=drift, unsure=unsure, soak=soak)
+                             loop=args.loop, drift=drift, unsure=unsure, soak=soak, heartbeat=heartbeat)
     fps = summary["end_to_end_fps"]
     print("camera %s: %d frames in %.1f s, end-to-end %.1f FPS (model only %.1f FPS), %d dropped, %d reconnects, "
           "%d rejects" % (args.source, summary["frames_processed"], summary["seconds"], fps,
@@ -459,6 +464,55 @@ def parse_duration(text):
     if not value > 0 or value != value or value == float("inf"):
         raise argparse.ArgumentTypeError("'%s': a positive, finite duration" % text)
     return value
+
+
+def cmd_service(args):
+    from . import service
+
+    if args.action == "status":
+        got = service.status(args.name, args.state_root)
+        if args.json:
+            print(to_json(got))
+            return 0
+        unit, st = got["unit"] or {}, got["status"]
+        print("edgerun-%s: %s" % (args.name, ("%s (%s), %s restart(s)" % (
+            unit.get("ActiveState"), unit.get("SubState"), unit.get("NRestarts", "?"))) if unit else
+            "systemd state unknown (no systemctl here)"))
+        if not st:
+            print("no status yet in %s (the camera writes it every 5 s once it runs)" % got["status_file"])
+            return 0
+        print("%s: %.1f FPS over %d frames, %d dropped, %d reconnects, %d rejects, drift %s (updated %s)" % (
+            st.get("source"), st.get("fps", 0), st.get("frames", 0), st.get("dropped", 0), st.get("reconnects", 0),
+            st.get("rejects", 0), st.get("drift") or "off", st.get("updated")))
+        for v in st.get("last_verdicts", [])[-5:]:
+            print("  %s frame %d: %s" % (v["time"], v["frame"], v["text"]))
+        if st.get("error"):
+            print("  ended: %s" % st["error"])
+        return 0
+    if not args.bundle or not args.source:
+        raise EdgerunError("service install needs BUNDLE and --source (the camera the line runs)")
+    bundle = _open(args)  # checked now (trust, pins, schema), not at the first start in the journal
+    state = "%s/%s" % (service.STATE_ROOT, service.check_name(args.name))
+    camera = [os.path.abspath(args.bundle), "--source", args.source, "--save-unsure", state + "/unsure"]
+    if args.engine:
+        camera += ["--engine", os.path.abspath(args.engine)]
+    if args.reject_class:
+        camera += ["--reject-class", args.reject_class]
+    if args.threshold is not None:
+        camera += ["--threshold", repr(args.threshold)]
+    if args.soak:
+        camera += ["--soak"]
+    for flag in ("trust", "pins"):
+        value = getattr(args, flag, None)
+        if value:
+            camera += ["--" + flag, os.path.abspath(value)]
+    path = service.install(args.name, camera, args.user, args.group, unit_dir=args.unit_dir,
+                           enable=not args.no_enable, watchdog_s=args.watchdog)
+    print("wrote %s for '%s' (%s) on %s as user %s" % (path, bundle.manifest.data.get("name"),
+                                                       bundle.manifest_sha256[:16], args.source, args.user))
+    print("enabled and started: journalctl -u edgerun-%s -f; edgerun service status --name %s" % (args.name, args.name)
+          if not args.no_enable else "not enabled (--no-enable): sudo systemctl enable --now edgerun-%s" % args.name)
+    return 0
 
 
 def cmd_verify(args):
@@ -594,6 +648,8 @@ def build_parser():
                                                         "--unsure-margin here, with index.csv of their scores")
     p.add_argument("--unsure-margin", type=float, default=0.2)
     p.add_argument("--save-unsure-max", type=int, default=200, help="at most this many frames saved (default 200)")
+    p.add_argument("--status-file", help="write FPS, drops, reconnects and the last verdicts here every 5 s (and "
+                                         "speak systemd's notify protocol when run by it): `edgerun service` sets it")
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--csv", help="per-frame predictions")
     p.add_argument("--reject-class", help="reject a frame when the probability of this class reaches the threshold")
@@ -608,6 +664,24 @@ def build_parser():
     p.add_argument("--fps-target", type=float)
     p.add_argument("--json", help="write the summary here")
     p.add_argument("--strict", action="store_true")
+    p = sub.add_parser("service", help="the line as a systemd service: install the unit, show its status")
+    p.add_argument("action", choices=["install", "status"])
+    p.add_argument("bundle", nargs="?", help="install: bundle folder or .edb the service runs")
+    p.add_argument("--name", default="line", help="the unit is edgerun-NAME, its state /var/lib/edgerun/NAME")
+    p.add_argument("--source", help="install: the camera (csi://0, usb://0, /dev/videoN, rtsp://...)")
+    p.add_argument("--engine", help="install: the TensorRT engine (default: ONNX Runtime)")
+    p.add_argument("--reject-class")
+    p.add_argument("--threshold", type=float)
+    p.add_argument("--soak", action="store_true", help="install: also sample memory and temperature (--soak)")
+    p.add_argument("--user", default="edgerun", help="install: the unprivileged account it runs as")
+    p.add_argument("--group", default="video", help="install: the camera devices' group")
+    p.add_argument("--watchdog", type=int, default=30, help="install: seconds without a frame before systemd "
+                                                            "restarts it")
+    p.add_argument("--unit-dir", default="/etc/systemd/system")
+    p.add_argument("--no-enable", action="store_true", help="install: write the unit only (no systemctl)")
+    p.add_argument("--state-root", default="/var/lib/edgerun", help="status: where the services' state lives")
+    p.add_argument("--json", action="store_true", help="status: print JSON")
+    trust_arg(p)
     p = sub.add_parser("verify", help="check a bundle's files, signature and pins without running it")
     p.add_argument("bundle", help="bundle folder or .edb file")
     trust_arg(p)
@@ -625,7 +699,7 @@ def build_parser():
     return parser
 
 
-COMMANDS = {"info": cmd_info, "build": cmd_build, "validate": cmd_validate, "bench": cmd_bench, "camera": cmd_camera,
+COMMANDS = {"service": cmd_service, "info": cmd_info, "build": cmd_build, "validate": cmd_validate, "bench": cmd_bench, "camera": cmd_camera,
             "verify": cmd_verify, "pin": cmd_pin, "slot": cmd_slot}
 
 
