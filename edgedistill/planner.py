@@ -154,6 +154,12 @@ class Factors:
     scale: float = 1.0  # measured / estimated latency on the user's own board (--measured), geometric mean
     runtime_base_mb: float = RUNTIME_BASE_MB
     source: str = "published"
+    # a_dw: fraction of the CUDA-core peak reached by depthwise (grouped) convolutions, fitted where the board has
+    # published depthwise models; None: the dense factor ``compute`` stands in (the planner before depthwise points)
+    depthwise: Optional[float] = None
+    # c_dw: the fixed cost of a depthwise kernel (TensorRT fuses them with their pointwise neighbours differently
+    # from dense convolutions); None: ``overhead_ms``
+    depthwise_overhead_ms: Optional[float] = None
 
 
 def _peaks(target: dict, precision: str) -> tuple[float, float, float]:
@@ -184,7 +190,9 @@ def _arrays(profile: ModelProfile) -> dict:
                                                                               dtype=float),
                   "weights": np.array([x.weight_elems for x in lay], dtype=float),
                   "grouped": np.array([x.kind in ("dwconv", "pool") for x in lay]),
-                  "kernels": sum(x.kind != "other" for x in lay)}
+                  "dw": np.array([x.kind == "dwconv" for x in lay]),
+                  "kernels": sum(x.kind not in ("other", "dwconv") for x in lay),
+                  "dw_kernels": sum(x.kind == "dwconv" for x in lay)}
         object.__setattr__(profile, "_arrays", cached)
     return cached
 
@@ -195,9 +203,12 @@ def layer_times_ms(profile: ModelProfile, target: dict, precision: str, batch: i
     a = _arrays(profile)
     nbytes = BYTES[precision]
     peak = np.where(a["grouped"], grouped, dense)
-    compute_ms = a["flops"] * batch / (factors.compute * peak * 1e9) * 1e3
+    efficiency = np.where(a["dw"], factors.depthwise or factors.compute, factors.compute)
+    compute_ms = a["flops"] * batch / (efficiency * peak * 1e9) * 1e3
     memory_ms = (a["act"] * batch + a["weights"]) * nbytes / (factors.memory * bandwidth * 1e9) * 1e3
-    total = float(np.maximum(compute_ms, memory_ms).sum()) + factors.overhead_ms * a["kernels"]
+    dw_overhead = factors.overhead_ms if factors.depthwise_overhead_ms is None else factors.depthwise_overhead_ms
+    total = (float(np.maximum(compute_ms, memory_ms).sum()) + factors.overhead_ms * a["kernels"]
+             + dw_overhead * a["dw_kernels"])
     return total * factors.scale
 
 
@@ -233,16 +244,25 @@ def fit_factors(points: Sequence[CalibrationPoint], board: str) -> Factors:
     if len(profiles) < 3:
         raise EdgedistillError(f"{board}: {len(profiles)} calibration points; three factors need at least 3")
 
+    depthwise = any(_arrays(prof)["dw"].any() for prof, _ in profiles)  # a fourth factor only with its evidence
+
+    def factors(x):
+        v = np.exp(x)
+        return Factors(board, *v[:3], depthwise=float(v[3]) if depthwise else None,
+                       depthwise_overhead_ms=float(v[4]) if depthwise else None)
+
     def residuals(x):
-        f = Factors(board, *np.exp(x))
+        f = factors(x)
         return [math.log(layer_times_ms(prof, target, p.precision, p.batch, f) / p.latency_ms) for prof, p in profiles]
 
     best = None
-    for start in ([0.5, 0.5, 0.05], [0.2, 0.8, 0.01], [0.8, 0.2, 0.2]):
-        fit = least_squares(residuals, np.log(start), method="trf")
+    for start in ([0.5, 0.5, 0.05, 0.3, 0.02], [0.2, 0.8, 0.01, 0.1, 0.005], [0.8, 0.2, 0.2, 0.6, 0.05]):
+        fit = least_squares(residuals, np.log(start[:5 if depthwise else 3]), method="trf")
         if best is None or fit.cost < best.cost:
             best = fit
-    return Factors(board, *(float(v) for v in np.exp(best.x)))
+    f = factors(best.x)
+    return Factors(board, float(f.compute), float(f.memory), float(f.overhead_ms), depthwise=f.depthwise,
+                   depthwise_overhead_ms=f.depthwise_overhead_ms)
 
 
 def leave_one_out(points: Sequence[CalibrationPoint]) -> list[dict]:
@@ -256,6 +276,41 @@ def leave_one_out(points: Sequence[CalibrationPoint]) -> list[dict]:
             est = layer_times_ms(profile_model(p.model, p.image_size, p.framework), target, p.precision, p.batch, f)
             out.append({"board": board, "model": p.model, "precision": p.precision, "published_ms": p.latency_ms,
                         "estimated_ms": est, "relative_error": (est - p.latency_ms) / p.latency_ms})
+    return out
+
+
+FAMILIES = ("alexnet", "squeezenet", "resnet", "densenet", "vgg", "mobilenet", "shufflenet", "mnasnet",
+            "efficientnet", "ghostnet", "lcnet")
+
+
+def family(model: str) -> str:
+    """The architecture family of a calibration model (resnet50 -> resnet, vgg16_bn -> vgg, mnasnet0_5 -> mnasnet):
+    what leave-one-family-out holds out together, since a family's members share their kernels' shapes."""
+    for name in FAMILIES:
+        if model.startswith(name):
+            return name
+    return model
+
+
+def leave_one_family_out(points: Sequence[CalibrationPoint], dense_only: bool = False) -> list[dict]:
+    """For each board and architecture family: the family's points estimated by factors fitted on the other
+    families alone (``dense_only``: on the families without depthwise convolutions, as the planner was calibrated
+    before depthwise points), with the relative error."""
+    out = []
+    for board in sorted({p.board for p in points}):
+        mine = [p for p in points if p.board == board]
+        target = get_target(board)
+        for fam in sorted({family(p.model) for p in mine}):
+            train = [p for p in mine if family(p.model) != fam]
+            if dense_only:
+                train = [p for p in train if not _arrays(profile_model(p.model, p.image_size, p.framework))["dw"].any()]
+            f = fit_factors(train, board)
+            for p in (p for p in mine if family(p.model) == fam):
+                prof = profile_model(p.model, p.image_size, p.framework)
+                est = layer_times_ms(prof, target, p.precision, p.batch, f)
+                out.append({"board": board, "family": fam, "model": p.model, "depthwise": bool(_arrays(prof)["dw"].any()),
+                            "published_ms": p.latency_ms, "estimated_ms": est,
+                            "relative_error": (est - p.latency_ms) / p.latency_ms})
     return out
 
 
@@ -298,6 +353,14 @@ def factors_for(board: str, use_measured: bool = True) -> Factors:
     f = _published_factors(source_board)
     f = Factors(**{**asdict(f), "source": "published" if source_board == board else
                    f"borrowed from {source_board} (uncalibrated for this board)"})
+    if f.depthwise is None:  # no published depthwise model on this board: a calibrated board's dw/dense ratio
+        donor = next((b for b in sorted(calibrated) if _published_factors(b).depthwise is not None), None)
+        if donor is not None:
+            d = _published_factors(donor)
+            f.depthwise = f.compute * d.depthwise / d.compute
+            f.depthwise_overhead_ms = f.overhead_ms * d.depthwise_overhead_ms / d.overhead_ms
+            f.source += (f"; depthwise factors from {donor}'s ratios to its dense ones (efficiency "
+                         f"{d.depthwise / d.compute:.2f}x, per-kernel cost {d.depthwise_overhead_ms / d.overhead_ms:.2f}x)")
     saved = _cache_dir() / f"{board}.json"
     if use_measured and saved.exists():
         data = json.loads(saved.read_text())
