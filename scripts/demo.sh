@@ -14,7 +14,9 @@ cat <<MSG
 
 report: runs/demo-digits/report.html (one self-contained file) and runs/demo-digits/report.md
 the same recipe over 3 seeds: benchmarks/results/demo.md (python benchmarks/quality.py --recipe recipes/demo-digits.yaml ...)
-on a Jetson Nano (JetPack 4.6), with runs/demo-digits/demo-digits.edb copied over:
+to a Jetson over ssh in one command (copy, verify, build, validate, bench, results back into the report):
+  .venv/bin/edgedistill deploy runs/demo-digits --host USER@JETSON --precision fp16 --fps-target 30 --budget-mb 500
+or by hand, on a Jetson Nano (JetPack 4.6), with runs/demo-digits/demo-digits.edb copied over:
   pip3 install ./jetson
   edgerun build demo-digits.edb --precision fp16
   edgerun validate demo-digits.edb --engine demo-digits.fp16.engine
