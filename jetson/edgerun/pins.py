@@ -63,19 +63,10 @@ def parse_time(text, where):
 
 def resolve_pins(explicit=None, environ=None, default_file=None):
     """The pins file: --pins, else $EDGERUN_PINS, else the device's pins file if it exists; None: no pins."""
-    environ = os.environ if environ is None else environ
-    if explicit is not None:
-        if not str(explicit).strip():
-            raise PinError("--pins is empty (an unset variable in a script?): name a pins file, or leave --pins out "
-                           "to use $%s or %s" % (PINS_ENV, DEFAULT_PINS_FILE))
-        return str(explicit)
-    if PINS_ENV in environ:
-        if not environ[PINS_ENV].strip():
-            raise PinError("$%s is set but empty: name a pins file, or unset it (an empty value never turns the "
-                           "pins off)" % PINS_ENV)
-        return environ[PINS_ENV]
-    default_file = DEFAULT_PINS_FILE if default_file is None else default_file
-    return default_file if os.path.exists(default_file) else None
+    from .settings import resolve_setting
+
+    return resolve_setting(explicit, PINS_ENV, DEFAULT_PINS_FILE if default_file is None else default_file,
+                           os.path.exists, PinError, "--pins", "a pins file", "the pins", environ)
 
 
 def load_pins(path):

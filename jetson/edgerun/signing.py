@@ -171,20 +171,11 @@ def resolve_trust(explicit=None, environ=None, default_dir=None):
     """Where the trust set comes from: --trust, else $EDGERUN_TRUST, else the device's trust folder if it
     exists; None means no trust is configured (unsigned bundles run). A trust given but empty (``--trust ''``,
     ``--trust "$UNSET"``, ``EDGERUN_TRUST=``) is an error: verification never turns off by accident."""
-    environ = os.environ if environ is None else environ
-    if explicit is not None:
-        if not str(explicit).strip():
-            raise SignatureError("--trust is empty (an unset variable in a script?): name a KEY.pub or a folder of "
-                                 "them; an empty value never turns verification off (leave --trust out to use $%s "
-                                 "or %s)" % (TRUST_ENV, DEFAULT_TRUST_DIR))
-        return str(explicit)
-    if TRUST_ENV in environ:
-        if not environ[TRUST_ENV].strip():
-            raise SignatureError("$%s is set but empty: name a KEY.pub or a folder of them, or unset it (an empty "
-                                 "value never turns verification off)" % TRUST_ENV)
-        return environ[TRUST_ENV]
-    default_dir = DEFAULT_TRUST_DIR if default_dir is None else default_dir
-    return default_dir if os.path.isdir(default_dir) else None
+    from .settings import resolve_setting
+
+    return resolve_setting(explicit, TRUST_ENV, DEFAULT_TRUST_DIR if default_dir is None else default_dir,
+                           os.path.isdir, SignatureError, "--trust", "a KEY.pub or a folder of them",
+                           "verification", environ)
 
 
 def sign_bundle(folder, private_key_path, passphrase=None):
