@@ -10,7 +10,8 @@ import pytest
 
 from edgerun.bench import percentile, run_bench, summarize, verdict
 from edgerun.bundle import open_bundle
-from edgerun.camera import describe_source, run_camera
+from edgerun.camera import run_camera
+from edgerun.capture import describe_source
 from edgerun.cli import main as edgerun
 from edgerun.device import TegraStats, parse_tegrastats
 from edgerun.errors import RunnerError, SourceError
