@@ -75,6 +75,8 @@ def cifar_lt(args) -> int:
     rows_path = Path(args.output) / "rows.jsonl"
     wanted = [f"{config}/seed{seed}" for seed in args.seeds for config in CONFIGS]
     done, todo = resume(rows_path, "key", wanted)
+    if args.table_only:  # a table spanning sessions: what has finished so far, nothing trained
+        todo = []
     for key in todo:
         config, seed = key.split("/")
         run = Path(args.output) / config / seed
@@ -202,6 +204,8 @@ def main() -> int:
     parser.add_argument("data", nargs="?", help="cifar10-jpeg.tar.gz or its extracted cifar10/ folder")
     parser.add_argument("--part", choices=["cifar-lt", "pretrained"], default="cifar-lt")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--table-only", action="store_true",
+                        help="write the table from the rows already finished; train nothing")
     parser.add_argument("--ratio", type=float, default=100.0, help="largest / smallest class")
     parser.add_argument("--n-max", type=int, default=5000, help="images of the largest class")
     parser.add_argument("--teacher-epochs", type=int, default=None)
