@@ -159,23 +159,16 @@ def ds_preprocess(images: Sequence[np.ndarray], size: tuple[int, int], params: d
     return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
 
 
-def _run(path: Path, batch: np.ndarray, model_batch: int, dynamic: bool) -> np.ndarray:
-    from edgerun.runners import OrtRunner, infer_chunk
-
-    step = max(model_batch, 32) if dynamic else model_batch
-    with OrtRunner(str(path), providers=["CPUExecutionProvider"]) as runner:
-        name, out = runner.input_names()[0], runner.output_names()[0]
-        return np.concatenate([infer_chunk(runner, batch[i:i + step], name, out, None if dynamic else model_batch)
-                               for i in range(0, len(batch), step)])
-
-
 def host_accuracy(bundle_model: Path, ds_model: Path, images: Sequence[np.ndarray], labels: np.ndarray,
                   spec: PreprocessSpec, params: dict[str, Any], model_batch: int, dynamic: bool) -> dict[str, Any]:
     """Top-1 of the same images through the bundle's preprocessing (resize, centre crop, per-channel
-    normalization) and through DeepStream's (whole-image resize, one scale), on the host with ONNX Runtime."""
-    ours = _run(bundle_model, preprocess(list(images), spec), model_batch, dynamic)
-    theirs = _run(ds_model, ds_preprocess(images, spec.crop, params, spec.interpolation, spec.channel_order),
-                  model_batch, dynamic)
+    normalization) and through DeepStream's (whole-image resize, one scale: ``params``' net_scale_factor and
+    offsets), on the host with ONNX Runtime."""
+    from .export import ort_outputs
+
+    ours = ort_outputs(bundle_model, preprocess(list(images), spec), model_batch, dynamic)
+    theirs = ort_outputs(ds_model, ds_preprocess(images, spec.crop, params, spec.interpolation, spec.channel_order),
+                         model_batch, dynamic)
     labels = np.asarray(labels)
     bundle_top1 = float((ours.argmax(1) == labels).mean())
     ds_top1 = float((theirs.argmax(1) == labels).mean())

@@ -92,11 +92,14 @@ def simplify(path: Path) -> bool:
     return True
 
 
-def _ort_logits(path: Path, batches: np.ndarray, batch: int, dynamic: bool) -> np.ndarray:
+def ort_outputs(path: Path, batches: np.ndarray, batch: int, dynamic: bool) -> np.ndarray:
+    """The outputs of a one-input, one-output ONNX model on ``batches`` (ONNX Runtime, CPU), fed in chunks of its
+    fixed ``batch`` (the last one padded) or, with a dynamic batch, of at least 32."""
     step = batch if not dynamic else max(batch, 32)
     with OrtRunner(path, providers=["CPUExecutionProvider"]) as runner:
-        return np.concatenate([infer_chunk(runner, batches[i:i + step], INPUT_NAME, OUTPUT_NAME,
-                                           None if dynamic else batch) for i in range(0, len(batches), step)])
+        name, out = runner.input_names()[0], runner.output_names()[0]
+        return np.concatenate([infer_chunk(runner, batches[i:i + step], name, out, None if dynamic else batch)
+                               for i in range(0, len(batches), step)])
 
 
 @torch.no_grad()
@@ -110,7 +113,7 @@ def parity(model: nn.Module, path: Path, batches: np.ndarray, cfg: ExportConfig,
            classification: bool = True) -> dict[str, Any]:
     """ONNX Runtime vs PyTorch on the same preprocessed held-out images (top-1 agreement: classification only)."""
     ref = _torch_logits(model, batches)
-    got = _ort_logits(path, batches, cfg.batch, cfg.dynamic_batch)
+    got = ort_outputs(path, batches, cfg.batch, cfg.dynamic_batch)
     result = {"samples": int(len(batches)), "max_abs_error": float(np.abs(ref - got).max()),
               "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()) if classification else 1.0}
     if result["max_abs_error"] > cfg.parity_atol or result["top1_agreement"] < cfg.parity_min_agreement:
@@ -142,7 +145,7 @@ def quality(path: Path, batches: np.ndarray, labels: np.ndarray, cfg: ExportConf
     """The ONNX model's quality on held-out images: ``top1`` (and, with a ``decision`` threshold, the recall and
     false-reject rate of its positive class there); or, with regression ``targets`` (labels in target units),
     ``r2`` and ``mae``. ``score`` is the one compared across variants."""
-    outputs = _ort_logits(path, batches, cfg.batch, cfg.dynamic_batch)
+    outputs = ort_outputs(path, batches, cfg.batch, cfg.dynamic_batch)
     if targets is None:
         top1 = float((outputs.argmax(1) == labels).mean())
         out = {"top1": top1, "score": top1}
@@ -174,7 +177,7 @@ def _int8(onnx_path: Path, folder: Path, calib: np.ndarray, held_out: tuple, cfg
         return path
 
     job = Int8Job(fp32_path=onnx_path, workdir=folder, calib=calib, calib_batch=batch,
-                  score=lambda path: quality(path, *held_out), run_calib=lambda path: _ort_logits(
+                  score=lambda path: quality(path, *held_out), run_calib=lambda path: ort_outputs(
                       path, calib[:cfg.int8_sensitivity_images], cfg.batch, cfg.dynamic_batch),
                   fp32_score=fp32_score, mode=cfg.int8, method=cfg.int8_method, limit=cfg.int8_max_drop,
                   budget=cfg.int8_keep_budget, sensitivity_images=cfg.int8_sensitivity_images,
@@ -198,8 +201,8 @@ def _deepstream(folder: Path, onnx_path: Path, int8: Optional[dict], val: Split,
                              int8_file=int8_file, decision=decision, source=cfg.deepstream_source,
                              camera=cfg.deepstream_camera, name=name)
     host = deepstream.host_accuracy(onnx_path, folder / deepstream.FOLDER / deepstream.MODEL,
-                                    [val.original(int(i)) for i in indices], labels, spec,
-                                    deepstream.parameters(spec, cfg.input == "uint8"), cfg.batch, cfg.dynamic_batch)
+                                    [val.original(int(i)) for i in indices], labels, spec, files, cfg.batch,
+                                    cfg.dynamic_batch)
     host.update(exact_normalization=files["exact_normalization"], input=files["input"])
     log.info("DeepStream preprocessing on the host: top-1 %.2f%% against the bundle's %.2f%% (%+.2f points, %s)",
              host["deepstream_top1"] * 100, host["bundle_top1"] * 100, host["difference"] * 100, files["note"])

@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from edgedistill import quantize as q
-from edgedistill.export import _ort_logits, export_onnx
+from edgedistill.export import ort_outputs, export_onnx
 
 
 def _digits(n=64, size=32):
@@ -58,7 +58,7 @@ def test_qdq_model_keeps_tensorrts_rules_and_runs_in_onnxruntime(name, tmp_path)
     assert adds and all(any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
                             for i in n.input) for n in adds), "a residual add without a quantized input"
     onnx.save(model, str(tmp_path / "int8.onnx"))
-    a, b = _ort_logits(tmp_path / "fp32.onnx", x, 1, False), _ort_logits(tmp_path / "int8.onnx", x, 1, False)
+    a, b = ort_outputs(tmp_path / "fp32.onnx", x, 1, False), ort_outputs(tmp_path / "int8.onnx", x, 1, False)
     assert q.agreement(a, b) >= 0.9 and np.abs(a - b).max() < 0.5 * np.abs(a).max()
 
 
@@ -127,7 +127,7 @@ def test_pytorch_fake_quant_agrees_with_the_onnx_qdq_model_on_held_out_images(tm
     fake = q.add_fake_quant(model, by_module).eval()
     with torch.no_grad():
         torch_out = fake(torch.from_numpy(held_out)).numpy()
-    ort_out = _ort_logits(tmp_path / "int8.onnx", held_out, 1, False)
+    ort_out = ort_outputs(tmp_path / "int8.onnx", held_out, 1, False)
     scale = np.abs(ort_out).max()
     assert q.agreement(torch_out, ort_out) >= 0.98
     assert np.abs(torch_out - ort_out).max() < 0.05 * scale
@@ -169,9 +169,9 @@ def test_sensitivity_ranks_the_fragile_layer_first_and_partial_keeps_it(tmp_path
 
     def run(model):
         onnx.save(model, str(tmp_path / "probe.onnx"))
-        return _ort_logits(tmp_path / "probe.onnx", calib, 1, False)
+        return ort_outputs(tmp_path / "probe.onnx", calib, 1, False)
 
-    reference = _ort_logits(tmp_path / "fp32.onnx", calib, 1, False)
+    reference = ort_outputs(tmp_path / "fp32.onnx", calib, 1, False)
     assert len(set(reference.argmax(1))) >= 5
     rows = q.sensitivity(fp32, amax, run, reference, q.quantizable_nodes(fp32))
     assert rows[0]["layer"] == "/c3/Conv" and rows[0]["recovered"] > 0.3
