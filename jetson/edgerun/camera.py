@@ -11,10 +11,9 @@ import time
 
 import numpy as np
 
-from .bench import percentile, softmax_top1
+from .bench import percentile
 from .capture import FrameGrabber, open_capture
-from .decision import positive_scores
-from .drift import softmax
+from .decision import softmax
 from .errors import SourceError
 from .preprocess import preprocess
 from .regression import restore
@@ -84,15 +83,17 @@ class _Classify(object):
         self.rule = None if reject_class is None else "P(%s) >= %.4f" % (reject_class, self.threshold)
 
     def __call__(self, outputs):
-        label, confidence = softmax_top1(outputs[:1])
-        name, conf = self.classes[int(label[0])], float(confidence[0])
+        """(CSV cells, reject, text, the frame's class probabilities): one softmax serves them all."""
+        probs = softmax(outputs[:1])[0]
+        label = int(probs.argmax())
+        name, conf = self.classes[label], float(probs[label])
         cells = [name, "%.4f" % conf]
         reject = False
         if self.positive is not None:
-            score = float(positive_scores(outputs[:1], self.positive)[0])
+            score = float(probs[self.positive])
             cells.append("%.6f" % score)
             reject = self.reject_class is not None and score >= self.threshold
-        return cells, reject, "%s (%.2f)" % (name, conf)
+        return cells, reject, "%s (%.2f)" % (name, conf), probs
 
 
 class _Measure(object):
@@ -116,7 +117,7 @@ class _Measure(object):
         value = float(values[self.index])
         reject = (self.above is not None and value > self.above) or (self.below is not None and value < self.below)
         text = ", ".join("%s=%.4g" % (n, v) for n, v in zip(self.names, values))
-        return ["%.6g" % v for v in values], bool(reject), text
+        return ["%.6g" % v for v in values], bool(reject), text, None
 
 
 def _counters(source, processed, grabber, rejects, seconds, drift):
@@ -190,14 +191,12 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
             t0 = t1 - prep_seconds  # preprocessing ran in the capture thread, overlapped with the last inference
             logits = infer_chunk(runner, batch, manifest.input_name, manifest.output_name, fixed_batch)
             t2 = time.perf_counter()
-            cells, reject, text = decide(np.asarray(logits))
+            cells, reject, text, probs = decide(np.asarray(logits))
             t3 = time.perf_counter()
-            if drift is not None or unsure is not None:
-                probs = softmax(np.asarray(logits)[:1])[0]
-                if drift is not None:
-                    drift.add(probs)
-                if unsure is not None:
-                    unsure.add(processed, _frame, probs)
+            if drift is not None:
+                drift.add(probs)
+            if unsure is not None:
+                unsure.add(processed, _frame, probs)
             if soak is not None:
                 soak.tick(processed)
             stages["preprocess"].add(t1 - t0)

@@ -385,6 +385,7 @@ def cmd_camera(args):
 
 def _watchers(args, bundle, runner, regression):
     """(soak, drift watch, unsure-frame saver) for the camera as its flags ask; None for each one not asked."""
+    from .decision import softmax
     from .drift import DriftWatch, UnsureFrames
     from .soak import Soak
 
@@ -407,16 +408,9 @@ def _watchers(args, bundle, runner, regression):
         print("drift watch off: the bundle holds %d validation images, fewer than the 20 a reference needs"
               % references)
     elif args.drift_window and not regression:
-        manifest = bundle.manifest
-        fixed = None if manifest.model.get("dynamic_batch") else manifest.input_shape[0]
-        step = fixed or 32
-
-        def infer(batch):
-            return np.concatenate([infer_chunk(runner, batch[i:i + step], manifest.input_name, manifest.output_name,
-                                               fixed) for i in range(0, len(batch), step)])
-
-        drift = DriftWatch.from_bundle(runner, bundle, infer, window=args.drift_window,
-                                       threshold=args.drift_threshold, warn=warn)
+        logits, _ = bundle_outputs(runner, bundle)  # the reference: the bundle's validation images on this runner
+        drift = DriftWatch(softmax(logits), window=args.drift_window, threshold=args.drift_threshold, warn=warn,
+                           reference_name="the bundle's %d validation images on this runner" % len(logits))
     if args.save_unsure:
         unsure = UnsureFrames(args.save_unsure, bundle.manifest.classes, margin=args.unsure_margin,
                               cap=args.save_unsure_max)

@@ -131,6 +131,12 @@ def nvmap_process_mb(pid=None, path=None):
     return total if found else None
 
 
+def nvmap_memory():
+    """A runner's device memory as nvmap counts it ({'mb', 'method'}), or None where the table is unreadable."""
+    mb = nvmap_process_mb()
+    return None if mb is None else {"mb": mb, "method": "nvmap per-process allocations (debugfs iovmm clients)"}
+
+
 def nvpmodel_mode():
     try:
         out = subprocess.check_output(["nvpmodel", "-q"], stderr=subprocess.STDOUT, timeout=5)

@@ -23,13 +23,6 @@ from .errors import EdgerunError
 EPS = 1e-4  # a bin empty on one side would make PSI infinite: both sides are floored at this share
 
 
-def softmax(logits):
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def psi(expected, actual, eps=EPS):
     """Population stability index of two histograms (counts or shares over the same bins)."""
     e = np.asarray(expected, dtype=np.float64)
@@ -77,17 +70,6 @@ class DriftWatch(object):
         self.worst = None
         self.warnings = 0
         self.first_warning_frame = None
-
-    @classmethod
-    def from_bundle(cls, runner, bundle, infer, **kwargs):
-        """The reference: the bundle's validation images through this runner (``infer(batch) -> logits``)."""
-        from .preprocess import preprocess
-
-        images, _labels = bundle.validation()
-        logits = np.concatenate([infer(preprocess(images[i:i + 32], bundle.manifest.preprocess))
-                                 for i in range(0, len(images), 32)])
-        return cls(softmax(logits), reference_name="the bundle's %d validation images on this runner" % len(images),
-                   **kwargs)
 
     def add(self, probs):
         """One frame's probabilities (1-D)."""

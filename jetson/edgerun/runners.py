@@ -120,11 +120,11 @@ class OrtRunner(Runner):
         gpu = [p for p in (self.providers or []) if p in GPU_PROVIDERS]
         if not gpu:
             return None
-        from .device import nvmap_process_mb
+        from .device import nvmap_memory
 
-        nvmap = nvmap_process_mb()
+        nvmap = nvmap_memory()
         if nvmap is not None:
-            return {"mb": nvmap, "method": "nvmap per-process allocations (debugfs iovmm clients)"}
+            return nvmap
         return {"mb": None, "method": "%s memory not measured: nvmap's table is unreadable (run as root on a "
                                       "Jetson) or this is not a Jetson; use --backend tensorrt for a measured "
                                       "figure" % gpu[0]}

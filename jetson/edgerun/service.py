@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+from .engine_record import write_atomically
 from .errors import EdgerunError
 
 UNIT_DIR = "/etc/systemd/system"
@@ -98,10 +99,7 @@ class Heartbeat(object):
             status["fps"], state.get("frames", 0), state.get("dropped", 0), state.get("reconnects", 0),
             state.get("rejects", 0)), self.environ)
         if self.status_path:
-            tmp = self.status_path + ".tmp"
-            with open(tmp, "w") as fh:
-                json.dump(status, fh, indent=2, sort_keys=True)
-            os.replace(tmp, self.status_path)
+            write_atomically(self.status_path, json.dumps(status, indent=2, sort_keys=True).encode("utf-8"))
 
     def stopping(self):
         sd_notify("STOPPING=1", self.environ)
@@ -197,11 +195,8 @@ def install(name, camera_args, user, group, unit_dir=UNIT_DIR, enable=True, pyth
         raise EdgerunError("--unit-dir %s does not exist" % unit_dir)
     path = os.path.join(unit_dir, "edgerun-%s.service" % name)
     text = unit_text(name, camera_args, user, group, python=python, watchdog_s=watchdog_s)
-    tmp = path + ".tmp"
     try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        write_atomically(path, text.encode("utf-8"))
     except (OSError, IOError) as exc:
         raise EdgerunError("cannot write %s (%s): run it with sudo, or pass --unit-dir" % (path, exc))
     if enable:

@@ -121,11 +121,11 @@ class TrtRunner(Runner):
         """Device memory taken since activation (engine, context, I/O buffers): nvmap's per-process figure where
         readable (root), else the drop of cuda.mem_get_info()'s free memory, which on a Jetson's shared DRAM also
         moves with other processes."""
-        from .device import nvmap_process_mb
+        from .device import nvmap_memory
 
-        nvmap = nvmap_process_mb()
+        nvmap = nvmap_memory()
         if nvmap is not None:
-            return {"mb": nvmap, "method": "nvmap per-process allocations (%s)" % "debugfs iovmm clients"}
+            return nvmap
         self.cuda_context.push()
         try:
             free_now = self.cuda.mem_get_info()[0]
