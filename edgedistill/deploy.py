@@ -242,7 +242,8 @@ class Board:
 
     def run_checks(self, edb: str, engine: Optional[str]) -> dict:
         results = f"{self.folder}/results"
-        self.ssh.run(f"mkdir -p {quote(results)}")
+        # emptied first: a release deployed again without --source must not report the camera of the last time
+        self.ssh.run(f"rm -rf {quote(results)} && mkdir -p {quote(results)}")
         on = ["--engine", engine] if engine else []
         validate = ["validate", edb, *on, "--json", f"{results}/validate.json"]
         if self.opts.max_drop is not None:
@@ -260,9 +261,9 @@ class Board:
             if self.opts.fps_target is not None:
                 camera += ["--fps-target", str(self.opts.fps_target)]
             self.step("camera", self.edgerun_cmd(*camera), timeout=self.opts.duration + 600)
-        local = self.out / host_slug(self.ssh.dest)
-        self.row.files = [str(p) for p in self.ssh.fetch_tree(results, local)]
-        return {p.stem: json.loads(p.read_text()) for p in local.glob("*.json")}
+        written = self.ssh.fetch_tree(results, self.out / host_slug(self.ssh.dest))
+        self.row.files = [str(p) for p in written]
+        return {p.stem: json.loads(p.read_text()) for p in written if p.suffix == ".json"}
 
     def deploy(self) -> BoardRow:
         try:

@@ -181,8 +181,9 @@ def test_one_command_deploys_to_a_fleet_and_a_broken_board_is_a_row(boards, trai
         assert "--set data.unlabeled=" in printed
     # again: the bundle is already there, nothing is copied twice
     assert _deploy(boards, run, "board-a") == 0
-    steps = json.loads((run / "devices" / "fleet.json").read_text())["rows"][0]["steps"]
-    assert {"step": "copy", "rc": 0, "note": "already on the board"} in steps
+    again = json.loads((run / "devices" / "fleet.json").read_text())["rows"][0]
+    assert {"step": "copy", "rc": 0, "note": "already on the board"} in again["steps"]
+    assert again.get("camera_fps") is None  # no --source this time: the last camera run is not reported again
 
 
 def a_camera_unsure(run):
