@@ -193,12 +193,13 @@ class Board:
 
     def check_versions(self, info: dict) -> None:
         from edgerun import __version__ as here
+        from edgerun.profiles import parse_version
 
         there = info.get("edgerun")
         if there is None:
             raise EdgedistillError(f"the edgerun on {self.ssh.dest} predates `info`'s version field: update it "
                                    f"(pip3 install ./jetson from this checkout, edgerun {here})")
-        if _version(there) < _version(here):
+        if parse_version(there) < parse_version(here):
             raise EdgedistillError(f"edgerun {there} on {self.ssh.dest} is older than {here} here, which made the "
                                    "bundle: update it (--install, or pip3 install ./jetson from this checkout)")
 
@@ -302,10 +303,6 @@ class Board:
                 self.row.status = "ERROR"
             self.row.reason = str(exc)
         return self.row
-
-
-def _version(text: str) -> tuple:
-    return tuple(int(p) for p in re.findall(r"\d+", str(text))[:3])
 
 
 def _status(result: Optional[dict]) -> Optional[str]:
@@ -418,14 +415,16 @@ def pull_frames(hosts: Sequence[str], name: str, opts: DeployOptions, out_dir: P
         local = Path(out_dir) / host_slug(board.ssh.dest) / UNSURE
         try:
             listing = board.ssh.run(f"ls -d {quote(board.root + '/models/' + name)}/*/{UNSURE} 2>/dev/null; true")
-            folders = [line for line in listing.stdout.decode("utf-8", "replace").splitlines()  # not current/previous
-                       if re.fullmatch(r"[0-9a-f]{16}", line.rstrip("/").split("/")[-2] if "/" in line else "")]
+            releases = {}  # release -> its folder; the current/previous links are not releases of their own
+            for line in listing.stdout.decode("utf-8", "replace").splitlines():
+                parts = line.rstrip("/").split("/")
+                if len(parts) >= 2 and re.fullmatch(r"[0-9a-f]{16}", parts[-2]):
+                    releases[parts[-2]] = line
             frames = 0
-            for folder in folders:
-                version = folder.rstrip("/").split("/")[-2]
+            for version, folder in releases.items():
                 written = board.ssh.fetch_tree(folder, local / version)
                 frames += sum(1 for p in written if p.suffix.lower() == ".jpg")
-            rows.append({"host": host, "status": "DONE", "releases": len(folders), "frames": frames,
+            rows.append({"host": host, "status": "DONE", "releases": len(releases), "frames": frames,
                          "folder": str(local)})
         except (SshError, RemoteError) as exc:
             rows.append({"host": host, "status": "ERROR", "reason": str(exc)})
