@@ -247,9 +247,9 @@ def fit_factors(points: Sequence[CalibrationPoint], board: str) -> Factors:
     depthwise = any(_arrays(prof)["dw"].any() for prof, _ in profiles)  # a fourth factor only with its evidence
 
     def factors(x):
-        v = np.exp(x)
-        return Factors(board, *v[:3], depthwise=float(v[3]) if depthwise else None,
-                       depthwise_overhead_ms=float(v[4]) if depthwise else None)
+        v = [float(c) for c in np.exp(x)]
+        return Factors(board, *v[:3], depthwise=v[3] if depthwise else None,
+                       depthwise_overhead_ms=v[4] if depthwise else None)
 
     def residuals(x):
         f = factors(x)
@@ -260,23 +260,7 @@ def fit_factors(points: Sequence[CalibrationPoint], board: str) -> Factors:
         fit = least_squares(residuals, np.log(start[:5 if depthwise else 3]), method="trf")
         if best is None or fit.cost < best.cost:
             best = fit
-    f = factors(best.x)
-    return Factors(board, float(f.compute), float(f.memory), float(f.overhead_ms), depthwise=f.depthwise,
-                   depthwise_overhead_ms=f.depthwise_overhead_ms)
-
-
-def leave_one_out(points: Sequence[CalibrationPoint]) -> list[dict]:
-    """For each published point: the estimate from factors fitted without it, and the relative error."""
-    out = []
-    for board in sorted({p.board for p in points}):
-        mine = [p for p in points if p.board == board]
-        target = get_target(board)
-        for i, p in enumerate(mine):
-            f = fit_factors(mine[:i] + mine[i + 1:], board)
-            est = layer_times_ms(profile_model(p.model, p.image_size, p.framework), target, p.precision, p.batch, f)
-            out.append({"board": board, "model": p.model, "precision": p.precision, "published_ms": p.latency_ms,
-                        "estimated_ms": est, "relative_error": (est - p.latency_ms) / p.latency_ms})
-    return out
+    return factors(best.x)
 
 
 FAMILIES = ("alexnet", "squeezenet", "resnet", "densenet", "vgg", "mobilenet", "shufflenet", "mnasnet",
@@ -292,26 +276,39 @@ def family(model: str) -> str:
     return model
 
 
-def leave_one_family_out(points: Sequence[CalibrationPoint], dense_only: bool = False) -> list[dict]:
-    """For each board and architecture family: the family's points estimated by factors fitted on the other
-    families alone (``dense_only``: on the families without depthwise convolutions, as the planner was calibrated
-    before depthwise points), with the relative error."""
+def _held_out(points: Sequence[CalibrationPoint], group, dense_only: bool = False, sort: bool = False) -> list[dict]:
+    """For each board and each group of its points (``group(point)``): the group's points estimated by factors
+    fitted on the board's other points (``dense_only``: only those without depthwise convolutions), with the
+    relative error."""
     out = []
     for board in sorted({p.board for p in points}):
         mine = [p for p in points if p.board == board]
         target = get_target(board)
-        for fam in sorted({family(p.model) for p in mine}):
-            train = [p for p in mine if family(p.model) != fam]
+        keys = list(dict.fromkeys(group(p) for p in mine))
+        for key in sorted(keys) if sort else keys:
+            train = [p for p in mine if group(p) != key]
             if dense_only:
                 train = [p for p in train if not _arrays(profile_model(p.model, p.image_size, p.framework))["dw"].any()]
             f = fit_factors(train, board)
-            for p in (p for p in mine if family(p.model) == fam):
+            for p in (p for p in mine if group(p) == key):
                 prof = profile_model(p.model, p.image_size, p.framework)
                 est = layer_times_ms(prof, target, p.precision, p.batch, f)
-                out.append({"board": board, "family": fam, "model": p.model, "depthwise": bool(_arrays(prof)["dw"].any()),
-                            "published_ms": p.latency_ms, "estimated_ms": est,
-                            "relative_error": (est - p.latency_ms) / p.latency_ms})
+                out.append({"board": board, "family": family(p.model), "model": p.model, "precision": p.precision,
+                            "depthwise": bool(_arrays(prof)["dw"].any()), "published_ms": p.latency_ms,
+                            "estimated_ms": est, "relative_error": (est - p.latency_ms) / p.latency_ms})
     return out
+
+
+def leave_one_out(points: Sequence[CalibrationPoint]) -> list[dict]:
+    """For each published point: the estimate from factors fitted without it, and the relative error."""
+    return _held_out(points, id)
+
+
+def leave_one_family_out(points: Sequence[CalibrationPoint], dense_only: bool = False) -> list[dict]:
+    """For each board and architecture family: the family's points estimated by factors fitted on the other
+    families alone (``dense_only``: on the families without depthwise convolutions, as the planner was calibrated
+    before depthwise points), with the relative error."""
+    return _held_out(points, lambda p: family(p.model), dense_only, sort=True)
 
 
 def _cache_dir() -> Path:
