@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_row, resume, write_table  # noqa: E402
 
 from edgedistill.cli import main as edgedistill_main  # noqa: E402
-from edgedistill.evaluate import load_summary  # noqa: E402
-from edgedistill.recipe import load_recipe  # noqa: E402
-from edgedistill.report import epoch_records  # noqa: E402
+from edgedistill.judge.evaluate import load_summary  # noqa: E402
+from edgedistill.recipe.loading import load_recipe  # noqa: E402
+from edgedistill.judge.report import epoch_records  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHANCE = 0.10

@@ -26,15 +26,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_table  # noqa: E402
 
-from edgedistill.data import eval_spec, load_data  # noqa: E402
-from edgedistill.export import INPUT_NAME, OUTPUT_NAME, export_onnx, quantize_int8  # noqa: E402
-from edgedistill.models import count_params, create_model  # noqa: E402
-from edgedistill.recipe import DataConfig, ExportConfig, ModelConfig  # noqa: E402
+from edgedistill.data.images import eval_spec  # noqa: E402
+from edgedistill.data.sources import load_data  # noqa: E402
+from edgedistill.ship.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx  # noqa: E402
+from edgedistill.ship.export import quantize_int8  # noqa: E402
+from edgedistill.models.factory import count_params, create_model  # noqa: E402
+from edgedistill.recipe.sections import DataConfig, ExportConfig, ModelConfig  # noqa: E402
 from edgerun.bench import percentile  # noqa: E402
-from edgerun.bundle import open_bundle  # noqa: E402
-from edgerun.cli import evaluate_bundle  # noqa: E402
+from edgerun.bundle.bundle import open_bundle  # noqa: E402
+from edgerun.cli.common import evaluate_bundle  # noqa: E402
 from edgerun.preprocess import preprocess  # noqa: E402
-from edgerun.runners import OrtRunner  # noqa: E402
+from edgerun.runtime.runners import OrtRunner  # noqa: E402
 
 
 def time_model(path: Path, x: np.ndarray, iterations: int, threads: int | None) -> dict:

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_row, mean_std, resume, write_table  # noqa: E402
 
 from edgedistill.cli import main as edgedistill_main  # noqa: E402
-from edgedistill.data import IMAGE_SUFFIXES, resolve_root  # noqa: E402
+from edgedistill.data.images import IMAGE_SUFFIXES  # noqa: E402
+from edgedistill.data.folders import resolve_root  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {

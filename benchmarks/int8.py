@@ -49,7 +49,7 @@ MODES = {"auto": ["export.int8=auto"],  # what ships by default: PTQ, then parti
 
 def host_latency_ms(path: Path, shape: tuple, repeats: int = 200) -> float:
     """Median ms of one batch through ONNX Runtime's CPU provider (the host, not a device figure)."""
-    from edgerun.runners import OrtRunner
+    from edgerun.runtime.runners import OrtRunner
 
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     with OrtRunner(path, providers=["CPUExecutionProvider"]) as runner:
@@ -113,11 +113,13 @@ def modelopt_row(recipe_file: str, run: Path, epochs: int, lr: float, overrides:
     import onnx
     import torch
 
-    from edgedistill.export import export_onnx, quality
-    from edgedistill.quantize import qdq_violations
-    from edgedistill.recipe import load_recipe
-    from edgedistill.stages import RunContext
-    from edgedistill.train import Teaching, TrainJob, train_model
+    from edgedistill.ship.onnx import export_onnx
+    from edgedistill.ship.export import quality
+    from edgedistill.ship.qdq import qdq_violations
+    from edgedistill.recipe.loading import load_recipe
+    from edgedistill.run.context import RunContext
+    from edgedistill.train.job import Teaching, TrainJob
+    from edgedistill.train.loop import train_model
     from edgerun.preprocess import PreprocessSpec, preprocess
 
     args = run_args(recipe_file, run, overrides)
@@ -131,7 +133,7 @@ def modelopt_row(recipe_file: str, run: Path, epochs: int, lr: float, overrides:
                              lambda m: [m(torch.from_numpy(calib[i:i + 32])) for i in range(0, len(calib), 32)])
     cfg = recipe.student.model_copy(update={"epochs": epochs, "lr": lr, "warmup_epochs": 0.0, "val_every": 1,
                                             "layer_decay": None})
-    from edgedistill.data import with_unlabeled
+    from edgedistill.data.splits import with_unlabeled
 
     train = ctx.data.train if ctx.unlabeled is None else with_unlabeled(ctx.data.train, ctx.unlabeled)  # as ours
     history = train_model(TrainJob(model=quantized, train=train, val=ctx.data.val, data=recipe.data, cfg=cfg,

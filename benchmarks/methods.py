@@ -47,7 +47,7 @@ LONGEST_FIRST = ["kd+unlabeled", "chain", "born-again", "dkd+features", "kd+feat
 
 def unlabeled_folder(data: str) -> str:
     """The archive's training folder: the run leaves out its own labelled images, the rest are unlabeled."""
-    from edgedistill.data import resolve_root
+    from edgedistill.data.folders import resolve_root
 
     return str(resolve_root(data) / "train")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_table  # noqa: E402
 
-from edgedistill.planner import factors_for, leave_one_family_out, leave_one_out, load_calibration  # noqa: E402
+from edgedistill.plan.calibration import (factors_for, leave_one_family_out, leave_one_out, load_calibration)  # noqa: E402
 
 TARGETS = {"jetson-nano-jp4": 0.25, "all": 0.35}
 DEPTHWISE_TARGET = 0.35

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import mean_std, write_table  # noqa: E402
 
 from edgedistill.cli import main as edgedistill_main  # noqa: E402
-from edgedistill.report import epoch_records  # noqa: E402
+from edgedistill.judge.report import epoch_records  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@
                                     [--results-name regression]
 
 Data: scikit-learn's digits with each image's ink area and mean intensity as the targets
-(``edgedistill.demodata``; 1,200 training and 597 validation images), written once under OUTPUT/data.
+(``edgedistill.data.demodata``; 1,200 training and 597 validation images), written once under OUTPUT/data.
 Targets: student R² >= 0.95 x teacher R² and student MAE < baseline MAE, on the mean of the seeds. Each
 finished seed is a row in OUTPUT/rows.jsonl; a rerun resumes from them. Writes benchmarks/results/regression.md.
 """
@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_row, resume, mean_std, write_table  # noqa: E402
 
 from edgedistill.cli import main as edgedistill_main  # noqa: E402
-from edgedistill.demodata import write_digits_regression  # noqa: E402
-from edgedistill.evaluate import load_summary  # noqa: E402
+from edgedistill.data.demodata import write_digits_regression  # noqa: E402
+from edgedistill.judge.evaluate import load_summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_table  # noqa: E402
 
 from edgerun.bench import run_bench, trimmed_mean  # noqa: E402
-from edgerun.bundle import open_bundle  # noqa: E402
-from edgerun.camera import run_camera  # noqa: E402
+from edgerun.bundle.bundle import open_bundle  # noqa: E402
+from edgerun.line.camera import run_camera  # noqa: E402
 from edgerun.preprocess import preprocess, to_three_channels  # noqa: E402
-from edgerun.runners import OrtRunner  # noqa: E402
+from edgerun.runtime.runners import OrtRunner  # noqa: E402
 
 
 def bare_loop(model_path: str, feed: dict, iterations: int, threads: int | None) -> float:
@@ -71,10 +71,10 @@ def harness_loop(model_path: str, manifest, frames, iterations: int, threads: in
 
 def demo_bundle(folder: Path) -> Path:
     """A 224 px MobileNetV3-Large student bundle with random weights (for timing only)."""
-    from edgedistill.data import load_data
-    from edgedistill.export import build_bundle
-    from edgedistill.models import create_model
-    from edgedistill.recipe import DataConfig, ExportConfig, ModelConfig
+    from edgedistill.data.sources import load_data
+    from edgedistill.ship.export import build_bundle
+    from edgedistill.models.factory import create_model
+    from edgedistill.recipe.sections import DataConfig, ExportConfig, ModelConfig
 
     cfg = DataConfig(source="digits", image_size=224, crop_pct=0.875, train_per_class=4, val_per_class=4)
     data = load_data(cfg)

@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_row, load_rows, mean_std, write_table  # noqa: E402
 
 from edgedistill.cli import main as edgedistill_main  # noqa: E402
-from edgedistill.data import load_data  # noqa: E402
-from edgedistill.models import create_model  # noqa: E402
-from edgedistill.report import epoch_records  # noqa: E402
-from edgedistill.recipe import DataConfig, ModelConfig  # noqa: E402
+from edgedistill.data.sources import load_data  # noqa: E402
+from edgedistill.models.factory import create_model  # noqa: E402
+from edgedistill.judge.report import epoch_records  # noqa: E402
+from edgedistill.recipe.sections import DataConfig, ModelConfig  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

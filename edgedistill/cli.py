@@ -27,9 +27,9 @@ from rich.table import Table
 from rich.text import Text
 
 from edgerun.errors import EdgerunError
-from edgerun.signing import PASSPHRASE_ENV
+from edgerun.bundle.signing import PASSPHRASE_ENV
 
-from .errors import EdgedistillError
+from edgedistill.errors import EdgedistillError
 
 log = logging.getLogger("edgedistill")
 console = Console(stderr=True)
@@ -54,7 +54,7 @@ def setup_logging(run_dir: Optional[Path], verbose: bool = False, quiet: bool = 
 
 
 def print_summary(summary: dict) -> None:
-    from .summary import summary_facts, summary_rows
+    from edgedistill.judge.summary import summary_facts, summary_rows
 
     rows = summary_rows(summary, summary["latency_batch"])
     table = Table(title=f"{summary['name']}: evaluated on {summary['eval_split']} ({summary['eval_samples']} images)")
@@ -72,7 +72,7 @@ def print_summary(summary: dict) -> None:
 
 def print_device_plan(ctx) -> None:
     """Before training: the planner's estimate of the recipe's teacher and student on the export target."""
-    from .planner import recipe_estimate
+    from edgedistill.plan.estimate import recipe_estimate
 
     datafree = ctx.recipe.data.source == "datafree"
     est = recipe_estimate(ctx.recipe, len(ctx.datafree_classes() if datafree else ctx.data.classes))
@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from .deploy import DeployOptions, deploy, prepare_release, pull_frames, rollback
+    from edgedistill.deploy.release import DeployOptions, prepare_release
+    from edgedistill.deploy.fleet import deploy, pull_frames, rollback
 
     opts = DeployOptions(precision=args.precision, source=args.source, duration=args.duration,
                          fps_target=args.fps_target, budget_mb=args.budget_mb, frame_size=args.frame_size,
@@ -258,12 +259,12 @@ def _deploy(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "pack":
         setup_logging(None, args.verbose)
-        from edgerun.bundle import pack_bundle
+        from edgerun.bundle.bundle import pack_bundle
 
         path = pack_bundle(args.bundle, args.output, sign_key=args.sign,
                            passphrase=os.environ.get(PASSPHRASE_ENV) if args.sign else None)
         if args.sign:
-            from edgerun.signing import read_signature
+            from edgerun.bundle.signing import read_signature
 
             print(f"signed by key {read_signature(args.bundle)['key_id']} "
                   f"(devices trust it with: edgerun ... --trust {args.sign}.pub)", file=sys.stderr)
@@ -274,26 +275,26 @@ def _run(args: argparse.Namespace) -> int:
         return _deploy(args)
     if args.command == "plan":
         setup_logging(None, args.verbose)
-        from .planner import plan_command
+        from edgedistill.plan.estimate import plan_command
 
         return plan_command(args)
     if args.command == "report":
         setup_logging(None, args.verbose)
-        from .report import write_report
+        from edgedistill.judge.report import write_report
 
         html_path, md_path = write_report(args.run, args.measured)
         print(f"report: {html_path} (self-contained) and {md_path}")
         return 0
     if args.command == "compare":
         setup_logging(None, args.verbose)
-        from .evaluate import load_summary
-        from .summary import compare_text
+        from edgedistill.judge.evaluate import load_summary
+        from edgedistill.judge.summary import compare_text
 
         print(compare_text([load_summary(run) for run in args.runs], args.runs))
         return 0
     if args.command == "cost":
         setup_logging(None, args.verbose)
-        from .cost import cost_text, run_costs
+        from edgedistill.judge.cost import cost_text, run_costs
 
         result = run_costs(args.run, {k: getattr(args, k) for k in ("requests_per_month", "price_per_hour",
                                                                     "student_price_per_hour", "utilization",
@@ -303,12 +304,12 @@ def _run(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps(result, indent=2))
         return 0
     if args.command == "convert-weights":
-        from .weights import convert
+        from edgedistill.models.weights import convert
 
         print(convert(args.source, args.model, Path(args.output)))
         return 0
     if args.command == "keygen":
-        from edgerun.signing import generate_keypair
+        from edgerun.bundle.signing import generate_keypair
 
         passphrase = None
         if args.passphrase_env:
@@ -322,13 +323,13 @@ def _run(args: argparse.Namespace) -> int:
               f"device: copy {public} into /etc/edgerun/trusted-keys/ or pass --trust {public}")
         return 0
 
-    from .recipe import load_recipe
+    from edgedistill.recipe.loading import load_recipe
 
     overrides = list(args.overrides)
     if getattr(args, "target", None):
         overrides.append(f"export.target={args.target}")
     recipe = load_recipe(args.recipe, overrides)
-    from . import distributed
+    from edgedistill.train import distributed
 
     world = distributed.init(recipe.device)
     try:
@@ -343,7 +344,8 @@ def _run_recipe(args: argparse.Namespace, recipe, world) -> int:
         raise EdgedistillError(f"output '{recipe.run_dir}' is a file: the run needs a folder there; choose another "
                                "output (or name)")
     setup_logging(recipe.run_dir if world.is_main else None, args.verbose, quiet=not world.is_main)
-    from .stages import PIPELINE, STAGE_FUNCTIONS, RunContext, run_stage
+    from edgedistill.run.pipeline import PIPELINE, STAGE_FUNCTIONS, run_stage
+    from edgedistill.run.context import RunContext
 
     if args.command == "sweep" and recipe.task == "regression":
         raise EdgedistillError("sweep searches distill.temperature, which regression does not use (the student "
@@ -356,7 +358,7 @@ def _run_recipe(args: argparse.Namespace, recipe, world) -> int:
         ctx.load_data_in_turn()
     if args.command == "sweep":
         ctx.announce_evaluation()
-        from .sweep import parse_values, run_sweep
+        from edgedistill.run.sweep import parse_values, run_sweep
 
         result = run_sweep(ctx, parse_values(args.temperature, "temperature"), parse_values(args.alpha, "alpha"))
         print((ctx.run_dir / "sweep" / "results.md").read_text())
@@ -386,7 +388,7 @@ def _run_recipe(args: argparse.Namespace, recipe, world) -> int:
         print_summary(json.loads(summary_path.read_text()))
         log.info("summary written to %s and %s", summary_path, ctx.run_dir / "summary.md")
         if args.command == "run":
-            from .report import write_report
+            from edgedistill.judge.report import write_report
 
             html_path, _ = write_report(ctx.run_dir)
             log.info("report: %s (one self-contained file) and %s", html_path, ctx.run_dir / "report.md")

@@ -5,13 +5,13 @@ built with GStreamer, which CSI cameras need; pip's opencv-python lacks it and w
 never pulled in here). onnxruntime is optional (`pip3 install ./jetson[ort]`) for the ONNX Runtime runner;
 cryptography is optional (`pip3 install ./jetson[sign]`) for devices that accept signed bundles only.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="edgerun",
     version="0.1.0",
     description="Run and benchmark edgedistill bundles on NVIDIA Jetson devices (TensorRT or ONNX Runtime)",
-    packages=["edgerun"],
+    packages=find_packages(include=["edgerun", "edgerun.*"]),
     python_requires=">=3.6",
     # JetPack 5 (Python 3.8) ships TensorRT 8.5, whose Python package refers to np.bool, removed in numpy 1.24
     # (NVIDIA/TensorRT#2557): keep numpy below 1.24 there. edgerun itself maps types with its own table.

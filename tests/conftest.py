@@ -16,7 +16,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/fake_tensorrt.py
 os.environ.setdefault("EDGEDISTILL_CACHE", str(Path(__file__).resolve().parent / ".cache"))
-# the engine-record key of this "device" (edgerun/engine_record.py), never the user's own
+# the engine-record key of this "device" (edgerun/runtime/engine_record.py), never the user's own
 os.environ.setdefault("EDGERUN_DEVICE_KEY", str(Path(__file__).resolve().parent / ".cache" / "device.key"))
 
 

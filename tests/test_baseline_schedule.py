@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from edgedistill.data import load_data, load_unlabeled
+from edgedistill.data.sources import load_data
+from edgedistill.data.folders import load_unlabeled
 from edgedistill.errors import DataError, RecipeError
-from edgedistill.losses import UNLABELED
-from edgedistill.recipe import load_recipe
-from edgedistill.summary import compare_text
-from edgedistill.stages import RunContext, baseline_epochs
+from edgedistill.data.splits import UNLABELED
+from edgedistill.recipe.loading import load_recipe
+from edgedistill.judge.summary import compare_text
+from edgedistill.run.context import RunContext
+from edgedistill.run.training import baseline_epochs
 
 
 def _recipe(make_recipe, **extra):
@@ -58,8 +60,9 @@ def test_rest_withholds_the_labels_of_the_images_train_per_class_leaves_out(make
 
 
 def test_validation_every_n_epochs_keeps_the_last_one(make_recipe, tmp_path):
-    from edgedistill.models import create_model
-    from edgedistill.train import TrainJob, train_model
+    from edgedistill.models.factory import create_model
+    from edgedistill.train.job import TrainJob
+    from edgedistill.train.loop import train_model
 
     r = _recipe(make_recipe, student={"epochs": 3, "val_every": 2}, data={"train_per_class": 3, "val_per_class": 2})
     data = load_data(r.data)
@@ -86,9 +89,10 @@ def test_compare_gives_mean_and_spread_and_flags_a_gain_that_changes_sign():
 
 def test_bf16_autocast_trains_on_cpu_so_the_amp_path_cannot_rot(make_recipe, tmp_path):
     """train.amp: bf16 runs the same loop under CPU autocast: finite losses close to full precision's."""
-    from edgedistill.models import create_model
-    from edgedistill.recipe import TrainConfig
-    from edgedistill.train import TrainJob, amp_dtype, train_model
+    from edgedistill.models.factory import create_model
+    from edgedistill.recipe.sections import TrainConfig
+    from edgedistill.train.job import TrainJob
+    from edgedistill.train.loop import amp_dtype, train_model
 
     assert amp_dtype("auto", torch.device("cpu")) is None and amp_dtype("off", torch.device("cpu")) is None
     assert amp_dtype("bf16", torch.device("cpu")) is torch.bfloat16

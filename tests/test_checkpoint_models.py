@@ -4,10 +4,11 @@ import pytest
 import timm
 import torch
 
-from edgedistill.checkpoint import load_model, load_training_state, save_model, save_training_state
+from edgedistill.models.checkpoint import load_model, load_training_state, save_model, save_training_state
 from edgedistill.errors import CheckpointError, RecipeError
-from edgedistill.models import create_model, load_state_dict_file
-from edgedistill.recipe import ModelConfig
+from edgedistill.models.factory import create_model
+from edgedistill.models.weights import load_state_dict_file
+from edgedistill.recipe.sections import ModelConfig
 
 
 def test_training_state_round_trip(tmp_path):

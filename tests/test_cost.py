@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from edgedistill.cli import main
-from edgedistill.cost import cost_comparison, monthly_cost, run_costs
+from edgedistill.judge.cost import cost_comparison, monthly_cost, run_costs
 from edgedistill.errors import EdgedistillError
-from edgedistill.recipe import CostConfig
+from edgedistill.recipe.sections import CostConfig
 
 
 def test_costs_by_hand():

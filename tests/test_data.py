@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from edgedistill.data import eval_spec, load_data, read_idx, resolve_root
+from edgedistill.data.images import eval_spec
+from edgedistill.data.sources import load_data, read_idx
+from edgedistill.data.folders import resolve_root
 from edgedistill.errors import DataError
-from edgedistill.recipe import DataConfig
+from edgedistill.recipe.sections import DataConfig
 from edgerun.errors import UnsafeArchiveError
 from edgerun.preprocess import preprocess
 
@@ -149,8 +151,9 @@ def test_training_images_are_held_at_the_resolution_augmentation_needs(tmp_path)
     import cv2
     import numpy as np
 
-    from edgedistill.data import fit_shorter_side, load_data, read_image, training_side
-    from edgedistill.recipe import DataConfig
+    from edgedistill.data.images import fit_shorter_side, read_image, training_side
+    from edgedistill.data.sources import load_data
+    from edgedistill.recipe.sections import DataConfig
 
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -183,7 +186,7 @@ def test_importing_the_data_path_never_reaches_the_network():
             "calls = []\n"
             "socket.getaddrinfo = lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(OSError('offline'))\n"
             "os.environ.pop('NO_ALBUMENTATIONS_UPDATE', None)\n"
-            "import edgedistill.loaders\n"
+            "import edgedistill.data.loaders\n"
             "print(len(calls), os.environ['NO_ALBUMENTATIONS_UPDATE'])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -197,12 +200,12 @@ def test_decoded_images_are_kept_on_disk_and_a_changed_image_is_decoded_again(tm
     import cv2
     import numpy as np
 
-    import edgedistill.data as data_module
-    from edgedistill import imagecache
-    from edgedistill.data import eval_spec, load_data, read_image
-    from edgedistill.loaders import eval_loader
-    from edgedistill.export import raw_validation_images
-    from edgedistill.recipe import DataConfig
+    from edgedistill.data import folders, imagecache, splits
+    from edgedistill.data.images import eval_spec, read_image
+    from edgedistill.data.sources import load_data
+    from edgedistill.data.loaders import eval_loader
+    from edgedistill.ship.export import raw_validation_images
+    from edgedistill.recipe.sections import DataConfig
     from edgerun.preprocess import preprocess
 
     monkeypatch.setenv("EDGEDISTILL_CACHE", str(tmp_path / "cache"))
@@ -233,8 +236,9 @@ def test_decoded_images_are_kept_on_disk_and_a_changed_image_is_decoded_again(tm
         assert np.array_equal(first.train.load(i), expected)
 
     calls = []
-    real_read = data_module.read_image
-    monkeypatch.setattr(data_module, "read_image", lambda *a, **k: calls.append(a[0]) or real_read(*a, **k))
+    real_read = folders.read_image
+    for module in (folders, splits):  # the decoders that fill the cache and that read a lazy split
+        monkeypatch.setattr(module, "read_image", lambda *a, **k: calls.append(a[0]) or real_read(*a, **k))
     second = load_data(cfg)
     assert not calls  # both splits came from their entries, undecoded
     assert all(np.array_equal(a, b) for a, b in zip(first.train.images, second.train.images))

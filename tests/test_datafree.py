@@ -10,11 +10,13 @@ import torch
 import yaml
 
 from conftest import FAST, deep_update, kill_when_written
-from edgedistill.checkpoint import load_model
-from edgedistill.datafree import bn_statistics_loss, competition_loss, image_priors, require_batchnorm, synthesize
+from edgedistill.models.checkpoint import load_model
+from edgedistill.train.datafree import (bn_statistics_loss, competition_loss, image_priors, require_batchnorm,
+    synthesize)
 from edgedistill.errors import RecipeError
-from edgedistill.models import create_model
-from edgedistill.recipe import DataConfig, DataFreeConfig, ModelConfig, load_recipe
+from edgedistill.models.factory import create_model
+from edgedistill.recipe.sections import DataConfig, DataFreeConfig, ModelConfig
+from edgedistill.recipe.loading import load_recipe
 
 
 def test_loss_terms_vanish_where_the_paper_says():
@@ -69,8 +71,7 @@ def test_synthesis_makes_images_the_teacher_recognizes(trained_run, tmp_path):
 @pytest.mark.slow
 def test_a_datafree_run_reads_no_training_image_resumes_and_beats_chance(trained_run, digits_folder, tmp_path,
                                                                          monkeypatch):
-    import edgedistill.data as data_module
-    import edgedistill.imagecache as imagecache
+    from edgedistill.data import folders, imagecache, splits
     from edgedistill.cli import main
 
     recipe = deep_update(FAST, {
@@ -87,8 +88,9 @@ def test_a_datafree_run_reads_no_training_image_resumes_and_beats_chance(trained
     written = first.stat().st_mtime_ns
 
     read = []
-    real_read, real_key = data_module.read_image, imagecache.entry_key
-    monkeypatch.setattr(data_module, "read_image", lambda p, *a, **k: read.append(Path(p)) or real_read(p, *a, **k))
+    real_read, real_key = folders.read_image, imagecache.entry_key
+    for module in (folders, splits):  # every decoder of the data wing
+        monkeypatch.setattr(module, "read_image", lambda p, *a, **k: read.append(Path(p)) or real_read(p, *a, **k))
     monkeypatch.setattr(imagecache, "entry_key", lambda paths, v: read.extend(map(Path, paths)) or real_key(paths, v))
     assert main(["run", str(path), "--stages", "datafree,teacher,distill,baseline,evaluate"]) == 0
     assert first.stat().st_mtime_ns == written  # the finished batch was kept, not synthesized again

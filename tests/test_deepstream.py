@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 
-from edgedistill import deepstream
+from edgedistill.ship import deepstream
 from edgedistill.errors import ExportError
 from edgerun.preprocess import PreprocessSpec, normalize
-from edgerun.runners import OrtRunner
+from edgerun.runtime.runners import OrtRunner
 
 
 def _softmax(x):

@@ -18,7 +18,7 @@ import cv2
 import pytest
 
 from edgedistill.cli import main as edgedistill
-from edgerun.bundle import open_bundle
+from edgerun.bundle.bundle import open_bundle
 from edgerun.preprocess import to_three_channels
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -192,7 +192,7 @@ def a_camera_unsure(run):
 
 
 def test_a_new_release_becomes_current_and_rollback_restores_the_previous(boards, trained_run, tmp_path, capsys):
-    from edgerun.manifest import write_manifest
+    from edgerun.bundle.manifest import write_manifest
 
     first = tmp_path / "first"
     shutil.copytree(trained_run, first)
@@ -231,5 +231,5 @@ def test_install_copies_edgerun_and_runs_it_with_the_boards_own_python(boards, t
     assert row["status"] == "PASS" and row["edgerun"] and {"step": "install", "rc": 0,
                                                            "where": "edgedistill/bin/edgerun"} in row["steps"]
     lib = boards["d"] / "edgedistill" / "lib" / "edgerun"
-    assert (lib / "cli.py").is_file() and (lib / "slots.py").is_file()
+    assert (lib / "cli" / "__main__.py").is_file() and (lib / "bundle" / "slots.py").is_file()  # every wing
     assert (boards["d"] / "edgedistill" / "bin" / "edgerun").stat().st_mode & 0o111

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from edgerun.bench import percentile, run_bench, summarize, verdict
-from edgerun.bundle import open_bundle
-from edgerun.camera import run_camera
-from edgerun.capture import describe_source
+from edgerun.bundle.bundle import open_bundle
+from edgerun.line.camera import run_camera
+from edgerun.line.capture import describe_source
 from edgerun.cli import main as edgerun
 from edgerun.device import TegraStats, parse_tegrastats
 from edgerun.errors import RunnerError, SourceError
 from edgerun.preprocess import to_three_channels
-from edgerun.runners import OrtRunner
+from edgerun.runtime.runners import OrtRunner
 
 
 def test_percentiles_and_summary():
@@ -297,7 +297,8 @@ def test_memory_budget_is_judged_on_process_plus_device_memory(trained_run, tmp_
     from fake_tensorrt import FakeCuda, make_fake_trt
 
     import edgerun.device as device
-    from edgerun.trt import TrtRunner, build_engine
+    from edgerun.runtime.trt_run import TrtRunner
+    from edgerun.runtime.trt_build import build_engine
 
     cuda = FakeCuda()
     trt = make_fake_trt("8.2.1.8", cuda=cuda)
@@ -352,8 +353,9 @@ import json, sys
 from fake_tensorrt import FakeCuda, make_fake_trt
 import edgerun.device as device
 from edgerun.bench import run_bench
-from edgerun.bundle import open_bundle
-from edgerun.trt import TrtRunner, build_engine
+from edgerun.bundle.bundle import open_bundle
+from edgerun.runtime.trt_build import build_engine
+from edgerun.runtime.trt_run import TrtRunner
 
 bundle_dir, engine, absent, width, height = sys.argv[1:6]
 device.NVMAP_CLIENTS = absent
@@ -462,7 +464,7 @@ class FixedBatchRunner(OrtRunner):
 
 def test_camera_pads_one_frame_to_a_fixed_batch_engine(trained_run, tmp_path):
     """A batch-4 engine used to be refused with advice the camera could not follow ('feed batch 4')."""
-    from edgerun.manifest import Manifest
+    from edgerun.bundle.manifest import Manifest
 
     bundle = open_bundle(trained_run / "bundle")
     data = json.loads(json.dumps(bundle.manifest.data))
@@ -500,7 +502,7 @@ def test_no_visible_gpu_is_an_edgerun_error_not_a_pycuda_traceback(tmp_path, mon
     without --runtime nvidia)."""
     import sys
 
-    from edgerun.trt import import_cuda
+    from edgerun.runtime.trt import import_cuda
 
     package = tmp_path / "pycuda"
     package.mkdir()

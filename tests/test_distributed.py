@@ -10,10 +10,11 @@ import torch
 import yaml
 
 from conftest import FAST, deep_update, kill_when_written
-from edgedistill.data import load_data
-from edgedistill.loaders import EpochBatchSampler, TrainDataset, batch_sizes, train_loader
+from edgedistill.data.sources import load_data
+from edgedistill.data.loaders import EpochBatchSampler, TrainDataset, batch_sizes, train_loader
 from edgedistill.errors import DataError
-from edgedistill.recipe import DataConfig, load_recipe
+from edgedistill.recipe.sections import DataConfig
+from edgedistill.recipe.loading import load_recipe
 
 
 @pytest.mark.parametrize("count,batch,world", [(103, 8, 2), (103, 9, 3), (7, 16, 2)])

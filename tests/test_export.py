@@ -10,16 +10,16 @@ import torch
 from torch import nn
 
 from edgedistill.cli import main
-from edgedistill.data import load_data
+from edgedistill.data.sources import load_data
 from edgedistill.errors import ExportError
-from edgedistill.export import build_bundle
-from edgedistill.models import create_model
-from edgedistill.recipe import DataConfig, ExportConfig, ModelConfig
-from edgerun.bundle import open_bundle
+from edgedistill.ship.export import build_bundle
+from edgedistill.models.factory import create_model
+from edgedistill.recipe.sections import DataConfig, ExportConfig, ModelConfig
+from edgerun.bundle.bundle import open_bundle
 from edgerun.errors import BundleError, UnsafeArchiveError
-from edgerun.manifest import SCHEMA_VERSION, load_manifest
+from edgerun.bundle.manifest import SCHEMA_VERSION, load_manifest
 from edgerun.preprocess import preprocess
-from edgerun.runners import OrtRunner
+from edgerun.runtime.runners import OrtRunner
 
 DATA_CFG = DataConfig(source="digits", image_size=32, train_per_class=20, val_per_class=10,
                       mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -114,7 +114,7 @@ def test_trained_bundle_has_int8_accuracy_and_host_metrics(trained_run):
     variant = m["variants"]["int8"]
     assert variant["file"] == "model.int8.onnx" and "int8_trt" not in m["variants"]  # one model for every TensorRT
     assert variant["explicit_quantization"] and variant["method"] in ("ptq", "partial", "qad", "qad+partial")
-    from edgedistill.quantize import qdq_violations
+    from edgedistill.ship.qdq import qdq_violations
 
     assert qdq_violations(onnx.load(str(trained_run / "bundle" / "model.int8.onnx"))) == []  # TensorRT 8.2 takes it
     assert int8["attempts"]["ptq"]["drop"] == pytest.approx(int8["fp32_top1"] - int8["attempts"]["ptq"]["top1"])
@@ -130,7 +130,7 @@ def test_trained_bundle_has_int8_accuracy_and_host_metrics(trained_run):
 
 
 def test_rejected_int8_is_marked_not_fatal(tmp_path, digits, monkeypatch):
-    import edgedistill.export as export
+    import edgedistill.ship.export as export
 
     real = export.quality
 

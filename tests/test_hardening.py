@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from edgerun.archive import Limits, safe_extract, unpack_private
-from edgerun.bundle import open_bundle, pack_bundle
+from edgerun.bundle.archive import Limits, safe_extract, unpack_private
+from edgerun.bundle.bundle import open_bundle, pack_bundle
 from edgerun.cli import main as edgerun_main
 from edgerun.errors import BundleError, SignatureError, UnsafeArchiveError
 
@@ -50,7 +50,7 @@ def test_each_open_unpacks_into_a_fresh_private_folder_and_a_refusal_leaves_noth
     with open(tampered / "model.onnx", "r+b") as fh:
         fh.seek(200)
         fh.write(b"\x00\x01\x02")
-    from edgerun.archive import pack_folder
+    from edgerun.bundle.archive import pack_folder
 
     bad = pack_folder(tampered, tmp_path / "bad.edb")
     before = set(os.listdir(work))
@@ -103,7 +103,7 @@ def signed(trained_run, tmp_path):
 
 
 def test_an_empty_trust_is_an_error_never_verification_off(signed, monkeypatch, capsys):
-    from edgerun.signing import resolve_trust
+    from edgerun.bundle.signing import resolve_trust
 
     edb, pub = signed
     with pytest.raises(SignatureError, match="--trust is empty"):
@@ -120,7 +120,7 @@ def test_an_empty_trust_is_an_error_never_verification_off(signed, monkeypatch, 
 
 def test_a_pub_file_with_several_keys_loads_them_all_and_junk_is_refused(signed, tmp_path):
     from edgedistill.cli import main as edgedistill_main
-    from edgerun.signing import load_trust
+    from edgerun.bundle.signing import load_trust
 
     edb, pub = signed
     assert edgedistill_main(["keygen", "-o", str(tmp_path / "other.key")]) == 0
@@ -206,8 +206,9 @@ def test_images_over_the_pixel_limit_and_decoder_errors_are_skipped_and_listed(d
     import cv2
     import numpy as np
 
-    from edgedistill.data import header_size, load_data
-    from edgedistill.recipe import DataConfig
+    from edgedistill.data.images import header_size
+    from edgedistill.data.sources import load_data
+    from edgedistill.recipe.sections import DataConfig
 
     root = tmp_path / "parts"
     shutil.copytree(digits_folder, root)
@@ -230,7 +231,7 @@ def test_images_over_the_pixel_limit_and_decoder_errors_are_skipped_and_listed(d
 # --------------------------------------------------------------------------- 7. YAML alias bombs in recipes
 def test_yaml_aliases_are_refused_before_anything_expands(make_recipe, tmp_path):
     from edgedistill.errors import RecipeError
-    from edgedistill.recipe import load_recipe
+    from edgedistill.recipe.loading import load_recipe
 
     bomb = tmp_path / "bomb.yaml"
     rows = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
@@ -272,8 +273,8 @@ def test_damaged_archives_and_misplaced_outputs_are_errors_with_exit_2(trained_r
 def test_bench_memory_grows_by_no_more_than_its_frames(trained_run, tmp_path):
     """VmHWM of a whole bench at 1920x1080 frames against 64x48: the difference is at most the frames themselves
     (4 of them) plus a margin, not 8x them (int64 draws cast to uint8)."""
-    code = ("import json, sys; from edgerun.bundle import open_bundle; from edgerun.bench import run_bench; "
-            "from edgerun.runners import OrtRunner; from edgerun.device import process_memory_mb; "
+    code = ("import json, sys; from edgerun.bundle.bundle import open_bundle; from edgerun.bench import run_bench; "
+            "from edgerun.runtime.runners import OrtRunner; from edgerun.device import process_memory_mb; "
             "b = open_bundle(sys.argv[1]); w, h = int(sys.argv[2]), int(sys.argv[3]); "
             "r = OrtRunner(b.model_path); r.__enter__(); "
             "run_bench(r, b.manifest, warmup=5, iterations=20, frame_size=(w, h)); "
@@ -290,7 +291,7 @@ def test_bench_memory_grows_by_no_more_than_its_frames(trained_run, tmp_path):
 # ----------------------------------------------------- 8. the catalogue of bad inputs: exit 2 and one clear line
 def _variant_bundles(trained_run, tmp_path):
     """Bundles whose manifest disagrees with their model: input shape, output name, class count."""
-    from edgerun.manifest import write_manifest
+    from edgerun.bundle.manifest import write_manifest
 
     out = {}
     for name, change in (("shape", lambda m: m["model"].__setitem__("input_shape", [1, 3, 24, 24])),

@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgedistill.data import Split
+from edgedistill.data.splits import Split
 from edgedistill.errors import RecipeError
-from edgedistill.loaders import EpochBatchSampler, sampling_weights, stream_prior
-from edgedistill.losses import (Balance, balanced_kd_loss, distillation_loss, effective_number_weights,
-                                inverse_frequency_weights, labeled_cross_entropy, logit_adjusted_cross_entropy)
-from edgedistill.recipe import DataConfig, StudentConfig, load_recipe
-from edgedistill.train import balance_for
+from edgedistill.data.loaders import EpochBatchSampler, sampling_weights, stream_prior
+from edgedistill.train.losses import (Balance, balanced_kd_loss, distillation_loss, effective_number_weights,
+    inverse_frequency_weights, labeled_cross_entropy, logit_adjusted_cross_entropy)
+from edgedistill.recipe.sections import DataConfig, StudentConfig
+from edgedistill.recipe.loading import load_recipe
+from edgedistill.train.job import balance_for
 
 LABELS = np.repeat(np.arange(3), [600, 120, 30])  # 20:4:1
 
@@ -105,7 +106,7 @@ def test_balanced_kd_reweights_the_teachers_soft_labels_by_hand():
 
 def test_balance_sampler_importance_weights_undo_the_balanced_stream_for_ce():
     split = Split("train", ["a", "b", "c"], LABELS)
-    from edgedistill.recipe import DistillConfig
+    from edgedistill.recipe.sections import DistillConfig
 
     out = balance_for(StudentConfig(), split, DataConfig(sampler="balanced"), DistillConfig(balance="sampler"),
                       original_sampler="uniform")

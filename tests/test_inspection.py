@@ -11,7 +11,7 @@ import yaml
 from conftest import FAST, deep_update, digits_arrays
 
 from edgedistill.cli import main
-from edgerun.bundle import open_bundle
+from edgerun.bundle.bundle import open_bundle
 from edgerun.cli import main as edgerun_main
 from edgerun.preprocess import to_three_channels
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgedistill.losses import FeatureProjector, distillation_loss, feature_loss, kd_loss
+from edgedistill.train.losses import FeatureProjector, distillation_loss, feature_loss, kd_loss
 
 
 def hand_kd(student, teacher, T):
@@ -93,3 +93,16 @@ def test_feature_loss_projects_student_to_teacher_width():
     assert loss.item() > 0 and proj.proj[0].weight.grad is not None
     with pytest.raises(ValueError, match="FeatureProjector"):
         feature_loss(torch.randn(2, 16), torch.randn(2, 64))
+
+
+def test_the_losses_mark_an_unlabeled_image_as_the_data_does():
+    """The losses stay pure (no import of the data wing), so each side names the marker: they must agree."""
+    from edgedistill.data.splits import UNLABELED as data_marker
+    from edgedistill.train.losses import UNLABELED as loss_marker
+
+    assert data_marker == loss_marker == -1
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    from edgedistill.train.losses import labeled_cross_entropy
+
+    only_first = labeled_cross_entropy(logits, torch.tensor([0, data_marker]), 0.0, None, None)
+    assert torch.isclose(only_first, F.cross_entropy(logits[:1], torch.tensor([0])))

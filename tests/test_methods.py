@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from edgedistill.errors import RecipeError
-from edgedistill.evaluate import images_to_resolve
-from edgedistill.metrics import bootstrap_samples, interval, mcnemar_exact, resampled_metric
-from edgedistill.features import FeatureMatcher, auto_map, model_stages, resolve_pairs
-from edgedistill.losses import attention_loss, distillation_loss, dkd_loss, kd_loss
-from edgedistill.models import create_model
-from edgedistill.recipe import FeaturePair, ModelConfig, load_recipe
-from edgedistill.summary import advice, verdict
+from edgedistill.judge.evaluate import images_to_resolve
+from edgedistill.judge.metrics import bootstrap_samples, interval, mcnemar_exact, resampled_metric
+from edgedistill.train.features import FeatureMatcher, auto_map, model_stages, resolve_pairs
+from edgedistill.train.losses import attention_loss, distillation_loss, dkd_loss, kd_loss
+from edgedistill.models.factory import create_model
+from edgedistill.recipe.sections import FeaturePair, ModelConfig
+from edgedistill.recipe.loading import load_recipe
+from edgedistill.judge.summary import advice, verdict
 
 
 # ------------------------------------------------------------------------------------------------- DKD
@@ -161,7 +162,7 @@ def test_explicit_mapping_overrides_auto_and_names_bad_modules():
 
 
 def test_auto_map_falls_back_to_the_closest_reduction():
-    from edgedistill.features import Stage
+    from edgedistill.train.features import Stage
 
     student = [Stage("a", 8, 8, 8, 4, 0.5), Stage("b", 8, 1, 1, 64, 1.0)]
     teacher = [Stage("x", 8, 8, 8, 4, 0.5), Stage("y", 8, 2, 2, 32, 1.0)]

@@ -38,9 +38,9 @@ def test_auto_features_with_dkd_train_and_the_bundle_is_the_bare_student(make_re
     # DKD's linear warm-up (1/12 of 2 epochs): the first step's DKD term is 0, later ones are tckd + nckd
     assert steps[0]["kd"] == 0.0 and steps[-1]["kd"] == pytest.approx(steps[-1]["tckd"] + steps[-1]["nckd"], rel=1e-4)
     # projections are training-only: none of their weights is in the checkpoint or the ONNX graph
-    from edgedistill.checkpoint import load_tensors
-    from edgedistill.models import create_model
-    from edgedistill.recipe import ModelConfig
+    from edgedistill.models.checkpoint import load_tensors
+    from edgedistill.models.factory import create_model
+    from edgedistill.recipe.sections import ModelConfig
 
     bare = create_model(ModelConfig(model="mobilenetv3_small_050"), 10).state_dict()
     tensors, _ = load_tensors(run / "student" / "model.safetensors")

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from edgedistill import metrics
-from edgedistill.evaluate import Prediction, classification_report, compare_models
-from edgedistill.metrics import OperatingPoint, plan_evaluation
+from edgedistill.judge import metrics
+from edgedistill.models.predict import Prediction
+from edgedistill.judge.evaluate import classification_report, compare_models
+from edgedistill.judge.metrics import OperatingPoint, plan_evaluation
 
 
 def _fixed(seed=0, n=600, k=4, skew=(0.55, 0.25, 0.15, 0.05)):

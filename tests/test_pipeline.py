@@ -4,7 +4,7 @@ import json
 import pytest
 from conftest import kill_when_written
 
-from edgedistill import train as train_module
+from edgedistill.train import loop as train_loop
 from edgedistill.cli import main
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def test_killed_run_resumes_from_its_last_epoch(make_recipe, tmp_path):
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(make_recipe, tmp_path, monkeypatch, capsys):
     recipe = make_recipe({"teacher": {"epochs": 3}})
-    real = train_module.compute_loss
+    real = train_loop.compute_loss
     calls = {"n": 0}
 
     def poisoned(logits, *args, **kwargs):
@@ -71,12 +71,12 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(make_recip
             out = {k: v * float("nan") for k, v in out.items()}
         return out
 
-    monkeypatch.setattr(train_module, "compute_loss", poisoned)
+    monkeypatch.setattr(train_loop, "compute_loss", poisoned)
     assert main(["teacher", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "nan" in err and "epoch 2" in err and "last.safetensors" in err and "Lower the learning rate" in err
     assert (tmp_path / "run" / "teacher" / "last.safetensors").exists()
-    monkeypatch.setattr(train_module, "compute_loss", real)
+    monkeypatch.setattr(train_loop, "compute_loss", real)
     assert main(["teacher", str(recipe)]) == 0  # resumes from the kept checkpoint
     assert "resuming after epoch 1/3" in (tmp_path / "run" / "run.log").read_text()
 
@@ -108,7 +108,7 @@ def test_feature_hint_distillation_trains_and_logs_its_term(make_recipe, tmp_pat
                for s in steps if s["kind"] == "step")
     assert steps[-1]["feat"] >= 0
     # the saved student is the student alone (the projector is not exported)
-    from edgedistill.checkpoint import load_tensors
+    from edgedistill.models.checkpoint import load_tensors
 
     tensors, _ = load_tensors(tmp_path / "run" / "student" / "model.safetensors")
     assert not any(k.startswith(("features.", "proj")) for k in tensors)

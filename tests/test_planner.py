@@ -8,8 +8,10 @@ from types import SimpleNamespace
 import pytest
 
 from edgedistill.errors import EdgedistillError
-from edgedistill.planner import (CALIBRATION_FILE, DEFAULT_CANDIDATES, estimate, factors_for, leave_one_out,
-                                 load_calibration, plan, plan_command, profile_model, read_bench, refit_from_measured)
+from edgedistill.plan.calibration import (CALIBRATION_FILE, factors_for, leave_one_out, load_calibration, read_bench,
+    refit_from_measured)
+from edgedistill.plan.estimate import DEFAULT_CANDIDATES, estimate, plan, plan_command
+from edgedistill.plan.profile import profile_model
 from edgerun.profiles import TARGETS
 
 
@@ -75,7 +77,7 @@ def test_leave_one_out_predicts_each_published_point_without_it():
     assert len(loo) == len(nano) and all(math.isfinite(r["relative_error"]) for r in loo)
     full = factors_for("jetson-nano-jp4")
     target = TARGETS["jetson-nano-jp4"]
-    from edgedistill.planner import layer_times_ms
+    from edgedistill.plan.roofline import layer_times_ms
 
     r = loo[0]
     in_sample = layer_times_ms(profile_model(nano[0].model, 224, "torchvision"), dict(target, name="x"), "fp16", 1, full)

@@ -7,7 +7,7 @@ import pytest
 from conftest import kill_when_written
 
 from edgedistill.cli import main
-from edgedistill.quantize import qdq_violations
+from edgedistill.ship.qdq import qdq_violations
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,10 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from edgedistill import quantize as q
-from edgedistill.export import ort_outputs, export_onnx
+from edgedistill.ship.fakequant import add_fake_quant, module_for_node, remove_fake_quant
+from edgedistill.ship.int8 import Int8Job, agreement, gate_advice, keep_sensitive, output_r2, sensitivity
+from edgedistill.ship.qdq import activation_ranges, insert_qdq, qdq_violations, quantizable_nodes
+from edgedistill.ship.onnx import ort_outputs, export_onnx
 
 
 def _digits(n=64, size=32):
@@ -37,9 +39,9 @@ def test_qdq_model_keeps_tensorrts_rules_and_runs_in_onnxruntime(name, tmp_path)
     torch.manual_seed(0)
     fp32 = _exported(timm.create_model(name, num_classes=10), tmp_path / "fp32.onnx")
     x, _ = _digits()
-    amax = q.activation_ranges(tmp_path / "fp32.onnx", x, 1, "minmax", tmp_path)
-    model = q.insert_qdq(fp32, amax)
-    assert q.qdq_violations(model) == []
+    amax = activation_ranges(tmp_path / "fp32.onnx", x, 1, "minmax", tmp_path)
+    model = insert_qdq(fp32, amax)
+    assert qdq_violations(model) == []
     onnx.checker.check_model(model)
     graph = model.graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -59,7 +61,7 @@ def test_qdq_model_keeps_tensorrts_rules_and_runs_in_onnxruntime(name, tmp_path)
                             for i in n.input) for n in adds), "a residual add without a quantized input"
     onnx.save(model, str(tmp_path / "int8.onnx"))
     a, b = ort_outputs(tmp_path / "fp32.onnx", x, 1, False), ort_outputs(tmp_path / "int8.onnx", x, 1, False)
-    assert q.agreement(a, b) >= 0.9 and np.abs(a - b).max() < 0.5 * np.abs(a).max()
+    assert agreement(a, b) >= 0.9 and np.abs(a - b).max() < 0.5 * np.abs(a).max()
 
 
 def test_rule_checker_names_each_broken_rule(tmp_path):
@@ -67,7 +69,7 @@ def test_rule_checker_names_each_broken_rule(tmp_path):
 
     fp32 = _exported(timm.create_model("resnet10t", num_classes=10), tmp_path / "fp32.onnx")
     x, _ = _digits(16)
-    good = q.insert_qdq(fp32, q.activation_ranges(tmp_path / "fp32.onnx", x, 1, "minmax", tmp_path))
+    good = insert_qdq(fp32, activation_ranges(tmp_path / "fp32.onnx", x, 1, "minmax", tmp_path))
     inits = {t.name: t for t in good.graph.initializer}
     zero = next(n for n in good.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits)
     inits[zero.input[2]].CopyFrom(numpy_helper.from_array(np.array(3, dtype=np.int8), zero.input[2]))
@@ -78,7 +80,7 @@ def test_rule_checker_names_each_broken_rule(tmp_path):
     unsigned = next(n for n in good.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_in_q")
                     and n.input[2] != zero.input[2])
     inits[unsigned.input[2]].CopyFrom(numpy_helper.from_array(np.array(0, dtype=np.uint8), unsigned.input[2]))
-    problems = "\n".join(q.qdq_violations(good))
+    problems = "\n".join(qdq_violations(good))
     assert f"'{zero.name}': zero point [3]" in problems
     assert f"'{weight.name}': per-channel weight scales must run along axis 0" in problems
     assert f"'{unsigned.name}': zero point of type uint8" in problems
@@ -94,7 +96,7 @@ def test_polygraphy_runs_the_int8_model_and_agrees_with_fp32_on_real_images(tmp_
     torch.manual_seed(0)
     fp32 = _exported(timm.create_model("lcnet_050", num_classes=10), tmp_path / "fp32.onnx")
     x, _ = _digits(32)
-    onnx.save(q.insert_qdq(fp32, q.activation_ranges(tmp_path / "fp32.onnx", x, 1, "minmax", tmp_path)),
+    onnx.save(insert_qdq(fp32, activation_ranges(tmp_path / "fp32.onnx", x, 1, "minmax", tmp_path)),
               str(tmp_path / "int8.onnx"))
     runners = [OnnxrtRunner(SessionFromOnnx(str(tmp_path / f), providers=["cpu"])) for f in ("fp32.onnx", "int8.onnx")]
     results = Comparator.run(runners, data_loader=[{"input": x[i:i + 1]} for i in range(len(x))])
@@ -121,18 +123,18 @@ def test_pytorch_fake_quant_agrees_with_the_onnx_qdq_model_on_held_out_images(tm
     calib, _ = _digits(48)
     held_out, _ = _digits(200)
     held_out = held_out[48:]
-    amax = q.activation_ranges(tmp_path / "fp32.onnx", calib, 1, "minmax", tmp_path)
-    onnx.save(q.insert_qdq(fp32, amax), str(tmp_path / "int8.onnx"))
-    by_module = {q.module_for_node(n.name): amax[n.input[0]] for n in fp32.graph.node if n.op_type in ("Conv", "Gemm")}
-    fake = q.add_fake_quant(model, by_module).eval()
+    amax = activation_ranges(tmp_path / "fp32.onnx", calib, 1, "minmax", tmp_path)
+    onnx.save(insert_qdq(fp32, amax), str(tmp_path / "int8.onnx"))
+    by_module = {module_for_node(n.name): amax[n.input[0]] for n in fp32.graph.node if n.op_type in ("Conv", "Gemm")}
+    fake = add_fake_quant(model, by_module).eval()
     with torch.no_grad():
         torch_out = fake(torch.from_numpy(held_out)).numpy()
     ort_out = ort_outputs(tmp_path / "int8.onnx", held_out, 1, False)
     scale = np.abs(ort_out).max()
-    assert q.agreement(torch_out, ort_out) >= 0.98
+    assert agreement(torch_out, ort_out) >= 0.98
     assert np.abs(torch_out - ort_out).max() < 0.05 * scale
     with torch.no_grad():  # and the float model inside is the original one again
-        assert torch.equal(q.remove_fake_quant(fake)(torch.from_numpy(held_out[:4])), model(torch.from_numpy(held_out[:4])))
+        assert torch.equal(remove_fake_quant(fake)(torch.from_numpy(held_out[:4])), model(torch.from_numpy(held_out[:4])))
 
 
 class _Fragile(nn.Module):
@@ -165,7 +167,7 @@ def test_sensitivity_ranks_the_fragile_layer_first_and_partial_keeps_it(tmp_path
         loss.backward()
         optimizer.step()
     fp32 = _exported(model, tmp_path / "fp32.onnx", size=16)
-    amax = q.activation_ranges(tmp_path / "fp32.onnx", calib, 1, "minmax", tmp_path)
+    amax = activation_ranges(tmp_path / "fp32.onnx", calib, 1, "minmax", tmp_path)
 
     def run(model):
         onnx.save(model, str(tmp_path / "probe.onnx"))
@@ -173,11 +175,11 @@ def test_sensitivity_ranks_the_fragile_layer_first_and_partial_keeps_it(tmp_path
 
     reference = ort_outputs(tmp_path / "fp32.onnx", calib, 1, False)
     assert len(set(reference.argmax(1))) >= 5
-    rows = q.sensitivity(fp32, amax, run, reference, q.quantizable_nodes(fp32))
+    rows = sensitivity(fp32, amax, run, reference, quantizable_nodes(fp32))
     assert rows[0]["layer"] == "/c3/Conv" and rows[0]["recovered"] > 0.3
     assert all(r["recovered"] < rows[0]["recovered"] / 4 for r in rows[1:])  # by far the most sensitive
     assert [r["recovered"] for r in rows] == sorted((r["recovered"] for r in rows), reverse=True)
-    kept, drop, steps = q.keep_sensitive(rows, 5, lambda k: q.agreement(reference, run(q.insert_qdq(fp32, amax, k))),
+    kept, drop, steps = keep_sensitive(rows, 5, lambda k: agreement(reference, run(insert_qdq(fp32, amax, k))),
                                          1.0, 0.05)
     assert kept[0] == "/c3/Conv" and drop <= 0.05 and len(kept) <= 5
     assert steps[0]["drop"] < 1 - rows[0]["agreement_all_int8"] - 0.3  # keeping it alone removes most of the error
@@ -186,31 +188,31 @@ def test_sensitivity_ranks_the_fragile_layer_first_and_partial_keeps_it(tmp_path
 
 
 def test_the_gate_says_what_was_tried_and_the_next_recipe_line():
-    job = q.Int8Job(fp32_path=Path("m.onnx"), workdir=Path("."), calib=np.zeros(1), calib_batch=1, score=None,
+    job = Int8Job(fp32_path=Path("m.onnx"), workdir=Path("."), calib=np.zeros(1), calib_batch=1, score=None,
                     run_calib=None, fp32_score=0.9, mode="auto", method="minmax", limit=0.01, budget=8,
                     sensitivity_images=64)
     attempts = {"ptq": {"drop": 0.063, "kept_fp16": []}, "partial": {"drop": 0.021, "kept_fp16": ["a", "b", "c"]}}
-    text = q.gate_advice({"attempts": attempts, "status": "rejected", "chosen": "partial"}, job)
+    text = gate_advice({"attempts": attempts, "status": "rejected", "chosen": "partial"}, job)
     assert text.startswith("INT8 rejected: PTQ (minmax): drop 6.30 points; partial, 3 layer(s) kept in FP16: drop 2.10")
     assert text.endswith("next: --set export.int8=qad (quantization-aware distillation, against the FP32 teacher)")
     attempts["qad"] = {"drop": 0.014, "kept_fp16": [], "epochs": 2}
-    text = q.gate_advice({"attempts": attempts, "status": "rejected", "chosen": "qad"}, job)
+    text = gate_advice({"attempts": attempts, "status": "rejected", "chosen": "qad"}, job)
     assert "QAD, 2 epoch(s): drop 1.40 points" in text and "--set export.qad_epochs=4" in text
     assert "--set export.int8_keep_budget=16" in text
-    ok = q.gate_advice({"attempts": {"ptq": {"drop": 0.004, "kept_fp16": []}}, "status": "accepted", "chosen": "ptq"}, job)
+    ok = gate_advice({"attempts": {"ptq": {"drop": 0.004, "kept_fp16": []}}, "status": "accepted", "chosen": "ptq"}, job)
     assert ok.startswith("INT8 ptq passes the 1.00-point gate")
 
 
 def test_regression_fidelity_is_r2_against_the_fp32_outputs():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(200, 2))
-    assert q.output_r2(ref, ref) == 1.0
+    assert output_r2(ref, ref) == 1.0
     noisy = ref + rng.normal(scale=0.5, size=ref.shape)
-    assert 0.6 < q.output_r2(ref, noisy) < 0.9  # about 1 - 0.25 / 1
-    assert q.output_r2(ref, np.zeros_like(ref)) < 0.1
+    assert 0.6 < output_r2(ref, noisy) < 0.9  # about 1 - 0.25 / 1
+    assert output_r2(ref, np.zeros_like(ref)) < 0.1
 
 
 def test_module_names_follow_the_exporters_scopes():
-    assert q.module_for_node("/blocks/blocks.0/blocks.0.0/se/conv_reduce/Conv") == "blocks.0.0.se.conv_reduce"
-    assert q.module_for_node("/layer4/layer4.0/downsample/downsample.1/Conv") == "layer4.0.downsample.1"
-    assert q.module_for_node("/conv_stem/Conv") == "conv_stem" and q.module_for_node("/fc/Gemm") == "fc"
+    assert module_for_node("/blocks/blocks.0/blocks.0.0/se/conv_reduce/Conv") == "blocks.0.0.se.conv_reduce"
+    assert module_for_node("/layer4/layer4.0/downsample/downsample.1/Conv") == "layer4.0.downsample.1"
+    assert module_for_node("/conv_stem/Conv") == "conv_stem" and module_for_node("/fc/Gemm") == "fc"

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from edgedistill.errors import RecipeError
-from edgedistill.recipe import load_recipe
+from edgedistill.recipe.loading import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

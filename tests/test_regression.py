@@ -11,12 +11,14 @@ import pytest
 import yaml
 
 from conftest import FAST, deep_update
-from edgedistill.data import load_data, read_targets
-from edgedistill.demodata import TARGETS, write_digits_regression
+from edgedistill.data.sources import load_data
+from edgedistill.data.targets import read_targets
+from edgedistill.data.demodata import TARGETS, write_digits_regression
 from edgedistill.errors import DataError, RecipeError
-from edgedistill.losses import regression_distillation_loss
-from edgedistill.recipe import DataConfig, load_recipe
-from edgerun.bundle import open_bundle
+from edgedistill.train.losses import regression_distillation_loss
+from edgedistill.recipe.sections import DataConfig
+from edgedistill.recipe.loading import load_recipe
+from edgerun.bundle.bundle import open_bundle
 from edgerun.cli import main as edgerun
 from edgerun.regression import summarize
 

@@ -9,10 +9,10 @@ import subprocess
 import cv2
 import pytest
 
-from edgerun.bundle import open_bundle
+from edgerun.bundle.bundle import open_bundle
 from edgerun.cli import main as edgerun
 from edgerun.preprocess import to_three_channels
-from edgerun.service import Heartbeat, sd_notify, unit_text, watchdog_interval
+from edgerun.line.service import Heartbeat, sd_notify, unit_text, watchdog_interval
 
 
 def _unit(tmp_path):

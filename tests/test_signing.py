@@ -10,11 +10,11 @@ import sys
 import pytest
 
 from edgedistill.cli import main as edgedistill
-from edgerun.bundle import open_bundle
+from edgerun.bundle.bundle import open_bundle
 from edgerun.cli import main as edgerun
 from edgerun.errors import BundleError, SignatureError
-from edgerun.manifest import SIGNATURE_FILE, load_manifest, write_manifest
-from edgerun.signing import generate_keypair, resolve_trust, sign_bundle
+from edgerun.bundle.manifest import SIGNATURE_FILE, load_manifest, write_manifest
+from edgerun.bundle.signing import generate_keypair, resolve_trust, sign_bundle
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_files_the_manifest_does_not_list_are_refused_in_a_trusted_bundle(bundle
 
 
 def test_the_device_trust_folder_and_environment_turn_trust_on(bundle_copy, keys, tmp_path, monkeypatch, capsys):
-    import edgerun.signing as signing
+    import edgerun.bundle.signing as signing
 
     assert resolve_trust(None, environ={}, default_dir=str(tmp_path / "absent")) is None
     folder = tmp_path / "etc-trust"
@@ -185,7 +185,7 @@ def test_keys_of_another_kind_are_refused(tmp_path):
                                                         serialization.NoEncryption()))
     (tmp_path / "ec.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
-    from edgerun.signing import load_private_key, load_trust
+    from edgerun.bundle.signing import load_private_key, load_trust
 
     with pytest.raises(SignatureError, match="not an Ed25519 key"):
         load_private_key(tmp_path / "ec.key")
@@ -235,7 +235,7 @@ def test_pins_refuse_an_older_release_signed_by_the_same_key(bundle_copy, keys, 
 
 
 def test_an_allow_list_runs_exactly_the_approved_manifests(bundle_copy, keys, tmp_path, capsys, monkeypatch):
-    import edgerun.pins as pins_module
+    import edgerun.bundle.pins as pins_module
 
     trust = str(keys / "line.key.pub")
     old = _release(bundle_copy, keys, tmp_path, "2026-10-01T08:00:00+00:00")
@@ -276,7 +276,7 @@ def test_a_bad_pins_file_is_an_error_that_names_it(bundle_copy, tmp_path, capsys
 
 
 def test_empty_pins_settings_never_turn_the_pins_off(bundle_copy, monkeypatch, capsys):
-    from edgerun.pins import PINS_ENV, parse_time
+    from edgerun.bundle.pins import PINS_ENV, parse_time
 
     assert edgerun(["verify", str(bundle_copy), "--pins", ""]) == 2
     assert "--pins is empty" in capsys.readouterr().err

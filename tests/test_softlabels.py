@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from edgedistill.data import load_data
-from edgedistill.loaders import train_loader
-from edgedistill.models import create_model
-from edgedistill.recipe import load_recipe
-from edgedistill.softlabels import SoftLabelCache, build, cache_key, cached_soft_labels
-from edgedistill.train import Teaching, TrainJob, train_model
+from edgedistill.data.sources import load_data
+from edgedistill.data.loaders import train_loader
+from edgedistill.models.factory import create_model
+from edgedistill.recipe.loading import load_recipe
+from edgedistill.train.softlabels import SoftLabelCache, build, cache_key, cached_soft_labels
+from edgedistill.train.job import Teaching, TrainJob
+from edgedistill.train.loop import train_model
 
 
 @pytest.fixture

@@ -5,12 +5,14 @@ import shutil
 import numpy as np
 import pytest
 
-from edgerun.bundle import open_bundle
+from edgerun.bundle.bundle import open_bundle
 from edgerun.errors import EngineBuildError, EngineMismatchError
 from edgerun.preprocess import preprocess
 from edgerun.profiles import get_target, parse_version
-from edgerun.runners import OrtRunner
-from edgerun.trt import TrtRunner, _Api8, _Api10, build_engine, check_engine, make_logger, select_api
+from edgerun.runtime.runners import OrtRunner
+from edgerun.runtime.trt_run import TrtRunner
+from edgerun.runtime.trt import _Api8, _Api10, check_engine, make_logger, select_api
+from edgerun.runtime.trt_build import build_engine
 from fake_tensorrt import DLA_OPS, FakeCuda, make_fake_trt
 
 NANO = {"name": "Jetson Nano", "compute_capability": "5.3"}
@@ -20,10 +22,10 @@ XAVIER = {"name": "Xavier", "compute_capability": "7.2"}
 
 def _untrained_bundle(folder, name, **export):
     """A bundle of an untrained MobileNetV3 on a few real digits, exported with ``ExportConfig(**export)``."""
-    from edgedistill.data import load_data
-    from edgedistill.export import build_bundle
-    from edgedistill.models import create_model
-    from edgedistill.recipe import DataConfig, ExportConfig, ModelConfig
+    from edgedistill.data.sources import load_data
+    from edgedistill.ship.export import build_bundle
+    from edgedistill.models.factory import create_model
+    from edgedistill.recipe.sections import DataConfig, ExportConfig, ModelConfig
 
     cfg = DataConfig(source="digits", image_size=32, train_per_class=10, val_per_class=4)
     data = load_data(cfg)
@@ -45,7 +47,7 @@ def _older_bundle(bundle, folder):
     """A copy of ``bundle`` as bundles were before explicit quantization for every TensorRT: no Q/DQ variant."""
     import shutil
 
-    from edgerun.manifest import write_manifest
+    from edgerun.bundle.manifest import write_manifest
 
     shutil.copytree(bundle.folder, folder)
     data = json.loads((folder / "manifest.json").read_text())
@@ -216,7 +218,7 @@ def test_engines_from_another_version_device_or_bundle_are_refused(trained_run, 
     (tmp_path / "s.engine.json").unlink()
     with pytest.raises(EngineMismatchError, match="origin is unknown"):
         check_engine(engine, bundle, make_fake_trt("8.2.1.8"), NANO)
-    from edgerun.engine_record import device_key, seal
+    from edgerun.runtime.engine_record import device_key, seal
 
     (tmp_path / "junk.engine").write_bytes(b"garbage")  # sealed by this device, yet not an engine
     (tmp_path / "junk.engine.json").write_text(json.dumps(seal({"tensorrt": "8.2.1.8"}, b"garbage", device_key())))
@@ -230,7 +232,7 @@ def test_an_engine_swapped_or_a_record_edited_is_refused(trained_run, tmp_path):
     import os
     import stat
 
-    from edgerun.engine_record import device_key_path
+    from edgerun.runtime.engine_record import device_key_path
 
     bundle = open_bundle(trained_run / "bundle")
     cuda = FakeCuda()
@@ -263,8 +265,8 @@ def test_an_engine_swapped_or_a_record_edited_is_refused(trained_run, tmp_path):
 def test_build_cli_names_the_engine_after_the_bundle_file(trained_run, tmp_path, monkeypatch, capsys):
     import edgerun.cli as cli
     import edgerun.device as device
-    import edgerun.trt as trt_module
-    from edgerun.bundle import pack_bundle
+    import edgerun.runtime.trt as trt_module
+    from edgerun.bundle.bundle import pack_bundle
 
     edb = pack_bundle(trained_run / "bundle", tmp_path / "student.edb")
     fake = make_fake_trt("8.2.1.8", fast_int8=False)
@@ -364,7 +366,7 @@ def test_runner_works_from_another_thread_in_the_primary_context(trained_run, tm
 
 def test_builder_needs_the_cuda_context_first(trained_run, tmp_path, monkeypatch):
     """The primary context is made current before TensorRT touches CUDA (import_cuda before trt.Builder)."""
-    import edgerun.trt as trt_module
+    import edgerun.runtime.trt as trt_module
 
     order = []
     cuda = FakeCuda()
@@ -427,7 +429,7 @@ def test_engines_are_matched_to_the_board_model(trained_run, tmp_path):
 def test_a_jetson_that_cannot_see_its_model_refuses_a_board_engine(trained_run, tmp_path, monkeypatch):
     """In a container /proc/device-tree is masked: a Jetson that cannot name itself must not run an engine tuned
     to a board, and the error says which mount fixes it."""
-    import edgerun.trt as trt_module
+    import edgerun.runtime.trt as trt_module
 
     bundle = open_bundle(trained_run / "bundle")
     engine = str(tmp_path / "e.engine")
@@ -450,7 +452,7 @@ def test_the_timing_cache_is_keyed_by_board_and_tensorrt_and_a_refused_one_is_re
     """A cache from another TensorRT (set_timing_cache -> False) or a damaged one (create_timing_cache -> None)
     used to end the build in a traceback after the engine was written; now the build goes on without it, and
     each board and version gets its own file."""
-    from edgerun.trt import timing_cache_path
+    from edgerun.runtime.trt_build import timing_cache_path
 
     bundle = open_bundle(trained_run / "bundle")
     base = str(tmp_path / "edgerun.timing.cache")

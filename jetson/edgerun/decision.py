@@ -10,7 +10,7 @@ these functions. Python 3.6, numpy only.
 """
 import numpy as np
 
-from .errors import BundleError
+from edgerun.errors import BundleError
 
 
 def softmax(logits):

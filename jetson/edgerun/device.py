@@ -214,7 +214,7 @@ def throttled(clock_state):
 
 
 def device_info():
-    from .profiles import match_device
+    from edgerun.profiles import match_device
 
     mem = meminfo()
     info = {

@@ -3,7 +3,7 @@
 The workstation evaluates models with exactly this function and the device feeds engines with it, so
 the accuracy measured on the host is the accuracy of the pipeline that runs on the line. The facts it
 needs (resize, crop, interpolation, mean/std, scale, channel order, layout) are the same facts timm keeps
-in a model's ``pretrained_cfg``; they travel in the bundle manifest (see ``edgerun.manifest``).
+in a model's ``pretrained_cfg``; they travel in the bundle manifest (see ``edgerun.bundle.manifest``).
 """
 import cv2
 import numpy as np

@@ -25,7 +25,7 @@ Sources (NVIDIA documentation, as of each JetPack release):
   (Nano 25.6, TX2 59.7, Xavier NX 51.2, AGX Xavier 136.5, Orin Nano 8GB 68, Orin NX 102.4, AGX Orin
   204.8 GB/s).
 """
-from .errors import EdgerunError
+from edgerun.errors import EdgerunError
 
 JETPACK_4 = {"jetpack": "4.6", "l4t": "R32.7", "tensorrt": "8.2", "cuda": "10.2", "python": "3.6", "max_opset": 13}
 JETPACK_5 = {"jetpack": "5.1", "l4t": "R35.4", "tensorrt": "8.5", "cuda": "11.4", "python": "3.8", "max_opset": 17}

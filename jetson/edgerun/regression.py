@@ -7,7 +7,7 @@ by edgedistill's evaluation on the host, so both sides compute MAE and R^2 the s
 """
 import numpy as np
 
-from .errors import BundleError
+from edgerun.errors import BundleError
 
 
 def check_targets(data, where):

@@ -1,0 +1,1 @@
+"""Images in: folders, archives, digits, IDX, regression targets; decoded once and cached."""

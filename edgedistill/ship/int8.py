@@ -1,0 +1,227 @@
+"""INT8 that keeps the student's accuracy, for every TensorRT the targets run (8.2, 8.5, 10.x).
+
+One explicit-quantization model: QuantizeLinear/DequantizeLinear (Q/DQ) pairs placed by TensorRT's rules
+("Explicit Quantization" in NVIDIA's TensorRT developer guide), which TensorRT builds without a calibrator:
+
+- symmetric INT8: every Q/DQ has an INT8 zero point of 0, scale = amax / 127;
+- the inputs of the weighted layers (Conv, Gemm) are quantized per tensor, their weights per output channel (axis 0);
+- biases stay in floating point (TensorRT folds them itself; its parser rejects an INT32 bias Q/DQ);
+- the residual input of an Add that follows a quantized convolution is quantized too, so that TensorRT can fuse
+  the addition into that convolution;
+- a layer left without Q/DQ runs in higher precision (FP16 when the engine allows it): that is how the partial
+  model keeps its most sensitive layers out of INT8.
+
+Three ways to that model, tried in this order by ``export.int8: auto``:
+
+1. PTQ: activation ranges calibrated once on the bundle's calibration images (ONNX Runtime's MinMax, Entropy or
+   Percentile calibrators), weights' ranges from the weights.
+2. Partial: each quantized layer's sensitivity is measured on the calibration images (top-1 agreement with the
+   FP32 model when that layer alone is left in floating point: label-free, so the validation images that judge the
+   result never choose it); in that order, each layer that lowers the disagreement with FP32 is kept out of INT8
+   until the disagreement is under ``export.int8_max_drop`` (a bound on the top-1 drop on those images) or
+   ``export.int8_keep_budget`` layers are kept.
+3. Quantization-aware distillation (QAD): the trained student with fake quantization on exactly those layers
+   (the same activation scales, per-channel weight scales), fine-tuned a few epochs at a low learning rate with
+   the distillation loss against its FP32 teacher (``export.qad_teacher``: the run's teacher or the FP32 student);
+   then exported and quantized by the same rules. Folding BatchNorm into a convolution scales each output channel,
+   which per-channel weight scales absorb exactly, so the exported model computes what was trained.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+import numpy as np
+import onnx
+from torch import nn
+from edgedistill.ship.fakequant import module_for_node
+from edgedistill.ship.qdq import activation_ranges, insert_qdq, qdq_violations, quantizable_nodes
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ the three attempts
+@dataclass
+class Attempt:
+    """One INT8 model tried on the host: how it was made, its quality, whether it passes the gate."""
+
+    kind: str  # ptq | partial | qad
+    path: Path
+    score: float
+    quality: dict[str, Any]
+    drop: float
+    kept: list[str] = field(default_factory=list)  # layers left out of INT8 (they run in FP16 on the device)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def passes(self, limit: float) -> bool:
+        return self.drop <= limit
+
+def agreement(reference: np.ndarray, logits: np.ndarray) -> float:
+    """Share of images on which two models' top-1 agree."""
+    return float((reference.argmax(1) == logits.argmax(1)).mean())
+
+def output_r2(reference: np.ndarray, outputs: np.ndarray) -> float:
+    """Regression: how much of the FP32 outputs' variance the INT8 outputs reproduce (R² against FP32, mean over
+    targets); 1 is identical."""
+    ref, out = np.asarray(reference, dtype=np.float64), np.asarray(outputs, dtype=np.float64)
+    sst = np.maximum(((ref - ref.mean(0)) ** 2).sum(0), 1e-12)
+    return float(np.mean(1 - ((ref - out) ** 2).sum(0) / sst))
+
+def sensitivity(fp32: onnx.ModelProto, amax: dict[str, float], run: Callable[[onnx.ModelProto], np.ndarray],
+                reference: np.ndarray, nodes: list[str],
+                fidelity: Callable[[np.ndarray, np.ndarray], float] = agreement) -> list[dict[str, Any]]:
+    """Each quantized layer's share of the INT8 error, label-free on the calibration images: ``fidelity`` to the FP32
+    model (top-1 agreement; regression: R² against FP32's outputs) when everything is quantized, and when that layer
+    alone is left in floating point. Rows sorted by what the layer recovers, most first."""
+    full = fidelity(reference, run(insert_qdq(fp32, amax)))
+    rows = []
+    for name in nodes:
+        alone_out = fidelity(reference, run(insert_qdq(fp32, amax, exclude=[name])))
+        rows.append({"layer": name, "agreement_all_int8": full, "agreement_without_it": alone_out,
+                     "recovered": alone_out - full})
+    rows.sort(key=lambda r: r["recovered"], reverse=True)
+    return rows
+
+def keep_sensitive(rows: list[dict[str, Any]], budget: int, score: Callable[[list[str]], float], baseline: float,
+                   limit: float) -> tuple[list[str], float, list[dict[str, Any]]]:
+    """Greedy partial quantization: in sensitivity order, leave each layer out of INT8 when that lowers the drop
+    (``baseline - score(kept)``, re-measured with every layer kept so far: layers interact, a float layer's output can
+    make the next one fragile), until the drop is at most ``limit`` or ``budget`` layers are kept. Returns (kept, drop,
+    every step tried)."""
+    kept: list[str] = []
+    steps = []
+    drop = float("inf")
+    for row in rows:
+        if len(kept) >= budget or drop <= limit:
+            break
+        trial = baseline - score(kept + [row["layer"]])
+        helps = trial < drop
+        steps.append({"layer": row["layer"], "drop": trial, "kept": helps})
+        if helps:
+            kept.append(row["layer"])
+            drop = trial
+    return kept, drop, steps
+
+# ------------------------------------------------------------------------------------------------ orchestration
+@dataclass
+class Int8Job:
+    """What one export's INT8 work needs: the FP32 ONNX, its calibration batches, how to score a model on the
+    held-out images (the gate) and how to run it on the calibration images (sensitivity), the settings."""
+
+    fp32_path: Path
+    workdir: Path
+    calib: np.ndarray
+    calib_batch: int
+    score: Callable[[Path], dict[str, Any]]  # quality() of an ONNX file on the held-out images: {..., "score"}
+    run_calib: Callable[[Path], np.ndarray]  # an ONNX file's outputs on the calibration images
+    fp32_score: float
+    mode: str  # ptq | partial | qad | auto
+    method: str  # minmax | entropy | percentile
+    limit: float  # export.int8_max_drop
+    budget: int  # export.int8_keep_budget
+    sensitivity_images: int
+    regression: bool = False  # fidelity to FP32 is then R² of the outputs, not top-1 agreement
+    qad: Optional[Callable[[dict[str, float]], tuple[nn.Module, dict[str, Any]]]] = None  # input amax -> model, facts
+    export_float: Optional[Callable[[nn.Module, Path], Path]] = None  # a float model -> simplified FP32 ONNX
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    problems = qdq_violations(model)
+    if problems:  # our own inserter: a violation is a bug here, never the user's
+        raise AssertionError("the INT8 model breaks TensorRT's explicit-quantization rules: " + "; ".join(problems[:3]))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+def build_int8(job: Int8Job) -> dict[str, Any]:
+    """Try PTQ, then (auto, partial) the partial model, then (auto, qad) quantization-aware distillation, until one
+    passes the gate; write the chosen model to ``workdir/model.int8.onnx``. Returns what the manifest records:
+    every attempt's quality and drop, the sensitivity table, the kept layers, the chosen attempt, its status and,
+    when INT8 is rejected, the advice with the next recipe line."""
+    fp32 = onnx.load(str(job.fp32_path))
+    amax = activation_ranges(job.fp32_path, job.calib, job.calib_batch, job.method, job.workdir)
+    nodes = quantizable_nodes(fp32)
+    attempts: list[Attempt] = []
+
+    def attempt(kind: str, model: onnx.ModelProto, kept: list[str], **extra: Any) -> Attempt:
+        path = _save(model, job.workdir / f".int8-{kind}.onnx")
+        quality = job.score(path)
+        got = Attempt(kind, path, quality["score"], quality, job.fp32_score - quality["score"], kept, extra)
+        attempts.append(got)
+        log.info("INT8 %s: score %.4f vs FP32 %.4f (drop %.4f, gate %.4f)%s", kind, got.score, job.fp32_score, got.drop,
+                 job.limit, f", {len(kept)} layer(s) kept in FP16" if kept else "")
+        return got
+
+    result: dict[str, Any] = {"layers": len(nodes), "calibration": job.method}
+    ptq = attempt("ptq", insert_qdq(fp32, amax), [])
+    kept: list[str] = []
+    if not ptq.passes(job.limit) and job.mode in ("auto", "partial"):
+        reference = job.run_calib(job.fp32_path)[: job.sensitivity_images]
+
+        def on_calib(model: onnx.ModelProto) -> np.ndarray:
+            return job.run_calib(_save(model, job.workdir / ".int8-probe.onnx"))[: job.sensitivity_images]
+
+        fidelity = output_r2 if job.regression else agreement
+        rows = sensitivity(fp32, amax, on_calib, reference, nodes, fidelity)
+        # decided on the calibration images (fidelity to FP32, no labels); the validation images judge the result
+        kept, _, steps = keep_sensitive(rows, job.budget, lambda k: fidelity(reference, on_calib(
+            insert_qdq(fp32, amax, exclude=k))), 1.0, job.limit)
+        (job.workdir / ".int8-probe.onnx").unlink(missing_ok=True)
+        for row in rows:
+            row["kept"] = row["layer"] in kept
+        result["sensitivity"] = rows
+        result["partial_steps"] = steps
+        attempt("partial", insert_qdq(fp32, amax, exclude=kept), kept)
+    best = next((a for a in attempts if a.passes(job.limit)), None)
+    wants_qad = job.mode == "qad" or (job.mode == "auto" and best is None)
+    if wants_qad and job.qad is not None and job.export_float is not None:
+        by_module = {module_for_node(n.name): amax[n.input[0]] for n in fp32.graph.node
+                     if n.name in nodes and n.input[0] in amax}
+        trained, facts = job.qad(by_module)
+        qad_fp32 = job.export_float(trained, job.workdir / ".qad-fp32.onnx")
+        qad_float = onnx.load(str(qad_fp32))
+        qad_try = attempt("qad", insert_qdq(qad_float, amax), [], **facts)
+        if not qad_try.passes(job.limit) and kept:
+            attempt("qad+partial", insert_qdq(qad_float, amax, exclude=kept), kept, **facts)
+        Path(qad_fp32).unlink(missing_ok=True)
+    passing = [a for a in attempts if a.passes(job.limit)]
+    if job.mode == "qad":
+        passing = [a for a in passing if a.kind.startswith("qad")] or passing
+    chosen = passing[0] if passing else min(attempts, key=lambda a: a.drop)
+    final = job.workdir / "model.int8.onnx"
+    chosen.path.replace(final)
+    for a in attempts:
+        a.path.unlink(missing_ok=True)
+    result.update({
+        "attempts": {a.kind: {**{k: v for k, v in a.quality.items() if k != "score"}, "drop": a.drop,
+                              "kept_fp16": a.kept, "passes": a.passes(job.limit), **a.extra} for a in attempts},
+        "chosen": chosen.kind, "kept_fp16": chosen.kept, "drop": chosen.drop,
+        "status": "accepted" if chosen.passes(job.limit) else "rejected",
+        "quality": {k: v for k, v in chosen.quality.items() if k != "score"},
+    })
+    result["advice"] = gate_advice(result, job)
+    return result
+
+def gate_advice(result: dict[str, Any], job: Int8Job) -> str:
+    """What was tried, with what drop, and the recipe line for the next remedy ('' when INT8 passed)."""
+    tried = []
+    names = {"ptq": f"PTQ ({job.method})", "partial": "partial", "qad": "QAD", "qad+partial": "QAD + partial"}
+    for kind, a in result["attempts"].items():
+        what = names[kind] + (f", {len(a['kept_fp16'])} layer(s) kept in FP16" if a["kept_fp16"] else "")
+        if kind.startswith("qad") and a.get("epochs"):
+            what += f", {a['epochs']} epoch(s)"
+        tried.append(f"{what}: drop {a['drop'] * 100:.2f} points")
+    text = "; ".join(tried)
+    if result["status"] == "accepted":
+        return f"INT8 {result['chosen']} passes the {job.limit * 100:.2f}-point gate ({text})"
+    kinds = set(result["attempts"])
+    if "qad" in kinds:
+        epochs = result["attempts"]["qad"].get("epochs") or 1
+        nxt = (f"--set export.qad_epochs={2 * epochs} (longer quantization-aware distillation), or "
+               f"--set export.int8_keep_budget={2 * job.budget} (more layers in FP16)")
+    elif "partial" in kinds:
+        nxt = "--set export.int8=qad (quantization-aware distillation, against the FP32 teacher)"
+    else:
+        nxt = "--set export.int8=auto (sensitivity-guided partial INT8, then quantization-aware distillation)"
+    return f"INT8 rejected: {text}, over the {job.limit * 100:.2f}-point gate; next: {nxt}"

@@ -1,0 +1,312 @@
+"""The training loop shared by the teacher, distill and baseline stages.
+
+One loop, two objectives: cross-entropy alone (teacher, baseline) or the distillation loss with a frozen
+teacher (``teacher`` given). Per step and per epoch it logs the total, KD and CE losses to
+``metrics.jsonl``; at every epoch end it writes a resumable checkpoint (model + optimizer) atomically, so a
+killed run continues from its last finished epoch; a NaN/inf loss stops the stage and keeps that
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+from edgedistill.train import distributed
+from edgedistill.files import atomic_write_text
+from edgedistill.models.checkpoint import load_training_state, read_metadata, save_training_state
+from edgedistill.data.splits import Split
+from edgedistill.data.loaders import eval_loader, train_loader
+from edgedistill.errors import CheckpointError, NonFiniteLossError
+from edgedistill.models.predict import predict
+from edgedistill.train.losses import (UNLABELED)
+from edgedistill.recipe.sections import DataConfig, ModelConfig
+from edgedistill.train.job import TrainJob, compute_loss
+
+log = logging.getLogger(__name__)
+
+
+STATE_FILE = "last.safetensors"
+
+METRICS_FILE = "metrics.jsonl"
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_ratio: float = 0.01) -> float:
+    """Linear warm-up, then cosine decay to ``final_ratio * base_lr``."""
+    if warmup_steps and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    return base_lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+def resolve_device(name: str) -> torch.device:
+    """The recipe's ``device``; under torchrun on GPUs, this process's own CUDA device."""
+    own = distributed.device(name)
+    if own is not None:
+        return own
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from edgedistill.errors import RecipeError
+
+        raise RecipeError("device: cuda was asked for but torch sees no CUDA device; use device: auto or cpu")
+    return torch.device(name)
+
+def progress_bar() -> Progress:
+    """A rich progress bar on the terminal (off when stderr is not a terminal), gone when its task ends."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        disable=not sys.stderr.isatty(), transient=True,
+    )
+
+def _truncate_metrics(path: Path, before_epoch: int) -> None:
+    """Drop records of epochs that a resumed run will redo."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the kill
+        if record.get("epoch", 0) < before_epoch:
+            kept.append(line)
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+def amp_dtype(choice: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``train.amp`` on ``device``; None: full precision."""
+    if choice == "off" or (choice == "auto" and device.type != "cuda"):
+        return None
+    if choice == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+class _StudentForward(nn.Module):
+    """The student's forward, seen from the module that owns every trainable parameter (the student, plus the
+    feature projections when features are matched), so DistributedDataParallel averages all their gradients."""
+
+    def __init__(self, owner: nn.Module):
+        super().__init__()
+        self.owner = owner
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        student = self.owner["student"] if isinstance(self.owner, nn.ModuleDict) else self.owner
+        return student(images)
+
+def param_groups(trainable: nn.Module, model: nn.Module, cfg: ModelConfig) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: one, or with ``cfg.layer_decay`` timm's layer-wise groups of the model
+    (each carries an ``lr_scale``: the head 1, each block below ``layer_decay`` times the one above; biases and
+    norms without weight decay), plus one group for whatever else trains beside it (feature projections)."""
+    if not cfg.layer_decay:
+        return [{"params": [p for p in trainable.parameters() if p.requires_grad]}]
+    from timm.optim import param_groups_layer_decay
+
+    from edgedistill.errors import RecipeError
+
+    if not hasattr(model, "group_matcher"):
+        raise RecipeError(f"layer_decay needs a timm model that names its layer groups (group_matcher); "
+                          f"{type(model).__name__} has none: remove layer_decay")
+    groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
+    own = {id(p) for g in groups for p in g["params"]}
+    rest = [p for p in trainable.parameters() if p.requires_grad and id(p) not in own]
+    return groups + ([{"params": rest, "lr_scale": 1.0}] if rest else [])
+
+def validation_scores(model: nn.Module, val: Split, data_cfg: DataConfig, device: torch.device,
+                      task: str = "classification") -> dict[str, float]:
+    """``val_top1`` on ``val`` (regression: ``val_r2``, the mean over targets of R^2); under torchrun each
+    process predicts its share and the sums are combined."""
+    world = distributed.world()
+    shard = val.subset(distributed.shard(len(val))) if world.active else val
+    pred = predict(model, eval_loader(shard, data_cfg), device)
+    if task != "regression":
+        correct, count = distributed.sum_across([float((pred.predicted == pred.labels).sum()), len(pred.labels)],
+                                                device)
+        return {"val_top1": correct / max(count, 1)}
+    y, p = pred.labels.astype(np.float64), pred.logits.astype(np.float64)
+    k = y.shape[1]
+    sums = distributed.sum_across([len(y), *((y - p) ** 2).sum(0), *y.sum(0), *(y ** 2).sum(0)], device)
+    n, sse, sy, syy = sums[0], np.array(sums[1:1 + k]), np.array(sums[1 + k:1 + 2 * k]), np.array(sums[1 + 2 * k:])
+    sst = np.maximum(syy - sy ** 2 / max(n, 1), 1e-12)
+    return {"val_r2": float(np.mean(1 - sse / sst))}
+
+def train_model(job: TrainJob) -> list[dict[str, Any]]:
+    """Train ``job.model`` for ``job.cfg.epochs`` epochs, resuming from ``job.folder/last.safetensors`` if it fits.
+
+    Without ``job.teaching``: cross-entropy. With it: the distillation loss against the frozen teacher, plus the
+    feature term when ``teaching.features`` is set (its projections train with the model and are saved in
+    the resumable state, never in the model). Rows labelled -1 in ``job.train`` are unlabeled images.
+
+    Under torchrun every process runs this with its share of each global batch (DistributedDataParallel
+    averages the gradients, weighted so the step equals one process's step on the whole batch); the logged
+    losses and accuracies are sums over the processes; rank 0 alone writes metrics and checkpoints.
+    """
+    model, train, val, data_cfg, cfg, stage_dir = job.model, job.train, job.val, job.data, job.cfg, job.folder
+    seed, fingerprint, device, label, teaching, task = job.seed, job.fingerprint, job.device, job.label, \
+        job.teaching, job.task
+    hardware = job.hardware
+    balance = job.balance.to(device) if job.balance is not None else None
+    world = distributed.world()
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    state_path, metrics_path = stage_dir / STATE_FILE, stage_dir / METRICS_FILE
+    torch.manual_seed(seed)
+    model.to(device)
+    use_cuda = device.type == "cuda"
+    if use_cuda:
+        if world.active and hardware.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
+        model.to(memory_format=torch.channels_last)
+    teacher = teaching.teacher if teaching is not None else None
+    distill = teaching.distill if teaching is not None else None
+    features = teaching.features if teaching is not None else None
+    cache = teaching.soft_labels if teaching is not None else None
+    if teacher is not None:
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        if use_cuda:
+            teacher.to(memory_format=torch.channels_last)
+    # the teacher's outputs never need autograd; feature targets are hooked activations, which inference-mode
+    # tensors could not be saved for the feature loss's backward
+    teacher_mode = torch.no_grad if features is not None else torch.inference_mode
+    trainable: nn.Module = model
+    if features is not None:
+        features.to(device).attach(model, teacher)
+        trainable = nn.ModuleDict({"student": model, "features": features})  # one optimizer, one checkpoint
+    optimizer = torch.optim.AdamW(param_groups(trainable, model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    dtype = amp_dtype(hardware.amp, device)
+    # a grad scaler only for fp16, whose range needs it; bf16 has float32's exponent range
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
+    forward: nn.Module = distributed.wrap(_StudentForward(trainable), device)
+    if hardware.compile:
+        forward = torch.compile(forward)  # the checkpoint keeps the plain module
+    loader = train_loader(train, data_cfg, seed, 0, world.rank, world.size, pin_memory=use_cuda)
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+
+    start_epoch, history = 0, []
+    if state_path.exists():
+        try:
+            previous = read_metadata(state_path).get("fingerprint")
+        except CheckpointError as exc:
+            log.warning("%s: cannot resume (%s); starting the stage afresh", label, exc)
+            previous = None
+        if previous == fingerprint:
+            meta = load_training_state(state_path, trainable, optimizer)
+            start_epoch = int(meta["epoch"]) + 1
+            history = meta.get("history", [])
+            log.info("%s: resuming after epoch %d/%d from %s", label, start_epoch, cfg.epochs, state_path)
+        elif previous is not None:
+            log.info("%s: recipe changed since %s was written; starting afresh", label, state_path)
+    if world.is_main:
+        if start_epoch == 0:
+            metrics_path.unlink(missing_ok=True)
+        else:
+            _truncate_metrics(metrics_path, start_epoch)
+
+    try:
+        amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+        with progress_bar() as progress, (open(metrics_path, "a") if world.is_main else nullcontext()) as metrics:
+            for epoch in range(start_epoch, cfg.epochs):
+                model.train()
+                if job.freeze_bn:
+                    for module in model.modules():
+                        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                            module.eval()
+                # cached soft labels: epoch e replays augmentation draw e % draws, whose teacher logits are stored
+                draw = epoch % cache.draws if cache is not None else epoch
+                loader.batch_sampler.set_epoch(draw)
+                bar = progress.add_task(f"{label} {epoch + 1}/{cfg.epochs}", total=len(loader), stats="")
+                sums: dict[str, float] = {}
+                correct = seen = rows = 0
+                started = time.perf_counter()
+                for i, (images, targets) in enumerate(loader):
+                    step = epoch * steps_per_epoch + i
+                    lr = lr_at(step, total_steps, warmup_steps, cfg.lr)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * group.get("lr_scale", 1.0)  # layer decay: deeper-down blocks learn slower
+                    images = images.to(device, non_blocking=True)
+                    targets = targets.to(device, non_blocking=True)
+                    if use_cuda:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    with amp:
+                        logits = forward(images)
+                        teacher_logits = None
+                        if cache is not None:
+                            teacher_logits = cache.batch(draw, i, device, world.rank, world.size)
+                        elif teacher is not None:
+                            with teacher_mode():
+                                teacher_logits = teacher(images)
+                            teacher_logits = teacher_logits.float().clone()  # a normal tensor again, float32
+                        losses = compute_loss(logits.float(), targets, teacher_logits, cfg, distill,
+                                              step / steps_per_epoch, task, balance)
+                        if features is not None:
+                            losses["feat"] = features.loss()
+                            losses["loss"] = losses["loss"] + teaching.feature_weight * losses["feat"]
+                    n = len(targets)
+                    hits = seen_here = 0
+                    if task != "regression":
+                        labeled = targets != UNLABELED
+                        hits, seen_here = int((logits.argmax(1) == targets)[labeled].sum()), int(labeled.sum())
+                    keys = sorted(losses)
+                    totals = distributed.sum_across([n, hits, seen_here] + [float(losses[k].detach()) * n for k in keys],
+                                                    device)
+                    global_n = totals[0]
+                    values = {k: v / global_n for k, v in zip(keys, totals[3:])}
+                    if not all(math.isfinite(v) for v in values.values()):
+                        kept = (f"the checkpoint after epoch {epoch} is kept in '{state_path}'" if epoch
+                                else "no epoch had finished, so there is no checkpoint yet")
+                        raise NonFiniteLossError(
+                            f"{label}: loss became {values} at epoch {epoch + 1}, step {i + 1} (lr {lr:.2e}); {kept}. "
+                            f"Lower the learning rate or check the data, then run the stage again to resume.")
+                    optimizer.zero_grad(set_to_none=True)
+                    # DDP averages gradients over processes: weight each by its share of the global batch
+                    share = n * world.size / global_n
+                    scaler.scale(losses["loss"] * share if share != 1 else losses["loss"]).backward()
+                    if cfg.grad_clip:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(trainable.parameters(), cfg.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    rows += global_n
+                    for k, v in values.items():
+                        sums[k] = sums.get(k, 0.0) + v * global_n
+                    correct += totals[1]
+                    seen += totals[2]
+                    if metrics is not None:
+                        metrics.write(json.dumps({"kind": "step", "epoch": epoch, "step": step, "lr": lr, **values})
+                                      + "\n")
+                    progress.update(bar, advance=1, stats="  ".join(f"{k} {v:.3f}" for k, v in values.items()))
+                progress.remove_task(bar)
+                checkpoint = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+                record = {"kind": "epoch", "epoch": epoch, **{k: v / max(rows, 1) for k, v in sums.items()}}
+                if task != "regression":
+                    record["train_top1"] = correct / max(seen, 1)
+                if checkpoint:
+                    record.update(validation_scores(model, val, data_cfg, device, task))
+                record["seconds"] = round(time.perf_counter() - started, 2)
+                history.append(record)
+                if metrics is not None:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                if checkpoint and world.is_main:
+                    log.info("%s epoch %d/%d: %s", label, epoch + 1, cfg.epochs,
+                             "  ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
+                    save_training_state(state_path, trainable, optimizer,
+                                        {"epoch": epoch, "fingerprint": fingerprint, "history": history})
+    finally:
+        if features is not None:
+            features.detach()
+    distributed.barrier()  # the checkpoint is whole before any process goes on
+    return history

@@ -1,0 +1,77 @@
+"""``edgerun service``: the line as a systemd service: install its unit, show its status."""
+import os
+
+from edgerun.bench import to_json
+from edgerun.cli.common import add_trust_args, open_from_args
+from edgerun.errors import EdgerunError
+
+
+def cmd_service(args):
+    from edgerun.line import service
+
+    if args.action == "status":
+        got = service.status(args.name, args.state_root)
+        if args.json:
+            print(to_json(got))
+            return 0
+        unit, st = got["unit"] or {}, got["status"]
+        print("edgerun-%s: %s" % (args.name, ("%s (%s), %s restart(s)" % (
+            unit.get("ActiveState"), unit.get("SubState"), unit.get("NRestarts", "?"))) if unit else
+            "systemd state unknown (no systemctl here)"))
+        if not st:
+            print("no status yet in %s (the camera writes it every 5 s once it runs)" % got["status_file"])
+            return 0
+        print("%s: %.1f FPS over %d frames, %d dropped, %d reconnects, %d rejects, drift %s (updated %s)" % (
+            st.get("source"), st.get("fps", 0), st.get("frames", 0), st.get("dropped", 0), st.get("reconnects", 0),
+            st.get("rejects", 0), st.get("drift") or "off", st.get("updated")))
+        for v in st.get("last_verdicts", [])[-5:]:
+            print("  %s frame %d: %s" % (v["time"], v["frame"], v["text"]))
+        if st.get("error"):
+            print("  ended: %s" % st["error"])
+        return 0
+    if not args.bundle or not args.source:
+        raise EdgerunError("service install needs BUNDLE and --source (the camera the line runs)")
+    bundle = open_from_args(args)  # checked now (trust, pins, schema), not at the first start in the journal
+    state = "%s/%s" % (service.STATE_ROOT, service.check_name(args.name))
+    camera = [os.path.abspath(args.bundle), "--source", args.source, "--save-unsure", state + "/unsure"]
+    if args.engine:
+        camera += ["--engine", os.path.abspath(args.engine)]
+    if args.reject_class:
+        camera += ["--reject-class", args.reject_class]
+    if args.threshold is not None:
+        camera += ["--threshold", repr(args.threshold)]
+    if args.soak:
+        camera += ["--soak"]
+    for flag in ("trust", "pins"):
+        value = getattr(args, flag, None)
+        if value:
+            camera += ["--" + flag, os.path.abspath(value)]
+    path = service.install(args.name, camera, args.user, args.group, unit_dir=args.unit_dir,
+                           enable=not args.no_enable, watchdog_s=args.watchdog)
+    print("wrote %s for '%s' (%s) on %s as user %s" % (path, bundle.manifest.data.get("name"),
+                                                       bundle.manifest_sha256[:16], args.source, args.user))
+    print("enabled and started: journalctl -u edgerun-%s -f; edgerun service status --name %s" % (args.name, args.name)
+          if not args.no_enable else "not enabled (--no-enable): sudo systemctl enable --now edgerun-%s" % args.name)
+    return 0
+
+
+def add_parser(sub):
+    p = sub.add_parser("service", help="the line as a systemd service: install the unit, show its status")
+    p.add_argument("action", choices=["install", "status"])
+    p.add_argument("bundle", nargs="?", help="install: bundle folder or .edb the service runs")
+    p.add_argument("--name", default="line", help="the unit is edgerun-NAME, its state /var/lib/edgerun/NAME")
+    p.add_argument("--source", help="install: the camera (csi://0, usb://0, /dev/videoN, rtsp://...)")
+    p.add_argument("--engine", help="install: the TensorRT engine (default: ONNX Runtime)")
+    p.add_argument("--reject-class")
+    p.add_argument("--threshold", type=float)
+    p.add_argument("--soak", action="store_true", help="install: also sample memory and temperature (--soak)")
+    p.add_argument("--user", default="edgerun", help="install: the unprivileged account it runs as")
+    p.add_argument("--group", default="video", help="install: the camera devices' group")
+    p.add_argument("--watchdog", type=int, default=30, help="install: seconds without a frame before systemd "
+                                                            "restarts it")
+    p.add_argument("--unit-dir", default="/etc/systemd/system")
+    p.add_argument("--no-enable", action="store_true", help="install: write the unit only (no systemctl)")
+    p.add_argument("--state-root", default="/var/lib/edgerun", help="status: where the services' state lives")
+    p.add_argument("--json", action="store_true", help="status: print JSON")
+    add_trust_args(p)
+    p.set_defaults(run=cmd_service)

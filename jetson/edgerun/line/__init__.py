@@ -1,0 +1,1 @@
+"""The line: camera sources, the classification loop, drift, soak, the systemd service."""
