@@ -10,7 +10,8 @@ import pytest
 from edgedistill.errors import EdgedistillError
 from edgedistill.plan.calibration import (CALIBRATION_FILE, factors_for, leave_one_out, load_calibration, read_bench,
     refit_from_measured)
-from edgedistill.plan.estimate import DEFAULT_CANDIDATES, estimate, plan, plan_command
+from edgedistill.cli.plan import plan_command
+from edgedistill.plan.estimate import DEFAULT_CANDIDATES, estimate, plan
 from edgedistill.plan.profile import profile_model
 from edgerun.profiles import TARGETS
 

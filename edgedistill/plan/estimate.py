@@ -14,16 +14,13 @@ multiply-accumulate as 2 FLOPs; tables print MACs (= FLOPs / 2), the unit most p
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional
 import numpy as np
 from edgerun.profiles import get_target
 from edgedistill.errors import EdgedistillError
-from edgedistill.plan.calibration import (factors_for, format_measured, leave_one_out, load_calibration,
-    refit_from_measured)
+from edgedistill.plan.calibration import (factors_for)
 from edgedistill.plan.profile import profile_model
 from edgedistill.plan.roofline import Factors, RUNTIME_BASE_MB, layer_times_ms, model_memory_mb
 
@@ -216,35 +213,3 @@ def device_check(est: Optional[dict[str, Any]], recipe, num_classes: int, keep: 
         rows.sort(key=lambda e: (e.top1 if e.top1 is not None else -1, -e.params), reverse=True)
         out["faster_candidates"] = [{"model": e.model, "est_fps": e.est_fps, "top1": e.top1} for e in rows[:keep]]
     return out
-
-def check_names(names: Sequence[str]) -> None:
-    """Every name must be a timm model or a torchvision SqueezeNet, before any slow work starts."""
-    from edgedistill.errors import RecipeError
-    from edgedistill.models.factory import check_model_name
-
-    for name in names:
-        try:
-            check_model_name(name)
-        except RecipeError as exc:
-            raise EdgedistillError(f"--candidates/--teacher: {exc}") from exc
-
-def plan_command(args) -> int:
-    """`edgedistill plan`: the table, the recommendation, the planner's own error; --json and --measured."""
-    if args.image_size < 32 or args.batch < 1:
-        raise EdgedistillError("--image-size must be at least 32 and --batch at least 1")
-    if args.measured:
-        print(format_measured(refit_from_measured(args.target, args.measured)))
-        print()
-    candidates = [c.strip() for c in args.candidates.split(",") if c.strip()] if args.candidates else DEFAULT_CANDIDATES
-    check_names(list(candidates) + ([args.teacher] if args.teacher else []))
-    result = plan(args.target, candidates, args.precision, args.image_size, args.batch, args.fps_target,
-                  args.budget_mb, args.teacher)
-    board = result["factors"]["board"]
-    loo = leave_one_out([p for p in load_calibration() if p.board == board])
-    print(format_plan(result, loo))
-    if args.json:
-        keys = ("model", "role", "params", "flops", "macs", "top1", "est_latency_ms", "est_fps", "est_memory_mb",
-                "est_engine_mb", "fits", "reason")
-        rows = list(result["rows"]) + ([result["teacher"]] if result["teacher"] else [])
-        Path(args.json).write_text(json.dumps([{k: asdict(e)[k] for k in keys} for e in rows], indent=2))
-    return 0

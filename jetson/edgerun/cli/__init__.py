@@ -47,7 +47,7 @@ def main(argv=None):
         parser.print_help()
         return 2
     try:
-        return args.run(args)
+        return args.handler(args)
     except EdgerunError as exc:
         sys.stderr.write("error: %s\n" % exc)
         return 2

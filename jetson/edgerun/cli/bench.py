@@ -68,4 +68,4 @@ def add_parser(sub):
                                         "camera, else 1280x720): their resize is timed as part of each frame")
     p.add_argument("--json", help="write the full result here")
     p.add_argument("--strict", action="store_true", help="exit 1 on FAIL")
-    p.set_defaults(run=cmd_bench)
+    p.set_defaults(handler=cmd_bench)

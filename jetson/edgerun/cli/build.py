@@ -37,4 +37,4 @@ def add_parser(sub):
     p.add_argument("--gpu-fallback", action="store_true", help="with --dla: run the layers the DLA cannot on the GPU "
                                                               "(listed after the build)")
     add_trust_args(p)
-    p.set_defaults(run=cmd_build)
+    p.set_defaults(handler=cmd_build)

@@ -183,4 +183,4 @@ def add_parser(sub):
     p.add_argument("--fps-target", type=float)
     p.add_argument("--json", help="write the summary here")
     p.add_argument("--strict", action="store_true")
-    p.set_defaults(run=cmd_camera)
+    p.set_defaults(handler=cmd_camera)

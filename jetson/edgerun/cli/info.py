@@ -43,4 +43,4 @@ def cmd_info(args):
 def add_parser(sub):
     p = sub.add_parser("info", help="device, JetPack/L4T, TensorRT, CUDA, memory, clocks")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=cmd_info)
+    p.set_defaults(handler=cmd_info)

@@ -22,4 +22,4 @@ def add_parser(sub):
                    help="allow: add this manifest's sha256 to its model's allow list (default); not_before: refuse "
                         "releases of this model created before this one (needs a trust set)")
     add_trust_args(p)
-    p.set_defaults(run=cmd_pin)
+    p.set_defaults(handler=cmd_pin)

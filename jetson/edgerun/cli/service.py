@@ -74,4 +74,4 @@ def add_parser(sub):
     p.add_argument("--state-root", default="/var/lib/edgerun", help="status: where the services' state lives")
     p.add_argument("--json", action="store_true", help="status: print JSON")
     add_trust_args(p)
-    p.set_defaults(run=cmd_service)
+    p.set_defaults(handler=cmd_service)

@@ -23,4 +23,4 @@ def add_parser(sub):
     p.add_argument("name", nargs="?", help="model name (the manifest's name)")
     p.add_argument("version", nargs="?", help="activate: the release (16 hex digits of its manifest sha256)")
     p.add_argument("--root", default="edgedistill", help="the deploy root (default: ~/edgedistill over ssh)")
-    p.set_defaults(run=cmd_slot)
+    p.set_defaults(handler=cmd_slot)

@@ -98,4 +98,4 @@ def add_parser(sub):
                    help="allowed top-1 drop vs host FP32 (0.01 = 1 point), and with an operating point in the bundle "
                         "the allowed recall drop and false-reject rise at its threshold; regression: allowed R2 drop")
     p.add_argument("--json")
-    p.set_defaults(run=cmd_validate)
+    p.set_defaults(handler=cmd_validate)

@@ -26,4 +26,4 @@ def add_parser(sub):
     p = sub.add_parser("verify", help="check a bundle's files, signature and pins without running it")
     p.add_argument("bundle", help="bundle folder or .edb file")
     add_trust_args(p)
-    p.set_defaults(run=cmd_verify)
+    p.set_defaults(handler=cmd_verify)

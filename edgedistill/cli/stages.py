@@ -1,0 +1,134 @@
+"""The commands on a recipe: ``run`` (every stage in order), one command per stage, and ``sweep``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from edgedistill.cli.console import print_device_plan, print_summary, setup_logging
+from edgedistill.errors import EdgedistillError
+
+log = logging.getLogger("edgedistill")
+
+STAGE_HELP = (
+    ("datafree", "data.source: datafree: synthesize the training set from the teacher's weights alone (DeepInversion); "
+                 "resumes by batch"),
+    ("teacher", "train (or load) and validate the teacher"),
+    ("assistant", "distill the teacher into the teacher assistant(s) of the chain (when the recipe has any)"),
+    ("distill", "distill the teacher (or the last assistant) into the student"),
+    ("self-distill", "born-again generations: the student teaches fresh copies of itself"),
+    ("baseline", "train the same student without distillation"),
+    ("evaluate", "compare teacher, student and baseline; write summary.json/md"),
+    ("export", "export the student to a device bundle (ONNX + manifest + samples)"),
+)
+
+
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, dotted (repeatable): --set data.root=/data --set student.epochs=30")
+    p.add_argument("--force", action="store_true",
+                   help="distill even from a teacher under teacher.min_top1; export even when INT8 is rejected")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="run every stage in order (stages already done for this recipe are skipped)")
+    add_recipe_args(p)
+    p.add_argument("--stages", default=None, help="comma-separated subset, e.g. teacher,distill")
+    p.set_defaults(handler=run)
+    for stage, text in STAGE_HELP:
+        p = sub.add_parser(stage, help=text)
+        add_recipe_args(p)
+        p.set_defaults(handler=run)
+    sub.choices["export"].add_argument("--target", default=None, help="target profile, e.g. jetson-nano-jp4")
+    p = sub.add_parser("sweep", help="temperature/alpha search: one student per cell against one teacher")
+    add_recipe_args(p)
+    p.add_argument("--temperature", default="1,2,3,5,10", help="comma-separated temperatures (default 1,2,3,5,10)")
+    p.add_argument("--alpha", default="0.3,0.5,0.7,0.9", help="comma-separated KD weights (default 0.3,0.5,0.7,0.9)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the recipe (with --set and, for export, --target), join torchrun's processes when launched by it, run."""
+    from edgedistill.recipe.loading import load_recipe
+    from edgedistill.train import distributed
+
+    overrides = list(args.overrides)
+    if getattr(args, "target", None):
+        overrides.append(f"export.target={args.target}")
+    recipe = load_recipe(args.recipe, overrides)
+    world = distributed.init(recipe.device)
+    try:
+        return _run_recipe(args, recipe, world)
+    finally:
+        distributed.shutdown()
+
+
+def _run_recipe(args: argparse.Namespace, recipe, world) -> int:
+    """A command on a recipe; under torchrun (``world.active``) rank 0 alone logs to run.log and prints."""
+    if recipe.run_dir.exists() and not recipe.run_dir.is_dir():
+        raise EdgedistillError(f"output '{recipe.run_dir}' is a file: the run needs a folder there; choose another "
+                               "output (or name)")
+    setup_logging(recipe.run_dir if world.is_main else None, args.verbose, quiet=not world.is_main)
+    from edgedistill.run.context import RunContext
+    from edgedistill.run.pipeline import run_stage
+
+    if args.command == "sweep" and recipe.task == "regression":
+        raise EdgedistillError("sweep searches distill.temperature, which regression does not use (the student "
+                               "matches the teacher's predictions): vary distill.alpha with --set instead")
+    if world.active and args.command == "sweep":
+        raise EdgedistillError("sweep runs one process: launch it without torchrun (each of its trainings is "
+                               "short); `torchrun ... -m edgedistill run` distributes the stages")
+    ctx = RunContext(recipe, force=args.force)
+    if world.active:
+        ctx.load_data_in_turn()
+    if args.command == "sweep":
+        return _sweep(args, ctx)
+    stages = _stages(args, recipe)
+    if args.command == "run" and world.is_main:
+        print_device_plan(ctx)
+    datafree_pending = recipe.data.source == "datafree" and not ctx.is_done("datafree")
+    if world.is_main and not datafree_pending and set(stages) & {"teacher", "assistant", "distill", "self-distill",
+                                                                  "baseline", "evaluate"}:
+        ctx.announce_evaluation()  # the metric the run is judged on, and why; the imbalance warning
+    for stage in stages:
+        run_stage(ctx, stage)
+    summary_path = ctx.run_dir / "summary.json"
+    if "evaluate" in stages and summary_path.exists() and world.is_main:
+        print_summary(json.loads(summary_path.read_text()))
+        log.info("summary written to %s and %s", summary_path, ctx.run_dir / "summary.md")
+        if args.command == "run":
+            from edgedistill.judge.report import write_report
+
+            html_path, _ = write_report(ctx.run_dir)
+            log.info("report: %s (one self-contained file) and %s", html_path, ctx.run_dir / "report.md")
+    return 0
+
+
+def _stages(args: argparse.Namespace, recipe) -> list[str]:
+    """The stages this command runs: every one (``run``, or its --stages subset, datafree only for a data-free
+    recipe), or the one it names."""
+    from edgedistill.run.pipeline import PIPELINE, STAGE_FUNCTIONS
+
+    if args.command != "run":
+        return [args.command]
+    stages = list(PIPELINE)
+    if args.stages:
+        chosen = [s.strip() for s in args.stages.split(",") if s.strip()]
+        unknown = [s for s in chosen if s not in STAGE_FUNCTIONS]
+        if unknown:
+            raise EdgedistillError(f"--stages: unknown stage(s) {unknown}; stages are {list(STAGE_FUNCTIONS)}")
+        stages = [s for s in stages if s in chosen]
+    if recipe.data.source != "datafree":
+        stages = [s for s in stages if s != "datafree"]
+    return stages
+
+
+def _sweep(args: argparse.Namespace, ctx) -> int:
+    from edgedistill.run.sweep import parse_values, run_sweep
+
+    ctx.announce_evaluation()
+    result = run_sweep(ctx, parse_values(args.temperature, "temperature"), parse_values(args.alpha, "alpha"))
+    print((ctx.run_dir / "sweep" / "results.md").read_text())
+    return 0 if result["best"] else 1
