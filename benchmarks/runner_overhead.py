@@ -29,8 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_table  # noqa: E402
 
 from edgerun.bench import run_bench, trimmed_mean  # noqa: E402
+from edgerun.bench import BenchJob
 from edgerun.bundle.bundle import open_bundle  # noqa: E402
 from edgerun.line.camera import run_camera  # noqa: E402
+from edgerun.line.camera import CameraJob
 from edgerun.preprocess import preprocess, to_three_channels  # noqa: E402
 from edgerun.runtime.runners import OrtRunner  # noqa: E402
 
@@ -64,8 +66,7 @@ def runner_loop(model_path: str, feed: dict, iterations: int, threads: int | Non
 
 def harness_loop(model_path: str, manifest, frames, iterations: int, threads: int | None) -> float:
     with OrtRunner(model_path, providers=["CPUExecutionProvider"], threads=threads) as runner:
-        result = run_bench(runner, manifest, frames=frames, batch=1, warmup=20, iterations=iterations,
-                           input_order="RGB")
+        result = run_bench(BenchJob(runner=runner, manifest=manifest, frames=frames, batch=1, warmup=20, iterations=iterations, input_order="RGB"))
     return result["infer_call"]["latency_ms"]["trimmed_mean"] / 1e3
 
 
@@ -120,7 +121,7 @@ def main() -> int:
             writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         writer.release()
         with OrtRunner(bundle.model_path, threads=args.threads) as runner:
-            cam = run_camera(runner, m, str(video))
+            cam = run_camera(CameraJob(runner=runner, manifest=m, source=str(video)))
         ratio = cam["end_to_end_fps"] / cam["model_only_fps"]
         rows.append([m.data["name"], "x".join(map(str, m.input_shape)), f"{bare_s * 1e3:.3f}",
                      f"{tight_s * 1e3:.3f} ({runner_overhead * 100:+.1f}%)", f"{harness_s * 1e3:.3f}",

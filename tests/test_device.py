@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from edgerun.bench import percentile, run_bench, summarize, verdict
+from edgerun.bench import BenchJob
 from edgerun.bundle.bundle import open_bundle
 from edgerun.line.camera import run_camera
+from edgerun.line.camera import CameraJob
 from edgerun.line.capture import describe_source
 from edgerun.cli import main as edgerun
 from edgerun.device import TegraStats, parse_tegrastats
@@ -42,7 +44,7 @@ def test_runner_interface_errors(trained_run):
 def test_bench_and_verdicts(trained_run):
     bundle = open_bundle(trained_run / "bundle")
     with OrtRunner(bundle.model_path) as runner:
-        result = run_bench(runner, bundle.manifest, warmup=3, iterations=30)
+        result = run_bench(BenchJob(runner=runner, manifest=bundle.manifest, warmup=3, iterations=30))
     assert result["iterations"] == 30 and result["throughput_fps"] > 0
     assert set(result["stages_ms"]) == {"preprocess", "h2d", "compute", "d2h", "postprocess"}
     assert result["stages_ms"]["compute"] > 0 and result["memory"]["process_peak_mb"] > 0
@@ -117,9 +119,7 @@ def test_camera_loop_on_a_video_file(trained_run, tmp_path):
     video = _video(tmp_path / "line.avi", bundle)
     rejects = []
     with OrtRunner(bundle.model_path) as runner:
-        summary = run_camera(runner, bundle.manifest, str(video), csv_path=str(tmp_path / "p.csv"),
-                             reject_class="3", reject_threshold=0.0, on_reject=lambda *a: rejects.append(a),
-                             summary_path=str(tmp_path / "s.json"))
+        summary = run_camera(CameraJob(runner=runner, manifest=bundle.manifest, source=str(video), csv_path=str(tmp_path / "p.csv"), reject_class="3", reject_threshold=0.0, on_reject=lambda *a: rejects.append(a), summary_path=str(tmp_path / "s.json")))
     rows = (tmp_path / "p.csv").read_text().splitlines()
     assert summary["frames_processed"] == len(rows) - 1 > 0
     assert summary["frames_processed"] == summary["frames_captured"] == 40 and summary["frames_dropped"] == 0
@@ -129,7 +129,7 @@ def test_camera_loop_on_a_video_file(trained_run, tmp_path):
     assert summary["rejects"] == len(rejects) == sum(r.endswith(",1") for r in rows[1:])
     assert json.loads((tmp_path / "s.json").read_text())["frames_processed"] == summary["frames_processed"]
     with pytest.raises(SourceError, match="not a class"):
-        run_camera(runner, bundle.manifest, str(video), reject_class="widget")
+        run_camera(CameraJob(runner=runner, manifest=bundle.manifest, source=str(video), reject_class="widget"))
 
 
 class FlakyCapture:
@@ -168,8 +168,7 @@ def test_lost_source_reconnects_then_fails_with_nothing_lost(trained_run, tmp_pa
 
     csv = tmp_path / "p.csv"
     with OrtRunner(bundle.model_path) as runner, pytest.raises(SourceError) as err:
-        run_camera(runner, bundle.manifest, "rtsp://127.0.0.1/line", csv_path=str(csv), opener=dies_for_good,
-                   max_reconnects=2, reconnect_delay=0.01, summary_path=str(tmp_path / "s.json"))
+        run_camera(CameraJob(runner=runner, manifest=bundle.manifest, source="rtsp://127.0.0.1/line", csv_path=str(csv), opener=dies_for_good, max_reconnects=2, reconnect_delay=0.01, summary_path=str(tmp_path / "s.json")))
     saved = json.loads((tmp_path / "s.json").read_text())
     assert len(opened) == 3 and saved["reconnects"] == 2  # the first open, then two bounded attempts
     assert "2 reconnect attempt(s) failed" in str(err.value) and "saved in" in str(err.value)
@@ -182,8 +181,7 @@ def test_lost_source_reconnects_then_fails_with_nothing_lost(trained_run, tmp_pa
         return FlakyCapture(10 if len(opened) == 1 else 15, image)
 
     with OrtRunner(bundle.model_path) as runner:
-        summary = run_camera(runner, bundle.manifest, "rtsp://127.0.0.1/line", max_frames=12, opener=recovers,
-                             max_reconnects=3, reconnect_delay=0.01)
+        summary = run_camera(CameraJob(runner=runner, manifest=bundle.manifest, source="rtsp://127.0.0.1/line", max_frames=12, opener=recovers, max_reconnects=3, reconnect_delay=0.01))
     assert summary["reconnects"] >= 1 and summary["frames_processed"] == 12
 
 
@@ -277,7 +275,7 @@ def test_bench_feeds_camera_sized_frames_and_shows_the_preprocessing_share(train
     monkeypatch.setattr(bench, "preprocess", spy)
     bundle = open_bundle(trained_run / "bundle")
     with OrtRunner(bundle.model_path) as runner:
-        full = run_bench(runner, bundle.manifest, warmup=2, iterations=20, frame_size=(1920, 1080))
+        full = run_bench(BenchJob(runner=runner, manifest=bundle.manifest, warmup=2, iterations=20, frame_size=(1920, 1080)))
     assert full["feed"] == {"kind": "synthetic", "frame_size": [1920, 1080]}
     # the timed preprocessing is handed camera-sized frames (height, width, BGR), every iteration
     assert len(seen) == 22 and all(shapes == {(1080, 1920, 3)} for shapes in seen)
@@ -298,16 +296,16 @@ def test_memory_budget_is_judged_on_process_plus_device_memory(trained_run, tmp_
 
     import edgerun.device as device
     from edgerun.runtime.trt_run import TrtRunner
-    from edgerun.runtime.trt_build import build_engine
+    from edgerun.runtime.trt_build import BuildSpec, build_engine
 
     cuda = FakeCuda()
     trt = make_fake_trt("8.2.1.8", cuda=cuda)
     bundle = open_bundle(trained_run / "bundle")
-    build_engine(bundle, "fp16", str(tmp_path / "e.engine"), trt=trt, cuda=cuda, log=lambda m: None)
+    build_engine(bundle, BuildSpec(precision="fp16", output=str(tmp_path / "e.engine")), trt=trt, cuda=cuda, log=lambda m: None)
     monkeypatch.setattr(device, "NVMAP_CLIENTS", str(tmp_path / "absent"))
     with TrtRunner(str(tmp_path / "e.engine"), bundle=bundle, trt=trt, cuda=cuda) as runner:
         cuda.mem_alloc(300 << 20)  # what an engine's weights and activations would take
-        result = run_bench(runner, bundle.manifest, warmup=1, iterations=5, frame_size=(64, 48))
+        result = run_bench(BenchJob(runner=runner, manifest=bundle.manifest, warmup=1, iterations=5, frame_size=(64, 48)))
     memory = result["memory"]
     assert memory["device_mb"] >= 300 and "cuda.mem_get_info" in memory["device_method"]
     assert memory["total_mb"] == pytest.approx(memory["process_peak_mb"] + memory["device_mb"])
@@ -352,9 +350,9 @@ _BENCH_MEMORY_SCRIPT = r"""
 import json, sys
 from fake_tensorrt import FakeCuda, make_fake_trt
 import edgerun.device as device
-from edgerun.bench import run_bench
+from edgerun.bench import BenchJob, run_bench
 from edgerun.bundle.bundle import open_bundle
-from edgerun.runtime.trt_build import build_engine
+from edgerun.runtime.trt_build import BuildSpec, build_engine
 from edgerun.runtime.trt_run import TrtRunner
 
 bundle_dir, engine, absent, width, height = sys.argv[1:6]
@@ -362,11 +360,12 @@ device.NVMAP_CLIENTS = absent
 cuda = FakeCuda(shares_host_memory=True)
 trt = make_fake_trt("10.3.0", cuda=cuda)
 bundle = open_bundle(bundle_dir)
-build_engine(bundle, "fp16", engine, trt=trt, cuda=cuda, log=lambda m: None)
+build_engine(bundle, BuildSpec(precision="fp16", output=engine), trt=trt, cuda=cuda, log=lambda m: None)
 gpu = {"name": "Orin", "compute_capability": "8.7", "integrated": True}
 with TrtRunner(engine, bundle=bundle, trt=trt, cuda=cuda, gpu=gpu) as runner:
     cuda.mem_alloc(64 << 20)  # the engine's own device memory
-    memory = run_bench(runner, bundle.manifest, warmup=2, iterations=10, frame_size=(int(width), int(height)))["memory"]
+    memory = run_bench(BenchJob(runner=runner, manifest=bundle.manifest, warmup=2, iterations=10,
+                                frame_size=(int(width), int(height))))["memory"]
 print(json.dumps(memory))
 """
 
@@ -410,14 +409,14 @@ def test_budget_is_judged_on_the_serving_loop_not_on_set_up(trained_run, tmp_pat
     spike = np.ones(300 << 20, dtype=np.uint8)
     del spike
     with OrtRunner(bundle.model_path) as runner:
-        memory = run_bench(runner, bundle.manifest, warmup=2, iterations=5, frame_size=(64, 48))["memory"]
+        memory = run_bench(BenchJob(runner=runner, manifest=bundle.manifest, warmup=2, iterations=5, frame_size=(64, 48)))["memory"]
     assert memory["setup_peak_mb"] >= memory["process_peak_mb"] + 250
     assert memory["process_peak_method"].startswith("VmHWM of the serving loop")
     monkeypatch.setattr(bench, "reset_peak_memory", lambda: False)
     spike = np.ones(300 << 20, dtype=np.uint8)  # the first bench restarted VmHWM: a new set-up spike
     del spike
     with OrtRunner(bundle.model_path) as runner:
-        result = run_bench(runner, bundle.manifest, warmup=2, iterations=5, frame_size=(64, 48))
+        result = run_bench(BenchJob(runner=runner, manifest=bundle.manifest, warmup=2, iterations=5, frame_size=(64, 48)))
     assert result["memory"]["process_peak_method"].startswith("VmRSS sampled")
     assert result["memory"]["setup_peak_mb"] >= result["memory"]["process_peak_mb"] + 250
     assert "VmRSS sampled" in bench.report_text(result, verdict(result), "t")
@@ -432,7 +431,7 @@ def test_onnxruntime_on_a_gpu_is_not_measured_never_zero(trained_run, tmp_path, 
     with OrtRunner(bundle.model_path) as runner:
         assert runner.device_memory() is None  # the CPU provider holds no GPU memory
         runner.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # as onnxruntime-gpu reports it
-        result = run_bench(runner, bundle.manifest, warmup=1, iterations=3, frame_size=(64, 48))
+        result = run_bench(BenchJob(runner=runner, manifest=bundle.manifest, warmup=1, iterations=3, frame_size=(64, 48)))
     memory = result["memory"]
     assert memory["device_mb"] is None and memory["total_mb"] is None
     assert "CUDAExecutionProvider memory not measured" in memory["device_method"]
@@ -472,9 +471,9 @@ def test_camera_pads_one_frame_to_a_fixed_batch_engine(trained_run, tmp_path):
     manifest = Manifest(data)
     video = _video(tmp_path / "line.avi", bundle, n=12)
     with OrtRunner(bundle.model_path) as plain:
-        expected = run_camera(plain, bundle.manifest, str(video), csv_path=str(tmp_path / "a.csv"))
+        expected = run_camera(CameraJob(runner=plain, manifest=bundle.manifest, source=str(video), csv_path=str(tmp_path / "a.csv")))
     with FixedBatchRunner(bundle.model_path) as runner:
-        summary = run_camera(runner, manifest, str(video), csv_path=str(tmp_path / "b.csv"))
+        summary = run_camera(CameraJob(runner=runner, manifest=manifest, source=str(video), csv_path=str(tmp_path / "b.csv")))
     assert summary["error"] is None and summary["frames_processed"] == expected["frames_processed"] == 12
     assert summary["engine_batch"] == 4 and expected["engine_batch"] == 1
     classes = lambda p: [r.split(",")[2] for r in p.read_text().splitlines()[1:]]  # noqa: E731

@@ -273,11 +273,11 @@ def test_damaged_archives_and_misplaced_outputs_are_errors_with_exit_2(trained_r
 def test_bench_memory_grows_by_no_more_than_its_frames(trained_run, tmp_path):
     """VmHWM of a whole bench at 1920x1080 frames against 64x48: the difference is at most the frames themselves
     (4 of them) plus a margin, not 8x them (int64 draws cast to uint8)."""
-    code = ("import json, sys; from edgerun.bundle.bundle import open_bundle; from edgerun.bench import run_bench; "
+    code = ("import json, sys; from edgerun.bundle.bundle import open_bundle; from edgerun.bench import BenchJob, run_bench; "
             "from edgerun.runtime.runners import OrtRunner; from edgerun.device import process_memory_mb; "
             "b = open_bundle(sys.argv[1]); w, h = int(sys.argv[2]), int(sys.argv[3]); "
             "r = OrtRunner(b.model_path); r.__enter__(); "
-            "run_bench(r, b.manifest, warmup=5, iterations=20, frame_size=(w, h)); "
+            "run_bench(BenchJob(runner=r, manifest=b.manifest, warmup=5, iterations=20, frame_size=(w, h))); "
             "print(json.dumps(process_memory_mb()))")
     peaks = {}
     for w, h in ((64, 48), (1920, 1080)):

@@ -20,6 +20,7 @@ from edgerun.bundle.bundle import open_bundle
 from edgerun.preprocess import preprocess
 from edgerun.runtime.trt_run import TrtRunner
 from edgerun.runtime.trt_build import build_engine
+from edgerun.runtime.trt_build import BuildSpec
 from fake_tensorrt import FakeCuda, _EnumMember, make_fake_trt
 
 # pybind11 returns None for a null pointer: TensorRT documents None for these on failure (not in the stubs)
@@ -170,7 +171,7 @@ def test_values_returned_on_the_10x_path_have_the_stub_types(stubs, trained_run,
                 setattr(cls, name, recording(cls._stub, name, value))
     bundle = open_bundle(trained_run / "bundle")
     engine = str(tmp_path / "e.engine")
-    build_engine(bundle, "fp16", engine, trt=trt, cuda=cuda, timing_cache=str(tmp_path / "tc"), log=lambda m: None)
+    build_engine(bundle, BuildSpec(precision="fp16", output=engine, timing_cache=str(tmp_path / "tc")), trt=trt, cuda=cuda, log=lambda m: None)
     images, _ = bundle.validation()
     with TrtRunner(engine, bundle=bundle, trt=trt, cuda=cuda) as runner:
         runner.infer({"input": preprocess(images[:1], bundle.manifest.preprocess)})

@@ -10,6 +10,7 @@ import pytest
 
 from edgerun.bundle.bundle import open_bundle
 from edgerun.line.camera import run_camera
+from edgerun.line.camera import CameraJob
 from edgerun.cli import main as edgerun
 from edgerun.cli.camera import parse_duration
 from edgerun.device import temperatures, throttled
@@ -145,8 +146,7 @@ def test_reconnects_land_in_the_soak_log(trained_run):
 
     soak = Soak(interval_s=0.01)
     with OrtRunner(bundle.model_path) as runner, pytest.raises(SourceError):
-        run_camera(runner, bundle.manifest, "rtsp://127.0.0.1/line", opener=flaky, max_reconnects=2,
-                   reconnect_delay=0.01, soak=soak)
+        run_camera(CameraJob(runner=runner, manifest=bundle.manifest, source="rtsp://127.0.0.1/line", opener=flaky, max_reconnects=2, reconnect_delay=0.01, soak=soak))
     kinds = [e["kind"] for e in soak.events]
     assert kinds == ["reconnect", "reconnect_failed"]
 

@@ -14,6 +14,7 @@ from edgerun.decision import softmax
 from edgerun.errors import EdgerunError
 from edgerun.device import TegraStats, clocks, meminfo, nvpmodel_mode, process_memory_mb, reset_peak_memory
 from edgerun.preprocess import preprocess
+from edgerun.spec import REQUIRED, Spec
 
 TRIM = 0.05
 DEFAULT_FRAME_SIZE = (1280, 720)  # a common line camera; resizing it is part of what the device pays per frame
@@ -72,72 +73,121 @@ def softmax_top1(logits):
     return probs.argmax(1), probs.max(1)
 
 
-def run_bench(runner, manifest, frames=None, batch=None, warmup=10, iterations=200, min_seconds=0.0,
-              input_order="BGR", frame_size=DEFAULT_FRAME_SIZE):
-    """Time the whole per-batch pipeline: preprocess -> infer (h2d, compute, d2h) -> postprocess.
+class BenchJob(Spec):
+    """What ``run_bench`` times: the runner and the bundle's manifest; ``frames`` (uint8 images fed through the
+    manifest's preprocessing), by default a synthetic feed of random frames at the camera's ``frame_size`` (width,
+    height), so resizing them, a large share of the work on a Nano's CPU, is timed as the line will pay it;
+    ``batch`` (default: the manifest's input batch); ``warmup`` batches, then at least ``iterations`` timed ones
+    and ``min_seconds``."""
 
-    ``frames``: uint8 images fed through the manifest's preprocessing; by default a synthetic feed of random
-    frames at the camera's ``frame_size`` (width, height), so resizing them, a large share of the work on a
-    Nano's CPU, is timed as the line will pay it. ``batch`` defaults to the manifest's input batch.
-    """
-    spec = manifest.preprocess
-    batch = batch or manifest.input_shape[0]
+    FIELDS = {"runner": REQUIRED, "manifest": REQUIRED, "frames": None, "batch": None, "warmup": 10,
+              "iterations": 200, "min_seconds": 0.0, "input_order": "BGR", "frame_size": DEFAULT_FRAME_SIZE}
+
+
+def _feed(job, batch):
+    """(frames, what they are): the given frames, or a synthetic feed at the camera's size."""
+    frames = job.frames
     kind = "given" if frames is not None else "synthetic"
     if frames is None:
         rng = np.random.RandomState(0)
-        w, h = frame_size
+        w, h = job.frame_size
         # drawn as uint8 directly: randint's default int64 then a cast held 8x the frames at once (128 MB for 10.5 MB
         # of 1280x720 frames), counted by VmHWM against the model's memory budget
         frames = rng.randint(0, 256, size=(max(batch, 4), h, w, 3), dtype=np.uint8)
-    feed_info = {"kind": kind,
-                 "frame_size": [int(frames[0].shape[1]), int(frames[0].shape[0])]}
-    name_in, name_out = manifest.input_name, manifest.output_name
+    return frames, {"kind": kind, "frame_size": [int(frames[0].shape[1]), int(frames[0].shape[0])]}
+
+
+class _ServingPeak(object):
+    """The process's peak memory during the serving loop alone: VmHWM reset after warm-up, else VmRSS sampled after
+    each timed batch; set-up's peak (engine load, the first calls' allocations) is kept apart."""
+
+    def __init__(self):
+        self.setup_peak = self.method = self.sampled = None
+
+    def start(self):
+        _, self.setup_peak = process_memory_mb()
+        if reset_peak_memory():
+            self.method = "VmHWM of the serving loop (reset after warm-up)"
+        else:
+            self.method = "VmRSS sampled after each batch of the serving loop (VmHWM could not be reset)"
+            self.sampled = process_memory_mb()[0]
+
+    def sample(self):
+        if self.sampled is not None:
+            self.sampled = max(self.sampled, process_memory_mb()[0] or 0)
+
+
+def _timed_batches(job, frames, batch, peak):
+    """Warm-up, then the timed batches: per stage and per batch seconds, and the runner.infer() call's own."""
+    spec = job.manifest.preprocess
+    name_in, name_out = job.manifest.input_name, job.manifest.output_name
     stages = {"preprocess": [], "h2d": [], "compute": [], "d2h": [], "postprocess": []}
     infer_calls = []  # wall time around runner.infer(): the runner's own overhead included
     totals = []
+    i = 0
+    timed_start = None
+    while True:
+        timed = i >= job.warmup
+        if timed:
+            if timed_start is None:
+                # the budget is judged on the serving loop: the peak from here on, not set-up's nor the harness's own
+                peak.start()
+                timed_start = time.perf_counter()
+            if len(totals) >= job.iterations and time.perf_counter() - timed_start >= job.min_seconds:
+                break
+        picks = [frames[(i * batch + k) % len(frames)] for k in range(batch)]
+        t0 = time.perf_counter()
+        feed = preprocess(picks, spec, input_order=job.input_order)
+        t1 = time.perf_counter()
+        out = job.runner.infer({name_in: feed})[name_out]
+        t2 = time.perf_counter()
+        softmax_top1(np.asarray(out))
+        t3 = time.perf_counter()
+        if timed:
+            totals.append(t3 - t0)
+            stages["preprocess"].append(t1 - t0)
+            stages["postprocess"].append(t3 - t2)
+            infer_calls.append(t2 - t1)
+            timing = job.runner.last_timing or {}
+            if timing:
+                for key in ("h2d", "compute", "d2h"):
+                    if key in timing:
+                        stages[key].append(timing[key])
+            else:
+                stages["compute"].append(t2 - t1)
+            peak.sample()
+        i += 1
+    return stages, infer_calls, totals
+
+
+def _memory(runner, peak, peak_before):
+    """The process's peak in the serving loop plus the device memory the runner holds (on Tegra: the shared
+    memory's drop less this process's RSS growth), and how each was measured."""
+    rss, process_peak = process_memory_mb()
+    if peak.sampled is not None:
+        process_peak = peak.sampled
+    mem = meminfo()
+    device = runner.device_memory()
+    if device is None:  # a CPU runner: no device share at all
+        device_mb, method, total = None, NO_DEVICE_MEMORY, process_peak
+    else:  # unknown when the device share is: a figure not measured is never counted as 0
+        device_mb, method = device["mb"], device["method"]
+        total = process_peak + device_mb if process_peak is not None and device_mb is not None else None
+    return {"process_rss_mb": rss, "process_peak_mb": process_peak, "process_peak_method": peak.method,
+            "setup_peak_mb": peak.setup_peak, "peak_before_bench_mb": peak_before,
+            "system_available_mb": mem.get("MemAvailable"), "system_total_mb": mem.get("MemTotal"),
+            "device_mb": device_mb, "device_method": method, "total_mb": total}
+
+
+def run_bench(job):
+    """Time the whole per-batch pipeline of ``job`` (a :class:`BenchJob`): preprocess -> infer (h2d, compute,
+    d2h) -> postprocess; latency percentiles, throughput, each stage's share, memory, tegrastats, clocks."""
+    batch = job.batch or job.manifest.input_shape[0]
+    frames, feed_info = _feed(job, batch)
     _, peak_before = process_memory_mb()
-    setup_peak, peak_method, sampled_peak = None, None, None
+    peak = _ServingPeak()
     with TegraStats() as tegra:
-        i = 0
-        timed_start = None
-        while True:
-            timed = i >= warmup
-            if timed:
-                if timed_start is None:
-                    # the budget is judged on the serving loop: the peak from here on, not set-up's (engine load,
-                    # the first calls' allocations) nor the harness's own
-                    _, setup_peak = process_memory_mb()
-                    if reset_peak_memory():
-                        peak_method = "VmHWM of the serving loop (reset after warm-up)"
-                    else:
-                        peak_method = "VmRSS sampled after each batch of the serving loop (VmHWM could not be reset)"
-                        sampled_peak = process_memory_mb()[0]
-                    timed_start = time.perf_counter()
-                if len(totals) >= iterations and time.perf_counter() - timed_start >= min_seconds:
-                    break
-            picks = [frames[(i * batch + k) % len(frames)] for k in range(batch)]
-            t0 = time.perf_counter()
-            feed = preprocess(picks, spec, input_order=input_order)
-            t1 = time.perf_counter()
-            out = runner.infer({name_in: feed})[name_out]
-            t2 = time.perf_counter()
-            softmax_top1(np.asarray(out))
-            t3 = time.perf_counter()
-            if timed:
-                totals.append(t3 - t0)
-                stages["preprocess"].append(t1 - t0)
-                stages["postprocess"].append(t3 - t2)
-                infer_calls.append(t2 - t1)
-                timing = runner.last_timing or {}
-                if timing:
-                    for key in ("h2d", "compute", "d2h"):
-                        if key in timing:
-                            stages[key].append(timing[key])
-                else:
-                    stages["compute"].append(t2 - t1)
-                if sampled_peak is not None:
-                    sampled_peak = max(sampled_peak, process_memory_mb()[0] or 0)
-            i += 1
+        stages, infer_calls, totals = _timed_batches(job, frames, batch, peak)
     result = summarize(totals, batch)
     model_only = [sum(parts) for parts in zip(*[stages[k] for k in ("h2d", "compute", "d2h") if stages[k]])]
     result["model_only"] = summarize(model_only, batch) if model_only else None
@@ -147,20 +197,7 @@ def run_bench(runner, manifest, frames=None, batch=None, warmup=10, iterations=2
                               for k, v in result["stages_ms"].items()}
     result["feed"] = feed_info
     result["infer_call"] = summarize(infer_calls, batch)
-    rss, peak = process_memory_mb()
-    if sampled_peak is not None:
-        peak = sampled_peak
-    mem = meminfo()
-    device = runner.device_memory()
-    if device is None:  # a CPU runner: no device share at all
-        device_mb, method, total = None, NO_DEVICE_MEMORY, peak
-    else:  # unknown when the device share is: a figure not measured is never counted as 0
-        device_mb, method = device["mb"], device["method"]
-        total = peak + device_mb if peak is not None and device_mb is not None else None
-    result["memory"] = {"process_rss_mb": rss, "process_peak_mb": peak, "process_peak_method": peak_method,
-                        "setup_peak_mb": setup_peak, "peak_before_bench_mb": peak_before,
-                        "system_available_mb": mem.get("MemAvailable"), "system_total_mb": mem.get("MemTotal"),
-                        "device_mb": device_mb, "device_method": method, "total_mb": total}
+    result["memory"] = _memory(job.runner, peak, peak_before)
     result["tegrastats"] = tegra.summary() if tegra.available else None
     result["clocks"] = clocks()
     result["nvpmodel"] = nvpmodel_mode()

@@ -1,6 +1,7 @@
 """``edgerun bench``: throughput, latency percentiles and memory of the serving loop on camera-size frames, and the
 PASS/FAIL verdict against the FPS target and the memory budget."""
 from edgerun.bench import DEFAULT_FRAME_SIZE, parse_frame_size, report_text, run_bench, verdict
+from edgerun.bench import BenchJob
 from edgerun.cli.common import (active_runner, add_runner_args, check_outputs, count, open_from_args, write_json)
 from edgerun.errors import EdgerunError
 from edgerun.profiles import TARGETS, get_target
@@ -30,8 +31,7 @@ def cmd_bench(args):
                            "re-export with export.dynamic_batch for other batches" % (args.batch, m.input_shape[0],
                                                                                        list(m.input_shape)))
     with active_runner(args, bundle) as runner:
-        result = run_bench(runner, bundle.manifest, batch=args.batch, warmup=args.warmup, iterations=args.iterations,
-                           min_seconds=args.min_seconds, frame_size=frame_size or _frame_size(args, bundle))
+        result = run_bench(BenchJob(runner=runner, manifest=bundle.manifest, batch=args.batch, warmup=args.warmup, iterations=args.iterations, min_seconds=args.min_seconds, frame_size=frame_size or _frame_size(args, bundle)))
     result["runner"] = runner.name
     v = verdict(result, args.fps_target, args.budget_mb, _device_memory(args, bundle))
     from edgerun.device import board_label, board_model

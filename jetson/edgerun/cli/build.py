@@ -8,14 +8,13 @@ from edgerun.cli.common import add_trust_args, open_from_args
 def cmd_build(args):
     from edgerun.device import gpu_properties
     from edgerun.runtime.trt_build import build_engine
+    from edgerun.runtime.trt_build import BuildSpec
 
     bundle = open_from_args(args)
     base = os.path.basename(os.path.normpath(args.bundle))
     stem = base[:-len(".edb")] if base.endswith(".edb") else bundle.manifest.data["name"]
     output = args.output or "%s.%s.engine" % (stem, args.precision)  # student.edb -> student.fp16.engine
-    meta = build_engine(bundle, precision=args.precision, output=output, workspace_mb=args.workspace_mb,
-                        timing_cache=args.timing_cache, force=args.force, gpu=gpu_properties(), dla_core=args.dla,
-                        gpu_fallback=args.gpu_fallback)
+    meta = build_engine(bundle, BuildSpec(precision=args.precision, output=output, workspace_mb=args.workspace_mb, timing_cache=args.timing_cache, force=args.force, gpu=gpu_properties(), dla_core=args.dla, gpu_fallback=args.gpu_fallback))
     print(to_json(meta))
     if meta.get("dla") and meta["dla"]["gpu_layers"]:
         print("on the GPU (the DLA cannot run them): %s" % ", ".join(meta["dla"]["gpu_layers"]))

@@ -10,6 +10,7 @@ from edgerun.errors import EdgerunError
 
 def cmd_camera(args):
     from edgerun.line.camera import run_camera
+    from edgerun.line.camera import CameraJob
 
     check_outputs(args)
     bundle = open_from_args(args)
@@ -37,12 +38,7 @@ def cmd_camera(args):
         heartbeat = Heartbeat(args.status_file)
     with active_runner(args, bundle) as runner:
         soak, drift, unsure = _watchers(args, bundle, runner, regression)
-        summary = run_camera(runner, bundle.manifest, args.source, duration=args.duration, max_frames=args.max_frames,
-                             csv_path=args.csv, reject_class=args.reject_class, reject_threshold=args.threshold,
-                             max_reconnects=args.reconnects, on_reject=announce, summary_path=args.json,
-                             reject_above=args.reject_above, reject_below=args.reject_below,
-                             reject_target=args.reject_target, on_frame=value if regression else None,
-                             loop=args.loop, drift=drift, unsure=unsure, soak=soak, heartbeat=heartbeat)
+        summary = run_camera(CameraJob(runner=runner, manifest=bundle.manifest, source=args.source, duration=args.duration, max_frames=args.max_frames, csv_path=args.csv, reject_class=args.reject_class, reject_threshold=args.threshold, max_reconnects=args.reconnects, on_reject=announce, summary_path=args.json, reject_above=args.reject_above, reject_below=args.reject_below, reject_target=args.reject_target, on_frame=value if regression else None, loop=args.loop, drift=drift, unsure=unsure, soak=soak, heartbeat=heartbeat))
     fps = summary["end_to_end_fps"]
     print("camera %s: %d frames in %.1f s, end-to-end %.1f FPS (model only %.1f FPS), %d dropped, %d reconnects, "
           "%d rejects" % (args.source, summary["frames_processed"], summary["seconds"], fps,

@@ -18,6 +18,7 @@ from edgerun.errors import SourceError
 from edgerun.preprocess import preprocess
 from edgerun.regression import restore
 from edgerun.runtime.runners import infer_chunk
+from edgerun.spec import REQUIRED, Spec
 
 
 class Timings(object):
@@ -120,64 +121,162 @@ class _Measure(object):
         return ["%.6g" % v for v in values], bool(reject), text, None
 
 
-def _counters(source, processed, grabber, rejects, seconds, drift):
-    return {"source": source, "frames": processed, "captured": grabber.captured, "dropped": grabber.dropped,
-            "reconnects": grabber.reconnects, "rejects": rejects, "seconds": seconds,
-            "drift": (("DRIFT" if drift.warnings else "stable") if drift.n_checks else "not checked yet")
-            if drift is not None else None}
+class CameraJob(Spec):
+    """What ``run_camera`` runs: the runner and the bundle's manifest, the source, when to stop, the reject rule,
+    where rows and the summary go, and what watches every frame.
+
+    A classification frame is rejected when the probability of ``reject_class`` reaches ``reject_threshold``
+    (default: the bundle's operating-point threshold for its positive class, else 0.5); a regression frame when
+    the value of ``reject_target`` is above ``reject_above`` or below ``reject_below``. ``on_reject(frame, text)``
+    is called for each rejected frame, ``on_frame(frame, text)`` for every frame. ``loop`` plays a file again from
+    its start. ``drift`` (a :class:`edgerun.line.drift.DriftWatch`), ``unsure``
+    (:class:`edgerun.line.drift.UnsureFrames`) and ``soak`` (:class:`edgerun.line.soak.Soak`) watch every frame;
+    their summaries join the camera's under their names. ``heartbeat`` (:class:`edgerun.line.service.Heartbeat`)
+    is told the counters every frame (systemd's watchdog, the status file)."""
+
+    FIELDS = {
+        "runner": REQUIRED, "manifest": REQUIRED, "source": REQUIRED,
+        "duration": None, "max_frames": None, "loop": False,  # when to stop (default: the end of the source)
+        "reject_class": None, "reject_threshold": None,  # classification's reject rule
+        "reject_above": None, "reject_below": None, "reject_target": None,  # regression's
+        "csv_path": None, "summary_path": None, "on_reject": None, "on_frame": None,  # where verdicts go
+        "opener": open_capture, "max_reconnects": 3, "reconnect_delay": 1.0,  # the source
+        "drift": None, "unsure": None, "soak": None, "heartbeat": None,  # what watches every frame
+    }
 
 
-def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_path=None, reject_class=None,
-               reject_threshold=None, opener=open_capture, max_reconnects=3, reconnect_delay=1.0, on_reject=None,
-               summary_path=None, reject_above=None, reject_below=None, reject_target=None, on_frame=None,
-               loop=False, drift=None, unsure=None, soak=None, heartbeat=None):
-    """Classify (or, for a regression bundle, measure) frames until ``duration`` s, ``max_frames`` or the end of a
-    file; returns the summary.
-
-    Per-frame rows (frame, time, class, confidence and the positive class's probability, or the target values;
-    latency, reject) go to ``csv_path`` as they happen, so a crash or a lost camera loses nothing already
-    processed. A classification frame is rejected when the probability of ``reject_class`` reaches
-    ``reject_threshold`` (default: the bundle's operating-point threshold for its positive class, else 0.5).
-    ``on_reject(frame, text)`` is called for each rejected frame, ``on_frame(frame, text)`` for every frame.
-    ``loop`` plays a file again from its start. ``drift`` (a :class:`edgerun.line.drift.DriftWatch`), ``unsure``
-    (:class:`edgerun.line.drift.UnsureFrames`) and ``soak`` (:class:`edgerun.line.soak.Soak`) watch every frame; their
-    summaries join this one under their names. ``heartbeat`` (:class:`edgerun.line.service.Heartbeat`) is told the
-    counters every frame (systemd's watchdog, the status file).
-    """
-    # a fixed-batch engine (batch 4, say) takes its whole batch: one frame is padded, as validate pads its last chunk
-    fixed_batch = None if manifest.model.get("dynamic_batch") else manifest.input_shape[0]
+def _decider(job):
+    """The frame's decision: ``_Measure`` for a regression bundle, ``_Classify`` otherwise; flags of the other task
+    and watchers that need class probabilities are refused."""
+    manifest = job.manifest
     if manifest.task == "regression":
-        if reject_class is not None:
+        if job.reject_class is not None:
             raise SourceError("--reject-class applies to classification bundles; this one measures %s: use "
                               "--reject-above/--reject-below" % ", ".join(manifest.classes))
-        decide = _Measure(manifest, reject_above, reject_below, reject_target)
+        decide = _Measure(manifest, job.reject_above, job.reject_below, job.reject_target)
     else:
-        if reject_above is not None or reject_below is not None:
+        if job.reject_above is not None or job.reject_below is not None:
             raise SourceError("--reject-above/--reject-below apply to regression bundles; this one classifies: use "
                               "--reject-class")
-        decide = _Classify(manifest, reject_class, reject_threshold)
-    spec = manifest.preprocess
-    if manifest.task == "regression" and (drift is not None or unsure is not None):
+        decide = _Classify(manifest, job.reject_class, job.reject_threshold)
+    if manifest.task == "regression" and (job.drift is not None or job.unsure is not None):
         raise SourceError("the drift watch and unsure frames read class probabilities; this bundle measures %s"
                           % ", ".join(manifest.classes))
-    grabber = FrameGrabber(source, opener, max_reconnects, reconnect_delay,
-                           transform=lambda frame: preprocess([frame], spec, input_order="BGR"), loop=loop,
-                           on_event=soak.event if soak is not None else None).start()
-    stages = {"preprocess": Timings(), "infer": Timings(), "postprocess": Timings()}
-    totals = Timings()
-    rejects = 0
-    processed = 0
+    return decide
+
+
+class _CameraLoop(object):
+    """One camera run's state: the decision, the timings of each stage, the counters and the rows written."""
+
+    def __init__(self, job, decide, grabber, writer_fh):
+        self.job, self.decide, self.grabber = job, decide, grabber
+        # a fixed-batch engine (batch 4, say) takes its whole batch: one frame is padded, as validate pads its last
+        # chunk
+        self.fixed_batch = None if job.manifest.model.get("dynamic_batch") else job.manifest.input_shape[0]
+        self.stages = {"preprocess": Timings(), "infer": Timings(), "postprocess": Timings()}
+        self.totals = Timings()
+        self.rejects = self.processed = 0
+        self.writer_fh = writer_fh
+        self.writer = csv.writer(writer_fh) if writer_fh else None
+        if self.writer:
+            self.writer.writerow(["frame", "time_s"] + decide.header + ["latency_ms", "reject"])
+        self.started = time.perf_counter()
+
+    def counters(self, seconds):
+        drift = self.job.drift
+        return {"source": self.job.source, "frames": self.processed, "captured": self.grabber.captured,
+                "dropped": self.grabber.dropped, "reconnects": self.grabber.reconnects, "rejects": self.rejects,
+                "seconds": seconds,
+                "drift": (("DRIFT" if drift.warnings else "stable") if drift.n_checks else "not checked yet")
+                if drift is not None else None}
+
+    def frame(self, frame):
+        """Infer, decide, watch and write one captured frame ``(image, batch, preprocessing seconds)``."""
+        job = self.job
+        t1 = time.perf_counter()
+        image, batch, prep_seconds = frame
+        t0 = t1 - prep_seconds  # preprocessing ran in the capture thread, overlapped with the last inference
+        logits = infer_chunk(job.runner, batch, job.manifest.input_name, job.manifest.output_name, self.fixed_batch)
+        t2 = time.perf_counter()
+        cells, reject, text, probs = self.decide(np.asarray(logits))
+        t3 = time.perf_counter()
+        if job.drift is not None:
+            job.drift.add(probs)
+        if job.unsure is not None:
+            job.unsure.add(self.processed, image, probs)
+        if job.soak is not None:
+            job.soak.tick(self.processed)
+        self.stages["preprocess"].add(t1 - t0)
+        self.stages["infer"].add(t2 - t1)
+        self.stages["postprocess"].add(t3 - t2)
+        self.totals.add(t3 - t0)
+        if reject:
+            self.rejects += 1
+            if job.on_reject:
+                job.on_reject(self.processed, text)
+            if job.heartbeat is not None:
+                job.heartbeat.verdict(self.processed, "REJECT " + text)
+        if job.on_frame:
+            job.on_frame(self.processed, text)
+        if self.writer:
+            self.writer.writerow([self.processed, "%.4f" % (t3 - self.started)] + cells
+                                 + ["%.3f" % ((t3 - t0) * 1e3), int(reject)])
+            self.writer_fh.flush()
+        self.processed += 1
+        if job.heartbeat is not None:
+            job.heartbeat.tick(self.counters(t3 - self.started))
+
+    def summary(self, elapsed, error):
+        job, grabber, totals, stages = self.job, self.grabber, self.totals, self.stages
+        return {
+            "source": job.source,
+            "frames_processed": self.processed,
+            "frames_captured": grabber.captured,
+            "frames_dropped": grabber.dropped,
+            "reconnects": grabber.reconnects,
+            "seconds": elapsed,
+            "end_to_end_fps": self.processed / elapsed if elapsed > 0 else 0.0,
+            "latency_ms": {"p50": totals.percentile(50) * 1e3 if totals.count else None,
+                           "p95": totals.percentile(95) * 1e3 if totals.count else None,
+                           "of": ("every frame" if totals.count <= totals.keep else
+                                  "a uniform sample of %d frames" % totals.keep)},
+            "stages_ms": dict((k, (v.mean() * 1e3 if v.count else None)) for k, v in stages.items()),
+            "model_only_fps": (stages["infer"].count / stages["infer"].total) if stages["infer"].total else None,
+            # one frame per inference: a fixed batch above 1 computes (batch - 1) padded copies each time
+            "engine_batch": self.fixed_batch or 1,
+            "rejects": self.rejects,
+            "reject_class": job.reject_class,
+            "reject_rule": self.decide.rule,
+            "reject_threshold": getattr(self.decide, "threshold", None) if job.reject_class is not None else None,
+            "threshold_source": getattr(self.decide, "threshold_source", None) if job.reject_class is not None
+            else None,
+            "task": job.manifest.task,
+            "error": str(error) if error else None,
+            "csv": job.csv_path,
+            "loops": grabber.loops if job.loop else None,
+        }
+
+
+def run_camera(job):
+    """Classify (or, for a regression bundle, measure) frames of ``job.source`` until ``job.duration`` s,
+    ``job.max_frames`` or the end of a file; returns the summary (see :class:`CameraJob`).
+
+    Per-frame rows (frame, time, class, confidence and the positive class's probability, or the target values;
+    latency, reject) go to ``job.csv_path`` as they happen, so a crash or a lost camera loses nothing already
+    processed.
+    """
+    decide = _decider(job)
+    spec = job.manifest.preprocess
+    grabber = FrameGrabber(job.source, job.opener, job.max_reconnects, job.reconnect_delay,
+                           transform=lambda frame: preprocess([frame], spec, input_order="BGR"), loop=job.loop,
+                           on_event=job.soak.event if job.soak is not None else None).start()
     error = None
-    writer_fh = open(csv_path, "w") if csv_path else None
-    writer = csv.writer(writer_fh) if writer_fh else None
-    if writer:
-        writer.writerow(["frame", "time_s"] + decide.header + ["latency_ms", "reject"])
-    started = time.perf_counter()
+    loop = _CameraLoop(job, decide, grabber, open(job.csv_path, "w") if job.csv_path else None)
     try:
         while True:
-            if duration and time.perf_counter() - started >= duration:
+            if job.duration and time.perf_counter() - loop.started >= job.duration:
                 break
-            if max_frames and processed >= max_frames:
+            if job.max_frames and loop.processed >= job.max_frames:
                 break
             try:
                 frame = grabber.latest()
@@ -186,85 +285,34 @@ def run_camera(runner, manifest, source, duration=None, max_frames=None, csv_pat
                 break
             if frame is None:
                 break
-            t1 = time.perf_counter()
-            _frame, batch, prep_seconds = frame
-            t0 = t1 - prep_seconds  # preprocessing ran in the capture thread, overlapped with the last inference
-            logits = infer_chunk(runner, batch, manifest.input_name, manifest.output_name, fixed_batch)
-            t2 = time.perf_counter()
-            cells, reject, text, probs = decide(np.asarray(logits))
-            t3 = time.perf_counter()
-            if drift is not None:
-                drift.add(probs)
-            if unsure is not None:
-                unsure.add(processed, _frame, probs)
-            if soak is not None:
-                soak.tick(processed)
-            stages["preprocess"].add(t1 - t0)
-            stages["infer"].add(t2 - t1)
-            stages["postprocess"].add(t3 - t2)
-            totals.add(t3 - t0)
-            if reject:
-                rejects += 1
-                if on_reject:
-                    on_reject(processed, text)
-                if heartbeat is not None:
-                    heartbeat.verdict(processed, "REJECT " + text)
-            if on_frame:
-                on_frame(processed, text)
-            if writer:
-                writer.writerow([processed, "%.4f" % (t3 - started)] + cells + ["%.3f" % ((t3 - t0) * 1e3), int(reject)])
-                writer_fh.flush()
-            processed += 1
-            if heartbeat is not None:
-                heartbeat.tick(_counters(source, processed, grabber, rejects, t3 - started, drift))
+            loop.frame(frame)
     finally:
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - loop.started
         grabber.stop()
-        if writer_fh:
-            writer_fh.close()
-    summary = {
-        "source": source,
-        "frames_processed": processed,
-        "frames_captured": grabber.captured,
-        "frames_dropped": grabber.dropped,
-        "reconnects": grabber.reconnects,
-        "seconds": elapsed,
-        "end_to_end_fps": processed / elapsed if elapsed > 0 else 0.0,
-        "latency_ms": {"p50": totals.percentile(50) * 1e3 if totals.count else None,
-                       "p95": totals.percentile(95) * 1e3 if totals.count else None,
-                       "of": ("every frame" if totals.count <= totals.keep else
-                              "a uniform sample of %d frames" % totals.keep)},
-        "stages_ms": dict((k, (v.mean() * 1e3 if v.count else None)) for k, v in stages.items()),
-        "model_only_fps": (stages["infer"].count / stages["infer"].total) if stages["infer"].total else None,
-        # one frame per inference: a fixed batch above 1 computes (batch - 1) padded copies each time
-        "engine_batch": fixed_batch or 1,
-        "rejects": rejects,
-        "reject_class": reject_class,
-        "reject_rule": decide.rule,
-        "reject_threshold": getattr(decide, "threshold", None) if reject_class is not None else None,
-        "threshold_source": getattr(decide, "threshold_source", None) if reject_class is not None else None,
-        "task": manifest.task,
-        "error": str(error) if error else None,
-        "csv": csv_path,
-        "loops": grabber.loops if loop else None,
-    }
-    if heartbeat is not None:
-        heartbeat.write(dict(_counters(source, processed, grabber, rejects, elapsed, drift), ended=True,
-                             error=summary["error"]))
-        heartbeat.stopping()
-    if drift is not None:
-        summary["drift"] = drift.summary()
-    if unsure is not None:
-        unsure.close()
-        summary["unsure"] = unsure.summary()
-    if soak is not None:
-        summary["soak"] = soak.summary(processed)
-    if summary_path:
+        if loop.writer_fh:
+            loop.writer_fh.close()
+    summary = loop.summary(elapsed, error)
+    _finish_watchers(job, loop, summary, elapsed)
+    if job.summary_path:
         import json
 
-        with open(summary_path, "w") as fh:
+        with open(job.summary_path, "w") as fh:
             json.dump(summary, fh, indent=2, sort_keys=True)
     if error is not None:
         raise SourceError("%s; %d frame(s) were classified before that%s" % (
-            error, processed, " and are saved in %s" % csv_path if csv_path else ""))
+            error, loop.processed, " and are saved in %s" % job.csv_path if job.csv_path else ""))
     return summary
+
+
+def _finish_watchers(job, loop, summary, elapsed):
+    """The heartbeat's last word, and the watchers' summaries joined to the camera's."""
+    if job.heartbeat is not None:
+        job.heartbeat.write(dict(loop.counters(elapsed), ended=True, error=summary["error"]))
+        job.heartbeat.stopping()
+    if job.drift is not None:
+        summary["drift"] = job.drift.summary()
+    if job.unsure is not None:
+        job.unsure.close()
+        summary["unsure"] = job.unsure.summary()
+    if job.soak is not None:
+        summary["soak"] = job.soak.summary(loop.processed)

@@ -18,6 +18,7 @@ from edgerun.runtime.engine_record import device_key, seal
 from edgerun.files import write_atomically
 from edgerun.errors import EngineBuildError
 from edgerun.profiles import explicit_int8_variant
+from edgerun.spec import Spec
 
 
 # --------------------------------------------------------------------------------------------- calibration
@@ -120,60 +121,53 @@ def dla_fallback_layers(network, config):
             if not config.can_run_on_DLA(network.get_layer(i))]
 
 
-def build_engine(bundle, precision="fp16", output=None, workspace_mb=1024, timing_cache=None, force=False,
-                 target=None, gpu=None, trt=None, cuda=None, log=print, board=None, dla_core=None,
-                 gpu_fallback=False):
-    """Build and serialize an engine for ``bundle``; write ``<output>`` and ``<output>.json``.
+class BuildSpec(Spec):
+    """What ``build_engine`` builds: ``precision`` (fp32, fp16, int8), the engine file ``output`` (default
+    ``<name>.<precision>.engine`` in the working folder) and its workspace, the persistent ``timing_cache`` (keyed by
+    board and TensorRT version), ``force`` (INT8 where it is slower or was rejected on the host), the ``target``'s
+    facts (default: the bundle's), the ``gpu``'s properties, the ``board`` (default: this device's), and
+    ``dla_core`` (a Deep Learning Accelerator core) with ``gpu_fallback`` for the layers it cannot run."""
 
-    INT8 engines come from the bundle's explicit-quantization model (Q/DQ, no calibrator) when it has one; older
-    bundles are calibrated from ``calib.npy`` (TensorRT 8.x). ``dla_core`` builds for that Deep Learning
-    Accelerator core; layers it cannot run are refused, or run on the GPU with ``gpu_fallback`` (listed in the
-    engine's record).
+    FIELDS = {"precision": "fp16", "output": None, "workspace_mb": 1024, "timing_cache": None, "force": False,
+              "target": None, "gpu": None, "board": None, "dla_core": None, "gpu_fallback": False}
 
-    On an out-of-memory build the workspace is halved and the build tried once more; a second failure
-    says so and points at swap. Returns the engine's metadata dictionary.
-    """
-    if precision not in ("fp32", "fp16", "int8"):
-        raise EngineBuildError("precision must be fp32, fp16 or int8, not %r" % (precision,))
-    cuda = cuda or _trt.import_cuda()  # the primary context is current before TensorRT touches CUDA
-    trt = trt or _trt.import_tensorrt()
-    api = _trt.select_api(trt)
-    manifest = bundle.manifest
-    target = target or manifest.data.get("target_facts") or {}
-    logger = _trt.make_logger(trt)
-    builder = trt.Builder(logger)
-    check_int8_allowed(precision, target, gpu, force, builder)
 
-    onnx_file = bundle.model_path
-    explicit_int8 = False
-    if precision == "int8":
-        variant = explicit_int8_variant(manifest)
-        if variant is not None:
-            explicit_int8 = True  # Q/DQ in the graph: no calibrator, on 8.2, 8.5 and 10.x alike
-            if variant.get("status") == "rejected" and not force:
-                raise EngineBuildError("the bundle's INT8 model was rejected on the host (%s drop %.2f points, over "
-                                       "its gate); pass --force to build it anyway" % (
-                                           variant.get("method", "INT8"), 100 * variant.get("drop", 0)))
-            onnx_file = bundle.path(variant["file"])
-        elif api.generation >= 10:
-            raise EngineBuildError("TensorRT %s builds INT8 from an explicit-quantization (QDQ) ONNX, which this "
-                                   "bundle lacks: re-export it with this edgedistill (every bundle now carries one), "
-                                   "or with a TensorRT 10 target (e.g. --target jetson-orin-nano-jp6)" % trt.__version__)
-    check_dla(builder, target, dla_core, precision)
-    network, _parser = _parse_onnx(trt, api, builder, logger, onnx_file)
+def _onnx_for(bundle, spec, api, trt):
+    """(the ONNX file to build, whether it is the explicit-quantization INT8 model)."""
+    if spec.precision != "int8":
+        return bundle.model_path, False
+    variant = explicit_int8_variant(bundle.manifest)
+    if variant is not None:  # Q/DQ in the graph: no calibrator, on 8.2, 8.5 and 10.x alike
+        if variant.get("status") == "rejected" and not spec.force:
+            raise EngineBuildError("the bundle's INT8 model was rejected on the host (%s drop %.2f points, over "
+                                   "its gate); pass --force to build it anyway" % (
+                                       variant.get("method", "INT8"), 100 * variant.get("drop", 0)))
+        return bundle.path(variant["file"]), True
+    if api.generation >= 10:
+        raise EngineBuildError("TensorRT %s builds INT8 from an explicit-quantization (QDQ) ONNX, which this "
+                               "bundle lacks: re-export it with this edgedistill (every bundle now carries one), "
+                               "or with a TensorRT 10 target (e.g. --target jetson-orin-nano-jp6)" % trt.__version__)
+    return bundle.model_path, False
 
-    output = output or os.path.join(os.getcwd(), "%s.%s.engine" % (manifest.data["name"], precision))
-    board = board if board is not None else _trt.board_model()
-    cache_path = timing_cache_path(timing_cache, trt.__version__, board, gpu) if timing_cache else None
-    workspace = int(workspace_mb) << 20
-    attempt = 0
-    while True:
-        attempt += 1
+
+class _Build(object):
+    """One engine build's TensorRT objects and choices, shared by its attempts."""
+
+    def __init__(self, bundle, spec, trt, cuda, log):
+        self.bundle, self.spec, self.trt, self.cuda, self.log = bundle, spec, trt, cuda, log
+        self.api = _trt.select_api(trt)
+        self.logger = _trt.make_logger(trt)
+        self.builder = trt.Builder(self.logger)
+
+    def config(self, network, workspace, explicit_int8, output):
+        """A builder config for one attempt: workspace, precision flags, the dynamic batch's profile, DLA, INT8
+        (Q/DQ, or the calibrator of an older bundle). Returns (config, the layers the DLA leaves to the GPU)."""
+        trt, spec, builder, manifest = self.trt, self.spec, self.builder, self.bundle.manifest
         config = builder.create_builder_config()
-        api.set_workspace(config, workspace)
-        if precision in ("fp16", "int8"):
+        self.api.set_workspace(config, workspace)
+        if spec.precision in ("fp16", "int8"):
             if not builder.platform_has_fast_fp16:
-                log("note: this GPU has no fast FP16 path; FP16 layers may not be faster than FP32")
+                self.log("note: this GPU has no fast FP16 path; FP16 layers may not be faster than FP32")
             config.set_flag(trt.BuilderFlag.FP16)
         dyn = manifest.model.get("dynamic_batch")
         profile = None
@@ -185,61 +179,105 @@ def build_engine(bundle, precision="fp16", output=None, workspace_mb=1024, timin
                 raise EngineBuildError("TensorRT refused the optimization profile of the dynamic batch (min %d, opt %d, "
                                        "max %d for '%s'): re-export with min <= opt <= max"
                                        % (dyn["min"], dyn["opt"], dyn["max"], manifest.input_name))
-        gpu_layers = None
-        if dla_core is not None:
-            config.default_device_type = trt.DeviceType.DLA
-            config.DLA_core = int(dla_core)
-            gpu_layers = dla_fallback_layers(network, config)
-            if gpu_layers and not gpu_fallback:
-                raise EngineBuildError("%d layer(s) cannot run on the DLA (first: %s): add --gpu-fallback to run them "
-                                       "on the GPU" % (len(gpu_layers), ", ".join(gpu_layers[:5])))
-            if gpu_fallback:
-                config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-        if precision == "int8":
+        gpu_layers = self._dla(network, config) if spec.dla_core is not None else None
+        if spec.precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)
             if not explicit_int8:
                 batch = dyn["opt"] if dyn else manifest.input_shape[0]  # calibration runs at the profile's opt
                 config.int8_calibrator = make_entropy_calibrator(
-                    trt, cuda, bundle.calibration(),
-                    calibration_cache_path(output, _trt.bundle_fingerprint(bundle), batch, dyn), batch)
+                    trt, self.cuda, self.bundle.calibration(),
+                    calibration_cache_path(output, _trt.bundle_fingerprint(self.bundle), batch, dyn), batch)
                 if profile is not None and not config.set_calibration_profile(profile):
                     raise EngineBuildError("TensorRT refused the calibration profile of the dynamic batch")
+        return config, gpu_layers
+
+    def _dla(self, network, config):
+        config.default_device_type = self.trt.DeviceType.DLA
+        config.DLA_core = int(self.spec.dla_core)
+        gpu_layers = dla_fallback_layers(network, config)
+        if gpu_layers and not self.spec.gpu_fallback:
+            raise EngineBuildError("%d layer(s) cannot run on the DLA (first: %s): add --gpu-fallback to run them "
+                                   "on the GPU" % (len(gpu_layers), ", ".join(gpu_layers[:5])))
+        if self.spec.gpu_fallback:
+            config.set_flag(self.trt.BuilderFlag.GPU_FALLBACK)
+        return gpu_layers
+
+    def serialize(self, network, config):
+        """The serialized engine, or None with TensorRT's messages in ``self.logger``."""
+        del self.logger.messages[:]
+        try:
+            return self.builder.build_serialized_network(network, config)
+        except MemoryError:
+            self.logger.messages.append((0, "out of memory (MemoryError)"))
+            return None
+
+    def failed(self, workspace):
+        detail = "; ".join(str(m) for s, m in self.logger.messages[-5:]) or "no detail from TensorRT"
+        if _trt._is_oom(self.logger.messages):
+            return EngineBuildError("engine build ran out of memory twice (workspace down to %d MB): close other "
+                                    "programs, add swap (e.g. a 4 GB swap file on the Nano: sudo fallocate -l 4G "
+                                    "/swapfile && sudo mkswap /swapfile && sudo swapon /swapfile) or use a smaller "
+                                    "--workspace-mb. TensorRT said: %s" % (workspace >> 20, detail))
+        return EngineBuildError("TensorRT could not build the engine: %s" % detail)
+
+
+def build_engine(bundle, spec, trt=None, cuda=None, log=print):
+    """Build and serialize an engine for ``bundle`` as ``spec`` (a :class:`BuildSpec`) says; write the engine and
+    its sealed record ``<engine>.json``. ``trt``/``cuda``: the modules (tests pass fakes); ``log``: notes.
+
+    INT8 engines come from the bundle's explicit-quantization model (Q/DQ, no calibrator) when it has one; older
+    bundles are calibrated from ``calib.npy`` (TensorRT 8.x). ``spec.dla_core`` builds for that Deep Learning
+    Accelerator core; layers it cannot run are refused, or run on the GPU with ``spec.gpu_fallback`` (listed in the
+    engine's record).
+
+    On an out-of-memory build the workspace is halved and the build tried once more; a second failure
+    says so and points at swap. Returns the engine's metadata dictionary.
+    """
+    if spec.precision not in ("fp32", "fp16", "int8"):
+        raise EngineBuildError("precision must be fp32, fp16 or int8, not %r" % (spec.precision,))
+    cuda = cuda or _trt.import_cuda()  # the primary context is current before TensorRT touches CUDA
+    trt = trt or _trt.import_tensorrt()
+    build = _Build(bundle, spec, trt, cuda, log)
+    manifest = bundle.manifest
+    target = spec.target or manifest.data.get("target_facts") or {}
+    check_int8_allowed(spec.precision, target, spec.gpu, spec.force, build.builder)
+    onnx_file, explicit_int8 = _onnx_for(bundle, spec, build.api, trt)
+    check_dla(build.builder, target, spec.dla_core, spec.precision)
+    network, _parser = _parse_onnx(trt, build.api, build.builder, build.logger, onnx_file)
+
+    output = spec.output or os.path.join(os.getcwd(), "%s.%s.engine" % (manifest.data["name"], spec.precision))
+    board = spec.board if spec.board is not None else _trt.board_model()
+    cache_path = timing_cache_path(spec.timing_cache, trt.__version__, board, spec.gpu) if spec.timing_cache else None
+    workspace = int(spec.workspace_mb) << 20
+    attempt = 0
+    while True:
+        attempt += 1
+        config, gpu_layers = build.config(network, workspace, explicit_int8, output)
         cache = _use_timing_cache(config, cache_path, log) if cache_path else None
         started = time.time()
-        del logger.messages[:]
-        try:
-            serialized = builder.build_serialized_network(network, config)
-        except MemoryError:
-            serialized = None
-            logger.messages.append((0, "out of memory (MemoryError)"))
+        serialized = build.serialize(network, config)
         if serialized is not None:
             break
-        if _trt._is_oom(logger.messages) and attempt == 1 and workspace > (16 << 20):
+        if _trt._is_oom(build.logger.messages) and attempt == 1 and workspace > (16 << 20):
             workspace //= 2
             log("engine build ran out of memory; retrying with a %d MB workspace" % (workspace >> 20))
             continue
-        detail = "; ".join(str(m) for s, m in logger.messages[-5:]) or "no detail from TensorRT"
-        if _trt._is_oom(logger.messages):
-            raise EngineBuildError("engine build ran out of memory twice (workspace down to %d MB): close other "
-                                   "programs, add swap (e.g. a 4 GB swap file on the Nano: sudo fallocate -l 4G "
-                                   "/swapfile && sudo mkswap /swapfile && sudo swapon /swapfile) or use a smaller "
-                                   "--workspace-mb. TensorRT said: %s" % (workspace >> 20, detail))
-        raise EngineBuildError("TensorRT could not build the engine: %s" % detail)
+        raise build.failed(workspace)
     build_seconds = time.time() - started
     engine_bytes = bytes(serialized)
     key = device_key(create=True)  # before anything is written: a device that cannot seal builds nothing
     meta = {
         "engine": os.path.basename(output),
         "tensorrt": trt.__version__,
-        "device": (gpu or {}).get("name"),
-        "compute_capability": (gpu or {}).get("compute_capability"),
+        "device": (spec.gpu or {}).get("name"),
+        "compute_capability": (spec.gpu or {}).get("compute_capability"),
         "l4t": _trt.l4t_release(),
         "board": board,
-        "precision": precision,
+        "precision": spec.precision,
         "onnx": os.path.basename(onnx_file),
         "explicit_quantization": explicit_int8,
-        "dla": None if dla_core is None else {"core": int(dla_core), "gpu_fallback": bool(gpu_fallback),
-                                              "gpu_layers": gpu_layers},
+        "dla": None if spec.dla_core is None else {"core": int(spec.dla_core), "gpu_fallback": bool(spec.gpu_fallback),
+                                                   "gpu_layers": gpu_layers},
         "bundle_sha256": _trt.bundle_fingerprint(bundle),
         "bundle_name": manifest.data["name"],
         "workspace_mb": workspace >> 20,
