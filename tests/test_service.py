@@ -12,7 +12,7 @@ import pytest
 from edgerun.bundle.bundle import open_bundle
 from edgerun.cli import main as edgerun
 from edgerun.preprocess import to_three_channels
-from edgerun.line.service import Heartbeat, sd_notify, unit_text, watchdog_interval
+from edgerun.line.service import Heartbeat, ServiceUnit, sd_notify, unit_text, watchdog_interval
 
 
 def _unit(tmp_path):
@@ -104,5 +104,5 @@ def test_heartbeat_without_systemd_and_the_watchdog_interval():
     beat = Heartbeat(None, environ={})
     beat.tick({"frames": 1, "seconds": 0.5})
     assert beat.ready and beat.watchdog_s is None
-    assert 'ExecStart=/opt/py/bin/python3 -m edgerun.cli camera "/data/my bundle.edb"' in unit_text(
-        "x", ["/data/my bundle.edb"], "edgerun", "video", python="/opt/py/bin/python3")
+    assert 'ExecStart=/opt/py/bin/python3 -m edgerun.cli camera "/data/my bundle.edb"' in unit_text(ServiceUnit(
+        name="x", camera_args=["/data/my bundle.edb"], user="edgerun", group="video", python="/opt/py/bin/python3"))

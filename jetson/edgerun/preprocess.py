@@ -22,6 +22,9 @@ class PreprocessSpec(object):
     resize: the shorter image side is scaled to this many pixels (aspect kept), then
     crop: a centred crop of (height, width) is taken; pixel values are multiplied by ``scale``,
     normalized with ``mean``/``std`` (per channel, in ``channel_order``) and laid out as ``layout``.
+
+    The constructor takes the nine fields as keywords: this class is itself the spec object (the manifest's
+    ``preprocess`` section, ``PreprocessSpec(**section)``), and each argument is validated where it arrives.
     """
 
     FIELDS = ("resize", "crop", "interpolation", "mean", "std", "scale", "channel_order", "layout", "dtype")

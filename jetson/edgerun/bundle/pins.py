@@ -63,10 +63,11 @@ def parse_time(text, where):
 
 def resolve_pins(explicit=None, environ=None, default_file=None):
     """The pins file: --pins, else $EDGERUN_PINS, else the device's pins file if it exists; None: no pins."""
-    from edgerun.settings import resolve_setting
+    from edgerun.settings import Setting, resolve_setting
 
-    return resolve_setting(explicit, PINS_ENV, DEFAULT_PINS_FILE if default_file is None else default_file,
-                           os.path.exists, PinError, "--pins", "a pins file", "the pins", environ)
+    setting = Setting(flag="--pins", env_name=PINS_ENV, exists=os.path.exists, error=PinError, what="a pins file",
+                      default=DEFAULT_PINS_FILE if default_file is None else default_file, off="the pins")
+    return resolve_setting(explicit, setting, environ)
 
 
 def load_pins(path):

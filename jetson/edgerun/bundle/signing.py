@@ -171,11 +171,12 @@ def resolve_trust(explicit=None, environ=None, default_dir=None):
     """Where the trust set comes from: --trust, else $EDGERUN_TRUST, else the device's trust folder if it
     exists; None means no trust is configured (unsigned bundles run). A trust given but empty (``--trust ''``,
     ``--trust "$UNSET"``, ``EDGERUN_TRUST=``) is an error: verification never turns off by accident."""
-    from edgerun.settings import resolve_setting
+    from edgerun.settings import Setting, resolve_setting
 
-    return resolve_setting(explicit, TRUST_ENV, DEFAULT_TRUST_DIR if default_dir is None else default_dir,
-                           os.path.isdir, SignatureError, "--trust", "a KEY.pub or a folder of them",
-                           "verification", environ)
+    setting = Setting(flag="--trust", env_name=TRUST_ENV, exists=os.path.isdir, error=SignatureError,
+                      default=DEFAULT_TRUST_DIR if default_dir is None else default_dir,
+                      what="a KEY.pub or a folder of them", off="verification")
+    return resolve_setting(explicit, setting, environ)
 
 
 def sign_bundle(folder, private_key_path, passphrase=None):

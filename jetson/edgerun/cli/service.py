@@ -46,8 +46,9 @@ def cmd_service(args):
         value = getattr(args, flag, None)
         if value:
             camera += ["--" + flag, os.path.abspath(value)]
-    path = service.install(args.name, camera, args.user, args.group, unit_dir=args.unit_dir,
-                           enable=not args.no_enable, watchdog_s=args.watchdog)
+    unit = service.ServiceUnit(name=args.name, camera_args=camera, user=args.user, group=args.group,
+                               watchdog_s=args.watchdog)
+    path = service.install(unit, unit_dir=args.unit_dir, enable=not args.no_enable)
     print("wrote %s for '%s' (%s) on %s as user %s" % (path, bundle.manifest.data.get("name"),
                                                        bundle.manifest_sha256[:16], args.source, args.user))
     print("enabled and started: journalctl -u edgerun-%s -f; edgerun service status --name %s" % (args.name, args.name)

@@ -17,6 +17,7 @@ import time
 
 import edgerun
 from edgerun.files import write_atomically
+from edgerun.spec import REQUIRED, Spec
 from edgerun.errors import EdgerunError
 
 UNIT_DIR = "/etc/systemd/system"
@@ -114,16 +115,27 @@ def _quote(word):
     return '"%s"' % word.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def unit_text(name, camera_args, user, group, python=None, watchdog_s=30, restart_s=5, description=None):
-    """The systemd unit that runs ``edgerun camera CAMERA_ARGS`` as ``user``; its state in /var/lib/edgerun/NAME."""
-    python = python or sys.executable
+class ServiceUnit(Spec):
+    """The service ``edgerun service install`` writes: its ``name`` (edgerun-NAME, state in /var/lib/edgerun/NAME),
+    the ``edgerun camera`` arguments it runs, the unprivileged ``user`` and the camera devices' ``group``, the
+    ``python`` that runs it (default: this one), systemd's watchdog and restart delay, a description."""
+
+    FIELDS = {"name": REQUIRED, "camera_args": REQUIRED, "user": REQUIRED, "group": REQUIRED, "python": None,
+              "watchdog_s": 30, "restart_s": 5, "description": None}
+
+
+def unit_text(unit):
+    """The systemd unit that runs ``edgerun camera CAMERA_ARGS`` as ``unit.user``; its state in
+    /var/lib/edgerun/NAME."""
+    name, user, group = unit.name, unit.user, unit.group
+    python = unit.python or sys.executable
     state = "%s/%s" % (STATE_ROOT, name)
-    exec_words = [python, "-m", "edgerun.cli", "camera"] + list(camera_args) + [
+    exec_words = [python, "-m", "edgerun.cli", "camera"] + list(unit.camera_args) + [
         "--status-file", "%s/%s" % (state, STATUS_FILE)]
     return "\n".join([
         "# written by `edgerun service install`; edgerun service status %s" % name,
         "[Unit]",
-        "Description=%s" % (description or "edgerun line camera (%s)" % name),
+        "Description=%s" % (unit.description or "edgerun line camera (%s)" % name),
         "After=network-online.target",
         "Wants=network-online.target",
         "StartLimitIntervalSec=600",
@@ -137,8 +149,8 @@ def unit_text(name, camera_args, user, group, python=None, watchdog_s=30, restar
         "Group=%s" % user,
         "SupplementaryGroups=%s" % group,
         "Restart=on-failure",
-        "RestartSec=%d" % restart_s,
-        "WatchdogSec=%d" % watchdog_s,
+        "RestartSec=%d" % unit.restart_s,
+        "WatchdogSec=%d" % unit.watchdog_s,
         "TimeoutStartSec=300",
         "StateDirectory=edgerun/%s" % name,
         "WorkingDirectory=%s" % state,
@@ -183,19 +195,19 @@ def check_user(user, group):
         raise EdgerunError("--group %s: no such group (the camera devices' group, usually video)" % group)
 
 
-def install(name, camera_args, user, group, unit_dir=UNIT_DIR, enable=True, python=None, watchdog_s=30,
-            run=subprocess.call):
-    """Write /etc/systemd/system/edgerun-NAME.service (atomically) and, with ``enable``, reload systemd and
-    enable and start it. Returns the unit's path."""
+def install(unit, unit_dir=UNIT_DIR, enable=True, run=subprocess.call):
+    """Write ``unit_dir``/edgerun-NAME.service for ``unit`` (a :class:`ServiceUnit`, atomically) and, with
+    ``enable``, reload systemd and enable and start it. Returns the unit's path."""
+    name = unit.name
     check_name(name)
-    check_user(user, group)
-    if watchdog_s < 5:
+    check_user(unit.user, unit.group)
+    if unit.watchdog_s < 5:
         raise EdgerunError("--watchdog %d: at least 5 seconds (an engine's first inference can take seconds)"
-                           % watchdog_s)
+                           % unit.watchdog_s)
     if not os.path.isdir(unit_dir):
         raise EdgerunError("--unit-dir %s does not exist" % unit_dir)
     path = os.path.join(unit_dir, "edgerun-%s.service" % name)
-    text = unit_text(name, camera_args, user, group, python=python, watchdog_s=watchdog_s)
+    text = unit_text(unit)
     try:
         write_atomically(path, text.encode("utf-8"))
     except (OSError, IOError) as exc:
