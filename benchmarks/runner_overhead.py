@@ -73,18 +73,18 @@ def harness_loop(model_path: str, manifest, frames, iterations: int, threads: in
 def demo_bundle(folder: Path) -> Path:
     """A 224 px MobileNetV3-Large student bundle with random weights (for timing only)."""
     from edgedistill.data.sources import load_data
-    from edgedistill.ship.export import build_bundle
+    from edgedistill.ship.export import ExportJob, build_bundle
     from edgedistill.models.factory import create_model
     from edgedistill.recipe.sections import DataConfig, ExportConfig, ModelConfig
 
     cfg = DataConfig(source="digits", image_size=224, crop_pct=0.875, train_per_class=4, val_per_class=4)
     data = load_data(cfg)
     (folder / "ckpt").write_bytes(b"random weights")
-    build_bundle(model=create_model(ModelConfig(model="mobilenetv3_large_100"), 10).eval(),
-                 out_dir=folder / "bundle", name="mnv3-large-224-random", classes=data.classes, train=data.train,
-                 val=data.val, data_cfg=cfg, cfg=ExportConfig(int8=False, calib_samples=8, val_samples=16,
-                                                              parity_samples=8), seed=0,
-                 checkpoint=folder / "ckpt", source={}, host_metrics={}, recipe_yaml="name: timing\n")
+    build_bundle(ExportJob(model=create_model(ModelConfig(model="mobilenetv3_large_100"), 10).eval(),
+                           out_dir=folder / "bundle", name="mnv3-large-224-random", classes=data.classes,
+                           train=data.train, val=data.val, data_cfg=cfg,
+                           cfg=ExportConfig(int8=False, calib_samples=8, val_samples=16, parity_samples=8), seed=0,
+                           checkpoint=folder / "ckpt", source={}, host_metrics={}, recipe_yaml="name: timing\n"))
     return folder / "bundle"
 
 

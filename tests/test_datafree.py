@@ -12,7 +12,7 @@ import yaml
 from conftest import FAST, deep_update, kill_when_written
 from edgedistill.models.checkpoint import load_model
 from edgedistill.train.datafree import (bn_statistics_loss, competition_loss, image_priors, require_batchnorm,
-    synthesize)
+    SynthesisJob, synthesize)
 from edgedistill.errors import RecipeError
 from edgedistill.models.factory import create_model
 from edgedistill.recipe.sections import DataConfig, DataFreeConfig, ModelConfig
@@ -56,7 +56,8 @@ def test_synthesis_makes_images_the_teacher_recognizes(trained_run, tmp_path):
     data_cfg = DataConfig(**FAST["data"])
     cfg = DataFreeConfig(images_per_class=3, batch_size=30, steps=150)
     classes = [str(i) for i in range(10)]
-    synthetic = synthesize(teacher, "sha", classes, data_cfg, cfg, tmp_path / "set", seed=0, device=torch.device("cpu"))
+    synthetic = synthesize(SynthesisJob(teacher=teacher, teacher_sha256="sha", classes=classes, data_cfg=data_cfg, cfg=cfg,
+                                        folder=tmp_path / "set", seed=0, device=torch.device("cpu")))
     assert len(synthetic.files) == 30 and sorted(set(synthetic.labels.tolist())) == list(range(10))
     facts = json.loads((tmp_path / "set" / "synthesis.json").read_text())
     assert facts["bn_loss_last"] < 0.5 * facts["bn_loss_first"]

@@ -106,7 +106,8 @@ def test_unknown_key_and_separator_in_a_class_name_are_refused(trained_run, tmp_
         deepstream.check_config(bad)
     spec = PreprocessSpec(resize=8, crop=8)
     with pytest.raises(ExportError, match="';'"):
-        deepstream.write(tmp_path / "ds", bundle_model=trained_run / "bundle" / "model.onnx",
-                         manifest_model={"input_name": "input", "output_name": "logits", "input_shape": [1, 3, 8, 8]},
-                         classes=["good", "bad;scratch"], spec=spec, folded=False, batch=1, int8_file=None,
-                         decision=None, source="csi://0", camera="1280x720@30", name="t")
+        deepstream.write(deepstream.DeepStreamJob(
+            folder=tmp_path / "ds", bundle_model=trained_run / "bundle" / "model.onnx",
+            manifest_model={"input_name": "input", "output_name": "logits", "input_shape": [1, 3, 8, 8]},
+            classes=["good", "bad;scratch"], spec=spec, folded=False, batch=1, int8_file=None, decision=None,
+            source="csi://0", camera="1280x720@30", name="t"))

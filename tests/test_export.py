@@ -12,7 +12,7 @@ from torch import nn
 from edgedistill.cli import main
 from edgedistill.data.sources import load_data
 from edgedistill.errors import ExportError
-from edgedistill.ship.export import build_bundle
+from edgedistill.ship.export import ExportJob, build_bundle
 from edgedistill.models.factory import create_model
 from edgedistill.recipe.sections import DataConfig, ExportConfig, ModelConfig
 from edgerun.bundle.bundle import open_bundle
@@ -35,9 +35,10 @@ def _bundle(tmp_path, model, digits, **export):
     tmp_path.mkdir(parents=True, exist_ok=True)
     ckpt = tmp_path / "ckpt.bin"
     ckpt.write_bytes(b"weights")
-    return build_bundle(model=model, out_dir=tmp_path / "bundle", name="t", classes=digits.classes,
-                        train=digits.train, val=digits.val, data_cfg=DATA_CFG, cfg=cfg, seed=0, checkpoint=ckpt,
-                        source={"student_model": "x"}, host_metrics={}, recipe_yaml="name: t\n")
+    return build_bundle(ExportJob(model=model, out_dir=tmp_path / "bundle", name="t", classes=digits.classes,
+                                  train=digits.train, val=digits.val, data_cfg=DATA_CFG, cfg=cfg, seed=0,
+                                  checkpoint=ckpt, source={"student_model": "x"}, host_metrics={},
+                                  recipe_yaml="name: t\n"))
 
 
 @pytest.mark.parametrize("name", ["mobilenetv3_small_050", "squeezenet1_1"])

@@ -11,7 +11,7 @@ from edgedistill.errors import EdgedistillError
 from edgedistill.plan.calibration import (CALIBRATION_FILE, factors_for, leave_one_out, load_calibration, read_bench,
     refit_from_measured)
 from edgedistill.cli.plan import plan_command
-from edgedistill.plan.estimate import DEFAULT_CANDIDATES, estimate, plan
+from edgedistill.plan.estimate import DEFAULT_CANDIDATES, PlanSpec, estimate, plan
 from edgedistill.plan.profile import profile_model
 from edgerun.profiles import TARGETS
 
@@ -31,20 +31,20 @@ def test_multiply_accumulates_match_the_published_figures(name, gmacs):
 
 def test_estimates_grow_with_flops_on_one_board():
     family = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
-    est = [estimate(m, "jetson-nano-jp4") for m in family]
+    est = [estimate(m, PlanSpec("jetson-nano-jp4")) for m in family]
     assert [e.flops for e in est] == sorted(e.flops for e in est)
     assert all(a.est_latency_ms < b.est_latency_ms for a, b in zip(est, est[1:]))
-    sizes = [estimate("mobilenetv3_large_100", "jetson-nano-jp4", image_size=s) for s in (128, 160, 224, 288)]
+    sizes = [estimate("mobilenetv3_large_100", PlanSpec("jetson-nano-jp4", image_size=s)) for s in (128, 160, 224, 288)]
     assert all(a.est_latency_ms < b.est_latency_ms for a, b in zip(sizes, sizes[1:]))
     # a faster board and a lower precision estimate less time for the same network
-    assert estimate("resnet50", "agx-xavier-jp5").est_latency_ms < estimate("resnet50", "jetson-nano-jp4").est_latency_ms
-    assert estimate("resnet50", "jetson-nano-jp4", precision="fp16").est_latency_ms < \
-        estimate("resnet50", "jetson-nano-jp4", precision="fp32").est_latency_ms
+    assert estimate("resnet50", PlanSpec("agx-xavier-jp5")).est_latency_ms < estimate("resnet50", PlanSpec("jetson-nano-jp4")).est_latency_ms
+    assert estimate("resnet50", PlanSpec("jetson-nano-jp4", precision="fp16")).est_latency_ms < \
+        estimate("resnet50", PlanSpec("jetson-nano-jp4", precision="fp32")).est_latency_ms
 
 
 def test_over_budget_candidates_are_refused_with_the_reason():
-    result = plan("jetson-nano-jp4", ["resnet152", "resnet18", "mobilenetv3_small_100"], fps_target=30, budget_mb=320,
-                  teacher="resnet152")
+    result = plan(PlanSpec("jetson-nano-jp4", fps_target=30, budget_mb=320),
+                  ["resnet152", "resnet18", "mobilenetv3_small_100"], teacher="resnet152")
     rows = {e.model: e for e in result["rows"]}
     big = rows["resnet152"]
     assert not big.fits and "FPS" in big.reason and "< 30" in big.reason and "memory" in big.reason
@@ -53,11 +53,11 @@ def test_over_budget_candidates_are_refused_with_the_reason():
     # ranked by published top-1, and the recommendation is the most accurate one that keeps 20% headroom
     assert [e.model for e in result["rows"]][0] == "resnet152"
     assert result["recommended"] is None  # a 320 MB budget leaves no 20% headroom above the runtime's base
-    roomy = plan("jetson-nano-jp4", ["resnet152", "resnet18", "mobilenetv3_small_100"], fps_target=30, budget_mb=500)
+    roomy = plan(PlanSpec("jetson-nano-jp4", fps_target=30, budget_mb=500), ["resnet152", "resnet18", "mobilenetv3_small_100"])
     assert roomy["recommended"] == "resnet18"  # more accurate than mobilenetv3_small_100, and fast enough
     assert result["teacher"].role == "teacher"
     with pytest.raises(EdgedistillError, match="no fast INT8"):
-        estimate("resnet18", "jetson-nano-jp4", precision="int8")
+        estimate("resnet18", PlanSpec("jetson-nano-jp4", precision="int8"))
 
 
 def test_calibration_table_names_its_source_and_conditions_for_every_row():
@@ -98,14 +98,14 @@ def _bench_json(path, model="resnet18", latency_ms=20.0, total_mb=700.0, precisi
 
 
 def test_measured_bench_files_rescale_the_board_in_the_users_cache(tmp_path, capsys):
-    before = estimate("resnet18", "jetson-tx2-jp4")
+    before = estimate("resnet18", PlanSpec("jetson-tx2-jp4"))
     measured = 2 * before.est_latency_ms
     refit = refit_from_measured("jetson-tx2-jp4", [_bench_json(tmp_path / "b.json", latency_ms=measured)])
     assert refit["scale"] == pytest.approx(2.0, rel=1e-6)  # preprocessing (9 ms) is not model time
     assert refit["rows"][0]["latency_ms"] == pytest.approx(measured)
     after = factors_for("jetson-tx2-jp4")
     assert "rescaled by 1 measurement" in after.source and after.runtime_base_mb != 300.0
-    assert estimate("resnet18", "jetson-tx2-jp4").est_latency_ms == pytest.approx(measured, rel=1e-6)
+    assert estimate("resnet18", PlanSpec("jetson-tx2-jp4")).est_latency_ms == pytest.approx(measured, rel=1e-6)
     assert factors_for("jetson-nano-jp4").scale == 1.0  # another board is untouched
     with pytest.raises(EdgedistillError, match="not a TensorRT run"):
         read_bench(_bench_json(tmp_path / "ort.json", precision=None))

@@ -12,7 +12,7 @@ from edgedistill.data.sources import load_data
 from edgedistill.data.loaders import train_loader
 from edgedistill.models.factory import create_model
 from edgedistill.recipe.loading import load_recipe
-from edgedistill.train.softlabels import SoftLabelCache, build, cache_key, cached_soft_labels
+from edgedistill.train.softlabels import SoftLabelCache, SoftLabelJob, build, cache_key, cached_soft_labels
 from edgedistill.train.job import Teaching, TrainJob
 from edgedistill.train.loop import train_model
 
@@ -29,7 +29,8 @@ def small(make_recipe):
 
 def test_replayed_views_get_exactly_the_teacher_logits_of_those_views(small, tmp_path):
     r, data, teacher = small
-    cache = build(teacher, data.train, r.data, seed=3, draws=2, topk=None, device=torch.device("cpu"))
+    cache = build(SoftLabelJob(teacher=teacher, teacher_sha256="t" * 64, split=data.train, data_cfg=r.data, seed=3,
+                               draws=2, topk=None, folder=tmp_path, device=torch.device("cpu")))
     assert cache.values.shape[:2] == (2, cache.offsets[-1]) and cache.indices is None  # 10 classes: full vectors
     with torch.no_grad():
         for draw in (1, 0):  # any order: a draw is reproduced from (seed, draw) alone
@@ -57,12 +58,12 @@ def test_a_changed_teacher_or_recipe_gets_its_own_cache(small, tmp_path):
     assert cache_key("a" * 64, data.train, r.data.model_copy(update={"image_size": 24}), 0, 2, None) != key
     assert cache_key("a" * 64, data.train, r.data, 1, 2, None) != key and cache_key("a" * 64, data.train, r.data, 0, 3,
                                                                                    None) != key
-    first = cached_soft_labels(teacher, "a" * 64, data.train, r.data, 0, 2, None, tmp_path, torch.device("cpu"))
+    first = cached_soft_labels(SoftLabelJob(teacher, "a" * 64, data.train, r.data, 0, 2, None, tmp_path, torch.device("cpu")))
     files = list(tmp_path.glob("*.npz"))
     assert len(files) == 1
-    reused = cached_soft_labels(teacher, "a" * 64, data.train, r.data, 0, 2, None, tmp_path, torch.device("cpu"))
+    reused = cached_soft_labels(SoftLabelJob(teacher, "a" * 64, data.train, r.data, 0, 2, None, tmp_path, torch.device("cpu")))
     assert np.array_equal(first.values, reused.values) and len(list(tmp_path.glob("*.npz"))) == 1
-    cached_soft_labels(teacher, "c" * 64, data.train, r.data, 0, 2, None, tmp_path, torch.device("cpu"))
+    cached_soft_labels(SoftLabelJob(teacher, "c" * 64, data.train, r.data, 0, 2, None, tmp_path, torch.device("cpu")))
     assert len(list(tmp_path.glob("*.npz"))) == 2  # the stale one is never read for the new teacher
 
 
@@ -73,7 +74,8 @@ def test_with_a_draw_per_epoch_cached_training_equals_online(small, tmp_path):
         torch.manual_seed(1)
         student = create_model(r.student, len(data.classes))
         if mode == "cached":
-            cache = build(teacher, data.train, r.data, 5, draws=2, topk=None, device=torch.device("cpu"))
+            cache = build(SoftLabelJob(teacher=teacher, teacher_sha256="t" * 64, split=data.train, data_cfg=r.data, seed=5,
+                                       draws=2, topk=None, folder=tmp_path, device=torch.device("cpu")))
             teaching = Teaching(teacher=None, distill=r.distill, soft_labels=cache)
         else:
             teaching = Teaching(teacher=teacher, distill=r.distill)

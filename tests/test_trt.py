@@ -24,17 +24,18 @@ XAVIER = {"name": "Xavier", "compute_capability": "7.2"}
 def _untrained_bundle(folder, name, **export):
     """A bundle of an untrained MobileNetV3 on a few real digits, exported with ``ExportConfig(**export)``."""
     from edgedistill.data.sources import load_data
-    from edgedistill.ship.export import build_bundle
+    from edgedistill.ship.export import ExportJob, build_bundle
     from edgedistill.models.factory import create_model
     from edgedistill.recipe.sections import DataConfig, ExportConfig, ModelConfig
 
     cfg = DataConfig(source="digits", image_size=32, train_per_class=10, val_per_class=4)
     data = load_data(cfg)
     (folder / "ckpt").write_bytes(b"x")
-    build_bundle(model=create_model(ModelConfig(model="mobilenetv3_small_050"), 10).eval(), out_dir=folder / "bundle",
-                 name=name, classes=data.classes, train=data.train, val=data.val, data_cfg=cfg,
-                 cfg=ExportConfig(calib_samples=16, val_samples=20, parity_samples=20, **export),
-                 seed=0, checkpoint=folder / "ckpt", source={}, host_metrics={}, recipe_yaml="name: %s\n" % name)
+    build_bundle(ExportJob(model=create_model(ModelConfig(model="mobilenetv3_small_050"), 10).eval(),
+                           out_dir=folder / "bundle", name=name, classes=data.classes, train=data.train, val=data.val,
+                           data_cfg=cfg, cfg=ExportConfig(calib_samples=16, val_samples=20, parity_samples=20, **export),
+                           seed=0, checkpoint=folder / "ckpt", source={}, host_metrics={},
+                           recipe_yaml="name: %s\n" % name))
     return open_bundle(folder / "bundle")
 
 

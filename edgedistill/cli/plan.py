@@ -52,7 +52,7 @@ def check_names(names: Sequence[str]) -> None:
 def plan_command(args: argparse.Namespace) -> int:
     """`edgedistill plan`: the table, the recommendation, the planner's own error; --json and --measured."""
     from edgedistill.plan.calibration import format_measured, leave_one_out, load_calibration, refit_from_measured
-    from edgedistill.plan.estimate import DEFAULT_CANDIDATES, format_plan, plan
+    from edgedistill.plan.estimate import DEFAULT_CANDIDATES, PlanSpec, format_plan, plan
 
     if args.image_size < 32 or args.batch < 1:
         raise EdgedistillError("--image-size must be at least 32 and --batch at least 1")
@@ -61,8 +61,8 @@ def plan_command(args: argparse.Namespace) -> int:
         print()
     candidates = [c.strip() for c in args.candidates.split(",") if c.strip()] if args.candidates else DEFAULT_CANDIDATES
     check_names(list(candidates) + ([args.teacher] if args.teacher else []))
-    result = plan(args.target, candidates, args.precision, args.image_size, args.batch, args.fps_target,
-                  args.budget_mb, args.teacher)
+    spec = PlanSpec(args.target, args.precision, args.image_size, args.batch, args.fps_target, args.budget_mb)
+    result = plan(spec, candidates, args.teacher)
     board = result["factors"]["board"]
     loo = leave_one_out([p for p in load_calibration() if p.board == board])
     print(format_plan(result, loo))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass, field
 from typing import Any, Optional
 import numpy as np
 from edgedistill.judge import metrics
@@ -144,6 +145,98 @@ def _decisions(pred: Prediction, plan: EvalPlan, threshold: Optional[float]) -> 
     rejected = (metrics.positive_scores(pred.logits, plan.positive_index) >= threshold).astype(np.int64)
     return positive, rejected, 2, "recall"
 
+@dataclass
+class _Comparison:
+    """What every part of ``compare_models`` reads: the predictions, the plan, the labels, the bootstrap indices,
+    the positive class's scores on the evaluation and calibration images, and each model's metric threshold."""
+
+    preds: dict[str, Prediction]
+    plan: EvalPlan
+    idx: np.ndarray
+    samples: int
+    classes: Optional[list[str]]
+    positive: Optional[np.ndarray] = None
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    calib_pos: dict[str, np.ndarray] = field(default_factory=dict)
+    calib_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    metric_threshold: dict[str, Optional[float]] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.preds["student"].labels
+
+    @property
+    def k(self) -> int:
+        return self.preds["student"].logits.shape[1]
+
+
+def _model_facts(c: _Comparison, role: str) -> tuple[dict[str, Any], np.ndarray, Optional[dict]]:
+    """One model's metrics with their intervals, its per-resample metric, and its ROC/PR curves (positive class)."""
+    plan, labels, k, idx = c.plan, c.labels, c.k, c.idx
+    pred = c.preds[role]
+    y, p, n_classes, name = _decisions(pred, plan, c.metric_threshold[role])
+    facts: dict[str, Any] = {"top1": pred.top1, "balanced_accuracy": metrics.balanced_accuracy(labels, pred.predicted, k),
+                             "macro_f1": metrics.macro_f1(labels, pred.predicted, k)}
+    value = float(metrics.metric_from_counts(name, *metrics.counts(y, p, n_classes)))
+    facts[plan.metric] = value
+    facts["score"] = value
+    per_resample = metrics.resampled_metric(name, y, p, n_classes, idx)
+    facts["score_interval"] = metrics.interval(per_resample)
+    facts["balanced_accuracy_interval"] = facts["score_interval"] if name == "balanced_accuracy" else \
+        metrics.interval(metrics.resampled_metric("balanced_accuracy", labels, pred.predicted, k, idx))
+    facts["per_class"] = metrics.per_class(labels, pred.predicted, c.classes or [str(i) for i in range(k)])
+    if c.metric_threshold[role] is not None:
+        facts["metric_threshold"] = c.metric_threshold[role]
+    curves = None
+    if c.positive is not None and role in ("teacher", "student", "baseline"):
+        positive, s = c.positive, c.scores[role]
+        few = idx[: c.samples // 2]
+        facts["roc_auc"] = metrics.roc_auc(positive, s)
+        facts["pr_auc"] = metrics.average_precision(positive, s)
+        facts["roc_auc_interval"] = metrics.interval(metrics.resampled(lambda r: metrics.roc_auc(positive[r], s[r]), few))
+        facts["pr_auc_interval"] = metrics.interval(metrics.resampled(
+            lambda r: metrics.average_precision(positive[r], s[r]), few))
+        curves = {"roc": metrics.thin(metrics.roc_curve(positive, s)),
+                  "pr": metrics.thin(metrics.precision_recall_curve(positive, s))}
+    return facts, per_resample, curves
+
+
+def _operating_point(c: _Comparison, calib_name: str) -> dict[str, Any]:
+    """Each model's threshold for the plan's operating point, picked on the calibration images, with its recall and
+    false-reject rate there and on the evaluation images (with intervals)."""
+    positive, idx = c.positive, c.idx
+    op: dict[str, Any] = {"rule": c.plan.operating_point.describe(), "calibration_split": calib_name}
+    for role in c.preds:
+        threshold = metrics.pick_threshold(c.calib_pos[role], c.calib_scores[role], c.plan.operating_point)
+        at_calib = metrics.rates_at(c.calib_pos[role], c.calib_scores[role], threshold)
+        here = metrics.rates_at(positive, c.scores[role], threshold)
+        decided = c.scores[role] >= threshold
+        op[role] = {"threshold": threshold, "calibration": {"recall": at_calib["recall"],
+                                                             "false_reject": at_calib["false_reject"]},
+                    **{k2: here[k2] for k2 in ("recall", "false_reject", "positives", "negatives", "detected",
+                                               "false_rejects")},
+                    "recall_interval": metrics.interval(metrics.resampled(
+                        lambda r: _share(decided[r], positive[r]), idx)),
+                    "false_reject_interval": metrics.interval(metrics.resampled(
+                        lambda r: _share(decided[r], ~positive[r]), idx))}
+    return op
+
+
+def _significance(c: _Comparison, seed: int) -> dict[str, Any]:
+    """The paired test of student against baseline on the metric: exact McNemar for top-1 and recall (on the
+    positive images, each model at its own threshold), a permutation test otherwise."""
+    y_s, p_s, n_classes, name = _decisions(c.preds["student"], c.plan, c.metric_threshold["student"])
+    _, p_b, _, _ = _decisions(c.preds["baseline"], c.plan, c.metric_threshold["baseline"])
+    if name not in ("top1", "recall"):
+        return metrics.permutation_test(name, y_s, p_s, p_b, n_classes, seed=seed)
+    keep = np.ones(len(y_s), dtype=bool) if name == "top1" else y_s == 1  # recall: the positive images
+    sig = metrics.mcnemar_exact((p_s == y_s)[keep], (p_b == y_s)[keep])
+    sig["images_to_resolve"] = images_to_resolve(sig["a_only"], sig["b_only"], sig["images"])
+    if name == "recall":
+        sig["note"] = "positive images only, each model rejecting at its own threshold"
+    return sig
+
+
 def compare_models(preds: dict[str, Prediction], plan: EvalPlan, calib: Optional[dict[str, Prediction]] = None,
                    calib_name: str = "", seed: int = 0, samples: int = 2000,
                    classes: Optional[list[str]] = None) -> dict[str, Any]:
@@ -157,77 +250,29 @@ def compare_models(preds: dict[str, Prediction], plan: EvalPlan, calib: Optional
     ``metric``, ``models``, ``operating_point``, ``significance``, ``intervals``, ``retention``, ``kd_gain``,
     ``curves``."""
     roles = list(preds)
-    labels = preds["student"].labels
-    k = preds["student"].logits.shape[1]
-    idx = metrics.bootstrap_samples(len(labels), samples, seed)
+    c = _Comparison(preds, plan, metrics.bootstrap_samples(len(preds["student"].labels), samples, seed), samples,
+                    classes, metric_threshold={r: None for r in roles})
     out: dict[str, Any] = {"metric": plan.as_dict(), "models": {}, "curves": {}}
-    positive = labels == plan.positive_index if plan.positive_index is not None else None
-    scores = {r: metrics.positive_scores(p.logits, plan.positive_index) for r, p in preds.items()} \
-        if positive is not None else {}
-    metric_threshold: dict[str, Optional[float]] = {r: None for r in roles}
+    if plan.positive_index is not None:
+        c.positive = c.labels == plan.positive_index
+        c.scores = {r: metrics.positive_scores(p.logits, plan.positive_index) for r, p in preds.items()}
     if calib is not None:
         out["metric"]["calibration"] = {"split": calib_name, "images": int(len(calib["student"].labels)),
                                         "positives": int((calib["student"].labels == plan.positive_index).sum())}
-        calib_pos = {r: calib[r].labels == plan.positive_index for r in roles}
-        calib_scores = {r: metrics.positive_scores(calib[r].logits, plan.positive_index) for r in roles}
+        c.calib_pos = {r: calib[r].labels == plan.positive_index for r in roles}
+        c.calib_scores = {r: metrics.positive_scores(calib[r].logits, plan.positive_index) for r in roles}
         if plan.metric == "recall_at_false_reject":
-            metric_threshold = {r: metrics.pick_threshold(calib_pos[r], calib_scores[r], plan.metric_point())
-                                for r in roles}
+            c.metric_threshold = {r: metrics.pick_threshold(c.calib_pos[r], c.calib_scores[r], plan.metric_point())
+                                  for r in roles}
     per_resample: dict[str, np.ndarray] = {}
     for role in roles:
-        pred = preds[role]
-        y, p, n_classes, name = _decisions(pred, plan, metric_threshold[role])
-        facts: dict[str, Any] = {"top1": pred.top1, "balanced_accuracy": metrics.balanced_accuracy(labels, pred.predicted, k),
-                                 "macro_f1": metrics.macro_f1(labels, pred.predicted, k)}
-        value = float(metrics.metric_from_counts(name, *metrics.counts(y, p, n_classes)))
-        facts[plan.metric] = value
-        facts["score"] = value
-        per_resample[role] = metrics.resampled_metric(name, y, p, n_classes, idx)
-        facts["score_interval"] = metrics.interval(per_resample[role])
-        facts["balanced_accuracy_interval"] = facts["score_interval"] if name == "balanced_accuracy" else \
-            metrics.interval(metrics.resampled_metric("balanced_accuracy", labels, pred.predicted, k, idx))
-        facts["per_class"] = metrics.per_class(labels, pred.predicted, classes or [str(i) for i in range(k)])
-        if metric_threshold[role] is not None:
-            facts["metric_threshold"] = metric_threshold[role]
-        if positive is not None and role in ("teacher", "student", "baseline"):
-            s = scores[role]
-            few = idx[: samples // 2]
-            facts["roc_auc"] = metrics.roc_auc(positive, s)
-            facts["pr_auc"] = metrics.average_precision(positive, s)
-            facts["roc_auc_interval"] = metrics.interval(metrics.resampled(lambda r: metrics.roc_auc(positive[r], s[r]), few))
-            facts["pr_auc_interval"] = metrics.interval(metrics.resampled(
-                lambda r: metrics.average_precision(positive[r], s[r]), few))
-            out["curves"][role] = {"roc": metrics.thin(metrics.roc_curve(positive, s)),
-                                   "pr": metrics.thin(metrics.precision_recall_curve(positive, s))}
-        out["models"][role] = facts
+        out["models"][role], per_resample[role], curves = _model_facts(c, role)
+        if curves is not None:
+            out["curves"][role] = curves
     if plan.operating_point is not None and calib is not None:
-        op: dict[str, Any] = {"rule": plan.operating_point.describe(), "calibration_split": calib_name}
-        for role in roles:
-            threshold = metrics.pick_threshold(calib_pos[role], calib_scores[role], plan.operating_point)
-            at_calib = metrics.rates_at(calib_pos[role], calib_scores[role], threshold)
-            here = metrics.rates_at(positive, scores[role], threshold)
-            decided = scores[role] >= threshold
-            op[role] = {"threshold": threshold, "calibration": {"recall": at_calib["recall"],
-                                                                 "false_reject": at_calib["false_reject"]},
-                        **{k2: here[k2] for k2 in ("recall", "false_reject", "positives", "negatives", "detected",
-                                                   "false_rejects")},
-                        "recall_interval": metrics.interval(metrics.resampled(
-                            lambda r: _share(decided[r], positive[r]), idx)),
-                        "false_reject_interval": metrics.interval(metrics.resampled(
-                            lambda r: _share(decided[r], ~positive[r]), idx))}
-        out["operating_point"] = op
+        out["operating_point"] = _operating_point(c, calib_name)
     # the paired test and the intervals of retention and gain, on the metric
-    y_s, p_s, n_classes, name = _decisions(preds["student"], plan, metric_threshold["student"])
-    _, p_b, _, _ = _decisions(preds["baseline"], plan, metric_threshold["baseline"])
-    if name in ("top1", "recall"):
-        keep = np.ones(len(y_s), dtype=bool) if name == "top1" else y_s == 1  # recall: the positive images
-        sig = metrics.mcnemar_exact((p_s == y_s)[keep], (p_b == y_s)[keep])
-        sig["images_to_resolve"] = images_to_resolve(sig["a_only"], sig["b_only"], sig["images"])
-        if name == "recall":
-            sig["note"] = "positive images only, each model rejecting at its own threshold"
-    else:
-        sig = metrics.permutation_test(name, y_s, p_s, p_b, n_classes, seed=seed)
-    out["significance"] = sig
+    out["significance"] = _significance(c, seed)
     t, s_, b = (out["models"][r]["score"] for r in ("teacher", "student", "baseline"))
     out["retention"] = s_ / t if t else 0.0
     out["kd_gain"] = s_ - b
@@ -237,6 +282,7 @@ def compare_models(preds: dict[str, Prediction], plan: EvalPlan, calib: Optional
                         "kd_gain": metrics.interval(per_resample["student"] - per_resample["baseline"]),
                         "level": 0.95, "samples": samples}
     return out
+
 
 def _share(decided: np.ndarray, among: np.ndarray) -> Optional[float]:
     return float(decided[among].mean()) if among.any() else None

@@ -74,90 +74,122 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def report_sections(info: dict[str, Any]) -> list[tuple[str, list[str]]]:
-    """(title, markdown lines) of every section; shared by report.md and report.html."""
+Section = Optional[tuple[str, list[str]]]  # (title, markdown lines), or None when the run has nothing for it
+
+
+def _models(info: dict[str, Any]) -> Section:
     s = info["summary"]
-    out = []
     rows = summary_rows(s, s["latency_batch"])
-    out.append(("Teacher, student and baseline", _md_table(rows[0], rows[1:]) + [""]
-                + [f"- {fact}" for fact in summary_facts(s)] + ["", f"**Verdict:** {s['verdict']}"]))
+    return ("Teacher, student and baseline", _md_table(rows[0], rows[1:]) + [""]
+            + [f"- {fact}" for fact in summary_facts(s)] + ["", f"**Verdict:** {s['verdict']}"])
+
+
+def _per_target(info: dict[str, Any]) -> Section:
+    s = info["summary"]
+    if s.get("task") != "regression":
+        return None
+    rows = [(name, *(f"{s[r]['per_target'][name]['mae']:.4g} / {s[r]['per_target'][name]['r2']:.3f}"
+                     for r in ("teacher", "student", "baseline"))) for name in s["targets"]["names"]]
+    return "Per target (MAE / R²)", _md_table(["target", "teacher", "student", "baseline"], rows)
+
+
+def _teacher_validation(info: dict[str, Any]) -> Section:
     teacher = info["reports"].get("teacher")
-    if s.get("task") == "regression":
-        rows_t = [(name, *(f"{s[r]['per_target'][name]['mae']:.4g} / {s[r]['per_target'][name]['r2']:.3f}"
-                           for r in ("teacher", "student", "baseline"))) for name in s["targets"]["names"]]
-        out.append(("Per target (MAE / R²)", _md_table(["target", "teacher", "student", "baseline"], rows_t)))
-        teacher = None  # per-class accuracy and calibration are classification facts
-    if teacher:
-        per_class = [(c, "-" if v is None else f"{100 * v:.1f}%") for c, v in teacher["per_class"].items()]
-        out.append(("Teacher validation", [f"top-1 {100 * teacher['top1']:.2f}% on {teacher['samples']} images; "
-                                           f"expected calibration error {teacher['ece']:.4f} (15 bins)", ""]
-                    + _md_table(["class", "teacher accuracy"], per_class)))
+    if not teacher or info["summary"].get("task") == "regression":  # classification facts
+        return None
+    per_class = [(c, "-" if v is None else f"{100 * v:.1f}%") for c, v in teacher["per_class"].items()]
+    return ("Teacher validation", [f"top-1 {100 * teacher['top1']:.2f}% on {teacher['samples']} images; "
+                                   f"expected calibration error {teacher['ece']:.4f} (15 bins)", ""]
+            + _md_table(["class", "teacher accuracy"], per_class))
+
+
+def _per_class(info: dict[str, Any]) -> Section:
+    s = info["summary"]
     roles = [r for r in ("teacher", "student", "baseline") if isinstance((s.get(r) or {}).get("per_class"), dict)]
-    if roles and s.get("task") != "regression":
-        prf = {r: s[r]["per_class"] for r in roles}
-        rows_c = [(c, str(prf[roles[0]][c]["support"]), *(f"{100 * prf[r][c]['precision']:.1f} / "
-                                                          f"{100 * prf[r][c]['recall']:.1f} / {100 * prf[r][c]['f1']:.1f}"
-                                                          for r in roles)) for c in prf[roles[0]]]
-        out.append((f"Per class on the {s['eval_split']} split: precision / recall / F1 (%)",
-                    _md_table(["class", "images", *roles], rows_c)))
+    if not roles or s.get("task") == "regression":
+        return None
+    prf = {r: s[r]["per_class"] for r in roles}
+    rows = [(c, str(prf[roles[0]][c]["support"]), *(f"{100 * prf[r][c]['precision']:.1f} / "
+                                                    f"{100 * prf[r][c]['recall']:.1f} / {100 * prf[r][c]['f1']:.1f}"
+                                                    for r in roles)) for c in prf[roles[0]]]
+    return (f"Per class on the {s['eval_split']} split: precision / recall / F1 (%)",
+            _md_table(["class", "images", *roles], rows))
+
+
+def _operating_point(info: dict[str, Any]) -> Section:
+    s = info["summary"]
     op = s.get("operating_point")
-    if op:
-        ordered = [r for r in ["teacher"] + [a["role"] for a in s.get("chain", [])] + ["student", "baseline"] if r in op]
-        pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-        rows_o = [(r, f"{op[r]['threshold']:.4f}", pct(op[r]["calibration"]["recall"]),
-                   pct(op[r]["calibration"]["false_reject"]),
-                   f"{pct(op[r]['recall'])} [{pct(op[r]['recall_interval'][0])}, {pct(op[r]['recall_interval'][1])}]",
-                   f"{pct(op[r]['false_reject'])} [{pct(op[r]['false_reject_interval'][0])}, "
-                   f"{pct(op[r]['false_reject_interval'][1])}]") for r in ordered]
-        out.append((f"Operating point: {op['rule']}",
-                    [f"Each model's threshold on its {s['metric']['positive_class']} probability is picked on "
-                     f"`{op['calibration_split']}` and reported on `{s['eval_split']}` (95% bootstrap intervals).", ""]
-                    + _md_table(["model", "threshold", f"recall on {op['calibration_split']}",
-                                 f"false-reject on {op['calibration_split']}", f"recall on {s['eval_split']}",
-                                 f"false-reject on {s['eval_split']}"], rows_o)))
+    if not op:
+        return None
+    ordered = [r for r in ["teacher"] + [a["role"] for a in s.get("chain", [])] + ["student", "baseline"] if r in op]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    rows = [(r, f"{op[r]['threshold']:.4f}", pct(op[r]["calibration"]["recall"]),
+             pct(op[r]["calibration"]["false_reject"]),
+             f"{pct(op[r]['recall'])} [{pct(op[r]['recall_interval'][0])}, {pct(op[r]['recall_interval'][1])}]",
+             f"{pct(op[r]['false_reject'])} [{pct(op[r]['false_reject_interval'][0])}, "
+             f"{pct(op[r]['false_reject_interval'][1])}]") for r in ordered]
+    return (f"Operating point: {op['rule']}",
+            [f"Each model's threshold on its {s['metric']['positive_class']} probability is picked on "
+             f"`{op['calibration_split']}` and reported on `{s['eval_split']}` (95% bootstrap intervals).", ""]
+            + _md_table(["model", "threshold", f"recall on {op['calibration_split']}",
+                         f"false-reject on {op['calibration_split']}", f"recall on {s['eval_split']}",
+                         f"false-reject on {s['eval_split']}"], rows))
+
+
+def _int8_attempts(int8: dict[str, Any], regression: bool) -> list[str]:
+    """The INT8 gate's table: each attempt's top-1, drop and layers kept in FP16, the advice, the sensitive layers."""
+    names = {"ptq": "PTQ", "partial": "partial", "qad": "QAD", "qad+partial": "QAD + partial"}
+    lines = ["", "INT8 on the host (ONNX Runtime, explicit Q/DQ by TensorRT's rules, the bundle's validation "
+                 "images):", ""]
+    rows = [("FP32", f"{100 * int8['fp32_top1']:.2f}%", "–", "–", "–")]
+    rows += [(names[k], f"{100 * a['top1']:.2f}%", f"{100 * a['drop']:+.2f}", str(len(a["kept_fp16"])),
+              "ships" if k == int8.get("chosen") and int8.get("status") == "accepted" else
+              ("passes" if a["passes"] else "over the gate")) for k, a in int8["attempts"].items()]
+    lines += _md_table(["model", "top-1", "drop (points)", "layers in FP16", ""], rows) + [""]
+    lines.append(f"- {int8['advice']}")
+    if int8.get("sensitivity"):
+        top = int8["sensitivity"][:10]
+        fidelity = "R² against the FP32 outputs" if regression else "top-1 agreement with FP32"
+        lines += ["", f"Layer sensitivity on the calibration images ({fidelity}, with every layer in INT8 and "
+                      f"with that layer alone in floating point; {len(int8['sensitivity'])} layers, the 10 most "
+                      "sensitive):", ""]
+        lines += _md_table(["layer", "all INT8", "without it", "recovered", "kept in FP16"],
+                           [(r["layer"], f"{100 * r['agreement_all_int8']:.1f}%",
+                             f"{100 * r['agreement_without_it']:.1f}%", f"{100 * r['recovered']:+.1f}",
+                             "yes" if r["kept"] else "no") for r in top])
+    return lines
+
+
+def _export(info: dict[str, Any]) -> Section:
     manifest = info.get("manifest")
-    if manifest:
-        metrics = manifest.get("metrics") or {}
-        int8, parity = metrics.get("int8") or {}, metrics.get("parity") or {}
-        lines = []
-        regression = manifest.get("task") == "regression"
-        if parity:
-            lines.append(f"- ONNX Runtime vs PyTorch on {parity.get('samples')} held-out images: max abs error "
-                         f"{parity.get('max_abs_error', float('nan')):.2e}" + ("" if regression else
-                                                                              f", top-1 agreement "
-                                                                              f"{100 * parity.get('top1_agreement', 0):.2f}%"))
-        if int8.get("int8") and regression:
-            lines.append(f"- host INT8 (ONNX Runtime, QDQ): R² {int8['int8']['r2']:.4f}, MAE {int8['int8']['mae']:.4g} vs "
-                         f"FP32 R² {int8['fp32_r2']:.4f}, MAE {int8['fp32_mae']:.4g} (R² drop {int8['int8']['drop']:.4f}, "
-                         f"{int8['int8']['status']})")
-        elif int8.get("attempts"):
-            names = {"ptq": "PTQ", "partial": "partial", "qad": "QAD", "qad+partial": "QAD + partial"}
-            lines += ["", "INT8 on the host (ONNX Runtime, explicit Q/DQ by TensorRT's rules, the bundle's validation "
-                          "images):", ""]
-            rows_i = [("FP32", f"{100 * int8['fp32_top1']:.2f}%", "–", "–", "–")]
-            rows_i += [(names[k], f"{100 * a['top1']:.2f}%", f"{100 * a['drop']:+.2f}", str(len(a["kept_fp16"])),
-                        "ships" if k == int8.get("chosen") and int8.get("status") == "accepted" else
-                        ("passes" if a["passes"] else "over the gate")) for k, a in int8["attempts"].items()]
-            lines += _md_table(["model", "top-1", "drop (points)", "layers in FP16", ""], rows_i) + [""]
-            lines.append(f"- {int8['advice']}")
-            if int8.get("sensitivity"):
-                top = int8["sensitivity"][:10]
-                fidelity = "R² against the FP32 outputs" if regression else "top-1 agreement with FP32"
-                lines += ["", f"Layer sensitivity on the calibration images ({fidelity}, with every layer in INT8 and "
-                              f"with that layer alone in floating point; {len(int8['sensitivity'])} layers, the 10 most "
-                              "sensitive):", ""]
-                lines += _md_table(["layer", "all INT8", "without it", "recovered", "kept in FP16"],
-                                   [(r["layer"], f"{100 * r['agreement_all_int8']:.1f}%",
-                                     f"{100 * r['agreement_without_it']:.1f}%", f"{100 * r['recovered']:+.1f}",
-                                     "yes" if r["kept"] else "no") for r in top])
-        elif int8.get("int8"):
-            lines.append(f"- host INT8 (ONNX Runtime, QDQ): top-1 {100 * int8['int8']['top1']:.2f}% vs FP32 "
-                         f"{100 * int8['fp32_top1']:.2f}% (drop {100 * int8['int8']['drop']:.2f} points, "
-                         f"{int8['int8']['status']})")
-        lines.append(f"- bundle for `{manifest.get('target')}`: `edgedistill pack {info['run_dir']}/bundle -o "
-                     f"{manifest.get('name')}.edb`")
-        out.append(("Export: parity and INT8 on the host", lines))
-    est = s.get("device_estimate")
+    if not manifest:
+        return None
+    metrics = manifest.get("metrics") or {}
+    int8, parity = metrics.get("int8") or {}, metrics.get("parity") or {}
+    lines = []
+    regression = manifest.get("task") == "regression"
+    if parity:
+        lines.append(f"- ONNX Runtime vs PyTorch on {parity.get('samples')} held-out images: max abs error "
+                     f"{parity.get('max_abs_error', float('nan')):.2e}" + ("" if regression else
+                                                                          f", top-1 agreement "
+                                                                          f"{100 * parity.get('top1_agreement', 0):.2f}%"))
+    if int8.get("int8") and regression:
+        lines.append(f"- host INT8 (ONNX Runtime, QDQ): R² {int8['int8']['r2']:.4f}, MAE {int8['int8']['mae']:.4g} vs "
+                     f"FP32 R² {int8['fp32_r2']:.4f}, MAE {int8['fp32_mae']:.4g} (R² drop {int8['int8']['drop']:.4f}, "
+                     f"{int8['int8']['status']})")
+    elif int8.get("attempts"):
+        lines += _int8_attempts(int8, regression)
+    elif int8.get("int8"):
+        lines.append(f"- host INT8 (ONNX Runtime, QDQ): top-1 {100 * int8['int8']['top1']:.2f}% vs FP32 "
+                     f"{100 * int8['fp32_top1']:.2f}% (drop {100 * int8['int8']['drop']:.2f} points, "
+                     f"{int8['int8']['status']})")
+    lines.append(f"- bundle for `{manifest.get('target')}`: `edgedistill pack {info['run_dir']}/bundle -o "
+                 f"{manifest.get('name')}.edb`")
+    return "Export: parity and INT8 on the host", lines
+
+
+def _device(info: dict[str, Any]) -> Section:
+    est = info["summary"].get("device_estimate")
     dev = device_rows(info)
     lines = []
     if est:
@@ -173,21 +205,37 @@ def report_sections(info: dict[str, Any]) -> list[tuple[str, list[str]]]:
         lines.append("")
         lines.append("no device measurement given: run `edgerun bench BUNDLE --engine E --json bench.json` on the "
                      "board and `edgedistill report RUN --measured bench.json`")
-    if lines:
-        out.append(("Device", lines))
-    fleet = info.get("fleet")
-    if fleet:
-        from edgedistill.deploy.fleet import fleet_table
+    return ("Device", lines) if lines else None
 
-        rel = fleet["release"]
-        out.append(("Fleet (edgedistill deploy)", [
-            f"Release {rel['version']} of `{rel['name']}` ({fleet['precision']}"
-            + (f", camera {fleet['source']}" if fleet.get("source") else "") + "); measured on each board, results in "
-            f"`{info['run_dir']}/devices/<board>/`.", ""] + fleet_table(fleet["rows"])))
-    if s.get("cost"):
-        out.append(("Cost", [f"- {cost_line(s['cost'])}", "- prices are the recipe's inputs; try others with "
-                             f"`edgedistill cost {info['run_dir']} --price-per-hour P --distillation-cost C`"]))
-    return out
+
+def _fleet(info: dict[str, Any]) -> Section:
+    fleet = info.get("fleet")
+    if not fleet:
+        return None
+    from edgedistill.deploy.fleet import fleet_table
+
+    rel = fleet["release"]
+    return ("Fleet (edgedistill deploy)", [
+        f"Release {rel['version']} of `{rel['name']}` ({fleet['precision']}"
+        + (f", camera {fleet['source']}" if fleet.get("source") else "") + "); measured on each board, results in "
+        f"`{info['run_dir']}/devices/<board>/`.", ""] + fleet_table(fleet["rows"]))
+
+
+def _cost(info: dict[str, Any]) -> Section:
+    s = info["summary"]
+    if not s.get("cost"):
+        return None
+    return ("Cost", [f"- {cost_line(s['cost'])}", "- prices are the recipe's inputs; try others with "
+                     f"`edgedistill cost {info['run_dir']} --price-per-hour P --distillation-cost C`"])
+
+
+# one function per section, in reading order
+SECTIONS = (_models, _per_target, _teacher_validation, _per_class, _operating_point, _export, _device, _fleet, _cost)
+
+
+def report_sections(info: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """(title, markdown lines) of every section the run has; shared by report.md and report.html."""
+    return [section for section in (make(info) for make in SECTIONS) if section is not None]
 
 
 def write_report(run_dir, measured: Sequence[str] = ()) -> tuple[Any, Any]:

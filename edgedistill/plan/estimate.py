@@ -80,48 +80,67 @@ def top1_of(name: str) -> tuple[Optional[float], str]:
         return weights.meta["_metrics"]["ImageNet-1K"]["acc@1"], "torchvision weights metadata"
     return None, "none published here: ranked by parameters"
 
-def estimate(name: str, target_name: str, precision: str = "fp16", image_size: int = 224, batch: int = 1,
-             fps_target: Optional[float] = None, budget_mb: Optional[float] = None, role: str = "candidate",
-             factors: Optional[Factors] = None, num_classes: int = 1000) -> Estimate:
-    target = get_target(target_name)
-    factors = factors or factors_for(target_name)
-    prof = profile_model(name, image_size, num_classes=num_classes)
-    latency = layer_times_ms(prof, target, precision, batch, factors)
-    fps = batch * 1000.0 / latency
-    engine_mb, activations_mb = model_memory_mb(prof, precision, batch)
-    memory = factors.runtime_base_mb + engine_mb + activations_mb
+@dataclass(frozen=True)
+class PlanSpec:
+    """Where and how the planner estimates: the board's profile (``target``), precision, image size, batch, the FPS
+    target and memory budget a candidate is held to, and the class count of its head."""
+
+    target: str
+    precision: str = "fp16"
+    image_size: int = 224
+    batch: int = 1
+    fps_target: Optional[float] = None
+    budget_mb: Optional[float] = None
+    num_classes: int = 1000
+
+
+def _fit(spec: PlanSpec, fps: float, memory: float, board_memory: Optional[float]) -> tuple[list[str], list[str]]:
+    """(what rules a candidate out, what leaves it under 20% headroom) against the spec's target and budget."""
     problems, tight = [], []
-    if fps_target:
-        if fps < fps_target:
-            problems.append(f"FPS {fps:.1f} < {fps_target:g}")
-        elif fps < fps_target * (1 + MARGIN):
+    if spec.fps_target:
+        if fps < spec.fps_target:
+            problems.append(f"FPS {fps:.1f} < {spec.fps_target:g}")
+        elif fps < spec.fps_target * (1 + MARGIN):
             tight.append("FPS within 20% of target")
-    if budget_mb:
-        if memory > budget_mb:
-            problems.append(f"memory {memory:.0f} MB > {budget_mb:g} MB")
-        elif memory > budget_mb / (1 + MARGIN):
+    if spec.budget_mb:
+        if memory > spec.budget_mb:
+            problems.append(f"memory {memory:.0f} MB > {spec.budget_mb:g} MB")
+        elif memory > spec.budget_mb / (1 + MARGIN):
             tight.append("memory within 20% of budget")
-    if target.get("memory_mb") and memory > target["memory_mb"]:
-        problems.append(f"memory {memory:.0f} MB > the board's {target['memory_mb']} MB")
+    if board_memory and memory > board_memory:
+        problems.append(f"memory {memory:.0f} MB > the board's {board_memory} MB")
+    return problems, tight
+
+
+def estimate(name: str, spec: PlanSpec, role: str = "candidate", factors: Optional[Factors] = None) -> Estimate:
+    """The ESTIMATE for model ``name`` under ``spec``: latency, FPS, memory, engine size, and whether it fits."""
+    target = get_target(spec.target)
+    factors = factors or factors_for(spec.target)
+    prof = profile_model(name, spec.image_size, num_classes=spec.num_classes)
+    latency = layer_times_ms(prof, target, spec.precision, spec.batch, factors)
+    fps = spec.batch * 1000.0 / latency
+    engine_mb, activations_mb = model_memory_mb(prof, spec.precision, spec.batch)
+    memory = factors.runtime_base_mb + engine_mb + activations_mb
+    problems, tight = _fit(spec, fps, memory, target.get("memory_mb"))
     top1, source = top1_of(name)
     reason = "; ".join(problems) if problems else ("fits, but " + ", ".join(tight) if tight else "fits with margin")
     return Estimate(name, role, prof.params, prof.flops, prof.macs, top1, source, latency, fps, memory, engine_mb,
                     not problems, reason, with_margin=not problems and not tight)
 
-def plan(target_name: str, candidates: Iterable[str] = DEFAULT_CANDIDATES, precision: str = "fp16",
-         image_size: int = 224, batch: int = 1, fps_target: Optional[float] = None, budget_mb: Optional[float] = None,
-         teacher: Optional[str] = None) -> dict:
-    factors = factors_for(target_name)
-    rows = [estimate(c, target_name, precision, image_size, batch, fps_target, budget_mb, factors=factors)
-            for c in dict.fromkeys(candidates)]
+
+def plan(spec: PlanSpec, candidates: Iterable[str] = DEFAULT_CANDIDATES, teacher: Optional[str] = None) -> dict:
+    """Every candidate (and the teacher) estimated under ``spec``, the most accurate with 20% headroom
+    recommended."""
+    factors = factors_for(spec.target)
+    rows = [estimate(c, spec, factors=factors) for c in dict.fromkeys(candidates)]
     rows.sort(key=lambda e: (e.top1 if e.top1 is not None else -1, e.params), reverse=True)
     recommended = next((e for e in rows if e.with_margin), None)
-    teacher_row = (estimate(teacher, target_name, precision, image_size, batch, fps_target, budget_mb, role="teacher",
-                            factors=factors) if teacher else None)
-    return {"target": target_name, "device": get_target(target_name)["device"], "precision": precision,
-            "image_size": image_size, "batch": batch, "fps_target": fps_target, "budget_mb": budget_mb,
-            "factors": asdict(factors), "rows": rows, "teacher": teacher_row,
+    teacher_row = estimate(teacher, spec, role="teacher", factors=factors) if teacher else None
+    return {"target": spec.target, "device": get_target(spec.target)["device"], "precision": spec.precision,
+            "image_size": spec.image_size, "batch": spec.batch, "fps_target": spec.fps_target,
+            "budget_mb": spec.budget_mb, "factors": asdict(factors), "rows": rows, "teacher": teacher_row,
             "recommended": recommended.model if recommended else None}
+
 
 def _has_grouped(e, image_size: int) -> bool:
     e = e if isinstance(e, dict) else asdict(e)
@@ -178,7 +197,8 @@ def recipe_estimate(recipe, num_classes: int) -> Optional[dict[str, Any]]:
         out = {"target": recipe.export.target, "device": target["device"], "precision": "fp16",
                "image_size": recipe.data.image_size, "label": "estimate (edgedistill plan), not a measurement"}
         for role, cfg in (("teacher", recipe.teacher), ("student", recipe.student)):
-            e = estimate(cfg.model, recipe.export.target, "fp16", recipe.data.image_size, num_classes=num_classes)
+            e = estimate(cfg.model, PlanSpec(recipe.export.target, "fp16", recipe.data.image_size,
+                                             num_classes=num_classes))
             out[role] = {"model": cfg.model, "est_latency_ms": e.est_latency_ms, "est_fps": e.est_fps,
                          "est_memory_mb": e.est_memory_mb}
         return out
@@ -203,8 +223,8 @@ def device_check(est: Optional[dict[str, Any]], recipe, num_classes: int, keep: 
             if name in (recipe.teacher.model, recipe.student.model):
                 continue
             try:
-                e = estimate(name, recipe.export.target, "fp16", recipe.data.image_size, factors=factors,
-                             num_classes=num_classes)
+                e = estimate(name, PlanSpec(recipe.export.target, "fp16", recipe.data.image_size,
+                                            num_classes=num_classes), factors=factors)
             except RuntimeError as exc:  # a model whose pooling cannot take an image this small
                 log.debug("device check: %s skipped at %d px (%s)", name, recipe.data.image_size, exc)
                 continue

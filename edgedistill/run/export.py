@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def stage_export(ctx: RunContext) -> dict[str, Any]:
-    from edgedistill.ship.export import build_bundle
+    from edgedistill.ship.export import ExportJob, build_bundle
 
     recipe, data = ctx.recipe, ctx.data
     student_key = ctx.best_student()
@@ -45,14 +45,14 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
                             "evaluate RECIPE` first", summary_path)
     else:
         log.warning("export: no summary.json yet (run evaluate first to carry host metrics into the manifest)")
-    manifest = build_bundle(
+    manifest = build_bundle(ExportJob(
         qad=lambda input_amax: quantization_aware_distillation(ctx, student, student_key, input_amax),
         model=student, out_dir=ctx.stage_dir("export"), name=recipe.name, classes=data.classes, train=data.train,
         val=data.val, data_cfg=recipe.data, cfg=recipe.export, seed=recipe.seed,
         checkpoint=ctx.stage_dir(student_key) / MODEL_FILE, recipe_yaml=recipe.to_yaml(), teacher=teacher,
         source={"student_model": recipe.student.model, "teacher_model": recipe.teacher.model,
                 "recipe_fingerprint": ctx.fingerprint("export")},
-        host_metrics=host, targets=data.scaling.as_dict() if data.scaling is not None else None, decision=decision)
+        host_metrics=host, targets=data.scaling.as_dict() if data.scaling is not None else None, decision=decision))
     ctx.mark_done("export", ["manifest.json", "model.onnx"])
     int8 = manifest["metrics"].get("int8") or {}
     ds = manifest["metrics"].get("deepstream")

@@ -93,11 +93,12 @@ def _teaching(ctx: RunContext, step: Step, model: nn.Module, train: Split) -> Te
     if distill.soft_labels == "cached":
         from edgerun.bundle.manifest import sha256_file
 
-        from edgedistill.train.softlabels import cached_soft_labels
+        from edgedistill.train.softlabels import SoftLabelJob, cached_soft_labels
 
-        cache = cached_soft_labels(teacher, sha256_file(str(ctx.stage_dir(step.teacher) / MODEL_FILE)), train,
-                                   ctx.step_data(step), ctx.recipe.seed + step.seed_offset, distill.cache_draws,
-                                   distill.cache_topk, ctx.run_dir / "soft_labels", ctx.device)
+        cache = cached_soft_labels(SoftLabelJob(
+            teacher=teacher, teacher_sha256=sha256_file(str(ctx.stage_dir(step.teacher) / MODEL_FILE)), split=train,
+            data_cfg=ctx.step_data(step), seed=ctx.recipe.seed + step.seed_offset, draws=distill.cache_draws,
+            topk=distill.cache_topk, folder=ctx.run_dir / "soft_labels", device=ctx.device))
         return Teaching(teacher=None, distill=distill, soft_labels=cache)
     return Teaching(teacher=teacher, distill=distill, features=features)
 
@@ -171,7 +172,7 @@ def stage_datafree(ctx: RunContext) -> Optional[dict[str, Any]]:
         return None
     from edgerun.bundle.manifest import sha256_file
 
-    from edgedistill.train.datafree import synthesize
+    from edgedistill.train.datafree import SynthesisJob, synthesize
     from edgedistill.train.loop import progress_bar
 
     classes = ctx.datafree_classes()
@@ -187,10 +188,11 @@ def stage_datafree(ctx: RunContext) -> Optional[dict[str, Any]]:
              "of %d)", cfg.images_per_class, len(classes), recipe.teacher.model, cfg.steps, cfg.batch_size)
     with progress_bar() as progress:
         task = progress.add_task("datafree", total=1, stats="")
-        synthetic = synthesize(teacher, sha256_file(str(weights)) if weights else recipe.teacher.model, classes,
-                               recipe.data, cfg, ctx.stage_dir("datafree"), recipe.seed, ctx.device,
-                               teacher_name=recipe.teacher.model, student=student,
-                               progress=lambda done, total: progress.update(task, completed=done, total=total))
+        synthetic = synthesize(SynthesisJob(
+            teacher=teacher, teacher_sha256=sha256_file(str(weights)) if weights else recipe.teacher.model,
+            classes=classes, data_cfg=recipe.data, cfg=cfg, folder=ctx.stage_dir("datafree"), seed=recipe.seed,
+            device=ctx.device, teacher_name=recipe.teacher.model, student=student,
+            progress=lambda done, total: progress.update(task, completed=done, total=total)))
     ctx.mark_done("datafree", ["soft_labels.npz", "synthesis.json"], {"images": len(synthetic.files)})
     ctx._data = None  # the stages after this one train on the synthetic set
     facts = json.loads((ctx.stage_dir("datafree") / "synthesis.json").read_text())

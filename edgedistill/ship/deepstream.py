@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import configparser
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -231,92 +232,124 @@ def parse_camera(text: str) -> tuple[int, int, int]:
     return width, height, rate
 
 
-def write(folder: Path, *, bundle_model: Path, manifest_model: dict[str, Any], classes: Sequence[str],
-          spec: PreprocessSpec, folded: bool, batch: int, int8_file: Optional[Path], decision: Optional[dict],
-          source: str, camera: str, name: str) -> dict[str, Any]:
-    """Write ``folder`` (the bundle's deepstream/): model(s), labels, and per DeepStream version an nvinfer config
+@dataclass
+class DeepStreamJob:
+    """What ``write`` writes into ``folder`` (the bundle's deepstream/): the bundle's model and its names and input
+    shape (``manifest_model``), the classes, the evaluation preprocessing (``spec``) and whether the normalization is
+    folded into the model (``export.input: uint8``), the batch, the accepted INT8 model if any, the reject decision,
+    the camera source and its ``WIDTHxHEIGHT@FPS``, the bundle's name."""
+
+    folder: Path
+    bundle_model: Path
+    manifest_model: dict[str, Any]
+    classes: Sequence[str]
+    spec: PreprocessSpec
+    folded: bool
+    batch: int
+    int8_file: Optional[Path]
+    decision: Optional[dict]
+    source: str
+    camera: str
+    name: str
+
+
+def _infer_config(job: DeepStreamJob, precision: str, model_file: str, params: dict[str, Any], ds_version: str,
+                  keys: frozenset) -> dict[str, Any]:
+    """nvinfer's [property] group for one precision of the model, refused when a key is not the release's."""
+    _, _, height, width = job.manifest_model["input_shape"]
+    spec, decision = job.spec, job.decision
+    threshold = (decision or {}).get("threshold")
+    infer = {
+        "gpu-id": 0,
+        "gie-unique-id": 1,
+        "process-mode": (1, "1 = primary: the whole frame"),
+        "network-type": (1, "1 = classifier"),
+        "onnx-file": f"../{model_file}",
+        "model-engine-file": (f"../{model_file}_b{job.batch}_gpu0_{precision}.engine",
+                              "the name nvinfer gives the engine it builds on first start; reused after"),
+        "labelfile-path": f"../{LABELS}",
+        "batch-size": job.batch,
+        "network-mode": (NETWORK_MODE[precision], "0 = FP32, 1 = INT8, 2 = FP16"),
+        "infer-dims": [3, height, width],
+        "network-input-order": (0, "0 = NCHW"),
+        "model-color-format": (COLOR_FORMAT[spec.channel_order], "0 = RGB, 1 = BGR"),
+        "net-scale-factor": (params["net_scale_factor"], "y = net-scale-factor * (x - offsets): " + params["note"]),
+        "offsets": params["offsets"],
+        "maintain-aspect-ratio": (0, "0 = the whole frame scaled to the network size (no centre crop): the "
+                                  "host top-1 under this preprocessing is in the manifest"),
+        "scaling-filter": (SCALING_FILTER[spec.interpolation],
+                           f"NvBufSurfTransform_Inter for the recipe's {spec.interpolation}"),
+        "scaling-compute-hw": (1, "1 = GPU (the filter the host measurement stands in for)"),
+        "output-blob-names": PROBS,
+        "classifier-threshold": (0.0, "attach the top class always" + (
+            "; the line's reject decision: output-tensor-meta below" if threshold is not None else "")),
+    }
+    if threshold is not None:
+        infer["output-tensor-meta"] = (1, f"the reject decision: class '{decision['positive_class']}' "
+                                          f"probability >= {threshold:.6g} (the bundle's operating point) "
+                                          f"read from the output tensor in a pad probe")
+    unknown = sorted(set(infer) - keys)
+    if unknown:  # a writer bug, never a user error: refuse to ship a config DeepStream would reject
+        raise ExportError(f"DeepStream {ds_version} has no nvinfer keys {unknown}")
+    return infer
+
+
+def _app_config(job: DeepStreamJob, cam: tuple[int, int, int]) -> dict[str, dict[str, Any]]:
+    """deepstream-app's groups for the bundle's camera, each key checked against the reference application's."""
+    app = {
+        "application": {"enable-perf-measurement": 1, "perf-measurement-interval-sec": 5},
+        "tiled-display": {"enable": 0, "rows": 1, "columns": 1, "width": cam[0], "height": cam[1]},
+        "source0": source_group(job.source, cam),
+        "streammux": {"gpu-id": 0, "live-source": int(job.source.startswith(LIVE)),
+                      "batch-size": 1, "batched-push-timeout": 40000, "width": cam[0], "height": cam[1],
+                      "enable-padding": 0},
+        "primary-gie": {"enable": 1, "gpu-id": 0, "batch-size": job.batch, "gie-unique-id": 1,
+                        "config-file": INFER_CONFIG},
+        "osd": {"enable": 0},
+        "sink0": {"enable": 1, "type": (1, "1 = fakesink (headless; 2 = EGL display)"), "sync": 0},
+    }
+    for group, values in app.items():
+        unknown = sorted(set(values) - APP_KEYS[group])
+        if unknown:
+            raise ExportError(f"deepstream-app [{group}] has no keys {unknown}")
+    return app
+
+
+def write(job: DeepStreamJob) -> dict[str, Any]:
+    """Write ``job.folder`` (the bundle's deepstream/): model(s), labels, and per DeepStream version an nvinfer config
     and a deepstream-app config. Returns the facts for the manifest."""
+    folder, classes, spec = job.folder, job.classes, job.spec
     folder.mkdir(parents=True, exist_ok=True)
     if any(";" in c for c in classes):
         raise ExportError("a class name holds ';', which DeepStream's classifier labels file uses as separator: "
                           f"rename it ({[c for c in classes if ';' in c]})")
-    params = parameters(spec, folded)
-    deepstream_model(bundle_model, folder / MODEL, spec, folded, manifest_model["input_name"],
-                     manifest_model["output_name"])
+    params = parameters(spec, job.folded)
+    names = job.manifest_model["input_name"], job.manifest_model["output_name"]
+    deepstream_model(job.bundle_model, folder / MODEL, spec, job.folded, *names)
     models = {"fp16": MODEL, "fp32": MODEL}
-    if int8_file is not None:
-        deepstream_model(int8_file, folder / "model.int8.onnx", spec, folded, manifest_model["input_name"],
-                         manifest_model["output_name"])
+    if job.int8_file is not None:
+        deepstream_model(job.int8_file, folder / "model.int8.onnx", spec, job.folded, *names)
         models["int8"] = "model.int8.onnx"
     (folder / LABELS).write_text(";".join(classes) + "\n")
-    _, _, height, width = manifest_model["input_shape"]
-    cam = parse_camera(camera)
-    threshold = (decision or {}).get("threshold")
+    _, _, height, width = job.manifest_model["input_shape"]
+    cam = parse_camera(job.camera)
     for sub, (ds_version, jetpack, keys) in VERSIONS.items():
         (folder / sub).mkdir(exist_ok=True)
         for precision, model_file in models.items():
             suffix = "" if precision == "fp16" else f"_{precision}"
-            infer = {
-                "gpu-id": 0,
-                "gie-unique-id": 1,
-                "process-mode": (1, "1 = primary: the whole frame"),
-                "network-type": (1, "1 = classifier"),
-                "onnx-file": f"../{model_file}",
-                "model-engine-file": (f"../{model_file}_b{batch}_gpu0_{precision}.engine",
-                                      "the name nvinfer gives the engine it builds on first start; reused after"),
-                "labelfile-path": f"../{LABELS}",
-                "batch-size": batch,
-                "network-mode": (NETWORK_MODE[precision], "0 = FP32, 1 = INT8, 2 = FP16"),
-                "infer-dims": [3, height, width],
-                "network-input-order": (0, "0 = NCHW"),
-                "model-color-format": (COLOR_FORMAT[spec.channel_order], "0 = RGB, 1 = BGR"),
-                "net-scale-factor": (params["net_scale_factor"], "y = net-scale-factor * (x - offsets): "
-                                     + params["note"]),
-                "offsets": params["offsets"],
-                "maintain-aspect-ratio": (0, "0 = the whole frame scaled to the network size (no centre crop): the "
-                                          "host top-1 under this preprocessing is in the manifest"),
-                "scaling-filter": (SCALING_FILTER[spec.interpolation],
-                                   f"NvBufSurfTransform_Inter for the recipe's {spec.interpolation}"),
-                "scaling-compute-hw": (1, "1 = GPU (the filter the host measurement stands in for)"),
-                "output-blob-names": PROBS,
-                "classifier-threshold": (0.0, "attach the top class always" + (
-                    "; the line's reject decision: output-tensor-meta below" if threshold is not None else "")),
-            }
-            if threshold is not None:
-                infer["output-tensor-meta"] = (1, f"the reject decision: class '{decision['positive_class']}' "
-                                                  f"probability >= {threshold:.6g} (the bundle's operating point) "
-                                                  f"read from the output tensor in a pad probe")
-            unknown = sorted(set(infer) - keys)
-            if unknown:  # a writer bug, never a user error: refuse to ship a config DeepStream would reject
-                raise ExportError(f"DeepStream {ds_version} has no nvinfer keys {unknown}")
-            header = [f"nvinfer config for {name} ({precision.upper()}): DeepStream {ds_version} (JetPack {jetpack})",
-                      "written by edgedistill export; keys from gstnvinfer_property_parser.h of this release",
-                      f"model input {width}x{height}, classes in ../{LABELS}"]
+            infer = _infer_config(job, precision, model_file, params, ds_version, keys)
+            header = [f"nvinfer config for {job.name} ({precision.upper()}): DeepStream {ds_version} (JetPack "
+                      f"{jetpack})", "written by edgedistill export; keys from gstnvinfer_property_parser.h of this "
+                      "release", f"model input {width}x{height}, classes in ../{LABELS}"]
             (folder / sub / f"config_infer_primary{suffix}.txt").write_text(_ini({"property": infer}, header))
-        app = {
-            "application": {"enable-perf-measurement": 1, "perf-measurement-interval-sec": 5},
-            "tiled-display": {"enable": 0, "rows": 1, "columns": 1, "width": cam[0], "height": cam[1]},
-            "source0": source_group(source, cam),
-            "streammux": {"gpu-id": 0, "live-source": int(source.startswith(LIVE)),
-                          "batch-size": 1, "batched-push-timeout": 40000, "width": cam[0], "height": cam[1],
-                          "enable-padding": 0},
-            "primary-gie": {"enable": 1, "gpu-id": 0, "batch-size": batch, "gie-unique-id": 1,
-                            "config-file": INFER_CONFIG},
-            "osd": {"enable": 0},
-            "sink0": {"enable": 1, "type": (1, "1 = fakesink (headless; 2 = EGL display)"), "sync": 0},
-        }
-        for group, values in app.items():
-            unknown = sorted(set(values) - APP_KEYS[group])
-            if unknown:
-                raise ExportError(f"deepstream-app [{group}] has no keys {unknown}")
-        (folder / sub / APP_CONFIG).write_text(_ini(app, [
-            f"deepstream-app config for {name}: DeepStream {ds_version} (JetPack {jetpack})",
-            f"run: deepstream-app -c {APP_CONFIG}   (source: {source}; change [source0] for another camera)"]))
+        (folder / sub / APP_CONFIG).write_text(_ini(_app_config(job, cam), [
+            f"deepstream-app config for {job.name}: DeepStream {ds_version} (JetPack {jetpack})",
+            f"run: deepstream-app -c {APP_CONFIG}   (source: {job.source}; change [source0] for another camera)"]))
     return {"folder": FOLDER, "versions": {sub: {"deepstream": v[0], "jetpack": v[1]} for sub, v in VERSIONS.items()},
-            "input": "uint8 (pixels, normalization folded)" if folded else "float (nvinfer normalizes)",
+            "input": "uint8 (pixels, normalization folded)" if job.folded else "float (nvinfer normalizes)",
             "net_scale_factor": params["net_scale_factor"], "offsets": params["offsets"],
             "exact_normalization": params["exact"], "note": params["note"], "precisions": sorted(models),
-            "source": source}
+            "source": job.source}
 
 
 def check_config(path: Path, keys: frozenset = NVINFER_KEYS_7) -> dict[str, str]:

@@ -131,13 +131,110 @@ def _to_uint8(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndar
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def synthesize(teacher: nn.Module, teacher_sha256: str, classes: Sequence[str], data_cfg: DataConfig,
-               cfg: DataFreeConfig, folder: Path, seed: int, device: torch.device, teacher_name: str = "teacher",
-               student: Optional[nn.Module] = None,
-               progress: Optional[Callable[[int, int], None]] = None) -> SyntheticSet:
-    """Synthesize ``cfg.images_per_class`` images per class into ``folder`` (resuming finished batches)."""
-    layers = require_batchnorm(teacher, teacher_name)
-    key = synthesis_key(teacher_sha256, data_cfg, cfg, classes, seed)
+@dataclass
+class SynthesisJob:
+    """What ``synthesize`` makes: images of ``classes`` from the frozen ``teacher`` (its weights' sha256 keys the
+    set), at the recipe's image size and normalization (``data_cfg``), with DeepInversion's settings (``cfg``), into
+    ``folder``, from ``seed``, on ``device``; ``student`` (the adaptive competition term) and ``progress(done,
+    total)`` are optional."""
+
+    teacher: nn.Module
+    teacher_sha256: str
+    classes: Sequence[str]
+    data_cfg: DataConfig
+    cfg: DataFreeConfig
+    folder: Path
+    seed: int
+    device: torch.device
+    teacher_name: str = "teacher"
+    student: Optional[nn.Module] = None
+    progress: Optional[Callable[[int, int], None]] = None
+
+
+def _frozen(model: nn.Module, device: torch.device) -> nn.Module:
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class _Inversion:
+    """One synthesis's fixed parts: the frozen teacher (and student), its BatchNorm hooks and their weights, the
+    normalization and the valid pixel range."""
+
+    def __init__(self, job: SynthesisJob, layers: list[nn.Module]):
+        self.job, self.cfg, device = job, job.cfg, job.device
+        self.teacher = _frozen(job.teacher, device)
+        self.student = _frozen(job.student, device) if job.student is not None and job.cfg.competition > 0 else None
+        self.mean = torch.tensor(job.data_cfg.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(job.data_cfg.std, device=device).view(1, 3, 1, 1)
+        self.low, self.high = (0 - self.mean) / self.std, (1 - self.mean) / self.std  # valid pixels, normalized
+        self.hooks = _BNStatistics(layers)
+        self.weights = [self.cfg.first_bn_multiplier] + [1.0] * (len(layers) - 1)
+
+    def optimize(self, b: int, rows: range, targets: torch.Tensor, done: Callable[[int], None]):
+        """Batch ``b``'s images, optimized from noise: (images, BN-statistics loss at the first and last step)."""
+        cfg, job = self.cfg, self.job
+        size = job.data_cfg.image_size
+        gen = torch.Generator(device="cpu").manual_seed(job.seed * 1_000_003 + b)
+        x = torch.randn((len(rows), 3, size, size), generator=gen).to(job.device).requires_grad_(True)
+        optimizer = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)
+        first = last = None
+        for step in range(cfg.steps):
+            for group in optimizer.param_groups:  # cosine decay, as the paper's ImageNet schedule
+                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+            dx, dy = (int(v) for v in torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=gen))
+            view = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+            if cfg.flip and bool(torch.rand(1, generator=gen) < 0.5):
+                view = view.flip(3)
+            self.hooks.take()
+            logits = self.teacher(view)
+            bn = sum(w * loss for w, loss in zip(self.weights, self.hooks.take()))
+            tv_l1, tv_l2 = image_priors(view)
+            loss = (F.cross_entropy(logits, targets) + cfg.bn_weight * bn + cfg.tv_l1 * tv_l1
+                    + cfg.tv_l2 * tv_l2 + cfg.l2 * torch.linalg.vector_norm(view))
+            if self.student is not None:
+                loss = loss + cfg.competition * competition_loss(logits, self.student(view))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                x.data = torch.max(torch.min(x, self.high), self.low)  # stay a valid image
+            bn_value = float(bn.detach())
+            first = bn_value if first is None else first
+            last = bn_value
+            done(step)
+        self.hooks.take()
+        return _to_uint8(x.detach(), self.mean, self.std), first, last
+
+    def save(self, b: int, rows: range, targets: torch.Tensor, images: np.ndarray, first: float, last: float,
+             batches: int) -> None:
+        """The batch's PNG files and its record (files, labels, the teacher's logits of the saved 8-bit images)."""
+        folder = self.job.folder
+        with torch.no_grad():  # the soft labels of the saved (8-bit) images, as the student will see them
+            saved = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).to(self.job.device)
+            soft = self.teacher((saved - self.mean) / self.std).float().cpu()
+            self.hooks.take()
+        files = []
+        for row, image, label in zip(rows, images, targets.tolist()):
+            rel = f"images/{label:03d}/{row:06d}.png"
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(folder / rel), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            files.append(rel)
+        probs = soft.softmax(1)
+        atomic_write_text(folder / "batches" / f"{b:04d}.json", json.dumps({
+            "batch": b, "files": files, "labels": targets.tolist(), "logits": soft.tolist(),
+            "bn_loss_first": first, "bn_loss_last": last,
+            "confidence": float(probs[torch.arange(len(files)), targets.cpu()].mean())}))
+        log.info("datafree: batch %d/%d, BN-statistics loss %.3f -> %.3f, teacher confidence %.2f", b + 1,
+                 batches, first, last, float(probs[torch.arange(len(files)), targets.cpu()].mean()))
+
+
+def synthesize(job: SynthesisJob) -> SyntheticSet:
+    """Synthesize ``job.cfg.images_per_class`` images per class into ``job.folder`` (resuming finished batches)."""
+    cfg, folder, classes = job.cfg, job.folder, job.classes
+    layers = require_batchnorm(job.teacher, job.teacher_name)
+    key = synthesis_key(job.teacher_sha256, job.data_cfg, cfg, classes, job.seed)
     key_file = folder / "key.txt"
     if folder.exists() and (not key_file.exists() or key_file.read_text().strip() != key):
         log.info("datafree: %s was synthesized under other settings or another teacher; starting again", folder)
@@ -147,78 +244,25 @@ def synthesize(teacher: nn.Module, teacher_sha256: str, classes: Sequence[str], 
     (folder / "batches").mkdir(parents=True, exist_ok=True)
     atomic_write_text(key_file, key)
 
-    teacher = teacher.to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    if student is not None and cfg.competition > 0:
-        student = student.to(device).eval()
-        for p in student.parameters():
-            p.requires_grad_(False)
-    num_classes, size = len(classes), data_cfg.image_size
+    inversion = _Inversion(job, layers)
+    num_classes = len(classes)
     total = cfg.images_per_class * num_classes
     batches = math.ceil(total / cfg.batch_size)
-    mean = torch.tensor(data_cfg.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(data_cfg.std, device=device).view(1, 3, 1, 1)
-    low, high = (0 - mean) / std, (1 - mean) / std  # the valid pixel range in normalized space
-    hooks = _BNStatistics(layers)
-    weights = [cfg.first_bn_multiplier] + [1.0] * (len(layers) - 1)
     try:
         for b in range(batches):
-            record = folder / "batches" / f"{b:04d}.json"
-            if record.exists():
+            if (folder / "batches" / f"{b:04d}.json").exists():
                 continue
             rows = range(b * cfg.batch_size, min(total, (b + 1) * cfg.batch_size))
-            targets = torch.tensor([r % num_classes for r in rows], device=device)
-            gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + b)
-            x = torch.randn((len(rows), 3, size, size), generator=gen).to(device).requires_grad_(True)
-            optimizer = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)
-            first = last = None
-            for step in range(cfg.steps):
-                for group in optimizer.param_groups:  # cosine decay, as the paper's ImageNet schedule
-                    group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-                dx, dy = (int(v) for v in torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=gen))
-                view = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
-                if cfg.flip and bool(torch.rand(1, generator=gen) < 0.5):
-                    view = view.flip(3)
-                hooks.take()
-                logits = teacher(view)
-                bn = sum(w * loss for w, loss in zip(weights, hooks.take()))
-                tv_l1, tv_l2 = image_priors(view)
-                loss = (F.cross_entropy(logits, targets) + cfg.bn_weight * bn + cfg.tv_l1 * tv_l1
-                        + cfg.tv_l2 * tv_l2 + cfg.l2 * torch.linalg.vector_norm(view))
-                if student is not None and cfg.competition > 0:
-                    loss = loss + cfg.competition * competition_loss(logits, student(view))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    x.data = torch.max(torch.min(x, high), low)  # stay a valid image
-                bn_value = float(bn.detach())
-                first = bn_value if first is None else first
-                last = bn_value
-                if progress is not None:
-                    progress(b * cfg.steps + step + 1, batches * cfg.steps)
-            hooks.take()
-            images = _to_uint8(x.detach(), mean, std)
-            with torch.no_grad():  # the soft labels of the saved (8-bit) images, as the student will see them
-                saved = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).to(device)
-                soft = teacher((saved - mean) / std).float().cpu()
-                hooks.take()
-            files = []
-            for row, image, label in zip(rows, images, targets.tolist()):
-                rel = f"images/{label:03d}/{row:06d}.png"
-                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-                cv2.imwrite(str(folder / rel), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-                files.append(rel)
-            probs = soft.softmax(1)
-            atomic_write_text(record, json.dumps({
-                "batch": b, "files": files, "labels": targets.tolist(), "logits": soft.tolist(),
-                "bn_loss_first": first, "bn_loss_last": last,
-                "confidence": float(probs[torch.arange(len(files)), targets.cpu()].mean())}))
-            log.info("datafree: batch %d/%d, BN-statistics loss %.3f -> %.3f, teacher confidence %.2f", b + 1,
-                     batches, first, last, float(probs[torch.arange(len(files)), targets.cpu()].mean()))
+            targets = torch.tensor([r % num_classes for r in rows], device=job.device)
+
+            def done(step: int, b: int = b) -> None:
+                if job.progress is not None:
+                    job.progress(b * cfg.steps + step + 1, batches * cfg.steps)
+
+            images, first, last = inversion.optimize(b, rows, targets, done)
+            inversion.save(b, rows, targets, images, first, last, batches)
     finally:
-        hooks.close()
+        inversion.hooks.close()
     return _finish(folder, classes)
 
 

@@ -15,6 +15,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 import numpy as np
@@ -138,26 +139,38 @@ def validation_scores(model: nn.Module, val: Split, data_cfg: DataConfig, device
     sst = np.maximum(syy - sy ** 2 / max(n, 1), 1e-12)
     return {"val_r2": float(np.mean(1 - sse / sst))}
 
-def train_model(job: TrainJob) -> list[dict[str, Any]]:
-    """Train ``job.model`` for ``job.cfg.epochs`` epochs, resuming from ``job.folder/last.safetensors`` if it fits.
+@dataclass
+class _Session:
+    """One training's live objects, made once by ``_prepare`` and used by every epoch and step."""
 
-    Without ``job.teaching``: cross-entropy. With it: the distillation loss against the frozen teacher, plus the
-    feature term when ``teaching.features`` is set (its projections train with the model and are saved in
-    the resumable state, never in the model). Rows labelled -1 in ``job.train`` are unlabeled images.
+    model: nn.Module
+    trainable: nn.Module  # the model, or the model and its feature projections (one optimizer, one checkpoint)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    forward: nn.Module  # the student's forward, wrapped for DDP and compiled when asked
+    loader: Any
+    teacher: Optional[nn.Module]
+    teacher_mode: Any  # torch.inference_mode, or torch.no_grad when features are matched
+    dtype: Optional[torch.dtype]
+    balance: Any
+    world: Any
+    use_cuda: bool
+    state_path: Path
+    metrics_path: Path
 
-    Under torchrun every process runs this with its share of each global batch (DistributedDataParallel
-    averages the gradients, weighted so the step equals one process's step on the whole batch); the logged
-    losses and accuracies are sums over the processes; rank 0 alone writes metrics and checkpoints.
-    """
-    model, train, val, data_cfg, cfg, stage_dir = job.model, job.train, job.val, job.data, job.cfg, job.folder
-    seed, fingerprint, device, label, teaching, task = job.seed, job.fingerprint, job.device, job.label, \
-        job.teaching, job.task
-    hardware = job.hardware
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
+
+def _prepare(job: TrainJob) -> _Session:
+    """Seed, devices, the frozen teacher, feature hooks, optimizer, mixed precision, DDP wrap and the loader."""
+    device, hardware, teaching = job.device, job.hardware, job.teaching
     balance = job.balance.to(device) if job.balance is not None else None
     world = distributed.world()
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    state_path, metrics_path = stage_dir / STATE_FILE, stage_dir / METRICS_FILE
-    torch.manual_seed(seed)
+    job.folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(job.seed)
+    model = job.model
     model.to(device)
     use_cuda = device.type == "cuda"
     if use_cuda:
@@ -165,9 +178,7 @@ def train_model(job: TrainJob) -> list[dict[str, Any]]:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
         model.to(memory_format=torch.channels_last)
     teacher = teaching.teacher if teaching is not None else None
-    distill = teaching.distill if teaching is not None else None
     features = teaching.features if teaching is not None else None
-    cache = teaching.soft_labels if teaching is not None else None
     if teacher is not None:
         teacher.to(device).eval()
         for p in teacher.parameters():
@@ -181,7 +192,8 @@ def train_model(job: TrainJob) -> list[dict[str, Any]]:
     if features is not None:
         features.to(device).attach(model, teacher)
         trainable = nn.ModuleDict({"student": model, "features": features})  # one optimizer, one checkpoint
-    optimizer = torch.optim.AdamW(param_groups(trainable, model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(trainable, model, job.cfg), lr=job.cfg.lr,
+                                  weight_decay=job.cfg.weight_decay)
     dtype = amp_dtype(hardware.amp, device)
     # a grad scaler only for fp16, whose range needs it; bf16 has float32's exponent range
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -190,121 +202,162 @@ def train_model(job: TrainJob) -> list[dict[str, Any]]:
     forward: nn.Module = distributed.wrap(_StudentForward(trainable), device)
     if hardware.compile:
         forward = torch.compile(forward)  # the checkpoint keeps the plain module
-    loader = train_loader(train, data_cfg, seed, 0, world.rank, world.size, pin_memory=use_cuda)
-    steps_per_epoch = len(loader)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+    loader = train_loader(job.train, job.data, job.seed, 0, world.rank, world.size, pin_memory=use_cuda)
+    return _Session(model=model, trainable=trainable, optimizer=optimizer, scaler=scaler, forward=forward,
+                    loader=loader, teacher=teacher, teacher_mode=teacher_mode, dtype=dtype, balance=balance,
+                    world=world, use_cuda=use_cuda, state_path=job.folder / STATE_FILE,
+                    metrics_path=job.folder / METRICS_FILE)
 
+
+def _resume(job: TrainJob, run: _Session) -> tuple[int, list[dict[str, Any]]]:
+    """(the first epoch to train, the history so far): after the last finished epoch of a checkpoint written for
+    this fingerprint, else from the start; the metrics of epochs to redo are dropped."""
     start_epoch, history = 0, []
-    if state_path.exists():
+    if run.state_path.exists():
         try:
-            previous = read_metadata(state_path).get("fingerprint")
+            previous = read_metadata(run.state_path).get("fingerprint")
         except CheckpointError as exc:
-            log.warning("%s: cannot resume (%s); starting the stage afresh", label, exc)
+            log.warning("%s: cannot resume (%s); starting the stage afresh", job.label, exc)
             previous = None
-        if previous == fingerprint:
-            meta = load_training_state(state_path, trainable, optimizer)
+        if previous == job.fingerprint:
+            meta = load_training_state(run.state_path, run.trainable, run.optimizer)
             start_epoch = int(meta["epoch"]) + 1
             history = meta.get("history", [])
-            log.info("%s: resuming after epoch %d/%d from %s", label, start_epoch, cfg.epochs, state_path)
+            log.info("%s: resuming after epoch %d/%d from %s", job.label, start_epoch, job.cfg.epochs, run.state_path)
         elif previous is not None:
-            log.info("%s: recipe changed since %s was written; starting afresh", label, state_path)
-    if world.is_main:
+            log.info("%s: recipe changed since %s was written; starting afresh", job.label, run.state_path)
+    if run.world.is_main:
         if start_epoch == 0:
-            metrics_path.unlink(missing_ok=True)
+            run.metrics_path.unlink(missing_ok=True)
         else:
-            _truncate_metrics(metrics_path, start_epoch)
+            _truncate_metrics(run.metrics_path, start_epoch)
+    return start_epoch, history
 
+
+def _step(job: TrainJob, run: _Session, epoch: int, i: int, batch: tuple, draw: int) -> tuple[dict, list, float]:
+    """One optimizer step on one batch: (the step's mean losses over every process, [rows, correct, labelled]
+    summed over the processes, the learning rate)."""
+    device, cfg, teaching = job.device, job.cfg, job.teaching
+    distill = teaching.distill if teaching is not None else None
+    features = teaching.features if teaching is not None else None
+    cache = teaching.soft_labels if teaching is not None else None
+    steps_per_epoch = run.steps_per_epoch
+    step = epoch * steps_per_epoch + i
+    lr = lr_at(step, steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch), cfg.lr)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # layer decay: deeper-down blocks learn slower
+    images, targets = batch
+    images = images.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    if run.use_cuda:
+        images = images.contiguous(memory_format=torch.channels_last)
+    amp = torch.autocast(device.type, dtype=run.dtype) if run.dtype is not None else nullcontext()
+    with amp:
+        logits = run.forward(images)
+        teacher_logits = None
+        if cache is not None:
+            teacher_logits = cache.batch(draw, i, device, run.world.rank, run.world.size)
+        elif run.teacher is not None:
+            with run.teacher_mode():
+                teacher_logits = run.teacher(images)
+            teacher_logits = teacher_logits.float().clone()  # a normal tensor again, float32
+        losses = compute_loss(logits.float(), targets, teacher_logits, cfg, distill, step / steps_per_epoch,
+                              job.task, run.balance)
+        if features is not None:
+            losses["feat"] = features.loss()
+            losses["loss"] = losses["loss"] + teaching.feature_weight * losses["feat"]
+    n = len(targets)
+    hits = seen_here = 0
+    if job.task != "regression":
+        labeled = targets != UNLABELED
+        hits, seen_here = int((logits.argmax(1) == targets)[labeled].sum()), int(labeled.sum())
+    keys = sorted(losses)
+    totals = distributed.sum_across([n, hits, seen_here] + [float(losses[k].detach()) * n for k in keys], device)
+    global_n = totals[0]
+    values = {k: v / global_n for k, v in zip(keys, totals[3:])}
+    if not all(math.isfinite(v) for v in values.values()):
+        kept = (f"the checkpoint after epoch {epoch} is kept in '{run.state_path}'" if epoch
+                else "no epoch had finished, so there is no checkpoint yet")
+        raise NonFiniteLossError(
+            f"{job.label}: loss became {values} at epoch {epoch + 1}, step {i + 1} (lr {lr:.2e}); {kept}. "
+            f"Lower the learning rate or check the data, then run the stage again to resume.")
+    run.optimizer.zero_grad(set_to_none=True)
+    # DDP averages gradients over processes: weight each by its share of the global batch
+    share = n * run.world.size / global_n
+    run.scaler.scale(losses["loss"] * share if share != 1 else losses["loss"]).backward()
+    if cfg.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.trainable.parameters(), cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return values, totals[:3], lr
+
+
+def _epoch(job: TrainJob, run: _Session, epoch: int, history: list, progress: Progress, metrics) -> None:
+    """Train one epoch; at a validation epoch (and the last) validate and write the resumable checkpoint."""
+    cfg = job.cfg
+    cache = job.teaching.soft_labels if job.teaching is not None else None
+    run.model.train()
+    if job.freeze_bn:
+        for module in run.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    # cached soft labels: epoch e replays augmentation draw e % draws, whose teacher logits are stored
+    draw = epoch % cache.draws if cache is not None else epoch
+    run.loader.batch_sampler.set_epoch(draw)
+    bar = progress.add_task(f"{job.label} {epoch + 1}/{cfg.epochs}", total=len(run.loader), stats="")
+    sums: dict[str, float] = {}
+    correct = seen = rows = 0
+    started = time.perf_counter()
+    for i, batch in enumerate(run.loader):
+        values, (global_n, hits, labelled), lr = _step(job, run, epoch, i, batch, draw)
+        rows += global_n
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v * global_n
+        correct += hits
+        seen += labelled
+        if metrics is not None:
+            metrics.write(json.dumps({"kind": "step", "epoch": epoch, "step": epoch * run.steps_per_epoch + i,
+                                      "lr": lr, **values}) + "\n")
+        progress.update(bar, advance=1, stats="  ".join(f"{k} {v:.3f}" for k, v in values.items()))
+    progress.remove_task(bar)
+    checkpoint = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+    record = {"kind": "epoch", "epoch": epoch, **{k: v / max(rows, 1) for k, v in sums.items()}}
+    if job.task != "regression":
+        record["train_top1"] = correct / max(seen, 1)
+    if checkpoint:
+        record.update(validation_scores(run.model, job.val, job.data, job.device, job.task))
+    record["seconds"] = round(time.perf_counter() - started, 2)
+    history.append(record)
+    if metrics is not None:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+    if checkpoint and run.world.is_main:
+        log.info("%s epoch %d/%d: %s", job.label, epoch + 1, cfg.epochs,
+                 "  ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
+        save_training_state(run.state_path, run.trainable, run.optimizer,
+                            {"epoch": epoch, "fingerprint": job.fingerprint, "history": history})
+
+
+def train_model(job: TrainJob) -> list[dict[str, Any]]:
+    """Train ``job.model`` for ``job.cfg.epochs`` epochs, resuming from ``job.folder/last.safetensors`` if it fits.
+
+    Without ``job.teaching``: cross-entropy. With it: the distillation loss against the frozen teacher, plus the
+    feature term when ``teaching.features`` is set (its projections train with the model and are saved in
+    the resumable state, never in the model). Rows labelled -1 in ``job.train`` are unlabeled images.
+
+    Under torchrun every process runs this with its share of each global batch (DistributedDataParallel
+    averages the gradients, weighted so the step equals one process's step on the whole batch); the logged
+    losses and accuracies are sums over the processes; rank 0 alone writes metrics and checkpoints.
+    """
+    run = _prepare(job)
+    start_epoch, history = _resume(job, run)
+    features = job.teaching.features if job.teaching is not None else None
     try:
-        amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-        with progress_bar() as progress, (open(metrics_path, "a") if world.is_main else nullcontext()) as metrics:
-            for epoch in range(start_epoch, cfg.epochs):
-                model.train()
-                if job.freeze_bn:
-                    for module in model.modules():
-                        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                            module.eval()
-                # cached soft labels: epoch e replays augmentation draw e % draws, whose teacher logits are stored
-                draw = epoch % cache.draws if cache is not None else epoch
-                loader.batch_sampler.set_epoch(draw)
-                bar = progress.add_task(f"{label} {epoch + 1}/{cfg.epochs}", total=len(loader), stats="")
-                sums: dict[str, float] = {}
-                correct = seen = rows = 0
-                started = time.perf_counter()
-                for i, (images, targets) in enumerate(loader):
-                    step = epoch * steps_per_epoch + i
-                    lr = lr_at(step, total_steps, warmup_steps, cfg.lr)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr * group.get("lr_scale", 1.0)  # layer decay: deeper-down blocks learn slower
-                    images = images.to(device, non_blocking=True)
-                    targets = targets.to(device, non_blocking=True)
-                    if use_cuda:
-                        images = images.contiguous(memory_format=torch.channels_last)
-                    with amp:
-                        logits = forward(images)
-                        teacher_logits = None
-                        if cache is not None:
-                            teacher_logits = cache.batch(draw, i, device, world.rank, world.size)
-                        elif teacher is not None:
-                            with teacher_mode():
-                                teacher_logits = teacher(images)
-                            teacher_logits = teacher_logits.float().clone()  # a normal tensor again, float32
-                        losses = compute_loss(logits.float(), targets, teacher_logits, cfg, distill,
-                                              step / steps_per_epoch, task, balance)
-                        if features is not None:
-                            losses["feat"] = features.loss()
-                            losses["loss"] = losses["loss"] + teaching.feature_weight * losses["feat"]
-                    n = len(targets)
-                    hits = seen_here = 0
-                    if task != "regression":
-                        labeled = targets != UNLABELED
-                        hits, seen_here = int((logits.argmax(1) == targets)[labeled].sum()), int(labeled.sum())
-                    keys = sorted(losses)
-                    totals = distributed.sum_across([n, hits, seen_here] + [float(losses[k].detach()) * n for k in keys],
-                                                    device)
-                    global_n = totals[0]
-                    values = {k: v / global_n for k, v in zip(keys, totals[3:])}
-                    if not all(math.isfinite(v) for v in values.values()):
-                        kept = (f"the checkpoint after epoch {epoch} is kept in '{state_path}'" if epoch
-                                else "no epoch had finished, so there is no checkpoint yet")
-                        raise NonFiniteLossError(
-                            f"{label}: loss became {values} at epoch {epoch + 1}, step {i + 1} (lr {lr:.2e}); {kept}. "
-                            f"Lower the learning rate or check the data, then run the stage again to resume.")
-                    optimizer.zero_grad(set_to_none=True)
-                    # DDP averages gradients over processes: weight each by its share of the global batch
-                    share = n * world.size / global_n
-                    scaler.scale(losses["loss"] * share if share != 1 else losses["loss"]).backward()
-                    if cfg.grad_clip:
-                        scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(trainable.parameters(), cfg.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    rows += global_n
-                    for k, v in values.items():
-                        sums[k] = sums.get(k, 0.0) + v * global_n
-                    correct += totals[1]
-                    seen += totals[2]
-                    if metrics is not None:
-                        metrics.write(json.dumps({"kind": "step", "epoch": epoch, "step": step, "lr": lr, **values})
-                                      + "\n")
-                    progress.update(bar, advance=1, stats="  ".join(f"{k} {v:.3f}" for k, v in values.items()))
-                progress.remove_task(bar)
-                checkpoint = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
-                record = {"kind": "epoch", "epoch": epoch, **{k: v / max(rows, 1) for k, v in sums.items()}}
-                if task != "regression":
-                    record["train_top1"] = correct / max(seen, 1)
-                if checkpoint:
-                    record.update(validation_scores(model, val, data_cfg, device, task))
-                record["seconds"] = round(time.perf_counter() - started, 2)
-                history.append(record)
-                if metrics is not None:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                if checkpoint and world.is_main:
-                    log.info("%s epoch %d/%d: %s", label, epoch + 1, cfg.epochs,
-                             "  ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
-                    save_training_state(state_path, trainable, optimizer,
-                                        {"epoch": epoch, "fingerprint": fingerprint, "history": history})
+        with progress_bar() as progress, (open(run.metrics_path, "a") if run.world.is_main else nullcontext()) \
+                as metrics:
+            for epoch in range(start_epoch, job.cfg.epochs):
+                _epoch(job, run, epoch, history, progress, metrics)
     finally:
         if features is not None:
             features.detach()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 import os
 from pathlib import Path
 from typing import Optional
@@ -96,13 +97,30 @@ class SoftLabelCache:
                        data["batch_rows"])
 
 
+@dataclass
+class SoftLabelJob:
+    """The teacher's logits to cache: the frozen ``teacher`` (its weights' sha256 keys the cache), the training
+    ``split`` and the recipe's data section (its augmentation draws the views), the seed, how many augmentation
+    ``draws``, the top-k kept per image (None: every class), the cache ``folder`` and the device."""
+
+    teacher: nn.Module
+    teacher_sha256: str
+    split: Split
+    data_cfg: DataConfig
+    seed: int
+    draws: int
+    topk: Optional[int]
+    folder: Path
+    device: torch.device
+
+
 @torch.inference_mode()
-def build(teacher: nn.Module, split: Split, data_cfg: DataConfig, seed: int, draws: int, topk: Optional[int],
-          device: torch.device) -> SoftLabelCache:
-    """Run the teacher over ``draws`` passes of the training loader (the views the student will replay)."""
+def build(job: SoftLabelJob) -> SoftLabelCache:
+    """Run the teacher over ``job.draws`` passes of the training loader (the views the student will replay)."""
+    teacher, device, topk, draws = job.teacher, job.device, job.topk, job.draws
     teacher.eval().to(device)
     values, indices, batch_rows, num_classes = [], [], None, None
-    loader = train_loader(split, data_cfg, seed, pin_memory=device.type == "cuda")
+    loader = train_loader(job.split, job.data_cfg, job.seed, pin_memory=device.type == "cuda")
     for draw in range(draws):
         loader.batch_sampler.set_epoch(draw)
         rows, idx, sizes = [], [], []
@@ -125,18 +143,17 @@ def build(teacher: nn.Module, split: Split, data_cfg: DataConfig, seed: int, dra
                           int(num_classes), batch_rows)
 
 
-def cached_soft_labels(teacher: nn.Module, teacher_sha256: str, split: Split, data_cfg: DataConfig, seed: int,
-                       draws: int, topk: Optional[int], folder: Path, device: torch.device) -> SoftLabelCache:
+def cached_soft_labels(job: SoftLabelJob) -> SoftLabelCache:
     """The cache for this teacher and data: loaded when its file exists, else built and saved."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{cache_key(teacher_sha256, split, data_cfg, seed, draws, topk)}.npz"
+    job.folder.mkdir(parents=True, exist_ok=True)
+    path = job.folder / f"{cache_key(job.teacher_sha256, job.split, job.data_cfg, job.seed, job.draws, job.topk)}.npz"
     if path.exists():
         log.info("soft labels: reusing %s", path)
         distributed.barrier()
         return SoftLabelCache.load(path)
     cache = None
     if distributed.world().is_main:  # under torchrun rank 0 builds it once, the others then read it
-        cache = build(teacher, split, data_cfg, seed, draws, topk, device)
+        cache = build(job)
         cache.save(path)
         log.info("soft labels: %d draws x %d images cached in %s", cache.draws, int(cache.offsets[-1]), path)
     distributed.barrier()
