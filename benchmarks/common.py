@@ -1,4 +1,5 @@
 """Helpers shared by the benchmark scripts: machine facts and results tables with their command."""
+
 from __future__ import annotations
 
 import os
@@ -36,11 +37,19 @@ def revision() -> str:
         return os.environ["EDGEDISTILL_REVISION"]
 
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)results"], capture_output=True, text=True,
-                               cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + (" (with uncommitted changes)" if dirty else "")
@@ -58,9 +67,17 @@ def mean_std(values: list[float], fmt: str = ".2f") -> str:
 
 def write_table(name: str, title: str, header: list[str], rows: list[list[str]], notes: list[str]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {title}", "", f"- command: `{command()}`", f"- revision: {revision()}", f"- machine: {machine()}",
-             f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        f"# {title}",
+        "",
+        f"- command: `{command()}`",
+        f"- revision: {revision()}",
+        f"- machine: {machine()}",
+        f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += [""] + [f"- {n}" for n in notes] + [""]
     path = RESULTS / f"{name}.md"

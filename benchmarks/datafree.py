@@ -12,6 +12,7 @@ data-free student next to the data-driven student and baseline and chance (10%).
 20 points. Each finished size is a row in ``OUTPUT/rows.jsonl``; a rerun resumes from them (and a killed
 synthesis resumes by batch). Writes benchmarks/results/datafree.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ from common import append_row, resume, write_table  # noqa: E402
 
 from edgedistill.cli import main as edgedistill_main  # noqa: E402
 from edgedistill.judge.evaluate import load_summary  # noqa: E402
-from edgedistill.recipe.loading import load_recipe  # noqa: E402
 from edgedistill.judge.report import epoch_records  # noqa: E402
+from edgedistill.recipe.loading import load_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHANCE = 0.10
@@ -39,8 +40,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=200, help="DeepInversion steps per batch")
     parser.add_argument("--epochs", type=int, default=30, help="student and baseline epochs on the synthetic set")
     parser.add_argument("--output", default="runs/datafree")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="more recipe overrides, e.g. "
-                        "datafree.bn_weight=0.01")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="more recipe overrides, e.g. datafree.bn_weight=0.01",
+    )
     parser.add_argument("--results-name", default="datafree", help="table file benchmarks/results/<name>.md")
     args = parser.parse_args()
     teacher_run = Path(args.teacher_run)
@@ -52,26 +58,62 @@ def main() -> int:
     done, todo = resume(rows_path, "size", args.sizes)
     for size in todo:
         run = out / f"per-class-{size}"
-        overrides = [f"output={run}", f"name=datafree-{size}", "data.source=datafree", f"data.root={args.data}",
-                     "data.train_per_class=null", f"teacher.pretrained_path={teacher_run / 'teacher' / 'model.safetensors'}",
-                     "teacher.epochs=0", f"student.epochs={args.epochs}", f"datafree.images_per_class={size}",
-                     f"datafree.steps={args.steps}", "datafree.batch_size=100", "export.int8=false", *args.overrides]
-        code = edgedistill_main(["run", str(teacher_run / "recipe.yaml"), "--stages",
-                                 "datafree,teacher,distill,baseline,evaluate",
-                                 *sum((["--set", o] for o in overrides), [])])
+        overrides = [
+            f"output={run}",
+            f"name=datafree-{size}",
+            "data.source=datafree",
+            f"data.root={args.data}",
+            "data.train_per_class=null",
+            f"teacher.pretrained_path={teacher_run / 'teacher' / 'model.safetensors'}",
+            "teacher.epochs=0",
+            f"student.epochs={args.epochs}",
+            f"datafree.images_per_class={size}",
+            f"datafree.steps={args.steps}",
+            "datafree.batch_size=100",
+            "export.int8=false",
+            *args.overrides,
+        ]
+        code = edgedistill_main(
+            [
+                "run",
+                str(teacher_run / "recipe.yaml"),
+                "--stages",
+                "datafree,teacher,distill,baseline,evaluate",
+                *sum((["--set", o] for o in overrides), []),
+            ]
+        )
         row = {"size": size, "status": "ok" if code == 0 else f"failed (exit {code})"}
         if code == 0:
             s = load_summary(run)
             synth = json.loads((run / "datafree" / "synthesis.json").read_text())
-            row.update({"images": synth["images"], "teacher": s["teacher"]["top1"], "student": s["student"]["top1"],
-                        "baseline": s["baseline"]["top1"], "bn_loss": [synth["bn_loss_first"], synth["bn_loss_last"]],
-                        "confidence": synth["teacher_confidence"],
-                        "train_s": sum(r.get("seconds", 0.0) for st in ("student", "baseline")
-                                       for r in epoch_records(run / st / "metrics.jsonl"))})
+            row.update(
+                {
+                    "images": synth["images"],
+                    "teacher": s["teacher"]["top1"],
+                    "student": s["student"]["top1"],
+                    "baseline": s["baseline"]["top1"],
+                    "bn_loss": [synth["bn_loss_first"], synth["bn_loss_last"]],
+                    "confidence": synth["teacher_confidence"],
+                    "train_s": sum(
+                        r.get("seconds", 0.0)
+                        for st in ("student", "baseline")
+                        for r in epoch_records(run / st / "metrics.jsonl")
+                    ),
+                }
+            )
         done[size] = row
         append_row(rows_path, row)
-    table = [["data-driven (real training images)", f"{base.data.train_per_class or 'all'} real per class", f"{100 * driven['teacher']['top1']:.1f}", f"{100 * driven['student']['top1']:.1f}",
-              f"{100 * driven['baseline']['top1']:.1f}", "-", "-"]]
+    table = [
+        [
+            "data-driven (real training images)",
+            f"{base.data.train_per_class or 'all'} real per class",
+            f"{100 * driven['teacher']['top1']:.1f}",
+            f"{100 * driven['student']['top1']:.1f}",
+            f"{100 * driven['baseline']['top1']:.1f}",
+            "-",
+            "-",
+        ]
+    ]
     met = []
     for size in args.sizes:
         r = done[size]
@@ -79,25 +121,46 @@ def main() -> int:
             table.append([f"data-free, {size} synthetic per class", "-", "-", r["status"], "-", "-", "-"])
             continue
         met.append(r["student"] >= CHANCE + 0.20)
-        table.append([f"data-free, {size} synthetic per class", f"{r['images']} synthetic",
-                      f"{100 * r['teacher']:.1f}", f"{100 * r['student']:.1f}", f"{100 * r['baseline']:.1f}",
-                      f"{r['bn_loss'][0]:.2f} -> {r['bn_loss'][1]:.2f}", f"{r['confidence']:.2f}"])
+        table.append(
+            [
+                f"data-free, {size} synthetic per class",
+                f"{r['images']} synthetic",
+                f"{100 * r['teacher']:.1f}",
+                f"{100 * r['student']:.1f}",
+                f"{100 * r['baseline']:.1f}",
+                f"{r['bn_loss'][0]:.2f} -> {r['bn_loss'][1]:.2f}",
+                f"{r['confidence']:.2f}",
+            ]
+        )
     table.append(["chance", "-", "-", f"{100 * CHANCE:.1f}", "-", "-", "-"])
-    notes = [f"teacher {base.teacher.model} from {teacher_run} (its own run: {driven['eval_samples']} real test "
-             f"images); student {base.student.model}; data-free runs: {args.steps} DeepInversion steps per batch of "
-             f"100, student and baseline {args.epochs} epochs on the synthetic set; the data-driven student trained "
-             f"{base.student.epochs} epochs on real images",
-             "every accuracy is top-1 on the same real test images; the data-free baseline is the student trained "
-             "with cross-entropy on the synthetic images' intended classes, without the teacher",
-             f"target: data-free student >= chance + 20 points ({100 * (CHANCE + 0.2):.0f}%): "
-             + ("met" if met and all(met) else "NOT met" if met else "not measured")
-             + (f" ({sum(met)} of {len(met)} sizes)" if met else "")]
+    notes = [
+        f"teacher {base.teacher.model} from {teacher_run} (its own run: {driven['eval_samples']} real test "
+        f"images); student {base.student.model}; data-free runs: {args.steps} DeepInversion steps per batch of "
+        f"100, student and baseline {args.epochs} epochs on the synthetic set; the data-driven student trained "
+        f"{base.student.epochs} epochs on real images",
+        "every accuracy is top-1 on the same real test images; the data-free baseline is the student trained "
+        "with cross-entropy on the synthetic images' intended classes, without the teacher",
+        f"target: data-free student >= chance + 20 points ({100 * (CHANCE + 0.2):.0f}%): "
+        + ("met" if met and all(met) else "NOT met" if met else "not measured")
+        + (f" ({sum(met)} of {len(met)} sizes)" if met else ""),
+    ]
     if args.overrides:
         notes.append("recipe overrides: " + " ".join(f"--set {o}" for o in args.overrides))
-    write_table(args.results_name, "Data-free distillation (DeepInversion) on the CIFAR-10 recipe's teacher "
-                "(benchmarks/datafree.py)", ["student trained on", "images", "teacher top-1", "student top-1",
-                                             "baseline top-1", "BN-statistics loss", "teacher confidence"],
-                table, notes)
+    write_table(
+        args.results_name,
+        "Data-free distillation (DeepInversion) on the CIFAR-10 recipe's teacher (benchmarks/datafree.py)",
+        [
+            "student trained on",
+            "images",
+            "teacher top-1",
+            "student top-1",
+            "baseline top-1",
+            "BN-statistics loss",
+            "teacher confidence",
+        ],
+        table,
+        notes,
+    )
     return 0
 
 

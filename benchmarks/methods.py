@@ -13,6 +13,7 @@ and is never run again, and a killed training resumes from its last epoch, so th
 Targets (mean of the seeds, the recipe's schedule): the best labelled-data method keeps >= 96% of the teacher
 and beats the baseline by >= +5 points; KD + unlabeled keeps >= 100%. The table reports every row, won or lost.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,13 +54,31 @@ def unlabeled_folder(data: str) -> str:
 
 
 def edgedistill(args, out: Path, seed: int, stages: str, overrides: list, threads: int) -> int:
-    cmd = [sys.executable, "-m", "edgedistill", "run", args.recipe, "--stages", stages,
-           "--set", f"data.root={args.data}", "--set", f"seed={seed}", "--set", f"output={out}",
-           *sum((["--set", o] for o in overrides + list(args.overrides)), [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgedistill",
+        "run",
+        args.recipe,
+        "--stages",
+        stages,
+        "--set",
+        f"data.root={args.data}",
+        "--set",
+        f"seed={seed}",
+        "--set",
+        f"output={out}",
+        *sum((["--set", o] for o in overrides + list(args.overrides)), []),
+    ]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "console.log", "a") as console:
-        return subprocess.call(cmd, stdout=console, stderr=subprocess.STDOUT, cwd=ROOT,
-                               env=dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1"))
+        return subprocess.call(
+            cmd,
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1"),
+        )
 
 
 def method_overrides(args, method: str) -> list:
@@ -93,13 +112,28 @@ def evaluate_job(args, seed: int, method: str, threads: int) -> dict:
         return {**row, "status": f"failed (exit {code}): {tail[0][:160]}"}
     s = json.loads((out / "summary.json").read_text())
     trained = ["student"] + [f for f in os.listdir(out) if f.startswith(("assistant", "student-gen"))]
-    train_s = sum(json.loads(line).get("seconds", 0.0) for f in trained if (out / f / "metrics.jsonl").exists()
-                  for line in (out / f / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in line)
-    return {**row, "status": "ok", "teacher": s["teacher"]["top1"], "student": s["student"]["top1"],
-            "baseline": s["baseline"]["top1"], "retention": s["retention"], "kd_gain": s["kd_gain"],
-            "p_value": s["significance"]["p_value"], "train_s": round(train_s, 1),
-            "eval_samples": s["eval_samples"], "verdict": s["verdict"],
-            "unlabeled_images": s.get("unlabeled_images", 0), "device": s["host"]["device"]}
+    train_s = sum(
+        json.loads(line).get("seconds", 0.0)
+        for f in trained
+        if (out / f / "metrics.jsonl").exists()
+        for line in (out / f / "metrics.jsonl").read_text().splitlines()
+        if '"kind": "epoch"' in line
+    )
+    return {
+        **row,
+        "status": "ok",
+        "teacher": s["teacher"]["top1"],
+        "student": s["student"]["top1"],
+        "baseline": s["baseline"]["top1"],
+        "retention": s["retention"],
+        "kd_gain": s["kd_gain"],
+        "p_value": s["significance"]["p_value"],
+        "train_s": round(train_s, 1),
+        "eval_samples": s["eval_samples"],
+        "verdict": s["verdict"],
+        "unlabeled_images": s.get("unlabeled_images", 0),
+        "device": s["host"]["device"],
+    }
 
 
 def render(args, rows: dict) -> None:
@@ -110,52 +144,96 @@ def render(args, rows: dict) -> None:
     anchor = next((rs for rs in ok.values() if rs), [])
     if anchor:
         table.append(["teacher (resnet18)", pct([r["teacher"] for r in anchor]), "100", "–", "–", "–", "–"])
-        table.append(["baseline (no KD)", pct([r["baseline"] for r in anchor]),
-                      pct([r["baseline"] / r["teacher"] for r in anchor]), "0", "–", "–", "–"])
+        table.append(
+            [
+                "baseline (no KD)",
+                pct([r["baseline"] for r in anchor]),
+                pct([r["baseline"] / r["teacher"] for r in anchor]),
+                "0",
+                "–",
+                "–",
+                "–",
+            ]
+        )
     for method in METHODS:
         got = ok[method]
         if not got:
             table.append([method, "not run", "", "", "", "", ""])
             continue
         helped = sum(r["p_value"] < 0.05 and r["kd_gain"] > 0 for r in got)
-        table.append([method, pct([r["student"] for r in got]), pct([r["retention"] for r in got]),
-                      mean_std([100 * r["kd_gain"] for r in got]),
-                      ", ".join(f"{r['p_value']:.2g}" for r in got), f"{helped}/{len(got)}",
-                      f"{statistics.mean(r['train_s'] for r in got):.0f}"])
+        table.append(
+            [
+                method,
+                pct([r["student"] for r in got]),
+                pct([r["retention"] for r in got]),
+                mean_std([100 * r["kd_gain"] for r in got]),
+                ", ".join(f"{r['p_value']:.2g}" for r in got),
+                f"{helped}/{len(got)}",
+                f"{statistics.mean(r['train_s'] for r in got):.0f}",
+            ]
+        )
     full = lambda m: len(ok[m]) == len(seeds)  # noqa: E731
     mean = lambda m, k: statistics.mean(r[k] for r in ok[m])  # noqa: E731
     done = [m for m in LABELLED if full(m)]
     if done:
         best = max(done, key=lambda m: mean(m, "student"))
         ret, gain = mean(best, "retention"), mean(best, "kd_gain")
-        notes.append(f"best labelled-data method: {best} — retention {100 * ret:.2f}% (target >= 96%: "
-                     f"{'MET' if ret >= 0.96 else 'NOT MET'}), gain {100 * gain:+.2f} points (target >= +5: "
-                     f"{'MET' if gain >= 0.05 else 'NOT MET'})")
+        notes.append(
+            f"best labelled-data method: {best} — retention {100 * ret:.2f}% (target >= 96%: "
+            f"{'MET' if ret >= 0.96 else 'NOT MET'}), gain {100 * gain:+.2f} points (target >= +5: "
+            f"{'MET' if gain >= 0.05 else 'NOT MET'})"
+        )
     if full("kd+unlabeled"):
         ret = mean("kd+unlabeled", "retention")
-        notes.append(f"KD + unlabeled: retention {100 * ret:.2f}% (target >= 100%: {'MET' if ret >= 1.0 else 'NOT MET'}); "
-                     f"{ok['kd+unlabeled'][0]['unlabeled_images']:,} unlabeled images")
+        notes.append(
+            f"KD + unlabeled: retention {100 * ret:.2f}% (target >= 100%: {'MET' if ret >= 1.0 else 'NOT MET'}); "
+            f"{ok['kd+unlabeled'][0]['unlabeled_images']:,} unlabeled images"
+        )
     if anchor:
-        notes.append(f"seeds {seeds}; top-1 on {anchor[0]['eval_samples']} test images, mean ± std over seeds; gain = "
-                     f"student − the seed's baseline on the same images, McNemar p per seed; helped = seeds with "
-                     f"p < 0.05 and a positive gain; device {anchor[0]['device']}")
-    notes.append(f"training s = the row's distillation stages (assistant, student, generations), mean per seed, "
-                 f"{args.jobs} training(s) sharing the machine at a time (seconds include that contention)")
-    notes += [f"{m}: {' '.join(method_overrides(args, m)).replace(args.unlabeled, '<archive>/train') or 'the recipe'}"
-              for m in METHODS]
-    notes += [f"seed {r['seed']} {r['method']}: {r['status']}" for r in load_rows(Path(args.output) / "rows.jsonl")
-              if r["status"] != "ok" and (r["seed"], r["method"]) not in rows]
+        notes.append(
+            f"seeds {seeds}; top-1 on {anchor[0]['eval_samples']} test images, mean ± std over seeds; gain = "
+            f"student − the seed's baseline on the same images, McNemar p per seed; helped = seeds with "
+            f"p < 0.05 and a positive gain; device {anchor[0]['device']}"
+        )
+    notes.append(
+        f"training s = the row's distillation stages (assistant, student, generations), mean per seed, "
+        f"{args.jobs} training(s) sharing the machine at a time (seconds include that contention)"
+    )
+    notes += [
+        f"{m}: {' '.join(method_overrides(args, m)).replace(args.unlabeled, '<archive>/train') or 'the recipe'}"
+        for m in METHODS
+    ]
+    notes += [
+        f"seed {r['seed']} {r['method']}: {r['status']}"
+        for r in load_rows(Path(args.output) / "rows.jsonl")
+        if r["status"] != "ok" and (r["seed"], r["method"]) not in rows
+    ]
     if args.overrides:
         notes.append("recipe overrides for every row: " + ", ".join(args.overrides))
     notes += args.notes
-    write_table(args.results_name, "Distillation methods on CIFAR-10 (benchmarks/methods.py)",
-                ["method", "student top-1 %", "retention %", "gain (points)", "McNemar p (per seed)", "helped",
-                 "training s / seed"], table, notes)
+    write_table(
+        args.results_name,
+        "Distillation methods on CIFAR-10 (benchmarks/methods.py)",
+        [
+            "method",
+            "student top-1 %",
+            "retention %",
+            "gain (points)",
+            "McNemar p (per seed)",
+            "helped",
+            "training s / seed",
+        ],
+        table,
+        notes,
+    )
 
 
 def _epochs(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text().splitlines() if '"kind": "epoch"' in line] \
-        if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if '"kind": "epoch"' in line]
+        if path.exists()
+        else []
+    )
 
 
 def progress(args) -> None:
@@ -179,17 +257,40 @@ def progress(args) -> None:
             e = curve[-1]["epoch"]
             same = lambda c: f"{100 * c[e]['val_top1']:.2f}" if len(c) > e and step.name != "teacher" else "–"  # noqa
             model = record.get("model", "?") if record else args.student_name
-            table.append([str(seed), f"{step.parent.name}/{step.name}", model,
-                          f"{e + 1}" + ("" if record else " (unfinished)"),
-                          f"{100 * (record['top1'] if record else curve[-1]['val_top1']):.2f}",
-                          same(kd_curve), same(base_curve), f"{statistics.mean(c['seconds'] for c in curve):.1f}"])
-    notes.append("top-1 on the validation split (the recipe's val_dir) after the epochs shown; an unfinished step is "
-                 "mid-schedule (its learning rate not yet decayed), so compare it only with the KD student and the "
-                 "baseline at the same epoch, which the last two columns give")
+            table.append(
+                [
+                    str(seed),
+                    f"{step.parent.name}/{step.name}",
+                    model,
+                    f"{e + 1}" + ("" if record else " (unfinished)"),
+                    f"{100 * (record['top1'] if record else curve[-1]['val_top1']):.2f}",
+                    same(kd_curve),
+                    same(base_curve),
+                    f"{statistics.mean(c['seconds'] for c in curve):.1f}",
+                ]
+            )
+    notes.append(
+        "top-1 on the validation split (the recipe's val_dir) after the epochs shown; an unfinished step is "
+        "mid-schedule (its learning rate not yet decayed), so compare it only with the KD student and the "
+        "baseline at the same epoch, which the last two columns give"
+    )
     notes += args.notes
-    write_table(args.results_name, "Distillation methods on CIFAR-10, progress of a cut-off run (benchmarks/methods.py "
-                "--progress)", ["seed", "step", "model", "epochs", "val top-1 %", "KD student at that epoch",
-                                "baseline at that epoch", "s / epoch"], table, notes)
+    write_table(
+        args.results_name,
+        "Distillation methods on CIFAR-10, progress of a cut-off run (benchmarks/methods.py --progress)",
+        [
+            "seed",
+            "step",
+            "model",
+            "epochs",
+            "val top-1 %",
+            "KD student at that epoch",
+            "baseline at that epoch",
+            "s / epoch",
+        ],
+        table,
+        notes,
+    )
 
 
 def main() -> int:
@@ -204,8 +305,11 @@ def main() -> int:
     parser.add_argument("--results-name", default="methods", help="table file benchmarks/results/<name>.md")
     parser.add_argument("--render-only", action="store_true", help="rewrite the table from rows.jsonl")
     parser.add_argument("--note", dest="notes", action="append", default=[], help="a line for the table's notes")
-    parser.add_argument("--progress", action="store_true", help="table the finished steps and the last epoch of "
-                        "unfinished ones of a cut-off run (no training)")
+    parser.add_argument(
+        "--progress",
+        action="store_true",
+        help="table the finished steps and the last epoch of unfinished ones of a cut-off run (no training)",
+    )
     args = parser.parse_args()
     if args.progress:
         import yaml
@@ -222,9 +326,15 @@ def main() -> int:
     def evaluate(seed_method):
         row = evaluate_job(args, *seed_method, threads)
         append_row(rows_path, row)
-        print(f"seed {row['seed']} {row['method']}: {row['status']}" + (
-            f" — student {100 * row['student']:.2f}%, gain {100 * row['kd_gain']:+.2f}"
-            if row["status"] == "ok" else ""), flush=True)
+        print(
+            f"seed {row['seed']} {row['method']}: {row['status']}"
+            + (
+                f" — student {100 * row['student']:.2f}%, gain {100 * row['kd_gain']:+.2f}"
+                if row["status"] == "ok"
+                else ""
+            ),
+            flush=True,
+        )
         if row["status"] == "ok":
             rows[seed_method] = row
 

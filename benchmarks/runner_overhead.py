@@ -13,6 +13,7 @@
 A 224 px MobileNetV3-Large student (random weights: speed only) is always exported into a temporary bundle
 and measured first; bundles given as arguments (trained students) follow. Writes benchmarks/results/runner_overhead.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,12 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_table  # noqa: E402
 
-from edgerun.bench import run_bench, trimmed_mean  # noqa: E402
-from edgerun.bench import BenchJob
+from edgerun.bench import BenchJob, run_bench, trimmed_mean  # noqa: E402
 from edgerun.bundle.bundle import open_bundle  # noqa: E402
-from edgerun.line.camera import run_camera  # noqa: E402
-from edgerun.line.camera import CameraJob
+from edgerun.line.camera import (
+    CameraJob,
+    run_camera,  # noqa: E402
+)
 from edgerun.preprocess import preprocess, to_three_channels  # noqa: E402
 from edgerun.runtime.runners import OrtRunner  # noqa: E402
 
@@ -66,25 +68,47 @@ def runner_loop(model_path: str, feed: dict, iterations: int, threads: int | Non
 
 def harness_loop(model_path: str, manifest, frames, iterations: int, threads: int | None) -> float:
     with OrtRunner(model_path, providers=["CPUExecutionProvider"], threads=threads) as runner:
-        result = run_bench(BenchJob(runner=runner, manifest=manifest, frames=frames, batch=1, warmup=20, iterations=iterations, input_order="RGB"))
+        result = run_bench(
+            BenchJob(
+                runner=runner,
+                manifest=manifest,
+                frames=frames,
+                batch=1,
+                warmup=20,
+                iterations=iterations,
+                input_order="RGB",
+            )
+        )
     return result["infer_call"]["latency_ms"]["trimmed_mean"] / 1e3
 
 
 def demo_bundle(folder: Path) -> Path:
     """A 224 px MobileNetV3-Large student bundle with random weights (for timing only)."""
     from edgedistill.data.sources import load_data
-    from edgedistill.ship.export import ExportJob, build_bundle
     from edgedistill.models.factory import create_model
     from edgedistill.recipe.sections import DataConfig, ExportConfig, ModelConfig
+    from edgedistill.ship.export import ExportJob, build_bundle
 
     cfg = DataConfig(source="digits", image_size=224, crop_pct=0.875, train_per_class=4, val_per_class=4)
     data = load_data(cfg)
     (folder / "ckpt").write_bytes(b"random weights")
-    build_bundle(ExportJob(model=create_model(ModelConfig(model="mobilenetv3_large_100"), 10).eval(),
-                           out_dir=folder / "bundle", name="mnv3-large-224-random", classes=data.classes,
-                           train=data.train, val=data.val, data_cfg=cfg,
-                           cfg=ExportConfig(int8=False, calib_samples=8, val_samples=16, parity_samples=8), seed=0,
-                           checkpoint=folder / "ckpt", source={}, host_metrics={}, recipe_yaml="name: timing\n"))
+    build_bundle(
+        ExportJob(
+            model=create_model(ModelConfig(model="mobilenetv3_large_100"), 10).eval(),
+            out_dir=folder / "bundle",
+            name="mnv3-large-224-random",
+            classes=data.classes,
+            train=data.train,
+            val=data.val,
+            data_cfg=cfg,
+            cfg=ExportConfig(int8=False, calib_samples=8, val_samples=16, parity_samples=8),
+            seed=0,
+            checkpoint=folder / "ckpt",
+            source={},
+            host_metrics={},
+            recipe_yaml="name: timing\n",
+        )
+    )
     return folder / "bundle"
 
 
@@ -123,22 +147,48 @@ def main() -> int:
         with OrtRunner(bundle.model_path, threads=args.threads) as runner:
             cam = run_camera(CameraJob(runner=runner, manifest=m, source=str(video)))
         ratio = cam["end_to_end_fps"] / cam["model_only_fps"]
-        rows.append([m.data["name"], "x".join(map(str, m.input_shape)), f"{bare_s * 1e3:.3f}",
-                     f"{tight_s * 1e3:.3f} ({runner_overhead * 100:+.1f}%)", f"{harness_s * 1e3:.3f}",
-                     f"{overhead * 100:+.1f}%", "MET" if overhead <= 0.05 else "NOT MET",
-                     f"{cam['model_only_fps']:.1f}", f"{cam['end_to_end_fps']:.1f}", f"{ratio * 100:.1f}%",
-                     f"{cam['frames_processed']}/{cam['frames_captured']}",
-                     "MET" if ratio >= 0.9 else "NOT MET"])
-    write_table("runner_overhead", "edgerun harness overhead and camera pipeline (benchmarks/runner_overhead.py)",
-                ["model", "input", "bare session.run ms", "OrtRunner.infer tight loop ms", "OrtRunner in harness ms",
-                 "harness overhead", "≤ 5%",
-                 "camera model-only FPS", "camera end-to-end FPS", "e2e / model-only", "frames processed/captured",
-                 "≥ 90%"], rows,
-                [f"ONNX Runtime {ort.__version__} CPU; batch 1; trimmed means (5% cut each end), median of "
-                 f"{args.rounds} interleaved rounds of {args.iterations} iterations",
-                 "camera: MJPG video file at the model's input size, read without dropping in a capture thread; "
-                 "end-to-end includes decode wait, preprocessing and postprocessing",
-                 "host CPU figures only: no TensorRT or Jetson figure is reported here"])
+        rows.append(
+            [
+                m.data["name"],
+                "x".join(map(str, m.input_shape)),
+                f"{bare_s * 1e3:.3f}",
+                f"{tight_s * 1e3:.3f} ({runner_overhead * 100:+.1f}%)",
+                f"{harness_s * 1e3:.3f}",
+                f"{overhead * 100:+.1f}%",
+                "MET" if overhead <= 0.05 else "NOT MET",
+                f"{cam['model_only_fps']:.1f}",
+                f"{cam['end_to_end_fps']:.1f}",
+                f"{ratio * 100:.1f}%",
+                f"{cam['frames_processed']}/{cam['frames_captured']}",
+                "MET" if ratio >= 0.9 else "NOT MET",
+            ]
+        )
+    write_table(
+        "runner_overhead",
+        "edgerun harness overhead and camera pipeline (benchmarks/runner_overhead.py)",
+        [
+            "model",
+            "input",
+            "bare session.run ms",
+            "OrtRunner.infer tight loop ms",
+            "OrtRunner in harness ms",
+            "harness overhead",
+            "≤ 5%",
+            "camera model-only FPS",
+            "camera end-to-end FPS",
+            "e2e / model-only",
+            "frames processed/captured",
+            "≥ 90%",
+        ],
+        rows,
+        [
+            f"ONNX Runtime {ort.__version__} CPU; batch 1; trimmed means (5% cut each end), median of "
+            f"{args.rounds} interleaved rounds of {args.iterations} iterations",
+            "camera: MJPG video file at the model's input size, read without dropping in a capture thread; "
+            "end-to-end includes decode wait, preprocessing and postprocessing",
+            "host CPU figures only: no TensorRT or Jetson figure is reported here",
+        ],
+    )
     return 0
 
 

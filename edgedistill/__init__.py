@@ -1,4 +1,5 @@
 """edgedistill: distill a large image classifier into a small one and carry it to an NVIDIA Jetson."""
+
 import os
 
 # albumentations asks PyPI for its latest version when imported; nothing here reaches the network at run time

@@ -5,6 +5,7 @@ built with GStreamer, which CSI cameras need; pip's opencv-python lacks it and w
 never pulled in here). onnxruntime is optional (`pip3 install ./jetson[ort]`) for the ONNX Runtime runner;
 cryptography is optional (`pip3 install ./jetson[sign]`) for devices that accept signed bundles only.
 """
+
 from setuptools import find_packages, setup
 
 setup(
@@ -17,7 +18,9 @@ setup(
     # (NVIDIA/TensorRT#2557): keep numpy below 1.24 there. edgerun itself maps types with its own table.
     install_requires=["numpy>=1.13,<1.24; python_version < '3.9'", "numpy>=1.13; python_version >= '3.9'"],
     # cryptography 2.6 brought Ed25519; its releases up to 40.x still support Python 3.6 (JetPack 4.6)
-    extras_require={"ort": ["onnxruntime>=1.10"],
-                    "sign": ["cryptography>=2.6,<41; python_version < '3.7'", "cryptography>=2.6; python_version >= '3.7'"]},
+    extras_require={
+        "ort": ["onnxruntime>=1.10"],
+        "sign": ["cryptography>=2.6,<41; python_version < '3.7'", "cryptography>=2.6; python_version >= '3.7'"],
+    },
     entry_points={"console_scripts": ["edgerun = edgerun.cli:main"]},
 )

@@ -1,4 +1,5 @@
 """Shared fixtures: small real data (scikit-learn's digits) and fast recipes for end-to-end runs."""
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,16 @@ def digits_folder(tmp_path_factory) -> Path:
 FAST = {
     "name": "fast",
     "seed": 0,
-    "data": {"source": "digits", "image_size": 16, "batch_size": 32, "train_per_class": 50, "val_per_class": 10,
-             "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "augment": {"hflip": 0.0, "scale": [0.8, 1.0]}},
+    "data": {
+        "source": "digits",
+        "image_size": 16,
+        "batch_size": 32,
+        "train_per_class": 50,
+        "val_per_class": 10,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "augment": {"hflip": 0.0, "scale": [0.8, 1.0]},
+    },
     "teacher": {"model": "resnet10t", "epochs": 3, "lr": 0.003, "min_top1": 0.0},
     "student": {"model": "mobilenetv3_small_050", "epochs": 6, "lr": 0.005},
     "evaluate": {"latency_repeats": 3, "latency_warmup": 1, "latency_batch": 4},
@@ -109,8 +118,12 @@ def kill_when_written(args: list, path: Path, timeout: float = 300, command: Opt
     """Run ``edgedistill ARGS`` (after ``command``: torchrun's, say) in a child process and SIGKILL it and every
     process under it as soon as ``path`` exists (a checkpoint)."""
     command = command or [sys.executable, "-m", "edgedistill"]
-    proc = subprocess.Popen([*command, *args], env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*command, *args],
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + timeout
     while not path.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)

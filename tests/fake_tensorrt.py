@@ -10,6 +10,7 @@ calibration profile fails as in TensorRT 8. Outputs are real: the parsed ONNX mo
 The 10.x surface is checked against NVIDIA's published type stubs (``tensorrt-stubs``) in test_trt.py: every
 class here names its stub class in ``_stub``.
 """
+
 import json
 import mmap
 import threading
@@ -20,7 +21,6 @@ import numpy as np
 import onnxruntime as ort
 
 from edgerun.profiles import parse_version
-
 
 TIMING_CACHE_MAGIC = b"FAKE-TIMING-CACHE:"
 
@@ -119,7 +119,7 @@ class FakeCuda:
         buf = self.memory[int(dev)]
         if len(data) > len(buf):
             raise FakeLogicError("copy of %d bytes into a %d-byte device buffer: past its end" % (len(data), len(buf)))
-        buf[:len(data)] = data
+        buf[: len(data)] = data
 
     def memcpy_htod_async(self, dev, host, stream):
         self._check("cuMemcpyHtoDAsync")
@@ -136,7 +136,7 @@ class FakeCuda:
         buf = self.memory[int(dev)]
         if host.nbytes > len(buf):
             raise FakeLogicError("copy of %d bytes out of a %d-byte device buffer" % (host.nbytes, len(buf)))
-        np.copyto(host, np.frombuffer(bytes(buf[:host.nbytes]), dtype=host.dtype).reshape(host.shape))
+        np.copyto(host, np.frombuffer(bytes(buf[: host.nbytes]), dtype=host.dtype).reshape(host.shape))
 
     class _Stream:
         handle = 42
@@ -198,12 +198,26 @@ def _enum(owner, names):
 # ONNX operators whose TensorRT layers the DLA runs (TensorRT's "DLA Supported Layers": convolution, activations
 # ReLU/Sigmoid/clipped ReLU, pooling, scale, element-wise, concatenation; Q/DQ of explicit INT8). Anything else
 # (HardSigmoid, GlobalAveragePool's reduce, Flatten's shuffle, Gemm) falls back to the GPU or fails.
-DLA_OPS = {"Conv", "Relu", "Clip", "Sigmoid", "MaxPool", "AveragePool", "BatchNormalization", "Add", "Mul", "Sub",
-           "Concat", "QuantizeLinear", "DequantizeLinear"}
+DLA_OPS = {
+    "Conv",
+    "Relu",
+    "Clip",
+    "Sigmoid",
+    "MaxPool",
+    "AveragePool",
+    "BatchNormalization",
+    "Add",
+    "Mul",
+    "Sub",
+    "Concat",
+    "QuantizeLinear",
+    "DequantizeLinear",
+}
 
 
-def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_error=None, cuda=None,
-                  context_fails=False, dla_cores=0):
+def make_fake_trt(
+    version, fast_int8=True, fast_fp16=True, oom_times=0, parse_error=None, cuda=None, context_fails=False, dla_cores=0
+):
     """A module-like namespace imitating ``tensorrt`` at ``version`` (its calls in ``.calls``); ``dla_cores``: the
     board's Deep Learning Accelerators (0 on Nano, TX2, Orin Nano)."""
     v = parse_version(version)
@@ -211,12 +225,16 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
     gen10, has_pool, has_iomode, has_node_name = v >= (10,), v >= (8, 4), v >= (8, 5), v >= (10,)
     calls = []
     state = {"oom_left": oom_times, "workspaces": [], "calibration": []}
-    dtype_names = ["FLOAT", "HALF", "INT8", "INT32", "BOOL"] + (["UINT8"] if v >= (8, 5) else []) + \
-        (["FP8", "BF16", "INT64", "INT4"] if gen10 else [])
+    dtype_names = (
+        ["FLOAT", "HALF", "INT8", "INT32", "BOOL"]
+        + (["UINT8"] if v >= (8, 5) else [])
+        + (["FP8", "BF16", "INT64", "INT4"] if gen10 else [])
+    )
     DataType = _enum("DataType", dtype_names)
     TensorIOMode = _enum("TensorIOMode", ["NONE", "INPUT", "OUTPUT"])
-    MemoryPoolType = _enum("MemoryPoolType", ["WORKSPACE", "DLA_MANAGED_SRAM", "DLA_LOCAL_DRAM",
-                                              "DLA_GLOBAL_DRAM", "TACTIC_DRAM"])
+    MemoryPoolType = _enum(
+        "MemoryPoolType", ["WORKSPACE", "DLA_MANAGED_SRAM", "DLA_LOCAL_DRAM", "DLA_GLOBAL_DRAM", "TACTIC_DRAM"]
+    )
     BuilderFlag = _enum("BuilderFlag", ["FP16", "INT8", "GPU_FALLBACK"])
     DeviceType = _enum("DeviceType", ["GPU", "DLA"])
     NetworkDefinitionCreationFlag = _enum("NetworkDefinitionCreationFlag", ["EXPLICIT_BATCH"])
@@ -236,8 +254,9 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
 
         def _valid(self):
             """TensorRT's check: shapes set, and min <= opt <= max in every dimension."""
-            return bool(self.shapes) and all(all(a <= b <= c for a, b, c in zip(*shapes))
-                                             for shapes in self.shapes.values())
+            return bool(self.shapes) and all(
+                all(a <= b <= c for a, b, c in zip(*shapes)) for shapes in self.shapes.values()
+            )
 
     class Config:
         _stub = "IBuilderConfig"
@@ -278,9 +297,8 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
             blob = bytes(serialized_timing_cache)
             if blob and not blob.startswith(TIMING_CACHE_MAGIC):
                 return None
-            made_by = blob[len(TIMING_CACHE_MAGIC):].decode("ascii", "replace") if blob else version
-            return SimpleNamespace(made_by=made_by,
-                                   serialize=lambda: TIMING_CACHE_MAGIC + version.encode("ascii"))
+            made_by = blob[len(TIMING_CACHE_MAGIC) :].decode("ascii", "replace") if blob else version
+            return SimpleNamespace(made_by=made_by, serialize=lambda: TIMING_CACHE_MAGIC + version.encode("ascii"))
 
         def set_timing_cache(self, cache, ignore_mismatch):
             calls.append("set_timing_cache")
@@ -293,15 +311,19 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
             return self._cache
 
     if has_pool:
+
         def set_memory_pool_limit(self, pool, pool_size):
             assert pool is MemoryPoolType.WORKSPACE
             calls.append(("set_memory_pool_limit", pool_size))
             self.workspace = pool_size
+
         Config.set_memory_pool_limit = set_memory_pool_limit
     if not gen10:  # removed in 10.0
+
         def _set_ws(self, nbytes):
             calls.append(("max_workspace_size", nbytes))
             self.workspace = nbytes
+
         Config.max_workspace_size = property(lambda self: self.workspace, _set_ws)
 
     class Layer:
@@ -409,13 +431,15 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
                 return None
             profile = {}
             if config.profiles:
-                (lo, opt, hi), = config.profiles[0].shapes.values()
+                ((lo, opt, hi),) = config.profiles[0].shapes.values()
                 profile = {"min": lo[0], "opt": opt[0], "max": hi[0]}
             calibrator = config.int8_calibrator
             if "INT8" in config.flags and calibrator is not None:
                 if profile and profile["min"] != profile["max"] and config.calibration_profile is None:
-                    self.logger.log(_Severity.ERROR, "Calibration profile must be provided when calibrating a "
-                                                     "network with dynamic shapes")
+                    self.logger.log(
+                        _Severity.ERROR,
+                        "Calibration profile must be provided when calibrating a network with dynamic shapes",
+                    )
                     return None
                 need_cuda("calibration")
                 cached = calibrator.read_calibration_cache()
@@ -434,8 +458,9 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
         def __init__(self, onnx_bytes, profile):
             self.session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
             self.profile = profile
-            self.io = [(i.name, True, i.shape) for i in self.session.get_inputs()] + \
-                      [(o.name, False, o.shape) for o in self.session.get_outputs()]
+            self.io = [(i.name, True, i.shape) for i in self.session.get_inputs()] + [
+                (o.name, False, o.shape) for o in self.session.get_outputs()
+            ]
 
         def create_execution_context(self):
             need_cuda("create_execution_context")
@@ -447,8 +472,9 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
     if gen10:
         Engine.num_io_tensors = property(lambda self: len(self.io))
         Engine.get_tensor_name = lambda self, index: self.io[index][0]
-        Engine.get_tensor_mode = lambda self, name: (TensorIOMode.INPUT if dict((n, i) for n, i, _ in self.io)[name]
-                                                     else TensorIOMode.OUTPUT)
+        Engine.get_tensor_mode = lambda self, name: (
+            TensorIOMode.INPUT if dict((n, i) for n, i, _ in self.io)[name] else TensorIOMode.OUTPUT
+        )
         Engine.get_tensor_shape = lambda self, name: self._dims(name)
         Engine.get_tensor_dtype = lambda self, name: DataType.FLOAT
     else:
@@ -494,18 +520,22 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
                 return False  # TensorRT: "not all shapes are specified" / an address is missing
             for name, _, _ in self.engine.io:
                 if len(cuda.memory[addresses[name]]) < self._nbytes(name):
-                    raise FakeLogicError("tensor '%s' needs %d bytes, its buffer has %d" % (
-                        name, self._nbytes(name), len(cuda.memory[addresses[name]])))
+                    raise FakeLogicError(
+                        "tensor '%s' needs %d bytes, its buffer has %d"
+                        % (name, self._nbytes(name), len(cuda.memory[addresses[name]]))
+                    )
             name = inputs[0]
-            x = np.frombuffer(bytes(cuda.memory[addresses[name]][:self._nbytes(name)]),
-                              dtype=np.float32).reshape(self.shapes[name])
+            x = np.frombuffer(bytes(cuda.memory[addresses[name]][: self._nbytes(name)]), dtype=np.float32).reshape(
+                self.shapes[name]
+            )
             result = self.engine.session.run(None, {name: x})
-            for (out, is_in, _), value in zip([e for e in self.engine.io if not e[1]], result):
+            for (out, _is_in, _), value in zip([e for e in self.engine.io if not e[1]], result):
                 data = np.ascontiguousarray(value, dtype=np.float32).tobytes()
-                cuda.memory[addresses[out]][:len(data)] = data
+                cuda.memory[addresses[out]][: len(data)] = data
             return True
 
     if gen10:
+
         def set_input_shape(self, name, shape):
             calls.append("set_input_shape")
             return self._accept(name, shape)
@@ -524,6 +554,7 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
         Context.set_input_shape, Context.get_tensor_shape = set_input_shape, get_tensor_shape
         Context.set_tensor_address, Context.execute_async_v3 = set_tensor_address, execute_async_v3
     else:
+
         def set_binding_shape(self, binding, shape):
             calls.append("set_binding_shape")
             return self._accept(self.engine.io[binding][0], shape)
@@ -549,21 +580,39 @@ def make_fake_trt(version, fast_int8=True, fast_fp16=True, oom_times=0, parse_er
             need_cuda("deserialize_cuda_engine")
             if not serialized_engine.startswith(b"FAKEENGINE"):
                 return None
-            header, _, onnx_bytes = serialized_engine[len(b"FAKEENGINE"):].partition(b"\n")
+            header, _, onnx_bytes = serialized_engine[len(b"FAKEENGINE") :].partition(b"\n")
             return Engine(onnx_bytes, json.loads(header.decode()))
 
     def nptype(trt_type):
         if v[:2] == (8, 5) and parse_version(np.__version__) >= (1, 24):
             raise AttributeError("module 'numpy' has no attribute 'bool'")  # tensorrt 8.5's own nptype
-        return np.dtype({"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32",
-                         "BOOL": "bool"}[trt_type.name])
+        return np.dtype(
+            {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32", "BOOL": "bool"}[trt_type.name]
+        )
 
     members = dict(
-        __version__=version, ILogger=_ILogger, IInt8EntropyCalibrator2=_Calibrator, Builder=Builder,
-        OnnxParser=Parser, Runtime=Runtime, nptype=nptype, DataType=DataType, BuilderFlag=BuilderFlag,
-        NetworkDefinitionCreationFlag=NetworkDefinitionCreationFlag, DeviceType=DeviceType, calls=calls,
-        state=state, classes=dict(Config=Config, Network=Network, ParserError=ParserError, Engine=Engine,
-                                  Context=Context, Profile=Profile, Layer=Layer),
+        __version__=version,
+        ILogger=_ILogger,
+        IInt8EntropyCalibrator2=_Calibrator,
+        Builder=Builder,
+        OnnxParser=Parser,
+        Runtime=Runtime,
+        nptype=nptype,
+        DataType=DataType,
+        BuilderFlag=BuilderFlag,
+        NetworkDefinitionCreationFlag=NetworkDefinitionCreationFlag,
+        DeviceType=DeviceType,
+        calls=calls,
+        state=state,
+        classes=dict(
+            Config=Config,
+            Network=Network,
+            ParserError=ParserError,
+            Engine=Engine,
+            Context=Context,
+            Profile=Profile,
+            Layer=Layer,
+        ),
     )
     if has_pool:
         members["MemoryPoolType"] = MemoryPoolType

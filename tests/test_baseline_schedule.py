@@ -1,5 +1,6 @@
 """A fair control when the student also learns from unlabeled images: the baseline's schedule, 'rest' images,
 validation every N epochs, and runs compared side by side."""
+
 from __future__ import annotations
 
 import json
@@ -8,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from edgedistill.data.sources import load_data
 from edgedistill.data.folders import load_unlabeled
-from edgedistill.errors import DataError, RecipeError
+from edgedistill.data.sources import load_data
 from edgedistill.data.splits import UNLABELED
-from edgedistill.recipe.loading import load_recipe
+from edgedistill.errors import DataError, RecipeError
 from edgedistill.judge.summary import compare_text
+from edgedistill.recipe.loading import load_recipe
 from edgedistill.run.context import RunContext
 from edgedistill.run.training import baseline_epochs
 
@@ -23,8 +24,7 @@ def _recipe(make_recipe, **extra):
 
 
 def test_match_steps_gives_the_baseline_as_many_optimizer_steps_as_the_student(make_recipe):
-    r = _recipe(make_recipe, baseline={"epochs": "match_steps"}, student={"epochs": 20},
-                data={"batch_size": 64})
+    r = _recipe(make_recipe, baseline={"epochs": "match_steps"}, student={"epochs": 20}, data={"batch_size": 64})
     # student: 20 epochs x ceil((200 + 1238) / 64) = 20 x 23 = 460 steps; baseline: ceil(200 / 64) = 4 per epoch
     assert baseline_epochs(r, labelled=200, unlabeled=1238) == 115
     assert baseline_epochs(r, labelled=200, unlabeled=0) == 20  # no unlabeled images: the student's schedule
@@ -41,8 +41,9 @@ def test_the_baseline_fingerprint_follows_unlabeled_images_only_under_match_step
     plain = fingerprint(data={"unlabeled": "rest", "train_per_class": 20})
     assert plain == fingerprint(data={"unlabeled": None, "train_per_class": 20})  # the baseline never sees them
     matched = dict(baseline={"epochs": "match_steps"})
-    assert fingerprint(data={"unlabeled": "rest", "train_per_class": 20}, **matched) != \
-        fingerprint(data={"unlabeled": None, "train_per_class": 20}, **matched)  # its schedule depends on them
+    assert fingerprint(data={"unlabeled": "rest", "train_per_class": 20}, **matched) != fingerprint(
+        data={"unlabeled": None, "train_per_class": 20}, **matched
+    )  # its schedule depends on them
 
 
 def test_rest_withholds_the_labels_of_the_images_train_per_class_leaves_out(make_recipe):
@@ -67,15 +68,27 @@ def test_validation_every_n_epochs_keeps_the_last_one(make_recipe, tmp_path):
     r = _recipe(make_recipe, student={"epochs": 3, "val_every": 2}, data={"train_per_class": 3, "val_per_class": 2})
     data = load_data(r.data)
     model = create_model(r.student, len(data.classes))
-    train_model(TrainJob(model, data.train, data.val, r.data, r.student, tmp_path / "s", 0, "fp", torch.device("cpu"), "s"))
-    epochs = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()
-              if '"kind": "epoch"' in line]
+    train_model(
+        TrainJob(model, data.train, data.val, r.data, r.student, tmp_path / "s", 0, "fp", torch.device("cpu"), "s")
+    )
+    epochs = [
+        json.loads(line)
+        for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()
+        if '"kind": "epoch"' in line
+    ]
     assert [("val_top1" in e) for e in epochs] == [False, True, True]  # epoch 2 (every 2nd) and the last
 
 
 def _summary(seed, teacher, student, baseline, p=0.01):
-    return {"seed": seed, "teacher": {"top1": teacher}, "student": {"top1": student}, "baseline": {"top1": baseline},
-            "retention": student / teacher, "kd_gain": student - baseline, "significance": {"p_value": p}}
+    return {
+        "seed": seed,
+        "teacher": {"top1": teacher},
+        "student": {"top1": student},
+        "baseline": {"top1": baseline},
+        "retention": student / teacher,
+        "kd_gain": student - baseline,
+        "significance": {"p_value": p},
+    }
 
 
 def test_compare_gives_mean_and_spread_and_flags_a_gain_that_changes_sign():
@@ -102,10 +115,26 @@ def test_bf16_autocast_trains_on_cpu_so_the_amp_path_cannot_rot(make_recipe, tmp
     for amp in ("off", "bf16"):
         torch.manual_seed(0)
         model = create_model(r.student, len(data.classes))
-        train_model(TrainJob(model, data.train, data.val, r.data, r.student, tmp_path / amp, 0, "fp",
-                             torch.device("cpu"), amp, hardware=TrainConfig(amp=amp)))
-        steps = [json.loads(line) for line in (tmp_path / amp / "metrics.jsonl").read_text().splitlines()
-                 if '"kind": "step"' in line]
+        train_model(
+            TrainJob(
+                model,
+                data.train,
+                data.val,
+                r.data,
+                r.student,
+                tmp_path / amp,
+                0,
+                "fp",
+                torch.device("cpu"),
+                amp,
+                hardware=TrainConfig(amp=amp),
+            )
+        )
+        steps = [
+            json.loads(line)
+            for line in (tmp_path / amp / "metrics.jsonl").read_text().splitlines()
+            if '"kind": "step"' in line
+        ]
         losses[amp] = np.array([s["loss"] for s in steps])
     assert np.isfinite(losses["bf16"]).all()
     assert not np.array_equal(losses["bf16"], losses["off"])  # autocast really ran in bf16 ...

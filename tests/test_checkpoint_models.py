@@ -4,8 +4,8 @@ import pytest
 import timm
 import torch
 
-from edgedistill.models.checkpoint import load_model, load_training_state, save_model, save_training_state
 from edgedistill.errors import CheckpointError, RecipeError
+from edgedistill.models.checkpoint import load_model, load_training_state, save_model, save_training_state
 from edgedistill.models.factory import create_model
 from edgedistill.models.weights import load_state_dict_file
 from edgedistill.recipe.sections import ModelConfig

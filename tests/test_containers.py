@@ -1,4 +1,6 @@
-"""The container files: hadolint-clean, and built the way the device needs (pycuda never compiled on a runtime image)."""
+"""The container files: hadolint-clean, and built the way the device needs (pycuda never compiled on a runtime
+image)."""
+
 from __future__ import annotations
 
 import re
@@ -46,8 +48,12 @@ def stages(path: Path) -> list[dict]:
 
 def test_dockerfiles_pass_hadolint():
     assert len(JETSON_FILES) >= 2, "a JetPack 4.6 and a JetPack 6 device image"
-    out = subprocess.run([_hadolint(), "--config", str(ROOT / ".hadolint.yaml"), *map(str, DOCKERFILES)],
-                         capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [_hadolint(), "--config", str(ROOT / ".hadolint.yaml"), *map(str, DOCKERFILES)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
 
 
@@ -55,8 +61,9 @@ def test_hadolint_catches_what_it_should_here(tmp_path):
     """The check is live: the config does not silence an unpinned pip install or a missing --no-install-recommends."""
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM ubuntu:22.04\nRUN apt-get update && apt-get install -y python3-pip\nRUN pip install pycuda\n")
-    out = subprocess.run([_hadolint(), "--config", str(ROOT / ".hadolint.yaml"), str(bad)], capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [_hadolint(), "--config", str(ROOT / ".hadolint.yaml"), str(bad)], capture_output=True, text=True
+    )
     assert out.returncode != 0 and "DL3013" in out.stdout and "DL3015" in out.stdout
 
 
@@ -78,9 +85,12 @@ def test_pycuda_is_compiled_where_cuda_headers_are_and_only_installed_on_the_run
     assert installs and all("--find-links /wheels" in r for r in installs), f"{path.name}: {installs}"
     assert f"--from={build[0]['name']} /wheels" in path.read_text()
     assert "/opt/edgerun[sign]" in " ".join(final["runs"]), "devices that require signed bundles need cryptography"
-    pip_installs = [c for s in parsed for r in s["runs"] for c in r.split("&&") if re.search(r"pip3? (install|wheel)", c)]
-    assert pip_installs and not any(re.search(r"(^|[\s\"'])opencv-(contrib-)?python", c) for c in pip_installs), \
+    pip_installs = [
+        c for s in parsed for r in s["runs"] for c in r.split("&&") if re.search(r"pip3? (install|wheel)", c)
+    ]
+    assert pip_installs and not any(re.search(r"(^|[\s\"'])opencv-(contrib-)?python", c) for c in pip_installs), (
         "pip's OpenCV lacks GStreamer and shadows JetPack's"
+    )
 
 
 def test_the_jetpack_images_match_their_python_and_tensorrt():

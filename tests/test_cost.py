@@ -1,4 +1,5 @@
 """Cost arithmetic, checked by hand, and the `edgedistill cost` command on a finished run."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ import pytest
 import yaml
 
 from edgedistill.cli import main
-from edgedistill.judge.cost import cost_comparison, monthly_cost, run_costs
 from edgedistill.errors import EdgedistillError
+from edgedistill.judge.cost import cost_comparison, monthly_cost, run_costs
 from edgedistill.recipe.sections import CostConfig
 
 
@@ -25,8 +26,11 @@ def test_costs_by_hand():
     assert c["annual_saving"] == pytest.approx(12 * 868.70)
     assert c["payback_months"] == pytest.approx(2000 / 868.70, abs=0.01)  # 2.30 months
     # a student on a cheaper instance, and one that saves nothing
-    cheap = cost_comparison(0.010, 0.010, CostConfig(requests_per_month=1e9, price_per_hour=0.17,
-                                                      student_price_per_hour=0.05, distillation_cost=100))
+    cheap = cost_comparison(
+        0.010,
+        0.010,
+        CostConfig(requests_per_month=1e9, price_per_hour=0.17, student_price_per_hour=0.05, distillation_cost=100),
+    )
     assert cheap["student"]["monthly_cost"] == pytest.approx(8 * 0.05 * 730)
     none = cost_comparison(0.001, 0.001, cfg)
     assert none["monthly_saving"] == 0 and none["payback_months"] is None
@@ -34,15 +38,33 @@ def test_costs_by_hand():
 
 def test_cost_command_uses_the_run_and_shows_the_recipes_defaults(trained_run, tmp_path, capsys):
     out = tmp_path / "cost.json"
-    assert main(["cost", str(trained_run), "--requests-per-month", "1e9", "--price-per-hour", "0.5",
-                 "--distillation-cost", "300", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "cost",
+                str(trained_run),
+                "--requests-per-month",
+                "1e9",
+                "--price-per-hour",
+                "0.5",
+                "--distillation-cost",
+                "300",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     summary = json.loads((trained_run / "summary.json").read_text())
     data = json.loads(out.read_text())
     assert data["latency_ms"]["teacher"] == pytest.approx(summary["teacher"]["latency_ms_b1"])
     assert "ONNX Runtime" in data["latency_ms"]["runtime"]
-    expected = cost_comparison(summary["teacher"]["latency_ms_b1"] / 1e3, summary["student"]["latency_ms_b1"] / 1e3,
-                               CostConfig(requests_per_month=1e9, price_per_hour=0.5, distillation_cost=300))
+    expected = cost_comparison(
+        summary["teacher"]["latency_ms_b1"] / 1e3,
+        summary["student"]["latency_ms_b1"] / 1e3,
+        CostConfig(requests_per_month=1e9, price_per_hour=0.5, distillation_cost=300),
+    )
     assert data["monthly_saving"] == expected["monthly_saving"] and "saving:" in text and "payback" in text
     with pytest.raises(EdgedistillError, match="--requests-per-month"):
         run_costs(trained_run, {})  # the test recipe has no evaluate.cost
@@ -53,10 +75,12 @@ def test_cost_command_uses_the_run_and_shows_the_recipes_defaults(trained_run, t
 def test_recipe_prices_are_the_defaults(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "summary.json").write_text(json.dumps({"teacher": {"latency_ms_b1": 10.0},
-                                                  "student": {"latency_ms_b1": 1.0}}))
-    (run / "recipe.yaml").write_text(yaml.safe_dump({"evaluate": {"cost": {"requests_per_month": 1e9,
-                                                                           "price_per_hour": 0.17}}}))
+    (run / "summary.json").write_text(
+        json.dumps({"teacher": {"latency_ms_b1": 10.0}, "student": {"latency_ms_b1": 1.0}})
+    )
+    (run / "recipe.yaml").write_text(
+        yaml.safe_dump({"evaluate": {"cost": {"requests_per_month": 1e9, "price_per_hour": 0.17}}})
+    )
     c = run_costs(run, {"distillation_cost": 2000})
     assert c["payback_months"] == pytest.approx(2000 / 868.70, abs=0.01)
     assert c["inputs"]["recipe"]["price_per_hour"] == 0.17

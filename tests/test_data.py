@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from edgedistill.data.folders import resolve_root
 from edgedistill.data.images import eval_spec
 from edgedistill.data.sources import load_data, read_idx
-from edgedistill.data.folders import resolve_root
 from edgedistill.errors import DataError
 from edgedistill.recipe.sections import DataConfig
 from edgerun.errors import UnsafeArchiveError
@@ -137,8 +137,13 @@ def test_eval_preprocessing_equals_albumentations_pipeline():
     assert spec.resize == 32 and spec.crop == (24, 24)
     image = np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8)
     ours = preprocess([image], spec)[0]
-    ref = A.Compose([A.SmallestMaxSize(max_size=32, interpolation=cv2.INTER_LINEAR), A.CenterCrop(24, 24),
-                     A.Normalize(mean=cfg.mean, std=cfg.std)])(image=image)["image"].transpose(2, 0, 1)
+    ref = A.Compose(
+        [
+            A.SmallestMaxSize(max_size=32, interpolation=cv2.INTER_LINEAR),
+            A.CenterCrop(24, 24),
+            A.Normalize(mean=cfg.mean, std=cfg.std),
+        ]
+    )(image=image)["image"].transpose(2, 0, 1)
     assert ours.shape == (3, 24, 24)
     assert np.abs(ours - ref).max() < 0.05  # equal up to one grey level of resampling rounding
 
@@ -182,12 +187,14 @@ def test_importing_the_data_path_never_reaches_the_network():
     import subprocess
     import sys
 
-    code = ("import os, socket\n"
-            "calls = []\n"
-            "socket.getaddrinfo = lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(OSError('offline'))\n"
-            "os.environ.pop('NO_ALBUMENTATIONS_UPDATE', None)\n"
-            "import edgedistill.data.loaders\n"
-            "print(len(calls), os.environ['NO_ALBUMENTATIONS_UPDATE'])\n")
+    code = (
+        "import os, socket\n"
+        "calls = []\n"
+        "socket.getaddrinfo = lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(OSError('offline'))\n"
+        "os.environ.pop('NO_ALBUMENTATIONS_UPDATE', None)\n"
+        "import edgedistill.data.loaders\n"
+        "print(len(calls), os.environ['NO_ALBUMENTATIONS_UPDATE'])\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "1"]
@@ -202,10 +209,10 @@ def test_decoded_images_are_kept_on_disk_and_a_changed_image_is_decoded_again(tm
 
     from edgedistill.data import folders, imagecache, splits
     from edgedistill.data.images import eval_spec, read_image
-    from edgedistill.data.sources import load_data
     from edgedistill.data.loaders import eval_loader
-    from edgedistill.ship.export import raw_validation_images
+    from edgedistill.data.sources import load_data
     from edgedistill.recipe.sections import DataConfig
+    from edgedistill.ship.export import raw_validation_images
     from edgerun.preprocess import preprocess
 
     monkeypatch.setenv("EDGEDISTILL_CACHE", str(tmp_path / "cache"))
@@ -214,10 +221,13 @@ def test_decoded_images_are_kept_on_disk_and_a_changed_image_is_decoded_again(tm
         for cls in ("a", "b"):
             (tmp_path / "d" / split / cls).mkdir(parents=True)
             for i in range(2):
-                cv2.imwrite(str(tmp_path / "d" / split / cls / f"{i}.png"), rng.integers(0, 255, (90, 120, 3), np.uint8))
+                cv2.imwrite(
+                    str(tmp_path / "d" / split / cls / f"{i}.png"), rng.integers(0, 255, (90, 120, 3), np.uint8)
+                )
     (tmp_path / "d" / "train" / "a" / "broken.jpg").write_bytes(b"not an image")
-    cfg = DataConfig(root=str(tmp_path / "d"), image_size=16, crop_pct=0.875,
-                     augment={"scale": [0.5, 1.0], "ratio": [1.0, 1.0]})
+    cfg = DataConfig(
+        root=str(tmp_path / "d"), image_size=16, crop_pct=0.875, augment={"scale": [0.5, 1.0], "ratio": [1.0, 1.0]}
+    )
     first = load_data(cfg)
     assert len(first.train) == 4 and first.train.skipped and "broken.jpg" in first.train.skipped[0]
     entries = sorted((tmp_path / "cache" / "decoded").glob("*.index.npy"))

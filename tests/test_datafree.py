@@ -1,5 +1,6 @@
 """Data-free distillation (DeepInversion): the loss terms, synthesis on a real digits teacher, and a run that
 never reads a real training image."""
+
 from __future__ import annotations
 
 import json
@@ -8,15 +9,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import FAST, deep_update, kill_when_written
-from edgedistill.models.checkpoint import load_model
-from edgedistill.train.datafree import (bn_statistics_loss, competition_loss, image_priors, require_batchnorm,
-    SynthesisJob, synthesize)
+
 from edgedistill.errors import RecipeError
+from edgedistill.models.checkpoint import load_model
 from edgedistill.models.factory import create_model
-from edgedistill.recipe.sections import DataConfig, DataFreeConfig, ModelConfig
 from edgedistill.recipe.loading import load_recipe
+from edgedistill.recipe.sections import DataConfig, DataFreeConfig, ModelConfig
+from edgedistill.train.datafree import (
+    SynthesisJob,
+    bn_statistics_loss,
+    competition_loss,
+    image_priors,
+    require_batchnorm,
+    synthesize,
+)
 
 
 def test_loss_terms_vanish_where_the_paper_says():
@@ -56,8 +63,18 @@ def test_synthesis_makes_images_the_teacher_recognizes(trained_run, tmp_path):
     data_cfg = DataConfig(**FAST["data"])
     cfg = DataFreeConfig(images_per_class=3, batch_size=30, steps=150)
     classes = [str(i) for i in range(10)]
-    synthetic = synthesize(SynthesisJob(teacher=teacher, teacher_sha256="sha", classes=classes, data_cfg=data_cfg, cfg=cfg,
-                                        folder=tmp_path / "set", seed=0, device=torch.device("cpu")))
+    synthetic = synthesize(
+        SynthesisJob(
+            teacher=teacher,
+            teacher_sha256="sha",
+            classes=classes,
+            data_cfg=data_cfg,
+            cfg=cfg,
+            folder=tmp_path / "set",
+            seed=0,
+            device=torch.device("cpu"),
+        )
+    )
     assert len(synthetic.files) == 30 and sorted(set(synthetic.labels.tolist())) == list(range(10))
     facts = json.loads((tmp_path / "set" / "synthesis.json").read_text())
     assert facts["bn_loss_last"] < 0.5 * facts["bn_loss_first"]
@@ -70,18 +87,22 @@ def test_synthesis_makes_images_the_teacher_recognizes(trained_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_datafree_run_reads_no_training_image_resumes_and_beats_chance(trained_run, digits_folder, tmp_path,
-                                                                         monkeypatch):
-    from edgedistill.data import folders, imagecache, splits
+def test_a_datafree_run_reads_no_training_image_resumes_and_beats_chance(
+    trained_run, digits_folder, tmp_path, monkeypatch
+):
     from edgedistill.cli import main
+    from edgedistill.data import folders, imagecache, splits
 
-    recipe = deep_update(FAST, {
-        "output": str(tmp_path / "run"),
-        "data": {"source": "datafree", "root": str(digits_folder), "train_per_class": None, "val_per_class": None},
-        "teacher": {"pretrained_path": str(trained_run / "teacher" / "model.safetensors"), "epochs": 0},
-        "student": {"epochs": 30},
-        "datafree": {"images_per_class": 30, "batch_size": 100, "steps": 250},
-    })
+    recipe = deep_update(
+        FAST,
+        {
+            "output": str(tmp_path / "run"),
+            "data": {"source": "datafree", "root": str(digits_folder), "train_per_class": None, "val_per_class": None},
+            "teacher": {"pretrained_path": str(trained_run / "teacher" / "model.safetensors"), "epochs": 0},
+            "student": {"epochs": 30},
+            "datafree": {"images_per_class": 30, "batch_size": 100, "steps": 250},
+        },
+    )
     path = tmp_path / "datafree.yaml"
     path.write_text(yaml.safe_dump(recipe))
     first = tmp_path / "run" / "datafree" / "batches" / "0000.json"

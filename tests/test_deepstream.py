@@ -1,13 +1,14 @@
 """DeepStream's files in the bundle: nvinfer and deepstream-app configs checked against each release's keys, the
 normalization parameters proven against edgerun's preprocessing, the folded (uint8) model, the host measurement."""
+
 import json
 
 import numpy as np
 import onnx
 import pytest
 
-from edgedistill.ship import deepstream
 from edgedistill.errors import ExportError
+from edgedistill.ship import deepstream
 from edgerun.preprocess import PreprocessSpec, normalize
 from edgerun.runtime.runners import OrtRunner
 
@@ -19,8 +20,9 @@ def _softmax(x):
 
 def _run(path, x):
     with OrtRunner(str(path)) as runner:
-        return np.concatenate([runner.infer({runner.input_names()[0]: x[i:i + 1]})[runner.output_names()[0]]
-                               for i in range(len(x))])
+        return np.concatenate(
+            [runner.infer({runner.input_names()[0]: x[i : i + 1]})[runner.output_names()[0]] for i in range(len(x))]
+        )
 
 
 def test_bundle_carries_deepstream_configs_for_both_releases(trained_run):
@@ -106,8 +108,19 @@ def test_unknown_key_and_separator_in_a_class_name_are_refused(trained_run, tmp_
         deepstream.check_config(bad)
     spec = PreprocessSpec(resize=8, crop=8)
     with pytest.raises(ExportError, match="';'"):
-        deepstream.write(deepstream.DeepStreamJob(
-            folder=tmp_path / "ds", bundle_model=trained_run / "bundle" / "model.onnx",
-            manifest_model={"input_name": "input", "output_name": "logits", "input_shape": [1, 3, 8, 8]},
-            classes=["good", "bad;scratch"], spec=spec, folded=False, batch=1, int8_file=None, decision=None,
-            source="csi://0", camera="1280x720@30", name="t"))
+        deepstream.write(
+            deepstream.DeepStreamJob(
+                folder=tmp_path / "ds",
+                bundle_model=trained_run / "bundle" / "model.onnx",
+                manifest_model={"input_name": "input", "output_name": "logits", "input_shape": [1, 3, 8, 8]},
+                classes=["good", "bad;scratch"],
+                spec=spec,
+                folded=False,
+                batch=1,
+                int8_file=None,
+                decision=None,
+                source="csi://0",
+                camera="1280x720@30",
+                name="t",
+            )
+        )

@@ -2,6 +2,7 @@
 sshd (a throwaway host key, a throwaway user key, a high port) puts every session in, with edgerun installed in
 that board's own venv; ONNX Runtime stands in for TensorRT. Board A works, board B has no edgerun (broken on
 purpose), board C trusts another signer; a fourth alias has no entry in known_hosts."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,10 @@ from edgerun.bundle.bundle import open_bundle
 from edgerun.preprocess import to_three_channels
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-pytestmark = pytest.mark.skipif(not (os.path.exists(SSHD) and shutil.which("ssh") and shutil.which("ssh-keygen")),
-                                reason="needs the OpenSSH server and client (apt install openssh-server; .ci/run does)")
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(SSHD) and shutil.which("ssh") and shutil.which("ssh-keygen")),
+    reason="needs the OpenSSH server and client (apt install openssh-server; .ci/run does)",
+)
 JETSON = Path(__file__).resolve().parent.parent / "jetson"
 
 
@@ -43,11 +46,18 @@ def _board_venv(folder: Path) -> Path:
     test's environment through a .pth file, as JetPack's come from the system site on a real board."""
     venv = folder / "edgedistill" / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
+    site = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    ).stdout.strip()
     Path(site, "host-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    str(JETSON)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(JETSON)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return venv / "bin" / "edgerun"
 
 
@@ -64,9 +74,17 @@ def _video(path: Path, bundle, n: int = 30) -> Path:
 def _sshd(root: Path, name: str, ports: dict, host_key: Path, authorized: Path):
     """One sshd; ``ports``: {port: (board folder, extra environment)}; every session runs in its board's folder."""
     lines = [f"Port {p}" for p in ports] + [
-        "ListenAddress 127.0.0.1", f"HostKey {host_key}", f"AuthorizedKeysFile {authorized}",
-        "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PubkeyAuthentication yes",
-        "PermitRootLogin prohibit-password", "StrictModes no", "UsePAM no", f"PidFile {root / (name + '.pid')}"]
+        "ListenAddress 127.0.0.1",
+        f"HostKey {host_key}",
+        f"AuthorizedKeysFile {authorized}",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PubkeyAuthentication yes",
+        "PermitRootLogin prohibit-password",
+        "StrictModes no",
+        "UsePAM no",
+        f"PidFile {root / (name + '.pid')}",
+    ]
     for port, (folder, env) in ports.items():
         exports = "".join(f"{k}={v}; export {k}; " for k, v in env.items())
         lines += [f"Match LocalPort {port}", f'    ForceCommand cd {folder} && {exports}eval "$SSH_ORIGINAL_COMMAND"']
@@ -74,8 +92,9 @@ def _sshd(root: Path, name: str, ports: dict, host_key: Path, authorized: Path):
     config.write_text("\n".join(lines) + "\n")
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # its privilege-separation folder
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=open(root / f"{name}.log", "w"))
+    proc = subprocess.Popen(
+        [SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=open(root / f"{name}.log", "w")
+    )
     deadline = time.time() + 20
     for port in ports:
         while True:
@@ -84,7 +103,7 @@ def _sshd(root: Path, name: str, ports: dict, host_key: Path, authorized: Path):
                 break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("sshd did not start: " + (root / f"{name}.log").read_text())
+                    raise RuntimeError("sshd did not start: " + (root / f"{name}.log").read_text()) from None
                 time.sleep(0.1)
     return proc
 
@@ -100,32 +119,59 @@ def boards(tmp_path_factory, trained_run):
         folder.mkdir()
     _board_venv(folders["a"])
     shutil.copytree(folders["a"] / "edgedistill", folders["c"] / "edgedistill", symlinks=True)
-    subprocess.run([sys.executable, "-m", "edgedistill", "keygen", "-o", str(root / "other.key")], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "edgedistill", "keygen", "-o", str(root / "other.key")],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     _video(folders["a"] / "line.avi", open_bundle(trained_run / "bundle"))
     # board D has no edgerun but a "system" Python with numpy and OpenCV (as JetPack's has): for --install
     system = folders["d"] / "system"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(system)], check=True)
-    site = subprocess.run([str(system / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
+    site = subprocess.run(
+        [str(system / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    ).stdout.strip()
     Path(site, "host-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     port_a, port_b, port_c, port_d = _free_port(), _free_port(), _free_port(), _free_port()
-    first = _sshd(root, "sshd1", {port_a: (folders["a"], {}), port_c: (folders["c"], {"EDGERUN_TRUST": root / "other.key.pub"}),
-                                  port_d: (folders["d"], {"PATH": f"{system / 'bin'}:$PATH"})},
-                  host_key, root / "authorized_keys")
+    first = _sshd(
+        root,
+        "sshd1",
+        {
+            port_a: (folders["a"], {}),
+            port_c: (folders["c"], {"EDGERUN_TRUST": root / "other.key.pub"}),
+            port_d: (folders["d"], {"PATH": f"{system / 'bin'}:$PATH"}),
+        },
+        host_key,
+        root / "authorized_keys",
+    )
     second = _sshd(root, "sshd2", {port_b: (folders["b"], {})}, host_key, root / "authorized_keys")
     key_type, key_text = host_pub.split()[:2]
-    (root / "known_hosts").write_text("".join(f"[127.0.0.1]:{p} {key_type} {key_text}\n"
-                                              for p in (port_a, port_b, port_c, port_d)))
+    (root / "known_hosts").write_text(
+        "".join(f"[127.0.0.1]:{p} {key_type} {key_text}\n" for p in (port_a, port_b, port_c, port_d))
+    )
     (root / "empty_known_hosts").write_text("")
     user = subprocess.run(["id", "-un"], stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
     config = []
-    for alias, port, known in (("board-a", port_a, "known_hosts"), ("board-b", port_b, "known_hosts"),
-                               ("board-c", port_c, "known_hosts"), ("board-d", port_d, "known_hosts"),
-                               ("board-stranger", port_a, "empty_known_hosts")):
-        config += [f"Host {alias}", "    HostName 127.0.0.1", f"    Port {port}", f"    User {user}",
-                   f"    IdentityFile {user_key}", "    IdentitiesOnly yes", f"    UserKnownHostsFile {root / known}",
-                   "    GlobalKnownHostsFile /dev/null"]
+    for alias, port, known in (
+        ("board-a", port_a, "known_hosts"),
+        ("board-b", port_b, "known_hosts"),
+        ("board-c", port_c, "known_hosts"),
+        ("board-d", port_d, "known_hosts"),
+        ("board-stranger", port_a, "empty_known_hosts"),
+    ):
+        config += [
+            f"Host {alias}",
+            "    HostName 127.0.0.1",
+            f"    Port {port}",
+            f"    User {user}",
+            f"    IdentityFile {user_key}",
+            "    IdentitiesOnly yes",
+            f"    UserKnownHostsFile {root / known}",
+            "    GlobalKnownHostsFile /dev/null",
+        ]
     (root / "ssh_config").write_text("\n".join(config) + "\n")
     yield {"root": root, "config": str(root / "ssh_config"), **folders}
     for proc in (first, second):
@@ -134,8 +180,16 @@ def boards(tmp_path_factory, trained_run):
 
 
 def _deploy(boards, target, *hosts, extra=()):
-    argv = ["deploy", str(target), "--precision", "onnxruntime", "--ssh-config", boards["config"],
-            "--frame-size", "320x240"]
+    argv = [
+        "deploy",
+        str(target),
+        "--precision",
+        "onnxruntime",
+        "--ssh-config",
+        boards["config"],
+        "--frame-size",
+        "320x240",
+    ]
     for host in hosts:
         argv += ["--host", host]
     return edgedistill(argv + list(extra))
@@ -144,8 +198,14 @@ def _deploy(boards, target, *hosts, extra=()):
 def test_one_command_deploys_to_a_fleet_and_a_broken_board_is_a_row(boards, trained_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    code = _deploy(boards, run, "board-a", "board-b", "board-stranger",
-                   extra=["--source", "line.avi", "--duration", "20", "--budget-mb", "4000"])
+    code = _deploy(
+        boards,
+        run,
+        "board-a",
+        "board-b",
+        "board-stranger",
+        extra=["--source", "line.avi", "--duration", "20", "--budget-mb", "4000"],
+    )
     out = capsys.readouterr().out
     assert code == 1  # not every board passed
     fleet = json.loads((run / "devices" / "fleet.json").read_text())
@@ -170,11 +230,14 @@ def test_one_command_deploys_to_a_fleet_and_a_broken_board_is_a_row(boards, trai
     saved = len(list(on_board.glob("*.jpg")))
     assert (on_board / "index.csv").is_file() and saved == a_camera_unsure(run)
     capsys.readouterr()
-    assert edgedistill(["deploy", str(run), "--pull-frames", "--host", "board-a", "--ssh-config",
-                        boards["config"]]) == 0
+    assert (
+        edgedistill(["deploy", str(run), "--pull-frames", "--host", "board-a", "--ssh-config", boards["config"]]) == 0
+    )
     pulled = run / "devices" / "board-a" / "unsure" / fleet["release"]["version"]
-    assert len(list(pulled.glob("*.jpg"))) == saved and (pulled / "index.csv").read_bytes() == (
-        on_board / "index.csv").read_bytes()
+    assert (
+        len(list(pulled.glob("*.jpg"))) == saved
+        and (pulled / "index.csv").read_bytes() == (on_board / "index.csv").read_bytes()
+    )
     printed = capsys.readouterr().out
     assert f"board-a: {saved} unsure frame(s) from 1 release(s)" in printed
     if saved:
@@ -207,7 +270,9 @@ def test_a_new_release_becomes_current_and_rollback_restores_the_previous(boards
     models = boards["a"] / "edgedistill" / "models" / "fast"
     assert v1 != v2 and os.readlink(models / "current") == v2 and os.readlink(models / "previous") == v1
     capsys.readouterr()
-    assert edgedistill(["deploy", str(second), "--rollback", "--host", "board-a", "--ssh-config", boards["config"]]) == 0
+    assert (
+        edgedistill(["deploy", str(second), "--rollback", "--host", "board-a", "--ssh-config", boards["config"]]) == 0
+    )
     assert f"current {v1}, previous {v2}" in capsys.readouterr().out
     assert os.readlink(models / "current") == v1 and (models / v2 / "bundle.edb").is_file()  # kept
 
@@ -228,8 +293,11 @@ def test_install_copies_edgerun_and_runs_it_with_the_boards_own_python(boards, t
     assert "edgerun is not installed" in json.loads((run / "devices" / "fleet.json").read_text())["rows"][0]["reason"]
     assert _deploy(boards, run, "board-d", extra=["--install"]) == 0
     row = json.loads((run / "devices" / "fleet.json").read_text())["rows"][0]
-    assert row["status"] == "PASS" and row["edgerun"] and {"step": "install", "rc": 0,
-                                                           "where": "edgedistill/bin/edgerun"} in row["steps"]
+    assert (
+        row["status"] == "PASS"
+        and row["edgerun"]
+        and {"step": "install", "rc": 0, "where": "edgedistill/bin/edgerun"} in row["steps"]
+    )
     lib = boards["d"] / "edgedistill" / "lib" / "edgerun"
     assert (lib / "cli" / "__main__.py").is_file() and (lib / "bundle" / "slots.py").is_file()  # every wing
     assert (boards["d"] / "edgedistill" / "bin" / "edgerun").stat().st_mode & 0o111

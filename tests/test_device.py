@@ -1,4 +1,5 @@
 """The device runtime through OrtRunner on real bundles: bench verdicts, validate, camera loop, device readers."""
+
 import json
 import os
 import shutil
@@ -8,15 +9,13 @@ import cv2
 import numpy as np
 import pytest
 
-from edgerun.bench import percentile, run_bench, summarize, verdict
-from edgerun.bench import BenchJob
+from edgerun.bench import BenchJob, percentile, run_bench, summarize, verdict
 from edgerun.bundle.bundle import open_bundle
-from edgerun.line.camera import run_camera
-from edgerun.line.camera import CameraJob
-from edgerun.line.capture import describe_source
 from edgerun.cli import main as edgerun
 from edgerun.device import TegraStats, parse_tegrastats
 from edgerun.errors import RunnerError, SourceError
+from edgerun.line.camera import CameraJob, run_camera
+from edgerun.line.capture import describe_source
 from edgerun.preprocess import to_three_channels
 from edgerun.runtime.runners import OrtRunner
 
@@ -59,13 +58,29 @@ def test_bench_and_verdicts(trained_run):
 
 def test_bench_cli_json_and_strict_exit(trained_run, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = edgerun(["bench", str(trained_run / "bundle"), "--iterations", "20", "--warmup", "2",
-                    "--fps-target", "1", "--budget-mb", "100000", "--json", str(out), "--strict"])
+    code = edgerun(
+        [
+            "bench",
+            str(trained_run / "bundle"),
+            "--iterations",
+            "20",
+            "--warmup",
+            "2",
+            "--fps-target",
+            "1",
+            "--budget-mb",
+            "100000",
+            "--json",
+            str(out),
+            "--strict",
+        ]
+    )
     assert code == 0 and "VERDICT: PASS" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["verdict"]["overall"] == "PASS" and data["result"]["latency_ms"]["p95"] > 0
-    code = edgerun(["bench", str(trained_run / "bundle"), "--iterations", "20", "--warmup", "2",
-                    "--fps-target", "1e9", "--strict"])
+    code = edgerun(
+        ["bench", str(trained_run / "bundle"), "--iterations", "20", "--warmup", "2", "--fps-target", "1e9", "--strict"]
+    )
     assert code == 1 and "VERDICT: FAIL" in capsys.readouterr().out
 
 
@@ -84,8 +99,10 @@ def test_validate_matches_host_and_fails_over_threshold(trained_run, tmp_path, c
 
 
 def test_tegrastats_parsing_and_sampling(tmp_path, monkeypatch):
-    nano = ("RAM 2110/3956MB (lfb 114x4MB) SWAP 0/1978MB CPU [12%@1479,3%@1479,off,off] EMC_FREQ 0% "
-            "GR3D_FREQ 76% PLL@28C CPU@31C POM_5V_IN 3412/3412 POM_5V_GPU 1210/1210")
+    nano = (
+        "RAM 2110/3956MB (lfb 114x4MB) SWAP 0/1978MB CPU [12%@1479,3%@1479,off,off] EMC_FREQ 0% "
+        "GR3D_FREQ 76% PLL@28C CPU@31C POM_5V_IN 3412/3412 POM_5V_GPU 1210/1210"
+    )
     assert parse_tegrastats(nano)["ram_used_mb"] == 2110 and parse_tegrastats(nano)["gpu_load"] == 76
     orin = "RAM 3020/7620MB GR3D_FREQ 45% VDD_IN 5120mW/5000mW VDD_CPU_GPU_CV 900mW/880mW"
     assert parse_tegrastats(orin)["power_mw"] == 5120 and parse_tegrastats(orin)["power_rail"] == "VDD_IN"
@@ -119,7 +136,18 @@ def test_camera_loop_on_a_video_file(trained_run, tmp_path):
     video = _video(tmp_path / "line.avi", bundle)
     rejects = []
     with OrtRunner(bundle.model_path) as runner:
-        summary = run_camera(CameraJob(runner=runner, manifest=bundle.manifest, source=str(video), csv_path=str(tmp_path / "p.csv"), reject_class="3", reject_threshold=0.0, on_reject=lambda *a: rejects.append(a), summary_path=str(tmp_path / "s.json")))
+        summary = run_camera(
+            CameraJob(
+                runner=runner,
+                manifest=bundle.manifest,
+                source=str(video),
+                csv_path=str(tmp_path / "p.csv"),
+                reject_class="3",
+                reject_threshold=0.0,
+                on_reject=lambda *a: rejects.append(a),
+                summary_path=str(tmp_path / "s.json"),
+            )
+        )
     rows = (tmp_path / "p.csv").read_text().splitlines()
     assert summary["frames_processed"] == len(rows) - 1 > 0
     assert summary["frames_processed"] == summary["frames_captured"] == 40 and summary["frames_dropped"] == 0
@@ -168,7 +196,18 @@ def test_lost_source_reconnects_then_fails_with_nothing_lost(trained_run, tmp_pa
 
     csv = tmp_path / "p.csv"
     with OrtRunner(bundle.model_path) as runner, pytest.raises(SourceError) as err:
-        run_camera(CameraJob(runner=runner, manifest=bundle.manifest, source="rtsp://127.0.0.1/line", csv_path=str(csv), opener=dies_for_good, max_reconnects=2, reconnect_delay=0.01, summary_path=str(tmp_path / "s.json")))
+        run_camera(
+            CameraJob(
+                runner=runner,
+                manifest=bundle.manifest,
+                source="rtsp://127.0.0.1/line",
+                csv_path=str(csv),
+                opener=dies_for_good,
+                max_reconnects=2,
+                reconnect_delay=0.01,
+                summary_path=str(tmp_path / "s.json"),
+            )
+        )
     saved = json.loads((tmp_path / "s.json").read_text())
     assert len(opened) == 3 and saved["reconnects"] == 2  # the first open, then two bounded attempts
     assert "2 reconnect attempt(s) failed" in str(err.value) and "saved in" in str(err.value)
@@ -181,14 +220,25 @@ def test_lost_source_reconnects_then_fails_with_nothing_lost(trained_run, tmp_pa
         return FlakyCapture(10 if len(opened) == 1 else 15, image)
 
     with OrtRunner(bundle.model_path) as runner:
-        summary = run_camera(CameraJob(runner=runner, manifest=bundle.manifest, source="rtsp://127.0.0.1/line", max_frames=12, opener=recovers, max_reconnects=3, reconnect_delay=0.01))
+        summary = run_camera(
+            CameraJob(
+                runner=runner,
+                manifest=bundle.manifest,
+                source="rtsp://127.0.0.1/line",
+                max_frames=12,
+                opener=recovers,
+                max_reconnects=3,
+                reconnect_delay=0.01,
+            )
+        )
     assert summary["reconnects"] >= 1 and summary["frames_processed"] == 12
 
 
 def test_camera_cli_on_video_and_source_strings(trained_run, tmp_path, capsys):
     video = _video(tmp_path / "v.avi", open_bundle(trained_run / "bundle"), n=20)
-    assert edgerun(["camera", str(trained_run / "bundle"), "--source", str(video), "--fps-target", "1",
-                    "--strict"]) == 0
+    assert (
+        edgerun(["camera", str(trained_run / "bundle"), "--source", str(video), "--fps-target", "1", "--strict"]) == 0
+    )
     assert "VERDICT: PASS" in capsys.readouterr().out
     assert describe_source("csi://1")[:2] == ("csi", "1")
     assert describe_source("usb://2")[:2] == ("usb", 2)
@@ -207,33 +257,55 @@ def test_info_runs_anywhere(capsys):
 # tegrastats lines as printed by real boards (quoted from public test suites and issue threads):
 REAL_TEGRASTATS = {
     # Jetson Nano, JetPack 4.6.1: POM_5V_IN in mW without a unit
-    "nano-jp4": ("RAM 1923/3964MB (lfb 2x2MB) SWAP 191/1982MB (cached 6MB) IRAM 0/252kB(lfb 252kB) CPU "
-                 "[5%@1224,4%@1224,3%@1224,6%@1224] EMC_FREQ 0%@1600 GR3D_FREQ 0%@76 APE 25 PLL@37C CPU@40C "
-                 "PMIC@50C GPU@40C AO@45C thermal@40C POM_5V_IN 1750/1628 POM_5V_GPU 0/0 POM_5V_CPU 366/406",
-                 1750, "POM_5V_IN", 1923),
+    "nano-jp4": (
+        "RAM 1923/3964MB (lfb 2x2MB) SWAP 191/1982MB (cached 6MB) IRAM 0/252kB(lfb 252kB) CPU "
+        "[5%@1224,4%@1224,3%@1224,6%@1224] EMC_FREQ 0%@1600 GR3D_FREQ 0%@76 APE 25 PLL@37C CPU@40C "
+        "PMIC@50C GPU@40C AO@45C thermal@40C POM_5V_IN 1750/1628 POM_5V_GPU 0/0 POM_5V_CPU 366/406",
+        1750,
+        "POM_5V_IN",
+        1923,
+    ),
     # Jetson AGX Xavier, JetPack 4 (FindHao/tx-utils#3): VDD_IN without a unit
-    "xavier-jp4": ("RAM 2020/7852MB (lfb 1164x4MB) CPU [9%@345,21%@345,25%@345,3%@345,1%@345,1%@345] EMC_FREQ 0% "
-                   "GR3D_FREQ 0% PLL@42.5C MCPU@42.5C PMIC@100C Tboard@40C GPU@41C BCPU@42.5C thermal@41.9C "
-                   "Tdiode@41.25C VDD_SYS_GPU 153/158 VDD_SYS_SOC 536/547 VDD_4V0_WIFI 633/527 VDD_IN 3140/3208 "
-                   "VDD_SYS_CPU 536/590 VDD_SYS_DDR 557/601", 3140, "VDD_IN", 2020),
+    "xavier-jp4": (
+        "RAM 2020/7852MB (lfb 1164x4MB) CPU [9%@345,21%@345,25%@345,3%@345,1%@345,1%@345] EMC_FREQ 0% "
+        "GR3D_FREQ 0% PLL@42.5C MCPU@42.5C PMIC@100C Tboard@40C GPU@41C BCPU@42.5C thermal@41.9C "
+        "Tdiode@41.25C VDD_SYS_GPU 153/158 VDD_SYS_SOC 536/547 VDD_4V0_WIFI 633/527 VDD_IN 3140/3208 "
+        "VDD_SYS_CPU 536/590 VDD_SYS_DDR 557/601",
+        3140,
+        "VDD_IN",
+        2020,
+    ),
     # Jetson Orin Nano, JetPack 6: rails in mW with the unit
-    "orin-nano-jp6": ("06-18-2025 11:25:24 RAM 3452/7620MB (lfb 25x4MB) SWAP 1518/16384MB (cached 174MB) CPU "
-                      "[1%@1420,2%@1420,0%@1420,2%@1420,2%@729,1%@729] GR3D_FREQ 0% cpu@50.031C soc2@49.031C soc0@50C "
-                      "gpu@49.031C tj@50.25C soc1@50.25C VDD_IN 4824mW/4824mW VDD_CPU_GPU_CV 518mW/518mW "
-                      "VDD_SOC 1475mW/1475mW", 4824, "VDD_IN", 3452),
+    "orin-nano-jp6": (
+        "06-18-2025 11:25:24 RAM 3452/7620MB (lfb 25x4MB) SWAP 1518/16384MB (cached 174MB) CPU "
+        "[1%@1420,2%@1420,0%@1420,2%@1420,2%@729,1%@729] GR3D_FREQ 0% cpu@50.031C soc2@49.031C soc0@50C "
+        "gpu@49.031C tj@50.25C soc1@50.25C VDD_IN 4824mW/4824mW VDD_CPU_GPU_CV 518mW/518mW "
+        "VDD_SOC 1475mW/1475mW",
+        4824,
+        "VDD_IN",
+        3452,
+    ),
     # Jetson AGX Xavier, JetPack 4.2 (martinkersner/gtop#7): no input rail; the total is the sum of its six rails
-    "agx-xavier-jp4": ("RAM 14700/15692MB (lfb 3x2MB) SWAP 898/8192MB (cached 23MB) CPU [0%@1190,0%@1190,0%@1190,"
-                       "0%@1190,0%@1190,0%@1190,0%@1190,0%@1190] EMC_FREQ 0% GR3D_FREQ 0% AO@30C GPU@30.5C Tboard@31C "
-                       "Tdiode@32C AUX@30.5C CPU@31.5C thermal@30.8C PMIC@100C GPU 463/463 CPU 618/618 SOC 2936/2936 "
-                       "CV 0/0 VDDRQ 309/309 SYS5V 3306/3306", 463 + 618 + 2936 + 0 + 309 + 3306,
-                       "GPU+CPU+SOC+CV+VDDRQ+SYS5V", 14700),
+    "agx-xavier-jp4": (
+        "RAM 14700/15692MB (lfb 3x2MB) SWAP 898/8192MB (cached 23MB) CPU [0%@1190,0%@1190,0%@1190,"
+        "0%@1190,0%@1190,0%@1190,0%@1190,0%@1190] EMC_FREQ 0% GR3D_FREQ 0% AO@30C GPU@30.5C Tboard@31C "
+        "Tdiode@32C AUX@30.5C CPU@31.5C thermal@30.8C PMIC@100C GPU 463/463 CPU 618/618 SOC 2936/2936 "
+        "CV 0/0 VDDRQ 309/309 SYS5V 3306/3306",
+        463 + 618 + 2936 + 0 + 309 + 3306,
+        "GPU+CPU+SOC+CV+VDDRQ+SYS5V",
+        14700,
+    ),
     # Jetson AGX Orin, JetPack 5 rail names (rbonghi/jetson_stats#344: VIN_SYS_5V0 is one 5 V rail, not the input);
     # the figures are made up, the format is the board's
-    "agx-orin-jp5": ("RAM 4012/30536MB (lfb 6754x4MB) SWAP 0/15268MB (cached 0MB) CPU [1%@729,0%@729,0%@729,0%@729] "
-                     "EMC_FREQ 0%@2133 GR3D_FREQ 0%@[0,0] VIC_FREQ 729 APE 174 CPU@44.5C GPU@42.8C "
-                     "VDD_GPU_SOC 2392mW/2392mW VDD_CPU_CV 398mW/398mW VIN_SYS_5V0 2827mW/2827mW "
-                     "VDDQ_VDD2_1V8AO 503mW/503mW", 2392 + 398 + 2827 + 503,
-                     "VDD_GPU_SOC+VDD_CPU_CV+VIN_SYS_5V0+VDDQ_VDD2_1V8AO", 4012),
+    "agx-orin-jp5": (
+        "RAM 4012/30536MB (lfb 6754x4MB) SWAP 0/15268MB (cached 0MB) CPU [1%@729,0%@729,0%@729,0%@729] "
+        "EMC_FREQ 0%@2133 GR3D_FREQ 0%@[0,0] VIC_FREQ 729 APE 174 CPU@44.5C GPU@42.8C "
+        "VDD_GPU_SOC 2392mW/2392mW VDD_CPU_CV 398mW/398mW VIN_SYS_5V0 2827mW/2827mW "
+        "VDDQ_VDD2_1V8AO 503mW/503mW",
+        2392 + 398 + 2827 + 503,
+        "VDD_GPU_SOC+VDD_CPU_CV+VIN_SYS_5V0+VDDQ_VDD2_1V8AO",
+        4012,
+    ),
 }
 
 
@@ -275,7 +347,9 @@ def test_bench_feeds_camera_sized_frames_and_shows_the_preprocessing_share(train
     monkeypatch.setattr(bench, "preprocess", spy)
     bundle = open_bundle(trained_run / "bundle")
     with OrtRunner(bundle.model_path) as runner:
-        full = run_bench(BenchJob(runner=runner, manifest=bundle.manifest, warmup=2, iterations=20, frame_size=(1920, 1080)))
+        full = run_bench(
+            BenchJob(runner=runner, manifest=bundle.manifest, warmup=2, iterations=20, frame_size=(1920, 1080))
+        )
     assert full["feed"] == {"kind": "synthetic", "frame_size": [1920, 1080]}
     # the timed preprocessing is handed camera-sized frames (height, width, BGR), every iteration
     assert len(seen) == 22 and all(shapes == {(1080, 1920, 3)} for shapes in seen)
@@ -295,17 +369,21 @@ def test_memory_budget_is_judged_on_process_plus_device_memory(trained_run, tmp_
     from fake_tensorrt import FakeCuda, make_fake_trt
 
     import edgerun.device as device
-    from edgerun.runtime.trt_run import TrtRunner
     from edgerun.runtime.trt_build import BuildSpec, build_engine
+    from edgerun.runtime.trt_run import TrtRunner
 
     cuda = FakeCuda()
     trt = make_fake_trt("8.2.1.8", cuda=cuda)
     bundle = open_bundle(trained_run / "bundle")
-    build_engine(bundle, BuildSpec(precision="fp16", output=str(tmp_path / "e.engine")), trt=trt, cuda=cuda, log=lambda m: None)
+    build_engine(
+        bundle, BuildSpec(precision="fp16", output=str(tmp_path / "e.engine")), trt=trt, cuda=cuda, log=lambda m: None
+    )
     monkeypatch.setattr(device, "NVMAP_CLIENTS", str(tmp_path / "absent"))
     with TrtRunner(str(tmp_path / "e.engine"), bundle=bundle, trt=trt, cuda=cuda) as runner:
         cuda.mem_alloc(300 << 20)  # what an engine's weights and activations would take
-        result = run_bench(BenchJob(runner=runner, manifest=bundle.manifest, warmup=1, iterations=5, frame_size=(64, 48)))
+        result = run_bench(
+            BenchJob(runner=runner, manifest=bundle.manifest, warmup=1, iterations=5, frame_size=(64, 48))
+        )
     memory = result["memory"]
     assert memory["device_mb"] >= 300 and "cuda.mem_get_info" in memory["device_method"]
     assert memory["total_mb"] == pytest.approx(memory["process_peak_mb"] + memory["device_mb"])
@@ -318,10 +396,12 @@ def test_nvmap_clients_table_is_read_per_process(tmp_path):
     from edgerun.device import nvmap_process_mb
 
     table = tmp_path / "clients"
-    table.write_text("CLIENT                        PROCESS      PID        SIZE\n"
-                     "user                         python3      4242      52400K\n"
-                     "user                         gst-launch   77        1024K\n"
-                     "user                         python3      4242       1M\n")
+    table.write_text(
+        "CLIENT                        PROCESS      PID        SIZE\n"
+        "user                         python3      4242      52400K\n"
+        "user                         gst-launch   77        1024K\n"
+        "user                         python3      4242       1M\n"
+    )
     assert nvmap_process_mb(4242, str(table)) == pytest.approx(52400 / 1024.0 + 1)
     assert nvmap_process_mb(999, str(table)) is None and nvmap_process_mb(4242, str(tmp_path / "no")) is None
 
@@ -379,10 +459,22 @@ def _bench_memory(trained_run, tmp_path, frame_size):
 
     tests = Path(__file__).resolve().parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests), str(tests.parent / "jetson")]))
-    out = subprocess.run([sys.executable, "-c", _BENCH_MEMORY_SCRIPT, str(trained_run / "bundle"),
-                          str(tmp_path / ("e%dx%d.engine" % frame_size)), str(tmp_path / "absent"),
-                          str(frame_size[0]), str(frame_size[1])], env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _BENCH_MEMORY_SCRIPT,
+            str(trained_run / "bundle"),
+            str(tmp_path / ("e%dx%d.engine" % frame_size)),
+            str(tmp_path / "absent"),
+            str(frame_size[0]),
+            str(frame_size[1]),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -409,14 +501,18 @@ def test_budget_is_judged_on_the_serving_loop_not_on_set_up(trained_run, tmp_pat
     spike = np.ones(300 << 20, dtype=np.uint8)
     del spike
     with OrtRunner(bundle.model_path) as runner:
-        memory = run_bench(BenchJob(runner=runner, manifest=bundle.manifest, warmup=2, iterations=5, frame_size=(64, 48)))["memory"]
+        memory = run_bench(
+            BenchJob(runner=runner, manifest=bundle.manifest, warmup=2, iterations=5, frame_size=(64, 48))
+        )["memory"]
     assert memory["setup_peak_mb"] >= memory["process_peak_mb"] + 250
     assert memory["process_peak_method"].startswith("VmHWM of the serving loop")
     monkeypatch.setattr(bench, "reset_peak_memory", lambda: False)
     spike = np.ones(300 << 20, dtype=np.uint8)  # the first bench restarted VmHWM: a new set-up spike
     del spike
     with OrtRunner(bundle.model_path) as runner:
-        result = run_bench(BenchJob(runner=runner, manifest=bundle.manifest, warmup=2, iterations=5, frame_size=(64, 48)))
+        result = run_bench(
+            BenchJob(runner=runner, manifest=bundle.manifest, warmup=2, iterations=5, frame_size=(64, 48))
+        )
     assert result["memory"]["process_peak_method"].startswith("VmRSS sampled")
     assert result["memory"]["setup_peak_mb"] >= result["memory"]["process_peak_mb"] + 250
     assert "VmRSS sampled" in bench.report_text(result, verdict(result), "t")
@@ -431,7 +527,9 @@ def test_onnxruntime_on_a_gpu_is_not_measured_never_zero(trained_run, tmp_path, 
     with OrtRunner(bundle.model_path) as runner:
         assert runner.device_memory() is None  # the CPU provider holds no GPU memory
         runner.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # as onnxruntime-gpu reports it
-        result = run_bench(BenchJob(runner=runner, manifest=bundle.manifest, warmup=1, iterations=3, frame_size=(64, 48)))
+        result = run_bench(
+            BenchJob(runner=runner, manifest=bundle.manifest, warmup=1, iterations=3, frame_size=(64, 48))
+        )
     memory = result["memory"]
     assert memory["device_mb"] is None and memory["total_mb"] is None
     assert "CUDAExecutionProvider memory not measured" in memory["device_method"]
@@ -440,6 +538,7 @@ def test_onnxruntime_on_a_gpu_is_not_measured_never_zero(trained_run, tmp_path, 
     assert "device not measured" in report_text(result, verdict(result, budget_mb=100000), "t")
     table = tmp_path / "clients"
     import os
+
     table.write_text("user python3 %d 20480K\n" % os.getpid())
     monkeypatch.setattr(device, "NVMAP_CLIENTS", str(table))
     with OrtRunner(bundle.model_path) as runner:
@@ -454,10 +553,10 @@ class FixedBatchRunner(OrtRunner):
     name = "fixed-batch-4"
 
     def _infer(self, feed):
-        (name, array), = feed.items()
+        ((name, array),) = feed.items()
         if array.shape[0] != 4:
             raise RunnerError("input '%s' is fixed at batch 4, the feed is %s" % (name, array.shape))
-        outs = [OrtRunner._infer(self, {name: array[i:i + 1]}) for i in range(4)]
+        outs = [OrtRunner._infer(self, {name: array[i : i + 1]}) for i in range(4)]
         return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
@@ -471,9 +570,13 @@ def test_camera_pads_one_frame_to_a_fixed_batch_engine(trained_run, tmp_path):
     manifest = Manifest(data)
     video = _video(tmp_path / "line.avi", bundle, n=12)
     with OrtRunner(bundle.model_path) as plain:
-        expected = run_camera(CameraJob(runner=plain, manifest=bundle.manifest, source=str(video), csv_path=str(tmp_path / "a.csv")))
+        expected = run_camera(
+            CameraJob(runner=plain, manifest=bundle.manifest, source=str(video), csv_path=str(tmp_path / "a.csv"))
+        )
     with FixedBatchRunner(bundle.model_path) as runner:
-        summary = run_camera(CameraJob(runner=runner, manifest=manifest, source=str(video), csv_path=str(tmp_path / "b.csv")))
+        summary = run_camera(
+            CameraJob(runner=runner, manifest=manifest, source=str(video), csv_path=str(tmp_path / "b.csv"))
+        )
     assert summary["error"] is None and summary["frames_processed"] == expected["frames_processed"] == 12
     assert summary["engine_batch"] == 4 and expected["engine_batch"] == 1
     classes = lambda p: [r.split(",")[2] for r in p.read_text().splitlines()[1:]]  # noqa: E731
@@ -487,8 +590,12 @@ def test_clocks_pinned_on_a_lower_power_mode_are_not_called_unpinned(tmp_path):
     for cpu in range(2):
         folder = tmp_path / "sys" / "devices" / "system" / "cpu" / ("cpu%d" % cpu) / "cpufreq"
         folder.mkdir(parents=True)
-        for name, value in (("scaling_cur_freq", "918000"), ("cpuinfo_max_freq", "1479000"),
-                            ("scaling_max_freq", "918000"), ("scaling_min_freq", "918000")):
+        for name, value in (
+            ("scaling_cur_freq", "918000"),
+            ("cpuinfo_max_freq", "1479000"),
+            ("scaling_max_freq", "918000"),
+            ("scaling_min_freq", "918000"),
+        ):
             (folder / name).write_text(value + "\n")
     state = clocks(root=str(tmp_path))
     assert state["maxed"] is True and state["cpu"][0]["hw_max_khz"] == 1479000
@@ -509,7 +616,8 @@ def test_no_visible_gpu_is_an_edgerun_error_not_a_pycuda_traceback(tmp_path, mon
     (package / "_driver.py").write_text("class Error(Exception):\n    pass\n\n\nclass RuntimeError(Error):\n    pass\n")
     (package / "autoprimaryctx.py").write_text(
         "from pycuda._driver import RuntimeError\nraise RuntimeError('cuInit failed: no CUDA-capable device is "
-        "detected')\n")
+        "detected')\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
         with pytest.raises(RunnerError, match="no CUDA GPU is visible.*cuInit failed.*--runtime nvidia"):

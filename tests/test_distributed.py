@@ -1,4 +1,5 @@
 """Several processes, one training: the sampler's shards, order-free augmentation, and torchrun end to end."""
+
 from __future__ import annotations
 
 import json
@@ -8,13 +9,13 @@ import sys
 import pytest
 import torch
 import yaml
-
 from conftest import FAST, deep_update, kill_when_written
-from edgedistill.data.sources import load_data
+
 from edgedistill.data.loaders import EpochBatchSampler, TrainDataset, batch_sizes, train_loader
+from edgedistill.data.sources import load_data
 from edgedistill.errors import DataError
-from edgedistill.recipe.sections import DataConfig
 from edgedistill.recipe.loading import load_recipe
+from edgedistill.recipe.sections import DataConfig
 
 
 @pytest.mark.parametrize("count,batch,world", [(103, 8, 2), (103, 9, 3), (7, 16, 2)])
@@ -76,25 +77,36 @@ def test_torchrun_two_processes_match_one_and_resume_after_a_kill(tmp_path):
     launched again, they resume and still match, through the teacher and the distill stage. The draws are
     class-balanced (data.sampler: balanced, with replacement) and the KD term is Balanced KD (distill.balance:
     reweight), so those paths run under DistributedDataParallel too."""
-    base = deep_update(FAST, {
-        "data": {"image_size": 32, "train_per_class": 24, "val_per_class": 6, "workers": 0, "sampler": "balanced"},
-        "distill": {"balance": "reweight"},
-        "teacher": {"model": "convnext_atto", "epochs": 3, "lr": 0.002, "val_every": 1},
-        "student": {"model": "convnext_atto", "epochs": 1, "lr": 0.002},
-    })
+    base = deep_update(
+        FAST,
+        {
+            "data": {"image_size": 32, "train_per_class": 24, "val_per_class": 6, "workers": 0, "sampler": "balanced"},
+            "distill": {"balance": "reweight"},
+            "teacher": {"model": "convnext_atto", "epochs": 3, "lr": 0.002, "val_every": 1},
+            "student": {"model": "convnext_atto", "epochs": 1, "lr": 0.002},
+        },
+    )
     recipes = {}
     for name in ("one", "two"):
         recipes[name] = tmp_path / f"{name}.yaml"
         recipes[name].write_text(yaml.safe_dump(deep_update(base, {"output": str(tmp_path / name)})))
     args = ["--stages", "teacher,distill"]
-    one = subprocess.run([sys.executable, "-m", "edgedistill", "run", str(recipes["one"]), *args],
-                         capture_output=True, text=True)
+    one = subprocess.run(
+        [sys.executable, "-m", "edgedistill", "run", str(recipes["one"]), *args], capture_output=True, text=True
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-                "edgedistill"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "edgedistill",
+    ]
     run_dir = tmp_path / "two"
-    kill_when_written(["run", str(recipes["two"]), *args], run_dir / "teacher" / "last.safetensors",
-                      command=torchrun)
+    kill_when_written(["run", str(recipes["two"]), *args], run_dir / "teacher" / "last.safetensors", command=torchrun)
     assert not (run_dir / "teacher" / "done.json").exists(), "the run finished before it could be killed"
     two = subprocess.run([*torchrun, "run", str(recipes["two"]), *args], capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]

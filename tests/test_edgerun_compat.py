@@ -1,4 +1,5 @@
 """The device side stays Python 3.6 compatible and never imports torch."""
+
 import shutil
 import subprocess
 import sys
@@ -13,8 +14,21 @@ def test_vermin_finds_nothing_newer_than_python_3_6():
     vermin = shutil.which("vermin") or str(Path(sys.executable).with_name("vermin"))
     if not Path(vermin).exists():
         pytest.fail("vermin is not installed: pip install vermin")
-    out = subprocess.run([vermin, "-q", "-t=3.6-", "--no-tips", "--violations", "--eval-annotations",
-                          "--backport", "typing", str(JETSON)], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            vermin,
+            "-q",
+            "-t=3.6-",
+            "--no-tips",
+            "--violations",
+            "--eval-annotations",
+            "--backport",
+            "typing",
+            str(JETSON),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
 
 
@@ -25,8 +39,12 @@ def test_edgerun_imports_with_torch_unimportable(tmp_path):
     modules = sorted(p.stem for p in (JETSON / "edgerun").glob("*.py") if p.stem != "__main__")
     code = "import importlib\n" + "".join(f"importlib.import_module('edgerun.{m}')\n" for m in modules)
     code += "import sys; assert 'torch' not in sys.modules\n"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={"PYTHONPATH": f"{tmp_path}:{JETSON}", "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": f"{tmp_path}:{JETSON}", "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr
 
 

@@ -1,4 +1,5 @@
 """Export to a bundle: ONNX parity, opsets per target, operator checks, host INT8, manifest, pack/unpack."""
+
 import io
 import json
 import tarfile
@@ -12,17 +13,18 @@ from torch import nn
 from edgedistill.cli import main
 from edgedistill.data.sources import load_data
 from edgedistill.errors import ExportError
-from edgedistill.ship.export import ExportJob, build_bundle
 from edgedistill.models.factory import create_model
 from edgedistill.recipe.sections import DataConfig, ExportConfig, ModelConfig
+from edgedistill.ship.export import ExportJob, build_bundle
 from edgerun.bundle.bundle import open_bundle
-from edgerun.errors import BundleError, UnsafeArchiveError
 from edgerun.bundle.manifest import SCHEMA_VERSION, load_manifest
+from edgerun.errors import BundleError, UnsafeArchiveError
 from edgerun.preprocess import preprocess
 from edgerun.runtime.runners import OrtRunner
 
-DATA_CFG = DataConfig(source="digits", image_size=32, train_per_class=20, val_per_class=10,
-                      mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+DATA_CFG = DataConfig(
+    source="digits", image_size=32, train_per_class=20, val_per_class=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +37,23 @@ def _bundle(tmp_path, model, digits, **export):
     tmp_path.mkdir(parents=True, exist_ok=True)
     ckpt = tmp_path / "ckpt.bin"
     ckpt.write_bytes(b"weights")
-    return build_bundle(ExportJob(model=model, out_dir=tmp_path / "bundle", name="t", classes=digits.classes,
-                                  train=digits.train, val=digits.val, data_cfg=DATA_CFG, cfg=cfg, seed=0,
-                                  checkpoint=ckpt, source={"student_model": "x"}, host_metrics={},
-                                  recipe_yaml="name: t\n"))
+    return build_bundle(
+        ExportJob(
+            model=model,
+            out_dir=tmp_path / "bundle",
+            name="t",
+            classes=digits.classes,
+            train=digits.train,
+            val=digits.val,
+            data_cfg=DATA_CFG,
+            cfg=cfg,
+            seed=0,
+            checkpoint=ckpt,
+            source={"student_model": "x"},
+            host_metrics={},
+            recipe_yaml="name: t\n",
+        )
+    )
 
 
 @pytest.mark.parametrize("name", ["mobilenetv3_small_050", "squeezenet1_1"])
@@ -62,7 +77,9 @@ def test_opset_follows_the_target_and_dynamic_batch_is_recorded(tmp_path, digits
     nano = _bundle(tmp_path / "a", model, digits, target="jetson-nano-jp4")
     assert nano["model"]["opset"] == 13
     assert onnx.load(str(tmp_path / "a" / "bundle" / "model.onnx")).opset_import[0].version == 13
-    orin = _bundle(tmp_path / "b", model, digits, target="jetson-orin-nano-jp6", dynamic_batch=True, batch=4, max_batch=8)
+    orin = _bundle(
+        tmp_path / "b", model, digits, target="jetson-orin-nano-jp6", dynamic_batch=True, batch=4, max_batch=8
+    )
     assert orin["model"]["opset"] == 17 and orin["model"]["dynamic_batch"] == {"min": 1, "opt": 4, "max": 8}
     with OrtRunner(tmp_path / "b" / "bundle" / "model.onnx") as runner:
         assert runner.infer({"input": np.zeros((3, 3, 32, 32), np.float32)})["logits"].shape == (3, 10)
@@ -125,8 +142,12 @@ def test_trained_bundle_has_int8_accuracy_and_host_metrics(trained_run):
     # the device pipeline (raw uint8 -> preprocess -> ORT) reproduces the host's FP32 accuracy figure
     images, labels = bundle.validation()
     with OrtRunner(bundle.model_path) as runner:
-        logits = np.concatenate([runner.infer({"input": preprocess(images[i:i + 1], bundle.manifest.preprocess)})["logits"]
-                                 for i in range(len(images))])
+        logits = np.concatenate(
+            [
+                runner.infer({"input": preprocess(images[i : i + 1], bundle.manifest.preprocess)})["logits"]
+                for i in range(len(images))
+            ]
+        )
     assert float((logits.argmax(1) == labels).mean()) == pytest.approx(int8["fp32_top1"])
 
 

@@ -1,6 +1,7 @@
 """Issue 18: what an outside attack and a careless user found, each fixed with a test that failed before the fix.
 Private unpack folders (check and use of the same bytes), trust that never fails open, archive bombs, YAML alias
 bombs, damaged archives as errors, the bench harness's own memory."""
+
 import io
 import json
 import os
@@ -80,10 +81,25 @@ def test_two_processes_opening_bundles_of_one_file_name_never_run_each_others_mo
     env = dict(os.environ, TMPDIR=str(tmp_path / "shared-tmp"))  # the same temporary folder for both
     (tmp_path / "shared-tmp").mkdir()
     for round_ in range(5):
-        procs = {name: subprocess.Popen([sys.executable, "-m", "edgerun", "validate", edb, "--max-drop", "1",
-                                         "--json", str(tmp_path / f"{name}-{round_}.json")], env=env,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                 for name, edb in edbs.items()}
+        procs = {
+            name: subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "edgerun",
+                    "validate",
+                    edb,
+                    "--max-drop",
+                    "1",
+                    "--json",
+                    str(tmp_path / f"{name}-{round_}.json"),
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for name, edb in edbs.items()
+        }
         for name, proc in procs.items():
             assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-500:]
             assert json.loads((tmp_path / f"{name}-{round_}.json").read_text())["top1"] == expected[name]
@@ -198,8 +214,12 @@ def _png_header(width, height):
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_images_over_the_pixel_limit_and_decoder_errors_are_skipped_and_listed(digits_folder, tmp_path, caplog):
@@ -273,18 +293,25 @@ def test_damaged_archives_and_misplaced_outputs_are_errors_with_exit_2(trained_r
 def test_bench_memory_grows_by_no_more_than_its_frames(trained_run, tmp_path):
     """VmHWM of a whole bench at 1920x1080 frames against 64x48: the difference is at most the frames themselves
     (4 of them) plus a margin, not 8x them (int64 draws cast to uint8)."""
-    code = ("import json, sys; from edgerun.bundle.bundle import open_bundle; from edgerun.bench import BenchJob, run_bench; "
-            "from edgerun.runtime.runners import OrtRunner; from edgerun.device import process_memory_mb; "
-            "b = open_bundle(sys.argv[1]); w, h = int(sys.argv[2]), int(sys.argv[3]); "
-            "r = OrtRunner(b.model_path); r.__enter__(); "
-            "run_bench(BenchJob(runner=r, manifest=b.manifest, warmup=5, iterations=20, frame_size=(w, h))); "
-            "print(json.dumps(process_memory_mb()))")
+    code = (
+        "import json, sys; from edgerun.bundle.bundle import open_bundle; "
+        "from edgerun.bench import BenchJob, run_bench; "
+        "from edgerun.runtime.runners import OrtRunner; from edgerun.device import process_memory_mb; "
+        "b = open_bundle(sys.argv[1]); w, h = int(sys.argv[2]), int(sys.argv[3]); "
+        "r = OrtRunner(b.model_path); r.__enter__(); "
+        "run_bench(BenchJob(runner=r, manifest=b.manifest, warmup=5, iterations=20, frame_size=(w, h))); "
+        "print(json.dumps(process_memory_mb()))"
+    )
     peaks = {}
     for w, h in ((64, 48), (1920, 1080)):
-        out = subprocess.run([sys.executable, "-c", code, str(trained_run / "bundle"), str(w), str(h)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(trained_run / "bundle"), str(w), str(h)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         peaks[w] = json.loads(out.stdout.strip().splitlines()[-1])[1]
-    frames_mb = 4 * 1920 * 1080 * 3 / 2 ** 20
+    frames_mb = 4 * 1920 * 1080 * 3 / 2**20
     assert peaks[1920] - peaks[64] <= frames_mb * 1.5 + 16, peaks
 
 
@@ -294,9 +321,11 @@ def _variant_bundles(trained_run, tmp_path):
     from edgerun.bundle.manifest import write_manifest
 
     out = {}
-    for name, change in (("shape", lambda m: m["model"].__setitem__("input_shape", [1, 3, 24, 24])),
-                         ("outname", lambda m: m["model"].__setitem__("output_name", "nope")),
-                         ("classes", lambda m: m.__setitem__("classes", ["a", "b", "c"]))):
+    for name, change in (
+        ("shape", lambda m: m["model"].__setitem__("input_shape", [1, 3, 24, 24])),
+        ("outname", lambda m: m["model"].__setitem__("output_name", "nope")),
+        ("classes", lambda m: m.__setitem__("classes", ["a", "b", "c"])),
+    ):
         folder = tmp_path / f"bad-{name}"
         shutil.copytree(trained_run / "bundle", folder)
         data = json.loads((folder / "manifest.json").read_text())
@@ -308,49 +337,128 @@ def _variant_bundles(trained_run, tmp_path):
 
 BAD_INPUTS = [
     # (what, tool, arguments, exit code, words the message must hold)
-    ("a boolean as a number", "edgedistill", ["teacher", "{recipe}", "--set", "teacher.epochs=true"], 2,
-     "teacher.epochs: Value error, a number, not true"),
-    ("an infinite learning rate", "edgedistill", ["teacher", "{recipe}", "--set", "teacher.lr=.inf"], 2,
-     "teacher.lr: Value error, a finite number"),
-    ("a zero std", "edgedistill", ["teacher", "{recipe}", "--set", "data.std=[0,0.5,0.5]"], 2,
-     "every channel's std must be positive"),
-    ("an augmentation scale over 1", "edgedistill", ["teacher", "{recipe}", "--set", "data.augment.scale=[0.5,1.5]"],
-     2, "data.augment.scale"),
-    ("an absurd image size", "edgedistill", ["teacher", "{recipe}", "--set", "data.image_size=100000"], 2,
-     "data.image_size: Input should be less than or equal to 4096"),
-    ("a model_kwargs typo", "edgedistill", ["teacher", "{recipe}", "--set", "teacher.model_kwargs={{outpt_stride: 8}}"],
-     2, "model_kwargs ['outpt_stride'] do not fit this model"),
-    ("an output that is a file", "edgedistill", ["teacher", "{recipe}", "--set", "output={tmp}/afile"], 2,
-     "is a file: the run needs a folder"),
-    ("a YAML alias", "edgedistill", ["teacher", "{recipe}", "--set", "teacher.model_kwargs={{a: &x [1], b: *x}}"], 2,
-     "YAML alias"),
-    ("one class", "edgedistill", ["teacher", "{recipe}", "--set", "data.source=folder", "--set", "data.root={one_class}",
-                                  "--set", "data.train_per_class=null", "--set", "data.val_per_class=null"], 2,
-     "a classifier needs at least two"),
-    ("pack -o inside the bundle", "edgedistill", ["pack", "{bundle}", "-o", "{bundle}/x.edb"], 2,
-     "inside the bundle folder"),
+    (
+        "a boolean as a number",
+        "edgedistill",
+        ["teacher", "{recipe}", "--set", "teacher.epochs=true"],
+        2,
+        "teacher.epochs: Value error, a number, not true",
+    ),
+    (
+        "an infinite learning rate",
+        "edgedistill",
+        ["teacher", "{recipe}", "--set", "teacher.lr=.inf"],
+        2,
+        "teacher.lr: Value error, a finite number",
+    ),
+    (
+        "a zero std",
+        "edgedistill",
+        ["teacher", "{recipe}", "--set", "data.std=[0,0.5,0.5]"],
+        2,
+        "every channel's std must be positive",
+    ),
+    (
+        "an augmentation scale over 1",
+        "edgedistill",
+        ["teacher", "{recipe}", "--set", "data.augment.scale=[0.5,1.5]"],
+        2,
+        "data.augment.scale",
+    ),
+    (
+        "an absurd image size",
+        "edgedistill",
+        ["teacher", "{recipe}", "--set", "data.image_size=100000"],
+        2,
+        "data.image_size: Input should be less than or equal to 4096",
+    ),
+    (
+        "a model_kwargs typo",
+        "edgedistill",
+        ["teacher", "{recipe}", "--set", "teacher.model_kwargs={{outpt_stride: 8}}"],
+        2,
+        "model_kwargs ['outpt_stride'] do not fit this model",
+    ),
+    (
+        "an output that is a file",
+        "edgedistill",
+        ["teacher", "{recipe}", "--set", "output={tmp}/afile"],
+        2,
+        "is a file: the run needs a folder",
+    ),
+    (
+        "a YAML alias",
+        "edgedistill",
+        ["teacher", "{recipe}", "--set", "teacher.model_kwargs={{a: &x [1], b: *x}}"],
+        2,
+        "YAML alias",
+    ),
+    (
+        "one class",
+        "edgedistill",
+        [
+            "teacher",
+            "{recipe}",
+            "--set",
+            "data.source=folder",
+            "--set",
+            "data.root={one_class}",
+            "--set",
+            "data.train_per_class=null",
+            "--set",
+            "data.val_per_class=null",
+        ],
+        2,
+        "a classifier needs at least two",
+    ),
+    (
+        "pack -o inside the bundle",
+        "edgedistill",
+        ["pack", "{bundle}", "-o", "{bundle}/x.edb"],
+        2,
+        "inside the bundle folder",
+    ),
     ("bench --iterations 0", "edgerun", ["bench", "{bundle}", "--iterations", "0"], 2, "must be at least 1"),
-    ("--json into a missing folder", "edgerun", ["bench", "{bundle}", "--json", "{tmp}/missing/x.json"], 2,
-     "does not exist; create it first (nothing was run)"),
-    ("--csv into a missing folder", "edgerun", ["camera", "{bundle}", "--source", "x.mp4", "--csv", "{tmp}/no/f.csv"],
-     2, "--csv"),
+    (
+        "--json into a missing folder",
+        "edgerun",
+        ["bench", "{bundle}", "--json", "{tmp}/missing/x.json"],
+        2,
+        "does not exist; create it first (nothing was run)",
+    ),
+    (
+        "--csv into a missing folder",
+        "edgerun",
+        ["camera", "{bundle}", "--source", "x.mp4", "--csv", "{tmp}/no/f.csv"],
+        2,
+        "--csv",
+    ),
     ("--batch 4 on a batch-1 model", "edgerun", ["bench", "{bundle}", "--batch", "4"], 2, "takes batches of 1"),
-    ("--frame-size 100000x100000", "edgerun", ["bench", "{bundle}", "--frame-size", "100000x100000"], 2,
-     "at most 8192 pixels"),
+    (
+        "--frame-size 100000x100000",
+        "edgerun",
+        ["bench", "{bundle}", "--frame-size", "100000x100000"],
+        2,
+        "at most 8192 pixels",
+    ),
     ("--trust ''", "edgerun", ["verify", "{bundle}", "--trust", ""], 2, "--trust is empty"),
     ("a truncated .edb", "edgerun", ["verify", "{cut}"], 2, "truncated or damaged"),
     ("a manifest input shape unlike the model's", "edgerun", ["validate", "{shape}"], 2, "input shape [1, 3, 24, 24]"),
     ("a manifest output name unlike the model's", "edgerun", ["validate", "{outname}"], 2, "output 'nope'"),
-    ("3 class names for 10 outputs", "edgerun", ["camera", "{classes}", "--source", "x.mp4"], 2,
-     "10 outputs and the manifest names 3"),
+    (
+        "3 class names for 10 outputs",
+        "edgerun",
+        ["camera", "{classes}", "--source", "x.mp4"],
+        2,
+        "10 outputs and the manifest names 3",
+    ),
 ]
 
 
 @pytest.fixture(scope="module")
 def bad_input_places(trained_run, tmp_path_factory):
-    from conftest import FAST, deep_update
-
     import yaml
+    from conftest import FAST, deep_update
 
     tmp = tmp_path_factory.mktemp("bad-inputs")
     (tmp / "afile").write_text("a file where a folder should be")
@@ -367,8 +475,14 @@ def bad_input_places(trained_run, tmp_path_factory):
     edb = pack_bundle(trained_run / "bundle", tmp / "student.edb")
     data = Path(edb).read_bytes()
     (tmp / "cut.edb").write_bytes(data[: len(data) // 2])
-    places = {"recipe": str(recipe), "tmp": str(tmp), "bundle": str(trained_run / "bundle"), "one_class": str(one),
-              "cut": str(tmp / "cut.edb"), **_variant_bundles(trained_run, tmp)}
+    places = {
+        "recipe": str(recipe),
+        "tmp": str(tmp),
+        "bundle": str(trained_run / "bundle"),
+        "one_class": str(one),
+        "cut": str(tmp / "cut.edb"),
+        **_variant_bundles(trained_run, tmp),
+    }
     return places
 
 

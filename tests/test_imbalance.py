@@ -1,6 +1,7 @@
 """Training for imbalanced classes: class-aware samplers (one process and torchrun's shards), class weights, the
 logit-adjusted and Balanced-KD losses by hand, the importance weights of distill.balance: sampler, the recipe
 checks and the warning before training."""
+
 import math
 
 import numpy as np
@@ -8,14 +9,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from edgedistill.data.loaders import EpochBatchSampler, sampling_weights, stream_prior
 from edgedistill.data.splits import Split
 from edgedistill.errors import RecipeError
-from edgedistill.data.loaders import EpochBatchSampler, sampling_weights, stream_prior
-from edgedistill.train.losses import (Balance, balanced_kd_loss, distillation_loss, effective_number_weights,
-    inverse_frequency_weights, labeled_cross_entropy, logit_adjusted_cross_entropy)
-from edgedistill.recipe.sections import DataConfig, StudentConfig
 from edgedistill.recipe.loading import load_recipe
+from edgedistill.recipe.sections import DataConfig, StudentConfig
 from edgedistill.train.job import balance_for
+from edgedistill.train.losses import (
+    Balance,
+    balanced_kd_loss,
+    distillation_loss,
+    effective_number_weights,
+    inverse_frequency_weights,
+    labeled_cross_entropy,
+    logit_adjusted_cross_entropy,
+)
 
 LABELS = np.repeat(np.arange(3), [600, 120, 30])  # 20:4:1
 
@@ -24,7 +32,9 @@ def _drawn(labels, sampler, epochs=30, world=1):
     weights = sampling_weights(labels, sampler)
     counts = np.zeros(3)
     for epoch in range(epochs):
-        batches = [EpochBatchSampler(len(labels), 50, seed=2, rank=r, world=world, weights=weights) for r in range(world)]
+        batches = [
+            EpochBatchSampler(len(labels), 50, seed=2, rank=r, world=world, weights=weights) for r in range(world)
+        ]
         for b in batches:
             b.set_epoch(epoch)
         shards = [list(b) for b in batches]
@@ -73,9 +83,11 @@ def test_logit_adjusted_cross_entropy_by_hand():
     assert logit_adjusted_cross_entropy(logits, targets, prior).item() == pytest.approx(want, rel=1e-6)
     # tau 0 is plain cross-entropy; the rare class's loss rises under adjustment (a margin it must win)
     assert logit_adjusted_cross_entropy(logits, targets, prior, 0.0).item() == pytest.approx(
-        F.cross_entropy(logits, targets).item())
-    assert labeled_cross_entropy(logits[1:], targets[1:], adjust=torch.log(prior)) > F.cross_entropy(logits[1:],
-                                                                                                      targets[1:])
+        F.cross_entropy(logits, targets).item()
+    )
+    assert labeled_cross_entropy(logits[1:], targets[1:], adjust=torch.log(prior)) > F.cross_entropy(
+        logits[1:], targets[1:]
+    )
 
 
 def test_class_weights_and_weighted_cross_entropy_by_hand():
@@ -101,15 +113,22 @@ def test_balanced_kd_reweights_the_teachers_soft_labels_by_hand():
     assert balanced_kd_loss(s, t, T, torch.log(w)).item() == pytest.approx(want, rel=1e-5)
     assert w[2] > w[1] > w[0] and float(w.sum()) == pytest.approx(3.0)  # rare classes up, normalized to K
     plain = distillation_loss(s, t, torch.tensor([0]), T, 0.5)
-    assert distillation_loss(s, t, torch.tensor([0]), T, 0.5, balance=Balance()).total.item() == pytest.approx(plain.total.item())
+    assert distillation_loss(s, t, torch.tensor([0]), T, 0.5, balance=Balance()).total.item() == pytest.approx(
+        plain.total.item()
+    )
 
 
 def test_balance_sampler_importance_weights_undo_the_balanced_stream_for_ce():
     split = Split("train", ["a", "b", "c"], LABELS)
     from edgedistill.recipe.sections import DistillConfig
 
-    out = balance_for(StudentConfig(), split, DataConfig(sampler="balanced"), DistillConfig(balance="sampler"),
-                      original_sampler="uniform")
+    out = balance_for(
+        StudentConfig(),
+        split,
+        DataConfig(sampler="balanced"),
+        DistillConfig(balance="sampler"),
+        original_sampler="uniform",
+    )
     # balanced stream: each class 1/3; original: 0.8/0.16/0.04 -> CE weights 2.4, 0.48, 0.12
     assert np.allclose(out.ce_weight.numpy(), [2.4, 0.48, 0.12], rtol=1e-5) and out.kd_log_weight is None
     assert balance_for(StudentConfig(), split, DataConfig()) is None  # nothing asked: the loss is untouched
@@ -130,5 +149,14 @@ def test_recipe_checks_of_the_imbalance_and_operating_point_keys(make_recipe):
     assert r.data.calib_fraction == 0.1  # the held-out share is written into the resolved recipe
     plain = load_recipe(make_recipe())
     assert r.fingerprint("data") != plain.fingerprint("data")  # so the teacher trains on the smaller set
-    assert load_recipe(make_recipe({"data": {"test_dir": "test", "source": "folder", "root": "x"},
-                                    "evaluate": {"operating_point": {"target_recall": 0.9}}})).data.calib_fraction is None
+    assert (
+        load_recipe(
+            make_recipe(
+                {
+                    "data": {"test_dir": "test", "source": "folder", "root": "x"},
+                    "evaluate": {"operating_point": {"target_recall": 0.9}},
+                }
+            )
+        ).data.calib_fraction
+        is None
+    )

@@ -1,6 +1,7 @@
 """Inspection end to end on real images: an imbalanced good/defect folder (digits 0-4 are good parts, 7 the defect),
 judged on balanced accuracy, the threshold picked on val/ for a target recall and reported on test/, carried in the
 bundle to `edgerun validate` and to `edgerun camera --reject-class defect` on a real video."""
+
 import csv
 import json
 
@@ -32,7 +33,7 @@ def parts(tmp_path_factory):
         for name, pool, n in (("good", good, n_good), ("defect", defect, n_defect)):
             folder = root / split / name
             folder.mkdir(parents=True)
-            for i in pool[start[name]:start[name] + n]:
+            for i in pool[start[name] : start[name] + n]:
                 cv2.imwrite(str(folder / f"{i}.png"), cv2.resize(images[i], (16, 16), interpolation=cv2.INTER_NEAREST))
             start[name] += n
     return root
@@ -41,15 +42,24 @@ def parts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def inspection_run(parts, tmp_path_factory):
     folder = tmp_path_factory.mktemp("inspection")
-    recipe = deep_update(FAST, {
-        "name": "parts", "output": str(folder / "run"),
-        "data": {"source": "folder", "root": str(parts), "test_dir": "test", "train_per_class": None,
-                 "val_per_class": None},
-        "teacher": {"epochs": 4, "logit_adjustment": 1.0},
-        "student": {"epochs": 4, "logit_adjustment": 1.0},
-        "evaluate": {"operating_point": {"target_recall": 0.9}},
-        "export": {"target": "jetson-nano-jp4", "val_samples": 75},
-    })
+    recipe = deep_update(
+        FAST,
+        {
+            "name": "parts",
+            "output": str(folder / "run"),
+            "data": {
+                "source": "folder",
+                "root": str(parts),
+                "test_dir": "test",
+                "train_per_class": None,
+                "val_per_class": None,
+            },
+            "teacher": {"epochs": 4, "logit_adjustment": 1.0},
+            "student": {"epochs": 4, "logit_adjustment": 1.0},
+            "evaluate": {"operating_point": {"target_recall": 0.9}},
+            "export": {"target": "jetson-nano-jp4", "val_samples": 75},
+        },
+    )
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert main(["run", str(path)]) == 0
@@ -79,7 +89,9 @@ def test_the_run_is_judged_on_balanced_accuracy_with_the_defect_threshold_picked
     lo, hi = s["student"]["balanced_accuracy_interval"]
     assert lo <= s["student"]["balanced_accuracy"] <= hi
     md = (run / "summary.md").read_text()
-    assert "judged on balanced accuracy" in md and "operating point recall >= 0.9" in md and "| balanced accuracy |" in md
+    assert (
+        "judged on balanced accuracy" in md and "operating point recall >= 0.9" in md and "| balanced accuracy |" in md
+    )
     # at 16 px the planner estimates this student slower than its teacher on the Nano: the verdict says so
     assert not s["device_check"]["student_faster"]
     assert "NOT DEPLOYABLE AS A SPEED-UP" in s["verdict"] and "Jetson Nano" in s["verdict"]
@@ -106,8 +118,10 @@ def test_the_bundle_carries_the_threshold_and_validate_checks_recall_there(inspe
     assert got["decision"]["recall"] == pytest.approx(int8["fp32_recall"])  # same images, same runtime
     assert got["decision"]["false_reject"] == pytest.approx(int8["fp32_false_reject"])
     assert got["decision"]["positives"] == 15 and got["status"] == "PASS"
-    assert edgerun_main(["validate", str(run / "bundle"), "--variant", "int8", "--max-drop", "1.0",
-                         "--json", str(report)]) == 0
+    assert (
+        edgerun_main(["validate", str(run / "bundle"), "--variant", "int8", "--max-drop", "1.0", "--json", str(report)])
+        == 0
+    )
     assert json.loads(report.read_text())["decision"]["threshold"] == pytest.approx(decision["threshold"])
 
 
@@ -118,13 +132,31 @@ def test_camera_rejects_at_the_manifest_threshold_on_a_real_video(inspection_run
     video = tmp_path / "line.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (64, 64))
     for image in images:
-        writer.write(cv2.cvtColor(to_three_channels(cv2.resize(image, (64, 64), interpolation=cv2.INTER_NEAREST)),
-                                  cv2.COLOR_RGB2BGR))
+        writer.write(
+            cv2.cvtColor(
+                to_three_channels(cv2.resize(image, (64, 64), interpolation=cv2.INTER_NEAREST)), cv2.COLOR_RGB2BGR
+            )
+        )
     writer.release()
     threshold = bundle.manifest.decision["threshold"]
     rows_path, summary_path = tmp_path / "frames.csv", tmp_path / "camera.json"
-    assert edgerun_main(["camera", str(run / "bundle"), "--source", str(video), "--reject-class", "defect",
-                         "--csv", str(rows_path), "--json", str(summary_path)]) == 0
+    assert (
+        edgerun_main(
+            [
+                "camera",
+                str(run / "bundle"),
+                "--source",
+                str(video),
+                "--reject-class",
+                "defect",
+                "--csv",
+                str(rows_path),
+                "--json",
+                str(summary_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"reject rule: P(defect) >= {threshold:.4f} (the bundle's operating point (recall >= 0.9" in out
     summary = json.loads(summary_path.read_text())
@@ -137,8 +169,23 @@ def test_camera_rejects_at_the_manifest_threshold_on_a_real_video(inspection_run
     assert np.array_equal(rejected, scores >= threshold) and summary["rejects"] == int(rejected.sum())
     assert 0 < rejected.sum() < len(rows)  # the threshold sorts the parts, it does not reject all or none
     # --threshold overrides the manifest's
-    assert edgerun_main(["camera", str(run / "bundle"), "--source", str(video), "--reject-class", "defect",
-                         "--threshold", "0", "--json", str(summary_path)]) == 0
+    assert (
+        edgerun_main(
+            [
+                "camera",
+                str(run / "bundle"),
+                "--source",
+                str(video),
+                "--reject-class",
+                "defect",
+                "--threshold",
+                "0",
+                "--json",
+                str(summary_path),
+            ]
+        )
+        == 0
+    )
     assert json.loads(summary_path.read_text())["rejects"] == len(images)
 
 

@@ -1,4 +1,5 @@
 """The KD loss against hand-computed values and against timm's LogitDistillationTask."""
+
 import math
 
 import pytest
@@ -72,8 +73,9 @@ def test_agrees_with_timm_logit_distillation_task():
     student = timm.create_model("resnet10t", num_classes=7)
     teacher = timm.create_model("resnet10t", num_classes=7)
     T, alpha = 3.0, 0.6
-    task = LogitDistillationTask(student, teacher, criterion=nn.CrossEntropyLoss(), task_loss_weight=1 - alpha,
-                                 temperature=T, verbose=False)
+    task = LogitDistillationTask(
+        student, teacher, criterion=nn.CrossEntropyLoss(), task_loss_weight=1 - alpha, temperature=T, verbose=False
+    )
     task.train()
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 7, (4,))
     timm_out = task(x, y)

@@ -1,5 +1,6 @@
 """Distillation methods: DKD and attention-transfer values, the automatic feature mapping, the statistics of
 the verdict, and new recipe keys; the end-to-end runs on real digits are in test_methods_pipeline.py."""
+
 import math
 
 import numpy as np
@@ -10,12 +11,12 @@ import torch.nn.functional as F
 from edgedistill.errors import RecipeError
 from edgedistill.judge.evaluate import images_to_resolve
 from edgedistill.judge.metrics import bootstrap_samples, interval, mcnemar_exact, resampled_metric
+from edgedistill.judge.summary import advice, verdict
+from edgedistill.models.factory import create_model
+from edgedistill.recipe.loading import load_recipe
+from edgedistill.recipe.sections import FeaturePair, ModelConfig
 from edgedistill.train.features import FeatureMatcher, auto_map, model_stages, resolve_pairs
 from edgedistill.train.losses import attention_loss, distillation_loss, dkd_loss, kd_loss
-from edgedistill.models.factory import create_model
-from edgedistill.recipe.sections import FeaturePair, ModelConfig
-from edgedistill.recipe.loading import load_recipe
-from edgedistill.judge.summary import advice, verdict
 
 
 # ------------------------------------------------------------------------------------------------- DKD
@@ -25,9 +26,12 @@ def reference_dkd(s, t, y, alpha, beta, T):
     gt = torch.zeros_like(s).scatter_(1, y.unsqueeze(1), 1).bool()
     ps, pt = F.softmax(s / T, 1), F.softmax(t / T, 1)
     binary = lambda p: torch.stack([(p * gt).sum(1), (p * ~gt).sum(1)], 1)  # noqa: E731
-    tckd = F.kl_div(torch.log(binary(ps)), binary(pt), reduction="sum") * T ** 2 / s.shape[0]
-    nckd = F.kl_div(F.log_softmax(s / T - 1000.0 * gt, 1), F.softmax(t / T - 1000.0 * gt, 1),
-                    reduction="sum") * T ** 2 / s.shape[0]
+    tckd = F.kl_div(torch.log(binary(ps)), binary(pt), reduction="sum") * T**2 / s.shape[0]
+    nckd = (
+        F.kl_div(F.log_softmax(s / T - 1000.0 * gt, 1), F.softmax(t / T - 1000.0 * gt, 1), reduction="sum")
+        * T**2
+        / s.shape[0]
+    )
     return alpha * tckd, beta * nckd
 
 
@@ -114,14 +118,35 @@ def _projection_shapes(matcher):
     return [tuple(m.proj[0].weight.shape) if hasattr(m, "proj") else None for m in matcher.projectors]
 
 
-@pytest.mark.parametrize("teacher, student, pairs, shapes", [
-    ("resnet18", "mobilenetv3_small_100",
-     [("bn1", "act1"), ("blocks.0", "layer1"), ("blocks.1", "layer2"), ("blocks.3", "layer3"), ("blocks.5", "layer4")],
-     [(64, 16, 1, 1), (64, 16, 1, 1), (128, 24, 1, 1), (256, 48, 1, 1), (512, 576, 1, 1)]),
-    ("resnet50", "efficientnet_b0",
-     [("blocks.0", "act1"), ("blocks.1", "layer1"), ("blocks.2", "layer2"), ("blocks.4", "layer3"), ("blocks.6", "layer4")],
-     [(64, 16, 1, 1), (256, 24, 1, 1), (512, 40, 1, 1), (1024, 112, 1, 1), (2048, 320, 1, 1)]),
-])
+@pytest.mark.parametrize(
+    "teacher, student, pairs, shapes",
+    [
+        (
+            "resnet18",
+            "mobilenetv3_small_100",
+            [
+                ("bn1", "act1"),
+                ("blocks.0", "layer1"),
+                ("blocks.1", "layer2"),
+                ("blocks.3", "layer3"),
+                ("blocks.5", "layer4"),
+            ],
+            [(64, 16, 1, 1), (64, 16, 1, 1), (128, 24, 1, 1), (256, 48, 1, 1), (512, 576, 1, 1)],
+        ),
+        (
+            "resnet50",
+            "efficientnet_b0",
+            [
+                ("blocks.0", "act1"),
+                ("blocks.1", "layer1"),
+                ("blocks.2", "layer2"),
+                ("blocks.4", "layer3"),
+                ("blocks.6", "layer4"),
+            ],
+            [(64, 16, 1, 1), (256, 24, 1, 1), (512, 40, 1, 1), (1024, 112, 1, 1), (2048, 320, 1, 1)],
+        ),
+    ],
+)
 def test_auto_mapping_of_timm_models_by_feature_info(teacher, student, pairs, shapes):
     got, matcher = _pairs(teacher, student, 224)
     assert got == pairs and _projection_shapes(matcher) == shapes
@@ -130,8 +155,12 @@ def test_auto_mapping_of_timm_models_by_feature_info(teacher, student, pairs, sh
 def test_auto_mapping_resnet18_to_torchvision_squeezenet_through_hooks():
     pairs, matcher = _pairs("resnet18", "squeezenet1_1", 224)
     # SqueezeNet's stages: the last module before each max-pool, and the last Fire module
-    assert pairs == [("features.1", "act1"), ("features.4", "layer1"), ("features.7", "layer2"),
-                     ("features.12", "layer3")]
+    assert pairs == [
+        ("features.1", "act1"),
+        ("features.4", "layer1"),
+        ("features.7", "layer2"),
+        ("features.12", "layer3"),
+    ]
     assert _projection_shapes(matcher) == [None, (64, 128, 1, 1), (128, 256, 1, 1), (256, 512, 1, 1)]
 
 
@@ -187,7 +216,7 @@ def test_mcnemar_exact_agrees_with_scipy_binomtest():
 def test_images_to_resolve_follows_connor_and_shrinks_with_larger_differences():
     # Connor 1987 with p10 = 0.06, p01 = 0.02 (delta 0.04, discordant 0.08): hand-evaluated
     z_a, z_b = 1.959963984540054, 0.8416212335729143
-    want = math.ceil((z_a * math.sqrt(0.08) + z_b * math.sqrt(0.08 - 0.04 ** 2)) ** 2 / 0.04 ** 2)
+    want = math.ceil((z_a * math.sqrt(0.08) + z_b * math.sqrt(0.08 - 0.04**2)) ** 2 / 0.04**2)
     assert images_to_resolve(60, 20, 1000) == want
     assert images_to_resolve(60, 20, 1000) < images_to_resolve(50, 30, 1000)
     assert images_to_resolve(5, 5, 100) is None
@@ -212,10 +241,13 @@ def test_bootstrap_intervals_bracket_the_estimates():
 
 
 def _summary(gain, p, retention=0.95, a_only=30, b_only=10, need=None):
-    return {"kd_gain": gain, "retention": retention, "student": {"model": "mobilenetv3_small_100"},
-            "significance": {"p_value": p, "images": 600, "a_only": a_only, "b_only": b_only,
-                             "images_to_resolve": need},
-            "intervals": {"kd_gain": [gain - 0.01, gain + 0.01], "retention": [0.9, 1.0]}}
+    return {
+        "kd_gain": gain,
+        "retention": retention,
+        "student": {"model": "mobilenetv3_small_100"},
+        "significance": {"p_value": p, "images": 600, "a_only": a_only, "b_only": b_only, "images_to_resolve": need},
+        "intervals": {"kd_gain": [gain - 0.01, gain + 0.01], "retention": [0.9, 1.0]},
+    }
 
 
 def test_verdict_needs_significance_to_call_a_gain():
@@ -233,27 +265,36 @@ def test_advice_lists_recipe_lines_under_90_percent_retention():
     assert advice(_summary(0.03, 0.01, retention=0.95), 30) == []
     lines = advice(_summary(0.03, 0.01, retention=0.8), 30)
     text = " ".join(lines)
-    for needle in ("student.model=mobilenetv3_large_100", "distill.temperature", "distill.features=auto",
-                   "data.unlabeled=", "distill.chain=", "student.epochs=60"):
+    for needle in (
+        "student.model=mobilenetv3_large_100",
+        "distill.temperature",
+        "distill.features=auto",
+        "data.unlabeled=",
+        "distill.chain=",
+        "student.epochs=60",
+    ):
         assert needle in text
 
 
 # ------------------------------------------------------------------------------------------ recipe keys
-@pytest.mark.parametrize("override, expected", [
-    ("distill.metod=dkd", "distill.method"),
-    ("distill.dkd_alpah=1", "distill.dkd_alpha"),
-    ("distill.dkd_betta=8", "distill.dkd_beta"),
-    ("distill.dkd_warmup_epoch=2", "distill.dkd_warmup_epochs"),
-    ("distill.featurs=auto", "distill.features"),
-    ("distill.feature_los=at", "distill.feature_loss"),
-    ("distill.feature_wieght=1", "distill.feature_weight"),
-    ("distill.chian=[resnet18]", "distill.chain"),
-    ("self_distill.generatons=2", "self_distill.generations"),
-    ("self_distil.generations=2", "self_distill"),
-    ("data.unlabled=/x", "data.unlabeled"),
-    ("distill.chain=[{model: resnet18, epohcs: 3}]", "epochs"),
-    ("distill.features=[{teacher: layer1, studnet: blocks.1}]", "student"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("distill.metod=dkd", "distill.method"),
+        ("distill.dkd_alpah=1", "distill.dkd_alpha"),
+        ("distill.dkd_betta=8", "distill.dkd_beta"),
+        ("distill.dkd_warmup_epoch=2", "distill.dkd_warmup_epochs"),
+        ("distill.featurs=auto", "distill.features"),
+        ("distill.feature_los=at", "distill.feature_loss"),
+        ("distill.feature_wieght=1", "distill.feature_weight"),
+        ("distill.chian=[resnet18]", "distill.chain"),
+        ("self_distill.generatons=2", "self_distill.generations"),
+        ("self_distil.generations=2", "self_distill"),
+        ("data.unlabled=/x", "data.unlabeled"),
+        ("distill.chain=[{model: resnet18, epohcs: 3}]", "epochs"),
+        ("distill.features=[{teacher: layer1, studnet: blocks.1}]", "student"),
+    ],
+)
 def test_every_new_key_typo_names_the_key(tmp_path, override, expected):
     path = tmp_path / "r.yaml"
     path.write_text("name: x\n")
@@ -265,12 +306,23 @@ def test_every_new_key_typo_names_the_key(tmp_path, override, expected):
 def test_new_keys_parse_and_bad_values_are_explained(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("name: x\n")
-    r = load_recipe(path, ["distill.method=dkd", "distill.features=auto", "distill.feature_loss=at",
-                           "distill.chain=[resnet10t, {model: mobilenetv2_100, epochs: 3}]", "self_distill.generations=2"])
+    r = load_recipe(
+        path,
+        [
+            "distill.method=dkd",
+            "distill.features=auto",
+            "distill.feature_loss=at",
+            "distill.chain=[resnet10t, {model: mobilenetv2_100, epochs: 3}]",
+            "self_distill.generations=2",
+        ],
+    )
     assert [c.model for c in r.chain_configs()] == ["resnet10t", "mobilenetv2_100"]
     assert r.chain_configs()[1].epochs == 3 and r.chain_configs()[0].epochs == r.student.epochs
-    for bad, needle in (("distill.method=fitnet", "distill.method"), ("distill.features=everything", "distill.features"),
-                        ("self_distill.generations=-1", "self_distill.generations")):
+    for bad, needle in (
+        ("distill.method=fitnet", "distill.method"),
+        ("distill.features=everything", "distill.features"),
+        ("self_distill.generations=-1", "self_distill.generations"),
+    ):
         with pytest.raises(RecipeError, match=needle.replace(".", r"\.")):
             load_recipe(path, [bad])
     with pytest.raises(RecipeError, match="distill.features"):

@@ -1,5 +1,6 @@
 """Distillation methods end to end on real data (scikit-learn's digits): feature matching + DKD to the bundle,
 a 2-step chain, born-again generations, unlabeled images, the sweep killed and resumed."""
+
 import hashlib
 import json
 import os
@@ -24,8 +25,12 @@ def _steps(run, folder):
 
 
 def test_auto_features_with_dkd_train_and_the_bundle_is_the_bare_student(make_recipe, tmp_path):
-    recipe = make_recipe({"distill": {"method": "dkd", "features": "auto", "feature_weight": 0.5, "alpha": 0.5},
-                          "student": {"epochs": 2}})
+    recipe = make_recipe(
+        {
+            "distill": {"method": "dkd", "features": "auto", "feature_weight": 0.5, "alpha": 0.5},
+            "student": {"epochs": 2},
+        }
+    )
     assert main(["run", str(recipe)]) == 0
     run = tmp_path / "run"
     fmap = json.loads((run / "student" / "feature_map.json").read_text())
@@ -45,8 +50,9 @@ def test_auto_features_with_dkd_train_and_the_bundle_is_the_bare_student(make_re
     bare = create_model(ModelConfig(model="mobilenetv3_small_050"), 10).state_dict()
     tensors, _ = load_tensors(run / "student" / "model.safetensors")
     assert set(tensors) == set(bare)
-    projection_shapes = {(p["teacher"]["channels"], p["student"]["channels"], 1, 1) for p in fmap["pairs"]
-                         if p["projection"] != "none"}
+    projection_shapes = {
+        (p["teacher"]["channels"], p["student"]["channels"], 1, 1) for p in fmap["pairs"] if p["projection"] != "none"
+    }
     own_shapes = {tuple(v.shape) for v in bare.values()}
     assert projection_shapes - own_shapes, "the test needs a projection shape the student lacks"
     graph = onnx.load(str(run / "bundle" / "model.onnx")).graph
@@ -56,20 +62,29 @@ def test_auto_features_with_dkd_train_and_the_bundle_is_the_bare_student(make_re
 
 
 def test_two_step_chain_trains_each_assistant_from_the_one_before(make_recipe, tmp_path):
-    recipe = make_recipe({"distill": {"chain": ["mobilenetv3_small_100", {"model": "mobilenetv3_small_075",
-                                                                           "epochs": 1}]},
-                          "student": {"epochs": 2}})
+    recipe = make_recipe(
+        {
+            "distill": {"chain": ["mobilenetv3_small_100", {"model": "mobilenetv3_small_075", "epochs": 1}]},
+            "student": {"epochs": 2},
+        }
+    )
     assert main(["run", str(recipe), "--stages", "teacher,assistant,distill,baseline,evaluate"]) == 0
     run = tmp_path / "run"
-    assert _done(run, "assistant")["teacher"] == "teacher" and _done(run, "assistant")["model"] == "mobilenetv3_small_100"
+    assert (
+        _done(run, "assistant")["teacher"] == "teacher" and _done(run, "assistant")["model"] == "mobilenetv3_small_100"
+    )
     assert _done(run, "assistant-2")["teacher"] == "assistant"
     assert _done(run, "student")["teacher"] == "assistant-2"
     assert len([s for s in _steps(run, "assistant-2") if s["kind"] == "epoch"]) == 1  # its own epochs
     assert len([s for s in _steps(run, "assistant") if s["kind"] == "epoch"]) == 2  # the student's
     summary = json.loads((run / "summary.json").read_text())
     assert [c["role"] for c in summary["chain"]] == ["assistant", "assistant-2"]
-    assert summary["teacher"]["params"] > summary["assistant"]["params"] > summary["assistant-2"]["params"] \
+    assert (
+        summary["teacher"]["params"]
+        > summary["assistant"]["params"]
+        > summary["assistant-2"]["params"]
         > summary["student"]["params"]
+    )
     assert "assistant-2" in (run / "summary.md").read_text()
 
 
@@ -104,9 +119,18 @@ def test_unlabeled_images_reach_distillation_and_never_the_baseline(make_recipe,
         os.symlink(path, pool.parent / f"labelled{n}.png")
     for n, path in enumerate(sorted((digits_folder / "val").rglob("*.png"))[:3]):  # evaluation: left out
         os.symlink(path, pool.parent / f"val{n}.png")
-    recipe = make_recipe({"data": {"source": "folder", "root": str(digits_folder), "unlabeled": str(tmp_path / "pool"),
-                                   "train_per_class": None, "val_per_class": None},
-                          "student": {"epochs": 1}})
+    recipe = make_recipe(
+        {
+            "data": {
+                "source": "folder",
+                "root": str(digits_folder),
+                "unlabeled": str(tmp_path / "pool"),
+                "train_per_class": None,
+                "val_per_class": None,
+            },
+            "student": {"epochs": 1},
+        }
+    )
     assert main(["run", str(recipe), "--stages", "teacher,distill,baseline,evaluate"]) == 0
     run = tmp_path / "run"
     assert _done(run, "student")["unlabeled_images"] == 40
@@ -125,7 +149,9 @@ def test_unlabeled_images_reach_distillation_and_never_the_baseline(make_recipe,
 
 
 def test_compression_warning_before_training(make_recipe, tmp_path):
-    recipe = make_recipe({"teacher": {"model": "resnet50", "epochs": 0}, "student": {"model": "lcnet_035", "epochs": 1}})  # 63x
+    recipe = make_recipe(
+        {"teacher": {"model": "resnet50", "epochs": 0}, "student": {"model": "lcnet_035", "epochs": 1}}
+    )  # 63x
     assert main(["run", str(recipe), "--stages", "teacher,distill"]) == 0
     log = (tmp_path / "run" / "run.log").read_text()
     assert "fewer parameters than the model it learns from" in log

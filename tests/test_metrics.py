@@ -1,13 +1,14 @@
 """Inspection metrics against scikit-learn on fixed predictions; the operating point picked on one split and
 reported on another; the paired tests; the choice of metric and positive class."""
+
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
 from edgedistill.judge import metrics
-from edgedistill.models.predict import Prediction
 from edgedistill.judge.evaluate import classification_report, compare_models
 from edgedistill.judge.metrics import OperatingPoint, plan_evaluation
+from edgedistill.models.predict import Prediction
 
 
 def _fixed(seed=0, n=600, k=4, skew=(0.55, 0.25, 0.15, 0.05)):
@@ -28,13 +29,16 @@ def test_per_class_balanced_accuracy_and_macro_f1_equal_scikit_learns():
     for i, c in enumerate(classes):
         assert per[c]["precision"] == pytest.approx(p[i]) and per[c]["recall"] == pytest.approx(r[i])
         assert per[c]["f1"] == pytest.approx(f[i]) and per[c]["support"] == support[i]
-    assert metrics.balanced_accuracy(labels, predicted, 4) == pytest.approx(skm.balanced_accuracy_score(labels, predicted))
+    assert metrics.balanced_accuracy(labels, predicted, 4) == pytest.approx(
+        skm.balanced_accuracy_score(labels, predicted)
+    )
     assert metrics.macro_f1(labels, predicted, 4) == pytest.approx(skm.f1_score(labels, predicted, average="macro"))
     # a class the model never predicts: precision 0 (scikit-learn's zero_division=0), not NaN
     never = np.where(predicted == 3, 0, predicted)
     assert metrics.per_class(labels, never, classes)["crack"]["precision"] == 0.0
-    assert metrics.macro_f1(labels, never, 4) == pytest.approx(skm.f1_score(labels, never, average="macro",
-                                                                            zero_division=0))
+    assert metrics.macro_f1(labels, never, 4) == pytest.approx(
+        skm.f1_score(labels, never, average="macro", zero_division=0)
+    )
 
 
 def test_roc_auc_and_average_precision_equal_scikit_learns_with_ties():
@@ -65,12 +69,16 @@ def test_threshold_is_picked_on_calibration_images_and_reported_on_others():
     on_calib = metrics.rates_at(calib_pos, calib_scores, t)
     assert on_calib["recall"] >= 0.95
     # the highest such threshold: raising it past the next positive score loses recall on the calibration split
-    assert metrics.rates_at(calib_pos, calib_scores, np.sort(calib_scores[calib_scores >= t])[0] + 1e-9)["recall"] < 0.95
+    assert (
+        metrics.rates_at(calib_pos, calib_scores, np.sort(calib_scores[calib_scores >= t])[0] + 1e-9)["recall"] < 0.95
+    )
     on_test = metrics.rates_at(test_pos, test_scores, t)
     assert abs(on_test["recall"] - 0.95) < 0.05  # held-out recall near the target, not guaranteed
     t2 = metrics.pick_threshold(calib_pos, calib_scores, OperatingPoint(max_false_reject=0.05))
     assert metrics.rates_at(calib_pos, calib_scores, t2)["false_reject"] <= 0.05
-    assert metrics.rates_at(calib_pos, calib_scores, np.sort(calib_scores[calib_scores < t2])[-1])["false_reject"] > 0.05
+    assert (
+        metrics.rates_at(calib_pos, calib_scores, np.sort(calib_scores[calib_scores < t2])[-1])["false_reject"] > 0.05
+    )
     # the threshold lies between scores, never on one: device rounding cannot flip an image
     assert t not in set(calib_scores) and t2 not in set(calib_scores)
     with pytest.raises(ValueError, match="no positive"):
@@ -95,10 +103,12 @@ def test_compare_models_reports_the_operating_point_of_each_model_on_the_other_s
     assert op["teacher"]["calibration"]["false_reject"] <= 0.1
     lo, hi = op["teacher"]["recall_interval"]
     assert lo <= here["recall"] <= hi
-    assert out["models"]["student"]["roc_auc"] == pytest.approx(skm.roc_auc_score(labels == 1, preds["student"].logits[:, 1]
-                                                                                  - preds["student"].logits[:, 0]))
-    assert out["kd_gain"] == pytest.approx(out["models"]["student"]["balanced_accuracy"]
-                                           - out["models"]["baseline"]["balanced_accuracy"])
+    assert out["models"]["student"]["roc_auc"] == pytest.approx(
+        skm.roc_auc_score(labels == 1, preds["student"].logits[:, 1] - preds["student"].logits[:, 0])
+    )
+    assert out["kd_gain"] == pytest.approx(
+        out["models"]["student"]["balanced_accuracy"] - out["models"]["baseline"]["balanced_accuracy"]
+    )
     assert out["significance"]["test"] == "permutation"
 
 
@@ -108,17 +118,24 @@ def test_recall_at_false_reject_is_judged_with_mcnemar_on_the_positive_images():
     plan = plan_evaluation("recall_at_false_reject", "1", None, ["0", "1"], labels)
     better = logits.copy()
     better[:, 1] += np.where(labels == 1, 1.0, 0.0)  # a student that scores defects higher
-    preds = {"teacher": Prediction(better, labels), "student": Prediction(better, labels),
-             "baseline": Prediction(logits, labels)}
-    calib = {"teacher": Prediction(calib_logits, calib_labels), "student": Prediction(calib_logits, calib_labels),
-             "baseline": Prediction(calib_logits, calib_labels)}
+    preds = {
+        "teacher": Prediction(better, labels),
+        "student": Prediction(better, labels),
+        "baseline": Prediction(logits, labels),
+    }
+    calib = {
+        "teacher": Prediction(calib_logits, calib_labels),
+        "student": Prediction(calib_logits, calib_labels),
+        "baseline": Prediction(calib_logits, calib_labels),
+    }
     out = compare_models(preds, plan, calib, "calib", samples=200)
     sig = out["significance"]
     assert sig["test"] == "mcnemar" and sig["images"] == int((labels == 1).sum())
     assert out["kd_gain"] > 0 and sig["p_value"] < 0.05
     t = out["models"]["student"]["metric_threshold"]
     assert out["models"]["student"]["score"] == pytest.approx(
-        metrics.rates_at(labels == 1, metrics.positive_scores(better, 1), t)["recall"])
+        metrics.rates_at(labels == 1, metrics.positive_scores(better, 1), t)["recall"]
+    )
 
 
 def test_permutation_test_finds_a_real_difference_and_not_a_fake_one():
@@ -128,14 +145,23 @@ def test_permutation_test_finds_a_real_difference_and_not_a_fake_one():
     weak = np.where(rng.random(500) < 0.6, labels, rng.integers(0, 3, 500))
     real = metrics.permutation_test("balanced_accuracy", labels, good, weak, 3, resamples=2000)
     assert real["p_value"] < 0.01
-    assert real["difference"] == pytest.approx(skm.balanced_accuracy_score(labels, good)
-                                               - skm.balanced_accuracy_score(labels, weak))
+    assert real["difference"] == pytest.approx(
+        skm.balanced_accuracy_score(labels, good) - skm.balanced_accuracy_score(labels, weak)
+    )
     same = metrics.permutation_test("macro_f1", labels, good, good, 3, resamples=200)
     assert same["p_value"] == 1.0 and same["discordant"] == 0
     # exchangeable models (each image's two predictions drawn alike): p is roughly uniform, rarely under 0.05
-    ps = [metrics.permutation_test("macro_f1", labels, *(np.where(rng.random(500) < 0.7, labels,
-                                                                    rng.integers(0, 3, 500)) for _ in range(2)), 3,
-                                   resamples=400, seed=s)["p_value"] for s in range(20)]
+    ps = [
+        metrics.permutation_test(
+            "macro_f1",
+            labels,
+            *(np.where(rng.random(500) < 0.7, labels, rng.integers(0, 3, 500)) for _ in range(2)),
+            3,
+            resamples=400,
+            seed=s,
+        )["p_value"]
+        for s in range(20)
+    ]
     assert sum(p < 0.05 for p in ps) <= 3
 
 

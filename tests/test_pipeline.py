@@ -1,11 +1,12 @@
 """End to end on real data (scikit-learn's digits): every stage, resume, kill, NaN, teacher floor."""
+
 import json
 
 import pytest
 from conftest import kill_when_written
 
-from edgedistill.train import loop as train_loop
 from edgedistill.cli import main
+from edgedistill.train import loop as train_loop
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +30,9 @@ def test_full_run_writes_every_artifact_and_skips_when_done(make_recipe, tmp_pat
     assert (run / "teacher" / "report.md").read_text().startswith("# Teacher")
     for stage in ("teacher", "student", "baseline"):
         assert (run / stage / "model.safetensors").exists() and (run / stage / "recipe.yaml").exists()
-    steps = [json.loads(l) for l in (run / "student" / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (run / "student" / "metrics.jsonl").read_text().splitlines()]
     assert {"kd", "ce", "loss"} <= set(steps[0]) and steps[-1]["kind"] == "epoch"
-    base_steps = [json.loads(l) for l in (run / "baseline" / "metrics.jsonl").read_text().splitlines()]
+    base_steps = [json.loads(line) for line in (run / "baseline" / "metrics.jsonl").read_text().splitlines()]
     assert "kd" not in base_steps[0]
     assert "retention" in capsys.readouterr().out
     # a second run with the same recipe skips every stage and leaves the checkpoints untouched
@@ -53,8 +54,11 @@ def test_killed_run_resumes_from_its_last_epoch(make_recipe, tmp_path):
     assert main(["teacher", str(recipe)]) == 0
     log = (tmp_path / "run" / "run.log").read_text()
     assert "resuming after epoch" in log
-    epochs = [json.loads(l)["epoch"] for l in (tmp_path / "run" / "teacher" / "metrics.jsonl").read_text().splitlines()
-              if json.loads(l)["kind"] == "epoch"]
+    epochs = [
+        json.loads(line)["epoch"]
+        for line in (tmp_path / "run" / "teacher" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "epoch"
+    ]
     assert epochs == list(range(6))  # each epoch exactly once, none lost, none doubled
     assert (tmp_path / "run" / "teacher" / "done.json").exists()
 
@@ -103,9 +107,12 @@ def test_stage_order_and_cli_errors(make_recipe, capsys):
 def test_feature_hint_distillation_trains_and_logs_its_term(make_recipe, tmp_path):
     recipe = make_recipe({"distill": {"features": "last", "feature_weight": 0.5}, "student": {"epochs": 2}})
     assert main(["run", str(recipe), "--stages", "teacher,distill"]) == 0
-    steps = [json.loads(l) for l in (tmp_path / "run" / "student" / "metrics.jsonl").read_text().splitlines()]
-    assert all(s["loss"] == pytest.approx(0.6 * s["kd"] + 0.4 * s["ce"] + 0.5 * s["feat"], rel=1e-4)
-               for s in steps if s["kind"] == "step")
+    steps = [json.loads(line) for line in (tmp_path / "run" / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert all(
+        s["loss"] == pytest.approx(0.6 * s["kd"] + 0.4 * s["ce"] + 0.5 * s["feat"], rel=1e-4)
+        for s in steps
+        if s["kind"] == "step"
+    )
     assert steps[-1]["feat"] >= 0
     # the saved student is the student alone (the projector is not exported)
     from edgedistill.models.checkpoint import load_tensors
@@ -123,13 +130,19 @@ def test_same_seed_gives_the_same_training(make_recipe, tmp_path):
     for name in ("a", "b"):
         recipe = make_recipe({"output": str(tmp_path / name), "teacher": {"epochs": 1}}, name=f"{name}.yaml")
         assert main(["teacher", str(recipe)]) == 0
-        logs.append([json.loads(l)["loss"] for l in (tmp_path / name / "teacher" / "metrics.jsonl").read_text().splitlines()])
+        logs.append(
+            [
+                json.loads(line)["loss"]
+                for line in (tmp_path / name / "teacher" / "metrics.jsonl").read_text().splitlines()
+            ]
+        )
     assert logs[0] == logs[1]
 
 
 def test_teacher_assistant_bridges_teacher_and_student(make_recipe, tmp_path):
-    recipe = make_recipe({"assistant": {"model": "mobilenetv3_small_100", "epochs": 2, "lr": 0.005},
-                          "student": {"epochs": 2}})
+    recipe = make_recipe(
+        {"assistant": {"model": "mobilenetv3_small_100", "epochs": 2, "lr": 0.005}, "student": {"epochs": 2}}
+    )
     assert main(["run", str(recipe), "--stages", "teacher,assistant,distill,baseline,evaluate"]) == 0
     run = tmp_path / "run"
     assert (run / "assistant" / "model.safetensors").exists() and (run / "assistant" / "report.json").exists()

@@ -1,4 +1,5 @@
 """The planner: counts checked against published MACs, the roofline's behaviour, refusals, LOO, measured refits."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from edgedistill.errors import EdgedistillError
-from edgedistill.plan.calibration import (CALIBRATION_FILE, factors_for, leave_one_out, load_calibration, read_bench,
-    refit_from_measured)
 from edgedistill.cli.plan import plan_command
+from edgedistill.errors import EdgedistillError
+from edgedistill.plan.calibration import (
+    CALIBRATION_FILE,
+    factors_for,
+    leave_one_out,
+    load_calibration,
+    read_bench,
+    refit_from_measured,
+)
 from edgedistill.plan.estimate import DEFAULT_CANDIDATES, PlanSpec, estimate, plan
 from edgedistill.plan.profile import profile_model
 from edgerun.profiles import TARGETS
@@ -37,14 +44,22 @@ def test_estimates_grow_with_flops_on_one_board():
     sizes = [estimate("mobilenetv3_large_100", PlanSpec("jetson-nano-jp4", image_size=s)) for s in (128, 160, 224, 288)]
     assert all(a.est_latency_ms < b.est_latency_ms for a, b in zip(sizes, sizes[1:]))
     # a faster board and a lower precision estimate less time for the same network
-    assert estimate("resnet50", PlanSpec("agx-xavier-jp5")).est_latency_ms < estimate("resnet50", PlanSpec("jetson-nano-jp4")).est_latency_ms
-    assert estimate("resnet50", PlanSpec("jetson-nano-jp4", precision="fp16")).est_latency_ms < \
-        estimate("resnet50", PlanSpec("jetson-nano-jp4", precision="fp32")).est_latency_ms
+    assert (
+        estimate("resnet50", PlanSpec("agx-xavier-jp5")).est_latency_ms
+        < estimate("resnet50", PlanSpec("jetson-nano-jp4")).est_latency_ms
+    )
+    assert (
+        estimate("resnet50", PlanSpec("jetson-nano-jp4", precision="fp16")).est_latency_ms
+        < estimate("resnet50", PlanSpec("jetson-nano-jp4", precision="fp32")).est_latency_ms
+    )
 
 
 def test_over_budget_candidates_are_refused_with_the_reason():
-    result = plan(PlanSpec("jetson-nano-jp4", fps_target=30, budget_mb=320),
-                  ["resnet152", "resnet18", "mobilenetv3_small_100"], teacher="resnet152")
+    result = plan(
+        PlanSpec("jetson-nano-jp4", fps_target=30, budget_mb=320),
+        ["resnet152", "resnet18", "mobilenetv3_small_100"],
+        teacher="resnet152",
+    )
     rows = {e.model: e for e in result["rows"]}
     big = rows["resnet152"]
     assert not big.fits and "FPS" in big.reason and "< 30" in big.reason and "memory" in big.reason
@@ -53,7 +68,9 @@ def test_over_budget_candidates_are_refused_with_the_reason():
     # ranked by published top-1, and the recommendation is the most accurate one that keeps 20% headroom
     assert [e.model for e in result["rows"]][0] == "resnet152"
     assert result["recommended"] is None  # a 320 MB budget leaves no 20% headroom above the runtime's base
-    roomy = plan(PlanSpec("jetson-nano-jp4", fps_target=30, budget_mb=500), ["resnet152", "resnet18", "mobilenetv3_small_100"])
+    roomy = plan(
+        PlanSpec("jetson-nano-jp4", fps_target=30, budget_mb=500), ["resnet152", "resnet18", "mobilenetv3_small_100"]
+    )
     assert roomy["recommended"] == "resnet18"  # more accurate than mobilenetv3_small_100, and fast enough
     assert result["teacher"].role == "teacher"
     with pytest.raises(EdgedistillError, match="no fast INT8"):
@@ -81,18 +98,24 @@ def test_leave_one_out_predicts_each_published_point_without_it():
     from edgedistill.plan.roofline import layer_times_ms
 
     r = loo[0]
-    in_sample = layer_times_ms(profile_model(nano[0].model, 224, "torchvision"), dict(target, name="x"), "fp16", 1, full)
+    in_sample = layer_times_ms(
+        profile_model(nano[0].model, 224, "torchvision"), dict(target, name="x"), "fp16", 1, full
+    )
     assert r["estimated_ms"] != pytest.approx(in_sample, rel=1e-6)  # the held-out point was really left out
     assert r["relative_error"] == pytest.approx((r["estimated_ms"] - r["published_ms"]) / r["published_ms"])
 
 
 def _bench_json(path, model="resnet18", latency_ms=20.0, total_mb=700.0, precision="fp16"):
-    data = {"result": {"batch": 1, "stages_ms": {"h2d": 0.5, "compute": latency_ms - 1.0, "d2h": 0.5,
-                                                 "preprocess": 9.0, "postprocess": 0.1},
-                       "memory": {"total_mb": total_mb}},
-            "board": "NVIDIA Jetson Nano Developer Kit",
-            "bundle": {"name": "student", "model": model, "input_shape": [1, 3, 224, 224]},
-            "engine": {"precision": precision} if precision else None}
+    data = {
+        "result": {
+            "batch": 1,
+            "stages_ms": {"h2d": 0.5, "compute": latency_ms - 1.0, "d2h": 0.5, "preprocess": 9.0, "postprocess": 0.1},
+            "memory": {"total_mb": total_mb},
+        },
+        "board": "NVIDIA Jetson Nano Developer Kit",
+        "bundle": {"name": "student", "model": model, "input_shape": [1, 3, 224, 224]},
+        "engine": {"precision": precision} if precision else None,
+    }
     path.write_text(json.dumps(data))
     return path
 
@@ -116,9 +139,18 @@ def test_measured_bench_files_rescale_the_board_in_the_users_cache(tmp_path, cap
 
 def test_plan_command_prints_estimates_and_writes_json(tmp_path, capsys):
     out_json = tmp_path / "plan.json"
-    args = SimpleNamespace(target="jetson-nano-jp4", fps_target=30.0, budget_mb=500.0, image_size=224, batch=1,
-                           precision="fp16", candidates="resnet18,squeezenet1_1,mobilenetv3_large_100",
-                           teacher="resnet50", json=str(out_json), measured=[])
+    args = SimpleNamespace(
+        target="jetson-nano-jp4",
+        fps_target=30.0,
+        budget_mb=500.0,
+        image_size=224,
+        batch=1,
+        precision="fp16",
+        candidates="resnet18,squeezenet1_1,mobilenetv3_large_100",
+        teacher="resnet50",
+        json=str(out_json),
+        measured=[],
+    )
     assert plan_command(args) == 0
     text = capsys.readouterr().out
     assert "ESTIMATE" in text and "leave-one-out" in text and "recommended student" in text and "(teacher)" in text

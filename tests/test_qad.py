@@ -1,5 +1,6 @@
 """Quantization-aware distillation end to end on real digits: killed during its fine-tuning and resumed, the Q/DQ
 model it exports keeps TensorRT's rules, and the attempts land in the manifest and the summary."""
+
 import json
 
 import onnx
@@ -13,16 +14,20 @@ pytestmark = pytest.mark.slow
 
 
 def test_qad_resumes_after_a_kill_and_ships_a_rule_clean_model(make_recipe, tmp_path):
-    recipe = make_recipe({"data": {"train_per_class": 60},
-                          "export": {"target": "jetson-nano-jp4", "int8": "qad", "qad_epochs": 3}})
+    recipe = make_recipe(
+        {"data": {"train_per_class": 60}, "export": {"target": "jetson-nano-jp4", "int8": "qad", "qad_epochs": 3}}
+    )
     run = tmp_path / "run"
     assert main(["run", str(recipe), "--stages", "teacher,distill,baseline,evaluate"]) == 0
     kill_when_written(["export", str(recipe)], run / "qad" / "last.safetensors")
     assert not (run / "export.done.json").exists()
     assert main(["export", str(recipe)]) == 0
     assert "qad: resuming after epoch 1/3" in (run / "run.log").read_text()
-    epochs = [json.loads(line)["epoch"] for line in (run / "qad" / "metrics.jsonl").read_text().splitlines()
-              if '"kind": "epoch"' in line]
+    epochs = [
+        json.loads(line)["epoch"]
+        for line in (run / "qad" / "metrics.jsonl").read_text().splitlines()
+        if '"kind": "epoch"' in line
+    ]
     assert epochs == [0, 1, 2]  # each epoch once: the killed one redone, none doubled
     manifest = json.loads((run / "bundle" / "manifest.json").read_text())
     int8 = manifest["metrics"]["int8"]
@@ -39,5 +44,7 @@ def test_qad_resumes_after_a_kill_and_ships_a_rule_clean_model(make_recipe, tmp_
     # the FP32 student as its own teacher: another fingerprint, so QAD runs again
     assert main(["export", str(recipe), "--set", "export.qad_teacher=student"]) == 0
     assert "against the FP32 student" in (run / "run.log").read_text()
-    assert json.loads((run / "bundle" / "manifest.json").read_text())["metrics"]["int8"]["attempts"]["qad"][
-        "teacher"] == "student"
+    assert (
+        json.loads((run / "bundle" / "manifest.json").read_text())["metrics"]["int8"]["attempts"]["qad"]["teacher"]
+        == "student"
+    )

@@ -1,6 +1,7 @@
 """INT8 by TensorRT's explicit-quantization rules: the rules on the exported graph, ONNX Runtime and Polygraphy on the
 host, PyTorch's fake quantization against the ONNX Q/DQ model, the sensitivity order with one fragile layer, the
 gate's advice."""
+
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +13,13 @@ from torch import nn
 
 from edgedistill.ship.fakequant import add_fake_quant, module_for_node, remove_fake_quant
 from edgedistill.ship.int8 import Int8Job, agreement, gate_advice, keep_sensitive, output_r2, sensitivity
+from edgedistill.ship.onnx import export_onnx, ort_outputs
 from edgedistill.ship.qdq import activation_ranges, insert_qdq, qdq_violations, quantizable_nodes
-from edgedistill.ship.onnx import ort_outputs, export_onnx
 
 
 def _digits(n=64, size=32):
-    from conftest import digits_arrays
-
     import cv2
+    from conftest import digits_arrays
 
     images, labels = digits_arrays()
     x = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_LINEAR) for im in images[:n]]).astype(np.float32)
@@ -55,10 +55,15 @@ def test_qdq_model_keeps_tensorrts_rules_and_runs_in_onnxruntime(name, tmp_path)
                 assert inits[weight.input[1]].shape == (inits[producer[weight.input[0]].input[0]].shape[0],)
             if len(node.input) > 2:  # the bias stays a float constant, never dequantized
                 assert node.input[2] in inits or producer[node.input[2]].op_type == "Identity"
-    adds = [n for n in graph.node if n.op_type == "Add" and not any(
-        i in inits or (i in producer and producer[i].op_type == "Identity") for i in n.input)]
-    assert adds and all(any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
-                            for i in n.input) for n in adds), "a residual add without a quantized input"
+    adds = [
+        n
+        for n in graph.node
+        if n.op_type == "Add"
+        and not any(i in inits or (i in producer and producer[i].op_type == "Identity") for i in n.input)
+    ]
+    assert adds and all(
+        any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input) for n in adds
+    ), "a residual add without a quantized input"
     onnx.save(model, str(tmp_path / "int8.onnx"))
     a, b = ort_outputs(tmp_path / "fp32.onnx", x, 1, False), ort_outputs(tmp_path / "int8.onnx", x, 1, False)
     assert agreement(a, b) >= 0.9 and np.abs(a - b).max() < 0.5 * np.abs(a).max()
@@ -77,8 +82,11 @@ def test_rule_checker_names_each_broken_rule(tmp_path):
     for attr in weight.attribute:
         if attr.name == "axis":
             attr.i = 1
-    unsigned = next(n for n in good.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_in_q")
-                    and n.input[2] != zero.input[2])
+    unsigned = next(
+        n
+        for n in good.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0].endswith("_in_q") and n.input[2] != zero.input[2]
+    )
     inits[unsigned.input[2]].CopyFrom(numpy_helper.from_array(np.array(0, dtype=np.uint8), unsigned.input[2]))
     problems = "\n".join(qdq_violations(good))
     assert f"'{zero.name}': zero point [3]" in problems
@@ -88,18 +96,19 @@ def test_rule_checker_names_each_broken_rule(tmp_path):
 
 def test_polygraphy_runs_the_int8_model_and_agrees_with_fp32_on_real_images(tmp_path):
     pytest.importorskip("polygraphy")
+    import timm
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator
-
-    import timm
 
     torch.manual_seed(0)
     fp32 = _exported(timm.create_model("lcnet_050", num_classes=10), tmp_path / "fp32.onnx")
     x, _ = _digits(32)
-    onnx.save(insert_qdq(fp32, activation_ranges(tmp_path / "fp32.onnx", x, 1, "minmax", tmp_path)),
-              str(tmp_path / "int8.onnx"))
+    onnx.save(
+        insert_qdq(fp32, activation_ranges(tmp_path / "fp32.onnx", x, 1, "minmax", tmp_path)),
+        str(tmp_path / "int8.onnx"),
+    )
     runners = [OnnxrtRunner(SessionFromOnnx(str(tmp_path / f), providers=["cpu"])) for f in ("fp32.onnx", "int8.onnx")]
-    results = Comparator.run(runners, data_loader=[{"input": x[i:i + 1]} for i in range(len(x))])
+    results = Comparator.run(runners, data_loader=[{"input": x[i : i + 1]} for i in range(len(x))])
     fp32_out, int8_out = (results[r.name] for r in runners)
     assert len(fp32_out) == len(int8_out) == len(x)
     agree = np.mean([np.argmax(a["logits"]) == np.argmax(b["logits"]) for a, b in zip(fp32_out, int8_out)])
@@ -134,7 +143,9 @@ def test_pytorch_fake_quant_agrees_with_the_onnx_qdq_model_on_held_out_images(tm
     assert agreement(torch_out, ort_out) >= 0.98
     assert np.abs(torch_out - ort_out).max() < 0.05 * scale
     with torch.no_grad():  # and the float model inside is the original one again
-        assert torch.equal(remove_fake_quant(fake)(torch.from_numpy(held_out[:4])), model(torch.from_numpy(held_out[:4])))
+        assert torch.equal(
+            remove_fake_quant(fake)(torch.from_numpy(held_out[:4])), model(torch.from_numpy(held_out[:4]))
+        )
 
 
 class _Fragile(nn.Module):
@@ -179,8 +190,9 @@ def test_sensitivity_ranks_the_fragile_layer_first_and_partial_keeps_it(tmp_path
     assert rows[0]["layer"] == "/c3/Conv" and rows[0]["recovered"] > 0.3
     assert all(r["recovered"] < rows[0]["recovered"] / 4 for r in rows[1:])  # by far the most sensitive
     assert [r["recovered"] for r in rows] == sorted((r["recovered"] for r in rows), reverse=True)
-    kept, drop, steps = keep_sensitive(rows, 5, lambda k: agreement(reference, run(insert_qdq(fp32, amax, k))),
-                                         1.0, 0.05)
+    kept, drop, steps = keep_sensitive(
+        rows, 5, lambda k: agreement(reference, run(insert_qdq(fp32, amax, k))), 1.0, 0.05
+    )
     assert kept[0] == "/c3/Conv" and drop <= 0.05 and len(kept) <= 5
     assert steps[0]["drop"] < 1 - rows[0]["agreement_all_int8"] - 0.3  # keeping it alone removes most of the error
     assert steps[0] == {"layer": "/c3/Conv", "drop": steps[0]["drop"], "kept": True}
@@ -188,9 +200,20 @@ def test_sensitivity_ranks_the_fragile_layer_first_and_partial_keeps_it(tmp_path
 
 
 def test_the_gate_says_what_was_tried_and_the_next_recipe_line():
-    job = Int8Job(fp32_path=Path("m.onnx"), workdir=Path("."), calib=np.zeros(1), calib_batch=1, score=None,
-                    run_calib=None, fp32_score=0.9, mode="auto", method="minmax", limit=0.01, budget=8,
-                    sensitivity_images=64)
+    job = Int8Job(
+        fp32_path=Path("m.onnx"),
+        workdir=Path("."),
+        calib=np.zeros(1),
+        calib_batch=1,
+        score=None,
+        run_calib=None,
+        fp32_score=0.9,
+        mode="auto",
+        method="minmax",
+        limit=0.01,
+        budget=8,
+        sensitivity_images=64,
+    )
     attempts = {"ptq": {"drop": 0.063, "kept_fp16": []}, "partial": {"drop": 0.021, "kept_fp16": ["a", "b", "c"]}}
     text = gate_advice({"attempts": attempts, "status": "rejected", "chosen": "partial"}, job)
     assert text.startswith("INT8 rejected: PTQ (minmax): drop 6.30 points; partial, 3 layer(s) kept in FP16: drop 2.10")
@@ -199,7 +222,9 @@ def test_the_gate_says_what_was_tried_and_the_next_recipe_line():
     text = gate_advice({"attempts": attempts, "status": "rejected", "chosen": "qad"}, job)
     assert "QAD, 2 epoch(s): drop 1.40 points" in text and "--set export.qad_epochs=4" in text
     assert "--set export.int8_keep_budget=16" in text
-    ok = gate_advice({"attempts": {"ptq": {"drop": 0.004, "kept_fp16": []}}, "status": "accepted", "chosen": "ptq"}, job)
+    ok = gate_advice(
+        {"attempts": {"ptq": {"drop": 0.004, "kept_fp16": []}}, "status": "accepted", "chosen": "ptq"}, job
+    )
     assert ok.startswith("INT8 ptq passes the 1.00-point gate")
 
 

@@ -21,9 +21,21 @@ def test_defaults_and_required_key_names(tmp_path):
     r = load_recipe(path)
     assert (r.distill.temperature, r.distill.alpha) == (3.0, 0.6)
     # the keys users script against keep these names
-    for dotted in ["data.root", "data.image_size", "data.batch_size", "teacher.model", "teacher.epochs",
-                   "teacher.pretrained_path", "student.model", "student.epochs", "distill.temperature",
-                   "distill.alpha", "seed", "output", "name"]:
+    for dotted in [
+        "data.root",
+        "data.image_size",
+        "data.batch_size",
+        "teacher.model",
+        "teacher.epochs",
+        "teacher.pretrained_path",
+        "student.model",
+        "student.epochs",
+        "distill.temperature",
+        "distill.alpha",
+        "seed",
+        "output",
+        "name",
+    ]:
         node = r
         for part in dotted.split("."):
             node = getattr(node, part)
@@ -34,9 +46,17 @@ def test_defaults_and_required_key_names(tmp_path):
 def test_set_overrides_are_typed(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("name: x\n")
-    r = load_recipe(path, ["data.root=/data/cifar", "student.model=mobilenetv3_small_100", "distill.alpha=0.9",
-                           "data.augment.hflip=0", "evaluate.cost.requests_per_month=1e6",
-                           "evaluate.cost.price_per_hour=0.5"])
+    r = load_recipe(
+        path,
+        [
+            "data.root=/data/cifar",
+            "student.model=mobilenetv3_small_100",
+            "distill.alpha=0.9",
+            "data.augment.hflip=0",
+            "evaluate.cost.requests_per_month=1e6",
+            "evaluate.cost.price_per_hour=0.5",
+        ],
+    )
     assert r.data.root == "/data/cifar" and r.student.model == "mobilenetv3_small_100"
     assert r.distill.alpha == 0.9 and r.data.augment.hflip == 0
     assert r.evaluate.cost.requests_per_month == 1e6
@@ -86,4 +106,6 @@ def test_fingerprint_ignores_keys_written_at_their_default(tmp_path):
     path.write_text("name: x\n")
     plain = load_recipe(path)
     explicit = load_recipe(path, ["distill.features=none", "distill.chain=[]", "assistant=null", "student.epochs=15"])
-    assert plain.fingerprint("student", "distill", "assistant") == explicit.fingerprint("student", "distill", "assistant")
+    assert plain.fingerprint("student", "distill", "assistant") == explicit.fingerprint(
+        "student", "distill", "assistant"
+    )

@@ -1,5 +1,6 @@
 """Regression targets end to end on real data: scikit-learn's digits with each image's ink area and mean
 intensity as the targets, through training, evaluation, export, `edgerun validate` and `edgerun camera`."""
+
 from __future__ import annotations
 
 import csv
@@ -9,15 +10,15 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-
 from conftest import FAST, deep_update
+
+from edgedistill.data.demodata import TARGETS, write_digits_regression
 from edgedistill.data.sources import load_data
 from edgedistill.data.targets import read_targets
-from edgedistill.data.demodata import TARGETS, write_digits_regression
 from edgedistill.errors import DataError, RecipeError
-from edgedistill.train.losses import regression_distillation_loss
-from edgedistill.recipe.sections import DataConfig
 from edgedistill.recipe.loading import load_recipe
+from edgedistill.recipe.sections import DataConfig
+from edgedistill.train.losses import regression_distillation_loss
 from edgerun.bundle.bundle import open_bundle
 from edgerun.cli import main as edgerun
 from edgerun.regression import summarize
@@ -45,7 +46,9 @@ def test_targets_are_standardized_with_train_statistics(tmp_path):
     truth = write_regression_folder(tmp_path, (("train", 0, 60), ("val", 60, 80)))
     data = load_data(DataConfig(root=str(tmp_path), image_size=16), task="regression")
     assert data.classes == list(TARGETS)
-    assert np.allclose(data.scaling.mean, truth["train"].mean(0)) and np.allclose(data.scaling.std, truth["train"].std(0))
+    assert np.allclose(data.scaling.mean, truth["train"].mean(0)) and np.allclose(
+        data.scaling.std, truth["train"].std(0)
+    )
     assert np.allclose(data.scaling.restore(data.val.labels), truth["val"], atol=1e-4)
     assert abs(float(data.train.labels.mean())) < 1e-5
 
@@ -59,8 +62,9 @@ def test_regression_loss_and_recipe_rules(make_recipe):
     with pytest.raises(RecipeError, match="data.source: folder"):
         load_recipe(make_recipe({"task": "regression"}))  # FAST uses the digits classification source
     with pytest.raises(RecipeError, match="distill.method"):
-        load_recipe(make_recipe({"task": "regression", "data": {"source": "folder", "root": "x"},
-                                 "distill": {"method": "dkd"}}))
+        load_recipe(
+            make_recipe({"task": "regression", "data": {"source": "folder", "root": "x"}, "distill": {"method": "dkd"}})
+        )
 
 
 @pytest.mark.slow
@@ -68,14 +72,23 @@ def test_regression_end_to_end_to_validate_and_camera(tmp_path):
     from edgedistill.cli import main
 
     truth = write_regression_folder(tmp_path / "data")
-    recipe = deep_update(FAST, {
-        "output": str(tmp_path / "run"), "task": "regression",
-        "data": {"source": "folder", "root": str(tmp_path / "data"), "train_per_class": None, "val_per_class": None,
-                 "augment": {"scale": [0.9, 1.0], "ratio": [0.9, 1.1], "color_jitter": 0.0}},
-        "teacher": {"epochs": 8, "lr": 0.003},
-        "student": {"epochs": 8, "lr": 0.003},
-        "export": {"target": "jetson-nano-jp4", "val_samples": 100},
-    })
+    recipe = deep_update(
+        FAST,
+        {
+            "output": str(tmp_path / "run"),
+            "task": "regression",
+            "data": {
+                "source": "folder",
+                "root": str(tmp_path / "data"),
+                "train_per_class": None,
+                "val_per_class": None,
+                "augment": {"scale": [0.9, 1.0], "ratio": [0.9, 1.1], "color_jitter": 0.0},
+            },
+            "teacher": {"epochs": 8, "lr": 0.003},
+            "student": {"epochs": 8, "lr": 0.003},
+            "export": {"target": "jetson-nano-jp4", "val_samples": 100},
+        },
+    )
     path = tmp_path / "regression.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert main(["run", str(path)]) == 0
@@ -103,7 +116,9 @@ def test_regression_end_to_end_to_validate_and_camera(tmp_path):
     assert labels.shape == (100, 2) and nearest.max() < 1e-4  # validation targets, in target units
     assert edgerun(["validate", str(run / "bundle"), "--json", str(tmp_path / "v.json")]) == 0
     result = json.loads((tmp_path / "v.json").read_text())
-    assert result["status"] == "PASS" and result["r2"] == pytest.approx(manifest["metrics"]["int8"]["fp32_r2"], abs=1e-4)
+    assert result["status"] == "PASS" and result["r2"] == pytest.approx(
+        manifest["metrics"]["int8"]["fp32_r2"], abs=1e-4
+    )
 
     video = tmp_path / "line.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (64, 64))
@@ -111,8 +126,23 @@ def test_regression_end_to_end_to_validate_and_camera(tmp_path):
         writer.write(cv2.resize(images[i], (64, 64), interpolation=cv2.INTER_NEAREST))
     writer.release()
     limit = float(np.median(labels[:30, 0]))
-    assert edgerun(["camera", str(run / "bundle"), "--source", str(video), "--csv", str(tmp_path / "frames.csv"),
-                    "--reject-above", str(limit), "--json", str(tmp_path / "cam.json")]) == 0
+    assert (
+        edgerun(
+            [
+                "camera",
+                str(run / "bundle"),
+                "--source",
+                str(video),
+                "--csv",
+                str(tmp_path / "frames.csv"),
+                "--reject-above",
+                str(limit),
+                "--json",
+                str(tmp_path / "cam.json"),
+            ]
+        )
+        == 0
+    )
     with open(tmp_path / "frames.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 30 and set(TARGETS) <= set(rows[0])

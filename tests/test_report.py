@@ -1,4 +1,5 @@
 """The report of a real small run: report.md with its plots, report.html self-contained and drawn by a real browser."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ def test_run_writes_the_report_and_device_files_join_it(trained_run, tmp_path, c
     assert est["target"] == "jetson-nano-jp4" and "estimate" in est["label"] and est["student"]["est_fps"] > 0
     assert "ONNX Runtime" in summary["host"]["runtime"] and summary["student"]["torch_latency_ms_b1"] > 0
     bench, validate = tmp_path / "bench.json", tmp_path / "validate.json"
-    assert edgerun(["bench", str(trained_run / "bundle"), "--iterations", "5", "--warmup", "1",
-                    "--json", str(bench)]) == 0
+    assert (
+        edgerun(["bench", str(trained_run / "bundle"), "--iterations", "5", "--warmup", "1", "--json", str(bench)]) == 0
+    )
     assert edgerun(["validate", str(trained_run / "bundle"), "--max-drop", "1", "--json", str(validate)]) == 0
     assert main(["report", str(trained_run), "--measured", str(bench), str(validate)]) == 0
     md = md_path.read_text()
@@ -52,9 +54,21 @@ def test_the_report_renders_in_a_real_browser_with_every_plot(trained_run, tmp_p
     from PIL import Image
 
     shot = tmp_path / "report.png"
-    out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                          "--window-size=1200,5200", f"--screenshot={shot}", (trained_run / "report.html").as_uri()],
-                         capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1200,5200",
+            f"--screenshot={shot}",
+            (trained_run / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert shot.exists(), out.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert pixels.shape[1] == 1200

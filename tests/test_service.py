@@ -1,5 +1,6 @@
 """The line as a service: the systemd unit (checked by systemd-analyze), and the heartbeat spoken over a real
 notify socket while `edgerun camera` classifies a video file, read back by `edgerun service status`."""
+
 import configparser
 import json
 import shutil
@@ -11,8 +12,8 @@ import pytest
 
 from edgerun.bundle.bundle import open_bundle
 from edgerun.cli import main as edgerun
-from edgerun.preprocess import to_three_channels
 from edgerun.line.service import Heartbeat, ServiceUnit, sd_notify, unit_text, watchdog_interval
+from edgerun.preprocess import to_three_channels
 
 
 def _unit(tmp_path):
@@ -22,9 +23,29 @@ def _unit(tmp_path):
 def test_install_writes_a_unit_systemd_accepts(trained_run, tmp_path, capsys):
     units = tmp_path / "units"
     units.mkdir()
-    assert edgerun(["service", "install", str(trained_run / "bundle"), "--source", "csi://0", "--name", "line1",
-                    "--user", "nobody", "--group", "video", "--reject-class", "3", "--unit-dir", str(units),
-                    "--no-enable"]) == 0
+    assert (
+        edgerun(
+            [
+                "service",
+                "install",
+                str(trained_run / "bundle"),
+                "--source",
+                "csi://0",
+                "--name",
+                "line1",
+                "--user",
+                "nobody",
+                "--group",
+                "video",
+                "--reject-class",
+                "3",
+                "--unit-dir",
+                str(units),
+                "--no-enable",
+            ]
+        )
+        == 0
+    )
     path = units / "edgerun-line1.service"
     parser = _unit(tmp_path)
     parser.optionxform = str
@@ -46,16 +67,29 @@ def test_install_writes_a_unit_systemd_accepts(trained_run, tmp_path, capsys):
         assert all("nobody" in line for line in done.stderr.splitlines() if line.strip()), done.stderr
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--user", "root"], "runs unprivileged"),
-    (["--user", "no-such-user-here"], "useradd --system"),
-    (["--group", "no-such-group"], "no such group"),
-    (["--name", "a b"], "letters, digits"),
-    (["--watchdog", "1"], "at least 5 seconds"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--user", "root"], "runs unprivileged"),
+        (["--user", "no-such-user-here"], "useradd --system"),
+        (["--group", "no-such-group"], "no such group"),
+        (["--name", "a b"], "letters, digits"),
+        (["--watchdog", "1"], "at least 5 seconds"),
+    ],
+)
 def test_install_refuses_what_would_not_run_safely(trained_run, tmp_path, capsys, argv, words):
-    base = ["service", "install", str(trained_run / "bundle"), "--source", "csi://0", "--user", "nobody",
-            "--unit-dir", str(tmp_path), "--no-enable"]
+    base = [
+        "service",
+        "install",
+        str(trained_run / "bundle"),
+        "--source",
+        "csi://0",
+        "--user",
+        "nobody",
+        "--unit-dir",
+        str(tmp_path),
+        "--no-enable",
+    ]
     assert edgerun(base + argv) == 2
     assert words in capsys.readouterr().err
     assert not list(tmp_path.glob("*.service"))
@@ -76,8 +110,23 @@ def test_camera_speaks_systemds_notify_protocol_and_status_reads_it(trained_run,
     monkeypatch.setenv("WATCHDOG_USEC", "100000")  # systemd's WatchdogSec=0.1: a ping at least every 0.05 s
     state = tmp_path / "state" / "line1"
     state.mkdir(parents=True)
-    assert edgerun(["camera", str(trained_run / "bundle"), "--source", str(video), "--reject-class", "3",
-                    "--threshold", "0", "--status-file", str(state / "status.json")]) == 0
+    assert (
+        edgerun(
+            [
+                "camera",
+                str(trained_run / "bundle"),
+                "--source",
+                str(video),
+                "--reject-class",
+                "3",
+                "--threshold",
+                "0",
+                "--status-file",
+                str(state / "status.json"),
+            ]
+        )
+        == 0
+    )
     messages = []
     try:
         while True:
@@ -104,5 +153,8 @@ def test_heartbeat_without_systemd_and_the_watchdog_interval():
     beat = Heartbeat(None, environ={})
     beat.tick({"frames": 1, "seconds": 0.5})
     assert beat.ready and beat.watchdog_s is None
-    assert 'ExecStart=/opt/py/bin/python3 -m edgerun.cli camera "/data/my bundle.edb"' in unit_text(ServiceUnit(
-        name="x", camera_args=["/data/my bundle.edb"], user="edgerun", group="video", python="/opt/py/bin/python3"))
+    assert 'ExecStart=/opt/py/bin/python3 -m edgerun.cli camera "/data/my bundle.edb"' in unit_text(
+        ServiceUnit(
+            name="x", camera_args=["/data/my bundle.edb"], user="edgerun", group="video", python="/opt/py/bin/python3"
+        )
+    )

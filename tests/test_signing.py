@@ -1,4 +1,5 @@
 """Signed bundles: keygen -> pack --sign -> the device accepts it, and refuses every other case with the reason."""
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,10 @@ import pytest
 
 from edgedistill.cli import main as edgedistill
 from edgerun.bundle.bundle import open_bundle
-from edgerun.cli import main as edgerun
-from edgerun.errors import BundleError, SignatureError
 from edgerun.bundle.manifest import SIGNATURE_FILE, load_manifest, write_manifest
 from edgerun.bundle.signing import generate_keypair, resolve_trust, sign_bundle
+from edgerun.cli import main as edgerun
+from edgerun.errors import BundleError, SignatureError
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +158,9 @@ def test_an_encrypted_key_needs_its_passphrase(bundle_copy, tmp_path, monkeypatc
     assert edgedistill(["keygen", "-o", str(tmp_path / "k2"), "--passphrase-env", "UNSET_VAR_X"]) == 2
 
 
-def test_the_device_runs_unsigned_bundles_without_cryptography_until_trust_is_configured(bundle_copy, keys,
-                                                                                           monkeypatch):
+def test_the_device_runs_unsigned_bundles_without_cryptography_until_trust_is_configured(
+    bundle_copy, keys, monkeypatch
+):
     for name in list(sys.modules):
         if name == "cryptography" or name.startswith("cryptography."):
             monkeypatch.delitem(sys.modules, name)
@@ -181,10 +183,12 @@ def test_keys_of_another_kind_are_refused(tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = ec.generate_private_key(ec.SECP256R1())
-    (tmp_path / "ec.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                        serialization.NoEncryption()))
-    (tmp_path / "ec.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                                    serialization.PublicFormat.SubjectPublicKeyInfo))
+    (tmp_path / "ec.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    (tmp_path / "ec.pub").write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     from edgerun.bundle.signing import load_private_key, load_trust
 
     with pytest.raises(SignatureError, match="not an Ed25519 key"):
@@ -258,15 +262,18 @@ def test_an_allow_list_runs_exactly_the_approved_manifests(bundle_copy, keys, tm
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-@pytest.mark.parametrize("content, words", [
-    ("{not json", "not valid JSON"),
-    ('{"pins": {"m": {"newer_than": "2026-01-01"}}}', "unknown rule(s) newer_than"),
-    ('{"pins": {"m": {"allow": ["abc"]}}}', "64 lowercase hex"),
-    ('{"pins": {"m": {"not_before": "2026-13-01"}}}', "not a valid date"),
-    ('{"pins": {"m": {"not_before": "last week"}}}', "not an ISO 8601"),
-    ('{"pins": {}, "unpinned": "maybe"}', "'unpinned' is 'maybe'"),
-    ('{"pinz": {}}', "must be a JSON object with a 'pins' object"),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"pins": {"m": {"newer_than": "2026-01-01"}}}', "unknown rule(s) newer_than"),
+        ('{"pins": {"m": {"allow": ["abc"]}}}', "64 lowercase hex"),
+        ('{"pins": {"m": {"not_before": "2026-13-01"}}}', "not a valid date"),
+        ('{"pins": {"m": {"not_before": "last week"}}}', "not an ISO 8601"),
+        ('{"pins": {}, "unpinned": "maybe"}', "'unpinned' is 'maybe'"),
+        ('{"pinz": {}}', "must be a JSON object with a 'pins' object"),
+    ],
+)
 def test_a_bad_pins_file_is_an_error_that_names_it(bundle_copy, tmp_path, capsys, content, words):
     pins = tmp_path / "pins.json"
     pins.write_text(content)
@@ -283,5 +290,8 @@ def test_empty_pins_settings_never_turn_the_pins_off(bundle_copy, monkeypatch, c
     monkeypatch.setenv(PINS_ENV, " ")
     assert edgerun(["verify", str(bundle_copy)]) == 2
     assert "set but empty" in capsys.readouterr().err
-    assert parse_time("2026-11-01T09:00:00+01:00", "t") == parse_time("2026-11-01T08:00:00Z", "t") \
+    assert (
+        parse_time("2026-11-01T09:00:00+01:00", "t")
+        == parse_time("2026-11-01T08:00:00Z", "t")
         == parse_time("2026-11-01 08:00", "t")
+    )

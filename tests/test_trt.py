@@ -1,20 +1,20 @@
 """TensorRT build and runner control flow against fakes of the 8.2 and 10.x APIs (no GPU here)."""
+
 import json
 import shutil
 
 import numpy as np
 import pytest
+from fake_tensorrt import DLA_OPS, FakeCuda, make_fake_trt
 
 from edgerun.bundle.bundle import open_bundle
 from edgerun.errors import EngineBuildError, EngineMismatchError
 from edgerun.preprocess import preprocess
 from edgerun.profiles import get_target, parse_version
 from edgerun.runtime.runners import OrtRunner
-from edgerun.runtime.trt_run import TrtRunner
 from edgerun.runtime.trt import _Api8, _Api10, check_engine, make_logger, select_api
-from edgerun.runtime.trt_build import build_engine
-from edgerun.runtime.trt_build import BuildSpec
-from fake_tensorrt import DLA_OPS, FakeCuda, make_fake_trt
+from edgerun.runtime.trt_build import BuildSpec, build_engine
+from edgerun.runtime.trt_run import TrtRunner
 
 NANO = {"name": "Jetson Nano", "compute_capability": "5.3"}
 ORIN = {"name": "Orin", "compute_capability": "8.7"}
@@ -24,18 +24,30 @@ XAVIER = {"name": "Xavier", "compute_capability": "7.2"}
 def _untrained_bundle(folder, name, **export):
     """A bundle of an untrained MobileNetV3 on a few real digits, exported with ``ExportConfig(**export)``."""
     from edgedistill.data.sources import load_data
-    from edgedistill.ship.export import ExportJob, build_bundle
     from edgedistill.models.factory import create_model
     from edgedistill.recipe.sections import DataConfig, ExportConfig, ModelConfig
+    from edgedistill.ship.export import ExportJob, build_bundle
 
     cfg = DataConfig(source="digits", image_size=32, train_per_class=10, val_per_class=4)
     data = load_data(cfg)
     (folder / "ckpt").write_bytes(b"x")
-    build_bundle(ExportJob(model=create_model(ModelConfig(model="mobilenetv3_small_050"), 10).eval(),
-                           out_dir=folder / "bundle", name=name, classes=data.classes, train=data.train, val=data.val,
-                           data_cfg=cfg, cfg=ExportConfig(calib_samples=16, val_samples=20, parity_samples=20, **export),
-                           seed=0, checkpoint=folder / "ckpt", source={}, host_metrics={},
-                           recipe_yaml="name: %s\n" % name))
+    build_bundle(
+        ExportJob(
+            model=create_model(ModelConfig(model="mobilenetv3_small_050"), 10).eval(),
+            out_dir=folder / "bundle",
+            name=name,
+            classes=data.classes,
+            train=data.train,
+            val=data.val,
+            data_cfg=cfg,
+            cfg=ExportConfig(calib_samples=16, val_samples=20, parity_samples=20, **export),
+            seed=0,
+            checkpoint=folder / "ckpt",
+            source={},
+            host_metrics={},
+            recipe_yaml="name: %s\n" % name,
+        )
+    )
     return open_bundle(folder / "bundle")
 
 
@@ -72,7 +84,13 @@ def test_build_on_tensorrt_8_2_uses_max_workspace_size_and_explicit_batch(traine
     trt = make_fake_trt("8.2.1.8", fast_int8=False)
     bundle = open_bundle(trained_run / "bundle")
     out = tmp_path / "s.fp16.engine"
-    meta = build_engine(bundle, BuildSpec(precision="fp16", output=str(out), workspace_mb=256, timing_cache=str(tmp_path / "tc"), gpu=NANO), trt=trt, log=lambda m: None, cuda=FakeCuda())
+    meta = build_engine(
+        bundle,
+        BuildSpec(precision="fp16", output=str(out), workspace_mb=256, timing_cache=str(tmp_path / "tc"), gpu=NANO),
+        trt=trt,
+        log=lambda m: None,
+        cuda=FakeCuda(),
+    )
     assert ("create_network", 1) in trt.calls and ("max_workspace_size", 256 << 20) in trt.calls
     assert not any(c[0] == "set_memory_pool_limit" for c in trt.calls if isinstance(c, tuple))
     assert ("build", ["FP16"], 256 << 20) in trt.calls
@@ -87,8 +105,20 @@ def test_build_on_tensorrt_10_uses_memory_pool_and_qdq_for_int8(orin_bundle, tmp
     trt = make_fake_trt("10.3.0")
     if orin_bundle.manifest.variant("int8")["status"] == "rejected":  # an untrained model may lose > 1 point
         with pytest.raises(EngineBuildError, match="rejected on the host"):
-            build_engine(orin_bundle, BuildSpec(precision="int8", output=str(tmp_path / "o.int8.engine"), gpu=ORIN), trt=trt, log=lambda m: None, cuda=FakeCuda())
-    meta = build_engine(orin_bundle, BuildSpec(precision="int8", output=str(tmp_path / "o.int8.engine"), gpu=ORIN, force=True), trt=trt, log=lambda m: None, cuda=FakeCuda())
+            build_engine(
+                orin_bundle,
+                BuildSpec(precision="int8", output=str(tmp_path / "o.int8.engine"), gpu=ORIN),
+                trt=trt,
+                log=lambda m: None,
+                cuda=FakeCuda(),
+            )
+    meta = build_engine(
+        orin_bundle,
+        BuildSpec(precision="int8", output=str(tmp_path / "o.int8.engine"), gpu=ORIN, force=True),
+        trt=trt,
+        log=lambda m: None,
+        cuda=FakeCuda(),
+    )
     assert ("create_network", 0) in trt.calls and ("set_memory_pool_limit", 1024 << 20) in trt.calls
     assert meta["onnx"] == "model.int8.onnx" and "calibrate" not in trt.calls  # explicit quantization
     assert meta["explicit_quantization"] is True
@@ -98,7 +128,13 @@ def test_build_on_tensorrt_10_uses_memory_pool_and_qdq_for_int8(orin_bundle, tmp
 def test_tensorrt_10_int8_of_an_older_bundle_without_qdq_is_refused(trained_run, tmp_path):
     older = _older_bundle(open_bundle(trained_run / "bundle"), tmp_path / "older")
     with pytest.raises(EngineBuildError, match="explicit-quantization.*re-export"):
-        build_engine(older, BuildSpec(precision="int8", output=str(tmp_path / "e"), gpu=ORIN), trt=make_fake_trt("10.3.0"), log=lambda m: None, cuda=FakeCuda())
+        build_engine(
+            older,
+            BuildSpec(precision="int8", output=str(tmp_path / "e"), gpu=ORIN),
+            trt=make_fake_trt("10.3.0"),
+            log=lambda m: None,
+            cuda=FakeCuda(),
+        )
 
 
 @pytest.mark.parametrize("version", ["8.2.1.8", "8.5.2", "10.3.0"])
@@ -107,7 +143,13 @@ def test_int8_builds_from_the_explicit_model_without_a_calibrator_on_every_tenso
     cuda = FakeCuda()
     trt = make_fake_trt(version, cuda=cuda)
     engine = str(tmp_path / "e.engine")
-    meta = build_engine(bundle, BuildSpec(precision="int8", output=engine, force=True, gpu=XAVIER), trt=trt, cuda=cuda, log=lambda m: None)
+    meta = build_engine(
+        bundle,
+        BuildSpec(precision="int8", output=engine, force=True, gpu=XAVIER),
+        trt=trt,
+        cuda=cuda,
+        log=lambda m: None,
+    )
     assert meta["onnx"] == "model.int8.onnx" and meta["explicit_quantization"] is True
     assert "calibrate" not in trt.calls and trt.state["calibration"] == []
     assert any(c[0] == "build" and "INT8" in c[1] and "FP16" in c[1] for c in trt.calls if isinstance(c, tuple))
@@ -123,29 +165,78 @@ def test_int8_builds_from_the_explicit_model_without_a_calibrator_on_every_tenso
 def test_int8_refused_on_nano_unless_forced_and_older_bundles_calibrate_from_calib_npy(trained_run, tmp_path):
     bundle = open_bundle(trained_run / "bundle")
     with pytest.raises(EngineBuildError, match=r"INT8 refused on Jetson Nano \(compute capability 5.3\).*--force"):
-        build_engine(bundle, BuildSpec(precision="int8", output=str(tmp_path / "e"), gpu=NANO), trt=make_fake_trt("8.2.1.8", fast_int8=False), cuda=FakeCuda())
+        build_engine(
+            bundle,
+            BuildSpec(precision="int8", output=str(tmp_path / "e"), gpu=NANO),
+            trt=make_fake_trt("8.2.1.8", fast_int8=False),
+            cuda=FakeCuda(),
+        )
     older = _older_bundle(bundle, tmp_path / "older")
     cuda = FakeCuda()
     trt = make_fake_trt("8.2.1.8", fast_int8=False, cuda=cuda)
-    meta = build_engine(older, BuildSpec(precision="int8", output=str(tmp_path / "e.engine"), force=True, gpu=NANO), trt=trt, cuda=cuda, log=lambda m: None)
+    meta = build_engine(
+        older,
+        BuildSpec(precision="int8", output=str(tmp_path / "e.engine"), force=True, gpu=NANO),
+        trt=trt,
+        cuda=cuda,
+        log=lambda m: None,
+    )
     assert "calibrate" in trt.calls and trt.state["calibration_batch"] == 1 and meta["explicit_quantization"] is False
-    cache, = tmp_path.glob("e.engine.calib-*-b1.cache")
+    (cache,) = tmp_path.glob("e.engine.calib-*-b1.cache")
     assert cache.read_bytes() == b"CALIBCACHE"
 
 
 def test_dla_is_refused_on_a_nano_and_lists_the_layers_that_fall_back_on_xavier_and_orin(trained_run, tmp_path):
     bundle = open_bundle(trained_run / "bundle")
     with pytest.raises(EngineBuildError, match="Jetson Nano 4GB has no Deep Learning Accelerator"):
-        build_engine(bundle, BuildSpec(precision="fp16", output=str(tmp_path / "n"), dla_core=0, gpu=NANO, target=get_target("jetson-nano-jp4")), trt=make_fake_trt("8.2.1.8", dla_cores=0), cuda=FakeCuda())
+        build_engine(
+            bundle,
+            BuildSpec(
+                precision="fp16", output=str(tmp_path / "n"), dla_core=0, gpu=NANO, target=get_target("jetson-nano-jp4")
+            ),
+            trt=make_fake_trt("8.2.1.8", dla_cores=0),
+            cuda=FakeCuda(),
+        )
     for version, board in (("8.5.2", "agx-xavier-jp5"), ("10.3.0", "agx-orin-jp6")):
         trt = make_fake_trt(version, dla_cores=2)
         with pytest.raises(EngineBuildError, match=r"\d+ layer\(s\) cannot run on the DLA.*--gpu-fallback"):
-            build_engine(bundle, BuildSpec(precision="fp16", output=str(tmp_path / "x"), dla_core=1, gpu=XAVIER, target=get_target(board)), trt=trt, cuda=FakeCuda(), log=lambda m: None)
+            build_engine(
+                bundle,
+                BuildSpec(
+                    precision="fp16", output=str(tmp_path / "x"), dla_core=1, gpu=XAVIER, target=get_target(board)
+                ),
+                trt=trt,
+                cuda=FakeCuda(),
+                log=lambda m: None,
+            )
         with pytest.raises(EngineBuildError, match="has 2 DLA core"):
-            build_engine(bundle, BuildSpec(precision="fp16", output=str(tmp_path / "x"), dla_core=2, gpu=XAVIER), trt=trt, cuda=FakeCuda())
+            build_engine(
+                bundle,
+                BuildSpec(precision="fp16", output=str(tmp_path / "x"), dla_core=2, gpu=XAVIER),
+                trt=trt,
+                cuda=FakeCuda(),
+            )
         with pytest.raises(EngineBuildError, match="not FP32"):
-            build_engine(bundle, BuildSpec(precision="fp32", output=str(tmp_path / "x"), dla_core=0, gpu=XAVIER), trt=trt, cuda=FakeCuda())
-        meta = build_engine(bundle, BuildSpec(precision="fp16", output=str(tmp_path / f"{board}.engine"), dla_core=1, gpu_fallback=True, gpu=XAVIER, target=get_target(board)), trt=trt, cuda=FakeCuda(), log=lambda m: None)
+            build_engine(
+                bundle,
+                BuildSpec(precision="fp32", output=str(tmp_path / "x"), dla_core=0, gpu=XAVIER),
+                trt=trt,
+                cuda=FakeCuda(),
+            )
+        meta = build_engine(
+            bundle,
+            BuildSpec(
+                precision="fp16",
+                output=str(tmp_path / f"{board}.engine"),
+                dla_core=1,
+                gpu_fallback=True,
+                gpu=XAVIER,
+                target=get_target(board),
+            ),
+            trt=trt,
+            cuda=FakeCuda(),
+            log=lambda m: None,
+        )
         import onnx
 
         unsupported = [n.name for n in onnx.load(bundle.model_path).graph.node if n.op_type not in DLA_OPS]
@@ -158,22 +249,40 @@ def test_out_of_memory_retries_with_half_the_workspace_then_points_at_swap(train
     bundle = open_bundle(trained_run / "bundle")
     messages = []
     trt = make_fake_trt("8.2.1.8", oom_times=1)
-    meta = build_engine(bundle, BuildSpec(precision="fp16", output=str(tmp_path / "a.engine"), workspace_mb=512, gpu=NANO), trt=trt, log=messages.append, cuda=FakeCuda())
+    meta = build_engine(
+        bundle,
+        BuildSpec(precision="fp16", output=str(tmp_path / "a.engine"), workspace_mb=512, gpu=NANO),
+        trt=trt,
+        log=messages.append,
+        cuda=FakeCuda(),
+    )
     assert trt.state["workspaces"] == [512 << 20, 256 << 20] and meta["workspace_mb"] == 256
     assert any("retrying with a 256 MB workspace" in m for m in messages)
     with pytest.raises(EngineBuildError, match="out of memory twice.*swap"):
-        build_engine(bundle, BuildSpec(precision="fp16", output=str(tmp_path / "b.engine"), workspace_mb=512, gpu=NANO), trt=make_fake_trt("8.2.1.8", oom_times=2), log=lambda m: None, cuda=FakeCuda())
+        build_engine(
+            bundle,
+            BuildSpec(precision="fp16", output=str(tmp_path / "b.engine"), workspace_mb=512, gpu=NANO),
+            trt=make_fake_trt("8.2.1.8", oom_times=2),
+            log=lambda m: None,
+            cuda=FakeCuda(),
+        )
     assert not (tmp_path / "b.engine").exists()
 
 
 def test_parser_errors_name_the_node(trained_run, tmp_path):
     trt = make_fake_trt("8.2.1.8", parse_error=(17, "Unsupported ONNX data type: UINT8"))
     with pytest.raises(EngineBuildError, match="node 17: Unsupported ONNX data type"):
-        build_engine(open_bundle(trained_run / "bundle"), BuildSpec(precision="fp16", output=str(tmp_path / "e"), gpu=NANO), trt=trt, cuda=FakeCuda())
+        build_engine(
+            open_bundle(trained_run / "bundle"),
+            BuildSpec(precision="fp16", output=str(tmp_path / "e"), gpu=NANO),
+            trt=trt,
+            cuda=FakeCuda(),
+        )
 
 
-@pytest.mark.parametrize("version,execute", [("8.2.1.8", "execute_async_v2"), ("8.5.2", "execute_async_v2"),
-                                             ("10.3.0", "execute_async_v3")])
+@pytest.mark.parametrize(
+    "version,execute", [("8.2.1.8", "execute_async_v2"), ("8.5.2", "execute_async_v2"), ("10.3.0", "execute_async_v3")]
+)
 def test_runner_matches_onnxruntime_on_both_generations(trained_run, tmp_path, version, execute):
     bundle = open_bundle(trained_run / "bundle")
     cuda = FakeCuda()
@@ -195,7 +304,13 @@ def test_runner_matches_onnxruntime_on_both_generations(trained_run, tmp_path, v
 def test_engines_from_another_version_device_or_bundle_are_refused(trained_run, tmp_path):
     bundle = open_bundle(trained_run / "bundle")
     engine = str(tmp_path / "s.engine")
-    build_engine(bundle, BuildSpec(precision="fp16", output=engine, gpu=NANO), trt=make_fake_trt("8.2.1.8"), log=lambda m: None, cuda=FakeCuda())
+    build_engine(
+        bundle,
+        BuildSpec(precision="fp16", output=engine, gpu=NANO),
+        trt=make_fake_trt("8.2.1.8"),
+        log=lambda m: None,
+        cuda=FakeCuda(),
+    )
     check_engine(engine, bundle, make_fake_trt("8.2.1.8"), NANO)  # same everything: accepted
     with pytest.raises(EngineMismatchError, match="built with TensorRT 8.2.1.8, this device has 8.5.2.*edgerun build"):
         TrtRunner(engine, bundle=bundle, trt=make_fake_trt("8.5.2"), cuda=FakeCuda(), gpu=NANO).activate()
@@ -231,13 +346,21 @@ def test_an_engine_swapped_or_a_record_edited_is_refused(trained_run, tmp_path):
     cuda = FakeCuda()
     trt = make_fake_trt("8.2.1.8", cuda=cuda)
     engine = tmp_path / "s.engine"
-    meta = build_engine(bundle, BuildSpec(precision="fp16", output=str(engine), gpu=NANO), trt=trt, log=lambda m: None, cuda=cuda)
+    meta = build_engine(
+        bundle, BuildSpec(precision="fp16", output=str(engine), gpu=NANO), trt=trt, log=lambda m: None, cuda=cuda
+    )
     assert len(meta["engine_sha256"]) == 64 and meta["record_hmac"]
     assert stat.S_IMODE(os.stat(device_key_path()).st_mode) == 0o600
     with TrtRunner(str(engine), bundle=bundle, trt=trt, cuda=cuda, gpu=NANO) as runner:
         assert runner.meta["engine_sha256"] == meta["engine_sha256"]
     other = tmp_path / "other.engine"  # another engine (the INT8 one, from the Q/DQ model), its record copied over
-    build_engine(bundle, BuildSpec(precision="int8", output=str(other), force=True, gpu=NANO), trt=trt, log=lambda m: None, cuda=cuda)
+    build_engine(
+        bundle,
+        BuildSpec(precision="int8", output=str(other), force=True, gpu=NANO),
+        trt=trt,
+        log=lambda m: None,
+        cuda=cuda,
+    )
     assert other.read_bytes() != engine.read_bytes()
     shutil.copy(other, tmp_path / "swapped.engine")
     shutil.copy(str(engine) + ".json", tmp_path / "swapped.engine.json")
@@ -311,8 +434,15 @@ def test_tensorrt_qdq_model_follows_explicit_quantization_rules(orin_bundle):
 @pytest.fixture(scope="module")
 def dynamic_bundle(tmp_path_factory):
     """A bundle with a dynamic batch (profile 1..4, opt 4) for a TensorRT 8 target."""
-    return _untrained_bundle(tmp_path_factory.mktemp("dynamic"), "dyn", target="jetson-nano-jp4", dynamic_batch=True,
-                             batch=4, max_batch=4, int8=False)
+    return _untrained_bundle(
+        tmp_path_factory.mktemp("dynamic"),
+        "dyn",
+        target="jetson-nano-jp4",
+        dynamic_batch=True,
+        batch=4,
+        max_batch=4,
+        int8=False,
+    )
 
 
 def _feed(bundle, n):
@@ -328,12 +458,20 @@ def test_a_feed_the_engine_cannot_take_is_refused_not_truncated(trained_run, dyn
     cuda = FakeCuda()
     trt = make_fake_trt(version, cuda=cuda)
     fixed = open_bundle(trained_run / "bundle")
-    build_engine(fixed, BuildSpec(precision="fp16", output=str(tmp_path / "f.engine")), trt=trt, cuda=cuda, log=lambda m: None)
+    build_engine(
+        fixed, BuildSpec(precision="fp16", output=str(tmp_path / "f.engine")), trt=trt, cuda=cuda, log=lambda m: None
+    )
     with TrtRunner(str(tmp_path / "f.engine"), bundle=fixed, trt=trt, cuda=cuda) as runner:
         assert runner.infer(_feed(fixed, 1))["logits"].shape == (1, 10)
         with pytest.raises(RunnerError, match=r"fixed at \(1, 3, 16, 16\), the feed is \(8, 3, 16, 16\).*feed batch 1"):
             runner.infer(_feed(fixed, 8))
-    build_engine(dynamic_bundle, BuildSpec(precision="fp16", output=str(tmp_path / "d.engine")), trt=trt, cuda=cuda, log=lambda m: None)
+    build_engine(
+        dynamic_bundle,
+        BuildSpec(precision="fp16", output=str(tmp_path / "d.engine")),
+        trt=trt,
+        cuda=cuda,
+        log=lambda m: None,
+    )
     with TrtRunner(str(tmp_path / "d.engine"), bundle=dynamic_bundle, trt=trt, cuda=cuda) as runner:
         assert runner.infer(_feed(dynamic_bundle, 3))["logits"].shape == (3, 10)
         with pytest.raises(RunnerError, match="refused input shape .*outside its optimization profile"):
@@ -346,7 +484,9 @@ def test_runner_works_from_another_thread_in_the_primary_context(trained_run, tm
     cuda = FakeCuda()
     trt = make_fake_trt("10.3.0", cuda=cuda)
     bundle = open_bundle(trained_run / "bundle")
-    build_engine(bundle, BuildSpec(precision="fp16", output=str(tmp_path / "e.engine")), trt=trt, cuda=cuda, log=lambda m: None)
+    build_engine(
+        bundle, BuildSpec(precision="fp16", output=str(tmp_path / "e.engine")), trt=trt, cuda=cuda, log=lambda m: None
+    )
     results = {}
     with TrtRunner(str(tmp_path / "e.engine"), bundle=bundle, trt=trt, cuda=cuda) as runner:
         main_thread = runner.infer(_feed(bundle, 1))["logits"]
@@ -364,8 +504,14 @@ def test_builder_needs_the_cuda_context_first(trained_run, tmp_path, monkeypatch
     order = []
     cuda = FakeCuda()
     monkeypatch.setattr(trt_module, "import_cuda", lambda: order.append("cuda") or cuda)
-    monkeypatch.setattr(trt_module, "import_tensorrt", lambda: order.append("tensorrt") or make_fake_trt("8.2.1.8", cuda=cuda))
-    build_engine(open_bundle(trained_run / "bundle"), BuildSpec(precision="fp16", output=str(tmp_path / "e.engine")), log=lambda m: None)
+    monkeypatch.setattr(
+        trt_module, "import_tensorrt", lambda: order.append("tensorrt") or make_fake_trt("8.2.1.8", cuda=cuda)
+    )
+    build_engine(
+        open_bundle(trained_run / "bundle"),
+        BuildSpec(precision="fp16", output=str(tmp_path / "e.engine")),
+        log=lambda m: None,
+    )
     assert order == ["cuda", "tensorrt"]
 
 
@@ -382,7 +528,13 @@ def test_calibration_cache_belongs_to_one_bundle(trained_run, tmp_path):
     manifest = json.loads((changed / "manifest.json").read_text())
     manifest["name"] = "retrained"
     (changed / "manifest.json").write_text(json.dumps(manifest))
-    build_engine(open_bundle(changed), BuildSpec(precision="int8", output=out, force=True), trt=trt, cuda=cuda, log=lambda m: None)
+    build_engine(
+        open_bundle(changed),
+        BuildSpec(precision="int8", output=out, force=True),
+        trt=trt,
+        cuda=cuda,
+        log=lambda m: None,
+    )
     assert trt.state["calibration"] == ["calibrated", "cache hit", "calibrated"]  # no stale scales
     assert len(list(tmp_path.glob("e.engine.calib-*.cache"))) == 2
 
@@ -390,7 +542,13 @@ def test_calibration_cache_belongs_to_one_bundle(trained_run, tmp_path):
 def test_dynamic_int8_on_tensorrt_8_sets_the_calibration_profile(dynamic_bundle, tmp_path):
     cuda = FakeCuda()
     trt = make_fake_trt("8.5.2", cuda=cuda)
-    build_engine(dynamic_bundle, BuildSpec(precision="int8", output=str(tmp_path / "d.engine")), trt=trt, cuda=cuda, log=lambda m: None)
+    build_engine(
+        dynamic_bundle,
+        BuildSpec(precision="int8", output=str(tmp_path / "d.engine")),
+        trt=trt,
+        cuda=cuda,
+        log=lambda m: None,
+    )
     assert "set_calibration_profile" in trt.calls and trt.state["calibration_batch"] == 4  # the profile's opt
     assert list(tmp_path.glob("d.engine.calib-*-b4-dyn1-4-4.cache"))
 
@@ -401,7 +559,9 @@ def test_execution_context_failure_is_an_error_not_a_crash_later(trained_run, tm
     cuda = FakeCuda()
     trt = make_fake_trt("8.2.1.8", cuda=cuda, context_fails=True)
     bundle = open_bundle(trained_run / "bundle")
-    build_engine(bundle, BuildSpec(precision="fp16", output=str(tmp_path / "e.engine")), trt=trt, cuda=cuda, log=lambda m: None)
+    build_engine(
+        bundle, BuildSpec(precision="fp16", output=str(tmp_path / "e.engine")), trt=trt, cuda=cuda, log=lambda m: None
+    )
     with pytest.raises(RunnerError, match="could not create an execution context.*out of device memory"):
         TrtRunner(str(tmp_path / "e.engine"), bundle=bundle, trt=trt, cuda=cuda).activate()
 
@@ -410,12 +570,17 @@ def test_engines_are_matched_to_the_board_model(trained_run, tmp_path):
     bundle = open_bundle(trained_run / "bundle")
     engine = str(tmp_path / "e.engine")
     orin_nano = "NVIDIA Jetson Orin Nano Developer Kit"
-    meta = build_engine(bundle, BuildSpec(precision="fp16", output=engine, gpu=ORIN, board=orin_nano), trt=make_fake_trt("10.3.0"), cuda=FakeCuda(), log=lambda m: None)
+    meta = build_engine(
+        bundle,
+        BuildSpec(precision="fp16", output=engine, gpu=ORIN, board=orin_nano),
+        trt=make_fake_trt("10.3.0"),
+        cuda=FakeCuda(),
+        log=lambda m: None,
+    )
     assert meta["board"] == orin_nano
     check_engine(engine, bundle, make_fake_trt("10.3.0"), ORIN, board=orin_nano)
     with pytest.raises(EngineMismatchError, match="built on a NVIDIA Jetson Orin Nano.*Jetson AGX Orin"):
         check_engine(engine, bundle, make_fake_trt("10.3.0"), ORIN, board="Jetson AGX Orin")  # both 8.7
-
 
 
 def test_a_jetson_that_cannot_see_its_model_refuses_a_board_engine(trained_run, tmp_path, monkeypatch):
@@ -425,7 +590,13 @@ def test_a_jetson_that_cannot_see_its_model_refuses_a_board_engine(trained_run, 
 
     bundle = open_bundle(trained_run / "bundle")
     engine = str(tmp_path / "e.engine")
-    build_engine(bundle, BuildSpec(precision="fp16", output=engine, gpu=ORIN, board="NVIDIA Jetson Orin Nano Developer Kit"), trt=make_fake_trt("10.3.0"), cuda=FakeCuda(), log=lambda m: None)
+    build_engine(
+        bundle,
+        BuildSpec(precision="fp16", output=engine, gpu=ORIN, board="NVIDIA Jetson Orin Nano Developer Kit"),
+        trt=make_fake_trt("10.3.0"),
+        cuda=FakeCuda(),
+        log=lambda m: None,
+    )
     monkeypatch.setattr(trt_module, "is_tegra", lambda: True)
     with pytest.raises(EngineMismatchError, match="cannot see its own model.*device-tree/model.*EDGERUN_BOARD"):
         check_engine(engine, bundle, make_fake_trt("10.3.0"), ORIN, board="")
@@ -436,7 +607,12 @@ def test_a_jetson_that_cannot_see_its_model_refuses_a_board_engine(trained_run, 
 def test_tensorrt_10_parser_errors_name_node_and_operator(trained_run, tmp_path):
     trt = make_fake_trt("10.3.0", parse_error=(17, "no importer", "/blocks/Conv_17", "Conv"))
     with pytest.raises(EngineBuildError, match="node 17 '/blocks/Conv_17' \\(Conv\\): no importer"):
-        build_engine(open_bundle(trained_run / "bundle"), BuildSpec(precision="fp16", output=str(tmp_path / "e")), trt=trt, cuda=FakeCuda())
+        build_engine(
+            open_bundle(trained_run / "bundle"),
+            BuildSpec(precision="fp16", output=str(tmp_path / "e")),
+            trt=trt,
+            cuda=FakeCuda(),
+        )
 
 
 def test_the_timing_cache_is_keyed_by_board_and_tensorrt_and_a_refused_one_is_rebuilt(trained_run, tmp_path):
@@ -454,16 +630,52 @@ def test_the_timing_cache_is_keyed_by_board_and_tensorrt_and_a_refused_one_is_re
         fh.write(b"FAKE-TIMING-CACHE:8.0.1")
     messages = []
     trt = make_fake_trt("8.2.1.8")
-    build_engine(bundle, BuildSpec(precision="fp16", output=str(tmp_path / "a.engine"), timing_cache=base, gpu=NANO, board="NVIDIA Jetson Nano Developer Kit"), trt=trt, cuda=FakeCuda(), log=messages.append)
+    build_engine(
+        bundle,
+        BuildSpec(
+            precision="fp16",
+            output=str(tmp_path / "a.engine"),
+            timing_cache=base,
+            gpu=NANO,
+            board="NVIDIA Jetson Nano Developer Kit",
+        ),
+        trt=trt,
+        cuda=FakeCuda(),
+        log=messages.append,
+    )
     assert any("refused the timing cache" in m for m in messages)
     assert (tmp_path / "a.engine.json").exists() and open(nano, "rb").read() == b"FAKE-TIMING-CACHE:8.2.1.8"
     with open(nano, "wb") as fh:
         fh.write(b"\x00garbage")  # damaged: TensorRT's create_timing_cache returns None
     messages = []
-    build_engine(bundle, BuildSpec(precision="fp16", output=str(tmp_path / "b.engine"), timing_cache=base, gpu=NANO, board="NVIDIA Jetson Nano Developer Kit"), trt=make_fake_trt("8.2.1.8"), cuda=FakeCuda(), log=messages.append)
+    build_engine(
+        bundle,
+        BuildSpec(
+            precision="fp16",
+            output=str(tmp_path / "b.engine"),
+            timing_cache=base,
+            gpu=NANO,
+            board="NVIDIA Jetson Nano Developer Kit",
+        ),
+        trt=make_fake_trt("8.2.1.8"),
+        cuda=FakeCuda(),
+        log=messages.append,
+    )
     assert any("refused the timing cache" in m for m in messages) and (tmp_path / "b.engine.json").exists()
     assert open(nano, "rb").read() == b"FAKE-TIMING-CACHE:8.2.1.8"
-    build_engine(bundle, BuildSpec(precision="fp16", output=str(tmp_path / "c.engine"), timing_cache=base, gpu=ORIN, board="NVIDIA Jetson Orin Nano Developer Kit"), trt=make_fake_trt("10.3.0"), cuda=FakeCuda(), log=lambda m: None)
+    build_engine(
+        bundle,
+        BuildSpec(
+            precision="fp16",
+            output=str(tmp_path / "c.engine"),
+            timing_cache=base,
+            gpu=ORIN,
+            board="NVIDIA Jetson Orin Nano Developer Kit",
+        ),
+        trt=make_fake_trt("10.3.0"),
+        cuda=FakeCuda(),
+        log=lambda m: None,
+    )
     assert open(orin, "rb").read() == b"FAKE-TIMING-CACHE:10.3.0" and open(nano, "rb").read().endswith(b"8.2.1.8")
 
 
@@ -473,7 +685,13 @@ def test_a_profile_tensorrt_refuses_is_an_error_not_a_silent_build(dynamic_bundl
     bundle.manifest.data["model"]["dynamic_batch"] = {"min": 4, "opt": 2, "max": 4}
     trt = make_fake_trt("8.2.1.8")
     with pytest.raises(EngineBuildError, match="refused the optimization profile.*min 4, opt 2, max 4"):
-        build_engine(bundle, BuildSpec(precision="fp16", output=str(tmp_path / "e"), gpu=NANO), trt=trt, cuda=FakeCuda(), log=lambda m: None)
+        build_engine(
+            bundle,
+            BuildSpec(precision="fp16", output=str(tmp_path / "e"), gpu=NANO),
+            trt=trt,
+            cuda=FakeCuda(),
+            log=lambda m: None,
+        )
     assert not (tmp_path / "e").exists()
     builder = trt.Builder(make_logger(trt))
     config, profile = builder.create_builder_config(), builder.create_optimization_profile()
@@ -485,4 +703,9 @@ def test_tensorrt_8_6_parser_errors_have_no_node_name(trained_run, tmp_path):
     """IParserError.node_name()/node_operator() came with 10.0: on 8.6 the error names the node by index only."""
     trt = make_fake_trt("8.6.1", parse_error=(17, "no importer", "/blocks/Conv_17", "Conv"))
     with pytest.raises(EngineBuildError, match=r"node 17: no importer"):
-        build_engine(open_bundle(trained_run / "bundle"), BuildSpec(precision="fp16", output=str(tmp_path / "e"), gpu=NANO), trt=trt, cuda=FakeCuda())
+        build_engine(
+            open_bundle(trained_run / "bundle"),
+            BuildSpec(precision="fp16", output=str(tmp_path / "e"), gpu=NANO),
+            trt=trt,
+            cuda=FakeCuda(),
+        )

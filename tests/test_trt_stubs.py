@@ -6,6 +6,7 @@ Whatever the 10.x code path calls on TensorRT must exist on the fake (or the oth
 member of the fake must exist in the stubs with compatible parameters, every enum member it offers must be a
 real one, and every value it returned during a full build + inference must have the stub's return type.
 """
+
 import ast
 import importlib.util
 import inspect
@@ -15,20 +16,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_tensorrt import FakeCuda, _EnumMember, make_fake_trt
 
 from edgerun.bundle.bundle import open_bundle
 from edgerun.preprocess import preprocess
+from edgerun.runtime.trt_build import BuildSpec, build_engine
 from edgerun.runtime.trt_run import TrtRunner
-from edgerun.runtime.trt_build import build_engine
-from edgerun.runtime.trt_build import BuildSpec
-from fake_tensorrt import FakeCuda, _EnumMember, make_fake_trt
 
 # pybind11 returns None for a null pointer: TensorRT documents None for these on failure (not in the stubs)
-NULLABLE = {("Builder", "build_serialized_network"), ("Runtime", "deserialize_cuda_engine"),
-            ("ICudaEngine", "create_execution_context")}
+NULLABLE = {
+    ("Builder", "build_serialized_network"),
+    ("Runtime", "deserialize_cuda_engine"),
+    ("ICudaEngine", "create_execution_context"),
+}
 # what a fake may return for a stub's return type
-STANDS_FOR = {"IHostMemory": (bytes,), "Dims": (list, tuple), "tuple": (tuple,), "int": (int,), "bool": (bool,),
-              "str": (str,), "None": (type(None),), "ITimingCache": (object,)}
+STANDS_FOR = {
+    "IHostMemory": (bytes,),
+    "Dims": (list, tuple),
+    "tuple": (tuple,),
+    "int": (int,),
+    "bool": (bool,),
+    "str": (str,),
+    "None": (type(None),),
+    "ITimingCache": (object,),
+}
 
 
 # the oldest stubs on PyPI are 10.8's (none exist for 10.3, JetPack 6's TensorRT): the fake's 10.x surface is held to
@@ -40,8 +51,10 @@ def _stub_file(version: str = "10.13") -> Path:
     if version != "10.13":
         path = Path(sys.prefix) / f"trt-stubs-{version}" / "tensorrt_bindings" / "tensorrt.pyi"
         if not path.is_file():
-            pytest.fail(f"{path} is missing: pip install --no-deps --target {path.parent.parent} "
-                        f"tensorrt-stubs=={version}.* (scripts/setup_env.sh does)")
+            pytest.fail(
+                f"{path} is missing: pip install --no-deps --target {path.parent.parent} "
+                f"tensorrt-stubs=={version}.* (scripts/setup_env.sh does)"
+            )
         return path
     spec = importlib.util.find_spec("tensorrt_bindings")
     if spec is None or not spec.submodule_search_locations:
@@ -59,8 +72,12 @@ def _parse(text: str) -> ast.Module:
         except SyntaxError as exc:
             i = exc.lineno - 1
             fixed = re.sub(r"\s*=\s*(None|\.\.\.|[-\w.]+|'[^']*'|\"[^\"]*\")(?=\s*[,)])", "", lines[i])
-            fixed = re.sub(r"([(,]\s*)(in|from|is|lambda|class|def|for|if|else|with|as|return|import|not|and|or|"
-                           r"global|pass|del|try|while|raise|assert)(\s*:)", r"\1\2_\3", fixed)  # keyword names
+            fixed = re.sub(
+                r"([(,]\s*)(in|from|is|lambda|class|def|for|if|else|with|as|return|import|not|and|or|"
+                r"global|pass|del|try|while|raise|assert)(\s*:)",
+                r"\1\2_\3",
+                fixed,
+            )  # keyword names
             if fixed == lines[i]:
                 raise
             lines[i] = fixed
@@ -107,8 +124,7 @@ def stubs(request):
 
 
 def _fake_classes(trt):
-    return [trt.Builder, trt.OnnxParser, trt.Runtime, trt.ILogger, trt.IInt8EntropyCalibrator2,
-            *trt.classes.values()]
+    return [trt.Builder, trt.OnnxParser, trt.Runtime, trt.ILogger, trt.IInt8EntropyCalibrator2, *trt.classes.values()]
 
 
 def test_every_fake_member_exists_in_the_stubs_with_compatible_parameters(stubs):
@@ -131,8 +147,11 @@ def test_every_fake_member_exists_in_the_stubs_with_compatible_parameters(stubs)
                 assert "property" in kinds or "attr" in kinds or "class" in kinds, f"{cls._stub}.{name}: {kinds}"
                 continue
             params = list(inspect.signature(value).parameters)[1:]
-            required = [p for p, v in list(inspect.signature(value).parameters.items())[1:]
-                        if v.default is inspect.Parameter.empty]
+            required = [
+                p
+                for p, v in list(inspect.signature(value).parameters.items())[1:]
+                if v.default is inspect.Parameter.empty
+            ]
             fits = [k for k in kinds if isinstance(k, list) and all(p in k for p in params) and len(required) <= len(k)]
             assert fits, f"{cls._stub}.{name}{tuple(params)} matches no stub overload {kinds}"
 
@@ -140,8 +159,14 @@ def test_every_fake_member_exists_in_the_stubs_with_compatible_parameters(stubs)
 def test_every_enum_member_of_the_fake_is_real(stubs):
     classes, _ = stubs
     trt = make_fake_trt("10.3.0")
-    for enum in ("DataType", "TensorIOMode", "MemoryPoolType", "BuilderFlag", "NetworkDefinitionCreationFlag",
-                 "DeviceType"):
+    for enum in (
+        "DataType",
+        "TensorIOMode",
+        "MemoryPoolType",
+        "BuilderFlag",
+        "NetworkDefinitionCreationFlag",
+        "DeviceType",
+    ):
         members = [n for n in vars(getattr(trt, enum))]
         assert members and set(members) <= set(classes[enum]), f"{enum}: {set(members) - set(classes[enum])}"
     severity = [n for n in vars(trt.ILogger.Severity) if not n.startswith("_")]
@@ -159,6 +184,7 @@ def test_values_returned_on_the_10x_path_have_the_stub_types(stubs, trained_run,
             result = fn(*args, **kwargs)
             seen.append((stub_class, name, result))
             return result
+
         return wrapper
 
     for cls in _fake_classes(trt):
@@ -171,7 +197,13 @@ def test_values_returned_on_the_10x_path_have_the_stub_types(stubs, trained_run,
                 setattr(cls, name, recording(cls._stub, name, value))
     bundle = open_bundle(trained_run / "bundle")
     engine = str(tmp_path / "e.engine")
-    build_engine(bundle, BuildSpec(precision="fp16", output=engine, timing_cache=str(tmp_path / "tc")), trt=trt, cuda=cuda, log=lambda m: None)
+    build_engine(
+        bundle,
+        BuildSpec(precision="fp16", output=engine, timing_cache=str(tmp_path / "tc")),
+        trt=trt,
+        cuda=cuda,
+        log=lambda m: None,
+    )
     images, _ = bundle.validation()
     with TrtRunner(engine, bundle=bundle, trt=trt, cuda=cuda) as runner:
         runner.infer({"input": preprocess(images[:1], bundle.manifest.preprocess)})
@@ -191,8 +223,13 @@ def test_values_returned_on_the_10x_path_have_the_stub_types(stubs, trained_run,
                 ok |= isinstance(result, STANDS_FOR.get(short, ()))
         assert ok, f"{stub_class}.{name} returned {type(result).__name__}, TensorRT 10 returns {returns}"
         checked.add((stub_class, name))
-    for must in [("IExecutionContext", "set_input_shape"), ("IExecutionContext", "execute_async_v3"),
-                 ("IExecutionContext", "set_tensor_address"), ("ICudaEngine", "get_tensor_mode"),
-                 ("ICudaEngine", "get_tensor_dtype"), ("Builder", "build_serialized_network")]:
+    for must in [
+        ("IExecutionContext", "set_input_shape"),
+        ("IExecutionContext", "execute_async_v3"),
+        ("IExecutionContext", "set_tensor_address"),
+        ("ICudaEngine", "get_tensor_mode"),
+        ("ICudaEngine", "get_tensor_dtype"),
+        ("Builder", "build_serialized_network"),
+    ]:
         assert must in checked, f"the 10.x path never called {must}"
     assert np.dtype("float32")  # the engine's FLOAT tensors went through edgerun's own dtype table

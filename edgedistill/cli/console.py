@@ -1,5 +1,6 @@
 """What the command line shows: logging to the console and the run's run.log, the summary table, the planner's
 estimate before training."""
+
 from __future__ import annotations
 
 import logging
@@ -59,9 +60,15 @@ def print_device_plan(ctx) -> None:
     if not est:
         return
     out = Console(stderr=True)
-    out.print(f"[bold]plan[/bold] on {est['device']} ({est['target']}), FP16, {est['image_size']} px "
-              "[yellow](ESTIMATES from edgedistill plan, not measurements)[/yellow]:", highlight=False)
+    out.print(
+        f"[bold]plan[/bold] on {est['device']} ({est['target']}), FP16, {est['image_size']} px "
+        "[yellow](ESTIMATES from edgedistill plan, not measurements)[/yellow]:",
+        highlight=False,
+    )
     for role in ("teacher", "student"):
         e = est[role]
-        out.print(f"  {role:8} {e['model']:24} {e['est_fps']:8.1f} FPS  {e['est_latency_ms']:7.2f} ms  "
-                  f"{e['est_memory_mb']:6.0f} MB", highlight=False)
+        out.print(
+            f"  {role:8} {e['model']:24} {e['est_fps']:8.1f} FPS  {e['est_latency_ms']:7.2f} ms  "
+            f"{e['est_memory_mb']:6.0f} MB",
+            highlight=False,
+        )

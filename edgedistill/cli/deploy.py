@@ -1,5 +1,6 @@
 """``edgedistill deploy``: a run (or an .edb) to one board or a fleet over OpenSSH; ``--pull-frames`` brings the
 frames the cameras were unsure of home, ``--rollback`` switches the boards back to their previous release."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,20 +8,32 @@ import os
 import tempfile
 from pathlib import Path
 
-from edgerun.bundle.signing import PASSPHRASE_ENV
-
 from edgedistill.cli.console import setup_logging
 from edgedistill.errors import EdgedistillError
+from edgerun.bundle.signing import PASSPHRASE_ENV
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("deploy", help="to one board or a fleet over ssh: copy, verify, build, validate, bench (and "
-                                      "the camera), results back in RUN/devices/, the release made current on PASS")
+    p = sub.add_parser(
+        "deploy",
+        help="to one board or a fleet over ssh: copy, verify, build, validate, bench (and "
+        "the camera), results back in RUN/devices/, the release made current on PASS",
+    )
     p.add_argument("target", help="run folder (runs/<name>, its bundle is packed) or an .edb")
-    p.add_argument("--host", action="append", default=[], required=True, metavar="USER@BOARD",
-                   help="a board as ssh takes it (user@host, a Host of ~/.ssh/config); repeat for a fleet")
-    p.add_argument("--precision", default="fp16", help="fp16 (default), int8, fp32: the TensorRT engine to build; "
-                                                       "onnxruntime: no engine, edgerun's ONNX Runtime runner")
+    p.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        required=True,
+        metavar="USER@BOARD",
+        help="a board as ssh takes it (user@host, a Host of ~/.ssh/config); repeat for a fleet",
+    )
+    p.add_argument(
+        "--precision",
+        default="fp16",
+        help="fp16 (default), int8, fp32: the TensorRT engine to build; "
+        "onnxruntime: no engine, edgerun's ONNX Runtime runner",
+    )
     p.add_argument("--source", help="also run the line camera for --duration: csi://0, usb://0, rtsp://..., a file")
     p.add_argument("--duration", type=float, default=30.0, help="camera seconds (default 30)")
     p.add_argument("--fps-target", type=float)
@@ -28,26 +41,48 @@ def add_parser(sub) -> None:
     p.add_argument("--frame-size", help="bench frames WIDTHxHEIGHT (default: the board profile's camera)")
     p.add_argument("--max-drop", type=float, help="validate: allowed top-1 drop vs the host (default 0.01)")
     p.add_argument("--jobs", type=int, default=4, help="boards deployed at once (default 4)")
-    p.add_argument("--remote-dir", default="edgedistill", help="the deploy root on each board, relative to the "
-                                                               "login's home (default edgedistill)")
-    p.add_argument("--edgerun", help="the edgerun command on the boards (default: REMOTE_DIR/venv/bin/edgerun, "
-                                     "else edgerun on PATH)")
-    p.add_argument("--install", action="store_true", help="copy this checkout's edgerun to REMOTE_DIR/lib on each "
-                                                           "board (a launcher in REMOTE_DIR/bin), run by the board's "
-                                                           "Python; nothing is downloaded there")
-    p.add_argument("--remote-python", default="python3", help="the boards' Python for --install (default python3: "
-                                                               "JetPack's, with its numpy, OpenCV and TensorRT)")
+    p.add_argument(
+        "--remote-dir",
+        default="edgedistill",
+        help="the deploy root on each board, relative to the login's home (default edgedistill)",
+    )
+    p.add_argument(
+        "--edgerun",
+        help="the edgerun command on the boards (default: REMOTE_DIR/venv/bin/edgerun, else edgerun on PATH)",
+    )
+    p.add_argument(
+        "--install",
+        action="store_true",
+        help="copy this checkout's edgerun to REMOTE_DIR/lib on each "
+        "board (a launcher in REMOTE_DIR/bin), run by the board's "
+        "Python; nothing is downloaded there",
+    )
+    p.add_argument(
+        "--remote-python",
+        default="python3",
+        help="the boards' Python for --install (default python3: JetPack's, with its numpy, OpenCV and TensorRT)",
+    )
     p.add_argument("--ssh-config", help="an ssh_config file instead of ~/.ssh/config")
     p.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE", help="passed to ssh -o")
-    p.add_argument("--activate", choices=["pass", "always", "never"], default="pass",
-                   help="switch the board's current release: on a PASS (default), always, never")
+    p.add_argument(
+        "--activate",
+        choices=["pass", "always", "never"],
+        default="pass",
+        help="switch the board's current release: on a PASS (default), always, never",
+    )
     p.add_argument("--sign", metavar="KEY", help="sign the run's bundle with this key before copying")
     p.add_argument("--output", help="where results go (default: RUN/devices, or runs/<name>/devices for an .edb)")
-    p.add_argument("--pull-frames", action="store_true",
-                   help="fetch the frames each board's camera was unsure of (saved by the deploy's camera run or "
-                        "`edgerun camera --save-unsure`) into <run>/devices/<board>/unsure/, for data.unlabeled")
-    p.add_argument("--rollback", action="store_true", help="switch each board back to its previous release of "
-                                                           "the model named by TARGET (a run, an .edb or a name)")
+    p.add_argument(
+        "--pull-frames",
+        action="store_true",
+        help="fetch the frames each board's camera was unsure of (saved by the deploy's camera run or "
+        "`edgerun camera --save-unsure`) into <run>/devices/<board>/unsure/, for data.unlabeled",
+    )
+    p.add_argument(
+        "--rollback",
+        action="store_true",
+        help="switch each board back to its previous release of the model named by TARGET (a run, an .edb or a name)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(handler=run)
 
@@ -57,19 +92,37 @@ def run(args: argparse.Namespace) -> int:
     from edgedistill.deploy.release import DeployOptions
 
     setup_logging(None, args.verbose)
-    opts = DeployOptions(precision=args.precision, source=args.source, duration=args.duration,
-                         fps_target=args.fps_target, budget_mb=args.budget_mb, frame_size=args.frame_size,
-                         max_drop=args.max_drop, jobs=args.jobs, remote_dir=args.remote_dir, edgerun=args.edgerun,
-                         ssh_config=args.ssh_config, ssh_options=args.ssh_option, activate=args.activate,
-                         install=args.install, remote_python=args.remote_python)
+    opts = DeployOptions(
+        precision=args.precision,
+        source=args.source,
+        duration=args.duration,
+        fps_target=args.fps_target,
+        budget_mb=args.budget_mb,
+        frame_size=args.frame_size,
+        max_drop=args.max_drop,
+        jobs=args.jobs,
+        remote_dir=args.remote_dir,
+        edgerun=args.edgerun,
+        ssh_config=args.ssh_config,
+        ssh_options=args.ssh_option,
+        activate=args.activate,
+        install=args.install,
+        remote_python=args.remote_python,
+    )
     if args.rollback and args.pull_frames:
         raise EdgedistillError("--rollback and --pull-frames are two trips: run them one at a time")
     if args.pull_frames:
         return _pull_frames(args, opts)
     if args.rollback:
         return _rollback(args, opts)
-    fleet = deploy(Path(args.target), args.host, opts, Path(args.output) if args.output else None,
-                   sign_key=args.sign, passphrase=os.environ.get(PASSPHRASE_ENV) if args.sign else None)
+    fleet = deploy(
+        Path(args.target),
+        args.host,
+        opts,
+        Path(args.output) if args.output else None,
+        sign_key=args.sign,
+        passphrase=os.environ.get(PASSPHRASE_ENV) if args.sign else None,
+    )
     print(f"release {fleet['release']['name']} {fleet['release']['version']} ({opts.precision})")
     print("\n".join(fleet["table"]))
     for note in fleet["refit"]:
@@ -96,12 +149,20 @@ def _pull_frames(args: argparse.Namespace, opts) -> int:
     out = Path(args.output) if args.output else run_dir / "devices"
     rows = pull_frames(args.host, name, opts, out)
     for row in rows:
-        print(f"{row['host']}: " + (f"{row['frames']} unsure frame(s) from {row['releases']} release(s) in "
-                                    f"{row['folder']}" if row["status"] == "DONE" else f"ERROR {row['reason']}"))
+        print(
+            f"{row['host']}: "
+            + (
+                f"{row['frames']} unsure frame(s) from {row['releases']} release(s) in {row['folder']}"
+                if row["status"] == "DONE"
+                else f"ERROR {row['reason']}"
+            )
+        )
     got = [r["folder"] for r in rows if r["status"] == "DONE" and r["frames"]]
     if got:
-        print("let the teacher label them for the next student: edgedistill run RECIPE --set "
-              f"data.unlabeled={got[0] if len(got) == 1 else out}")
+        print(
+            "let the teacher label them for the next student: edgedistill run RECIPE --set "
+            f"data.unlabeled={got[0] if len(got) == 1 else out}"
+        )
     return 0 if all(r["status"] == "DONE" for r in rows) else 1
 
 
@@ -110,6 +171,8 @@ def _rollback(args: argparse.Namespace, opts) -> int:
 
     rows = rollback(args.host, _model_name(args.target), opts)
     for row in rows:
-        print(f"{row['host']}: {row['status']} " + (f"current {row['current']}, previous {row['previous']}"
-                                                    if row["status"] == "DONE" else row["reason"]))
+        print(
+            f"{row['host']}: {row['status']} "
+            + (f"current {row['current']}, previous {row['previous']}" if row["status"] == "DONE" else row["reason"])
+        )
     return 0 if all(r["status"] == "DONE" for r in rows) else 1

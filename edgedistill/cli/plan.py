@@ -1,5 +1,6 @@
 """``edgedistill plan``: which student fits the board before training (estimated FPS, memory and engine size of
 candidate models, the planner's own error), and ``--measured`` bench files that rescale the board's factors."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,22 +14,33 @@ from edgedistill.errors import EdgedistillError, RecipeError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("plan", help="choose the student before training: estimated device FPS, memory and engine "
-                                    "size of candidate models (estimates, fitted to published Jetson figures)")
+    p = sub.add_parser(
+        "plan",
+        help="choose the student before training: estimated device FPS, memory and engine "
+        "size of candidate models (estimates, fitted to published Jetson figures)",
+    )
     p.add_argument("--target", required=True, help="device profile, e.g. jetson-nano-jp4 (see edgerun/profiles.py)")
     p.add_argument("--fps-target", type=float)
     p.add_argument("--budget-mb", type=float, help="memory budget of the whole TensorRT process")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--candidates", help="comma-separated timm or torchvision SqueezeNet names (default: a curated "
-                                        "list of edge models)")
+    p.add_argument(
+        "--candidates",
+        help="comma-separated timm or torchvision SqueezeNet names (default: a curated list of edge models)",
+    )
     p.add_argument("--teacher", help="also estimate the teacher, e.g. resnet152")
-    p.add_argument("--json", help="write [{model, params, flops, est_latency_ms, est_fps, est_memory_mb, fits, "
-                                  "reason}, ...] here")
-    p.add_argument("--measured", nargs="+", default=[], metavar="BENCH.json",
-                   help="`edgerun bench --json` files from the real board: shown against the estimate and used to "
-                        "rescale this board's factors (saved in your cache)")
+    p.add_argument(
+        "--json", help="write [{model, params, flops, est_latency_ms, est_fps, est_memory_mb, fits, reason}, ...] here"
+    )
+    p.add_argument(
+        "--measured",
+        nargs="+",
+        default=[],
+        metavar="BENCH.json",
+        help="`edgerun bench --json` files from the real board: shown against the estimate and used to "
+        "rescale this board's factors (saved in your cache)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(handler=run)
 
@@ -67,8 +79,20 @@ def plan_command(args: argparse.Namespace) -> int:
     loo = leave_one_out([p for p in load_calibration() if p.board == board])
     print(format_plan(result, loo))
     if args.json:
-        keys = ("model", "role", "params", "flops", "macs", "top1", "est_latency_ms", "est_fps", "est_memory_mb",
-                "est_engine_mb", "fits", "reason")
+        keys = (
+            "model",
+            "role",
+            "params",
+            "flops",
+            "macs",
+            "top1",
+            "est_latency_ms",
+            "est_fps",
+            "est_memory_mb",
+            "est_engine_mb",
+            "fits",
+            "reason",
+        )
         rows = list(result["rows"]) + ([result["teacher"]] if result["teacher"] else [])
         Path(args.json).write_text(json.dumps([{k: asdict(e)[k] for k in keys} for e in rows], indent=2))
     return 0

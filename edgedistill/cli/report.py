@@ -1,5 +1,6 @@
 """Reading finished runs: ``report`` (report.html and report.md with plots), ``compare`` (runs side by side, mean ±
 std) and ``cost`` (serving cost of teacher and student, payback)."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,11 @@ COST_KEYS = ("requests_per_month", "price_per_hour", "student_price_per_hour", "
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("cost", help="serving cost of teacher and student from a finished run: instances, cost per "
-                                    "month, saving, payback of the distillation work")
+    p = sub.add_parser(
+        "cost",
+        help="serving cost of teacher and student from a finished run: instances, cost per "
+        "month, saving, payback of the distillation work",
+    )
     p.add_argument("run", help="run folder (runs/<name>) with summary.json")
     p.add_argument("--requests-per-month", type=float)
     p.add_argument("--price-per-hour", type=float, help="hourly price of an instance serving the teacher")
@@ -25,8 +29,13 @@ def add_parser(sub) -> None:
     p.set_defaults(handler=cost)
     p = sub.add_parser("report", help="write RUN/report.html (one self-contained file) and RUN/report.md with plots")
     p.add_argument("run", help="evaluated run folder (runs/<name>)")
-    p.add_argument("--measured", nargs="+", default=[], metavar="JSON",
-                   help="`edgerun bench/validate/camera --json` files from the device, shown next to the estimates")
+    p.add_argument(
+        "--measured",
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="`edgerun bench/validate/camera --json` files from the device, shown next to the estimates",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(handler=report)
     p = sub.add_parser("compare", help="runs of one recipe side by side (e.g. seeds): retention, KD gain, mean ± std")

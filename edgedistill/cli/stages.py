@@ -1,4 +1,5 @@
 """The commands on a recipe: ``run`` (every stage in order), one command per stage, and ``sweep``."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,11 @@ from edgedistill.errors import EdgedistillError
 log = logging.getLogger("edgedistill")
 
 STAGE_HELP = (
-    ("datafree", "data.source: datafree: synthesize the training set from the teacher's weights alone (DeepInversion); "
-                 "resumes by batch"),
+    (
+        "datafree",
+        "data.source: datafree: synthesize the training set from the teacher's weights alone (DeepInversion); "
+        "resumes by batch",
+    ),
     ("teacher", "train (or load) and validate the teacher"),
     ("assistant", "distill the teacher into the teacher assistant(s) of the chain (when the recipe has any)"),
     ("distill", "distill the teacher (or the last assistant) into the student"),
@@ -25,10 +29,19 @@ STAGE_HELP = (
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file (see recipes/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, dotted (repeatable): --set data.root=/data --set student.epochs=30")
-    p.add_argument("--force", action="store_true",
-                   help="distill even from a teacher under teacher.min_top1; export even when INT8 is rejected")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, dotted (repeatable): --set data.root=/data --set student.epochs=30",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="distill even from a teacher under teacher.min_top1; export even when INT8 is rejected",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -68,18 +81,23 @@ def run(args: argparse.Namespace) -> int:
 def _run_recipe(args: argparse.Namespace, recipe, world) -> int:
     """A command on a recipe; under torchrun (``world.active``) rank 0 alone logs to run.log and prints."""
     if recipe.run_dir.exists() and not recipe.run_dir.is_dir():
-        raise EdgedistillError(f"output '{recipe.run_dir}' is a file: the run needs a folder there; choose another "
-                               "output (or name)")
+        raise EdgedistillError(
+            f"output '{recipe.run_dir}' is a file: the run needs a folder there; choose another output (or name)"
+        )
     setup_logging(recipe.run_dir if world.is_main else None, args.verbose, quiet=not world.is_main)
     from edgedistill.run.context import RunContext
     from edgedistill.run.pipeline import run_stage
 
     if args.command == "sweep" and recipe.task == "regression":
-        raise EdgedistillError("sweep searches distill.temperature, which regression does not use (the student "
-                               "matches the teacher's predictions): vary distill.alpha with --set instead")
+        raise EdgedistillError(
+            "sweep searches distill.temperature, which regression does not use (the student "
+            "matches the teacher's predictions): vary distill.alpha with --set instead"
+        )
     if world.active and args.command == "sweep":
-        raise EdgedistillError("sweep runs one process: launch it without torchrun (each of its trainings is "
-                               "short); `torchrun ... -m edgedistill run` distributes the stages")
+        raise EdgedistillError(
+            "sweep runs one process: launch it without torchrun (each of its trainings is "
+            "short); `torchrun ... -m edgedistill run` distributes the stages"
+        )
     ctx = RunContext(recipe, force=args.force)
     if world.active:
         ctx.load_data_in_turn()
@@ -89,8 +107,11 @@ def _run_recipe(args: argparse.Namespace, recipe, world) -> int:
     if args.command == "run" and world.is_main:
         print_device_plan(ctx)
     datafree_pending = recipe.data.source == "datafree" and not ctx.is_done("datafree")
-    if world.is_main and not datafree_pending and set(stages) & {"teacher", "assistant", "distill", "self-distill",
-                                                                  "baseline", "evaluate"}:
+    if (
+        world.is_main
+        and not datafree_pending
+        and set(stages) & {"teacher", "assistant", "distill", "self-distill", "baseline", "evaluate"}
+    ):
         ctx.announce_evaluation()  # the metric the run is judged on, and why; the imbalance warning
     for stage in stages:
         run_stage(ctx, stage)

@@ -3,6 +3,7 @@ intensity), written in the layout ``task: regression`` reads, for the tests, the
 
     python -m edgedistill.data.demodata OUT_FOLDER       # then: edgedistill run RECIPE --set data.root=OUT_FOLDER
 """
+
 from __future__ import annotations
 
 import csv

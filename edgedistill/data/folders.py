@@ -9,15 +9,25 @@ import logging
 import os
 from pathlib import Path
 from typing import Optional
+
 import numpy as np
+
+from edgedistill.data.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    cache_root,
+    eval_spec,
+    fit_shorter_side,
+    image_problem,
+    read_image,
+    training_side,
+)
+from edgedistill.data.splits import UNLABELED, DataBundle, Split
+from edgedistill.errors import DataError
+from edgedistill.recipe.sections import DataConfig
 from edgerun.bundle.archive import safe_extract
 from edgerun.bundle.manifest import sha256_file
 from edgerun.preprocess import PreprocessSpec, geometric
-from edgedistill.errors import DataError
-from edgedistill.recipe.sections import DataConfig
-from edgedistill.data.images import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, cache_root, eval_spec, fit_shorter_side,
-    image_problem, read_image, training_side)
-from edgedistill.data.splits import UNLABELED, DataBundle, Split
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +38,7 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 # Folders of at most this many decoded pixels (all images together) are held in memory by default.
 CACHE_PIXELS = 600_000_000
+
 
 def resolve_root(root: str | os.PathLike, cache_dir: Optional[Path] = None) -> Path:
     """A folder as is; an archive is unpacked (checked member by member) once into a cache."""
@@ -50,15 +61,19 @@ def resolve_root(root: str | os.PathLike, cache_dir: Optional[Path] = None) -> P
         return entries[0]
     return dest
 
+
 def _class_folders(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
 
 def scan_folder_split(root: Path, split: str, cap_per_class: Optional[int], seed: int) -> Split:
     split_dir = root / split
     if not split_dir.is_dir():
         present = sorted(p.name for p in root.iterdir() if p.is_dir())
-        raise DataError(f"'{split_dir}' is missing (found: {present or 'no folders'}); a data folder holds "
-                        f"train/ and val/ with one sub-folder per class (set data.val_dir if yours is named otherwise)")
+        raise DataError(
+            f"'{split_dir}' is missing (found: {present or 'no folders'}); a data folder holds "
+            f"train/ and val/ with one sub-folder per class (set data.val_dir if yours is named otherwise)"
+        )
     folders = _class_folders(split_dir)
     if not folders:
         raise DataError(f"'{split_dir}' has no class sub-folders: put each class's images in {split_dir}/<class>/")
@@ -67,18 +82,25 @@ def scan_folder_split(root: Path, split: str, cap_per_class: Optional[int], seed
     for label, folder in enumerate(folders):
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
-            raise DataError(f"class folder '{folder}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): "
-                            f"add images or remove the folder")
+            raise DataError(
+                f"class folder '{folder}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): "
+                f"add images or remove the folder"
+            )
         if cap_per_class and len(files) > cap_per_class:
             files = [files[i] for i in sorted(rng.choice(len(files), cap_per_class, replace=False))]
         paths.extend(files)
         labels.extend([label] * len(files))
-    return Split(name=split, classes=[p.name for p in folders], labels=np.asarray(labels, dtype=np.int64),
-                 paths=paths)
+    return Split(name=split, classes=[p.name for p in folders], labels=np.asarray(labels, dtype=np.int64), paths=paths)
 
-def verify_and_cache(split: Split, cache: Optional[bool], labelled: bool = True,
-                     max_side: Optional[int] = None, prepared: Optional[PreprocessSpec] = None,
-                     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Split:
+
+def verify_and_cache(
+    split: Split,
+    cache: Optional[bool],
+    labelled: bool = True,
+    max_side: Optional[int] = None,
+    prepared: Optional[PreprocessSpec] = None,
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+) -> Split:
     """Decode every image once; unreadable files are dropped, counted and listed (never fatal alone).
 
     Folder images go to the on-disk decoded cache (``imagecache``) unless ``cache`` is false: training splits
@@ -104,8 +126,14 @@ def verify_and_cache(split: Split, cache: Optional[bool], labelled: bool = True,
                 hold, images = False, []
     return _finish(split, keep, images if hold else None, skipped, labelled, max_side, max_pixels=max_pixels)
 
-def _from_disk_cache(split: Split, labelled: bool, max_side: Optional[int],
-                     prepared: Optional[PreprocessSpec], max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Split:
+
+def _from_disk_cache(
+    split: Split,
+    labelled: bool,
+    max_side: Optional[int],
+    prepared: Optional[PreprocessSpec],
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+) -> Split:
     """Images from the on-disk decoded cache (``imagecache``), decoding only on a miss."""
     from edgedistill.data import imagecache
 
@@ -120,8 +148,9 @@ def _from_disk_cache(split: Split, labelled: bool, max_side: Optional[int],
     key = imagecache.entry_key(split.paths, variant)
     entry = imagecache.load(key)
     if entry is None:
-        log.info("split %s: decoding %d images once (%s) into %s", split.name, len(split), variant,
-                 imagecache.cache_dir())
+        log.info(
+            "split %s: decoding %d images once (%s) into %s", split.name, len(split), variant, imagecache.cache_dir()
+        )
 
         def decode(i: int) -> Optional[np.ndarray]:
             image = read_image(split.paths[i], max_pixels=max_pixels)
@@ -133,9 +162,17 @@ def _from_disk_cache(split: Split, labelled: bool, max_side: Optional[int],
     skipped = [str(p) for i, p in enumerate(split.paths) if i not in kept]
     return _finish(split, keep, images, skipped, labelled, max_side, prepared, max_pixels)
 
-def _finish(split: Split, keep: list[int], images: Optional[list[np.ndarray]], skipped: list[str], labelled: bool,
-            max_side: Optional[int], prepared: Optional[PreprocessSpec] = None,
-            max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Split:
+
+def _finish(
+    split: Split,
+    keep: list[int],
+    images: Optional[list[np.ndarray]],
+    skipped: list[str],
+    labelled: bool,
+    max_side: Optional[int],
+    prepared: Optional[PreprocessSpec] = None,
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+) -> Split:
     if not keep:
         raise DataError(f"no readable image in '{split.paths[0].parent.parent}' ({len(skipped)} unreadable)")
     out = split.subset(keep)
@@ -148,9 +185,15 @@ def _finish(split: Split, keep: list[int], images: Optional[list[np.ndarray]], s
             raise DataError(f"class '{split.classes[cls]}' of split '{split.name}' has no readable image left")
     if skipped:
         reasons = [f"{p} ({image_problem(Path(p), max_pixels) or 'not a decodable image'})" for p in skipped[:5]]
-        log.warning("split %s: skipped %d unreadable image(s): %s%s", split.name, len(skipped), ", ".join(reasons),
-                    " ..." if len(skipped) > 5 else "")
+        log.warning(
+            "split %s: skipped %d unreadable image(s): %s%s",
+            split.name,
+            len(skipped),
+            ", ".join(reasons),
+            " ..." if len(skipped) > 5 else "",
+        )
     return out
+
 
 def load_folder(cfg: DataConfig, seed: int) -> DataBundle:
     if not cfg.root:
@@ -161,9 +204,11 @@ def load_folder(cfg: DataConfig, seed: int) -> DataBundle:
     if val.classes != train.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
-        raise DataError(f"class folders of '{root / cfg.val_dir}' differ from '{root / cfg.train_dir}': "
-                        f"only in train: {only_train or '-'}, only in val: {only_val or '-'}; "
-                        f"both splits need the same class sub-folders")
+        raise DataError(
+            f"class folders of '{root / cfg.val_dir}' differ from '{root / cfg.train_dir}': "
+            f"only in train: {only_train or '-'}, only in val: {only_val or '-'}; "
+            f"both splits need the same class sub-folders"
+        )
     test = calib = None
     if cfg.test_dir:
         test = scan_folder_split(root, cfg.test_dir, cfg.val_per_class, seed)
@@ -172,22 +217,33 @@ def load_folder(cfg: DataConfig, seed: int) -> DataBundle:
     if cfg.calib_dir:
         calib = scan_folder_split(root, cfg.calib_dir, None, seed)
         if calib.classes != train.classes:
-            raise DataError(f"class folders of '{root / cfg.calib_dir}' (data.calib_dir) differ from "
-                            f"'{root / cfg.train_dir}': the threshold is picked per class, so both need the same "
-                            "class sub-folders")
+            raise DataError(
+                f"class folders of '{root / cfg.calib_dir}' (data.calib_dir) differ from "
+                f"'{root / cfg.train_dir}': the threshold is picked per class, so both need the same "
+                "class sub-folders"
+            )
     rest = None
     if cfg.train_per_class and cfg.unlabeled == UNLABELED_REST:
         kept = set(train.paths)
         everything = scan_folder_split(root, cfg.train_dir, None, seed)
         left = [i for i, p in enumerate(everything.paths) if p not in kept]
-        rest = (verify_and_cache(everything.subset(left), cfg.cache, labelled=False, max_side=training_side(cfg),
-                                 max_pixels=cfg.max_pixels)
-                if left else None)
+        rest = (
+            verify_and_cache(
+                everything.subset(left),
+                cfg.cache,
+                labelled=False,
+                max_side=training_side(cfg),
+                max_pixels=cfg.max_pixels,
+            )
+            if left
+            else None
+        )
     train = verify_and_cache(train, cfg.cache, max_side=training_side(cfg), max_pixels=cfg.max_pixels)
     val = verify_and_cache(val, cfg.cache, prepared=eval_spec(cfg), max_pixels=cfg.max_pixels)
     test = verify_and_cache(test, cfg.cache, prepared=eval_spec(cfg), max_pixels=cfg.max_pixels) if test else None
     calib = verify_and_cache(calib, cfg.cache, prepared=eval_spec(cfg), max_pixels=cfg.max_pixels) if calib else None
     return DataBundle(train, val, test, source=str(root), rest=rest, calib=calib)
+
 
 def load_unlabeled(source: str, data: DataBundle, cache: Optional[bool], max_side: Optional[int] = None) -> Split:
     """Unlabeled images (``data.unlabeled``): every image file under a folder or archive, any layout, label -1;
@@ -199,30 +255,50 @@ def load_unlabeled(source: str, data: DataBundle, cache: Optional[bool], max_sid
     """
     if source == UNLABELED_REST:
         if data.rest is None or not len(data.rest):
-            raise DataError("data.unlabeled: rest takes the training images that data.train_per_class leaves out, "
-                            "and this recipe leaves none out: set data.train_per_class below the images per class, "
-                            "or point data.unlabeled at a folder")
+            raise DataError(
+                "data.unlabeled: rest takes the training images that data.train_per_class leaves out, "
+                "and this recipe leaves none out: set data.train_per_class below the images per class, "
+                "or point data.unlabeled at a folder"
+            )
         rest = data.rest
-        return Split(name="unlabeled", classes=rest.classes, labels=np.full(len(rest), UNLABELED, dtype=np.int64),
-                     paths=list(rest.paths) if rest.paths else [], images=rest.images)
+        return Split(
+            name="unlabeled",
+            classes=rest.classes,
+            labels=np.full(len(rest), UNLABELED, dtype=np.int64),
+            paths=list(rest.paths) if rest.paths else [],
+            images=rest.images,
+        )
     root = resolve_root(source)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    known = {Path(p).resolve() for split in (data.train, data.val, data.test, data.calib) if split is not None
-             for p in split.paths if p is not None}
+    known = {
+        Path(p).resolve()
+        for split in (data.train, data.val, data.test, data.calib)
+        if split is not None
+        for p in split.paths
+        if p is not None
+    }
     fresh = [p for p in files if p.resolve() not in known]
     if not fresh:
-        raise DataError(f"data.unlabeled '{source}' holds no image ({', '.join(sorted(IMAGE_SUFFIXES))}) that is not "
-                        f"already a labelled image of this run ({len(files)} found in all)")
+        raise DataError(
+            f"data.unlabeled '{source}' holds no image ({', '.join(sorted(IMAGE_SUFFIXES))}) that is not "
+            f"already a labelled image of this run ({len(files)} found in all)"
+        )
     if len(fresh) < len(files):
-        log.info("data.unlabeled: %d of %d images are labelled images of this run (train/val/test) and are left out",
-                 len(files) - len(fresh), len(files))
-    split = Split(name="unlabeled", classes=data.classes, labels=np.full(len(fresh), UNLABELED, dtype=np.int64),
-                  paths=fresh)
+        log.info(
+            "data.unlabeled: %d of %d images are labelled images of this run (train/val/test) and are left out",
+            len(files) - len(fresh),
+            len(files),
+        )
+    split = Split(
+        name="unlabeled", classes=data.classes, labels=np.full(len(fresh), UNLABELED, dtype=np.int64), paths=fresh
+    )
     return verify_and_cache(split, cache, labelled=False, max_side=max_side)
+
 
 def folder_classes(cfg: DataConfig, seed: int) -> list[str]:
     """The class names of ``data.root``'s validation folder, from its sub-folders alone (nothing decoded)."""
     return scan_folder_split(resolve_root(cfg.root), cfg.val_dir, cfg.val_per_class, seed).classes
+
 
 def real_evaluation_splits(cfg: DataConfig, seed: int) -> tuple[Optional[Split], Optional[Split]]:
     """``data.source: datafree``: the real validation (and test) images of ``data.root``, if it is set. Only
@@ -230,10 +306,18 @@ def real_evaluation_splits(cfg: DataConfig, seed: int) -> tuple[Optional[Split],
     if not cfg.root:
         return None, None
     root = resolve_root(cfg.root)
-    val = verify_and_cache(scan_folder_split(root, cfg.val_dir, cfg.val_per_class, seed), cfg.cache,
-                           prepared=eval_spec(cfg), max_pixels=cfg.max_pixels)
+    val = verify_and_cache(
+        scan_folder_split(root, cfg.val_dir, cfg.val_per_class, seed),
+        cfg.cache,
+        prepared=eval_spec(cfg),
+        max_pixels=cfg.max_pixels,
+    )
     test = None
     if cfg.test_dir:
-        test = verify_and_cache(scan_folder_split(root, cfg.test_dir, cfg.val_per_class, seed), cfg.cache,
-                                prepared=eval_spec(cfg), max_pixels=cfg.max_pixels)
+        test = verify_and_cache(
+            scan_folder_split(root, cfg.test_dir, cfg.val_per_class, seed),
+            cfg.cache,
+            prepared=eval_spec(cfg),
+            max_pixels=cfg.max_pixels,
+        )
     return val, test

@@ -3,10 +3,12 @@ resolution, evaluation images resized and cropped), for every later stage and ru
 the same form.
 
 A cache entry is one flat uint8 file of every image and an index of (position in the split, offset, height,
-width). Its name hashes the bytes of every source file and the form (size, crop, interpolation), so a changed image or a recipe that needs another size never reads a stale entry. Entries are
-memory-mapped, so a data set larger than memory costs disk, not RAM; they are written to a temporary name and
-renamed (the index last), so a killed run never leaves a half entry that looks whole. Plain ``.npy``, no pickle.
+width). Its name hashes the bytes of every source file and the form (size, crop, interpolation), so a changed image
+or a recipe that needs another size never reads a stale entry. Entries are memory-mapped, so a data set larger than
+memory costs disk, not RAM; they are written to a temporary name and renamed (the index last), so a killed run
+never leaves a half entry that looks whole. Plain ``.npy``, no pickle.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,7 +45,7 @@ def load(key: str) -> Optional[tuple[list[int], list[np.ndarray]]]:
         return None
     index = np.load(index_path, allow_pickle=False)
     data = np.load(data_path, mmap_mode="r", allow_pickle=False)
-    images = [data[off:off + h * w * 3].reshape(h, w, 3) for _pos, off, h, w in index]
+    images = [data[off : off + h * w * 3].reshape(h, w, 3) for _pos, off, h, w in index]
     return [int(p) for p in index[:, 0]], images
 
 
@@ -68,7 +70,7 @@ def build(key: str, count: int, decode: Callable[[int], Optional[np.ndarray]]) -
     if offset:
         source = np.memmap(raw, dtype=np.uint8, mode="r", shape=(offset,))
         for start in range(0, offset, CHUNK):  # copied in chunks: a data set larger than memory stays on disk
-            out[start:start + CHUNK] = source[start:start + CHUNK]
+            out[start : start + CHUNK] = source[start : start + CHUNK]
         del source
     out.flush()
     del out

@@ -10,13 +10,15 @@ import os
 import struct
 from pathlib import Path
 from typing import Optional
+
 import cv2
 import numpy as np
-from edgerun.preprocess import PreprocessSpec
-from edgedistill.recipe.sections import DataConfig
 
+from edgedistill.recipe.sections import DataConfig
+from edgerun.preprocess import PreprocessSpec
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
 
 # ----------------------------------------------------------------------------------------------- decoding
 def training_side(cfg: DataConfig) -> int:
@@ -25,6 +27,7 @@ def training_side(cfg: DataConfig) -> int:
     at decoding, instead of being cropped from full resolution every epoch."""
     aug = cfg.augment
     return int(math.ceil(cfg.image_size * math.sqrt(max(aug.ratio[1], 1 / aug.ratio[0]) / aug.scale[0])))
+
 
 def fit_shorter_side(image: np.ndarray, side: Optional[int]) -> np.ndarray:
     """``image`` with its shorter side shrunk to ``side`` (area interpolation); smaller images unchanged."""
@@ -37,9 +40,11 @@ def fit_shorter_side(image: np.ndarray, side: Optional[int]) -> np.ndarray:
     size = (max(1, round(w * side / short)), max(1, round(h * side / short)))
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
+
 DEFAULT_MAX_PIXELS = 100_000_000
 
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
 
 def header_size(data: bytes) -> Optional[tuple[int, int]]:
     """(width, height) from a PNG, JPEG or BMP header without decoding the pixels; None for other formats."""
@@ -56,15 +61,16 @@ def header_size(data: bytes) -> Optional[tuple[int, int]]:
                 continue
             marker = data[i + 1]
             if marker in _JPEG_SOF:
-                height, width = struct.unpack(">HH", data[i + 5:i + 9])
+                height, width = struct.unpack(">HH", data[i + 5 : i + 9])
                 return width, height
             if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
                 i += 2 if marker != 0xFF else 1
                 continue
             if marker == 0xDA:  # start of scan before any frame header: not a valid JPEG
                 return None
-            i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
+            i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
     return None
+
 
 def image_problem(path: Path, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Optional[str]:
     """Why ``path`` is not read as an image (too many pixels for ``data.max_pixels``, empty, unreadable), or None."""
@@ -77,12 +83,13 @@ def image_problem(path: Path, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) ->
         return "empty file"
     size = header_size(head)
     if max_pixels and size and size[0] * size[1] > max_pixels:
-        return (f"{size[0]}x{size[1]} pixels, over data.max_pixels {max_pixels:,} (raise it if such images are "
-                "genuine)")
+        return f"{size[0]}x{size[1]} pixels, over data.max_pixels {max_pixels:,} (raise it if such images are genuine)"
     return None
 
-def read_image(path: Path, reduced: bool = False, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
-               ) -> Optional[np.ndarray]:
+
+def read_image(
+    path: Path, reduced: bool = False, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
+) -> Optional[np.ndarray]:
     """Decode to RGB uint8 (H, W, 3); grayscale becomes 3 channels; ``None`` when unreadable, when the header
     declares more than ``max_pixels`` pixels (checked before decoding) or when the decoder fails."""
     flag = cv2.IMREAD_REDUCED_COLOR_8 if reduced else cv2.IMREAD_COLOR
@@ -105,11 +112,13 @@ def read_image(path: Path, reduced: bool = False, max_pixels: Optional[int] = DE
         return None  # a format whose header was not read here
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
+
 # ----------------------------------------------------------------------------------------------- sources
 def cache_root() -> Path:
     """Where edgedistill keeps what it can recompute (unpacked archives, decoded images, planner fits):
     $EDGEDISTILL_CACHE, else ~/.cache/edgedistill."""
     return Path(os.environ.get("EDGEDISTILL_CACHE", Path.home() / ".cache" / "edgedistill"))
+
 
 # ----------------------------------------------------------------------------------------------- transforms
 def eval_spec(cfg: DataConfig) -> PreprocessSpec:

@@ -6,6 +6,7 @@ on how many loader workers or torchrun processes there are, nor on the order ima
 depend on (seed, epoch) only, so a resumed run redoes an epoch exactly and cached soft labels can replay it.
 Evaluation uses ``edgerun.preprocess`` (the very function the device runs) on the pixels ``data`` holds.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,12 +19,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from edgerun.preprocess import INTERPOLATIONS, PreprocessSpec, geometric, normalize, to_three_channels
-
-from edgedistill.data.splits import Split
 from edgedistill.data.images import eval_spec
+from edgedistill.data.splits import Split
 from edgedistill.errors import DataError
 from edgedistill.recipe.sections import DataConfig
+from edgerun.preprocess import INTERPOLATIONS, PreprocessSpec, geometric, normalize, to_three_channels
 
 
 def item_label(split: Split, index: int):
@@ -35,8 +35,11 @@ def item_label(split: Split, index: int):
 def train_transform(cfg: DataConfig) -> A.Compose:
     aug = cfg.augment
     interp = INTERPOLATIONS[cfg.interpolation]
-    steps: list = [A.RandomResizedCrop(size=(cfg.image_size, cfg.image_size), scale=aug.scale, ratio=aug.ratio,
-                                       interpolation=interp)]
+    steps: list = [
+        A.RandomResizedCrop(
+            size=(cfg.image_size, cfg.image_size), scale=aug.scale, ratio=aug.ratio, interpolation=interp
+        )
+    ]
     if aug.rotate:
         steps.append(A.Rotate(limit=aug.rotate, interpolation=interp, p=0.5))
     if aug.hflip:
@@ -118,8 +121,9 @@ def stream_prior(labels: np.ndarray, num_classes: int, sampler: str) -> np.ndarr
     labels = np.asarray(labels)
     weights = sampling_weights(labels, sampler)
     labelled = labels >= 0
-    mass = np.bincount(labels[labelled], weights=None if weights is None else weights[labelled],
-                       minlength=num_classes).astype(np.float64)
+    mass = np.bincount(
+        labels[labelled], weights=None if weights is None else weights[labelled], minlength=num_classes
+    ).astype(np.float64)
     return mass / mass.sum()
 
 
@@ -130,8 +134,15 @@ class EpochBatchSampler(Sampler):
     than one). Yields ``(index, epoch_seed)`` pairs for :class:`TrainDataset`; call :meth:`set_epoch` before each
     epoch (the loader and its workers live for the whole training)."""
 
-    def __init__(self, count: int, global_batch: int, seed: int, rank: int = 0, world: int = 1,
-                 weights: Optional[np.ndarray] = None):
+    def __init__(
+        self,
+        count: int,
+        global_batch: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        weights: Optional[np.ndarray] = None,
+    ):
         if count < world:
             raise DataError(f"{count} training images cannot be shared by {world} processes: use fewer processes")
         self.count, self.global_batch, self.seed, self.rank, self.world = count, global_batch, seed, rank, world
@@ -152,12 +163,12 @@ class EpochBatchSampler(Sampler):
             order = torch.multinomial(self.weights, self.count, replacement=True, generator=generator).tolist()
         else:
             order = torch.randperm(self.count, generator=generator).tolist()
-        return [order[i * self.global_batch:(i + 1) * self.global_batch] for i in range(len(self))]
+        return [order[i * self.global_batch : (i + 1) * self.global_batch] for i in range(len(self))]
 
     def __iter__(self):
         es = epoch_seed(self.seed, self.epoch)
         for batch in self.global_batches():
-            yield [(index, es) for index in batch[self.rank::self.world]]
+            yield [(index, es) for index in batch[self.rank :: self.world]]
 
 
 def resolve_workers(cfg: DataConfig, processes_here: int = 1) -> int:
@@ -180,14 +191,17 @@ def batch_sizes(cfg: DataConfig, world: int = 1) -> tuple[int, int]:
     if cfg.batch_per_device is not None:
         return cfg.batch_per_device * world, cfg.batch_per_device
     if cfg.batch_size % world:
-        raise DataError(f"data.batch_size {cfg.batch_size} does not split evenly over {world} processes: use a "
-                        f"multiple of {world}, or set data.batch_per_device (the global batch is then "
-                        f"batch_per_device x processes)")
+        raise DataError(
+            f"data.batch_size {cfg.batch_size} does not split evenly over {world} processes: use a "
+            f"multiple of {world}, or set data.batch_per_device (the global batch is then "
+            f"batch_per_device x processes)"
+        )
     return cfg.batch_size, cfg.batch_size // world
 
 
-def train_loader(split: Split, cfg: DataConfig, seed: int, epoch: int = 0, rank: int = 0, world: int = 1,
-                 pin_memory: bool = False) -> DataLoader:
+def train_loader(
+    split: Split, cfg: DataConfig, seed: int, epoch: int = 0, rank: int = 0, world: int = 1, pin_memory: bool = False
+) -> DataLoader:
     """The training loader of one process, positioned at ``epoch`` (``loader.batch_sampler.set_epoch`` moves
     it): shuffle and augmentation depend only on (seed, epoch), so a resumed run redoes an epoch exactly, and
     ``world`` processes see together what one process would. The global batch is ``data.batch_size`` (or
@@ -197,8 +211,13 @@ def train_loader(split: Split, cfg: DataConfig, seed: int, epoch: int = 0, rank:
     sampler = EpochBatchSampler(len(split), global_batch, seed, rank, world, weights)
     sampler.set_epoch(epoch)
     workers = resolve_workers(cfg, world) if len(sampler) > 1 else 0
-    return DataLoader(TrainDataset(split, cfg), batch_sampler=sampler, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=pin_memory)
+    return DataLoader(
+        TrainDataset(split, cfg),
+        batch_sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
+    )
 
 
 def eval_loader(split: Split, cfg: DataConfig) -> DataLoader:

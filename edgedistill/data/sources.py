@@ -13,13 +13,15 @@ import logging
 import struct
 from pathlib import Path
 from typing import Callable, Sequence
+
 import numpy as np
-from edgedistill.errors import DataError
-from edgedistill.recipe.sections import DataConfig
+
 from edgedistill.data.folders import load_folder, real_evaluation_splits, verify_and_cache
 from edgedistill.data.images import eval_spec, training_side
 from edgedistill.data.splits import DataBundle, Split, _array_split, _stratified_split, hold_out_calibration
 from edgedistill.data.targets import load_regression_folder
+from edgedistill.errors import DataError
+from edgedistill.recipe.sections import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,9 @@ def load_digits_source(cfg: DataConfig) -> DataBundle:
         rest=rest,
     )
 
-FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-                   "ankle-boot"]
+
+FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
+
 
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (LeCun's MNIST format), optionally gzip-compressed."""
@@ -56,18 +59,22 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"'{path}' is not an unsigned-byte IDX file (bad magic number)")
     ndim = raw[3]
-    shape = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    shape = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
         raise DataError(f"IDX file '{path}' is truncated: header says {shape}, holds {data.size} values")
     return data.reshape(shape)
 
+
 def _find_idx(root: Path, stem: str) -> Path:
     for candidate in (root / stem, root / f"{stem}.gz"):
         if candidate.is_file():
             return candidate
-    raise DataError(f"IDX file '{stem}[.gz]' not found in '{root}' (Fashion-MNIST: apt-get install "
-                    f"dataset-fashion-mnist; dpkg -L dataset-fashion-mnist shows the folder)")
+    raise DataError(
+        f"IDX file '{stem}[.gz]' not found in '{root}' (Fashion-MNIST: apt-get install "
+        f"dataset-fashion-mnist; dpkg -L dataset-fashion-mnist shows the folder)"
+    )
+
 
 def load_idx_source(cfg: DataConfig) -> DataBundle:
     if not cfg.root:
@@ -88,50 +95,72 @@ def load_idx_source(cfg: DataConfig) -> DataBundle:
         rest=rest,
     )
 
-def load_datafree(cfg: DataConfig, seed: int, folder: Path, files: Sequence[str], labels: np.ndarray,
-                  classes: list[str]) -> DataBundle:
+
+def load_datafree(
+    cfg: DataConfig, seed: int, folder: Path, files: Sequence[str], labels: np.ndarray, classes: list[str]
+) -> DataBundle:
     """``data.source: datafree``: the synthetic images (``files`` under ``folder``) for training, the real
     validation images of ``data.root`` for evaluation (else the synthetic images, which say nothing about real
     ones: warned)."""
-    train = Split(name="synthetic", classes=classes, labels=np.asarray(labels, dtype=np.int64),
-                  paths=[folder / f for f in files])
+    train = Split(
+        name="synthetic", classes=classes, labels=np.asarray(labels, dtype=np.int64), paths=[folder / f for f in files]
+    )
     train = verify_and_cache(train, cfg.cache, max_side=training_side(cfg), max_pixels=cfg.max_pixels)
     val, test = real_evaluation_splits(cfg, seed)
     if val is not None and val.classes != classes:
-        raise DataError(f"data.source: datafree: the class folders of '{cfg.root}/{cfg.val_dir}' ({val.classes}) "
-                        f"differ from the synthetic set's classes ({classes})")
+        raise DataError(
+            f"data.source: datafree: the class folders of '{cfg.root}/{cfg.val_dir}' ({val.classes}) "
+            f"differ from the synthetic set's classes ({classes})"
+        )
     if val is None:
-        log.warning("data.source: datafree without data.root: validating on the synthetic images, which says "
-                    "nothing about real ones; give real validation images with data.root (a folder with %s/)",
-                    cfg.val_dir)
-        val = Split(name="synthetic", classes=classes, labels=train.labels, paths=list(train.paths),
-                    images=None)
+        log.warning(
+            "data.source: datafree without data.root: validating on the synthetic images, which says "
+            "nothing about real ones; give real validation images with data.root (a folder with %s/)",
+            cfg.val_dir,
+        )
+        val = Split(name="synthetic", classes=classes, labels=train.labels, paths=list(train.paths), images=None)
         val = verify_and_cache(val, cfg.cache, prepared=eval_spec(cfg), max_pixels=cfg.max_pixels)
     return DataBundle(train, val, test, source=f"synthetic ({folder})")
+
 
 def load_data(cfg: DataConfig, seed: int = 0, task: str = "classification") -> DataBundle:
     if task == "regression":
         bundle = load_regression_folder(cfg, seed)
-        log.info("data %s (regression, targets %s): %d train / %d val images", bundle.source, bundle.classes,
-                 len(bundle.train), len(bundle.val))
+        log.info(
+            "data %s (regression, targets %s): %d train / %d val images",
+            bundle.source,
+            bundle.classes,
+            len(bundle.train),
+            len(bundle.val),
+        )
         return bundle
     if cfg.source == "datafree":
-        raise DataError("data.source: datafree: the training images are synthesized by `edgedistill datafree "
-                        "RECIPE` (the stages load them from the run folder)")
+        raise DataError(
+            "data.source: datafree: the training images are synthesized by `edgedistill datafree "
+            "RECIPE` (the stages load them from the run folder)"
+        )
     loaders: dict[str, Callable[[], DataBundle]] = {
         "folder": lambda: load_folder(cfg, seed),
         "digits": lambda: load_digits_source(cfg),
         "idx": lambda: load_idx_source(cfg),
     }
     if cfg.calib_dir and cfg.source != "folder":
-        raise DataError(f"data.calib_dir is a split folder of data.root, and data.source: {cfg.source} has none: use "
-                        "data.calib_fraction (a held-out share of train) instead")
+        raise DataError(
+            f"data.calib_dir is a split folder of data.root, and data.source: {cfg.source} has none: use "
+            "data.calib_fraction (a held-out share of train) instead"
+        )
     bundle = loaders[cfg.source]()
     if cfg.calib_fraction and bundle.calib is None:
         bundle = hold_out_calibration(bundle, cfg.calib_fraction, seed)
     if len(bundle.classes) < 2:
         raise DataError(f"data {bundle.source}: one class ({bundle.classes[0]}): a classifier needs at least two")
-    log.info("data %s: %d classes, %d train / %d val images%s%s", bundle.source, len(bundle.classes),
-             len(bundle.train), len(bundle.val), f" / {len(bundle.test)} test" if bundle.test else "",
-             f" / {len(bundle.calib)} calibration" if bundle.calib is not None else "")
+    log.info(
+        "data %s: %d classes, %d train / %d val images%s%s",
+        bundle.source,
+        len(bundle.classes),
+        len(bundle.train),
+        len(bundle.val),
+        f" / {len(bundle.test)} test" if bundle.test else "",
+        f" / {len(bundle.calib)} calibration" if bundle.calib is not None else "",
+    )
     return bundle

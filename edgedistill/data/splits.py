@@ -7,10 +7,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
+
 import numpy as np
-from edgerun.preprocess import PreprocessSpec, geometric
-from edgedistill.errors import DataError
+
 from edgedistill.data.images import fit_shorter_side, read_image
+from edgedistill.errors import DataError
+from edgerun.preprocess import PreprocessSpec, geometric
 
 if TYPE_CHECKING:  # targets builds its splits here; the annotation alone needs the class
     from edgedistill.data.targets import TargetScaling
@@ -69,6 +71,7 @@ class Split:
             prepared=self.prepared,
         )
 
+
 @dataclass
 class DataBundle:
     train: Split
@@ -84,17 +87,26 @@ class DataBundle:
         """The class names; for regression, the target names (one model output each)."""
         return self.train.classes
 
+
 def with_unlabeled(train: Split, unlabeled: Split) -> Split:
     """The training split followed by the unlabeled images (targets -1): one shuffled stream for distillation."""
     n, m = len(train), len(unlabeled)
     images = None
     if train.images is not None or unlabeled.images is not None:
-        images = (list(train.images) if train.images is not None else [None] * n) + \
-                 (list(unlabeled.images) if unlabeled.images is not None else [None] * m)
+        images = (list(train.images) if train.images is not None else [None] * n) + (
+            list(unlabeled.images) if unlabeled.images is not None else [None] * m
+        )
     paths = (list(train.paths) or [None] * n) + (list(unlabeled.paths) or [None] * m)
-    return Split(name=f"{train.name}+unlabeled", classes=train.classes,
-                 labels=np.concatenate([train.labels, unlabeled.labels]), paths=paths, images=images,
-                 skipped=train.skipped + unlabeled.skipped, max_side=train.max_side or unlabeled.max_side)
+    return Split(
+        name=f"{train.name}+unlabeled",
+        classes=train.classes,
+        labels=np.concatenate([train.labels, unlabeled.labels]),
+        paths=paths,
+        images=images,
+        skipped=train.skipped + unlabeled.skipped,
+        max_side=train.max_side or unlabeled.max_side,
+    )
+
 
 def _stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -106,31 +118,54 @@ def _stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tup
         train_idx.extend(idx[n_val:])
     return np.sort(train_idx), np.sort(val_idx)
 
-def _array_split(name: str, images: np.ndarray, labels: np.ndarray, classes: list[str],
-                 cap: Optional[int], seed: int) -> tuple[Split, Optional[Split]]:
+
+def _array_split(
+    name: str, images: np.ndarray, labels: np.ndarray, classes: list[str], cap: Optional[int], seed: int
+) -> tuple[Split, Optional[Split]]:
     """(the split capped at ``cap`` images per class, the images the cap left out or None)."""
     rest = None
     if cap:
         rng = np.random.default_rng(seed)
-        keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:cap]
-                                       for c in range(len(classes))]))
+        keep = np.sort(
+            np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:cap] for c in range(len(classes))])
+        )
         dropped = np.setdiff1d(np.arange(len(labels)), keep)
         if len(dropped):
-            rest = Split(name=f"{name}-rest", classes=classes, labels=labels[dropped].astype(np.int64),
-                         images=list(images[dropped]))
+            rest = Split(
+                name=f"{name}-rest",
+                classes=classes,
+                labels=labels[dropped].astype(np.int64),
+                images=list(images[dropped]),
+            )
         images, labels = images[keep], labels[keep]
     return Split(name=name, classes=classes, labels=labels.astype(np.int64), images=list(images)), rest
+
 
 def hold_out_calibration(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
     """``data.calib_fraction``: a stratified share of the labelled training images (at least one per class, fixed
     by seed) held out for the operating point's threshold; no model trains on them."""
     keep, held = _stratified_split(bundle.train.labels, fraction, seed)
     if len(keep) == 0 or any(not np.any(bundle.train.labels[keep] == c) for c in range(len(bundle.classes))):
-        raise DataError(f"data.calib_fraction {fraction}: holding out {len(held)} of {len(bundle.train)} training "
-                        "images leaves a class without training images: add images or set data.calib_dir")
+        raise DataError(
+            f"data.calib_fraction {fraction}: holding out {len(held)} of {len(bundle.train)} training "
+            "images leaves a class without training images: add images or set data.calib_dir"
+        )
     calib = bundle.train.subset(held)
     calib.name = "calib"
-    log.info("data.calib_fraction %.2f: %d training images held out (stratified, seed %d) to pick the operating "
-             "point's threshold; %d remain for training", fraction, len(held), seed, len(keep))
-    return DataBundle(bundle.train.subset(keep), bundle.val, bundle.test, bundle.source, rest=bundle.rest,
-                      calib=calib, scaling=bundle.scaling)
+    log.info(
+        "data.calib_fraction %.2f: %d training images held out (stratified, seed %d) to pick the operating "
+        "point's threshold; %d remain for training",
+        fraction,
+        len(held),
+        seed,
+        len(keep),
+    )
+    return DataBundle(
+        bundle.train.subset(keep),
+        bundle.val,
+        bundle.test,
+        bundle.source,
+        rest=bundle.rest,
+        calib=calib,
+        scaling=bundle.scaling,
+    )

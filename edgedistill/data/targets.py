@@ -8,12 +8,14 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
-from edgedistill.errors import DataError
-from edgedistill.recipe.sections import DataConfig
+
 from edgedistill.data.folders import resolve_root, verify_and_cache
 from edgedistill.data.images import eval_spec, training_side
 from edgedistill.data.splits import DataBundle, Split
+from edgedistill.errors import DataError
+from edgedistill.recipe.sections import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,9 @@ class TargetScaling:
     def as_dict(self) -> dict:
         return {"names": list(self.names), "mean": list(self.mean), "std": list(self.std)}
 
+
 TARGETS_FILE = "targets.csv"
+
 
 def read_targets(split_dir: Path) -> tuple[list[Path], np.ndarray, list[str]]:
     """A regression split: ``targets.csv`` in the split folder, header ``file,NAME[,NAME2...]``, one row per
@@ -43,13 +47,17 @@ def read_targets(split_dir: Path) -> tuple[list[Path], np.ndarray, list[str]]:
 
     path = split_dir / TARGETS_FILE
     if not path.is_file():
-        raise DataError(f"task: regression: '{path}' is missing: each split folder holds its images and a "
-                        f"{TARGETS_FILE} with a header row 'file,<target name>[,<target 2>...]' and one row per image")
+        raise DataError(
+            f"task: regression: '{path}' is missing: each split folder holds its images and a "
+            f"{TARGETS_FILE} with a header row 'file,<target name>[,<target 2>...]' and one row per image"
+        )
     with open(path, newline="") as fh:
         rows = list(csv.reader(fh))
     if not rows or len(rows[0]) < 2 or rows[0][0].strip().lower() != "file":
-        raise DataError(f"'{path}': the first row must be the header 'file,<target name>[,...]' (found "
-                        f"{rows[0] if rows else 'an empty file'})")
+        raise DataError(
+            f"'{path}': the first row must be the header 'file,<target name>[,...]' (found "
+            f"{rows[0] if rows else 'an empty file'})"
+        )
     names = [n.strip() for n in rows[0][1:]]
     if any(not n for n in names) or len(set(names)) != len(names):
         raise DataError(f"'{path}': target names in the header must be non-empty and distinct (found {names})")
@@ -75,11 +83,15 @@ def read_targets(split_dir: Path) -> tuple[list[Path], np.ndarray, list[str]]:
         paths.append(file)
         values.append(numbers)
     if bad:
-        raise DataError(f"'{path}': {len(bad)} bad row(s), fix them before training:\n  " + "\n  ".join(bad[:20])
-                        + ("\n  ..." if len(bad) > 20 else ""))
+        raise DataError(
+            f"'{path}': {len(bad)} bad row(s), fix them before training:\n  "
+            + "\n  ".join(bad[:20])
+            + ("\n  ..." if len(bad) > 20 else "")
+        )
     if not paths:
         raise DataError(f"'{path}' lists no image")
     return paths, np.asarray(values, dtype=np.float64), names
+
 
 def load_regression_folder(cfg: DataConfig, seed: int) -> DataBundle:
     """``task: regression``: train/, val/ (and test/) folders, each with a targets.csv; targets standardized with
@@ -93,8 +105,10 @@ def load_regression_folder(cfg: DataConfig, seed: int) -> DataBundle:
             continue
         split_dir = root / folder
         if not split_dir.is_dir():
-            raise DataError(f"'{split_dir}' is missing: a regression data folder holds {cfg.train_dir}/ and "
-                            f"{cfg.val_dir}/, each with its images and a {TARGETS_FILE}")
+            raise DataError(
+                f"'{split_dir}' is missing: a regression data folder holds {cfg.train_dir}/ and "
+                f"{cfg.val_dir}/, each with its images and a {TARGETS_FILE}"
+            )
         raw[name] = read_targets(split_dir)
     names = raw["train"][2]
     for name, (_, _, other) in raw.items():
@@ -111,9 +125,11 @@ def load_regression_folder(cfg: DataConfig, seed: int) -> DataBundle:
         if name == "train":
             if cfg.train_per_class:
                 log.warning("data.train_per_class has no classes to cap under task: regression; ignored")
-            splits[name] = verify_and_cache(split, cfg.cache, labelled=False, max_side=training_side(cfg),
-                                            max_pixels=cfg.max_pixels)
+            splits[name] = verify_and_cache(
+                split, cfg.cache, labelled=False, max_side=training_side(cfg), max_pixels=cfg.max_pixels
+            )
         else:
-            splits[name] = verify_and_cache(split, cfg.cache, labelled=False, prepared=eval_spec(cfg),
-                                            max_pixels=cfg.max_pixels)
+            splits[name] = verify_and_cache(
+                split, cfg.cache, labelled=False, prepared=eval_spec(cfg), max_pixels=cfg.max_pixels
+            )
     return DataBundle(splits["train"], splits["val"], splits.get("test"), source=str(root), scaling=scaling)

@@ -17,35 +17,68 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
-from edgedistill.errors import EdgedistillError
-from edgedistill.deploy.ssh import RemoteError, SshError, quote
+
 from edgedistill.deploy.board import Board
-from edgedistill.deploy.release import DeployOptions, Release, UNSURE, host_slug, prepare_release
+from edgedistill.deploy.release import UNSURE, DeployOptions, Release, host_slug, prepare_release
+from edgedistill.deploy.ssh import RemoteError, SshError, quote
+from edgedistill.errors import EdgedistillError
 
 log = logging.getLogger("edgedistill")
 
 
 def fleet_table(rows: Sequence[dict], budget_mb: Optional[float] = None) -> list[str]:
     """Markdown lines: one row per board."""
+
     def num(v, fmt="{:.1f}"):
         return "–" if v is None else fmt.format(v)
 
-    head = ["board", "status", "device", "JetPack (L4T) / TensorRT", "FPS p50 / p99", "memory MB" +
-            (f" (budget {budget_mb:.0f})" if budget_mb else ""), "power W", "top-1 on device (host)", "reason"]
+    head = [
+        "board",
+        "status",
+        "device",
+        "JetPack (L4T) / TensorRT",
+        "FPS p50 / p99",
+        "memory MB" + (f" (budget {budget_mb:.0f})" if budget_mb else ""),
+        "power W",
+        "top-1 on device (host)",
+        "reason",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        top1 = ("–" if r.get("device_top1") is None else f"{100 * r['device_top1']:.2f}%"
-                + ("" if r.get("host_top1") is None else f" ({100 * r['host_top1']:.2f}%)"))
-        lines.append("| " + " | ".join([
-            r["host"], r["status"], str(r.get("board") or "–"),
-            f"{r.get('l4t') or '–'} / {r.get('tensorrt') or '–'}",
-            f"{num(r.get('fps_p50'))} / {num(r.get('fps_p99'))}", num(r.get("memory_mb"), "{:.0f}"),
-            num(None if r.get("power_mw") is None else r["power_mw"] / 1000.0, "{:.2f}"), top1,
-            (r.get("reason") or "").replace("|", "/")]) + " |")
+        top1 = (
+            "–"
+            if r.get("device_top1") is None
+            else f"{100 * r['device_top1']:.2f}%"
+            + ("" if r.get("host_top1") is None else f" ({100 * r['host_top1']:.2f}%)")
+        )
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["host"],
+                    r["status"],
+                    str(r.get("board") or "–"),
+                    f"{r.get('l4t') or '–'} / {r.get('tensorrt') or '–'}",
+                    f"{num(r.get('fps_p50'))} / {num(r.get('fps_p99'))}",
+                    num(r.get("memory_mb"), "{:.0f}"),
+                    num(None if r.get("power_mw") is None else r["power_mw"] / 1000.0, "{:.2f}"),
+                    top1,
+                    (r.get("reason") or "").replace("|", "/"),
+                ]
+            )
+            + " |"
+        )
     return lines
 
-def deploy(path: Path, hosts: Sequence[str], opts: DeployOptions, out_dir: Optional[Path] = None,
-           sign_key: Optional[str] = None, passphrase: Optional[str] = None) -> dict:
+
+def deploy(
+    path: Path,
+    hosts: Sequence[str],
+    opts: DeployOptions,
+    out_dir: Optional[Path] = None,
+    sign_key: Optional[str] = None,
+    passphrase: Optional[str] = None,
+) -> dict:
     """Deploy to every host; returns {'release', 'rows', 'fleet_json', 'fleet_md'} (rows in the hosts' order)."""
     if not hosts:
         raise EdgedistillError("deploy needs at least one --host user@board")
@@ -59,13 +92,22 @@ def deploy(path: Path, hosts: Sequence[str], opts: DeployOptions, out_dir: Optio
         with ThreadPoolExecutor(max_workers=min(opts.jobs, len(boards))) as pool:
             rows = [r.as_dict() for r in pool.map(Board.deploy, boards)]
     table = fleet_table(rows, opts.budget_mb)
-    fleet = {"release": {"name": release.name, "version": release.version,
-                         "manifest_sha256": release.manifest_sha256, "signer": release.signer},
-             "precision": opts.precision, "source": opts.source, "rows": rows}
+    fleet = {
+        "release": {
+            "name": release.name,
+            "version": release.version,
+            "manifest_sha256": release.manifest_sha256,
+            "signer": release.signer,
+        },
+        "precision": opts.precision,
+        "source": opts.source,
+        "rows": rows,
+    }
     (out_dir / "fleet.json").write_text(json.dumps(fleet, indent=2, default=str))
     (out_dir / "fleet.md").write_text("\n".join(table) + "\n")
     fleet.update(table=table, refit=refit_planner(rows, release, opts), fleet_json=str(out_dir / "fleet.json"))
     return fleet
+
 
 def refit_planner(rows: Sequence[dict], release: Release, opts: DeployOptions) -> list[str]:
     """Let the planner's per-board factors learn from the engines just measured (as `plan --measured` does)."""
@@ -87,6 +129,7 @@ def refit_planner(rows: Sequence[dict], release: Release, opts: DeployOptions) -
             notes.append(f"planner not refit for {profile}: {exc}")
     return notes
 
+
 def pull_frames(hosts: Sequence[str], name: str, opts: DeployOptions, out_dir: Path) -> list[dict]:
     """Fetch the frames each board's camera was unsure of (``edgerun camera --save-unsure``: every release of
     ``name`` under the deploy root) into ``out_dir/<board>/unsure/<release>/``, with their index.csv. Rows:
@@ -106,11 +149,13 @@ def pull_frames(hosts: Sequence[str], name: str, opts: DeployOptions, out_dir: P
             for version, folder in releases.items():
                 written = board.ssh.fetch_tree(folder, local / version)
                 frames += sum(1 for p in written if p.suffix.lower() == ".jpg")
-            rows.append({"host": host, "status": "DONE", "releases": len(releases), "frames": frames,
-                         "folder": str(local)})
+            rows.append(
+                {"host": host, "status": "DONE", "releases": len(releases), "frames": frames, "folder": str(local)}
+            )
         except (SshError, RemoteError) as exc:
             rows.append({"host": host, "status": "ERROR", "reason": str(exc)})
     return rows
+
 
 def rollback(hosts: Sequence[str], name: str, opts: DeployOptions) -> list[dict]:
     """Switch each board's `current` release of ``name`` back to its previous one."""

@@ -8,10 +8,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
+
 from edgedistill.errors import EdgedistillError
 
-
 BACKENDS = ("fp16", "int8", "fp32", "onnxruntime")  # a TensorRT engine's precision, or no engine at all
+
 
 @dataclass
 class DeployOptions:
@@ -40,6 +41,7 @@ class DeployOptions:
         if self.jobs < 1:
             raise EdgedistillError("--jobs must be at least 1")
 
+
 @dataclass
 class Release:
     """The bundle being deployed: its .edb, model name, release version and signer."""
@@ -51,6 +53,7 @@ class Release:
     signer: Optional[str]
     target: Optional[str]
 
+
 @dataclass
 class BoardRow:
     host: str
@@ -61,16 +64,26 @@ class BoardRow:
     files: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"host": self.host, "status": self.status, "reason": self.reason, **self.facts, "steps": self.steps,
-                "files": self.files}
+        return {
+            "host": self.host,
+            "status": self.status,
+            "reason": self.reason,
+            **self.facts,
+            "steps": self.steps,
+            "files": self.files,
+        }
+
 
 UNSURE = "unsure"  # frames the camera was unsure of, per release on the board (edgerun camera --save-unsure)
+
 
 def host_slug(host: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", host).strip("_") or "host"
 
-def prepare_release(path: Path, workdir: Path, sign_key: Optional[str] = None,
-                    passphrase: Optional[str] = None) -> Release:
+
+def prepare_release(
+    path: Path, workdir: Path, sign_key: Optional[str] = None, passphrase: Optional[str] = None
+) -> Release:
     """An .edb as given, or the run's bundle packed (and signed with ``sign_key``) into ``workdir``."""
     from edgerun.bundle.bundle import open_bundle, pack_bundle
     from edgerun.bundle.signing import read_signature
@@ -79,18 +92,27 @@ def prepare_release(path: Path, workdir: Path, sign_key: Optional[str] = None,
     if path.is_dir():
         folder = path / "bundle" if (path / "bundle" / "manifest.json").is_file() else path
         if not (folder / "manifest.json").is_file():
-            raise EdgedistillError(f"{path}: neither a run folder with bundle/ nor a bundle folder: export it first "
-                                   "(edgedistill export RECIPE)")
+            raise EdgedistillError(
+                f"{path}: neither a run folder with bundle/ nor a bundle folder: export it first "
+                "(edgedistill export RECIPE)"
+            )
         edb = Path(pack_bundle(str(folder), str(workdir / "bundle.edb"), sign_key=sign_key, passphrase=passphrase))
     elif path.is_file():
         if sign_key:
-            raise EdgedistillError(f"--sign applies to a run or bundle folder; {path} is already packed (sign it "
-                                   "with edgedistill pack --sign)")
+            raise EdgedistillError(
+                f"--sign applies to a run or bundle folder; {path} is already packed (sign it "
+                "with edgedistill pack --sign)"
+            )
         edb = path
     else:
         raise EdgedistillError(f"{path} does not exist: give a run folder (runs/<name>) or an .edb")
     bundle = open_bundle(str(edb))
     record = read_signature(bundle.folder)
-    return Release(edb=edb, name=bundle.manifest.data["name"], version=bundle.manifest_sha256[:16],
-                   manifest_sha256=bundle.manifest_sha256, signer=(record or {}).get("key_id"),
-                   target=bundle.manifest.data.get("target"))
+    return Release(
+        edb=edb,
+        name=bundle.manifest.data["name"],
+        version=bundle.manifest_sha256[:16],
+        manifest_sha256=bundle.manifest_sha256,
+        signer=(record or {}).get("key_id"),
+        target=bundle.manifest.data.get("target"),
+    )

@@ -5,6 +5,7 @@ Every call is the system's ``ssh`` with ``BatchMode=yes`` (never a password prom
 travel through the same connection (``cat`` in, ``cat``/``tar`` out), so nothing but ``ssh`` is needed here and
 nothing but a POSIX shell there.
 """
+
 from __future__ import annotations
 
 import io
@@ -39,37 +40,61 @@ def quote(*words: str) -> str:
 class SshHost:
     """One board: ``dest`` as ssh takes it (``user@board``, a Host alias of ~/.ssh/config, ``ssh://user@h:2222``)."""
 
-    def __init__(self, dest: str, config: Optional[str] = None, options: Sequence[str] = (),
-                 connect_timeout: int = 15, ssh: str = "ssh"):
+    def __init__(
+        self,
+        dest: str,
+        config: Optional[str] = None,
+        options: Sequence[str] = (),
+        connect_timeout: int = 15,
+        ssh: str = "ssh",
+    ):
         if not dest or dest.startswith("-"):
             raise EdgedistillError(f"--host '{dest}' is not a host: give user@board or a Host name of ~/.ssh/config")
         if shutil.which(ssh) is None:
-            raise EdgedistillError(f"'{ssh}' is not installed: deploy needs the OpenSSH client (apt install "
-                                   "openssh-client)")
+            raise EdgedistillError(
+                f"'{ssh}' is not installed: deploy needs the OpenSSH client (apt install openssh-client)"
+            )
         self.dest = dest
-        self.base = [ssh, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-                     "-o", f"ConnectTimeout={int(connect_timeout)}", "-o", "ServerAliveInterval=15"]
+        self.base = [
+            ssh,
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"ConnectTimeout={int(connect_timeout)}",
+            "-o",
+            "ServerAliveInterval=15",
+        ]
         if config:
             self.base += ["-F", str(config)]
         for option in options:
             self.base += ["-o", option]
 
-    def run(self, command: str, stdin: Optional[bytes] = None, timeout: Optional[float] = None,
-            check: bool = True) -> subprocess.CompletedProcess:
+    def run(
+        self, command: str, stdin: Optional[bytes] = None, timeout: Optional[float] = None, check: bool = True
+    ) -> subprocess.CompletedProcess:
         """Run ``command`` (a shell line, quoted by the caller with :func:`quote`) on the board."""
         argv = self.base + [self.dest, "--", command]
         try:
-            done = subprocess.run(argv, input=stdin if stdin is not None else b"", stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, timeout=timeout)
+            done = subprocess.run(
+                argv,
+                input=stdin if stdin is not None else b"",
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                timeout=timeout,
+            )
         except subprocess.TimeoutExpired:
-            raise RemoteError(f"{self.dest}: `{command}` did not finish in {timeout:.0f} s", -1, "")
+            raise RemoteError(f"{self.dest}: `{command}` did not finish in {timeout:.0f} s", -1, "") from None
         err = done.stderr.decode("utf-8", "replace").strip()
         if done.returncode == SSH_EXIT:
             reason = err.splitlines()[-1] if err else "ssh failed"
             hint = ""
             if "Host key verification failed" in err or "REMOTE HOST IDENTIFICATION HAS CHANGED" in err:
-                hint = (": its host key is not in known_hosts (or changed); check it and add it with "
-                        f"`ssh {self.dest}` once, deploy never accepts one itself")
+                hint = (
+                    ": its host key is not in known_hosts (or changed); check it and add it with "
+                    f"`ssh {self.dest}` once, deploy never accepts one itself"
+                )
             elif "Permission denied" in err:
                 hint = ": the key was refused; load it in ssh-agent or name it in ~/.ssh/config (IdentityFile)"
             raise SshError(f"cannot reach {self.dest}: {reason}{hint}")
@@ -82,8 +107,11 @@ class SshHost:
         """Copy a file to ``remote`` (a path on the board), written beside and renamed into place."""
         folder = remote.rsplit("/", 1)[0] if "/" in remote else "."
         tmp = f"{remote}.part"
-        self.run(f"mkdir -p {quote(folder)} && cat > {quote(tmp)} && mv -f {quote(tmp)} {quote(remote)}",
-                 stdin=Path(local).read_bytes(), timeout=timeout)
+        self.run(
+            f"mkdir -p {quote(folder)} && cat > {quote(tmp)} && mv -f {quote(tmp)} {quote(remote)}",
+            stdin=Path(local).read_bytes(),
+            timeout=timeout,
+        )
 
     def read(self, remote: str, timeout: float = 120) -> bytes:
         return self.run(f"cat {quote(remote)}", timeout=timeout).stdout
@@ -105,8 +133,12 @@ class SshHost:
                 if member.isdir() or member.name in (".", "./"):
                     continue
                 if not member.isfile() or name.is_absolute() or ".." in name.parts:
-                    raise RemoteError(f"{self.dest}:{remote}: '{member.name}' is not a plain file inside the "
-                                      "folder; nothing more copied", 0, "")
+                    raise RemoteError(
+                        f"{self.dest}:{remote}: '{member.name}' is not a plain file inside the "
+                        "folder; nothing more copied",
+                        0,
+                        "",
+                    )
                 target = local / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with archive.extractfile(member) as src:

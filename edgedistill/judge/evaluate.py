@@ -6,11 +6,13 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
 import numpy as np
+
 from edgedistill.judge import metrics
 from edgedistill.judge.metrics import EvalPlan, confusion_matrix
-from edgerun.decision import softmax
 from edgedistill.models.predict import Prediction
+from edgerun.decision import softmax
 
 
 def load_summary(run_dir) -> dict[str, Any]:
@@ -24,8 +26,11 @@ def load_summary(run_dir) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise EdgedistillError(f"{path} is missing or unreadable ({exc.__class__.__name__}): run `edgedistill "
-                               "evaluate RECIPE` first (RUN is the evaluated run folder, runs/<name>)") from exc
+        raise EdgedistillError(
+            f"{path} is missing or unreadable ({exc.__class__.__name__}): run `edgedistill "
+            "evaluate RECIPE` first (RUN is the evaluated run folder, runs/<name>)"
+        ) from exc
+
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> list[dict[str, float]]:
     """Confidence bins of a reliability diagram: images, accuracy and mean confidence per non-empty bin."""
@@ -36,15 +41,25 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> l
     for lo, hi in zip(edges[:-1], edges[1:]):
         in_bin = (confidence > lo) & (confidence <= hi)
         if in_bin.any():
-            out.append({"lo": float(lo), "hi": float(hi), "count": int(in_bin.sum()),
-                        "accuracy": float(correct[in_bin].mean()), "confidence": float(confidence[in_bin].mean())})
+            out.append(
+                {
+                    "lo": float(lo),
+                    "hi": float(hi),
+                    "count": int(in_bin.sum()),
+                    "accuracy": float(correct[in_bin].mean()),
+                    "confidence": float(confidence[in_bin].mean()),
+                }
+            )
     return out
+
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     """ECE (Guo et al., "On Calibration of Modern Neural Networks", 2017): confidence vs accuracy gap."""
     total = len(labels)
-    return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"])
-                     for b in reliability_bins(probs, labels, bins)))
+    return float(
+        sum(b["count"] / total * abs(b["accuracy"] - b["confidence"]) for b in reliability_bins(probs, labels, bins))
+    )
+
 
 def classification_report(pred: Prediction, classes: list[str], plan: Optional[EvalPlan] = None) -> dict[str, Any]:
     """One model on one split: top-1, balanced accuracy, macro F1, per-class accuracy and precision/recall/F1,
@@ -70,8 +85,11 @@ def classification_report(pred: Prediction, classes: list[str], plan: Optional[E
         if plan.positive_index is not None:
             positive = pred.labels == plan.positive_index
             scores = metrics.positive_scores(pred.logits, plan.positive_index)
-            report["positive"] = {"class": plan.positive, "roc_auc": metrics.roc_auc(positive, scores),
-                                  "pr_auc": metrics.average_precision(positive, scores)}
+            report["positive"] = {
+                "class": plan.positive,
+                "roc_auc": metrics.roc_auc(positive, scores),
+                "pr_auc": metrics.average_precision(positive, scores),
+            }
         if plan.metric == "recall_at_false_reject":
             point = plan.metric_point()
             threshold = metrics.pick_threshold(positive, scores, point)
@@ -79,6 +97,7 @@ def classification_report(pred: Prediction, classes: list[str], plan: Optional[E
         report["metric"] = plan.metric
         report["score"] = report[plan.metric]
     return report
+
 
 def regression_report(pred: Prediction, scaling) -> dict[str, Any]:
     """Per target and averaged over targets: MAE and RMSE in target units, R^2 (``scaling``: data.TargetScaling,
@@ -89,38 +108,59 @@ def regression_report(pred: Prediction, scaling) -> dict[str, Any]:
     metrics = summarize(scaling.restore(pred.logits), target, scaling.names)
     return {"task": "regression", "samples": int(len(target)), **metrics, "score": metrics["r2"]}
 
+
 def regression_markdown(title: str, report: dict[str, Any]) -> str:
-    lines = [f"# {title}", "", f"- images: {report['samples']}", f"- MAE {report['mae']:.4g}, RMSE "
-             f"{report['rmse']:.4g}, R² {report['r2']:.4f} (mean over targets)", "", "| target | MAE | RMSE | R² |",
-             "|---|---|---|---|"]
-    lines += [f"| {name} | {m['mae']:.4g} | {m['rmse']:.4g} | {m['r2']:.4f} |" for name, m in report["per_target"].items()]
+    lines = [
+        f"# {title}",
+        "",
+        f"- images: {report['samples']}",
+        f"- MAE {report['mae']:.4g}, RMSE {report['rmse']:.4g}, R² {report['r2']:.4f} (mean over targets)",
+        "",
+        "| target | MAE | RMSE | R² |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {m['mae']:.4g} | {m['rmse']:.4g} | {m['r2']:.4f} |" for name, m in report["per_target"].items()
+    ]
     return "\n".join(lines) + "\n"
+
 
 def report_markdown(title: str, report: dict[str, Any], classes: list[str]) -> str:
     lines = [f"# {title}", "", f"- top-1: **{report['top1'] * 100:.2f}%** on {report['samples']} images"]
     if "balanced_accuracy" in report:
-        lines.append(f"- balanced accuracy {report['balanced_accuracy'] * 100:.2f}%, macro F1 "
-                     f"{report['macro_f1'] * 100:.2f}%")
+        lines.append(
+            f"- balanced accuracy {report['balanced_accuracy'] * 100:.2f}%, macro F1 {report['macro_f1'] * 100:.2f}%"
+        )
     positive = report.get("positive")
     if positive and positive.get("roc_auc") is not None:
-        lines.append(f"- positive class {positive['class']}: ROC-AUC {positive['roc_auc']:.4f}, PR-AUC "
-                     f"{positive['pr_auc']:.4f}")
+        lines.append(
+            f"- positive class {positive['class']}: ROC-AUC {positive['roc_auc']:.4f}, PR-AUC {positive['pr_auc']:.4f}"
+        )
     lines += [f"- expected calibration error (15 bins): {report['ece']:.4f}", ""]
     prf = report.get("per_class_metrics")
     if prf:
         lines += ["| class | images | precision | recall (accuracy) | F1 |", "|---|---|---|---|---|"]
-        lines += [f"| {c} | {prf[c]['support']} | {prf[c]['precision'] * 100:.1f}% | {prf[c]['recall'] * 100:.1f}% | "
-                  f"{prf[c]['f1'] * 100:.1f}% |" for c in classes]
+        lines += [
+            f"| {c} | {prf[c]['support']} | {prf[c]['precision'] * 100:.1f}% | {prf[c]['recall'] * 100:.1f}% | "
+            f"{prf[c]['f1'] * 100:.1f}% |"
+            for c in classes
+        ]
     else:
         lines += ["| class | accuracy |", "|---|---|"]
         for c in classes:
             acc = report["per_class"][c]
             lines.append(f"| {c} | {'-' if acc is None else f'{acc * 100:.1f}%'} |")
-    lines += ["", "Confusion matrix (rows: true class, columns: predicted):", "",
-              "| | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    lines += [
+        "",
+        "Confusion matrix (rows: true class, columns: predicted):",
+        "",
+        "| | " + " | ".join(classes) + " |",
+        "|---" * (len(classes) + 1) + "|",
+    ]
     for c, row in zip(classes, report["confusion_matrix"]):
         lines.append(f"| **{c}** | " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
+
 
 # --------------------------------------------------------------------------------------- paired comparisons
 def images_to_resolve(a_only: int, b_only: int, images: int, alpha: float = 0.05, power: float = 0.8) -> Optional[int]:
@@ -132,8 +172,9 @@ def images_to_resolve(a_only: int, b_only: int, images: int, alpha: float = 0.05
     p10, p01 = a_only / images, b_only / images
     delta, disc = p10 - p01, p10 + p01
     z_a, z_b = statistics.NormalDist().inv_cdf(1 - alpha / 2), statistics.NormalDist().inv_cdf(power)
-    n = (z_a * math.sqrt(disc) + z_b * math.sqrt(max(disc - delta ** 2, 0.0))) ** 2 / delta ** 2
+    n = (z_a * math.sqrt(disc) + z_b * math.sqrt(max(disc - delta**2, 0.0))) ** 2 / delta**2
     return int(math.ceil(n))
+
 
 # ------------------------------------------------------------------------------- comparing models on the line's terms
 def _decisions(pred: Prediction, plan: EvalPlan, threshold: Optional[float]) -> tuple[np.ndarray, np.ndarray, int, str]:
@@ -144,6 +185,7 @@ def _decisions(pred: Prediction, plan: EvalPlan, threshold: Optional[float]) -> 
     positive = (pred.labels == plan.positive_index).astype(np.int64)
     rejected = (metrics.positive_scores(pred.logits, plan.positive_index) >= threshold).astype(np.int64)
     return positive, rejected, 2, "recall"
+
 
 @dataclass
 class _Comparison:
@@ -175,15 +217,21 @@ def _model_facts(c: _Comparison, role: str) -> tuple[dict[str, Any], np.ndarray,
     plan, labels, k, idx = c.plan, c.labels, c.k, c.idx
     pred = c.preds[role]
     y, p, n_classes, name = _decisions(pred, plan, c.metric_threshold[role])
-    facts: dict[str, Any] = {"top1": pred.top1, "balanced_accuracy": metrics.balanced_accuracy(labels, pred.predicted, k),
-                             "macro_f1": metrics.macro_f1(labels, pred.predicted, k)}
+    facts: dict[str, Any] = {
+        "top1": pred.top1,
+        "balanced_accuracy": metrics.balanced_accuracy(labels, pred.predicted, k),
+        "macro_f1": metrics.macro_f1(labels, pred.predicted, k),
+    }
     value = float(metrics.metric_from_counts(name, *metrics.counts(y, p, n_classes)))
     facts[plan.metric] = value
     facts["score"] = value
     per_resample = metrics.resampled_metric(name, y, p, n_classes, idx)
     facts["score_interval"] = metrics.interval(per_resample)
-    facts["balanced_accuracy_interval"] = facts["score_interval"] if name == "balanced_accuracy" else \
-        metrics.interval(metrics.resampled_metric("balanced_accuracy", labels, pred.predicted, k, idx))
+    facts["balanced_accuracy_interval"] = (
+        facts["score_interval"]
+        if name == "balanced_accuracy"
+        else metrics.interval(metrics.resampled_metric("balanced_accuracy", labels, pred.predicted, k, idx))
+    )
     facts["per_class"] = metrics.per_class(labels, pred.predicted, c.classes or [str(i) for i in range(k)])
     if c.metric_threshold[role] is not None:
         facts["metric_threshold"] = c.metric_threshold[role]
@@ -193,11 +241,16 @@ def _model_facts(c: _Comparison, role: str) -> tuple[dict[str, Any], np.ndarray,
         few = idx[: c.samples // 2]
         facts["roc_auc"] = metrics.roc_auc(positive, s)
         facts["pr_auc"] = metrics.average_precision(positive, s)
-        facts["roc_auc_interval"] = metrics.interval(metrics.resampled(lambda r: metrics.roc_auc(positive[r], s[r]), few))
-        facts["pr_auc_interval"] = metrics.interval(metrics.resampled(
-            lambda r: metrics.average_precision(positive[r], s[r]), few))
-        curves = {"roc": metrics.thin(metrics.roc_curve(positive, s)),
-                  "pr": metrics.thin(metrics.precision_recall_curve(positive, s))}
+        facts["roc_auc_interval"] = metrics.interval(
+            metrics.resampled(lambda r: metrics.roc_auc(positive[r], s[r]), few)
+        )
+        facts["pr_auc_interval"] = metrics.interval(
+            metrics.resampled(lambda r: metrics.average_precision(positive[r], s[r]), few)
+        )
+        curves = {
+            "roc": metrics.thin(metrics.roc_curve(positive, s)),
+            "pr": metrics.thin(metrics.precision_recall_curve(positive, s)),
+        }
     return facts, per_resample, curves
 
 
@@ -211,14 +264,17 @@ def _operating_point(c: _Comparison, calib_name: str) -> dict[str, Any]:
         at_calib = metrics.rates_at(c.calib_pos[role], c.calib_scores[role], threshold)
         here = metrics.rates_at(positive, c.scores[role], threshold)
         decided = c.scores[role] >= threshold
-        op[role] = {"threshold": threshold, "calibration": {"recall": at_calib["recall"],
-                                                             "false_reject": at_calib["false_reject"]},
-                    **{k2: here[k2] for k2 in ("recall", "false_reject", "positives", "negatives", "detected",
-                                               "false_rejects")},
-                    "recall_interval": metrics.interval(metrics.resampled(
-                        lambda r: _share(decided[r], positive[r]), idx)),
-                    "false_reject_interval": metrics.interval(metrics.resampled(
-                        lambda r: _share(decided[r], ~positive[r]), idx))}
+        op[role] = {
+            "threshold": threshold,
+            "calibration": {"recall": at_calib["recall"], "false_reject": at_calib["false_reject"]},
+            **{
+                k2: here[k2] for k2 in ("recall", "false_reject", "positives", "negatives", "detected", "false_rejects")
+            },
+            "recall_interval": metrics.interval(metrics.resampled(lambda r, d=decided: _share(d[r], positive[r]), idx)),
+            "false_reject_interval": metrics.interval(
+                metrics.resampled(lambda r, d=decided: _share(d[r], ~positive[r]), idx)
+            ),
+        }
     return op
 
 
@@ -237,9 +293,15 @@ def _significance(c: _Comparison, seed: int) -> dict[str, Any]:
     return sig
 
 
-def compare_models(preds: dict[str, Prediction], plan: EvalPlan, calib: Optional[dict[str, Prediction]] = None,
-                   calib_name: str = "", seed: int = 0, samples: int = 2000,
-                   classes: Optional[list[str]] = None) -> dict[str, Any]:
+def compare_models(
+    preds: dict[str, Prediction],
+    plan: EvalPlan,
+    calib: Optional[dict[str, Prediction]] = None,
+    calib_name: str = "",
+    seed: int = 0,
+    samples: int = 2000,
+    classes: Optional[list[str]] = None,
+) -> dict[str, Any]:
     """Every model of a run on the evaluation images, judged on the plan's metric: each model's metrics (top-1,
     balanced accuracy with its interval, macro F1, per-class precision/recall/F1; ROC-AUC and PR-AUC of the
     positive class), thresholds picked on the calibration
@@ -250,20 +312,30 @@ def compare_models(preds: dict[str, Prediction], plan: EvalPlan, calib: Optional
     ``metric``, ``models``, ``operating_point``, ``significance``, ``intervals``, ``retention``, ``kd_gain``,
     ``curves``."""
     roles = list(preds)
-    c = _Comparison(preds, plan, metrics.bootstrap_samples(len(preds["student"].labels), samples, seed), samples,
-                    classes, metric_threshold={r: None for r in roles})
+    c = _Comparison(
+        preds,
+        plan,
+        metrics.bootstrap_samples(len(preds["student"].labels), samples, seed),
+        samples,
+        classes,
+        metric_threshold={r: None for r in roles},
+    )
     out: dict[str, Any] = {"metric": plan.as_dict(), "models": {}, "curves": {}}
     if plan.positive_index is not None:
         c.positive = c.labels == plan.positive_index
         c.scores = {r: metrics.positive_scores(p.logits, plan.positive_index) for r, p in preds.items()}
     if calib is not None:
-        out["metric"]["calibration"] = {"split": calib_name, "images": int(len(calib["student"].labels)),
-                                        "positives": int((calib["student"].labels == plan.positive_index).sum())}
+        out["metric"]["calibration"] = {
+            "split": calib_name,
+            "images": int(len(calib["student"].labels)),
+            "positives": int((calib["student"].labels == plan.positive_index).sum()),
+        }
         c.calib_pos = {r: calib[r].labels == plan.positive_index for r in roles}
         c.calib_scores = {r: metrics.positive_scores(calib[r].logits, plan.positive_index) for r in roles}
         if plan.metric == "recall_at_false_reject":
-            c.metric_threshold = {r: metrics.pick_threshold(c.calib_pos[r], c.calib_scores[r], plan.metric_point())
-                                  for r in roles}
+            c.metric_threshold = {
+                r: metrics.pick_threshold(c.calib_pos[r], c.calib_scores[r], plan.metric_point()) for r in roles
+            }
     per_resample: dict[str, np.ndarray] = {}
     for role in roles:
         out["models"][role], per_resample[role], curves = _model_facts(c, role)
@@ -276,11 +348,18 @@ def compare_models(preds: dict[str, Prediction], plan: EvalPlan, calib: Optional
     t, s_, b = (out["models"][r]["score"] for r in ("teacher", "student", "baseline"))
     out["retention"] = s_ / t if t else 0.0
     out["kd_gain"] = s_ - b
-    retention = np.divide(per_resample["student"], per_resample["teacher"],
-                          out=np.zeros_like(per_resample["student"]), where=per_resample["teacher"] > 0)
-    out["intervals"] = {"retention": metrics.interval(retention),
-                        "kd_gain": metrics.interval(per_resample["student"] - per_resample["baseline"]),
-                        "level": 0.95, "samples": samples}
+    retention = np.divide(
+        per_resample["student"],
+        per_resample["teacher"],
+        out=np.zeros_like(per_resample["student"]),
+        where=per_resample["teacher"] > 0,
+    )
+    out["intervals"] = {
+        "retention": metrics.interval(retention),
+        "kd_gain": metrics.interval(per_resample["student"] - per_resample["baseline"]),
+        "level": 0.95,
+        "samples": samples,
+    }
     return out
 
 

@@ -7,14 +7,16 @@ from __future__ import annotations
 import statistics
 import time
 from typing import Optional
+
 import numpy as np
 import torch
 from torch import nn
 
 
 @torch.no_grad()
-def measure_latency(model: nn.Module, shape: tuple[int, ...], repeats: int, warmup: int,
-                    device: torch.device) -> dict[str, float]:
+def measure_latency(
+    model: nn.Module, shape: tuple[int, ...], repeats: int, warmup: int, device: torch.device
+) -> dict[str, float]:
     """Median/p90 seconds of one forward pass on a fixed random batch (device-synchronised)."""
     model.eval().to(device)
     x = torch.randn(*shape, device=device)
@@ -29,18 +31,29 @@ def measure_latency(model: nn.Module, shape: tuple[int, ...], repeats: int, warm
         sync()
         times.append(time.perf_counter() - start)
     times.sort()
-    return {"median_s": statistics.median(times), "p90_s": times[min(len(times) - 1, int(0.9 * len(times)))],
-            "batch": shape[0], "repeats": repeats}
+    return {
+        "median_s": statistics.median(times),
+        "p90_s": times[min(len(times) - 1, int(0.9 * len(times)))],
+        "batch": shape[0],
+        "repeats": repeats,
+    }
 
-def measure_ort_latency(model: nn.Module, image_size: int, batches: tuple[int, ...], repeats: int, warmup: int,
-                        threads: Optional[int], workdir) -> dict[int, dict[str, float]]:
+
+def measure_ort_latency(
+    model: nn.Module,
+    image_size: int,
+    batches: tuple[int, ...],
+    repeats: int,
+    warmup: int,
+    threads: Optional[int],
+    workdir,
+) -> dict[int, dict[str, float]]:
     """Median/p90 seconds per batch through ONNX Runtime's CPU provider, the runtime that serves the bundle
     on a host: the model exported once with a dynamic batch, the same fixed random input per batch size."""
     from pathlib import Path
 
-    from edgerun.runtime.runners import OrtRunner
-
     from edgedistill.ship.onnx import INPUT_NAME, export_onnx
+    from edgerun.runtime.runners import OrtRunner
 
     path = Path(workdir) / "latency.onnx"
     export_onnx(model, path, (1, 3, image_size, image_size), opset=17, dynamic_batch=True)
@@ -57,8 +70,11 @@ def measure_ort_latency(model: nn.Module, image_size: int, batches: tuple[int, .
                     runner.infer({INPUT_NAME: x})
                     times.append(time.perf_counter() - start)
                 times.sort()
-                out[batch] = {"median_s": statistics.median(times),
-                              "p90_s": times[min(len(times) - 1, int(0.9 * len(times)))], "repeats": repeats}
+                out[batch] = {
+                    "median_s": statistics.median(times),
+                    "p90_s": times[min(len(times) - 1, int(0.9 * len(times)))],
+                    "repeats": repeats,
+                }
     finally:
         path.unlink(missing_ok=True)
     return out

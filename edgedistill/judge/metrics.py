@@ -13,6 +13,7 @@ bootstrap intervals. Pure numpy; checked against scikit-learn in the tests.
   wrong per image"); for balanced accuracy and macro F1, a paired permutation test that swaps the two models'
   predictions image by image (the exact randomization distribution is sampled).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,13 @@ from edgerun.decision import positive_scores, rates_at, softmax
 METRICS = ("top1", "balanced_accuracy", "macro_f1", "recall_at_false_reject")
 IMBALANCE_RATIO = 1.5  # largest / smallest training class above which top-1 is the wrong yardstick
 DEFAULT_MAX_FALSE_REJECT = 0.05
-TITLES = {"top1": "top-1", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1",
-          "recall_at_false_reject": "recall at the false-reject limit", "recall": "recall"}
+TITLES = {
+    "top1": "top-1",
+    "balanced_accuracy": "balanced accuracy",
+    "macro_f1": "macro F1",
+    "recall_at_false_reject": "recall at the false-reject limit",
+    "recall": "recall",
+}
 
 __all__ = ["softmax", "positive_scores", "rates_at", "confusion_matrix"]
 
@@ -122,15 +128,21 @@ def roc_curve(is_positive: np.ndarray, scores: np.ndarray) -> dict[str, list[flo
     """False-positive (false-reject) and true-positive (recall) rates at every distinct threshold, from (0, 0)."""
     tps, fps, thresholds = _cumulative(is_positive, scores)
     p, n = max(int(tps[-1]), 1), max(int(fps[-1]), 1)
-    return {"false_reject": [0.0] + list(fps / n), "recall": [0.0] + list(tps / p),
-            "threshold": [float("inf")] + [float(t) for t in thresholds]}
+    return {
+        "false_reject": [0.0] + list(fps / n),
+        "recall": [0.0] + list(tps / p),
+        "threshold": [float("inf")] + [float(t) for t in thresholds],
+    }
 
 
 def precision_recall_curve(is_positive: np.ndarray, scores: np.ndarray) -> dict[str, list[float]]:
     tps, fps, thresholds = _cumulative(is_positive, scores)
     p = max(int(tps[-1]), 1)
-    return {"precision": list(tps / np.maximum(tps + fps, 1)), "recall": list(tps / p),
-            "threshold": [float(t) for t in thresholds]}
+    return {
+        "precision": list(tps / np.maximum(tps + fps, 1)),
+        "recall": list(tps / p),
+        "threshold": [float(t) for t in thresholds],
+    }
 
 
 def average_precision(is_positive: np.ndarray, scores: np.ndarray) -> Optional[float]:
@@ -220,21 +232,37 @@ class EvalPlan:
 
     def metric_point(self) -> Optional[OperatingPoint]:
         """The operating point the metric itself needs (recall at the false-reject limit), else None."""
-        return OperatingPoint(max_false_reject=self.false_reject_limit) if self.metric == "recall_at_false_reject" \
+        return (
+            OperatingPoint(max_false_reject=self.false_reject_limit)
+            if self.metric == "recall_at_false_reject"
             else None
+        )
 
     def as_dict(self) -> dict[str, Any]:
         op = self.operating_point
-        return {"name": self.metric, "title": self.metric_title, "reason": self.metric_reason,
-                "positive_class": self.positive, "positive_reason": self.positive_reason,
-                "operating_point": None if op is None else {"target_recall": op.target_recall,
-                                                            "max_false_reject": op.max_false_reject},
-                "false_reject_limit": self.false_reject_limit if self.metric == "recall_at_false_reject" else None,
-                "imbalance_ratio": self.imbalance, "warnings": list(self.warnings)}
+        return {
+            "name": self.metric,
+            "title": self.metric_title,
+            "reason": self.metric_reason,
+            "positive_class": self.positive,
+            "positive_reason": self.positive_reason,
+            "operating_point": None
+            if op is None
+            else {"target_recall": op.target_recall, "max_false_reject": op.max_false_reject},
+            "false_reject_limit": self.false_reject_limit if self.metric == "recall_at_false_reject" else None,
+            "imbalance_ratio": self.imbalance,
+            "warnings": list(self.warnings),
+        }
 
 
-def plan_evaluation(metric: Optional[str], positive: Optional[str], operating_point: Optional[OperatingPoint],
-                    classes: Sequence[str], train_labels: np.ndarray, where: str = "evaluate") -> EvalPlan:
+def plan_evaluation(
+    metric: Optional[str],
+    positive: Optional[str],
+    operating_point: Optional[OperatingPoint],
+    classes: Sequence[str],
+    train_labels: np.ndarray,
+    where: str = "evaluate",
+) -> EvalPlan:
     """The metric and positive class a run is judged on, from the recipe's choices and the training labels.
 
     Default metric: balanced accuracy when the largest training class has more than 1.5x the images of the
@@ -245,44 +273,65 @@ def plan_evaluation(metric: Optional[str], positive: Optional[str], operating_po
     sizes = np.bincount(labelled, minlength=len(classes))
     smallest = int(sizes.min()) if len(sizes) else 0
     ratio = float(sizes.max() / smallest) if smallest else float("inf")
-    sizes_text = ", ".join(f"{c} {n}" for c, n in zip(classes, sizes)) if len(classes) <= 12 else \
-        f"largest {int(sizes.max())}, smallest {smallest}"
+    sizes_text = (
+        ", ".join(f"{c} {n}" for c, n in zip(classes, sizes))
+        if len(classes) <= 12
+        else f"largest {int(sizes.max())}, smallest {smallest}"
+    )
     warnings = []
     if metric is None:
         if ratio > IMBALANCE_RATIO:
-            metric, reason = "balanced_accuracy", (
-                f"the largest training class has {ratio:.1f}x the images of the smallest ({sizes_text}), above "
-                f"{IMBALANCE_RATIO}x: top-1 would reward a model that favours the majority")
+            metric, reason = (
+                "balanced_accuracy",
+                (
+                    f"the largest training class has {ratio:.1f}x the images of the smallest ({sizes_text}), above "
+                    f"{IMBALANCE_RATIO}x: top-1 would reward a model that favours the majority"
+                ),
+            )
         else:
             metric, reason = "top1", f"the training classes are balanced within {IMBALANCE_RATIO}x ({ratio:.2f}x)"
         reason += f" (default; set {where}.metric to choose)"
     else:
         reason = f"{where}.metric"
         if metric == "top1" and ratio > IMBALANCE_RATIO:
-            warnings.append(f"the training classes are imbalanced {ratio:.1f}:1 ({sizes_text}) and {where}.metric "
-                            "is top1, which rewards a model that calls everything the majority class: consider "
-                            f"{where}.metric: balanced_accuracy (or recall_at_false_reject with "
-                            f"{where}.positive_class)")
+            warnings.append(
+                f"the training classes are imbalanced {ratio:.1f}:1 ({sizes_text}) and {where}.metric "
+                "is top1, which rewards a model that calls everything the majority class: consider "
+                f"{where}.metric: balanced_accuracy (or recall_at_false_reject with "
+                f"{where}.positive_class)"
+            )
     if positive is not None:
         if positive not in classes:
             import difflib
 
             close = difflib.get_close_matches(positive, list(classes), n=1)
-            raise ValueError(f"{where}.positive_class '{positive}' is not a class of this data ({', '.join(classes)})"
-                             + (f"; did you mean '{close[0]}'?" if close else ""))
+            raise ValueError(
+                f"{where}.positive_class '{positive}' is not a class of this data ({', '.join(classes)})"
+                + (f"; did you mean '{close[0]}'?" if close else "")
+            )
         index, positive_reason = list(classes).index(positive), f"{where}.positive_class"
     elif len(classes) == 2:
         index = int(np.argmin(sizes))
         positive = classes[index]
-        positive_reason = (f"the minority of the two classes ({positive}: {int(sizes[index])} of {int(sizes.sum())} "
-                           f"training images; set {where}.positive_class to choose)")
+        positive_reason = (
+            f"the minority of the two classes ({positive}: {int(sizes[index])} of {int(sizes.sum())} "
+            f"training images; set {where}.positive_class to choose)"
+        )
     else:
         index, positive_reason = None, f"none: {len(classes)} classes (set {where}.positive_class for ROC/PR curves)"
-    needs = [k for k, v in (("operating_point", operating_point),
-                            ("metric: recall_at_false_reject", metric == "recall_at_false_reject" or None)) if v]
+    needs = [
+        k
+        for k, v in (
+            ("operating_point", operating_point),
+            ("metric: recall_at_false_reject", metric == "recall_at_false_reject" or None),
+        )
+        if v
+    ]
     if needs and index is None:
-        raise ValueError(f"{where}.{needs[0]} needs a positive class, and this data has {len(classes)} classes: set "
-                         f"{where}.positive_class to the class whose recall matters")
+        raise ValueError(
+            f"{where}.{needs[0]} needs a positive class, and this data has {len(classes)} classes: set "
+            f"{where}.positive_class to the class whose recall matters"
+        )
     return EvalPlan(metric, reason, positive, index, positive_reason, operating_point, ratio, tuple(warnings))
 
 
@@ -299,13 +348,19 @@ def mcnemar_exact(a_correct: np.ndarray, b_correct: np.ndarray) -> dict[str, Any
     a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
     n = a_only + b_only
     tail = sum(math.comb(n, k) for k in range(min(a_only, b_only) + 1))
-    p = 1.0 if n == 0 else min(1.0, 2 * tail / 2 ** n)
-    return {"test": "mcnemar", "a_only": a_only, "b_only": b_only, "discordant": n, "images": int(len(a)),
-            "p_value": p}
+    p = 1.0 if n == 0 else min(1.0, 2 * tail / 2**n)
+    return {"test": "mcnemar", "a_only": a_only, "b_only": b_only, "discordant": n, "images": int(len(a)), "p_value": p}
 
 
-def permutation_test(name: str, labels: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, num_classes: int,
-                     resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
+def permutation_test(
+    name: str,
+    labels: np.ndarray,
+    pred_a: np.ndarray,
+    pred_b: np.ndarray,
+    num_classes: int,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Paired permutation test of ``metric(a) - metric(b)`` on the same images: under "equally good" the two
     models' predictions of each image are exchangeable, so each discordant image's pair is swapped at random;
     two-sided p = (1 + #{|d*| >= |d|}) / (1 + resamples) (Phipson & Smyth 2010: never 0)."""
@@ -318,8 +373,10 @@ def permutation_test(name: str, labels: np.ndarray, pred_a: np.ndarray, pred_b: 
     eye = np.eye(k)
     a_tp, b_tp = eye[y[d]] * (a[d] == y[d])[:, None], eye[y[d]] * (b[d] == y[d])[:, None]
     a_pred, b_pred = eye[a[d]], eye[b[d]]
-    observed = float(metric_from_counts(name, base_tp + a_tp.sum(0), base_pred + a_pred.sum(0), true)
-                     - metric_from_counts(name, base_tp + b_tp.sum(0), base_pred + b_pred.sum(0), true))
+    observed = float(
+        metric_from_counts(name, base_tp + a_tp.sum(0), base_pred + a_pred.sum(0), true)
+        - metric_from_counts(name, base_tp + b_tp.sum(0), base_pred + b_pred.sum(0), true)
+    )
     rng = np.random.default_rng(seed)
     chunk = max(1, min(resamples, 2_000_000 // max(1, int(d.sum()) * k)))
     extreme, done = 0, 0
@@ -333,8 +390,14 @@ def permutation_test(name: str, labels: np.ndarray, pred_a: np.ndarray, pred_b: 
         diff = metric_from_counts(name, x_tp, x_pred, true) - metric_from_counts(name, y_tp, y_pred, true)
         extreme += int((np.abs(diff) >= abs(observed) - 1e-12).sum())
         done += len(m)
-    return {"test": "permutation", "difference": observed, "discordant": int(d.sum()), "images": int(len(y)),
-            "resamples": resamples, "p_value": (1 + extreme) / (1 + resamples)}
+    return {
+        "test": "permutation",
+        "difference": observed,
+        "discordant": int(d.sum()),
+        "images": int(len(y)),
+        "resamples": resamples,
+        "p_value": (1 + extreme) / (1 + resamples),
+    }
 
 
 # --------------------------------------------------------------------------------------------------- bootstrap
@@ -343,8 +406,9 @@ def bootstrap_samples(n: int, samples: int = 2000, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(samples, n))
 
 
-def resampled_metric(name: str, labels: np.ndarray, predicted: np.ndarray, num_classes: int,
-                     idx: np.ndarray) -> np.ndarray:
+def resampled_metric(
+    name: str, labels: np.ndarray, predicted: np.ndarray, num_classes: int, idx: np.ndarray
+) -> np.ndarray:
     """The metric on each resample (rows of ``idx``)."""
     y, p = np.asarray(labels), np.asarray(predicted)
     out = np.empty(len(idx))

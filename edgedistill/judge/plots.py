@@ -1,10 +1,12 @@
 """The report's plots (matplotlib, Agg) as PNG bytes: training curves, the teacher's confusion matrix and calibration,
 per-class accuracy, the trade-off of every model, the planner's estimate next to device measurements."""
+
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+
 
 def _training_curves(plt, info: dict[str, Any]):
     s, curves = info["summary"], info["curves"]
@@ -18,16 +20,15 @@ def _training_curves(plt, info: dict[str, Any]):
     axes[0].set(title="KD loss (soft targets, x T²)", xlabel="epoch")
     for name, rows in curves.items():
         if any("ce" in r for r in rows):
-            axes[1].plot([r["epoch"] + 1 for r in rows], [r.get("ce", r.get("loss")) for r in rows], marker="o",
-                         label=name)
+            axes[1].plot(
+                [r["epoch"] + 1 for r in rows], [r.get("ce", r.get("loss")) for r in rows], marker="o", label=name
+            )
         key, scale = ("val_r2", 1) if regression else ("val_top1", 100)
         validated = [r for r in rows if r.get(key) is not None]
-        axes[2].plot([r["epoch"] + 1 for r in validated], [scale * r[key] for r in validated], marker="o",
-                     label=name)
+        axes[2].plot([r["epoch"] + 1 for r in validated], [scale * r[key] for r in validated], marker="o", label=name)
     if regression:
         axes[0].set(title="KD loss (MSE to the teacher's predictions)", xlabel="epoch")
-    axes[1].set(title="task loss (MSE/Huber to the targets)" if regression else "CE loss (hard labels)",
-                xlabel="epoch")
+    axes[1].set(title="task loss (MSE/Huber to the targets)" if regression else "CE loss (hard labels)", xlabel="epoch")
     axes[2].set(title="validation R²" if regression else "validation top-1 (%)", xlabel="epoch")
     for ax in axes:
         if ax.lines:
@@ -50,11 +51,22 @@ def _teacher_validation(plt, info: dict[str, Any]):
     fig.colorbar(im, ax=axes[0], fraction=0.046)
     bins = teacher.get("reliability") or []
     if bins:
-        axes[1].bar([b["confidence"] for b in bins], [b["accuracy"] for b in bins], width=1 / 15, alpha=0.7,
-                    edgecolor="black", label="accuracy per confidence bin")
+        axes[1].bar(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
+            width=1 / 15,
+            alpha=0.7,
+            edgecolor="black",
+            label="accuracy per confidence bin",
+        )
     axes[1].plot([0, 1], [0, 1], color="tab:red", linestyle="--", label="perfect calibration")
-    axes[1].set(title=f"teacher calibration (ECE {teacher.get('ece', float('nan')):.3f})", xlabel="confidence",
-                ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    axes[1].set(
+        title=f"teacher calibration (ECE {teacher.get('ece', float('nan')):.3f})",
+        xlabel="confidence",
+        ylabel="accuracy",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
     axes[1].legend(fontsize=8)
     return "teacher validation: confusion matrix and calibration", fig
 
@@ -62,8 +74,10 @@ def _teacher_validation(plt, info: dict[str, Any]):
 def _per_class_accuracy(plt, info: dict[str, Any]):
     s = info["summary"]
     classes = s.get("classes") or []
-    per_class = {role: info["reports"].get(folder) for role, folder in (("teacher", "teacher"), ("student", "student"),
-                                                                        ("baseline", "baseline"))}
+    per_class = {
+        role: info["reports"].get(folder)
+        for role, folder in (("teacher", "teacher"), ("student", "student"), ("baseline", "baseline"))
+    }
     if not (all(per_class.values()) and classes and s.get("task") != "regression"):
         return None
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(classes) + 3), 3.6))
@@ -87,17 +101,23 @@ def _positive_class_curves(plt, info: dict[str, Any]):
     op = s.get("operating_point") or {}
     for role, c in curves.items():
         auc, ap = s[role].get("roc_auc"), s[role].get("pr_auc")
-        line, = axes[0].plot(c["roc"]["false_reject"], c["roc"]["recall"], label=f"{role} (AUC {auc:.3f})")
-        axes[1].step(c["pr"]["recall"], c["pr"]["precision"], where="post", color=line.get_color(),
-                     label=f"{role} (AP {ap:.3f})")
+        (line,) = axes[0].plot(c["roc"]["false_reject"], c["roc"]["recall"], label=f"{role} (AUC {auc:.3f})")
+        axes[1].step(
+            c["pr"]["recall"], c["pr"]["precision"], where="post", color=line.get_color(), label=f"{role} (AP {ap:.3f})"
+        )
         if role in op and op[role].get("recall") is not None:
             axes[0].scatter([op[role]["false_reject"]], [op[role]["recall"]], s=40, zorder=3, color=line.get_color())
     axes[0].plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    axes[0].set(title=f"ROC of {positive}" + (" (dots: operating points)" if op else ""),
-                xlabel="false-reject rate (good parts rejected)", ylabel=f"recall ({positive} rejected)",
-                xlim=(0, 1), ylim=(0, 1.02))
-    axes[1].set(title=f"precision-recall of {positive}", xlabel="recall", ylabel="precision", xlim=(0, 1),
-                ylim=(0, 1.02))
+    axes[0].set(
+        title=f"ROC of {positive}" + (" (dots: operating points)" if op else ""),
+        xlabel="false-reject rate (good parts rejected)",
+        ylabel=f"recall ({positive} rejected)",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
+    axes[1].set(
+        title=f"precision-recall of {positive}", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02)
+    )
     for ax in axes:
         ax.legend(fontsize=8, loc="lower right")
         ax.grid(alpha=0.3)
@@ -112,8 +132,9 @@ def _tradeoff(plt, info: dict[str, Any]):
     for p in points:
         if p.get("latency_ms") is not None:
             axes[0].scatter(p["latency_ms"], p["top1"], s=60)
-            axes[0].annotate(p["label"], (p["latency_ms"], p["top1"]), fontsize=8, xytext=(4, 4),
-                             textcoords="offset points")
+            axes[0].annotate(
+                p["label"], (p["latency_ms"], p["top1"]), fontsize=8, xytext=(4, 4), textcoords="offset points"
+            )
         axes[1].scatter(p["size_mb"], p["top1"], s=60)
         axes[1].annotate(p["label"], (p["size_mb"], p["top1"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
     axes[0].set(title="top-1 vs host latency (batch 1)", xlabel="ms", ylabel="top-1 (%)")
@@ -177,12 +198,19 @@ def tradeoff_points(info: dict[str, Any]) -> list[dict[str, Any]]:
         if not m:
             continue
         latency = m.get("latency_ms_b1", s["student"].get("latency_ms_b1") if role == "baseline" else None)
-        points.append({"label": f"{role} ({m['model']})", "top1": 100 * m["top1"], "size_mb": m["size_mb"],
-                       "latency_ms": latency})
+        points.append(
+            {"label": f"{role} ({m['model']})", "top1": 100 * m["top1"], "size_mb": m["size_mb"], "latency_ms": latency}
+        )
     int8 = ((info.get("manifest") or {}).get("metrics") or {}).get("int8") or {}
     if (int8.get("int8") or {}).get("top1") is not None:
-        points.append({"label": f"student INT8 ({int8['int8'].get('status', '?')})", "top1": 100 * int8["int8"]["top1"],
-                       "size_mb": s["student"]["size_mb"] / 4, "latency_ms": None})
+        points.append(
+            {
+                "label": f"student INT8 ({int8['int8'].get('status', '?')})",
+                "top1": 100 * int8["int8"]["top1"],
+                "size_mb": s["student"]["size_mb"] / 4,
+                "latency_ms": None,
+            }
+        )
     return points
 
 
@@ -196,19 +224,47 @@ def device_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
         d = item["data"]
         if item["kind"] == "bench":
             model_ms = model_latency_ms(d["result"])
-            rows.append({"what": "student FPS (model)", "estimated": (est.get("student") or {}).get("est_fps"),
-                         "measured": 1000.0 * d["result"].get("batch", 1) / model_ms if model_ms else None,
-                         "source": item["path"]})
-            rows.append({"what": "student FPS (pipeline)", "estimated": None,
-                         "measured": d["result"].get("throughput_fps"), "source": item["path"]})
+            rows.append(
+                {
+                    "what": "student FPS (model)",
+                    "estimated": (est.get("student") or {}).get("est_fps"),
+                    "measured": 1000.0 * d["result"].get("batch", 1) / model_ms if model_ms else None,
+                    "source": item["path"],
+                }
+            )
+            rows.append(
+                {
+                    "what": "student FPS (pipeline)",
+                    "estimated": None,
+                    "measured": d["result"].get("throughput_fps"),
+                    "source": item["path"],
+                }
+            )
             total = (d["result"].get("memory") or {}).get("total_mb")
-            rows.append({"what": "process memory MB", "estimated": (est.get("student") or {}).get("est_memory_mb"),
-                         "measured": total, "source": item["path"]})
+            rows.append(
+                {
+                    "what": "process memory MB",
+                    "estimated": (est.get("student") or {}).get("est_memory_mb"),
+                    "measured": total,
+                    "source": item["path"],
+                }
+            )
         elif item["kind"] == "camera":
-            rows.append({"what": "camera FPS (end to end)", "estimated": None, "measured": d.get("end_to_end_fps"),
-                         "source": item["path"]})
+            rows.append(
+                {
+                    "what": "camera FPS (end to end)",
+                    "estimated": None,
+                    "measured": d.get("end_to_end_fps"),
+                    "source": item["path"],
+                }
+            )
         elif item["kind"] == "validate":
-            rows.append({"what": "device top-1 % (expected: host FP32)",
-                         "estimated": 100 * (d.get("host_fp32_top1") or 0) or None,
-                         "measured": 100 * d["top1"], "source": item["path"]})
+            rows.append(
+                {
+                    "what": "device top-1 % (expected: host FP32)",
+                    "estimated": 100 * (d.get("host_fp32_top1") or 0) or None,
+                    "measured": 100 * d["top1"],
+                    "source": item["path"],
+                }
+            )
     return rows

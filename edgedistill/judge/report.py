@@ -1,11 +1,13 @@
 """The run's report: report.md + report_files/ and report.html (the plots inlined: one file to send), read from a
 finished run folder and, optionally, device measurements (``edgerun bench/validate/camera --json``)."""
+
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
 from edgedistill.judge.plots import device_rows, figures
 from edgedistill.judge.summary import cost_line, summary_facts, summary_rows
+
 
 def _read_json(path) -> Optional[dict]:
     import json
@@ -46,7 +48,6 @@ def collect_report(run_dir, measured: Sequence[str] = ()) -> dict[str, Any]:
     from pathlib import Path
 
     from edgedistill.errors import EdgedistillError
-
     from edgedistill.judge.evaluate import load_summary
 
     run_dir = Path(run_dir)
@@ -58,16 +59,24 @@ def collect_report(run_dir, measured: Sequence[str] = ()) -> dict[str, Any]:
     for path in measured:
         data = _read_json(Path(path))
         if data is None:
-            raise EdgedistillError(f"--measured {path}: not a readable JSON file from edgerun (bench/validate/camera "
-                                   "--json)")
+            raise EdgedistillError(
+                f"--measured {path}: not a readable JSON file from edgerun (bench/validate/camera --json)"
+            )
         kind = _measured_kind(data)
         if kind == "unknown":
-            raise EdgedistillError(f"--measured {path}: neither an `edgerun bench --json`, `validate --json` nor "
-                                   "`camera --json` file")
+            raise EdgedistillError(
+                f"--measured {path}: neither an `edgerun bench --json`, `validate --json` nor `camera --json` file"
+            )
         device.append({"path": str(path), "kind": kind, "data": data})
-    return {"summary": summary, "curves": {k: v for k, v in curves.items() if v}, "reports": reports,
-            "manifest": manifest, "device": device, "run_dir": str(run_dir),
-            "fleet": _read_json(run_dir / "devices" / "fleet.json")}
+    return {
+        "summary": summary,
+        "curves": {k: v for k, v in curves.items() if v},
+        "reports": reports,
+        "manifest": manifest,
+        "device": device,
+        "run_dir": str(run_dir),
+        "fleet": _read_json(run_dir / "devices" / "fleet.json"),
+    }
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -80,16 +89,29 @@ Section = Optional[tuple[str, list[str]]]  # (title, markdown lines), or None wh
 def _models(info: dict[str, Any]) -> Section:
     s = info["summary"]
     rows = summary_rows(s, s["latency_batch"])
-    return ("Teacher, student and baseline", _md_table(rows[0], rows[1:]) + [""]
-            + [f"- {fact}" for fact in summary_facts(s)] + ["", f"**Verdict:** {s['verdict']}"])
+    return (
+        "Teacher, student and baseline",
+        _md_table(rows[0], rows[1:])
+        + [""]
+        + [f"- {fact}" for fact in summary_facts(s)]
+        + ["", f"**Verdict:** {s['verdict']}"],
+    )
 
 
 def _per_target(info: dict[str, Any]) -> Section:
     s = info["summary"]
     if s.get("task") != "regression":
         return None
-    rows = [(name, *(f"{s[r]['per_target'][name]['mae']:.4g} / {s[r]['per_target'][name]['r2']:.3f}"
-                     for r in ("teacher", "student", "baseline"))) for name in s["targets"]["names"]]
+    rows = [
+        (
+            name,
+            *(
+                f"{s[r]['per_target'][name]['mae']:.4g} / {s[r]['per_target'][name]['r2']:.3f}"
+                for r in ("teacher", "student", "baseline")
+            ),
+        )
+        for name in s["targets"]["names"]
+    ]
     return "Per target (MAE / R²)", _md_table(["target", "teacher", "student", "baseline"], rows)
 
 
@@ -98,9 +120,15 @@ def _teacher_validation(info: dict[str, Any]) -> Section:
     if not teacher or info["summary"].get("task") == "regression":  # classification facts
         return None
     per_class = [(c, "-" if v is None else f"{100 * v:.1f}%") for c, v in teacher["per_class"].items()]
-    return ("Teacher validation", [f"top-1 {100 * teacher['top1']:.2f}% on {teacher['samples']} images; "
-                                   f"expected calibration error {teacher['ece']:.4f} (15 bins)", ""]
-            + _md_table(["class", "teacher accuracy"], per_class))
+    return (
+        "Teacher validation",
+        [
+            f"top-1 {100 * teacher['top1']:.2f}% on {teacher['samples']} images; "
+            f"expected calibration error {teacher['ece']:.4f} (15 bins)",
+            "",
+        ]
+        + _md_table(["class", "teacher accuracy"], per_class),
+    )
 
 
 def _per_class(info: dict[str, Any]) -> Section:
@@ -109,11 +137,21 @@ def _per_class(info: dict[str, Any]) -> Section:
     if not roles or s.get("task") == "regression":
         return None
     prf = {r: s[r]["per_class"] for r in roles}
-    rows = [(c, str(prf[roles[0]][c]["support"]), *(f"{100 * prf[r][c]['precision']:.1f} / "
-                                                    f"{100 * prf[r][c]['recall']:.1f} / {100 * prf[r][c]['f1']:.1f}"
-                                                    for r in roles)) for c in prf[roles[0]]]
-    return (f"Per class on the {s['eval_split']} split: precision / recall / F1 (%)",
-            _md_table(["class", "images", *roles], rows))
+    rows = [
+        (
+            c,
+            str(prf[roles[0]][c]["support"]),
+            *(
+                f"{100 * prf[r][c]['precision']:.1f} / {100 * prf[r][c]['recall']:.1f} / {100 * prf[r][c]['f1']:.1f}"
+                for r in roles
+            ),
+        )
+        for c in prf[roles[0]]
+    ]
+    return (
+        f"Per class on the {s['eval_split']} split: precision / recall / F1 (%)",
+        _md_table(["class", "images", *roles], rows),
+    )
 
 
 def _operating_point(info: dict[str, Any]) -> Section:
@@ -123,40 +161,85 @@ def _operating_point(info: dict[str, Any]) -> Section:
         return None
     ordered = [r for r in ["teacher"] + [a["role"] for a in s.get("chain", [])] + ["student", "baseline"] if r in op]
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    rows = [(r, f"{op[r]['threshold']:.4f}", pct(op[r]["calibration"]["recall"]),
-             pct(op[r]["calibration"]["false_reject"]),
-             f"{pct(op[r]['recall'])} [{pct(op[r]['recall_interval'][0])}, {pct(op[r]['recall_interval'][1])}]",
-             f"{pct(op[r]['false_reject'])} [{pct(op[r]['false_reject_interval'][0])}, "
-             f"{pct(op[r]['false_reject_interval'][1])}]") for r in ordered]
-    return (f"Operating point: {op['rule']}",
-            [f"Each model's threshold on its {s['metric']['positive_class']} probability is picked on "
-             f"`{op['calibration_split']}` and reported on `{s['eval_split']}` (95% bootstrap intervals).", ""]
-            + _md_table(["model", "threshold", f"recall on {op['calibration_split']}",
-                         f"false-reject on {op['calibration_split']}", f"recall on {s['eval_split']}",
-                         f"false-reject on {s['eval_split']}"], rows))
+    rows = [
+        (
+            r,
+            f"{op[r]['threshold']:.4f}",
+            pct(op[r]["calibration"]["recall"]),
+            pct(op[r]["calibration"]["false_reject"]),
+            f"{pct(op[r]['recall'])} [{pct(op[r]['recall_interval'][0])}, {pct(op[r]['recall_interval'][1])}]",
+            f"{pct(op[r]['false_reject'])} [{pct(op[r]['false_reject_interval'][0])}, "
+            f"{pct(op[r]['false_reject_interval'][1])}]",
+        )
+        for r in ordered
+    ]
+    return (
+        f"Operating point: {op['rule']}",
+        [
+            f"Each model's threshold on its {s['metric']['positive_class']} probability is picked on "
+            f"`{op['calibration_split']}` and reported on `{s['eval_split']}` (95% bootstrap intervals).",
+            "",
+        ]
+        + _md_table(
+            [
+                "model",
+                "threshold",
+                f"recall on {op['calibration_split']}",
+                f"false-reject on {op['calibration_split']}",
+                f"recall on {s['eval_split']}",
+                f"false-reject on {s['eval_split']}",
+            ],
+            rows,
+        ),
+    )
 
 
 def _int8_attempts(int8: dict[str, Any], regression: bool) -> list[str]:
     """The INT8 gate's table: each attempt's top-1, drop and layers kept in FP16, the advice, the sensitive layers."""
     names = {"ptq": "PTQ", "partial": "partial", "qad": "QAD", "qad+partial": "QAD + partial"}
-    lines = ["", "INT8 on the host (ONNX Runtime, explicit Q/DQ by TensorRT's rules, the bundle's validation "
-                 "images):", ""]
+    lines = [
+        "",
+        "INT8 on the host (ONNX Runtime, explicit Q/DQ by TensorRT's rules, the bundle's validation images):",
+        "",
+    ]
     rows = [("FP32", f"{100 * int8['fp32_top1']:.2f}%", "–", "–", "–")]
-    rows += [(names[k], f"{100 * a['top1']:.2f}%", f"{100 * a['drop']:+.2f}", str(len(a["kept_fp16"])),
-              "ships" if k == int8.get("chosen") and int8.get("status") == "accepted" else
-              ("passes" if a["passes"] else "over the gate")) for k, a in int8["attempts"].items()]
+    rows += [
+        (
+            names[k],
+            f"{100 * a['top1']:.2f}%",
+            f"{100 * a['drop']:+.2f}",
+            str(len(a["kept_fp16"])),
+            "ships"
+            if k == int8.get("chosen") and int8.get("status") == "accepted"
+            else ("passes" if a["passes"] else "over the gate"),
+        )
+        for k, a in int8["attempts"].items()
+    ]
     lines += _md_table(["model", "top-1", "drop (points)", "layers in FP16", ""], rows) + [""]
     lines.append(f"- {int8['advice']}")
     if int8.get("sensitivity"):
         top = int8["sensitivity"][:10]
         fidelity = "R² against the FP32 outputs" if regression else "top-1 agreement with FP32"
-        lines += ["", f"Layer sensitivity on the calibration images ({fidelity}, with every layer in INT8 and "
-                      f"with that layer alone in floating point; {len(int8['sensitivity'])} layers, the 10 most "
-                      "sensitive):", ""]
-        lines += _md_table(["layer", "all INT8", "without it", "recovered", "kept in FP16"],
-                           [(r["layer"], f"{100 * r['agreement_all_int8']:.1f}%",
-                             f"{100 * r['agreement_without_it']:.1f}%", f"{100 * r['recovered']:+.1f}",
-                             "yes" if r["kept"] else "no") for r in top])
+        lines += [
+            "",
+            f"Layer sensitivity on the calibration images ({fidelity}, with every layer in INT8 and "
+            f"with that layer alone in floating point; {len(int8['sensitivity'])} layers, the 10 most "
+            "sensitive):",
+            "",
+        ]
+        lines += _md_table(
+            ["layer", "all INT8", "without it", "recovered", "kept in FP16"],
+            [
+                (
+                    r["layer"],
+                    f"{100 * r['agreement_all_int8']:.1f}%",
+                    f"{100 * r['agreement_without_it']:.1f}%",
+                    f"{100 * r['recovered']:+.1f}",
+                    "yes" if r["kept"] else "no",
+                )
+                for r in top
+            ],
+        )
     return lines
 
 
@@ -169,22 +252,29 @@ def _export(info: dict[str, Any]) -> Section:
     lines = []
     regression = manifest.get("task") == "regression"
     if parity:
-        lines.append(f"- ONNX Runtime vs PyTorch on {parity.get('samples')} held-out images: max abs error "
-                     f"{parity.get('max_abs_error', float('nan')):.2e}" + ("" if regression else
-                                                                          f", top-1 agreement "
-                                                                          f"{100 * parity.get('top1_agreement', 0):.2f}%"))
+        lines.append(
+            f"- ONNX Runtime vs PyTorch on {parity.get('samples')} held-out images: max abs error "
+            f"{parity.get('max_abs_error', float('nan')):.2e}"
+            + ("" if regression else f", top-1 agreement {100 * parity.get('top1_agreement', 0):.2f}%")
+        )
     if int8.get("int8") and regression:
-        lines.append(f"- host INT8 (ONNX Runtime, QDQ): R² {int8['int8']['r2']:.4f}, MAE {int8['int8']['mae']:.4g} vs "
-                     f"FP32 R² {int8['fp32_r2']:.4f}, MAE {int8['fp32_mae']:.4g} (R² drop {int8['int8']['drop']:.4f}, "
-                     f"{int8['int8']['status']})")
+        lines.append(
+            f"- host INT8 (ONNX Runtime, QDQ): R² {int8['int8']['r2']:.4f}, MAE {int8['int8']['mae']:.4g} vs "
+            f"FP32 R² {int8['fp32_r2']:.4f}, MAE {int8['fp32_mae']:.4g} (R² drop {int8['int8']['drop']:.4f}, "
+            f"{int8['int8']['status']})"
+        )
     elif int8.get("attempts"):
         lines += _int8_attempts(int8, regression)
     elif int8.get("int8"):
-        lines.append(f"- host INT8 (ONNX Runtime, QDQ): top-1 {100 * int8['int8']['top1']:.2f}% vs FP32 "
-                     f"{100 * int8['fp32_top1']:.2f}% (drop {100 * int8['int8']['drop']:.2f} points, "
-                     f"{int8['int8']['status']})")
-    lines.append(f"- bundle for `{manifest.get('target')}`: `edgedistill pack {info['run_dir']}/bundle -o "
-                 f"{manifest.get('name')}.edb`")
+        lines.append(
+            f"- host INT8 (ONNX Runtime, QDQ): top-1 {100 * int8['int8']['top1']:.2f}% vs FP32 "
+            f"{100 * int8['fp32_top1']:.2f}% (drop {100 * int8['int8']['drop']:.2f} points, "
+            f"{int8['int8']['status']})"
+        )
+    lines.append(
+        f"- bundle for `{manifest.get('target')}`: `edgedistill pack {info['run_dir']}/bundle -o "
+        f"{manifest.get('name')}.edb`"
+    )
     return "Export: parity and INT8 on the host", lines
 
 
@@ -193,18 +283,30 @@ def _device(info: dict[str, Any]) -> Section:
     dev = device_rows(info)
     lines = []
     if est:
-        lines.append(f"ESTIMATES (edgedistill plan, {est['device']}, {est['precision'].upper()}, {est['image_size']} px; "
-                     f"not measurements): teacher {est['teacher']['est_fps']:.0f} FPS, student "
-                     f"{est['student']['est_fps']:.0f} FPS, student process memory {est['student']['est_memory_mb']:.0f} MB")
+        lines.append(
+            f"ESTIMATES (edgedistill plan, {est['device']}, {est['precision'].upper()}, {est['image_size']} px; "
+            f"not measurements): teacher {est['teacher']['est_fps']:.0f} FPS, student "
+            f"{est['student']['est_fps']:.0f} FPS, student process memory {est['student']['est_memory_mb']:.0f} MB"
+        )
     if dev:
-        lines += [""] + _md_table(["quantity", "expected (planner estimate or host figure)", "measured", "file"],
-                                  [(r["what"], "-" if r["estimated"] is None else f"{r['estimated']:.1f}",
-                                    "-" if r["measured"] is None else f"{r['measured']:.1f}", r["source"])
-                                   for r in dev])
+        lines += [""] + _md_table(
+            ["quantity", "expected (planner estimate or host figure)", "measured", "file"],
+            [
+                (
+                    r["what"],
+                    "-" if r["estimated"] is None else f"{r['estimated']:.1f}",
+                    "-" if r["measured"] is None else f"{r['measured']:.1f}",
+                    r["source"],
+                )
+                for r in dev
+            ],
+        )
     elif est:
         lines.append("")
-        lines.append("no device measurement given: run `edgerun bench BUNDLE --engine E --json bench.json` on the "
-                     "board and `edgedistill report RUN --measured bench.json`")
+        lines.append(
+            "no device measurement given: run `edgerun bench BUNDLE --engine E --json bench.json` on the "
+            "board and `edgedistill report RUN --measured bench.json`"
+        )
     return ("Device", lines) if lines else None
 
 
@@ -215,18 +317,31 @@ def _fleet(info: dict[str, Any]) -> Section:
     from edgedistill.deploy.fleet import fleet_table
 
     rel = fleet["release"]
-    return ("Fleet (edgedistill deploy)", [
-        f"Release {rel['version']} of `{rel['name']}` ({fleet['precision']}"
-        + (f", camera {fleet['source']}" if fleet.get("source") else "") + "); measured on each board, results in "
-        f"`{info['run_dir']}/devices/<board>/`.", ""] + fleet_table(fleet["rows"]))
+    return (
+        "Fleet (edgedistill deploy)",
+        [
+            f"Release {rel['version']} of `{rel['name']}` ({fleet['precision']}"
+            + (f", camera {fleet['source']}" if fleet.get("source") else "")
+            + "); measured on each board, results in "
+            f"`{info['run_dir']}/devices/<board>/`.",
+            "",
+        ]
+        + fleet_table(fleet["rows"]),
+    )
 
 
 def _cost(info: dict[str, Any]) -> Section:
     s = info["summary"]
     if not s.get("cost"):
         return None
-    return ("Cost", [f"- {cost_line(s['cost'])}", "- prices are the recipe's inputs; try others with "
-                     f"`edgedistill cost {info['run_dir']} --price-per-hour P --distillation-cost C`"])
+    return (
+        "Cost",
+        [
+            f"- {cost_line(s['cost'])}",
+            "- prices are the recipe's inputs; try others with "
+            f"`edgedistill cost {info['run_dir']} --price-per-hour P --distillation-cost C`",
+        ],
+    )
 
 
 # one function per section, in reading order
@@ -255,8 +370,12 @@ def write_report(run_dir, measured: Sequence[str] = ()) -> tuple[Any, Any]:
     slug = {name: _re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] + ".png" for name in plots}
     for name, png in plots.items():
         (files / slug[name]).write_bytes(png)
-    md = [f"# {s['name']}: distillation report", "", f"Evaluated on `{s['eval_split']}` ({s['eval_samples']} images).",
-          ""]
+    md = [
+        f"# {s['name']}: distillation report",
+        "",
+        f"Evaluated on `{s['eval_split']}` ({s['eval_samples']} images).",
+        "",
+    ]
     for title, lines in sections:
         md += [f"## {title}", ""] + lines + [""]
     md += ["## Plots", ""] + [f"![{name}](report_files/{slug[name]})\n" for name in plots]
@@ -274,9 +393,13 @@ def write_report(run_dir, measured: Sequence[str] = ()) -> tuple[Any, Any]:
         def flush() -> None:
             if table:
                 cells = [[c.strip() for c in row.strip("|").split("|")] for row in table if not row.startswith("|---")]
-                out.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in cells[0]) + "</tr>"
-                           + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
-                           + "</table>")
+                out.append(
+                    "<table><tr>"
+                    + "".join(f"<th>{inline(c)}</th>" for c in cells[0])
+                    + "</tr>"
+                    + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
+                    + "</table>"
+                )
                 table.clear()
 
         for line in lines:
@@ -291,21 +414,29 @@ def write_report(run_dir, measured: Sequence[str] = ()) -> tuple[Any, Any]:
         flush()
         return "\n".join(out)
 
-    body = [f"<h1>{html.escape(s['name'])}: distillation report</h1>",
-            f"<p>Evaluated on <code>{html.escape(s['eval_split'])}</code> ({s['eval_samples']} images).</p>"]
+    body = [
+        f"<h1>{html.escape(s['name'])}: distillation report</h1>",
+        f"<p>Evaluated on <code>{html.escape(s['eval_split'])}</code> ({s['eval_samples']} images).</p>",
+    ]
     for title, lines in sections:
         body += [f"<h2>{html.escape(title)}</h2>", md_to_html(lines)]
     body.append("<h2>Plots</h2>")
     for name, png in plots.items():
         data = base64.b64encode(png).decode("ascii")
-        body.append(f'<figure><img class="plot" alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
-                    f"<figcaption>{html.escape(name)}</figcaption></figure>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-             "font-size:13px}th{background:#f0f0f0}img.plot{max-width:100%}code{background:#f4f4f4}"
-             "figcaption{font-size:12px;color:#555}")
-    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + html.escape(s["name"]) + " report</title>"
-            f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>")
+        body.append(
+            f'<figure><img class="plot" alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(name)}</figcaption></figure>"
+        )
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "font-size:13px}th{background:#f0f0f0}img.plot{max-width:100%}code{background:#f4f4f4}"
+        "figcaption{font-size:12px;color:#555}"
+    )
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + html.escape(s["name"]) + " report</title>"
+        f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>"
+    )
     html_path = run_dir / "report.html"
     html_path.write_text(page)
     return html_path, md_path

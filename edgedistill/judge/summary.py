@@ -1,5 +1,6 @@
 """The run's summary as text: the verdict with its evidence, advice when the student falls short, the table and the
 sentences under it (summary.md and the console), and runs side by side (``edgedistill compare``)."""
+
 from __future__ import annotations
 
 import re
@@ -7,14 +8,24 @@ from typing import Any, Optional, Sequence
 
 SIGNIFICANCE = 0.05
 RETENTION_ADVICE = 0.90
-TITLES = {"top1": "top-1", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1",
-          "recall_at_false_reject": "recall at the false-reject limit"}
+TITLES = {
+    "top1": "top-1",
+    "balanced_accuracy": "balanced accuracy",
+    "macro_f1": "macro F1",
+    "recall_at_false_reject": "recall at the false-reject limit",
+}
 
 # the next size up within a family, for "a larger student" advice
-_LARGER = [(r"^mobilenetv3_small_\d+$", "mobilenetv3_large_100"), (r"^mobilenetv2_0\d\d$", "mobilenetv2_100"),
-           (r"^mobilenetv2_100$", "mobilenetv2_140"), (r"^squeezenet1_1$", "squeezenet1_0"),
-           (r"^efficientnet_b(\d)$", None), (r"^resnet10t$", "resnet18"), (r"^lcnet_0\d\d$", "lcnet_100"),
-           (r"^lcnet_100$", "lcnet_150")]
+_LARGER = [
+    (r"^mobilenetv3_small_\d+$", "mobilenetv3_large_100"),
+    (r"^mobilenetv2_0\d\d$", "mobilenetv2_100"),
+    (r"^mobilenetv2_100$", "mobilenetv2_140"),
+    (r"^squeezenet1_1$", "squeezenet1_0"),
+    (r"^efficientnet_b(\d)$", None),
+    (r"^resnet10t$", "resnet18"),
+    (r"^lcnet_0\d\d$", "lcnet_100"),
+    (r"^lcnet_100$", "lcnet_150"),
+]
 
 
 def larger_model(name: str) -> Optional[str]:
@@ -35,12 +46,16 @@ def evidence_text(summary: dict[str, Any]) -> str:
     sig = summary["significance"]
     lo, hi = (v * 100 for v in summary["intervals"]["kd_gain"])
     if sig.get("test") == "permutation":
-        test = (f"paired permutation test p = {sig['p_value']:.3g} on {sig['images']} images ({sig['discordant']} "
-                f"predicted differently, {sig['resamples']:,} resamples)")
+        test = (
+            f"paired permutation test p = {sig['p_value']:.3g} on {sig['images']} images ({sig['discordant']} "
+            f"predicted differently, {sig['resamples']:,} resamples)"
+        )
     else:
         where = f"{sig['images']} positive images" if sig.get("note") else f"{sig['images']} images"
-        test = (f"McNemar p = {sig['p_value']:.3g} on {where} ({sig['a_only']} right only for the student, "
-                f"{sig['b_only']} only for the baseline)")
+        test = (
+            f"McNemar p = {sig['p_value']:.3g} on {where} ({sig['a_only']} right only for the student, "
+            f"{sig['b_only']} only for the baseline)"
+        )
     return f"{test}; 95% interval of the gain [{lo:+.2f}, {hi:+.2f}]"
 
 
@@ -56,25 +71,36 @@ def verdict(summary: dict[str, Any], min_gain: float) -> tuple[str, bool]:
     evidence = evidence_text(summary)
     helped = False
     if p < SIGNIFICANCE and gain < 0:
-        text = (f"distillation hurt: the KD student is {-gain:.2f} {points} below its baseline trained without KD "
-                f"({evidence}); ship the baseline or revisit temperature/alpha/teacher")
+        text = (
+            f"distillation hurt: the KD student is {-gain:.2f} {points} below its baseline trained without KD "
+            f"({evidence}); ship the baseline or revisit temperature/alpha/teacher"
+        )
     elif p < SIGNIFICANCE and gain > 0:
         if gain < min_gain * 100:
-            text = (f"distillation helped, but by little: +{gain:.2f} {points}, under the {min_gain * 100:.2f}-point "
-                    f"threshold ({evidence})")
+            text = (
+                f"distillation helped, but by little: +{gain:.2f} {points}, under the {min_gain * 100:.2f}-point "
+                f"threshold ({evidence})"
+            )
         else:
             helped = True
-            text = (f"distillation helped: +{gain:.2f} {points} over the baseline, retention "
-                    f"{summary['retention'] * 100:.1f}% ({evidence})")
+            text = (
+                f"distillation helped: +{gain:.2f} {points} over the baseline, retention "
+                f"{summary['retention'] * 100:.1f}% ({evidence})"
+            )
     else:
         need = sig.get("images_to_resolve")
         if sig.get("test") == "permutation":
             resolve = "more evaluation images would resolve it"
         else:
-            resolve = (f"about {need:,} paired images would resolve a difference this size (80% power)" if need
-                       else "both made the same number of mistakes")
-        text = (f"within noise: the KD student is {gain:+.2f} {points} from its baseline, not a significant difference "
-                f"({evidence}); {resolve}")
+            resolve = (
+                f"about {need:,} paired images would resolve a difference this size (80% power)"
+                if need
+                else "both made the same number of mistakes"
+            )
+        text = (
+            f"within noise: the KD student is {gain:+.2f} {points} from its baseline, not a significant difference "
+            f"({evidence}); {resolve}"
+        )
     return text + device_sentence(summary), helped
 
 
@@ -85,11 +111,17 @@ def device_sentence(summary: dict[str, Any]) -> str:
         return ""
     others = check.get("faster_candidates") or []
     names = ", ".join(f"{c['model']} (~{c['est_fps']:.0f} FPS)" for c in others)
-    return (f". NOT DEPLOYABLE AS A SPEED-UP: on {check['device']} the student is ESTIMATED no faster than its "
-            f"teacher ({check['student_fps']:.0f} vs {check['teacher_fps']:.0f} FPS, edgedistill plan, not "
-            f"measured); ship the teacher, or distill into a model estimated faster there: "
-            + (names if names else "none of the planner's candidates is (at this image size per-layer overhead "
-               "dominates: try a larger image size or measure with edgerun bench)"))
+    return (
+        f". NOT DEPLOYABLE AS A SPEED-UP: on {check['device']} the student is ESTIMATED no faster than its "
+        f"teacher ({check['student_fps']:.0f} vs {check['teacher_fps']:.0f} FPS, edgedistill plan, not "
+        f"measured); ship the teacher, or distill into a model estimated faster there: "
+        + (
+            names
+            if names
+            else "none of the planner's candidates is (at this image size per-layer overhead "
+            "dominates: try a larger image size or measure with edgerun bench)"
+        )
+    )
 
 
 def advice(summary: dict[str, Any], student_epochs: int) -> list[str]:
@@ -116,8 +148,19 @@ def summary_rows(summary: dict[str, Any], batch: int) -> list[tuple[str, ...]]:
     regression = summary.get("task") == "regression"
     metric = (summary.get("metric") or {}).get("name", "top1")
     extra = () if regression or metric == "top1" else (metric_title(summary),)
-    rows = [("model", "role", "MAE / R²" if regression else "top-1", *extra, "params", "size MB", "ORT b1 ms",
-             f"ORT b{batch} ms", "PyTorch b1 ms")]
+    rows = [
+        (
+            "model",
+            "role",
+            "MAE / R²" if regression else "top-1",
+            *extra,
+            "params",
+            "size MB",
+            "ORT b1 ms",
+            f"ORT b{batch} ms",
+            "PyTorch b1 ms",
+        )
+    ]
     roles = ["teacher"] + [a["role"] for a in summary.get("chain", [])] + ["student", "baseline"]
     for role in roles:
         m = summary[role]
@@ -126,19 +169,30 @@ def summary_rows(summary: dict[str, Any], batch: int) -> list[tuple[str, ...]]:
             label = f"student (KD, generation {m['generation']})"
         quality = f"{m['mae']:.4g} / {m['r2']:.3f}" if regression else f"{m['top1'] * 100:.2f}%"
         chosen = (f"{m[metric] * 100:.2f}%",) if extra else ()
-        rows.append((m["model"], label, quality, *chosen, f"{m['params'] / 1e6:.2f}M", f"{m['size_mb']:.2f}",
-                     f"{m['latency_ms_b1']:.2f}" if "latency_ms_b1" in m else "= student",
-                     f"{m[f'latency_ms_b{batch}']:.2f}" if f"latency_ms_b{batch}" in m else "= student",
-                     f"{m['torch_latency_ms_b1']:.2f}" if "torch_latency_ms_b1" in m else "= student"))
+        rows.append(
+            (
+                m["model"],
+                label,
+                quality,
+                *chosen,
+                f"{m['params'] / 1e6:.2f}M",
+                f"{m['size_mb']:.2f}",
+                f"{m['latency_ms_b1']:.2f}" if "latency_ms_b1" in m else "= student",
+                f"{m[f'latency_ms_b{batch}']:.2f}" if f"latency_ms_b{batch}" in m else "= student",
+                f"{m['torch_latency_ms_b1']:.2f}" if "torch_latency_ms_b1" in m else "= student",
+            )
+        )
     return rows
 
 
 def cost_line(c: dict[str, Any]) -> str:
-    line = (f"monthly serving cost at {c['requests_per_month']:,.0f} requests: teacher "
-            f"{c['teacher']['monthly_cost']:,.2f} ({c['teacher']['instances']} instance(s), "
-            f"{c['teacher']['compute_hours']:,.0f} busy h), student {c['student']['monthly_cost']:,.2f} "
-            f"({c['student']['instances']}, {c['student']['compute_hours']:,.0f} busy h), saving "
-            f"{c['monthly_saving']:,.2f} a month ({c.get('annual_saving', 12 * c['monthly_saving']):,.2f} a year)")
+    line = (
+        f"monthly serving cost at {c['requests_per_month']:,.0f} requests: teacher "
+        f"{c['teacher']['monthly_cost']:,.2f} ({c['teacher']['instances']} instance(s), "
+        f"{c['teacher']['compute_hours']:,.0f} busy h), student {c['student']['monthly_cost']:,.2f} "
+        f"({c['student']['instances']}, {c['student']['compute_hours']:,.0f} busy h), saving "
+        f"{c['monthly_saving']:,.2f} a month ({c.get('annual_saving', 12 * c['monthly_saving']):,.2f} a year)"
+    )
     return line + payback_phrase(c)
 
 
@@ -147,8 +201,9 @@ def payback_phrase(c: dict[str, Any]) -> str:
         return ""
     if c.get("payback_months") is None:
         return f"; the distillation work ({c['distillation_cost']:,.2f}) does not pay back: the student saves nothing"
-    return (f"; the distillation work ({c['distillation_cost']:,.2f}) pays for itself in "
-            f"{c['payback_months']:.1f} month(s)")
+    return (
+        f"; the distillation work ({c['distillation_cost']:,.2f}) pays for itself in {c['payback_months']:.1f} month(s)"
+    )
 
 
 def summary_facts(summary: dict[str, Any]) -> list[str]:
@@ -156,11 +211,16 @@ def summary_facts(summary: dict[str, Any]) -> list[str]:
     batch = summary["latency_batch"]
     if summary.get("task") == "regression":
         g_lo, g_hi = summary["intervals"]["kd_gain"]
-        facts = [f"retention (student R² / teacher R²): {summary['retention'] * 100:.1f}%",
-                 f"KD gain (baseline MAE − student MAE, target units): {summary['kd_gain']:+.4g} (95% bootstrap "
-                 f"interval {g_lo:+.4g} to {g_hi:+.4g})",
-                 "targets: " + ", ".join(f"{n} (train mean {m:.4g}, std {sd:.4g})" for n, m, sd in zip(
-                     summary["targets"]["names"], summary["targets"]["mean"], summary["targets"]["std"]))]
+        facts = [
+            f"retention (student R² / teacher R²): {summary['retention'] * 100:.1f}%",
+            f"KD gain (baseline MAE − student MAE, target units): {summary['kd_gain']:+.4g} (95% bootstrap "
+            f"interval {g_lo:+.4g} to {g_hi:+.4g})",
+            "targets: "
+            + ", ".join(
+                f"{n} (train mean {m:.4g}, std {sd:.4g})"
+                for n, m, sd in zip(summary["targets"]["names"], summary["targets"]["mean"], summary["targets"]["std"])
+            ),
+        ]
         return facts + _speed_facts(summary, batch)
     r_lo, r_hi = (v * 100 for v in summary["intervals"]["retention"])
     g_lo, g_hi = (v * 100 for v in summary["intervals"]["kd_gain"])
@@ -173,47 +233,70 @@ def summary_facts(summary: dict[str, Any]) -> list[str]:
         facts.append(f"judged on {what}: {chosen['reason']}")
         if chosen.get("positive_class"):
             facts.append(f"positive class {chosen['positive_class']}: {chosen['positive_reason']}")
-    facts += [f"retention (student / teacher {what}): {summary['retention'] * 100:.1f}% (95% interval "
-              f"{r_lo:.1f}-{r_hi:.1f}%)",
-              f"KD gain (student − baseline {what}): {summary['kd_gain'] * 100:+.2f} points (95% interval "
-              f"{g_lo:+.2f} to {g_hi:+.2f}; {test} p = {summary['significance']['p_value']:.3g})"]
+    facts += [
+        f"retention (student / teacher {what}): {summary['retention'] * 100:.1f}% (95% interval "
+        f"{r_lo:.1f}-{r_hi:.1f}%)",
+        f"KD gain (student − baseline {what}): {summary['kd_gain'] * 100:+.2f} points (95% interval "
+        f"{g_lo:+.2f} to {g_hi:+.2f}; {test} p = {summary['significance']['p_value']:.3g})",
+    ]
     if chosen and chosen["name"] != "top1":
-        facts.append(f"top-1 for reference: retention {summary['top1_retention'] * 100:.1f}%, student − baseline "
-                     f"{summary['top1_kd_gain'] * 100:+.2f} points")
+        facts.append(
+            f"top-1 for reference: retention {summary['top1_retention'] * 100:.1f}%, student − baseline "
+            f"{summary['top1_kd_gain'] * 100:+.2f} points"
+        )
     if chosen and chosen["name"] != "balanced_accuracy" and summary["student"].get("balanced_accuracy_interval"):
-        facts.append("balanced accuracy with 95% intervals: " + "; ".join(
-            f"{r} {summary[r]['balanced_accuracy'] * 100:.2f}% [{summary[r]['balanced_accuracy_interval'][0] * 100:.2f}, "
-            f"{summary[r]['balanced_accuracy_interval'][1] * 100:.2f}]" for r in ("teacher", "student", "baseline")))
+        facts.append(
+            "balanced accuracy with 95% intervals: "
+            + "; ".join(
+                f"{r} {summary[r]['balanced_accuracy'] * 100:.2f}% "
+                f"[{summary[r]['balanced_accuracy_interval'][0] * 100:.2f}, "
+                f"{summary[r]['balanced_accuracy_interval'][1] * 100:.2f}]"
+                for r in ("teacher", "student", "baseline")
+            )
+        )
     facts += positive_facts(summary)
     free = summary.get("data_free")
     if free:
-        facts.append(f"data-free: the student and the baseline trained on {free['synthetic_images']:,} images "
-                     f"synthesized from the teacher (DeepInversion; BN-statistics loss {free['bn_loss'][0]:.2f} -> "
-                     f"{free['bn_loss'][1]:.2f}, teacher confidence {free['teacher_confidence']:.2f}), no real "
-                     "training image; " + ("evaluated on real images" if free["real_evaluation"] else
-                                           "evaluated on the synthetic images only (no data.root): not a real accuracy"))
+        facts.append(
+            f"data-free: the student and the baseline trained on {free['synthetic_images']:,} images "
+            f"synthesized from the teacher (DeepInversion; BN-statistics loss {free['bn_loss'][0]:.2f} -> "
+            f"{free['bn_loss'][1]:.2f}, teacher confidence {free['teacher_confidence']:.2f}), no real "
+            "training image; "
+            + (
+                "evaluated on real images"
+                if free["real_evaluation"]
+                else "evaluated on the synthetic images only (no data.root): not a real accuracy"
+            )
+        )
         driven = free.get("data_driven")
         if driven:
-            facts.append(f"data-driven run {driven['run']}: student {driven['student_top1'] * 100:.2f}%, baseline "
-                         f"{driven['baseline_top1'] * 100:.2f}% (this data-free student "
-                         f"{summary['student']['top1'] * 100:.2f}%)")
+            facts.append(
+                f"data-driven run {driven['run']}: student {driven['student_top1'] * 100:.2f}%, baseline "
+                f"{driven['baseline_top1'] * 100:.2f}% (this data-free student "
+                f"{summary['student']['top1'] * 100:.2f}%)"
+            )
     if summary.get("unlabeled_images"):
-        facts.append(f"unlabeled images labelled by the teacher and used in distillation: "
-                     f"{summary['unlabeled_images']:,} (the baseline never saw them)")
+        facts.append(
+            f"unlabeled images labelled by the teacher and used in distillation: "
+            f"{summary['unlabeled_images']:,} (the baseline never saw them)"
+        )
     sched = summary.get("schedule") or {}
     if all((sched.get(r) or {}).get("epochs") for r in ("student", "baseline")):
         st, bl = sched["student"], sched["baseline"]
-        facts.append(f"training budget: student {st['epochs']} epochs x {st['train_images']:,} images "
-                     f"({st['epochs'] * st['train_images']:,} samples), baseline {bl['epochs']} epochs x "
-                     f"{bl['train_images']:,} labelled images ({bl['epochs'] * bl['train_images']:,} samples)")
+        facts.append(
+            f"training budget: student {st['epochs']} epochs x {st['train_images']:,} images "
+            f"({st['epochs'] * st['train_images']:,} samples), baseline {bl['epochs']} epochs x "
+            f"{bl['train_images']:,} labelled images ({bl['epochs'] * bl['train_images']:,} samples)"
+        )
     for gen in summary.get("generations", []):
         score, val = gen.get("score", gen["top1"]), gen.get("val_score", gen.get("val_top1"))
-        facts.append(f"born-again generation {gen['generation']}: {what} {score * 100:.2f}% "
-                     f"(validation {val * 100:.2f}%)" + (" <- kept as the student" if gen["kept"] else ""))
+        facts.append(
+            f"born-again generation {gen['generation']}: {what} {score * 100:.2f}% "
+            f"(validation {val * 100:.2f}%)" + (" <- kept as the student" if gen["kept"] else "")
+        )
     facts += _speed_facts(summary, batch)
     if summary.get("advice"):
-        facts.append("retention is under 90%; the method's remedies, as recipe lines: "
-                     + "; ".join(summary["advice"]))
+        facts.append("retention is under 90%; the method's remedies, as recipe lines: " + "; ".join(summary["advice"]))
     return facts
 
 
@@ -226,22 +309,31 @@ def positive_facts(summary: dict[str, Any]) -> list[str]:
     facts = []
     roles = [r for r in ("teacher", "student", "baseline") if summary.get(r, {}).get("roc_auc") is not None]
     if roles:
-        facts.append(f"{positive} (positive) ROC-AUC / PR-AUC with 95% intervals: " + "; ".join(
-            f"{r} {summary[r]['roc_auc']:.3f} [{summary[r]['roc_auc_interval'][0]:.3f}, "
-            f"{summary[r]['roc_auc_interval'][1]:.3f}] / {summary[r]['pr_auc']:.3f} "
-            f"[{summary[r]['pr_auc_interval'][0]:.3f}, {summary[r]['pr_auc_interval'][1]:.3f}]" for r in roles))
+        facts.append(
+            f"{positive} (positive) ROC-AUC / PR-AUC with 95% intervals: "
+            + "; ".join(
+                f"{r} {summary[r]['roc_auc']:.3f} [{summary[r]['roc_auc_interval'][0]:.3f}, "
+                f"{summary[r]['roc_auc_interval'][1]:.3f}] / {summary[r]['pr_auc']:.3f} "
+                f"[{summary[r]['pr_auc_interval'][0]:.3f}, {summary[r]['pr_auc_interval'][1]:.3f}]"
+                for r in roles
+            )
+        )
     op = summary.get("operating_point")
     if op:
         calib = chosen.get("calibration") or {}
-        facts.append(f"operating point {op['rule']}: each model's threshold picked on `{op['calibration_split']}` "
-                     f"({calib.get('images', '?')} images, {calib.get('positives', '?')} of them {positive}), reported on "
-                     f"`{summary['eval_split']}`: " + "; ".join(
-                         f"{r} threshold {op[r]['threshold']:.3f}, recall {_pct(op[r]['recall'])} "
-                         f"[{_pct(op[r]['recall_interval'][0])}, {_pct(op[r]['recall_interval'][1])}], false-reject "
-                         f"{_pct(op[r]['false_reject'])} [{_pct(op[r]['false_reject_interval'][0])}, "
-                         f"{_pct(op[r]['false_reject_interval'][1])}]"
-                         for r in ["teacher"] + [a["role"] for a in summary.get("chain", [])] + ["student", "baseline"]
-                         if r in op))
+        facts.append(
+            f"operating point {op['rule']}: each model's threshold picked on `{op['calibration_split']}` "
+            f"({calib.get('images', '?')} images, {calib.get('positives', '?')} of them {positive}), reported on "
+            f"`{summary['eval_split']}`: "
+            + "; ".join(
+                f"{r} threshold {op[r]['threshold']:.3f}, recall {_pct(op[r]['recall'])} "
+                f"[{_pct(op[r]['recall_interval'][0])}, {_pct(op[r]['recall_interval'][1])}], false-reject "
+                f"{_pct(op[r]['false_reject'])} [{_pct(op[r]['false_reject_interval'][0])}, "
+                f"{_pct(op[r]['false_reject_interval'][1])}]"
+                for r in ["teacher"] + [a["role"] for a in summary.get("chain", [])] + ["student", "baseline"]
+                if r in op
+            )
+        )
     return facts
 
 
@@ -251,28 +343,34 @@ def _pct(value: Optional[float]) -> str:
 
 def _speed_facts(summary: dict[str, Any], batch: int) -> list[str]:
     """Size, host speed, the device estimate and cost: the same sentences for every task."""
-    facts = [f"parameters: {summary['param_reduction']:.1f}x fewer; weights: {summary['size_reduction']:.1f}x smaller",
-             f"host speedup (teacher / student latency): {summary['speedup']:.2f}x at batch 1, "
-             f"{summary[f'speedup_b{batch}']:.2f}x at batch {batch} "
-             f"({summary['host'].get('runtime', 'PyTorch')}, {summary['host']['threads']} threads"
-             + (f"; PyTorch eager {summary['speedup_torch']:.2f}x at batch 1" if summary.get("speedup_torch") else "")
-             + ")"]
+    facts = [
+        f"parameters: {summary['param_reduction']:.1f}x fewer; weights: {summary['size_reduction']:.1f}x smaller",
+        f"host speedup (teacher / student latency): {summary['speedup']:.2f}x at batch 1, "
+        f"{summary[f'speedup_b{batch}']:.2f}x at batch {batch} "
+        f"({summary['host'].get('runtime', 'PyTorch')}, {summary['host']['threads']} threads"
+        + (f"; PyTorch eager {summary['speedup_torch']:.2f}x at batch 1" if summary.get("speedup_torch") else "")
+        + ")",
+    ]
     est = summary.get("device_estimate")
     if est:
         ratio = est["student"]["est_fps"] / est["teacher"]["est_fps"]
-        facts.append(f"ESTIMATED on {est['device']} ({est['precision'].upper()}, {est['image_size']} px, "
-                     f"edgedistill plan, not measured): teacher {est['teacher']['est_fps']:.0f} FPS, student "
-                     f"{est['student']['est_fps']:.0f} FPS (" + (f"{ratio:.2f}x the teacher" if ratio > 1 else
-                                                                  "NOT faster than the teacher")
-                     + "); measure with `edgerun bench`")
+        facts.append(
+            f"ESTIMATED on {est['device']} ({est['precision'].upper()}, {est['image_size']} px, "
+            f"edgedistill plan, not measured): teacher {est['teacher']['est_fps']:.0f} FPS, student "
+            f"{est['student']['est_fps']:.0f} FPS ("
+            + (f"{ratio:.2f}x the teacher" if ratio > 1 else "NOT faster than the teacher")
+            + "); measure with `edgerun bench`"
+        )
     if summary.get("cost"):
         facts.append(cost_line(summary["cost"]))
     facts += int8_facts(summary)
     ds = summary.get("deepstream")
     if ds:
-        facts.append(f"DeepStream preprocessing on the host (whole frame resized, one scale; {ds['images']} images): "
-                     f"top-1 {ds['deepstream_top1'] * 100:.2f}% against the bundle's {ds['bundle_top1'] * 100:.2f}% "
-                     f"({ds['difference'] * 100:+.2f} points; {ds['note']}); configs in bundle/deepstream/")
+        facts.append(
+            f"DeepStream preprocessing on the host (whole frame resized, one scale; {ds['images']} images): "
+            f"top-1 {ds['deepstream_top1'] * 100:.2f}% against the bundle's {ds['bundle_top1'] * 100:.2f}% "
+            f"({ds['difference'] * 100:+.2f} points; {ds['note']}); configs in bundle/deepstream/"
+        )
     return facts
 
 
@@ -289,8 +387,11 @@ def int8_facts(summary: dict[str, Any]) -> list[str]:
     for kind, a in int8["attempts"].items():
         kept = f", {len(a['kept_fp16'])} layers FP16" if a.get("kept_fp16") else ""
         parts.append(f"{names[kind]} {a[key] * scale:.2f}{unit} (drop {a['drop'] * scale:.2f}{kept})")
-    shipped = (f"ships {names[int8['chosen']]} INT8" if int8["status"] == "accepted"
-               else f"INT8 REJECTED (the bundle keeps its best attempt, {names[int8['chosen']]}, marked rejected)")
+    shipped = (
+        f"ships {names[int8['chosen']]} INT8"
+        if int8["status"] == "accepted"
+        else f"INT8 REJECTED (the bundle keeps its best attempt, {names[int8['chosen']]}, marked rejected)"
+    )
     lines = ["INT8 on the host (ONNX Runtime, the bundle's validation images): " + "; ".join(parts) + f": {shipped}"]
     if int8["status"] != "accepted":
         lines.append(int8["advice"])
@@ -299,9 +400,14 @@ def int8_facts(summary: dict[str, Any]) -> list[str]:
 
 def summary_markdown(summary: dict[str, Any]) -> str:
     rows = summary_rows(summary, summary["latency_batch"])
-    lines = [f"# {summary['name']}: distillation summary", "",
-             f"Evaluated on `{summary['eval_split']}` ({summary['eval_samples']} images).", "",
-             "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines = [
+        f"# {summary['name']}: distillation summary",
+        "",
+        f"Evaluated on `{summary['eval_split']}` ({summary['eval_samples']} images).",
+        "",
+        "| " + " | ".join(rows[0]) + " |",
+        "|" + "---|" * len(rows[0]),
+    ]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     lines += [""] + [f"- {fact}" for fact in summary_facts(summary)]
     lines += ["", f"**Verdict:** {summary['verdict']}", ""]
@@ -317,39 +423,55 @@ def compare_text(summaries: Sequence[dict[str, Any]], names: Sequence[str]) -> s
 
     tasks = {s.get("task", "classification") for s in summaries}
     if len(tasks) > 1:
-        raise EdgedistillError("compare: these runs mix classification and regression summaries; compare runs of "
-                               "one recipe")
+        raise EdgedistillError(
+            "compare: these runs mix classification and regression summaries; compare runs of one recipe"
+        )
     if tasks == {"regression"}:
-        lines = [f"{'run':28} {'seed':>4} {'teacher R2':>10} {'student R2':>10} {'baseline R2':>11} {'retention':>9} "
-                 f"{'MAE gain':>9}"]
+        lines = [
+            f"{'run':28} {'seed':>4} {'teacher R2':>10} {'student R2':>10} {'baseline R2':>11} {'retention':>9} "
+            f"{'MAE gain':>9}"
+        ]
         for name, s in zip(names, summaries):
-            lines.append(f"{name[-28:]:28} {s.get('seed', '-')!s:>4} {s['teacher']['r2']:10.4f} "
-                         f"{s['student']['r2']:10.4f} {s['baseline']['r2']:11.4f} {100 * s['retention']:8.1f}% "
-                         f"{s['kd_gain']:+9.4g}")
+            lines.append(
+                f"{name[-28:]:28} {s.get('seed', '-')!s:>4} {s['teacher']['r2']:10.4f} "
+                f"{s['student']['r2']:10.4f} {s['baseline']['r2']:11.4f} {100 * s['retention']:8.1f}% "
+                f"{s['kd_gain']:+9.4g}"
+            )
         gains = [s["kd_gain"] for s in summaries]
-        lines += ["", f"mean over {len(summaries)} run(s): retention "
-                      f"{statistics.mean(100 * s['retention'] for s in summaries):.1f}%, KD gain (baseline MAE - "
-                      f"student MAE) {statistics.mean(gains):+.4g}"]
+        lines += [
+            "",
+            f"mean over {len(summaries)} run(s): retention "
+            f"{statistics.mean(100 * s['retention'] for s in summaries):.1f}%, KD gain (baseline MAE - "
+            f"student MAE) {statistics.mean(gains):+.4g}",
+        ]
         return "\n".join(lines)
 
     metrics_used = {(s.get("metric") or {}).get("name", "top1") for s in summaries}
     if len(metrics_used) > 1:
-        raise EdgedistillError(f"compare: these runs are judged on different metrics ({', '.join(sorted(metrics_used))}); "
-                               "set the same evaluate.metric for every run")
+        raise EdgedistillError(
+            f"compare: these runs are judged on different metrics ({', '.join(sorted(metrics_used))}); "
+            "set the same evaluate.metric for every run"
+        )
     metric = metrics_used.pop()
     what = metric_title(summaries[0])
 
     def score(s: dict[str, Any], role: str) -> float:
         return s[role].get(metric, s[role]["top1"])
 
-    header = f"{'run':28} {'seed':>4} {'teacher':>8} {'student':>8} {'baseline':>8} {'retention':>9} {'KD gain':>8} " \
-             f"{'p':>8}"
-    lines = [f"{what} of each model" + ("" if metric == "top1" else " (the runs' evaluate.metric)"), header,
-             "-" * len(header)]
+    header = (
+        f"{'run':28} {'seed':>4} {'teacher':>8} {'student':>8} {'baseline':>8} {'retention':>9} {'KD gain':>8} {'p':>8}"
+    )
+    lines = [
+        f"{what} of each model" + ("" if metric == "top1" else " (the runs' evaluate.metric)"),
+        header,
+        "-" * len(header),
+    ]
     for name, s in zip(names, summaries):
-        lines.append(f"{name[-28:]:28} {s.get('seed', '-')!s:>4} {100 * score(s, 'teacher'):7.2f}% "
-                     f"{100 * score(s, 'student'):7.2f}% {100 * score(s, 'baseline'):7.2f}% "
-                     f"{100 * s['retention']:8.1f}% {100 * s['kd_gain']:+7.2f} {s['significance']['p_value']:8.2g}")
+        lines.append(
+            f"{name[-28:]:28} {s.get('seed', '-')!s:>4} {100 * score(s, 'teacher'):7.2f}% "
+            f"{100 * score(s, 'student'):7.2f}% {100 * score(s, 'baseline'):7.2f}% "
+            f"{100 * s['retention']:8.1f}% {100 * s['kd_gain']:+7.2f} {s['significance']['p_value']:8.2g}"
+        )
 
     def ms(values: list[float], fmt: str) -> str:
         if len(values) < 2:
@@ -358,9 +480,12 @@ def compare_text(summaries: Sequence[dict[str, Any]], names: Sequence[str]) -> s
 
     retention = [100 * s["retention"] for s in summaries]
     gain = [100 * s["kd_gain"] for s in summaries]
-    lines += ["", f"mean over {len(summaries)} run(s): retention {ms(retention, '.1f')}%, KD gain "
-                  f"{ms(gain, '+.2f')} points, student {ms([100 * score(s, 'student') for s in summaries], '.2f')}% "
-                  f"vs baseline {ms([100 * score(s, 'baseline') for s in summaries], '.2f')}% ({what})"]
+    lines += [
+        "",
+        f"mean over {len(summaries)} run(s): retention {ms(retention, '.1f')}%, KD gain "
+        f"{ms(gain, '+.2f')} points, student {ms([100 * score(s, 'student') for s in summaries], '.2f')}% "
+        f"vs baseline {ms([100 * score(s, 'baseline') for s in summaries], '.2f')}% ({what})",
+    ]
     if len(summaries) > 1 and statistics.mean(gain) > 0 and min(gain) <= 0:
         lines.append("the gain changes sign across runs: report it as not established")
     return "\n".join(lines)

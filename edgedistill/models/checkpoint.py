@@ -10,18 +10,21 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Optional
+
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
 from edgedistill.errors import CheckpointError
 
-
 OPTIM_PREFIX = "optim."
+
 
 def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage (tied weights) and non-contiguous views: store plain copies.
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, Any]] = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,14 +33,18 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optiona
     save_file(_plain(tensors), str(tmp), metadata=meta)
     os.replace(tmp, path)
 
+
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint '{path}' is unreadable ({exc}); delete it to start that stage afresh") from exc
+        raise CheckpointError(
+            f"checkpoint '{path}' is unreadable ({exc}); delete it to start that stage afresh"
+        ) from exc
     return tensors, read_metadata(path)
+
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """The JSON metadata of a checkpoint, without loading its tensors."""
@@ -49,20 +56,24 @@ def read_metadata(path: Path) -> dict[str, Any]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint '{path}' is unreadable ({exc})") from exc
 
+
 def save_model(path: Path, model: nn.Module, metadata: Optional[dict[str, Any]] = None) -> None:
     save_tensors(path, model.state_dict(), metadata)
+
 
 def load_model(path: Path, model: nn.Module) -> dict[str, Any]:
     tensors, meta = load_tensors(path)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint '{path}' does not fit model {type(model).__name__}: "
-                              f"{str(exc).splitlines()[0]}; was the recipe's model changed?") from exc
+        raise CheckpointError(
+            f"checkpoint '{path}' does not fit model {type(model).__name__}: "
+            f"{str(exc).splitlines()[0]}; was the recipe's model changed?"
+        ) from exc
     return meta
 
-def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        state: dict[str, Any]) -> None:
+
+def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     opt = optimizer.state_dict()
     tensors = dict(model.state_dict())
     scalars: dict[str, dict[str, Any]] = {}
@@ -75,6 +86,7 @@ def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     meta = dict(state, param_groups=opt["param_groups"], optim_scalars=scalars)
     save_tensors(path, tensors, meta)
 
+
 def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     tensors, meta = load_tensors(path)
     model_tensors = {k: v for k, v in tensors.items() if not k.startswith(OPTIM_PREFIX)}
@@ -85,7 +97,7 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     opt_state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith(OPTIM_PREFIX):
-            idx, name = key[len(OPTIM_PREFIX):].split(".", 1)
+            idx, name = key[len(OPTIM_PREFIX) :].split(".", 1)
             opt_state.setdefault(int(idx), {})[name] = value
     for idx, values in meta.pop("optim_scalars", {}).items():
         opt_state.setdefault(int(idx), {}).update(values)

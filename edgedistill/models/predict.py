@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ class Prediction:
     @property
     def top1(self) -> float:
         return float((self.predicted == self.labels).mean()) if len(self.labels) else 0.0
+
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> Prediction:

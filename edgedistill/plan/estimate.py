@@ -17,39 +17,67 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Optional
+
 import numpy as np
-from edgerun.profiles import get_target
+
 from edgedistill.errors import EdgedistillError
-from edgedistill.plan.calibration import (factors_for)
+from edgedistill.plan.calibration import factors_for
 from edgedistill.plan.profile import profile_model
-from edgedistill.plan.roofline import Factors, RUNTIME_BASE_MB, layer_times_ms, model_memory_mb
+from edgedistill.plan.roofline import RUNTIME_BASE_MB, Factors, layer_times_ms, model_memory_mb
+from edgerun.profiles import get_target
 
 log = logging.getLogger(__name__)
 
 
 # Edge-friendly timm models and torchvision's SqueezeNets, smallest first.
 DEFAULT_CANDIDATES = (
-    "mobilenetv3_small_050", "mobilenetv3_small_075", "lcnet_100", "squeezenet1_1", "mobilenetv3_small_100",
-    "mobilenetv2_050", "mobilenetv2_100", "ghostnet_100", "mnasnet_100", "mobilenetv3_large_100",
-    "efficientnet_lite0", "mobilenetv2_140", "resnet10t", "efficientnet_b0", "resnet18", "resnet34",
-    "efficientnet_b1", "resnet50",
+    "mobilenetv3_small_050",
+    "mobilenetv3_small_075",
+    "lcnet_100",
+    "squeezenet1_1",
+    "mobilenetv3_small_100",
+    "mobilenetv2_050",
+    "mobilenetv2_100",
+    "ghostnet_100",
+    "mnasnet_100",
+    "mobilenetv3_large_100",
+    "efficientnet_lite0",
+    "mobilenetv2_140",
+    "resnet10t",
+    "efficientnet_b0",
+    "resnet18",
+    "resnet34",
+    "efficientnet_b1",
+    "resnet50",
 )
 
 # ImageNet-1k top-1 (%) published by timm, results/results-imagenet.csv of huggingface/pytorch-image-models
 # (commit 0173a139), for the weights named; the planner ranks by it and says when a model has none.
 TIMM_TOP1 = {
-    "mobilenetv3_small_050": (57.910, "lamb_in1k"), "mobilenetv3_small_075": (65.234, "lamb_in1k"),
-    "mobilenetv3_small_100": (67.656, "lamb_in1k"), "mobilenetv3_large_100": (75.766, "ra_in1k"),
-    "mobilenetv2_050": (65.950, "lamb_in1k"), "mobilenetv2_100": (72.976, "ra_in1k"),
-    "mobilenetv2_140": (76.520, "ra_in1k"), "lcnet_100": (72.096, "ra2_in1k"), "ghostnet_100": (73.982, "in1k"),
-    "mnasnet_100": (74.650, "rmsp_in1k"), "efficientnet_lite0": (75.480, "ra_in1k"),
-    "efficientnet_b0": (77.694, "ra_in1k"), "efficientnet_b1": (78.800, "ft_in1k"),
-    "resnet10t": (68.358, "c3_in1k"), "resnet18": (69.760, "tv_in1k"), "resnet34": (74.578, "gluon_in1k"),
-    "resnet50": (76.130, "tv_in1k"), "resnet101": (77.376, "tv_in1k"), "resnet152": (78.322, "tv_in1k"),
+    "mobilenetv3_small_050": (57.910, "lamb_in1k"),
+    "mobilenetv3_small_075": (65.234, "lamb_in1k"),
+    "mobilenetv3_small_100": (67.656, "lamb_in1k"),
+    "mobilenetv3_large_100": (75.766, "ra_in1k"),
+    "mobilenetv2_050": (65.950, "lamb_in1k"),
+    "mobilenetv2_100": (72.976, "ra_in1k"),
+    "mobilenetv2_140": (76.520, "ra_in1k"),
+    "lcnet_100": (72.096, "ra2_in1k"),
+    "ghostnet_100": (73.982, "in1k"),
+    "mnasnet_100": (74.650, "rmsp_in1k"),
+    "efficientnet_lite0": (75.480, "ra_in1k"),
+    "efficientnet_b0": (77.694, "ra_in1k"),
+    "efficientnet_b1": (78.800, "ft_in1k"),
+    "resnet10t": (68.358, "c3_in1k"),
+    "resnet18": (69.760, "tv_in1k"),
+    "resnet34": (74.578, "gluon_in1k"),
+    "resnet50": (76.130, "tv_in1k"),
+    "resnet101": (77.376, "tv_in1k"),
+    "resnet152": (78.322, "tv_in1k"),
     "densenet121": (74.764, "tv_in1k"),
 }
 
 MARGIN = 0.2  # the recommendation keeps 20% headroom on FPS and memory
+
 
 # ------------------------------------------------------------------------------------------------ estimates
 @dataclass
@@ -69,6 +97,7 @@ class Estimate:
     reason: str
     with_margin: bool = False
 
+
 def top1_of(name: str) -> tuple[Optional[float], str]:
     if name in TIMM_TOP1:
         value, tag = TIMM_TOP1[name]
@@ -79,6 +108,7 @@ def top1_of(name: str) -> tuple[Optional[float], str]:
         weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
         return weights.meta["_metrics"]["ImageNet-1K"]["acc@1"], "torchvision weights metadata"
     return None, "none published here: ranked by parameters"
+
 
 @dataclass(frozen=True)
 class PlanSpec:
@@ -124,8 +154,22 @@ def estimate(name: str, spec: PlanSpec, role: str = "candidate", factors: Option
     problems, tight = _fit(spec, fps, memory, target.get("memory_mb"))
     top1, source = top1_of(name)
     reason = "; ".join(problems) if problems else ("fits, but " + ", ".join(tight) if tight else "fits with margin")
-    return Estimate(name, role, prof.params, prof.flops, prof.macs, top1, source, latency, fps, memory, engine_mb,
-                    not problems, reason, with_margin=not problems and not tight)
+    return Estimate(
+        name,
+        role,
+        prof.params,
+        prof.flops,
+        prof.macs,
+        top1,
+        source,
+        latency,
+        fps,
+        memory,
+        engine_mb,
+        not problems,
+        reason,
+        with_margin=not problems and not tight,
+    )
 
 
 def plan(spec: PlanSpec, candidates: Iterable[str] = DEFAULT_CANDIDATES, teacher: Optional[str] = None) -> dict:
@@ -136,27 +180,46 @@ def plan(spec: PlanSpec, candidates: Iterable[str] = DEFAULT_CANDIDATES, teacher
     rows.sort(key=lambda e: (e.top1 if e.top1 is not None else -1, e.params), reverse=True)
     recommended = next((e for e in rows if e.with_margin), None)
     teacher_row = estimate(teacher, spec, role="teacher", factors=factors) if teacher else None
-    return {"target": spec.target, "device": get_target(spec.target)["device"], "precision": spec.precision,
-            "image_size": spec.image_size, "batch": spec.batch, "fps_target": spec.fps_target,
-            "budget_mb": spec.budget_mb, "factors": asdict(factors), "rows": rows, "teacher": teacher_row,
-            "recommended": recommended.model if recommended else None}
+    return {
+        "target": spec.target,
+        "device": get_target(spec.target)["device"],
+        "precision": spec.precision,
+        "image_size": spec.image_size,
+        "batch": spec.batch,
+        "fps_target": spec.fps_target,
+        "budget_mb": spec.budget_mb,
+        "factors": asdict(factors),
+        "rows": rows,
+        "teacher": teacher_row,
+        "recommended": recommended.model if recommended else None,
+    }
 
 
 def _has_grouped(e, image_size: int) -> bool:
     e = e if isinstance(e, dict) else asdict(e)
     return any(lay.kind == "dwconv" for lay in profile_model(e["model"], image_size).layers)
 
+
 def format_plan(result: dict, loo: Optional[list] = None) -> str:
-    head = (f"plan for {result['device']} ({result['target']}), {result['precision'].upper()}, "
-            f"{result['image_size']} px, batch {result['batch']}"
-            + (f", target {result['fps_target']:g} FPS" if result["fps_target"] else "")
-            + (f", budget {result['budget_mb']:g} MB" if result["budget_mb"] else ""))
+    head = (
+        f"plan for {result['device']} ({result['target']}), {result['precision'].upper()}, "
+        f"{result['image_size']} px, batch {result['batch']}"
+        + (f", target {result['fps_target']:g} FPS" if result["fps_target"] else "")
+        + (f", budget {result['budget_mb']:g} MB" if result["budget_mb"] else "")
+    )
     f = result["factors"]
-    lines = [head, "every device figure is an ESTIMATE (roofline fitted to published measurements; "
-             f"factors {f['source']}; runtime base {f['runtime_base_mb']:.0f} MB"
-             + (" assumed" if f["runtime_base_mb"] == RUNTIME_BASE_MB else "") + ")", ""]
-    header = f"{'model':24} {'top-1':>6} {'params':>7} {'GMACs':>6} {'est ms':>7} {'est FPS':>8} {'est MB':>7} " \
-             f"{'engine MB':>9}  verdict"
+    lines = [
+        head,
+        "every device figure is an ESTIMATE (roofline fitted to published measurements; "
+        f"factors {f['source']}; runtime base {f['runtime_base_mb']:.0f} MB"
+        + (" assumed" if f["runtime_base_mb"] == RUNTIME_BASE_MB else "")
+        + ")",
+        "",
+    ]
+    header = (
+        f"{'model':24} {'top-1':>6} {'params':>7} {'GMACs':>6} {'est ms':>7} {'est FPS':>8} {'est MB':>7} "
+        f"{'engine MB':>9}  verdict"
+    )
     lines += [header, "-" * len(header)]
     rows = list(result["rows"]) + ([result["teacher"]] if result["teacher"] else [])
     for e in rows:
@@ -164,29 +227,41 @@ def format_plan(result: dict, loo: Optional[list] = None) -> str:
         mark = "*" if e["model"] == result["recommended"] else " "
         top1 = f"{e['top1']:.1f}" if e["top1"] is not None else "-"
         label = e["model"] + (" (teacher)" if e["role"] == "teacher" else "")
-        lines.append(f"{mark}{label:23} {top1:>6} {e['params'] / 1e6:6.2f}M {e['macs'] / 1e9:6.2f} "
-                     f"{e['est_latency_ms']:7.2f} {e['est_fps']:8.1f} {e['est_memory_mb']:7.0f} "
-                     f"{e['est_engine_mb']:9.1f}  {e['reason']}")
+        lines.append(
+            f"{mark}{label:23} {top1:>6} {e['params'] / 1e6:6.2f}M {e['macs'] / 1e9:6.2f} "
+            f"{e['est_latency_ms']:7.2f} {e['est_fps']:8.1f} {e['est_memory_mb']:7.0f} "
+            f"{e['est_engine_mb']:9.1f}  {e['reason']}"
+        )
     lines.append("")
     if result["recommended"]:
-        lines.append(f"recommended student: {result['recommended']} (the most accurate candidate that keeps 20% "
-                     "headroom on FPS and memory; a much smaller student loses more than distillation recovers)")
+        lines.append(
+            f"recommended student: {result['recommended']} (the most accurate candidate that keeps 20% "
+            "headroom on FPS and memory; a much smaller student loses more than distillation recovers)"
+        )
     else:
-        lines.append("no candidate keeps 20% headroom: lower the image size, use a faster precision, or raise the "
-                     "budget")
+        lines.append(
+            "no candidate keeps 20% headroom: lower the image size, use a faster precision, or raise the budget"
+        )
     if loo:
         errors = [abs(r["relative_error"]) for r in loo if r["board"] == f["board"]]
         if errors:
-            lines.append(f"planner error on {f['board']}'s {len(errors)} published points (leave-one-out): median "
-                         f"{np.median(errors) * 100:.0f}%, max {max(errors) * 100:.0f}%")
+            lines.append(
+                f"planner error on {f['board']}'s {len(errors)} published points (leave-one-out): median "
+                f"{np.median(errors) * 100:.0f}%, max {max(errors) * 100:.0f}%"
+            )
     if any(_has_grouped(e, result["image_size"]) for e in rows):
-        lines.append("the published points are dense CNNs (ResNet, DenseNet, VGG, SqueezeNet, AlexNet): figures for "
-                     "depthwise-separable models (MobileNet, EfficientNet, ...) are extrapolated; check the chosen one "
-                     "with `edgerun bench --json` and `edgedistill plan --measured`")
-    lines.append("top-1: ImageNet-1k as published (timm's results table, torchvision's weights metadata), not on "
-                 "your data nor on your metric (an inspection line judges recall at a false-reject rate or balanced "
-                 "accuracy: distill the shortlisted students and compare them on it); MACs = FLOPs / 2")
+        lines.append(
+            "the published points are dense CNNs (ResNet, DenseNet, VGG, SqueezeNet, AlexNet): figures for "
+            "depthwise-separable models (MobileNet, EfficientNet, ...) are extrapolated; check the chosen one "
+            "with `edgerun bench --json` and `edgedistill plan --measured`"
+        )
+    lines.append(
+        "top-1: ImageNet-1k as published (timm's results table, torchvision's weights metadata), not on "
+        "your data nor on your metric (an inspection line judges recall at a false-reject rate or balanced "
+        "accuracy: distill the shortlisted students and compare them on it); MACs = FLOPs / 2"
+    )
     return "\n".join(lines)
+
 
 def recipe_estimate(recipe, num_classes: int) -> Optional[dict[str, Any]]:
     """The planner's ESTIMATE of teacher and student on the export target (Jetson targets only), or None."""
@@ -194,17 +269,28 @@ def recipe_estimate(recipe, num_classes: int) -> Optional[dict[str, Any]]:
     if not target.get("gpu"):
         return None
     try:
-        out = {"target": recipe.export.target, "device": target["device"], "precision": "fp16",
-               "image_size": recipe.data.image_size, "label": "estimate (edgedistill plan), not a measurement"}
+        out = {
+            "target": recipe.export.target,
+            "device": target["device"],
+            "precision": "fp16",
+            "image_size": recipe.data.image_size,
+            "label": "estimate (edgedistill plan), not a measurement",
+        }
         for role, cfg in (("teacher", recipe.teacher), ("student", recipe.student)):
-            e = estimate(cfg.model, PlanSpec(recipe.export.target, "fp16", recipe.data.image_size,
-                                             num_classes=num_classes))
-            out[role] = {"model": cfg.model, "est_latency_ms": e.est_latency_ms, "est_fps": e.est_fps,
-                         "est_memory_mb": e.est_memory_mb}
+            e = estimate(
+                cfg.model, PlanSpec(recipe.export.target, "fp16", recipe.data.image_size, num_classes=num_classes)
+            )
+            out[role] = {
+                "model": cfg.model,
+                "est_latency_ms": e.est_latency_ms,
+                "est_fps": e.est_fps,
+                "est_memory_mb": e.est_memory_mb,
+            }
         return out
     except EdgedistillError as exc:
         log.warning("evaluate: no device estimate for %s: %s", recipe.export.target, exc)
         return None
+
 
 def device_check(est: Optional[dict[str, Any]], recipe, num_classes: int, keep: int = 3) -> Optional[dict[str, Any]]:
     """Is the student faster than its teacher on the export target (by the planner's ESTIMATE)? When it is not, the
@@ -213,9 +299,15 @@ def device_check(est: Optional[dict[str, Any]], recipe, num_classes: int, keep: 
     if not est:
         return None
     teacher_fps, student_fps = est["teacher"]["est_fps"], est["student"]["est_fps"]
-    out = {"device": est["device"], "target": est["target"], "teacher_fps": teacher_fps, "student_fps": student_fps,
-           "speedup": student_fps / teacher_fps, "student_faster": student_fps > teacher_fps,
-           "label": "estimate (edgedistill plan), not a measurement"}
+    out = {
+        "device": est["device"],
+        "target": est["target"],
+        "teacher_fps": teacher_fps,
+        "student_fps": student_fps,
+        "speedup": student_fps / teacher_fps,
+        "student_faster": student_fps > teacher_fps,
+        "label": "estimate (edgedistill plan), not a measurement",
+    }
     if student_fps <= teacher_fps:
         factors = factors_for(recipe.export.target)
         rows = []
@@ -223,8 +315,11 @@ def device_check(est: Optional[dict[str, Any]], recipe, num_classes: int, keep: 
             if name in (recipe.teacher.model, recipe.student.model):
                 continue
             try:
-                e = estimate(name, PlanSpec(recipe.export.target, "fp16", recipe.data.image_size,
-                                            num_classes=num_classes), factors=factors)
+                e = estimate(
+                    name,
+                    PlanSpec(recipe.export.target, "fp16", recipe.data.image_size, num_classes=num_classes),
+                    factors=factors,
+                )
             except RuntimeError as exc:  # a model whose pooling cannot take an image this small
                 log.debug("device check: %s skipped at %d px (%s)", name, recipe.data.image_size, exc)
                 continue

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
+
 import torch
 from torch import nn
+
 from edgedistill.models.factory import count_params, create_model
 
 
@@ -19,6 +21,7 @@ class Layer:
     in_elems: int
     out_elems: int
     weight_elems: int
+
 
 @dataclass
 class ModelProfile:
@@ -33,6 +36,7 @@ class ModelProfile:
     def macs(self) -> float:
         return self.flops / 2
 
+
 def build_architecture(name: str, num_classes: int = 1000, framework: str = "auto") -> nn.Module:
     """An untrained network of that name (nothing downloaded): torchvision for the calibration rows and the
     SqueezeNets, timm otherwise."""
@@ -43,6 +47,7 @@ def build_architecture(name: str, num_classes: int = 1000, framework: str = "aut
     from edgedistill.recipe.sections import ModelConfig
 
     return create_model(ModelConfig(model=name), num_classes)
+
 
 @lru_cache(maxsize=128)
 def profile_model(name: str, image_size: int = 224, framework: str = "auto", num_classes: int = 1000) -> ModelProfile:
@@ -56,9 +61,11 @@ def profile_model(name: str, image_size: int = 224, framework: str = "auto", num
         out = output if torch.is_tensor(output) else output[0]
         records.append((module, int(inputs[0].numel()), int(out.numel())))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                                 nn.AdaptiveMaxPool2d))]
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))
+    ]
     names = {m: n for n, m in model.named_modules()}
     root = type(model).__name__
     try:

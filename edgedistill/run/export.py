@@ -7,14 +7,16 @@ from __future__ import annotations
 import json
 import logging
 from typing import Any
+
 from torch import nn
-from edgedistill.files import atomic_write_text
+
 from edgedistill.data.splits import with_unlabeled
+from edgedistill.files import atomic_write_text
 from edgedistill.judge.summary import summary_markdown
-from edgedistill.train.job import Teaching, TrainJob, balance_for
-from edgedistill.train.loop import train_model
 from edgedistill.run.context import RunContext
 from edgedistill.run.folder import MODEL_FILE
+from edgedistill.train.job import Teaching, TrainJob, balance_for
+from edgedistill.train.loop import train_model
 
 log = logging.getLogger(__name__)
 
@@ -33,47 +35,93 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
         s = json.loads(summary_path.read_text())
         quality = ("r2", "mae") if recipe.task == "regression" else ("top1",)
         host = {f"{role}_{k}": s[role][k] for role in ("teacher", "student", "baseline") for k in quality}
-        host.update({"retention": s["retention"], "kd_gain": s["kd_gain"], "eval_split": s["eval_split"],
-                     "eval_samples": s["eval_samples"]})
+        host.update(
+            {
+                "retention": s["retention"],
+                "kd_gain": s["kd_gain"],
+                "eval_split": s["eval_split"],
+                "eval_samples": s["eval_samples"],
+            }
+        )
         if s.get("metric"):
             host["metric"] = s["metric"]["name"]
             host.update({f"{role}_score": s[role]["score"] for role in ("teacher", "student", "baseline")})
             if s.get("fingerprint") == ctx.fingerprint("evaluate"):
                 decision = _decision(s)
             else:
-                log.warning("export: %s is from another recipe: the bundle gets no reject threshold; run `edgedistill "
-                            "evaluate RECIPE` first", summary_path)
+                log.warning(
+                    "export: %s is from another recipe: the bundle gets no reject threshold; run `edgedistill "
+                    "evaluate RECIPE` first",
+                    summary_path,
+                )
     else:
         log.warning("export: no summary.json yet (run evaluate first to carry host metrics into the manifest)")
-    manifest = build_bundle(ExportJob(
-        qad=lambda input_amax: quantization_aware_distillation(ctx, student, student_key, input_amax),
-        model=student, out_dir=ctx.stage_dir("export"), name=recipe.name, classes=data.classes, train=data.train,
-        val=data.val, data_cfg=recipe.data, cfg=recipe.export, seed=recipe.seed,
-        checkpoint=ctx.stage_dir(student_key) / MODEL_FILE, recipe_yaml=recipe.to_yaml(), teacher=teacher,
-        source={"student_model": recipe.student.model, "teacher_model": recipe.teacher.model,
-                "recipe_fingerprint": ctx.fingerprint("export")},
-        host_metrics=host, targets=data.scaling.as_dict() if data.scaling is not None else None, decision=decision))
+    manifest = build_bundle(
+        ExportJob(
+            qad=lambda input_amax: quantization_aware_distillation(ctx, student, student_key, input_amax),
+            model=student,
+            out_dir=ctx.stage_dir("export"),
+            name=recipe.name,
+            classes=data.classes,
+            train=data.train,
+            val=data.val,
+            data_cfg=recipe.data,
+            cfg=recipe.export,
+            seed=recipe.seed,
+            checkpoint=ctx.stage_dir(student_key) / MODEL_FILE,
+            recipe_yaml=recipe.to_yaml(),
+            teacher=teacher,
+            source={
+                "student_model": recipe.student.model,
+                "teacher_model": recipe.teacher.model,
+                "recipe_fingerprint": ctx.fingerprint("export"),
+            },
+            host_metrics=host,
+            targets=data.scaling.as_dict() if data.scaling is not None else None,
+            decision=decision,
+        )
+    )
     ctx.mark_done("export", ["manifest.json", "model.onnx"])
     int8 = manifest["metrics"].get("int8") or {}
     ds = manifest["metrics"].get("deepstream")
     if summary_path.exists() and (int8.get("attempts") or ds):
         s = json.loads(summary_path.read_text())  # the gate speaks where the user reads the verdict
         if int8.get("attempts"):
-            s["int8"] = {k: int8.get(k) for k in ("fp32_top1", "fp32_r2", "attempts", "chosen", "status", "drop",
-                                                  "kept_fp16", "advice", "layers", "calibration")}
+            s["int8"] = {
+                k: int8.get(k)
+                for k in (
+                    "fp32_top1",
+                    "fp32_r2",
+                    "attempts",
+                    "chosen",
+                    "status",
+                    "drop",
+                    "kept_fp16",
+                    "advice",
+                    "layers",
+                    "calibration",
+                )
+            }
         if ds:
             s["deepstream"] = dict(ds, note=manifest["deepstream"]["note"])
         atomic_write_text(summary_path, json.dumps(s, indent=2))
         atomic_write_text(ctx.run_dir / "summary.md", summary_markdown(s))
     par = manifest["metrics"]["parity"]
-    log.info("export: bundle for %s in %s (parity max abs error %.1e%s); pack it with `edgedistill pack %s -o "
-             "%s.edb`", recipe.export.target, ctx.stage_dir("export"), par["max_abs_error"],
-             "" if data.scaling is not None else f", top-1 agreement {par['top1_agreement'] * 100:.2f}%",
-             ctx.stage_dir("export"), recipe.name)
+    log.info(
+        "export: bundle for %s in %s (parity max abs error %.1e%s); pack it with `edgedistill pack %s -o %s.edb`",
+        recipe.export.target,
+        ctx.stage_dir("export"),
+        par["max_abs_error"],
+        "" if data.scaling is not None else f", top-1 agreement {par['top1_agreement'] * 100:.2f}%",
+        ctx.stage_dir("export"),
+        recipe.name,
+    )
     return manifest
 
-def quantization_aware_distillation(ctx: RunContext, student: nn.Module, student_key: str,
-                                    input_amax: dict[str, float]) -> tuple[nn.Module, dict[str, Any]]:
+
+def quantization_aware_distillation(
+    ctx: RunContext, student: nn.Module, student_key: str, input_amax: dict[str, float]
+) -> tuple[nn.Module, dict[str, Any]]:
     """``export.int8`` reaching QAD: the trained student with fake quantization on the layers the INT8 model
     quantizes (``input_amax``: their calibrated input ranges), fine-tuned with the distill stage's loss against the
     FP32 teacher (``export.qad_teacher``: the run's teacher, or the FP32 student itself) for ``export.qad_epochs`` at
@@ -87,37 +135,86 @@ def quantization_aware_distillation(ctx: RunContext, student: nn.Module, student
     recipe = ctx.recipe
     export = recipe.export
     folder = ctx.run_dir / "qad"
-    fingerprint = hashlib.sha256(json.dumps({
-        "student": ctx.fingerprint(student_key), "export": recipe.fingerprint("export"),
-        "amax": sorted(input_amax.items())}, sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            {
+                "student": ctx.fingerprint(student_key),
+                "export": recipe.fingerprint("export"),
+                "amax": sorted(input_amax.items()),
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
     step = ctx.steps[student_key]
     if export.qad_teacher == "teacher":
         teacher = ctx.trained_model(ctx.steps["distill"].teacher, "export (quantization-aware distillation)")
     else:
         teacher = ctx.trained_model(student_key, "export (quantization-aware distillation)")
     model = add_fake_quant(student, input_amax)
-    cfg = recipe.student.model_copy(update={"epochs": export.qad_epochs, "lr": export.qad_lr, "warmup_epochs": 0.0,
-                                            "val_every": 1, "layer_decay": None})
+    cfg = recipe.student.model_copy(
+        update={
+            "epochs": export.qad_epochs,
+            "lr": export.qad_lr,
+            "warmup_epochs": 0.0,
+            "val_every": 1,
+            "layer_decay": None,
+        }
+    )
     train = ctx.data.train if ctx.unlabeled is None else with_unlabeled(ctx.data.train, ctx.unlabeled)
     balance = None
     if recipe.task != "regression":
         balance = balance_for(cfg, train, recipe.data, recipe.distill)
-    log.info("export: quantization-aware distillation of %s against the FP32 %s (%d epoch(s), lr %.1e, %d fake-"
-             "quantized layers) in %s", step.cfg.model, export.qad_teacher, cfg.epochs, cfg.lr, len(input_amax), folder)
-    history = train_model(TrainJob(model=model, train=train, val=ctx.data.val, data=recipe.data, cfg=cfg, folder=folder,
-                                   seed=recipe.seed, fingerprint=fingerprint, device=ctx.device, label="qad",
-                                   teaching=Teaching(teacher=teacher, distill=recipe.distill), hardware=recipe.train,
-                                   task=recipe.task, balance=balance, freeze_bn=True))
+    log.info(
+        "export: quantization-aware distillation of %s against the FP32 %s (%d epoch(s), lr %.1e, %d fake-"
+        "quantized layers) in %s",
+        step.cfg.model,
+        export.qad_teacher,
+        cfg.epochs,
+        cfg.lr,
+        len(input_amax),
+        folder,
+    )
+    history = train_model(
+        TrainJob(
+            model=model,
+            train=train,
+            val=ctx.data.val,
+            data=recipe.data,
+            cfg=cfg,
+            folder=folder,
+            seed=recipe.seed,
+            fingerprint=fingerprint,
+            device=ctx.device,
+            label="qad",
+            teaching=Teaching(teacher=teacher, distill=recipe.distill),
+            hardware=recipe.train,
+            task=recipe.task,
+            balance=balance,
+            freeze_bn=True,
+        )
+    )
     seconds = sum(r.get("seconds", 0.0) for r in history)
-    student_seconds = sum(json.loads(line).get("seconds", 0.0)
-                          for line in (ctx.stage_dir(student_key) / "metrics.jsonl").read_text().splitlines()
-                          if '"kind": "epoch"' in line) if (ctx.stage_dir(student_key) / "metrics.jsonl").exists() else 0
-    facts = {"epochs": cfg.epochs, "lr": cfg.lr, "teacher": export.qad_teacher, "train_seconds": round(seconds, 1),
-             "student_train_seconds": round(student_seconds, 1),
-             "val_top1_fake_quant": (history[-1] if history else {}).get("val_top1"),
-             "checkpoint": str(folder / "last.safetensors"),
-             "fingerprint": read_metadata(folder / "last.safetensors").get("fingerprint")}
+    student_seconds = (
+        sum(
+            json.loads(line).get("seconds", 0.0)
+            for line in (ctx.stage_dir(student_key) / "metrics.jsonl").read_text().splitlines()
+            if '"kind": "epoch"' in line
+        )
+        if (ctx.stage_dir(student_key) / "metrics.jsonl").exists()
+        else 0
+    )
+    facts = {
+        "epochs": cfg.epochs,
+        "lr": cfg.lr,
+        "teacher": export.qad_teacher,
+        "train_seconds": round(seconds, 1),
+        "student_train_seconds": round(student_seconds, 1),
+        "val_top1_fake_quant": (history[-1] if history else {}).get("val_top1"),
+        "checkpoint": str(folder / "last.safetensors"),
+        "fingerprint": read_metadata(folder / "last.safetensors").get("fingerprint"),
+    }
     return remove_fake_quant(model.cpu()).eval(), facts
+
 
 def _decision(summary: dict[str, Any]) -> dict[str, Any]:
     """The device's reject decision from the evaluate stage: the metric, the positive class and, when a threshold
@@ -128,11 +225,16 @@ def _decision(summary: dict[str, Any]) -> dict[str, Any]:
     op = summary.get("operating_point")
     if op:
         mine = op["student"]
-        out.update(threshold=mine["threshold"], operating_point=chosen["operating_point"],
-                   calibration_split=op["calibration_split"],
-                   host={"split": summary["eval_split"], "recall": mine["recall"], "false_reject": mine["false_reject"]})
+        out.update(
+            threshold=mine["threshold"],
+            operating_point=chosen["operating_point"],
+            calibration_split=op["calibration_split"],
+            host={"split": summary["eval_split"], "recall": mine["recall"], "false_reject": mine["false_reject"]},
+        )
     elif summary["student"].get("metric_threshold") is not None:
-        out.update(threshold=summary["student"]["metric_threshold"],
-                   operating_point={"target_recall": None, "max_false_reject": chosen.get("false_reject_limit")},
-                   calibration_split=(chosen.get("calibration") or {}).get("split"))
+        out.update(
+            threshold=summary["student"]["metric_threshold"],
+            operating_point={"target_recall": None, "max_false_reject": chosen.get("false_reject_limit")},
+            calibration_split=(chosen.get("calibration") or {}).get("split"),
+        )
     return out

@@ -11,10 +11,9 @@ from typing import Any, Optional
 
 from edgedistill.errors import RecipeError, StageMissingError
 from edgedistill.files import atomic_write_text
-from edgedistill.recipe.sections import ModelConfig
 from edgedistill.recipe.schema import Recipe
+from edgedistill.recipe.sections import ModelConfig
 from edgedistill.train import distributed
-
 
 MODEL_FILE = "model.safetensors"
 
@@ -35,6 +34,7 @@ DEPENDS_ON = {
     "export": STUDENT_SECTIONS + ("self_distill", "evaluate", "export"),  # evaluate: the manifest's decision
 }
 
+
 @dataclass(frozen=True)
 class Step:
     """One model a run trains: its folder, its recipe section, whom it learns from, what decides it."""
@@ -52,6 +52,7 @@ class Step:
     def uses_unlabeled(self) -> bool:
         return self.teacher is not None
 
+
 def plan_steps(recipe: Recipe) -> dict[str, Step]:
     """Every step of a recipe, in training order."""
     steps = [Step("teacher", "teacher", "teacher", recipe.teacher, None, TEACHER_SECTIONS, UNLABELED_KEY)]
@@ -63,8 +64,17 @@ def plan_steps(recipe: Recipe) -> dict[str, Step]:
     steps.append(Step("distill", "student", "student", recipe.student, source, STUDENT_SECTIONS))
     for g in range(1, recipe.self_distill.generations + 1):
         previous = "distill" if g == 1 else f"generation-{g - 1}"
-        steps.append(Step(f"generation-{g}", f"student-gen{g}", "student", recipe.student, previous,
-                          STUDENT_SECTIONS, seed_offset=1000 * g))
+        steps.append(
+            Step(
+                f"generation-{g}",
+                f"student-gen{g}",
+                "student",
+                recipe.student,
+                previous,
+                STUDENT_SECTIONS,
+                seed_offset=1000 * g,
+            )
+        )
     # with match_steps the baseline's schedule depends on how many unlabeled images the student sees
     baseline_exclude = () if recipe.baseline.epochs == "match_steps" else UNLABELED_KEY
     steps.append(Step("baseline", "baseline", "student", recipe.student, None, BASELINE_SECTIONS, baseline_exclude))
@@ -78,8 +88,9 @@ class RunFolder:
         self.recipe = recipe
         self.run_dir = recipe.run_dir
         if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise RecipeError(f"output '{self.run_dir}' is a file: the run needs a folder there; choose another "
-                              "output (or name)")
+            raise RecipeError(
+                f"output '{self.run_dir}' is a file: the run needs a folder there; choose another output (or name)"
+            )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.steps = plan_steps(recipe)
 
@@ -114,7 +125,8 @@ class RunFolder:
         except json.JSONDecodeError:
             return None
         ok = done.get("fingerprint") == self.fingerprint(key) and all(
-            (self.stage_dir(key) / name).exists() for name in done.get("outputs", []))
+            (self.stage_dir(key) / name).exists() for name in done.get("outputs", [])
+        )
         return done if ok else None
 
     def is_done(self, key: str) -> bool:
@@ -126,16 +138,25 @@ class RunFolder:
         folder = self.stage_dir(key)
         if key != "export":  # a bundle carries its recipe inside, covered by the manifest's sha256 list
             atomic_write_text(folder / "recipe.yaml", self.recipe.to_yaml())
-        atomic_write_text(self.done_path(key), json.dumps(
-            {"stage": key, "fingerprint": self.fingerprint(key), "outputs": outputs, **(extra or {})}, indent=2))
+        atomic_write_text(
+            self.done_path(key),
+            json.dumps(
+                {"stage": key, "fingerprint": self.fingerprint(key), "outputs": outputs, **(extra or {})}, indent=2
+            ),
+        )
 
     def require(self, key: str, what: str) -> Path:
         path = self.stage_dir(key) / MODEL_FILE
         if not self.is_done(key) or not path.exists():
-            stage = "assistant" if key.startswith("assistant") else (
-                "self-distill" if key.startswith("generation") else key)
-            raise StageMissingError(f"{what} needs the '{key}' stage of this recipe, which has not finished in "
-                                    f"'{self.run_dir}': run `edgedistill {stage} RECIPE` (or `edgedistill run`) first")
+            stage = (
+                "assistant"
+                if key.startswith("assistant")
+                else ("self-distill" if key.startswith("generation") else key)
+            )
+            raise StageMissingError(
+                f"{what} needs the '{key}' stage of this recipe, which has not finished in "
+                f"'{self.run_dir}': run `edgedistill {stage} RECIPE` (or `edgedistill run`) first"
+            )
         return path
 
     def best_student(self) -> str:

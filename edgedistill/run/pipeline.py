@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import logging
 from typing import Any, Callable
-from edgedistill.train import distributed
+
 from edgedistill.run.context import RunContext
 from edgedistill.run.evaluation import stage_evaluate
 from edgedistill.run.export import stage_export
-from edgedistill.run.training import (stage_assistant, stage_baseline, stage_datafree, stage_distill,
-    stage_self_distill, stage_teacher)
+from edgedistill.run.training import (
+    stage_assistant,
+    stage_baseline,
+    stage_datafree,
+    stage_distill,
+    stage_self_distill,
+    stage_teacher,
+)
+from edgedistill.train import distributed
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,7 @@ PIPELINE = ["datafree", "teacher", "assistant", "distill", "self-distill", "base
 
 TRAINING_STAGES = ("teacher", "assistant", "distill", "self-distill", "baseline")  # skip per step, inside
 
+
 def run_stage(ctx: RunContext, stage: str) -> Any:
     """Run one stage. Under torchrun every process trains; the stages after training run on rank 0 while the
     others wait."""
@@ -48,12 +56,17 @@ def run_stage(ctx: RunContext, stage: str) -> Any:
         if stage not in TRAINING_STAGES:
             distributed.barrier()
 
+
 def _run_stage(ctx: RunContext, stage: str) -> Any:
     if stage == "datafree" and ctx.recipe.data.source != "datafree":
         return None
     if stage not in TRAINING_STAGES and ctx.is_done(stage):
-        log.info("%s: outputs in '%s' match this recipe; skipped (delete %s to redo)", stage,
-                 ctx.stage_dir(stage), ctx.done_path(stage).name)
+        log.info(
+            "%s: outputs in '%s' match this recipe; skipped (delete %s to redo)",
+            stage,
+            ctx.stage_dir(stage),
+            ctx.done_path(stage).name,
+        )
         return None
     log.info("%s: starting", stage)
     return STAGE_FUNCTIONS[stage](ctx)

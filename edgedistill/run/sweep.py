@@ -9,6 +9,7 @@ end a heatmap (``sweep/heatmap.png``) and the best cell with the recipe lines to
 chosen on the validation split by the run's metric (``evaluate.metric``: top-1, balanced accuracy, ...); the
 evaluation split (``test`` when the recipe has one) is reported beside it, and top-1 stays as a column.
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,20 +18,32 @@ import json
 import logging
 from typing import Any, Optional
 
-from edgedistill.files import atomic_write_text
 from edgedistill.data.loaders import eval_loader
 from edgedistill.errors import EdgedistillError, RecipeError
+from edgedistill.files import atomic_write_text
 from edgedistill.judge.evaluate import classification_report
 from edgedistill.models.predict import predict
-from edgedistill.run.folder import STUDENT_SECTIONS, Step
 from edgedistill.run.context import RunContext
-from edgedistill.run.training import check_teacher_floor, train_step
+from edgedistill.run.folder import STUDENT_SECTIONS, Step
 from edgedistill.run.pipeline import run_stage
+from edgedistill.run.training import check_teacher_floor, train_step
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["temperature", "alpha", "status", "val_top1", "eval_top1", "metric", "val_score", "eval_score", "eval_split",
-           "retention", "train_s", "folder"]
+COLUMNS = [
+    "temperature",
+    "alpha",
+    "status",
+    "val_top1",
+    "eval_top1",
+    "metric",
+    "val_score",
+    "eval_score",
+    "eval_split",
+    "retention",
+    "train_s",
+    "folder",
+]
 
 
 def parse_values(text: str, name: str) -> list[float]:
@@ -53,13 +66,15 @@ def _train_seconds(folder) -> float:
     path = folder / "metrics.jsonl"
     if not path.exists():
         return 0.0
-    return sum(json.loads(line).get("seconds", 0.0) for line in path.read_text().splitlines()
-               if '"kind": "epoch"' in line)
+    return sum(
+        json.loads(line).get("seconds", 0.0) for line in path.read_text().splitlines() if '"kind": "epoch"' in line
+    )
 
 
 def run_cell(ctx: RunContext, temperature: float, alpha: float, teacher_eval_score: float) -> dict[str, Any]:
-    recipe = ctx.recipe.model_copy(update={"distill": ctx.recipe.distill.model_copy(
-        update={"temperature": temperature, "alpha": alpha})})
+    recipe = ctx.recipe.model_copy(
+        update={"distill": ctx.recipe.distill.model_copy(update={"temperature": temperature, "alpha": alpha})}
+    )
     cell = ctx.derive(recipe)
     key = cell_key(temperature, alpha)
     source = ctx.steps["distill"].teacher
@@ -72,10 +87,18 @@ def run_cell(ctx: RunContext, temperature: float, alpha: float, teacher_eval_sco
         return {**row, "status": f"failed: {str(exc).splitlines()[0][:120]}"}
     split = ctx.eval_split
     judged = _eval_report(cell, cell.trained_model(key, "sweep"))
-    return {**row, "status": "ok", "val_top1": report["top1"], "eval_top1": judged["top1"],
-            "metric": ctx.evaluation.metric, "val_score": report["score"], "eval_score": judged["score"],
-            "eval_split": split.name, "retention": judged["score"] / teacher_eval_score if teacher_eval_score else 0.0,
-            "train_s": round(_train_seconds(cell.stage_dir(key)), 1)}
+    return {
+        **row,
+        "status": "ok",
+        "val_top1": report["top1"],
+        "eval_top1": judged["top1"],
+        "metric": ctx.evaluation.metric,
+        "val_score": report["score"],
+        "eval_score": judged["score"],
+        "eval_split": split.name,
+        "retention": judged["score"] / teacher_eval_score if teacher_eval_score else 0.0,
+        "train_s": round(_train_seconds(cell.stage_dir(key)), 1),
+    }
 
 
 def _eval_report(ctx: RunContext, model) -> dict[str, Any]:
@@ -95,10 +118,15 @@ def write_tables(ctx: RunContext, rows: list[dict[str, Any]], temperatures: list
     atomic_write_text(folder / "results.csv", buffer.getvalue())
     by_cell = {(r["temperature"], r["alpha"]): r for r in rows}
     best = best_cell(rows)
-    lines = [f"# {ctx.recipe.name}: temperature / alpha sweep", "",
-             f"Student `{ctx.recipe.student.model}`, teacher `{ctx.recipe.teacher.model}`; cells: validation "
-             f"{ctx.evaluation.metric_title} % (evaluation split in brackets); best in bold; top-1 in results.csv.", "",
-             "| T \\ alpha | " + " | ".join(f"{a:g}" for a in alphas) + " |", "|---" * (len(alphas) + 1) + "|"]
+    lines = [
+        f"# {ctx.recipe.name}: temperature / alpha sweep",
+        "",
+        f"Student `{ctx.recipe.student.model}`, teacher `{ctx.recipe.teacher.model}`; cells: validation "
+        f"{ctx.evaluation.metric_title} % (evaluation split in brackets); best in bold; top-1 in results.csv.",
+        "",
+        "| T \\ alpha | " + " | ".join(f"{a:g}" for a in alphas) + " |",
+        "|---" * (len(alphas) + 1) + "|",
+    ]
     for t in temperatures:
         cells = []
         for a in alphas:
@@ -122,8 +150,10 @@ def best_cell(rows: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
 
 
 def recipe_lines(best: dict[str, Any]) -> str:
-    return (f"`--set distill.temperature={best['temperature']:g} --set distill.alpha={best['alpha']:g}` "
-            f"(in the recipe: `distill: {{temperature: {best['temperature']:g}, alpha: {best['alpha']:g}}}`)")
+    return (
+        f"`--set distill.temperature={best['temperature']:g} --set distill.alpha={best['alpha']:g}` "
+        f"(in the recipe: `distill: {{temperature: {best['temperature']:g}, alpha: {best['alpha']:g}}}`)"
+    )
 
 
 def heatmap(ctx: RunContext, rows: list[dict[str, Any]], temperatures: list[float], alphas: list[float]) -> None:
@@ -148,8 +178,15 @@ def heatmap(ctx: RunContext, rows: list[dict[str, Any]], temperatures: list[floa
         for j, a in enumerate(alphas):
             if not np.isnan(grid[i, j]):
                 star = best is not None and (best["temperature"], best["alpha"]) == (t, a)
-                ax.text(j, i, f"{grid[i, j]:.1f}{'*' if star else ''}", ha="center", va="center",
-                        color="white" if grid[i, j] < np.nanmean(grid) else "black", fontsize=9)
+                ax.text(
+                    j,
+                    i,
+                    f"{grid[i, j]:.1f}{'*' if star else ''}",
+                    ha="center",
+                    va="center",
+                    color="white" if grid[i, j] < np.nanmean(grid) else "black",
+                    fontsize=9,
+                )
     fig.colorbar(image, ax=ax, label=f"validation {ctx.evaluation.metric_title} %")
     ax.set_title(f"{ctx.recipe.student.model} from {ctx.recipe.teacher.model}", fontsize=10)
     fig.tight_layout()
@@ -159,8 +196,10 @@ def heatmap(ctx: RunContext, rows: list[dict[str, Any]], temperatures: list[floa
 
 def run_sweep(ctx: RunContext, temperatures: list[float], alphas: list[float]) -> dict[str, Any]:
     if 1.0 in temperatures:
-        log.warning("sweep: T = 1 leaves the teacher's probabilities unsoftened; for a confident teacher they are "
-                    "close to hard labels, and KD adds little over CE")
+        log.warning(
+            "sweep: T = 1 leaves the teacher's probabilities unsoftened; for a confident teacher they are "
+            "close to hard labels, and KD adds little over CE"
+        )
     run_stage(ctx, "teacher")
     check_teacher_floor(ctx, "sweep")
     run_stage(ctx, "assistant")
@@ -175,7 +214,14 @@ def run_sweep(ctx: RunContext, temperatures: list[float], alphas: list[float]) -
     best = best_cell(rows)
     if best is None:
         raise EdgedistillError(f"sweep: every cell failed; see {ctx.run_dir / 'sweep' / 'results.csv'}")
-    log.info("sweep: best cell T = %g, alpha = %g (validation %s %.2f%%, %s %.2f%%); use %s", best["temperature"],
-             best["alpha"], ctx.evaluation.metric_title, best["val_score"] * 100, best["eval_split"],
-             best["eval_score"] * 100, recipe_lines(best))
+    log.info(
+        "sweep: best cell T = %g, alpha = %g (validation %s %.2f%%, %s %.2f%%); use %s",
+        best["temperature"],
+        best["alpha"],
+        ctx.evaluation.metric_title,
+        best["val_score"] * 100,
+        best["eval_split"],
+        best["eval_score"] * 100,
+        recipe_lines(best),
+    )
     return {"best": best, "rows": rows, "teacher_eval_score": teacher_score}

@@ -20,6 +20,7 @@ network-mode 0 FP32, 1 INT8, 2 FP16; network-type 1 classifier; process-mode 1 p
 0 RGB, 1 BGR; scaling-filter is NvBufSurfTransform_Inter (0 nearest, 1 bilinear, 2 Algo1 = cubic on the GPU);
 scaling-compute-hw 1 GPU (the VIC's filters differ from the GPU's and from OpenCV's).
 """
+
 from __future__ import annotations
 
 import configparser
@@ -33,9 +34,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgerun.preprocess import INTERPOLATIONS, PreprocessSpec, preprocess, to_three_channels
-
 from edgedistill.errors import ExportError
+from edgerun.preprocess import INTERPOLATIONS, PreprocessSpec, preprocess, to_three_channels
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ PROBS = "probabilities"
 LIVE = ("csi://", "usb://", "/dev/video", "rtsp://", "rtsps://")  # cameras, not files
 
 # Gst-nvinfer's [property] keys, from gstnvinfer_property_parser.h of each release (group names excluded)
-NVINFER_KEYS_6_0 = frozenset("""
+NVINFER_KEYS_6_0 = frozenset(
+    """
 parse-func gie-unique-id process-mode interval labelfile-path gpu-id secondary-reinfer-interval output-tensor-meta
 enable-dla use-dla-core batch-size tensor-meta-pool-size network-mode model-engine-file int8-calib-file
 workspace-size output-blob-names is-classifier network-type force-implicit-batch-dim infer-dims output-io-formats
@@ -60,23 +61,62 @@ tlt-encoded-model tlt-model-key onnx-file num-detected-classes enable-dbscan clu
 classifier-threshold classifier-async-mode segmentation-threshold segmentation-output-order output-instance-mask
 input-object-min-width input-object-min-height input-object-max-width input-object-max-height operate-on-gie-id
 operate-on-class-ids filter-out-class-ids
-""".split())
+""".split()
+)
 NVINFER_KEYS_7 = NVINFER_KEYS_6_0 | frozenset(
-    "disable-output-host-copy auto-inc-mem max-gpu-mem-per dump-input-tensor dump-output-tensor".split())
+    "disable-output-host-copy auto-inc-mem max-gpu-mem-per dump-input-tensor dump-output-tensor".split()
+)
 
 # deepstream-app groups and the keys this writer uses in each (the reference application's configuration guide)
 APP_KEYS = {
     "application": {"enable-perf-measurement", "perf-measurement-interval-sec"},
     "tiled-display": {"enable", "rows", "columns", "width", "height", "gpu-id", "nvbuf-memory-type"},
-    "source0": {"enable", "type", "camera-width", "camera-height", "camera-fps-n", "camera-fps-d",
-                "camera-csi-sensor-id", "camera-v4l2-dev-node", "uri", "num-sources", "gpu-id",
-                "nvbuf-memory-type", "latency", "file-loop"},
-    "streammux": {"gpu-id", "live-source", "batch-size", "batched-push-timeout", "width", "height",
-                  "enable-padding", "nvbuf-memory-type"},
-    "primary-gie": {"enable", "gpu-id", "batch-size", "gie-unique-id", "nvbuf-memory-type", "config-file",
-                    "model-engine-file"},
-    "osd": {"enable", "gpu-id", "border-width", "text-size", "text-color", "text-bg-color", "font",
-            "show-clock", "nvbuf-memory-type"},
+    "source0": {
+        "enable",
+        "type",
+        "camera-width",
+        "camera-height",
+        "camera-fps-n",
+        "camera-fps-d",
+        "camera-csi-sensor-id",
+        "camera-v4l2-dev-node",
+        "uri",
+        "num-sources",
+        "gpu-id",
+        "nvbuf-memory-type",
+        "latency",
+        "file-loop",
+    },
+    "streammux": {
+        "gpu-id",
+        "live-source",
+        "batch-size",
+        "batched-push-timeout",
+        "width",
+        "height",
+        "enable-padding",
+        "nvbuf-memory-type",
+    },
+    "primary-gie": {
+        "enable",
+        "gpu-id",
+        "batch-size",
+        "gie-unique-id",
+        "nvbuf-memory-type",
+        "config-file",
+        "model-engine-file",
+    },
+    "osd": {
+        "enable",
+        "gpu-id",
+        "border-width",
+        "text-size",
+        "text-color",
+        "text-bg-color",
+        "font",
+        "show-clock",
+        "nvbuf-memory-type",
+    },
     "sink0": {"enable", "type", "sync", "source-id", "gpu-id", "nvbuf-memory-type"},
 }
 VERSIONS = {  # folder -> (DeepStream, JetPack, nvinfer keys)
@@ -93,36 +133,46 @@ def parameters(spec: PreprocessSpec, folded: bool) -> dict[str, Any]:
     normalization is folded into the model (``export.input: uint8``), else the closest single factor (the mean
     of the stds), flagged ``exact: False``."""
     if folded:
-        return {"net_scale_factor": 1.0, "offsets": [0.0, 0.0, 0.0], "exact": True,
-                "note": "normalization folded into the model (export.input: uint8): raw pixel values in"}
+        return {
+            "net_scale_factor": 1.0,
+            "offsets": [0.0, 0.0, 0.0],
+            "exact": True,
+            "note": "normalization folded into the model (export.input: uint8): raw pixel values in",
+        }
     std = np.asarray(spec.std, dtype=np.float64)
     uniform = bool(np.allclose(std, std[0], rtol=1e-6, atol=0))
     scale = spec.scale / (std[0] if uniform else float(std.mean()))
-    out = {"net_scale_factor": float(scale), "offsets": [float(m / spec.scale) for m in spec.mean],
-           "exact": uniform}
-    out["note"] = ("exact: the recipe's std is the same for every channel" if uniform else
-                   f"APPROXIMATE: nvinfer has one scale for all channels and the recipe's std is per channel "
-                   f"({', '.join(f'{s:g}' for s in spec.std)}); the mean std is used. `export.input: uint8` "
-                   f"folds the exact normalization into the DeepStream model")
+    out = {"net_scale_factor": float(scale), "offsets": [float(m / spec.scale) for m in spec.mean], "exact": uniform}
+    out["note"] = (
+        "exact: the recipe's std is the same for every channel"
+        if uniform
+        else f"APPROXIMATE: nvinfer has one scale for all channels and the recipe's std is per channel "
+        f"({', '.join(f'{s:g}' for s in spec.std)}); the mean std is used. `export.input: uint8` "
+        f"folds the exact normalization into the DeepStream model"
+    )
     return out
 
 
-def deepstream_model(onnx_path: Path, out_path: Path, spec: PreprocessSpec, folded: bool,
-                     input_name: str, output_name: str) -> None:
+def deepstream_model(
+    onnx_path: Path, out_path: Path, spec: PreprocessSpec, folded: bool, input_name: str, output_name: str
+) -> None:
     """The bundle's ONNX model with a Softmax after its logits (nvinfer's classifier compares probabilities with
     classifier-threshold) and, when ``folded``, the normalization in front: ``x * scale/std - mean/std``."""
     model = onnx.load(str(onnx_path))
     graph = model.graph
-    if [o.name for o in graph.output] != [output_name] or [i.name for i in graph.input if i.name == input_name] \
-            != [input_name]:
-        raise ExportError(f"{onnx_path}: expected input '{input_name}' and one output '{output_name}' to build the "
-                          f"DeepStream model")
+    if [o.name for o in graph.output] != [output_name] or [i.name for i in graph.input if i.name == input_name] != [
+        input_name
+    ]:
+        raise ExportError(
+            f"{onnx_path}: expected input '{input_name}' and one output '{output_name}' to build the DeepStream model"
+        )
     graph.node.append(helper.make_node("Softmax", [output_name], [PROBS], axis=1, name="deepstream_softmax"))
     old_out = graph.output[0]
     dims = [d for d in old_out.type.tensor_type.shape.dim]
     graph.output.pop()
-    graph.output.append(helper.make_tensor_value_info(PROBS, TensorProto.FLOAT, [d.dim_value or d.dim_param
-                                                                                  for d in dims]))
+    graph.output.append(
+        helper.make_tensor_value_info(PROBS, TensorProto.FLOAT, [d.dim_value or d.dim_param for d in dims])
+    )
     if folded:
         pixels = "pixels"
         for inp in graph.input:
@@ -130,19 +180,24 @@ def deepstream_model(onnx_path: Path, out_path: Path, spec: PreprocessSpec, fold
                 inp.name = pixels
         gain = (spec.scale / np.asarray(spec.std, np.float32)).reshape(1, 3, 1, 1).astype(np.float32)
         bias = (-np.asarray(spec.mean, np.float32) / np.asarray(spec.std, np.float32)).reshape(1, 3, 1, 1)
-        graph.initializer.extend([numpy_helper.from_array(gain, "deepstream_gain"),
-                                  numpy_helper.from_array(bias.astype(np.float32), "deepstream_bias")])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(gain, "deepstream_gain"),
+                numpy_helper.from_array(bias.astype(np.float32), "deepstream_bias"),
+            ]
+        )
         scaled = "deepstream_scaled"
-        graph.node.insert(0, helper.make_node("Add", [scaled, "deepstream_bias"], [input_name],
-                                              name="deepstream_offset"))
-        graph.node.insert(0, helper.make_node("Mul", [pixels, "deepstream_gain"], [scaled],
-                                              name="deepstream_scale"))
+        graph.node.insert(
+            0, helper.make_node("Add", [scaled, "deepstream_bias"], [input_name], name="deepstream_offset")
+        )
+        graph.node.insert(0, helper.make_node("Mul", [pixels, "deepstream_gain"], [scaled], name="deepstream_scale"))
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
 
 
-def ds_preprocess(images: Sequence[np.ndarray], size: tuple[int, int], params: dict[str, Any],
-                  interpolation: str, channel_order: str) -> np.ndarray:
+def ds_preprocess(
+    images: Sequence[np.ndarray], size: tuple[int, int], params: dict[str, Any], interpolation: str, channel_order: str
+) -> np.ndarray:
     """What nvinfer hands the network (maintain-aspect-ratio=0): the whole image scaled to (height, width), then
     ``net-scale-factor * (x - offsets)`` per channel, NCHW float32. OpenCV's filter stands in for the GPU's
     (close, not bit-exact)."""
@@ -152,31 +207,46 @@ def ds_preprocess(images: Sequence[np.ndarray], size: tuple[int, int], params: d
         rgb = to_three_channels(np.asarray(image))
         if channel_order == "BGR":
             rgb = rgb[..., ::-1]
-        resized = rgb if rgb.shape[:2] == (h, w) else cv2.resize(rgb, (w, h),
-                                                                  interpolation=INTERPOLATIONS[interpolation])
+        resized = (
+            rgb if rgb.shape[:2] == (h, w) else cv2.resize(rgb, (w, h), interpolation=INTERPOLATIONS[interpolation])
+        )
         out.append(resized)
     batch = np.stack(out).astype(np.float32)
     batch = (batch - np.asarray(params["offsets"], np.float32)) * np.float32(params["net_scale_factor"])
     return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
 
 
-def host_accuracy(bundle_model: Path, ds_model: Path, images: Sequence[np.ndarray], labels: np.ndarray,
-                  spec: PreprocessSpec, params: dict[str, Any], model_batch: int, dynamic: bool) -> dict[str, Any]:
+def host_accuracy(
+    bundle_model: Path,
+    ds_model: Path,
+    images: Sequence[np.ndarray],
+    labels: np.ndarray,
+    spec: PreprocessSpec,
+    params: dict[str, Any],
+    model_batch: int,
+    dynamic: bool,
+) -> dict[str, Any]:
     """Top-1 of the same images through the bundle's preprocessing (resize, centre crop, per-channel
     normalization) and through DeepStream's (whole-image resize, one scale: ``params``' net_scale_factor and
     offsets), on the host with ONNX Runtime."""
     from edgedistill.ship.onnx import ort_outputs
 
     ours = ort_outputs(bundle_model, preprocess(list(images), spec), model_batch, dynamic)
-    theirs = ort_outputs(ds_model, ds_preprocess(images, spec.crop, params, spec.interpolation, spec.channel_order),
-                         model_batch, dynamic)
+    theirs = ort_outputs(
+        ds_model, ds_preprocess(images, spec.crop, params, spec.interpolation, spec.channel_order), model_batch, dynamic
+    )
     labels = np.asarray(labels)
     bundle_top1 = float((ours.argmax(1) == labels).mean())
     ds_top1 = float((theirs.argmax(1) == labels).mean())
-    return {"bundle_top1": bundle_top1, "deepstream_top1": ds_top1, "difference": ds_top1 - bundle_top1,
-            "agreement": float((ours.argmax(1) == theirs.argmax(1)).mean()), "images": int(len(labels)),
-            "how": "host, ONNX Runtime: the whole image resized to the network size (OpenCV "
-                   f"{spec.interpolation}, standing in for nvinfer's GPU scaler), y = net-scale-factor * (x - offsets)"}
+    return {
+        "bundle_top1": bundle_top1,
+        "deepstream_top1": ds_top1,
+        "difference": ds_top1 - bundle_top1,
+        "agreement": float((ours.argmax(1) == theirs.argmax(1)).mean()),
+        "images": int(len(labels)),
+        "how": "host, ONNX Runtime: the whole image resized to the network size (OpenCV "
+        f"{spec.interpolation}, standing in for nvinfer's GPU scaler), y = net-scale-factor * (x - offsets)",
+    }
 
 
 def _ini(groups: dict[str, dict[str, Any]], header: Sequence[str]) -> str:
@@ -210,7 +280,7 @@ def source_group(source: str, camera: tuple[int, int, int]) -> dict[str, Any]:
     if source.startswith("csi://"):
         return {**common, "type": (5, "5 = CSI camera (Jetson)"), "camera-csi-sensor-id": int(source[6:] or 0), **cam}
     if source.startswith(("usb://", "/dev/video")):
-        node = int(source[6:] or 0) if source.startswith("usb://") else int(source[len("/dev/video"):] or 0)
+        node = int(source[6:] or 0) if source.startswith("usb://") else int(source[len("/dev/video") :] or 0)
         return {**common, "type": (1, "1 = V4L2 (USB) camera"), "camera-v4l2-dev-node": node, **cam}
     if source.startswith(("rtsp://", "rtsps://")):
         return {**common, "type": (4, "4 = RTSP"), "uri": source, "latency": 100}
@@ -253,8 +323,9 @@ class DeepStreamJob:
     name: str
 
 
-def _infer_config(job: DeepStreamJob, precision: str, model_file: str, params: dict[str, Any], ds_version: str,
-                  keys: frozenset) -> dict[str, Any]:
+def _infer_config(
+    job: DeepStreamJob, precision: str, model_file: str, params: dict[str, Any], ds_version: str, keys: frozenset
+) -> dict[str, Any]:
     """nvinfer's [property] group for one precision of the model, refused when a key is not the release's."""
     _, _, height, width = job.manifest_model["input_shape"]
     spec, decision = job.spec, job.decision
@@ -265,8 +336,10 @@ def _infer_config(job: DeepStreamJob, precision: str, model_file: str, params: d
         "process-mode": (1, "1 = primary: the whole frame"),
         "network-type": (1, "1 = classifier"),
         "onnx-file": f"../{model_file}",
-        "model-engine-file": (f"../{model_file}_b{job.batch}_gpu0_{precision}.engine",
-                              "the name nvinfer gives the engine it builds on first start; reused after"),
+        "model-engine-file": (
+            f"../{model_file}_b{job.batch}_gpu0_{precision}.engine",
+            "the name nvinfer gives the engine it builds on first start; reused after",
+        ),
         "labelfile-path": f"../{LABELS}",
         "batch-size": job.batch,
         "network-mode": (NETWORK_MODE[precision], "0 = FP32, 1 = INT8, 2 = FP16"),
@@ -275,19 +348,30 @@ def _infer_config(job: DeepStreamJob, precision: str, model_file: str, params: d
         "model-color-format": (COLOR_FORMAT[spec.channel_order], "0 = RGB, 1 = BGR"),
         "net-scale-factor": (params["net_scale_factor"], "y = net-scale-factor * (x - offsets): " + params["note"]),
         "offsets": params["offsets"],
-        "maintain-aspect-ratio": (0, "0 = the whole frame scaled to the network size (no centre crop): the "
-                                  "host top-1 under this preprocessing is in the manifest"),
-        "scaling-filter": (SCALING_FILTER[spec.interpolation],
-                           f"NvBufSurfTransform_Inter for the recipe's {spec.interpolation}"),
+        "maintain-aspect-ratio": (
+            0,
+            "0 = the whole frame scaled to the network size (no centre crop): the "
+            "host top-1 under this preprocessing is in the manifest",
+        ),
+        "scaling-filter": (
+            SCALING_FILTER[spec.interpolation],
+            f"NvBufSurfTransform_Inter for the recipe's {spec.interpolation}",
+        ),
         "scaling-compute-hw": (1, "1 = GPU (the filter the host measurement stands in for)"),
         "output-blob-names": PROBS,
-        "classifier-threshold": (0.0, "attach the top class always" + (
-            "; the line's reject decision: output-tensor-meta below" if threshold is not None else "")),
+        "classifier-threshold": (
+            0.0,
+            "attach the top class always"
+            + ("; the line's reject decision: output-tensor-meta below" if threshold is not None else ""),
+        ),
     }
     if threshold is not None:
-        infer["output-tensor-meta"] = (1, f"the reject decision: class '{decision['positive_class']}' "
-                                          f"probability >= {threshold:.6g} (the bundle's operating point) "
-                                          f"read from the output tensor in a pad probe")
+        infer["output-tensor-meta"] = (
+            1,
+            f"the reject decision: class '{decision['positive_class']}' "
+            f"probability >= {threshold:.6g} (the bundle's operating point) "
+            f"read from the output tensor in a pad probe",
+        )
     unknown = sorted(set(infer) - keys)
     if unknown:  # a writer bug, never a user error: refuse to ship a config DeepStream would reject
         raise ExportError(f"DeepStream {ds_version} has no nvinfer keys {unknown}")
@@ -300,11 +384,22 @@ def _app_config(job: DeepStreamJob, cam: tuple[int, int, int]) -> dict[str, dict
         "application": {"enable-perf-measurement": 1, "perf-measurement-interval-sec": 5},
         "tiled-display": {"enable": 0, "rows": 1, "columns": 1, "width": cam[0], "height": cam[1]},
         "source0": source_group(job.source, cam),
-        "streammux": {"gpu-id": 0, "live-source": int(job.source.startswith(LIVE)),
-                      "batch-size": 1, "batched-push-timeout": 40000, "width": cam[0], "height": cam[1],
-                      "enable-padding": 0},
-        "primary-gie": {"enable": 1, "gpu-id": 0, "batch-size": job.batch, "gie-unique-id": 1,
-                        "config-file": INFER_CONFIG},
+        "streammux": {
+            "gpu-id": 0,
+            "live-source": int(job.source.startswith(LIVE)),
+            "batch-size": 1,
+            "batched-push-timeout": 40000,
+            "width": cam[0],
+            "height": cam[1],
+            "enable-padding": 0,
+        },
+        "primary-gie": {
+            "enable": 1,
+            "gpu-id": 0,
+            "batch-size": job.batch,
+            "gie-unique-id": 1,
+            "config-file": INFER_CONFIG,
+        },
         "osd": {"enable": 0},
         "sink0": {"enable": 1, "type": (1, "1 = fakesink (headless; 2 = EGL display)"), "sync": 0},
     }
@@ -321,8 +416,10 @@ def write(job: DeepStreamJob) -> dict[str, Any]:
     folder, classes, spec = job.folder, job.classes, job.spec
     folder.mkdir(parents=True, exist_ok=True)
     if any(";" in c for c in classes):
-        raise ExportError("a class name holds ';', which DeepStream's classifier labels file uses as separator: "
-                          f"rename it ({[c for c in classes if ';' in c]})")
+        raise ExportError(
+            "a class name holds ';', which DeepStream's classifier labels file uses as separator: "
+            f"rename it ({[c for c in classes if ';' in c]})"
+        )
     params = parameters(spec, job.folded)
     names = job.manifest_model["input_name"], job.manifest_model["output_name"]
     deepstream_model(job.bundle_model, folder / MODEL, spec, job.folded, *names)
@@ -338,18 +435,33 @@ def write(job: DeepStreamJob) -> dict[str, Any]:
         for precision, model_file in models.items():
             suffix = "" if precision == "fp16" else f"_{precision}"
             infer = _infer_config(job, precision, model_file, params, ds_version, keys)
-            header = [f"nvinfer config for {job.name} ({precision.upper()}): DeepStream {ds_version} (JetPack "
-                      f"{jetpack})", "written by edgedistill export; keys from gstnvinfer_property_parser.h of this "
-                      "release", f"model input {width}x{height}, classes in ../{LABELS}"]
+            header = [
+                f"nvinfer config for {job.name} ({precision.upper()}): DeepStream {ds_version} (JetPack {jetpack})",
+                "written by edgedistill export; keys from gstnvinfer_property_parser.h of this release",
+                f"model input {width}x{height}, classes in ../{LABELS}",
+            ]
             (folder / sub / f"config_infer_primary{suffix}.txt").write_text(_ini({"property": infer}, header))
-        (folder / sub / APP_CONFIG).write_text(_ini(_app_config(job, cam), [
-            f"deepstream-app config for {job.name}: DeepStream {ds_version} (JetPack {jetpack})",
-            f"run: deepstream-app -c {APP_CONFIG}   (source: {job.source}; change [source0] for another camera)"]))
-    return {"folder": FOLDER, "versions": {sub: {"deepstream": v[0], "jetpack": v[1]} for sub, v in VERSIONS.items()},
-            "input": "uint8 (pixels, normalization folded)" if job.folded else "float (nvinfer normalizes)",
-            "net_scale_factor": params["net_scale_factor"], "offsets": params["offsets"],
-            "exact_normalization": params["exact"], "note": params["note"], "precisions": sorted(models),
-            "source": job.source}
+        (folder / sub / APP_CONFIG).write_text(
+            _ini(
+                _app_config(job, cam),
+                [
+                    f"deepstream-app config for {job.name}: DeepStream {ds_version} (JetPack {jetpack})",
+                    f"run: deepstream-app -c {APP_CONFIG}   (source: {job.source}; change [source0] for another "
+                    "camera)",
+                ],
+            )
+        )
+    return {
+        "folder": FOLDER,
+        "versions": {sub: {"deepstream": v[0], "jetpack": v[1]} for sub, v in VERSIONS.items()},
+        "input": "uint8 (pixels, normalization folded)" if job.folded else "float (nvinfer normalizes)",
+        "net_scale_factor": params["net_scale_factor"],
+        "offsets": params["offsets"],
+        "exact_normalization": params["exact"],
+        "note": params["note"],
+        "precisions": sorted(models),
+        "source": job.source,
+    }
 
 
 def check_config(path: Path, keys: frozenset = NVINFER_KEYS_7) -> dict[str, str]:

@@ -6,8 +6,10 @@ frozen, and unwrapped again into a plain model for export.
 from __future__ import annotations
 
 import copy
+
 import torch
 from torch import nn
+
 from edgedistill.ship.qdq import INT8_MAX, MIN_AMAX
 
 
@@ -24,11 +26,14 @@ def module_for_node(node_name: str) -> str:
         last = segment
     return current
 
+
 def _fake_quant_per_channel(weight: torch.Tensor) -> torch.Tensor:
     flat = weight.detach().abs().reshape(weight.shape[0], -1).amax(1)
     scale = (flat.clamp_min(MIN_AMAX) / INT8_MAX).float()
-    return torch.fake_quantize_per_channel_affine(weight, scale, torch.zeros_like(scale, dtype=torch.int32), 0,
-                                                  -128, 127)
+    return torch.fake_quantize_per_channel_affine(
+        weight, scale, torch.zeros_like(scale, dtype=torch.int32), 0, -128, 127
+    )
+
 
 class FakeQuantized(nn.Module):
     """A Conv2d or Linear whose input is fake-quantized per tensor with a fixed amax (the PTQ calibration's) and whose
@@ -48,6 +53,7 @@ class FakeQuantized(nn.Module):
             return nn.functional.linear(x, weight, self.inner.bias)
         return self.inner._conv_forward(x, weight, self.inner.bias)
 
+
 def add_fake_quant(model: nn.Module, input_amax: dict[str, float]) -> nn.Module:
     """A copy of ``model`` with the modules named in ``input_amax`` wrapped in :class:`FakeQuantized`."""
     model = copy.deepcopy(model)
@@ -58,6 +64,7 @@ def add_fake_quant(model: nn.Module, input_amax: dict[str, float]) -> nn.Module:
         setattr(parent, attr, FakeQuantized(getattr(parent, attr), amax))
     return model
 
+
 def remove_fake_quant(model: nn.Module) -> nn.Module:
     """The float model inside a fake-quantized one (its trained weights), for export."""
     model = copy.deepcopy(model)
@@ -67,6 +74,7 @@ def remove_fake_quant(model: nn.Module) -> nn.Module:
             parent = dict(model.named_modules())[parent_name] if parent_name else model
             setattr(parent, attr, module.inner)
     return model
+
 
 def freeze_batchnorm(model: nn.Module) -> None:
     """BatchNorm statistics stay as trained (QAD fine-tunes weights; the exported model folds these statistics)."""

@@ -33,9 +33,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
+
 import numpy as np
 import onnx
 from torch import nn
+
 from edgedistill.ship.fakequant import module_for_node
 from edgedistill.ship.qdq import activation_ranges, insert_qdq, qdq_violations, quantizable_nodes
 
@@ -58,9 +60,11 @@ class Attempt:
     def passes(self, limit: float) -> bool:
         return self.drop <= limit
 
+
 def agreement(reference: np.ndarray, logits: np.ndarray) -> float:
     """Share of images on which two models' top-1 agree."""
     return float((reference.argmax(1) == logits.argmax(1)).mean())
+
 
 def output_r2(reference: np.ndarray, outputs: np.ndarray) -> float:
     """Regression: how much of the FP32 outputs' variance the INT8 outputs reproduce (R² against FP32, mean over
@@ -69,9 +73,15 @@ def output_r2(reference: np.ndarray, outputs: np.ndarray) -> float:
     sst = np.maximum(((ref - ref.mean(0)) ** 2).sum(0), 1e-12)
     return float(np.mean(1 - ((ref - out) ** 2).sum(0) / sst))
 
-def sensitivity(fp32: onnx.ModelProto, amax: dict[str, float], run: Callable[[onnx.ModelProto], np.ndarray],
-                reference: np.ndarray, nodes: list[str],
-                fidelity: Callable[[np.ndarray, np.ndarray], float] = agreement) -> list[dict[str, Any]]:
+
+def sensitivity(
+    fp32: onnx.ModelProto,
+    amax: dict[str, float],
+    run: Callable[[onnx.ModelProto], np.ndarray],
+    reference: np.ndarray,
+    nodes: list[str],
+    fidelity: Callable[[np.ndarray, np.ndarray], float] = agreement,
+) -> list[dict[str, Any]]:
     """Each quantized layer's share of the INT8 error, label-free on the calibration images: ``fidelity`` to the FP32
     model (top-1 agreement; regression: R² against FP32's outputs) when everything is quantized, and when that layer
     alone is left in floating point. Rows sorted by what the layer recovers, most first."""
@@ -79,13 +89,21 @@ def sensitivity(fp32: onnx.ModelProto, amax: dict[str, float], run: Callable[[on
     rows = []
     for name in nodes:
         alone_out = fidelity(reference, run(insert_qdq(fp32, amax, exclude=[name])))
-        rows.append({"layer": name, "agreement_all_int8": full, "agreement_without_it": alone_out,
-                     "recovered": alone_out - full})
+        rows.append(
+            {
+                "layer": name,
+                "agreement_all_int8": full,
+                "agreement_without_it": alone_out,
+                "recovered": alone_out - full,
+            }
+        )
     rows.sort(key=lambda r: r["recovered"], reverse=True)
     return rows
 
-def keep_sensitive(rows: list[dict[str, Any]], budget: int, score: Callable[[list[str]], float], baseline: float,
-                   limit: float) -> tuple[list[str], float, list[dict[str, Any]]]:
+
+def keep_sensitive(
+    rows: list[dict[str, Any]], budget: int, score: Callable[[list[str]], float], baseline: float, limit: float
+) -> tuple[list[str], float, list[dict[str, Any]]]:
     """Greedy partial quantization: in sensitivity order, leave each layer out of INT8 when that lowers the drop
     (``baseline - score(kept)``, re-measured with every layer kept so far: layers interact, a float layer's output can
     make the next one fragile), until the drop is at most ``limit`` or ``budget`` layers are kept. Returns (kept, drop,
@@ -103,6 +121,7 @@ def keep_sensitive(rows: list[dict[str, Any]], budget: int, score: Callable[[lis
             kept.append(row["layer"])
             drop = trial
     return kept, drop, steps
+
 
 # ------------------------------------------------------------------------------------------------ orchestration
 @dataclass
@@ -126,6 +145,7 @@ class Int8Job:
     qad: Optional[Callable[[dict[str, float]], tuple[nn.Module, dict[str, Any]]]] = None  # input amax -> model, facts
     export_float: Optional[Callable[[nn.Module, Path], Path]] = None  # a float model -> simplified FP32 ONNX
 
+
 def _save(model: onnx.ModelProto, path: Path) -> Path:
     problems = qdq_violations(model)
     if problems:  # our own inserter: a violation is a bug here, never the user's
@@ -133,6 +153,7 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
 
 def build_int8(job: Int8Job) -> dict[str, Any]:
     """Try PTQ, then (auto, partial) the partial model, then (auto, qad) quantization-aware distillation, until one
@@ -149,8 +170,15 @@ def build_int8(job: Int8Job) -> dict[str, Any]:
         quality = job.score(path)
         got = Attempt(kind, path, quality["score"], quality, job.fp32_score - quality["score"], kept, extra)
         attempts.append(got)
-        log.info("INT8 %s: score %.4f vs FP32 %.4f (drop %.4f, gate %.4f)%s", kind, got.score, job.fp32_score, got.drop,
-                 job.limit, f", {len(kept)} layer(s) kept in FP16" if kept else "")
+        log.info(
+            "INT8 %s: score %.4f vs FP32 %.4f (drop %.4f, gate %.4f)%s",
+            kind,
+            got.score,
+            job.fp32_score,
+            got.drop,
+            job.limit,
+            f", {len(kept)} layer(s) kept in FP16" if kept else "",
+        )
         return got
 
     result: dict[str, Any] = {"layers": len(nodes), "calibration": job.method}
@@ -165,8 +193,9 @@ def build_int8(job: Int8Job) -> dict[str, Any]:
         fidelity = output_r2 if job.regression else agreement
         rows = sensitivity(fp32, amax, on_calib, reference, nodes, fidelity)
         # decided on the calibration images (fidelity to FP32, no labels); the validation images judge the result
-        kept, _, steps = keep_sensitive(rows, job.budget, lambda k: fidelity(reference, on_calib(
-            insert_qdq(fp32, amax, exclude=k))), 1.0, job.limit)
+        kept, _, steps = keep_sensitive(
+            rows, job.budget, lambda k: fidelity(reference, on_calib(insert_qdq(fp32, amax, exclude=k))), 1.0, job.limit
+        )
         (job.workdir / ".int8-probe.onnx").unlink(missing_ok=True)
         for row in rows:
             row["kept"] = row["layer"] in kept
@@ -176,8 +205,9 @@ def build_int8(job: Int8Job) -> dict[str, Any]:
     best = next((a for a in attempts if a.passes(job.limit)), None)
     wants_qad = job.mode == "qad" or (job.mode == "auto" and best is None)
     if wants_qad and job.qad is not None and job.export_float is not None:
-        by_module = {module_for_node(n.name): amax[n.input[0]] for n in fp32.graph.node
-                     if n.name in nodes and n.input[0] in amax}
+        by_module = {
+            module_for_node(n.name): amax[n.input[0]] for n in fp32.graph.node if n.name in nodes and n.input[0] in amax
+        }
         trained, facts = job.qad(by_module)
         qad_fp32 = job.export_float(trained, job.workdir / ".qad-fp32.onnx")
         qad_float = onnx.load(str(qad_fp32))
@@ -193,15 +223,28 @@ def build_int8(job: Int8Job) -> dict[str, Any]:
     chosen.path.replace(final)
     for a in attempts:
         a.path.unlink(missing_ok=True)
-    result.update({
-        "attempts": {a.kind: {**{k: v for k, v in a.quality.items() if k != "score"}, "drop": a.drop,
-                              "kept_fp16": a.kept, "passes": a.passes(job.limit), **a.extra} for a in attempts},
-        "chosen": chosen.kind, "kept_fp16": chosen.kept, "drop": chosen.drop,
-        "status": "accepted" if chosen.passes(job.limit) else "rejected",
-        "quality": {k: v for k, v in chosen.quality.items() if k != "score"},
-    })
+    result.update(
+        {
+            "attempts": {
+                a.kind: {
+                    **{k: v for k, v in a.quality.items() if k != "score"},
+                    "drop": a.drop,
+                    "kept_fp16": a.kept,
+                    "passes": a.passes(job.limit),
+                    **a.extra,
+                }
+                for a in attempts
+            },
+            "chosen": chosen.kind,
+            "kept_fp16": chosen.kept,
+            "drop": chosen.drop,
+            "status": "accepted" if chosen.passes(job.limit) else "rejected",
+            "quality": {k: v for k, v in chosen.quality.items() if k != "score"},
+        }
+    )
     result["advice"] = gate_advice(result, job)
     return result
+
 
 def gate_advice(result: dict[str, Any], job: Int8Job) -> str:
     """What was tried, with what drop, and the recipe line for the next remedy ('' when INT8 passed)."""
@@ -218,8 +261,10 @@ def gate_advice(result: dict[str, Any], job: Int8Job) -> str:
     kinds = set(result["attempts"])
     if "qad" in kinds:
         epochs = result["attempts"]["qad"].get("epochs") or 1
-        nxt = (f"--set export.qad_epochs={2 * epochs} (longer quantization-aware distillation), or "
-               f"--set export.int8_keep_budget={2 * job.budget} (more layers in FP16)")
+        nxt = (
+            f"--set export.qad_epochs={2 * epochs} (longer quantization-aware distillation), or "
+            f"--set export.int8_keep_budget={2 * job.budget} (more layers in FP16)"
+        )
     elif "partial" in kinds:
         nxt = "--set export.int8=qad (quantization-aware distillation, against the FP32 teacher)"
     else:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 from typing import Iterable, Optional
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-
 
 QUANTIZED_OPS = ("Conv", "Gemm")
 
@@ -29,6 +29,7 @@ INT8_MAX = 127.0
 MIN_AMAX = 1e-8
 
 CALIBRATION_OPS = ("Conv", "Gemm", "Add")
+
 
 # ------------------------------------------------------------------------------------------------- calibration
 class CalibrationReader:
@@ -40,29 +41,41 @@ class CalibrationReader:
     def get_next(self):
         if self.i + self.batch > len(self.batches):
             return None
-        chunk = np.ascontiguousarray(self.batches[self.i:self.i + self.batch])
+        chunk = np.ascontiguousarray(self.batches[self.i : self.i + self.batch])
         self.i += self.batch
         return {self.input_name: chunk}
 
     def rewind(self):
         self.i = 0
 
-def activation_ranges(fp32_path: Path, calib: np.ndarray, batch: int, method: str,
-                      workdir: Path) -> dict[str, float]:
+
+def activation_ranges(fp32_path: Path, calib: np.ndarray, batch: int, method: str, workdir: Path) -> dict[str, float]:
     """amax (the largest magnitude kept) of every input and output of the Conv, Gemm and Add nodes, from ONNX Runtime's
     calibrator (``minmax``, ``entropy`` or ``percentile``) run on the calibration batches."""
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator
 
-    chosen = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-              "percentile": CalibrationMethod.Percentile}[method]
+    chosen = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[method]
     # histograms as TensorRT's own calibrators use them: 2048 bins, entropy searches thresholds quantized to 128 bins
     # (ONNX Runtime's defaults of 128 and 128 leave its KL search one candidate, the maximum), symmetric ranges
-    extra = {"symmetric": True, **({"num_bins": 2048, "num_quantized_bins": 128} if method == "entropy" else {}),
-             **({"num_bins": 2048, "percentile": 99.999} if method == "percentile" else {})}
+    extra = {
+        "symmetric": True,
+        **({"num_bins": 2048, "num_quantized_bins": 128} if method == "entropy" else {}),
+        **({"num_bins": 2048, "percentile": 99.999} if method == "percentile" else {}),
+    }
     augmented = Path(workdir) / "calibration.augmented.onnx"
-    calibrator = create_calibrator(str(fp32_path), list(CALIBRATION_OPS), augmented_model_path=str(augmented),
-                                   calibrate_method=chosen, providers=["CPUExecutionProvider"], extra_options=extra)
+    calibrator = create_calibrator(
+        str(fp32_path),
+        list(CALIBRATION_OPS),
+        augmented_model_path=str(augmented),
+        calibrate_method=chosen,
+        providers=["CPUExecutionProvider"],
+        extra_options=extra,
+    )
     try:
         calibrator.collect_data(CalibrationReader(calib, batch))
         data = calibrator.compute_data()
@@ -71,24 +84,35 @@ def activation_ranges(fp32_path: Path, calib: np.ndarray, batch: int, method: st
         Path(str(augmented) + ".data").unlink(missing_ok=True)
     out = {}
     for name, value in data.items():
-        lo, hi = (value.range_value if hasattr(value, "range_value") else (value.lowest, value.highest))
+        lo, hi = value.range_value if hasattr(value, "range_value") else (value.lowest, value.highest)
         out[name] = float(max(np.max(np.abs(lo)), np.max(np.abs(hi))))
     return out
 
+
 # --------------------------------------------------------------------------------------------- Q/DQ insertion
-def _qdq(graph_nodes: list, initializers: list, tensor: str, scale: np.ndarray, axis: Optional[int],
-         tag: str) -> str:
+def _qdq(graph_nodes: list, initializers: list, tensor: str, scale: np.ndarray, axis: Optional[int], tag: str) -> str:
     """Append Q and DQ nodes on ``tensor`` (scale per tensor, or per channel along ``axis``); return DQ's output."""
     scale = np.maximum(np.asarray(scale, dtype=np.float32), MIN_AMAX / INT8_MAX)
     zero = np.zeros(scale.shape, dtype=np.int8)
     scale_name, zero_name = f"{tag}_scale", f"{tag}_zero_point"
     initializers += [numpy_helper.from_array(scale, scale_name), numpy_helper.from_array(zero, zero_name)]
     extra = {"axis": axis} if axis is not None else {}
-    graph_nodes.append(helper.make_node("QuantizeLinear", [tensor, scale_name, zero_name], [f"{tag}_q"],
-                                        name=f"{tag}_QuantizeLinear", **extra))
-    graph_nodes.append(helper.make_node("DequantizeLinear", [f"{tag}_q", scale_name, zero_name], [f"{tag}_dq"],
-                                        name=f"{tag}_DequantizeLinear", **extra))
+    graph_nodes.append(
+        helper.make_node(
+            "QuantizeLinear", [tensor, scale_name, zero_name], [f"{tag}_q"], name=f"{tag}_QuantizeLinear", **extra
+        )
+    )
+    graph_nodes.append(
+        helper.make_node(
+            "DequantizeLinear",
+            [f"{tag}_q", scale_name, zero_name],
+            [f"{tag}_dq"],
+            name=f"{tag}_DequantizeLinear",
+            **extra,
+        )
+    )
     return f"{tag}_dq"
+
 
 def _weight_axis(node: onnx.NodeProto) -> Optional[int]:
     """The output-channel axis of a node's weight: 0 for Conv, and for Gemm with transB=1 ((out, in) weights)."""
@@ -96,6 +120,7 @@ def _weight_axis(node: onnx.NodeProto) -> Optional[int]:
         return 0
     trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
     return 0 if trans_b == 1 else None
+
 
 def _constants(model: onnx.ModelProto) -> dict[str, str]:
     """Tensor name -> the initializer it is, directly or through Identity nodes (the exporter shares equal
@@ -106,14 +131,21 @@ def _constants(model: onnx.ModelProto) -> dict[str, str]:
             out[n.output[0]] = out[n.input[0]]
     return out
 
+
 def quantizable_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the weighted nodes the rules quantize (Conv, Gemm with a constant weight), in graph order."""
     constants = _constants(model)
-    return [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS and len(n.input) > 1
-            and n.input[1] in constants]
+    return [
+        n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS and len(n.input) > 1 and n.input[1] in constants
+    ]
 
-def insert_qdq(fp32: onnx.ModelProto, amax: dict[str, float], exclude: Iterable[str] = (),
-               weight_amax: Optional[dict[str, np.ndarray]] = None) -> onnx.ModelProto:
+
+def insert_qdq(
+    fp32: onnx.ModelProto,
+    amax: dict[str, float],
+    exclude: Iterable[str] = (),
+    weight_amax: Optional[dict[str, np.ndarray]] = None,
+) -> onnx.ModelProto:
     """The explicit-quantization model of ``fp32`` by TensorRT's rules (module docstring); nodes in ``exclude`` keep
     no Q/DQ (they run in higher precision). ``amax`` holds activation ranges by tensor name; weight ranges are the
     weights' per-channel largest magnitudes unless ``weight_amax`` gives them by node name."""
@@ -140,8 +172,14 @@ def insert_qdq(fp32: onnx.ModelProto, amax: dict[str, float], exclude: Iterable[
                 w_amax = np.abs(weight.reshape(weight.shape[0], -1)).max(1)
             else:
                 w_amax = np.abs(weight).max()
-            node.input[1] = _qdq(nodes, added, node.input[1], (w_amax / INT8_MAX).astype(np.float32),
-                                 axis if np.ndim(w_amax) else None, f"{node.name}_w")
+            node.input[1] = _qdq(
+                nodes,
+                added,
+                node.input[1],
+                (w_amax / INT8_MAX).astype(np.float32),
+                axis if np.ndim(w_amax) else None,
+                f"{node.name}_w",
+            )
         elif node.op_type == "Add" and len(node.input) == 2 and not any(i in constants for i in node.input):
             # a residual add: quantize the input that does not come from a quantized convolution, so TensorRT
             # fuses the addition into that convolution
@@ -151,13 +189,15 @@ def insert_qdq(fp32: onnx.ModelProto, amax: dict[str, float], exclude: Iterable[
                 k = 1 if all(from_conv) else from_conv.index(False)
                 other = node.input[k]
                 if other in amax:
-                    node.input[k] = _qdq(nodes, added, other, np.float32(amax[other] / INT8_MAX), None,
-                                         f"{node.name}_res{k}")
+                    node.input[k] = _qdq(
+                        nodes, added, other, np.float32(amax[other] / INT8_MAX), None, f"{node.name}_res{k}"
+                    )
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(added)
     return model
+
 
 def _through_bn(producer: dict, tensor: str) -> Optional[str]:
     """The name of the node that computes ``tensor``, looking through a BatchNormalization after it."""
@@ -165,6 +205,7 @@ def _through_bn(producer: dict, tensor: str) -> Optional[str]:
     if node is not None and node.op_type == "BatchNormalization":
         node = producer.get(node.input[0])
     return node.name if node is not None else None
+
 
 # ---------------------------------------------------------------------------------------------- the rules
 def qdq_violations(model: onnx.ModelProto) -> list[str]:
@@ -189,8 +230,10 @@ def qdq_violations(model: onnx.ModelProto) -> list[str]:
             continue
         zero, scale = inits[n.input[2]], inits.get(n.input[1])
         if zero.dtype != np.int8:
-            problems.append(f"{where}: zero point of type {zero.dtype}, TensorRT takes INT8 (an INT32 bias "
-                            "quantization or UINT8 activations are not explicit INT8)")
+            problems.append(
+                f"{where}: zero point of type {zero.dtype}, TensorRT takes INT8 (an INT32 bias "
+                "quantization or UINT8 activations are not explicit INT8)"
+            )
         elif np.any(zero != 0):
             problems.append(f"{where}: zero point {zero.ravel()[:3]}..., TensorRT takes symmetric INT8 (0)")
         if scale is None or not np.all(np.isfinite(scale)) or np.any(scale <= 0):
@@ -201,13 +244,16 @@ def qdq_violations(model: onnx.ModelProto) -> list[str]:
         if n.op_type == "DequantizeLinear":
             for consumer, k in consumers.get(n.output[0], []):
                 if consumer.op_type in QUANTIZED_OPS and k == 2:
-                    problems.append(f"{where}: dequantizes the bias of '{consumer.name}'; keep biases in floating "
-                                    "point")
+                    problems.append(
+                        f"{where}: dequantizes the bias of '{consumer.name}'; keep biases in floating point"
+                    )
         if is_weight:
             weight = inits[n.input[0]]
             if scale.size > 1 and (axis != 0 or scale.size != weight.shape[0]):
-                problems.append(f"{where}: per-channel weight scales must run along axis 0 (output channels, "
-                                f"{weight.shape[0]}); found axis {axis} with {scale.size} scales")
+                problems.append(
+                    f"{where}: per-channel weight scales must run along axis 0 (output channels, "
+                    f"{weight.shape[0]}); found axis {axis} with {scale.size} scales"
+                )
         elif n.op_type == "QuantizeLinear" and scale.size > 1:
             problems.append(f"{where}: activations are quantized per tensor, found {scale.size} scales")
     return problems

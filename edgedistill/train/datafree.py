@@ -14,6 +14,7 @@ inspected and reused; each finished batch is recorded (``batches/NNNN.json``), s
 at the next batch. Everything that decides the images (teacher weights, image size and normalization, the
 ``datafree`` settings, seed) is hashed into ``key.txt``; a folder made under another key is synthesized again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgedistill.files import atomic_write_text
 from edgedistill.errors import RecipeError
+from edgedistill.files import atomic_write_text
 from edgedistill.recipe.sections import DataConfig, DataFreeConfig
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,18 @@ def bn_statistics_loss(features: torch.Tensor, running_mean: torch.Tensor, runni
 def image_priors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(total variation L1, total variation L2) of a batch (Eq. 3's R_TV): mean absolute, and L2 norms of, the
     differences between each pixel and its right, lower and two diagonal neighbours."""
-    diffs = (x[..., :, :-1] - x[..., :, 1:], x[..., :-1, :] - x[..., 1:, :],
-             x[..., 1:, :-1] - x[..., :-1, 1:], x[..., :-1, :-1] - x[..., 1:, 1:])
+    diffs = (
+        x[..., :, :-1] - x[..., :, 1:],
+        x[..., :-1, :] - x[..., 1:, :],
+        x[..., 1:, :-1] - x[..., :-1, 1:],
+        x[..., :-1, :-1] - x[..., 1:, 1:],
+    )
     return sum(d.abs().mean() for d in diffs), sum(torch.linalg.vector_norm(d) for d in diffs)
 
 
-def competition_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 3.0
-                     ) -> torch.Tensor:
+def competition_loss(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 3.0
+) -> torch.Tensor:
     """Adaptive DeepInversion's term (Eq. 8): 1 - Jensen-Shannon divergence between the teacher's and the
     student's softened outputs, so minimizing it seeks images the two disagree on."""
     p = F.softmax(student_logits / temperature, dim=1)
@@ -104,24 +110,38 @@ class SyntheticSet:
     @classmethod
     def load(cls, folder: Path) -> "SyntheticSet":
         with np.load(folder / SOFT_LABELS, allow_pickle=False) as data:
-            return cls(folder, [str(f) for f in data["files"]], data["labels"].astype(np.int64),
-                       data["logits"].astype(np.float32))
+            return cls(
+                folder,
+                [str(f) for f in data["files"]],
+                data["labels"].astype(np.int64),
+                data["logits"].astype(np.float32),
+            )
 
 
-def synthesis_key(teacher_sha256: str, data_cfg: DataConfig, cfg: DataFreeConfig, classes: Sequence[str],
-                  seed: int) -> str:
-    facts = {"teacher": teacher_sha256, "size": data_cfg.image_size, "mean": data_cfg.mean, "std": data_cfg.std,
-             "datafree": cfg.model_dump(mode="json", exclude={"compare_run"}), "classes": list(classes), "seed": seed}
+def synthesis_key(
+    teacher_sha256: str, data_cfg: DataConfig, cfg: DataFreeConfig, classes: Sequence[str], seed: int
+) -> str:
+    facts = {
+        "teacher": teacher_sha256,
+        "size": data_cfg.image_size,
+        "mean": data_cfg.mean,
+        "std": data_cfg.std,
+        "datafree": cfg.model_dump(mode="json", exclude={"compare_run"}),
+        "classes": list(classes),
+        "seed": seed,
+    }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def require_batchnorm(teacher: nn.Module, name: str) -> list[nn.Module]:
     layers = bn_layers(teacher)
     if not layers:
-        raise RecipeError(f"data.source: datafree: the teacher ({name}) has no BatchNorm layers. DeepInversion "
-                          "synthesizes images by matching the running statistics BatchNorm layers keep of the "
-                          "training images; without them there is nothing to invert. Use a teacher with "
-                          "BatchNorm (ResNet, EfficientNet, MobileNet, ...), or distill on real or unlabeled images")
+        raise RecipeError(
+            f"data.source: datafree: the teacher ({name}) has no BatchNorm layers. DeepInversion "
+            "synthesizes images by matching the running statistics BatchNorm layers keep of the "
+            "training images; without them there is nothing to invert. Use a teacher with "
+            "BatchNorm (ResNet, EfficientNet, MobileNet, ...), or distill on real or unlabeled images"
+        )
     return layers
 
 
@@ -191,8 +211,13 @@ class _Inversion:
             logits = self.teacher(view)
             bn = sum(w * loss for w, loss in zip(self.weights, self.hooks.take()))
             tv_l1, tv_l2 = image_priors(view)
-            loss = (F.cross_entropy(logits, targets) + cfg.bn_weight * bn + cfg.tv_l1 * tv_l1
-                    + cfg.tv_l2 * tv_l2 + cfg.l2 * torch.linalg.vector_norm(view))
+            loss = (
+                F.cross_entropy(logits, targets)
+                + cfg.bn_weight * bn
+                + cfg.tv_l1 * tv_l1
+                + cfg.tv_l2 * tv_l2
+                + cfg.l2 * torch.linalg.vector_norm(view)
+            )
             if self.student is not None:
                 loss = loss + cfg.competition * competition_loss(logits, self.student(view))
             optimizer.zero_grad(set_to_none=True)
@@ -207,8 +232,9 @@ class _Inversion:
         self.hooks.take()
         return _to_uint8(x.detach(), self.mean, self.std), first, last
 
-    def save(self, b: int, rows: range, targets: torch.Tensor, images: np.ndarray, first: float, last: float,
-             batches: int) -> None:
+    def save(
+        self, b: int, rows: range, targets: torch.Tensor, images: np.ndarray, first: float, last: float, batches: int
+    ) -> None:
         """The batch's PNG files and its record (files, labels, the teacher's logits of the saved 8-bit images)."""
         folder = self.job.folder
         with torch.no_grad():  # the soft labels of the saved (8-bit) images, as the student will see them
@@ -222,12 +248,28 @@ class _Inversion:
             cv2.imwrite(str(folder / rel), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
             files.append(rel)
         probs = soft.softmax(1)
-        atomic_write_text(folder / "batches" / f"{b:04d}.json", json.dumps({
-            "batch": b, "files": files, "labels": targets.tolist(), "logits": soft.tolist(),
-            "bn_loss_first": first, "bn_loss_last": last,
-            "confidence": float(probs[torch.arange(len(files)), targets.cpu()].mean())}))
-        log.info("datafree: batch %d/%d, BN-statistics loss %.3f -> %.3f, teacher confidence %.2f", b + 1,
-                 batches, first, last, float(probs[torch.arange(len(files)), targets.cpu()].mean()))
+        atomic_write_text(
+            folder / "batches" / f"{b:04d}.json",
+            json.dumps(
+                {
+                    "batch": b,
+                    "files": files,
+                    "labels": targets.tolist(),
+                    "logits": soft.tolist(),
+                    "bn_loss_first": first,
+                    "bn_loss_last": last,
+                    "confidence": float(probs[torch.arange(len(files)), targets.cpu()].mean()),
+                }
+            ),
+        )
+        log.info(
+            "datafree: batch %d/%d, BN-statistics loss %.3f -> %.3f, teacher confidence %.2f",
+            b + 1,
+            batches,
+            first,
+            last,
+            float(probs[torch.arange(len(files)), targets.cpu()].mean()),
+        )
 
 
 def synthesize(job: SynthesisJob) -> SyntheticSet:
@@ -274,9 +316,12 @@ def _finish(folder: Path, classes: Sequence[str]) -> SyntheticSet:
     tmp = folder / f".{SOFT_LABELS}.tmp.npz"
     np.savez(tmp, files=np.array(files), labels=labels, logits=logits, classes=np.array(list(classes)))
     tmp.replace(folder / SOFT_LABELS)
-    summary = {"images": len(files), "classes": list(classes),
-               "bn_loss_first": float(np.mean([r["bn_loss_first"] for r in records])),
-               "bn_loss_last": float(np.mean([r["bn_loss_last"] for r in records])),
-               "teacher_confidence": float(np.mean([r["confidence"] for r in records]))}
+    summary = {
+        "images": len(files),
+        "classes": list(classes),
+        "bn_loss_first": float(np.mean([r["bn_loss_first"] for r in records])),
+        "bn_loss_last": float(np.mean([r["bn_loss_last"] for r in records])),
+        "teacher_confidence": float(np.mean([r["confidence"] for r in records])),
+    }
     atomic_write_text(folder / "synthesis.json", json.dumps(summary, indent=2))
     return SyntheticSet.load(folder)

@@ -10,6 +10,7 @@ checkpoints, reports, summaries and bundles), a barrier between stages (the othe
 wrote: several machines need the run folder on a shared file system), and sums across ranks (per-step losses
 and counts, validation top-1).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -59,8 +60,10 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise RecipeError(f"environment variable {name}={value!r} is not a whole number: it is set by torchrun; "
-                          f"unset it or launch with torchrun") from None
+        raise RecipeError(
+            f"environment variable {name}={value!r} is not a whole number: it is set by torchrun; "
+            f"unset it or launch with torchrun"
+        ) from None
 
 
 def init(device_choice: str) -> World:
@@ -79,8 +82,10 @@ def init(device_choice: str) -> World:
         raise RecipeError("device: cuda was asked for but torch sees no CUDA device; use device: auto or cpu")
     if cuda:
         if local_rank >= torch.cuda.device_count():
-            raise RecipeError(f"torchrun started {local_size} processes on this machine but torch sees "
-                              f"{torch.cuda.device_count()} CUDA device(s): lower --nproc-per-node")
+            raise RecipeError(
+                f"torchrun started {local_size} processes on this machine but torch sees "
+                f"{torch.cuda.device_count()} CUDA device(s): lower --nproc-per-node"
+            )
         torch.cuda.set_device(local_rank)
     backend = "nccl" if cuda else "gloo"
     dist.init_process_group(backend=backend, timeout=TIMEOUT)
@@ -117,8 +122,9 @@ def sum_across(values: Sequence[float], dev: torch.device) -> list[float]:
     """Element-wise sums of ``values`` over every rank (the values themselves in one process)."""
     if not _world.active:
         return [float(v) for v in values]
-    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64,
-                          device=dev if _world.backend == "nccl" else "cpu")
+    tensor = torch.tensor(
+        [float(v) for v in values], dtype=torch.float64, device=dev if _world.backend == "nccl" else "cpu"
+    )
     dist.all_reduce(tensor)
     return tensor.tolist()
 
@@ -139,5 +145,6 @@ def wrap(module: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
     # a 1x1 convolution's gradient may come with other (equally valid) strides than its weight: harmless
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     # gradients as views of the all-reduce buckets: no copy, and no stride mismatch for 1x1 convolutions
-    return DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                   gradient_as_bucket_view=True)
+    return DistributedDataParallel(
+        module, device_ids=[dev.index] if dev.type == "cuda" else None, gradient_as_bucket_view=True
+    )

@@ -12,6 +12,7 @@ count); a stage whose reduction the teacher lacks takes the closest reduction. A
 projection maps student channels to teacher channels where they differ (FitNets, Romero et al. 2015);
 attention transfer (Zagoruyko & Komodakis 2017) compares channel-averaged maps and needs none.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,8 @@ import torch
 from torch import nn
 
 from edgedistill.errors import RecipeError
-from edgedistill.train.losses import FeatureProjector, attention_loss, feature_loss
 from edgedistill.recipe.sections import FeaturePair
+from edgedistill.train.losses import FeatureProjector, attention_loss, feature_loss
 
 # feature_weight when the recipe leaves it unset: MSE hints are O(1); the attention-transfer distance is
 # a mean over normalised maps, O(1/HW), and its authors weigh it by 1e3.
@@ -58,13 +59,16 @@ class FeatureTaps:
             try:
                 module = model.get_submodule(name)
             except AttributeError:
-                raise RecipeError(f"distill.features: the {role} ({type(model).__name__}) has no module '{name}'; "
-                                  f"its stages are {[s.name for s in model_stages(model, 32)]}") from None
+                raise RecipeError(
+                    f"distill.features: the {role} ({type(model).__name__}) has no module '{name}'; "
+                    f"its stages are {[s.name for s in model_stages(model, 32)]}"
+                ) from None
             self._handles.append(module.register_forward_hook(self._keeper(name)))
 
     def _keeper(self, name: str):
         def hook(_module, _inputs, output):
             self.outputs[name] = _output_tensor(output)
+
         return hook
 
     def remove(self) -> None:
@@ -83,8 +87,10 @@ def _stage_names(model: nn.Module) -> list[str]:
     features = getattr(model, "features", None)
     if isinstance(features, nn.Sequential):
         return [f"features.{i}" for i in range(len(features))]  # every child; narrowed by the probe
-    raise RecipeError(f"{type(model).__name__} exposes no stages (no timm feature_info, no .features sequence): "
-                      f"name the modules to match with distill.features: [{{teacher: NAME, student: NAME}}]")
+    raise RecipeError(
+        f"{type(model).__name__} exposes no stages (no timm feature_info, no .features sequence): "
+        f"name the modules to match with distill.features: [{{teacher: NAME, student: NAME}}]"
+    )
 
 
 @torch.no_grad()
@@ -113,13 +119,20 @@ def model_stages(model: nn.Module, image_size: int) -> list[Stage]:
     names = [n for n in names if n in shapes and len(shapes[n]) == 3]
     if names and names[0].startswith("features.") and not hasattr(model, "feature_info"):
         # children of a Sequential: keep the last module before each spatial reduction, and the last one
-        names = [n for i, n in enumerate(names)
-                 if i == len(names) - 1 or shapes[names[i + 1]][1:] != shapes[n][1:]]
+        names = [n for i, n in enumerate(names) if i == len(names) - 1 or shapes[names[i + 1]][1:] != shapes[n][1:]]
     if not names:
         raise RecipeError(f"{type(model).__name__}: no stage gives a feature map at {image_size} px")
-    return [Stage(name=n, channels=shapes[n][0], height=shapes[n][1], width=shapes[n][2],
-                  reduction=_nominal_reduction(image_size, shapes[n][1]), depth=(i + 1) / len(names))
-            for i, n in enumerate(names)]
+    return [
+        Stage(
+            name=n,
+            channels=shapes[n][0],
+            height=shapes[n][1],
+            width=shapes[n][2],
+            reduction=_nominal_reduction(image_size, shapes[n][1]),
+            depth=(i + 1) / len(names),
+        )
+        for i, n in enumerate(names)
+    ]
 
 
 def auto_map(student: list[Stage], teacher: list[Stage]) -> list[tuple[Stage, Stage]]:
@@ -132,8 +145,9 @@ def auto_map(student: list[Stage], teacher: list[Stage]) -> list[tuple[Stage, St
     return pairs
 
 
-def resolve_pairs(spec: Union[str, list[FeaturePair]], student: nn.Module, teacher: nn.Module,
-                  image_size: int) -> list[tuple[Stage, Stage]]:
+def resolve_pairs(
+    spec: Union[str, list[FeaturePair]], student: nn.Module, teacher: nn.Module, image_size: int
+) -> list[tuple[Stage, Stage]]:
     """The (student stage, teacher stage) pairs a recipe's ``distill.features`` asks for."""
     s_stages, t_stages = model_stages(student, image_size), model_stages(teacher, image_size)
     if spec == "auto":
@@ -147,13 +161,19 @@ def resolve_pairs(spec: Union[str, list[FeaturePair]], student: nn.Module, teach
     for p in spec:
         for role, shapes, name in (("student", s_shapes, p.student), ("teacher", t_shapes, p.teacher)):
             if len(shapes.get(name, ())) != 3:
-                raise RecipeError(f"distill.features: the {role}'s module '{name}' does not output a feature map "
-                                  f"(got shape {shapes.get(name)}); its stages are "
-                                  f"{[s.name for s in (s_stages if role == 'student' else t_stages)]}")
+                raise RecipeError(
+                    f"distill.features: the {role}'s module '{name}' does not output a feature map "
+                    f"(got shape {shapes.get(name)}); its stages are "
+                    f"{[s.name for s in (s_stages if role == 'student' else t_stages)]}"
+                )
         c, h, w = s_shapes[p.student]
         tc, th, tw = t_shapes[p.teacher]
-        pairs.append((Stage(p.student, c, h, w, _nominal_reduction(image_size, h), 0.0),
-                      Stage(p.teacher, tc, th, tw, _nominal_reduction(image_size, th), 0.0)))
+        pairs.append(
+            (
+                Stage(p.student, c, h, w, _nominal_reduction(image_size, h), 0.0),
+                Stage(p.teacher, tc, th, tw, _nominal_reduction(image_size, th), 0.0),
+            )
+        )
     return pairs
 
 
@@ -172,7 +192,8 @@ class FeatureMatcher(nn.Module):
         self.kind = loss
         self.projectors = nn.ModuleList(
             FeatureProjector(s.channels, t.channels) if loss == "mse" and s.channels != t.channels else nn.Identity()
-            for s, t in pairs)
+            for s, t in pairs
+        )
         self._student: Optional[FeatureTaps] = None
         self._teacher: Optional[FeatureTaps] = None
 
@@ -203,13 +224,22 @@ class FeatureMatcher(nn.Module):
         """The mapping, as printed and saved in the run (feature_map.json)."""
         rows = []
         for (s, t), projector in zip(self.pairs, self.projectors):
-            rows.append({"student": asdict(s), "teacher": asdict(t),
-                         "projection": (f"conv1x1+bn {s.channels}->{t.channels}"
-                                        if isinstance(projector, FeatureProjector) else "none")})
+            rows.append(
+                {
+                    "student": asdict(s),
+                    "teacher": asdict(t),
+                    "projection": (
+                        f"conv1x1+bn {s.channels}->{t.channels}" if isinstance(projector, FeatureProjector) else "none"
+                    ),
+                }
+            )
         return {"loss": self.kind, "pairs": rows}
 
 
 def mapping_lines(description: dict[str, Any]) -> list[str]:
-    return [f"{p['student']['name']} ({p['student']['channels']}ch {p['student']['height']}x{p['student']['width']}) -> "
-            f"{p['teacher']['name']} ({p['teacher']['channels']}ch {p['teacher']['height']}x{p['teacher']['width']}), "
-            f"projection: {p['projection']}" for p in description["pairs"]]
+    return [
+        f"{p['student']['name']} ({p['student']['channels']}ch {p['student']['height']}x{p['student']['width']}) -> "
+        f"{p['teacher']['name']} ({p['teacher']['channels']}ch {p['teacher']['height']}x{p['teacher']['width']}), "
+        f"projection: {p['projection']}"
+        for p in description["pairs"]
+    ]

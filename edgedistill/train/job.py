@@ -7,15 +7,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from edgedistill.data.splits import Split
-from edgedistill.train.features import DEFAULT_WEIGHTS, FeatureMatcher
-from edgedistill.train.losses import (UNLABELED, Balance, distillation_loss, dkd_loss, effective_number_weights,
-    inverse_frequency_weights, labeled_cross_entropy, regression_distillation_loss, regression_loss)
 from edgedistill.recipe.sections import DataConfig, DistillConfig, ModelConfig, TrainConfig
+from edgedistill.train.features import DEFAULT_WEIGHTS, FeatureMatcher
+from edgedistill.train.losses import (
+    UNLABELED,
+    Balance,
+    distillation_loss,
+    dkd_loss,
+    effective_number_weights,
+    inverse_frequency_weights,
+    labeled_cross_entropy,
+    regression_distillation_loss,
+    regression_loss,
+)
 
 
 @dataclass
@@ -34,10 +45,12 @@ class Teaching:
         w = self.distill.feature_weight
         return DEFAULT_WEIGHTS[self.distill.feature_loss] if w is None else w
 
+
 def dkd_ramp(progress_epochs: float, cfg: ModelConfig, distill: DistillConfig) -> float:
     """DKD's linear warm-up factor at ``progress_epochs`` (fractional epochs done)."""
     warmup = distill.dkd_warmup_epochs if distill.dkd_warmup_epochs is not None else cfg.epochs / 12
     return 1.0 if warmup <= 0 else min(1.0, progress_epochs / warmup)
+
 
 @dataclass
 class TrainJob:
@@ -60,8 +73,14 @@ class TrainJob:
     balance: Optional[Balance] = None
     freeze_bn: bool = False  # BatchNorm statistics stay as they are (quantization-aware fine-tuning)
 
-def balance_for(cfg: ModelConfig, train: Split, data_cfg: DataConfig, distill: Optional[DistillConfig] = None,
-                original_sampler: Optional[str] = None) -> Optional[Balance]:
+
+def balance_for(
+    cfg: ModelConfig,
+    train: Split,
+    data_cfg: DataConfig,
+    distill: Optional[DistillConfig] = None,
+    original_sampler: Optional[str] = None,
+) -> Optional[Balance]:
     """The loss's treatment of imbalanced classes for one step, from its training labels:
 
     - ``cfg.class_weights`` (auto: ``n / (classes n_c)``, or the listed weights) weigh the CE term;
@@ -71,8 +90,8 @@ def balance_for(cfg: ModelConfig, train: Split, data_cfg: DataConfig, distill: O
       importance-weighted by ``prior_original / prior_balanced`` back to ``original_sampler``'s distribution;
     - ``distill.balance: reweight``: the KD target is class-balanced (Balanced KD, effective-number weights).
     None when nothing applies (the loss is then exactly as before)."""
-    from edgedistill.errors import RecipeError
     from edgedistill.data.loaders import stream_prior
+    from edgedistill.errors import RecipeError
 
     labels = np.asarray(train.labels)
     k = len(train.classes)
@@ -82,24 +101,35 @@ def balance_for(cfg: ModelConfig, train: Split, data_cfg: DataConfig, distill: O
         weight = inverse_frequency_weights(sizes)
     elif isinstance(cfg.class_weights, list):
         if len(cfg.class_weights) != k:
-            raise RecipeError(f"class_weights lists {len(cfg.class_weights)} weights for {k} classes "
-                              f"({', '.join(train.classes)}): give one per class, in that order")
+            raise RecipeError(
+                f"class_weights lists {len(cfg.class_weights)} weights for {k} classes "
+                f"({', '.join(train.classes)}): give one per class, in that order"
+            )
         weight = np.asarray(cfg.class_weights, dtype=np.float64)
     prior = stream_prior(labels, k, data_cfg.sampler)
     if distill is not None and distill.balance == "sampler":
         correction = stream_prior(labels, k, original_sampler or "uniform") / np.maximum(prior, 1e-12)
         weight = correction if weight is None else weight * correction
     adjust = cfg.logit_adjustment * np.log(np.maximum(prior, 1e-12)) if cfg.logit_adjustment else None
-    kd_weight = (np.log(effective_number_weights(sizes)) if distill is not None and distill.balance == "reweight"
-                 else None)
+    kd_weight = (
+        np.log(effective_number_weights(sizes)) if distill is not None and distill.balance == "reweight" else None
+    )
     if weight is None and adjust is None and kd_weight is None:
         return None
     as_tensor = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
     return Balance(as_tensor(weight), as_tensor(adjust), as_tensor(kd_weight))
 
-def compute_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: Optional[torch.Tensor],
-                 cfg: ModelConfig, distill: Optional[DistillConfig], progress_epochs: float = 0.0,
-                 task: str = "classification", balance: Optional[Balance] = None) -> dict[str, torch.Tensor]:
+
+def compute_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_logits: Optional[torch.Tensor],
+    cfg: ModelConfig,
+    distill: Optional[DistillConfig],
+    progress_epochs: float = 0.0,
+    task: str = "classification",
+    balance: Optional[Balance] = None,
+) -> dict[str, torch.Tensor]:
     """The loss terms of one batch: CE alone (no teacher), or KD/DKD + CE; targets of -1 are unlabeled. For
     regression: the MSE/Huber task loss, and with a teacher ``alpha * MSE(student, teacher)`` added (as ``kd``;
     the task term is logged as ``ce``). ``balance`` weighs and adjusts CE and class-balances KD (imbalanced
@@ -120,8 +150,9 @@ def compute_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: Op
         return {"loss": ce, "ce": ce}
     assert distill is not None
     if distill.method == "kd":
-        out = distillation_loss(logits, teacher_logits, targets, distill.temperature, distill.alpha,
-                                cfg.label_smoothing, balance)
+        out = distillation_loss(
+            logits, teacher_logits, targets, distill.temperature, distill.alpha, cfg.label_smoothing, balance
+        )
         return {"loss": out.total, "kd": out.kd, "ce": out.ce}
     # DKD needs a target class: an unlabeled image takes the teacher's prediction
     if balance.kd_log_weight is not None:  # the class-balanced teacher decides the target class too
@@ -130,5 +161,10 @@ def compute_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: Op
     tckd, nckd = dkd_loss(logits, teacher_logits, pseudo, distill.temperature, distill.dkd_alpha, distill.dkd_beta)
     kd = dkd_ramp(progress_epochs, cfg, distill) * (tckd + nckd)
     ce = labeled_cross_entropy(logits, targets, cfg.label_smoothing, balance.ce_weight, balance.ce_adjust)
-    return {"loss": distill.alpha * kd + (1 - distill.alpha) * ce, "kd": kd, "ce": ce,
-            "tckd": tckd.detach(), "nckd": nckd.detach()}
+    return {
+        "loss": distill.alpha * kd + (1 - distill.alpha) * ce,
+        "kd": kd,
+        "ce": ce,
+        "tckd": tckd.detach(),
+        "nckd": nckd.detach(),
+    }

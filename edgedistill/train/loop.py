@@ -18,20 +18,22 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
-from edgedistill.train import distributed
+
+from edgedistill.data.loaders import eval_loader, train_loader
+from edgedistill.data.splits import Split
+from edgedistill.errors import CheckpointError, NonFiniteLossError
 from edgedistill.files import atomic_write_text
 from edgedistill.models.checkpoint import load_training_state, read_metadata, save_training_state
-from edgedistill.data.splits import Split
-from edgedistill.data.loaders import eval_loader, train_loader
-from edgedistill.errors import CheckpointError, NonFiniteLossError
 from edgedistill.models.predict import predict
-from edgedistill.train.losses import (UNLABELED)
 from edgedistill.recipe.sections import DataConfig, ModelConfig
+from edgedistill.train import distributed
 from edgedistill.train.job import TrainJob, compute_loss
+from edgedistill.train.losses import UNLABELED
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ STATE_FILE = "last.safetensors"
 
 METRICS_FILE = "metrics.jsonl"
 
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_ratio: float = 0.01) -> float:
     """Linear warm-up, then cosine decay to ``final_ratio * base_lr``."""
     if warmup_steps and step < warmup_steps:
@@ -47,6 +50,7 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     progress = min(max(progress, 0.0), 1.0)
     return base_lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
 
 def resolve_device(name: str) -> torch.device:
     """The recipe's ``device``; under torchrun on GPUs, this process's own CUDA device."""
@@ -61,13 +65,20 @@ def resolve_device(name: str) -> torch.device:
         raise RecipeError("device: cuda was asked for but torch sees no CUDA device; use device: auto or cpu")
     return torch.device(name)
 
+
 def progress_bar() -> Progress:
     """A rich progress bar on the terminal (off when stderr is not a terminal), gone when its task ends."""
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        disable=not sys.stderr.isatty(), transient=True,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not sys.stderr.isatty(),
+        transient=True,
     )
+
 
 def _truncate_metrics(path: Path, before_epoch: int) -> None:
     """Drop records of epochs that a resumed run will redo."""
@@ -83,6 +94,7 @@ def _truncate_metrics(path: Path, before_epoch: int) -> None:
             kept.append(line)
     atomic_write_text(path, "".join(k + "\n" for k in kept))
 
+
 def amp_dtype(choice: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of ``train.amp`` on ``device``; None: full precision."""
     if choice == "off" or (choice == "auto" and device.type != "cuda"):
@@ -90,6 +102,7 @@ def amp_dtype(choice: str, device: torch.device) -> Optional[torch.dtype]:
     if choice == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
 
 class _StudentForward(nn.Module):
     """The student's forward, seen from the module that owns every trainable parameter (the student, plus the
@@ -103,6 +116,7 @@ class _StudentForward(nn.Module):
         student = self.owner["student"] if isinstance(self.owner, nn.ModuleDict) else self.owner
         return student(images)
 
+
 def param_groups(trainable: nn.Module, model: nn.Module, cfg: ModelConfig) -> list[dict[str, Any]]:
     """The optimizer's parameter groups: one, or with ``cfg.layer_decay`` timm's layer-wise groups of the model
     (each carries an ``lr_scale``: the head 1, each block below ``layer_decay`` times the one above; biases and
@@ -114,30 +128,36 @@ def param_groups(trainable: nn.Module, model: nn.Module, cfg: ModelConfig) -> li
     from edgedistill.errors import RecipeError
 
     if not hasattr(model, "group_matcher"):
-        raise RecipeError(f"layer_decay needs a timm model that names its layer groups (group_matcher); "
-                          f"{type(model).__name__} has none: remove layer_decay")
+        raise RecipeError(
+            f"layer_decay needs a timm model that names its layer groups (group_matcher); "
+            f"{type(model).__name__} has none: remove layer_decay"
+        )
     groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
     own = {id(p) for g in groups for p in g["params"]}
     rest = [p for p in trainable.parameters() if p.requires_grad and id(p) not in own]
     return groups + ([{"params": rest, "lr_scale": 1.0}] if rest else [])
 
-def validation_scores(model: nn.Module, val: Split, data_cfg: DataConfig, device: torch.device,
-                      task: str = "classification") -> dict[str, float]:
+
+def validation_scores(
+    model: nn.Module, val: Split, data_cfg: DataConfig, device: torch.device, task: str = "classification"
+) -> dict[str, float]:
     """``val_top1`` on ``val`` (regression: ``val_r2``, the mean over targets of R^2); under torchrun each
     process predicts its share and the sums are combined."""
     world = distributed.world()
     shard = val.subset(distributed.shard(len(val))) if world.active else val
     pred = predict(model, eval_loader(shard, data_cfg), device)
     if task != "regression":
-        correct, count = distributed.sum_across([float((pred.predicted == pred.labels).sum()), len(pred.labels)],
-                                                device)
+        correct, count = distributed.sum_across(
+            [float((pred.predicted == pred.labels).sum()), len(pred.labels)], device
+        )
         return {"val_top1": correct / max(count, 1)}
     y, p = pred.labels.astype(np.float64), pred.logits.astype(np.float64)
     k = y.shape[1]
-    sums = distributed.sum_across([len(y), *((y - p) ** 2).sum(0), *y.sum(0), *(y ** 2).sum(0)], device)
-    n, sse, sy, syy = sums[0], np.array(sums[1:1 + k]), np.array(sums[1 + k:1 + 2 * k]), np.array(sums[1 + 2 * k:])
-    sst = np.maximum(syy - sy ** 2 / max(n, 1), 1e-12)
+    sums = distributed.sum_across([len(y), *((y - p) ** 2).sum(0), *y.sum(0), *(y**2).sum(0)], device)
+    n, sse, sy, syy = sums[0], np.array(sums[1 : 1 + k]), np.array(sums[1 + k : 1 + 2 * k]), np.array(sums[1 + 2 * k :])
+    sst = np.maximum(syy - sy**2 / max(n, 1), 1e-12)
     return {"val_r2": float(np.mean(1 - sse / sst))}
+
 
 @dataclass
 class _Session:
@@ -192,8 +212,9 @@ def _prepare(job: TrainJob) -> _Session:
     if features is not None:
         features.to(device).attach(model, teacher)
         trainable = nn.ModuleDict({"student": model, "features": features})  # one optimizer, one checkpoint
-    optimizer = torch.optim.AdamW(param_groups(trainable, model, job.cfg), lr=job.cfg.lr,
-                                  weight_decay=job.cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        param_groups(trainable, model, job.cfg), lr=job.cfg.lr, weight_decay=job.cfg.weight_decay
+    )
     dtype = amp_dtype(hardware.amp, device)
     # a grad scaler only for fp16, whose range needs it; bf16 has float32's exponent range
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -203,10 +224,22 @@ def _prepare(job: TrainJob) -> _Session:
     if hardware.compile:
         forward = torch.compile(forward)  # the checkpoint keeps the plain module
     loader = train_loader(job.train, job.data, job.seed, 0, world.rank, world.size, pin_memory=use_cuda)
-    return _Session(model=model, trainable=trainable, optimizer=optimizer, scaler=scaler, forward=forward,
-                    loader=loader, teacher=teacher, teacher_mode=teacher_mode, dtype=dtype, balance=balance,
-                    world=world, use_cuda=use_cuda, state_path=job.folder / STATE_FILE,
-                    metrics_path=job.folder / METRICS_FILE)
+    return _Session(
+        model=model,
+        trainable=trainable,
+        optimizer=optimizer,
+        scaler=scaler,
+        forward=forward,
+        loader=loader,
+        teacher=teacher,
+        teacher_mode=teacher_mode,
+        dtype=dtype,
+        balance=balance,
+        world=world,
+        use_cuda=use_cuda,
+        state_path=job.folder / STATE_FILE,
+        metrics_path=job.folder / METRICS_FILE,
+    )
 
 
 def _resume(job: TrainJob, run: _Session) -> tuple[int, list[dict[str, Any]]]:
@@ -261,8 +294,9 @@ def _step(job: TrainJob, run: _Session, epoch: int, i: int, batch: tuple, draw: 
             with run.teacher_mode():
                 teacher_logits = run.teacher(images)
             teacher_logits = teacher_logits.float().clone()  # a normal tensor again, float32
-        losses = compute_loss(logits.float(), targets, teacher_logits, cfg, distill, step / steps_per_epoch,
-                              job.task, run.balance)
+        losses = compute_loss(
+            logits.float(), targets, teacher_logits, cfg, distill, step / steps_per_epoch, job.task, run.balance
+        )
         if features is not None:
             losses["feat"] = features.loss()
             losses["loss"] = losses["loss"] + teaching.feature_weight * losses["feat"]
@@ -276,11 +310,15 @@ def _step(job: TrainJob, run: _Session, epoch: int, i: int, batch: tuple, draw: 
     global_n = totals[0]
     values = {k: v / global_n for k, v in zip(keys, totals[3:])}
     if not all(math.isfinite(v) for v in values.values()):
-        kept = (f"the checkpoint after epoch {epoch} is kept in '{run.state_path}'" if epoch
-                else "no epoch had finished, so there is no checkpoint yet")
+        kept = (
+            f"the checkpoint after epoch {epoch} is kept in '{run.state_path}'"
+            if epoch
+            else "no epoch had finished, so there is no checkpoint yet"
+        )
         raise NonFiniteLossError(
             f"{job.label}: loss became {values} at epoch {epoch + 1}, step {i + 1} (lr {lr:.2e}); {kept}. "
-            f"Lower the learning rate or check the data, then run the stage again to resume.")
+            f"Lower the learning rate or check the data, then run the stage again to resume."
+        )
     run.optimizer.zero_grad(set_to_none=True)
     # DDP averages gradients over processes: weight each by its share of the global batch
     share = n * run.world.size / global_n
@@ -317,8 +355,12 @@ def _epoch(job: TrainJob, run: _Session, epoch: int, history: list, progress: Pr
         correct += hits
         seen += labelled
         if metrics is not None:
-            metrics.write(json.dumps({"kind": "step", "epoch": epoch, "step": epoch * run.steps_per_epoch + i,
-                                      "lr": lr, **values}) + "\n")
+            metrics.write(
+                json.dumps(
+                    {"kind": "step", "epoch": epoch, "step": epoch * run.steps_per_epoch + i, "lr": lr, **values}
+                )
+                + "\n"
+            )
         progress.update(bar, advance=1, stats="  ".join(f"{k} {v:.3f}" for k, v in values.items()))
     progress.remove_task(bar)
     checkpoint = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
@@ -333,10 +375,19 @@ def _epoch(job: TrainJob, run: _Session, epoch: int, history: list, progress: Pr
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
     if checkpoint and run.world.is_main:
-        log.info("%s epoch %d/%d: %s", job.label, epoch + 1, cfg.epochs,
-                 "  ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
-        save_training_state(run.state_path, run.trainable, run.optimizer,
-                            {"epoch": epoch, "fingerprint": job.fingerprint, "history": history})
+        log.info(
+            "%s epoch %d/%d: %s",
+            job.label,
+            epoch + 1,
+            cfg.epochs,
+            "  ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)),
+        )
+        save_training_state(
+            run.state_path,
+            run.trainable,
+            run.optimizer,
+            {"epoch": epoch, "fingerprint": job.fingerprint, "history": history},
+        )
 
 
 def train_model(job: TrainJob) -> list[dict[str, Any]]:
@@ -354,8 +405,7 @@ def train_model(job: TrainJob) -> list[dict[str, Any]]:
     start_epoch, history = _resume(job, run)
     features = job.teaching.features if job.teaching is not None else None
     try:
-        with progress_bar() as progress, (open(run.metrics_path, "a") if run.world.is_main else nullcontext()) \
-                as metrics:
+        with progress_bar() as progress, open(run.metrics_path, "a") if run.world.is_main else nullcontext() as metrics:
             for epoch in range(start_epoch, job.cfg.epochs):
                 _epoch(job, run, epoch, history, progress, metrics)
     finally:

@@ -32,6 +32,7 @@ For imbalanced classes (``Balance``):
 
 The teacher's logits are detached inside these functions: no gradient ever reaches the teacher.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -66,8 +67,14 @@ def _target_split(logits: torch.Tensor, targets: torch.Tensor, temperature: floa
     return log_target, log_rest, others - log_others.unsqueeze(-1)
 
 
-def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-             temperature: float, alpha: float = 1.0, beta: float = 8.0) -> tuple[torch.Tensor, torch.Tensor]:
+def dkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoupled KD (Zhao et al., CVPR 2022): ``(alpha * TCKD, beta * NCKD)``, T^2-scaled and batch-averaged.
 
     TCKD = KL(b_teacher || b_student) over the binary distribution [p(target), 1 - p(target)];
@@ -123,8 +130,13 @@ def effective_number_weights(sizes: np.ndarray, beta: float = 0.9999) -> np.ndar
     return weights / weights.sum() * len(sizes)
 
 
-def labeled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
-                          weight: Optional[torch.Tensor] = None, adjust: Optional[torch.Tensor] = None) -> torch.Tensor:
+def labeled_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    label_smoothing: float = 0.0,
+    weight: Optional[torch.Tensor] = None,
+    adjust: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Cross-entropy over the rows whose target is not ``UNLABELED``: their mean, or with per-class ``weight``
     their weighted mean (PyTorch's convention: divided by the summed weights of the rows' classes); ``adjust``
     is added to the logits first (logit adjustment). 0 when no row is labelled."""
@@ -134,22 +146,29 @@ def labeled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smo
     if weight is None:
         if bool(labeled.all()):
             return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-        total = F.cross_entropy(logits, targets, ignore_index=UNLABELED, reduction="sum",
-                                label_smoothing=label_smoothing)
+        total = F.cross_entropy(
+            logits, targets, ignore_index=UNLABELED, reduction="sum", label_smoothing=label_smoothing
+        )
         return total / max(int(labeled.sum()), 1)
-    total = F.cross_entropy(logits, targets, weight=weight, ignore_index=UNLABELED, reduction="sum",
-                            label_smoothing=label_smoothing)
+    total = F.cross_entropy(
+        logits, targets, weight=weight, ignore_index=UNLABELED, reduction="sum", label_smoothing=label_smoothing
+    )
     return total / weight[targets[labeled]].sum().clamp_min(1e-12)
 
 
-def logit_adjusted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, prior: torch.Tensor,
-                                 tau: float = 1.0) -> torch.Tensor:
+def logit_adjusted_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, prior: torch.Tensor, tau: float = 1.0
+) -> torch.Tensor:
     """Menon et al. (ICLR 2021), the logit-adjusted loss: ``CE(logits + tau * log prior, y)``."""
     return labeled_cross_entropy(logits, targets, adjust=tau * torch.log(prior))
 
 
-def balanced_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-                     log_class_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+def balanced_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    log_class_weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """KD against the teacher's softened distribution reweighted per class (Balanced KD, Zhang et al.):
     ``p_t ∝ w * softmax(z_t / T) = softmax(z_t / T + log w)``; without weights, plain ``kd_loss``."""
     if log_class_weights is None:
@@ -159,9 +178,15 @@ def balanced_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return kd_loss(student_logits / t, shifted, 1.0) * (t * t)
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                      temperature: float, alpha: float, label_smoothing: float = 0.0,
-                      balance: Optional[Balance] = None) -> DistillLoss:
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    label_smoothing: float = 0.0,
+    balance: Optional[Balance] = None,
+) -> DistillLoss:
     """The three terms, returned separately so that KD and CE can be logged apart.
 
     A target of -1 marks an unlabeled image: the KD term covers every row, CE only the labeled ones (their
@@ -199,14 +224,17 @@ def _same_size(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return s, t
 
 
-def feature_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor,
-                 projector: Optional[nn.Module] = None) -> torch.Tensor:
+def feature_loss(
+    student_feature: torch.Tensor, teacher_feature: torch.Tensor, projector: Optional[nn.Module] = None
+) -> torch.Tensor:
     """MSE between projected student features and (detached) teacher features; maps are pooled to match."""
     s = projector(student_feature) if projector is not None else student_feature
     s, t = _same_size(s, teacher_feature.detach())
     if s.shape != t.shape:
-        raise ValueError(f"feature shapes differ after projection: student {tuple(s.shape)} vs teacher "
-                         f"{tuple(t.shape)}; give a FeatureProjector({s.shape[1]}, {t.shape[1]})")
+        raise ValueError(
+            f"feature shapes differ after projection: student {tuple(s.shape)} vs teacher "
+            f"{tuple(t.shape)}; give a FeatureProjector({s.shape[1]}, {t.shape[1]})"
+        )
     return F.mse_loss(s, t)
 
 
@@ -229,8 +257,9 @@ def regression_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str = 
     return F.mse_loss(prediction, target)
 
 
-def regression_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, alpha: float,
-                                 kind: str = "mse") -> DistillLoss:
+def regression_distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, alpha: float, kind: str = "mse"
+) -> DistillLoss:
     """``alpha * MSE(student, teacher) + (1 - alpha) * loss(student, y)`` on standardized targets; the second term
     is returned as ``ce`` (the task term) so both are logged apart."""
     kd = F.mse_loss(student, teacher.detach())

@@ -14,13 +14,14 @@ images, the data and augmentation settings, the seed, draws and k), so a changed
 reuses a stale one; it is reused by every step with the same teacher (students of a sweep, the baseline never
 needs it). Files are plain ``.npz`` arrays, loaded without pickle.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -28,26 +29,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgedistill.train import distributed
-from edgedistill.data.splits import Split
 from edgedistill.data.loaders import train_loader
+from edgedistill.data.splits import Split
 from edgedistill.recipe.schema import HARDWARE_KEYS
 from edgedistill.recipe.sections import DataConfig
+from edgedistill.train import distributed
 
 log = logging.getLogger(__name__)
 FULL_VECTOR_CLASSES = 100
 
 
-def cache_key(teacher_sha256: str, split: Split, data_cfg: DataConfig, seed: int, draws: int,
-              topk: Optional[int]) -> str:
+def cache_key(
+    teacher_sha256: str, split: Split, data_cfg: DataConfig, seed: int, draws: int, topk: Optional[int]
+) -> str:
     """What decides the cached logits, hashed: teacher weights, images (labels included: they mark unlabeled
     rows), every data/augmentation setting (not the loader workers, which change no view), seed, draws, k."""
     h = hashlib.sha256()
     h.update(teacher_sha256.encode())
     hardware = {k.split(".", 1)[1] for k in HARDWARE_KEYS if k.startswith("data.")}
     data = data_cfg.model_dump(mode="json", exclude=hardware)
-    h.update(json.dumps({"data": data, "seed": seed, "draws": draws, "topk": topk,
-                         "images": len(split)}, sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {"data": data, "seed": seed, "draws": draws, "topk": topk, "images": len(split)}, sort_keys=True
+        ).encode()
+    )
     h.update(np.ascontiguousarray(split.labels).tobytes())
     for i in range(len(split)):
         if split.paths and split.paths[i] is not None:
@@ -83,8 +88,11 @@ class SoftLabelCache:
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp.npz")
-        arrays = {"values": self.values, "num_classes": np.array(self.num_classes),
-                  "batch_rows": np.diff(self.offsets).astype(np.int64)}
+        arrays = {
+            "values": self.values,
+            "num_classes": np.array(self.num_classes),
+            "batch_rows": np.diff(self.offsets).astype(np.int64),
+        }
         if self.indices is not None:
             arrays["indices"] = self.indices
         np.savez(tmp, **arrays)
@@ -93,8 +101,12 @@ class SoftLabelCache:
     @classmethod
     def load(cls, path: Path) -> "SoftLabelCache":
         with np.load(path, allow_pickle=False) as data:
-            return cls(data["values"], data["indices"] if "indices" in data else None, int(data["num_classes"]),
-                       data["batch_rows"])
+            return cls(
+                data["values"],
+                data["indices"] if "indices" in data else None,
+                int(data["num_classes"]),
+                data["batch_rows"],
+            )
 
 
 @dataclass
@@ -139,8 +151,9 @@ def build(job: SoftLabelJob) -> SoftLabelCache:
             indices.append(np.concatenate(idx))
         batch_rows = np.array(sizes, dtype=np.int64)
         log.info("soft labels: draw %d/%d cached (%d images)", draw + 1, draws, sum(sizes))
-    return SoftLabelCache(np.stack(values).astype(np.float32), np.stack(indices) if indices else None,
-                          int(num_classes), batch_rows)
+    return SoftLabelCache(
+        np.stack(values).astype(np.float32), np.stack(indices) if indices else None, int(num_classes), batch_rows
+    )
 
 
 def cached_soft_labels(job: SoftLabelJob) -> SoftLabelCache:

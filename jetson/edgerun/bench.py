@@ -5,14 +5,15 @@ distribution is reported as percentiles, throughput is computed on the trimmed m
 fastest 5% dropped, so a single stall does not decide the figure), and each check of the verdict is a row
 with a status (PASS, FAIL or SKIP with the reason) rather than a crash.
 """
+
 import json
 import time
 
 import numpy as np
 
 from edgerun.decision import softmax
-from edgerun.errors import EdgerunError
 from edgerun.device import TegraStats, clocks, meminfo, nvpmodel_mode, process_memory_mb, reset_peak_memory
+from edgerun.errors import EdgerunError
 from edgerun.preprocess import preprocess
 from edgerun.spec import REQUIRED, Spec
 
@@ -28,12 +29,14 @@ def parse_frame_size(text):
     try:
         w, h = (int(v) for v in str(text).lower().split("x"))
     except ValueError:
-        raise EdgerunError("--frame-size must be WIDTHxHEIGHT, e.g. 1280x720, not %r" % (text,))
+        raise EdgerunError("--frame-size must be WIDTHxHEIGHT, e.g. 1280x720, not %r" % (text,)) from None
     if w <= 0 or h <= 0:
         raise EdgerunError("--frame-size must be positive, not %r" % (text,))
     if w > MAX_FRAME_SIDE or h > MAX_FRAME_SIDE:
-        raise EdgerunError("--frame-size %r: each side at most %d pixels (an 8K camera); 4 frames of %dx%d would need "
-                           "%.0f GB" % (text, MAX_FRAME_SIDE, w, h, 4.0 * w * h * 3 / 2 ** 30))
+        raise EdgerunError(
+            "--frame-size %r: each side at most %d pixels (an 8K camera); 4 frames of %dx%d would need "
+            "%.0f GB" % (text, MAX_FRAME_SIDE, w, h, 4.0 * w * h * 3 / 2**30)
+        )
     return w, h
 
 
@@ -49,7 +52,7 @@ def percentile(sorted_values, q):
 
 def trimmed_mean(sorted_values, trim=TRIM):
     k = int(len(sorted_values) * trim)
-    kept = sorted_values[k:len(sorted_values) - k] or sorted_values
+    kept = sorted_values[k : len(sorted_values) - k] or sorted_values
     return sum(kept) / float(len(kept))
 
 
@@ -60,10 +63,15 @@ def summarize(latencies_s, batch):
     return {
         "iterations": len(values),
         "batch": batch,
-        "latency_ms": {"min": values[0] * 1e3, "p50": percentile(values, 50) * 1e3,
-                       "p90": percentile(values, 90) * 1e3, "p95": percentile(values, 95) * 1e3,
-                       "p99": percentile(values, 99) * 1e3, "max": values[-1] * 1e3,
-                       "trimmed_mean": mean * 1e3},
+        "latency_ms": {
+            "min": values[0] * 1e3,
+            "p50": percentile(values, 50) * 1e3,
+            "p90": percentile(values, 90) * 1e3,
+            "p95": percentile(values, 95) * 1e3,
+            "p99": percentile(values, 99) * 1e3,
+            "max": values[-1] * 1e3,
+            "trimmed_mean": mean * 1e3,
+        },
         "throughput_fps": batch / mean,
     }
 
@@ -80,8 +88,17 @@ class BenchJob(Spec):
     ``batch`` (default: the manifest's input batch); ``warmup`` batches, then at least ``iterations`` timed ones
     and ``min_seconds``."""
 
-    FIELDS = {"runner": REQUIRED, "manifest": REQUIRED, "frames": None, "batch": None, "warmup": 10,
-              "iterations": 200, "min_seconds": 0.0, "input_order": "BGR", "frame_size": DEFAULT_FRAME_SIZE}
+    FIELDS = {
+        "runner": REQUIRED,
+        "manifest": REQUIRED,
+        "frames": None,
+        "batch": None,
+        "warmup": 10,
+        "iterations": 200,
+        "min_seconds": 0.0,
+        "input_order": "BGR",
+        "frame_size": DEFAULT_FRAME_SIZE,
+    }
 
 
 def _feed(job, batch):
@@ -173,10 +190,18 @@ def _memory(runner, peak, peak_before):
     else:  # unknown when the device share is: a figure not measured is never counted as 0
         device_mb, method = device["mb"], device["method"]
         total = process_peak + device_mb if process_peak is not None and device_mb is not None else None
-    return {"process_rss_mb": rss, "process_peak_mb": process_peak, "process_peak_method": peak.method,
-            "setup_peak_mb": peak.setup_peak, "peak_before_bench_mb": peak_before,
-            "system_available_mb": mem.get("MemAvailable"), "system_total_mb": mem.get("MemTotal"),
-            "device_mb": device_mb, "device_method": method, "total_mb": total}
+    return {
+        "process_rss_mb": rss,
+        "process_peak_mb": process_peak,
+        "process_peak_method": peak.method,
+        "setup_peak_mb": peak.setup_peak,
+        "peak_before_bench_mb": peak_before,
+        "system_available_mb": mem.get("MemAvailable"),
+        "system_total_mb": mem.get("MemTotal"),
+        "device_mb": device_mb,
+        "device_method": method,
+        "total_mb": total,
+    }
 
 
 def run_bench(job):
@@ -193,8 +218,9 @@ def run_bench(job):
     result["model_only"] = summarize(model_only, batch) if model_only else None
     result["stages_ms"] = {k: (sum(v) / len(v) * 1e3 if v else None) for k, v in stages.items()}
     frame_ms = sum(totals) / len(totals) * 1e3
-    result["stages_share"] = {k: (v / frame_ms if v is not None and frame_ms else None)
-                              for k, v in result["stages_ms"].items()}
+    result["stages_share"] = {
+        k: (v / frame_ms if v is not None and frame_ms else None) for k, v in result["stages_ms"].items()
+    }
     result["feed"] = feed_info
     result["infer_call"] = summarize(infer_calls, batch)
     result["memory"] = _memory(job.runner, peak, peak_before)
@@ -226,11 +252,20 @@ def verdict(result, fps_target=None, budget_mb=None, device_memory_mb=None):
     fps = result["throughput_fps"]
     p95 = result["latency_ms"]["p95"]
     if fps_target:
-        row("throughput >= target FPS", "PASS" if fps >= fps_target else "FAIL", "%.1f FPS" % fps,
-            "%.1f FPS" % fps_target)
+        row(
+            "throughput >= target FPS",
+            "PASS" if fps >= fps_target else "FAIL",
+            "%.1f FPS" % fps,
+            "%.1f FPS" % fps_target,
+        )
         frame_ms = 1000.0 / fps_target * result["batch"]
-        row("p95 latency within the frame time", "PASS" if p95 <= frame_ms else "FAIL", "%.2f ms" % p95,
-            "%.2f ms" % frame_ms, "a frame every %.1f ms at %.0f FPS" % (1000.0 / fps_target, fps_target))
+        row(
+            "p95 latency within the frame time",
+            "PASS" if p95 <= frame_ms else "FAIL",
+            "%.2f ms" % p95,
+            "%.2f ms" % frame_ms,
+            "a frame every %.1f ms at %.0f FPS" % (1000.0 / fps_target, fps_target),
+        )
     else:
         row("throughput >= target FPS", "SKIP", "%.1f FPS" % fps, "-", "no --fps-target given")
     memory = result["memory"]
@@ -238,16 +273,27 @@ def verdict(result, fps_target=None, budget_mb=None, device_memory_mb=None):
     tegra = result.get("tegrastats") or {}
     what = "process peak (VmHWM) %s + device %s" % (
         "%.0f MB" % memory["process_peak_mb"] if memory.get("process_peak_mb") is not None else "?",
-        device_memory_text(memory))
+        device_memory_text(memory),
+    )
     if budget_mb:
         if memory.get("process_peak_mb") is None:
             row("process memory within budget", "SKIP", "-", "%d MB" % budget_mb, "/proc/self/status unreadable")
         elif total is None:
-            row("process memory within budget", "SKIP", "-", "%d MB" % budget_mb,
-                "device memory not measured, so the total is unknown: %s" % what)
+            row(
+                "process memory within budget",
+                "SKIP",
+                "-",
+                "%d MB" % budget_mb,
+                "device memory not measured, so the total is unknown: %s" % what,
+            )
         else:
-            row("process memory within budget", "PASS" if total <= budget_mb else "FAIL", "%.0f MB" % total,
-                "%d MB" % budget_mb, what)
+            row(
+                "process memory within budget",
+                "PASS" if total <= budget_mb else "FAIL",
+                "%.0f MB" % total,
+                "%d MB" % budget_mb,
+                what,
+            )
     else:
         row("process memory within budget", "SKIP", "%.0f MB" % total if total else "-", "-", "no --budget-mb given")
     if device_memory_mb:
@@ -258,20 +304,30 @@ def verdict(result, fps_target=None, budget_mb=None, device_memory_mb=None):
         if used is None:
             row("system memory within the device's total", "SKIP", "-", "%d MB" % device_memory_mb, "unknown")
         else:
-            row("system memory within the device's total", "PASS" if used <= device_memory_mb else "FAIL",
-                "%.0f MB" % used, "%d MB" % device_memory_mb, "shared CPU/GPU memory in use")
+            row(
+                "system memory within the device's total",
+                "PASS" if used <= device_memory_mb else "FAIL",
+                "%.0f MB" % used,
+                "%d MB" % device_memory_mb,
+                "shared CPU/GPU memory in use",
+            )
     overall = "FAIL" if any(r["status"] == "FAIL" for r in rows) else "PASS"
     feed = result.get("feed") or {}
     size = feed.get("frame_size")
-    return {"overall": overall, "checks": rows,
-            "holds_for": ("%s frames of %dx%d" % (feed.get("kind", "given"), size[0], size[1])) if size else None}
+    return {
+        "overall": overall,
+        "checks": rows,
+        "holds_for": ("%s frames of %dx%d" % (feed.get("kind", "given"), size[0], size[1])) if size else None,
+    }
 
 
 def clock_warning(result):
     maxed = (result.get("clocks") or {}).get("maxed")
     if maxed is False:
-        return ("clocks are not pinned at their maximum (run `sudo jetson_clocks`): published Jetson figures "
-                "assume it, and these numbers will vary with DVFS")
+        return (
+            "clocks are not pinned at their maximum (run `sudo jetson_clocks`): published Jetson figures "
+            "assume it, and these numbers will vary with DVFS"
+        )
     return None
 
 
@@ -283,35 +339,61 @@ def format_table(rows, headers):
 
 def report_text(result, verdict_result, title):
     lat = result["latency_ms"]
-    lines = [title, "",
-             "throughput %.1f FPS (batch %d, %d iterations, trimmed mean %.2f ms)" % (
-                 result["throughput_fps"], result["batch"], result["iterations"], lat["trimmed_mean"]),
-             "latency ms  p50 %.2f  p90 %.2f  p95 %.2f  p99 %.2f  max %.2f" % (
-                 lat["p50"], lat["p90"], lat["p95"], lat["p99"], lat["max"]),
-             "stages ms   (mean) " + "  ".join("%s %.3f (%.0f%%)" % (k, v, 100 * (result.get("stages_share") or {}).get(k, 0) or 0)
-                                        for k, v in sorted(result["stages_ms"].items()) if v is not None)]
+    lines = [
+        title,
+        "",
+        "throughput %.1f FPS (batch %d, %d iterations, trimmed mean %.2f ms)"
+        % (result["throughput_fps"], result["batch"], result["iterations"], lat["trimmed_mean"]),
+        "latency ms  p50 %.2f  p90 %.2f  p95 %.2f  p99 %.2f  max %.2f"
+        % (lat["p50"], lat["p90"], lat["p95"], lat["p99"], lat["max"]),
+        "stages ms   (mean) "
+        + "  ".join(
+            "%s %.3f (%.0f%%)" % (k, v, 100 * (result.get("stages_share") or {}).get(k, 0) or 0)
+            for k, v in sorted(result["stages_ms"].items())
+            if v is not None
+        ),
+    ]
     if result.get("feed"):
-        lines.append("feed        %s frames of %dx%d, resized on this device's CPU like a camera's" % (
-            result["feed"]["kind"], result["feed"]["frame_size"][0], result["feed"]["frame_size"][1]))
+        lines.append(
+            "feed        %s frames of %dx%d, resized on this device's CPU like a camera's"
+            % (result["feed"]["kind"], result["feed"]["frame_size"][0], result["feed"]["frame_size"][1])
+        )
     mem = result["memory"]
     if mem.get("process_peak_mb"):
-        lines.append("memory      process peak %.0f MB + device %s = %s; system available %.0f of %.0f MB" % (
-            mem["process_peak_mb"], device_memory_text(mem),
-            "%.0f MB" % mem["total_mb"] if mem.get("total_mb") is not None else "unknown",
-            mem.get("system_available_mb") or 0, mem.get("system_total_mb") or 0))
+        lines.append(
+            "memory      process peak %.0f MB + device %s = %s; system available %.0f of %.0f MB"
+            % (
+                mem["process_peak_mb"],
+                device_memory_text(mem),
+                "%.0f MB" % mem["total_mb"] if mem.get("total_mb") is not None else "unknown",
+                mem.get("system_available_mb") or 0,
+                mem.get("system_total_mb") or 0,
+            )
+        )
         if mem.get("process_peak_method"):
-            lines.append("            process peak: %s; set-up peak %s" % (
-                mem["process_peak_method"], "%.0f MB" % mem["setup_peak_mb"] if mem.get("setup_peak_mb") else "?"))
+            lines.append(
+                "            process peak: %s; set-up peak %s"
+                % (mem["process_peak_method"], "%.0f MB" % mem["setup_peak_mb"] if mem.get("setup_peak_mb") else "?")
+            )
     if result.get("tegrastats"):
         t = result["tegrastats"]
         lines.append("tegrastats  " + "  ".join("%s %s" % kv for kv in sorted(t.items())))
     warning = clock_warning(result)
     if warning:
         lines.append("WARNING     " + warning)
-    lines += ["", format_table([(r["check"], r["status"], r["measured"], r["limit"], r["note"])
-                                for r in verdict_result["checks"]], ["check", "status", "measured", "limit", "note"]),
-              "", "VERDICT: %s%s" % (verdict_result["overall"], " (for %s)" % verdict_result["holds_for"]
-                                     if verdict_result.get("holds_for") else "")]
+    lines += [
+        "",
+        format_table(
+            [(r["check"], r["status"], r["measured"], r["limit"], r["note"]) for r in verdict_result["checks"]],
+            ["check", "status", "measured", "limit", "note"],
+        ),
+        "",
+        "VERDICT: %s%s"
+        % (
+            verdict_result["overall"],
+            " (for %s)" % verdict_result["holds_for"] if verdict_result.get("holds_for") else "",
+        ),
+    ]
     return "\n".join(lines)
 
 

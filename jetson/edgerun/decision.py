@@ -8,6 +8,7 @@ class reaches the threshold picked on held-out images for a target recall or a m
 One implementation for both sides: the workstation's metrics and the device's ``validate`` and ``camera`` use
 these functions. Python 3.6, numpy only.
 """
+
 import numpy as np
 
 from edgerun.errors import BundleError
@@ -31,10 +32,15 @@ def rates_at(is_positive, scores, threshold):
     rejected = np.asarray(scores, dtype=np.float64) >= float(threshold)
     positives, negatives = int(pos.sum()), int((~pos).sum())
     detected, false_rejects = int((rejected & pos).sum()), int((rejected & ~pos).sum())
-    return {"recall": detected / positives if positives else None,
-            "false_reject": false_rejects / negatives if negatives else None,
-            "positives": positives, "negatives": negatives, "detected": detected, "false_rejects": false_rejects,
-            "threshold": float(threshold)}
+    return {
+        "recall": detected / positives if positives else None,
+        "false_reject": false_rejects / negatives if negatives else None,
+        "positives": positives,
+        "negatives": negatives,
+        "detected": detected,
+        "false_rejects": false_rejects,
+        "threshold": float(threshold),
+    }
 
 
 def check_decision(data, where):
@@ -46,8 +52,9 @@ def check_decision(data, where):
         raise BundleError("%s: 'decision' must be an object" % where)
     positive = decision.get("positive_class")
     if positive is not None and positive not in data["classes"]:
-        raise BundleError("%s: decision.positive_class '%s' is not one of the classes %s"
-                          % (where, positive, data["classes"]))
+        raise BundleError(
+            "%s: decision.positive_class '%s' is not one of the classes %s" % (where, positive, data["classes"])
+        )
     threshold = decision.get("threshold")
     if threshold is not None:
         if positive is None:

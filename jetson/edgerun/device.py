@@ -4,6 +4,7 @@ Every reader returns None (never raises) when a file or tool is absent, so the s
 workstation, a container and a Jetson. Sources: /proc/device-tree/model, /etc/nv_tegra_release,
 /proc/meminfo, /proc/self/status, cpufreq and devfreq in /sys, ``nvpmodel -q`` and ``tegrastats``.
 """
+
 import glob
 import os
 import re
@@ -30,8 +31,12 @@ def board_model(environ=None, root="/"):
     """The board's model ('NVIDIA Jetson Nano Developer Kit'): /proc/device-tree/model, else $EDGERUN_BOARD, else
     the mounted /etc/edgerun/board-model (containers cannot see the device tree); None when none says."""
     environ = os.environ if environ is None else environ
-    return (_read(os.path.join(root, "proc/device-tree/model")) or (environ.get(BOARD_ENV) or "").strip() or
-            _read(os.path.join(root, BOARD_FILE.lstrip("/"))) or None)
+    return (
+        _read(os.path.join(root, "proc/device-tree/model"))
+        or (environ.get(BOARD_ENV) or "").strip()
+        or _read(os.path.join(root, BOARD_FILE.lstrip("/")))
+        or None
+    )
 
 
 def is_tegra(root="/"):
@@ -47,8 +52,10 @@ def board_label(environ=None, root="/"):
     if board:
         return board
     if is_tegra(root):
-        return ("a Jetson of unknown model (in a container: mount /proc/device-tree/model at %s or set $%s)"
-                % (BOARD_FILE, BOARD_ENV))
+        return "a Jetson of unknown model (in a container: mount /proc/device-tree/model at %s or set $%s)" % (
+            BOARD_FILE,
+            BOARD_ENV,
+        )
     return None
 
 
@@ -73,7 +80,7 @@ def cuda_version():
     for path in ("/usr/local/cuda/version.txt", "/usr/local/cuda/version.json"):
         text = _read(path)
         if text:
-            match = re.search(r'(\d+\.\d+(\.\d+)?)', text)
+            match = re.search(r"(\d+\.\d+(\.\d+)?)", text)
             if match:
                 return match.group(1)
     return None
@@ -126,7 +133,9 @@ def nvmap_process_mb(pid=None, path=None):
         if len(parts) >= 4 and parts[-2] == str(pid):
             match = re.match(r"(\d+)([KMG]?)$", parts[-1])
             if match:
-                total += int(match.group(1)) / {"K": 1024.0, "M": 1.0, "G": 1 / 1024.0, "": 1024.0 * 1024}[match.group(2)]
+                total += (
+                    int(match.group(1)) / {"K": 1024.0, "M": 1.0, "G": 1 / 1024.0, "": 1024.0 * 1024}[match.group(2)]
+                )
                 found = True
     return total if found else None
 
@@ -154,8 +163,11 @@ GPU_DEVFREQ = re.compile(r"(gpu|gm20b|gp10b|gv11b|ga10b)$")
 def gpu_devfreq_folders(root="/"):
     """The GPU's devfreq folders: /sys/class/devfreq/* entries named like a Jetson GPU (every generation),
     then the older device paths."""
-    found = [f for f in sorted(glob.glob(os.path.join(root, "sys/class/devfreq/*")))
-             if GPU_DEVFREQ.search(os.path.basename(f))]
+    found = [
+        f
+        for f in sorted(glob.glob(os.path.join(root, "sys/class/devfreq/*")))
+        if GPU_DEVFREQ.search(os.path.basename(f))
+    ]
     found += glob.glob(os.path.join(root, "sys/devices/gpu.0/devfreq/*"))
     found += glob.glob(os.path.join(root, "sys/devices/platform/*gpu*/devfreq/*"))
     return found
@@ -172,8 +184,14 @@ def clocks(root="/"):
         top = _read(os.path.join(folder, "scaling_max_freq")) or hw_top
         low = _read(os.path.join(folder, "scaling_min_freq"))
         if cur and top:
-            result["cpu"].append({"cur_khz": int(cur), "max_khz": int(top), "min_khz": int(low) if low else None,
-                                  "hw_max_khz": int(hw_top) if hw_top else None})
+            result["cpu"].append(
+                {
+                    "cur_khz": int(cur),
+                    "max_khz": int(top),
+                    "min_khz": int(low) if low else None,
+                    "hw_max_khz": int(hw_top) if hw_top else None,
+                }
+            )
     for folder in gpu_devfreq_folders(root):
         cur, top = _read(os.path.join(folder, "cur_freq")), _read(os.path.join(folder, "max_freq"))
         low = _read(os.path.join(folder, "min_freq"))
@@ -241,6 +259,7 @@ def gpu_properties():
     """Name and compute capability of CUDA device 0 through pycuda; None without pycuda or a GPU."""
     try:
         import pycuda.driver as cuda
+
         cuda.init()
         dev = cuda.Device(0)
     except Exception:  # ImportError, or pycuda's LogicError/RuntimeError when no device: all mean "no GPU"
@@ -250,8 +269,12 @@ def gpu_properties():
         integrated = bool(dev.get_attribute(cuda.device_attribute.INTEGRATED))
     except (AttributeError, cuda.Error):
         integrated = is_tegra()
-    return {"name": dev.name(), "compute_capability": "%d.%d" % (major, minor),
-            "memory_mb": dev.total_memory() // (1024 * 1024), "integrated": integrated}
+    return {
+        "name": dev.name(),
+        "compute_capability": "%d.%d" % (major, minor),
+        "memory_mb": dev.total_memory() // (1024 * 1024),
+        "integrated": integrated,
+    }
 
 
 TEGRA_RAM = re.compile(r"RAM (\d+)/(\d+)MB")
@@ -298,8 +321,9 @@ class TegraStats(object):
 
     def __enter__(self):
         try:
-            self.proc = subprocess.Popen([self.command, "--interval", str(self.interval_ms)],
-                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [self.command, "--interval", str(self.interval_ms)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+            )
         except OSError:
             self.proc = None
             return self

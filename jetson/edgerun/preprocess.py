@@ -5,6 +5,7 @@ the accuracy measured on the host is the accuracy of the pipeline that runs on t
 needs (resize, crop, interpolation, mean/std, scale, channel order, layout) are the same facts timm keeps
 in a model's ``pretrained_cfg``; they travel in the bundle manifest (see ``edgerun.bundle.manifest``).
 """
+
 import cv2
 import numpy as np
 
@@ -29,12 +30,22 @@ class PreprocessSpec(object):
 
     FIELDS = ("resize", "crop", "interpolation", "mean", "std", "scale", "channel_order", "layout", "dtype")
 
-    def __init__(self, resize, crop, interpolation="bilinear", mean=(0.485, 0.456, 0.406),
-                 std=(0.229, 0.224, 0.225), scale=1.0 / 255.0, channel_order="RGB", layout="NCHW",
-                 dtype="float32"):
+    def __init__(
+        self,
+        resize,
+        crop,
+        interpolation="bilinear",
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        scale=1.0 / 255.0,
+        channel_order="RGB",
+        layout="NCHW",
+        dtype="float32",
+    ):
         if interpolation not in INTERPOLATIONS:
-            raise ValueError("preprocess.interpolation must be one of %s, not %r"
-                             % (sorted(INTERPOLATIONS), interpolation))
+            raise ValueError(
+                "preprocess.interpolation must be one of %s, not %r" % (sorted(INTERPOLATIONS), interpolation)
+            )
         if channel_order not in ("RGB", "BGR"):
             raise ValueError("preprocess.channel_order must be 'RGB' or 'BGR', not %r" % (channel_order,))
         if layout not in ("NCHW", "NHWC"):
@@ -105,7 +116,7 @@ def center_crop(image, crop):
     h, w = image.shape[:2]
     top = max(0, (h - ch) // 2)
     left = max(0, (w - cw) // 2)
-    return image[top:top + ch, left:left + cw]
+    return image[top : top + ch, left : left + cw]
 
 
 def geometric(image, spec):

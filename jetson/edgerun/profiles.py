@@ -25,6 +25,7 @@ Sources (NVIDIA documentation, as of each JetPack release):
   (Nano 25.6, TX2 59.7, Xavier NX 51.2, AGX Xavier 136.5, Orin Nano 8GB 68, Orin NX 102.4, AGX Orin
   204.8 GB/s).
 """
+
 from edgerun.errors import EdgerunError
 
 JETPACK_4 = {"jetpack": "4.6", "l4t": "R32.7", "tensorrt": "8.2", "cuda": "10.2", "python": "3.6", "max_opset": 13}
@@ -35,10 +36,16 @@ JETPACK_6 = {"jetpack": "6.1", "l4t": "R36.4", "tensorrt": "10.3", "cuda": "12.6
 def _gpu(cuda_cores, tensor_cores, clock_mhz, fma_per_tensor_core, bandwidth_gbps):
     fp32 = cuda_cores * 2 * clock_mhz / 1000.0
     tensor_fp16 = tensor_cores * fma_per_tensor_core * 2 * clock_mhz / 1000.0
-    return {"cuda_cores": cuda_cores, "tensor_cores": tensor_cores, "clock_mhz": clock_mhz,
-            "fp32_gflops": round(fp32, 1), "fp16_cuda_gflops": round(2 * fp32, 1),
-            "fp16_tensor_gflops": round(tensor_fp16, 1) or None,
-            "int8_tensor_gops": round(2 * tensor_fp16, 1) or None, "memory_gbps": bandwidth_gbps}
+    return {
+        "cuda_cores": cuda_cores,
+        "tensor_cores": tensor_cores,
+        "clock_mhz": clock_mhz,
+        "fp32_gflops": round(fp32, 1),
+        "fp16_cuda_gflops": round(2 * fp32, 1),
+        "fp16_tensor_gflops": round(tensor_fp16, 1) or None,
+        "int8_tensor_gops": round(2 * tensor_fp16, 1) or None,
+        "memory_gbps": bandwidth_gbps,
+    }
 
 
 NANO_GPU = _gpu(128, 0, 921.6, 0, 25.6)
@@ -52,8 +59,15 @@ AGX_ORIN_GPU = _gpu(2048, 64, 1300.0, 256, 204.8)
 
 def _target(base, device, sm, memory_mb, fast_int8, **extra):
     facts = dict(base)
-    facts.update({"device": device, "compute_capability": sm, "memory_mb": memory_mb, "fast_int8": fast_int8,
-                  "runtime": "tensorrt"})
+    facts.update(
+        {
+            "device": device,
+            "compute_capability": sm,
+            "memory_mb": memory_mb,
+            "fast_int8": fast_int8,
+            "runtime": "tensorrt",
+        }
+    )
     facts.update(extra)
     return facts
 
@@ -66,13 +80,24 @@ TARGETS = {
     "jetson-tx2-jp4": _target(JETPACK_4, "Jetson TX2", "6.2", 8192, False, gpu=TX2_GPU, dla_cores=0),
     "xavier-nx-jp5": _target(JETPACK_5, "Jetson Xavier NX", "7.2", 8192, True, gpu=XAVIER_NX_GPU, dla_cores=2),
     "agx-xavier-jp5": _target(JETPACK_5, "Jetson AGX Xavier", "7.2", 32768, True, gpu=AGX_XAVIER_GPU, dla_cores=2),
-    "jetson-orin-nano-jp6": _target(JETPACK_6, "Jetson Orin Nano 8GB", "8.7", 8192, True, gpu=ORIN_NANO_GPU,
-                                    dla_cores=0),
+    "jetson-orin-nano-jp6": _target(
+        JETPACK_6, "Jetson Orin Nano 8GB", "8.7", 8192, True, gpu=ORIN_NANO_GPU, dla_cores=0
+    ),
     "orin-nx-jp6": _target(JETPACK_6, "Jetson Orin NX 16GB", "8.7", 16384, True, gpu=ORIN_NX_GPU, dla_cores=2),
     "agx-orin-jp6": _target(JETPACK_6, "Jetson AGX Orin 64GB", "8.7", 65536, True, gpu=AGX_ORIN_GPU, dla_cores=2),
-    "generic-x86-ort": {"device": "x86-64 CPU (ONNX Runtime)", "runtime": "onnxruntime", "max_opset": 17,
-                        "fast_int8": True, "memory_mb": None, "compute_capability": None, "jetpack": None,
-                        "l4t": None, "tensorrt": None, "cuda": None, "python": "3.8+"},
+    "generic-x86-ort": {
+        "device": "x86-64 CPU (ONNX Runtime)",
+        "runtime": "onnxruntime",
+        "max_opset": 17,
+        "fast_int8": True,
+        "memory_mb": None,
+        "compute_capability": None,
+        "jetpack": None,
+        "l4t": None,
+        "tensorrt": None,
+        "cuda": None,
+        "python": "3.8+",
+    },
 }
 
 
@@ -83,8 +108,10 @@ def get_target(name):
         import difflib
 
         close = difflib.get_close_matches(name, list(TARGETS), n=1)
-        raise EdgerunError("unknown target profile '%s'%s; known: %s"
-                           % (name, " (did you mean '%s'?)" % close[0] if close else "", ", ".join(sorted(TARGETS))))
+        raise EdgerunError(
+            "unknown target profile '%s'%s; known: %s"
+            % (name, " (did you mean '%s'?)" % close[0] if close else "", ", ".join(sorted(TARGETS)))
+        ) from None
 
 
 def parse_version(text):

@@ -5,6 +5,7 @@ training split's statistics; ``targets`` = ``{"names": [...], "mean": [...], "st
 units (``value = output * std + mean``). Shared by ``edgerun validate`` and ``edgerun camera`` on the device and
 by edgedistill's evaluation on the host, so both sides compute MAE and R^2 the same way. Python 3.6, numpy only.
 """
+
 import numpy as np
 
 from edgerun.errors import BundleError
@@ -16,8 +17,13 @@ def check_targets(data, where):
     if not isinstance(targets, dict):
         raise BundleError("%s: a regression bundle needs 'targets' {names, mean, std}" % where)
     names, mean, std = targets.get("names"), targets.get("mean"), targets.get("std")
-    if not (isinstance(names, list) and isinstance(mean, list) and isinstance(std, list)
-            and len(names) == len(mean) == len(std) and names):
+    if not (
+        isinstance(names, list)
+        and isinstance(mean, list)
+        and isinstance(std, list)
+        and len(names) == len(mean) == len(std)
+        and names
+    ):
         raise BundleError("%s: 'targets' needs names, mean and std lists of one length" % where)
     if names != list(data["classes"]):
         raise BundleError("%s: 'targets.names' must equal 'classes' (one model output per target)" % where)
@@ -35,8 +41,11 @@ def regression_metrics(predicted, target):
     predicted, target = np.asarray(predicted, dtype=np.float64), np.asarray(target, dtype=np.float64)
     err = predicted - target
     sst = float(((target - target.mean()) ** 2).sum())
-    return {"mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err ** 2).mean())),
-            "r2": float(1 - (err ** 2).sum() / sst) if sst > 0 else 0.0}
+    return {
+        "mae": float(np.abs(err).mean()),
+        "rmse": float(np.sqrt((err**2).mean())),
+        "r2": float(1 - (err**2).sum() / sst) if sst > 0 else 0.0,
+    }
 
 
 def summarize(predicted, target, names):

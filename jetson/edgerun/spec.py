@@ -14,8 +14,9 @@ class Spec(object):
     def __init__(self, **fields):
         unknown = sorted(set(fields) - set(self.FIELDS))
         if unknown:
-            raise TypeError("%s has no field %s (fields: %s)" % (type(self).__name__, ", ".join(unknown),
-                                                                 ", ".join(self.FIELDS)))
+            raise TypeError(
+                "%s has no field %s (fields: %s)" % (type(self).__name__, ", ".join(unknown), ", ".join(self.FIELDS))
+            )
         for name, default in self.FIELDS.items():
             value = fields.get(name, default)
             if value is REQUIRED:

@@ -10,6 +10,7 @@ Bundles (:func:`unpack_private`) unpack into a folder created fresh for this pro
 time, never an existing path), and each file's sha256 is taken from the bytes as they are written: the check and
 the use are of the same bytes, and another process opening another bundle of the same file name cannot touch them.
 """
+
 import atexit
 import hashlib
 import os
@@ -46,7 +47,9 @@ class Limits(object):
             try:
                 max_mb = float(environ[MAX_UNPACK_ENV])
             except ValueError:
-                raise UnsafeArchiveError("$%s must be a number of MB, not '%s'" % (MAX_UNPACK_ENV, environ[MAX_UNPACK_ENV]))
+                raise UnsafeArchiveError(
+                    "$%s must be a number of MB, not '%s'" % (MAX_UNPACK_ENV, environ[MAX_UNPACK_ENV])
+                ) from None
         max_mb = BUNDLE_MAX_MB if max_mb is None else max_mb
         if max_mb <= 0:
             raise UnsafeArchiveError("--max-unpack-mb must be positive")
@@ -63,22 +66,27 @@ def check_member(member):
     if ".." in parts:
         raise UnsafeArchiveError("archive member '%s' climbs out with '..'; refusing to unpack" % shown(name))
     if member.issym() or member.islnk():
-        raise UnsafeArchiveError("archive member '%s' is a link (to '%s'); refusing to unpack"
-                                 % (shown(name), shown(member.linkname)))
+        raise UnsafeArchiveError(
+            "archive member '%s' is a link (to '%s'); refusing to unpack" % (shown(name), shown(member.linkname))
+        )
     if member.issparse():
-        raise UnsafeArchiveError("archive member '%s' is a sparse file (it declares %d bytes); refusing to unpack: "
-                                 "bundles and data sets hold plain files" % (shown(name), member.size))
+        raise UnsafeArchiveError(
+            "archive member '%s' is a sparse file (it declares %d bytes); refusing to unpack: "
+            "bundles and data sets hold plain files" % (shown(name), member.size)
+        )
     if not (member.isfile() or member.isdir()):
-        raise UnsafeArchiveError("archive member '%s' is a device, FIFO or other special file; refusing to unpack"
-                                 % shown(name))
+        raise UnsafeArchiveError(
+            "archive member '%s' is a device, FIFO or other special file; refusing to unpack" % shown(name)
+        )
 
 
 def _open(archive_path):
     try:
         return tarfile.open(str(archive_path), "r:*")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-        raise UnsafeArchiveError("'%s' is not a readable tar archive (%s): if it was copied, copy it again"
-                                 % (archive_path, exc))
+        raise UnsafeArchiveError(
+            "'%s' is not a readable tar archive (%s): if it was copied, copy it again" % (archive_path, exc)
+        ) from exc
 
 
 def _members(tar, archive_path, limits, target):
@@ -86,21 +94,27 @@ def _members(tar, archive_path, limits, target):
     try:
         members = tar.getmembers()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-        raise UnsafeArchiveError("'%s' is truncated or damaged (%s): copy it again" % (archive_path, exc))
+        raise UnsafeArchiveError("'%s' is truncated or damaged (%s): copy it again" % (archive_path, exc)) from exc
     for member in members:
         check_member(member)
     declared = sum(m.size for m in members if m.isfile())
     if limits.max_members is not None and len(members) > limits.max_members:
-        raise UnsafeArchiveError("'%s' holds %d members, over the cap of %d; refusing to unpack"
-                                 % (archive_path, len(members), limits.max_members))
+        raise UnsafeArchiveError(
+            "'%s' holds %d members, over the cap of %d; refusing to unpack"
+            % (archive_path, len(members), limits.max_members)
+        )
     if limits.max_bytes is not None and declared > limits.max_bytes:
-        raise UnsafeArchiveError("'%s' declares %.0f MB of files, over the %.0f MB cap; refusing to unpack (raise it "
-                                 "with %s if the bundle is genuinely that large)"
-                                 % (archive_path, declared / 2.0 ** 20, limits.max_bytes / 2.0 ** 20, limits.flag))
+        raise UnsafeArchiveError(
+            "'%s' declares %.0f MB of files, over the %.0f MB cap; refusing to unpack (raise it "
+            "with %s if the bundle is genuinely that large)"
+            % (archive_path, declared / 2.0**20, limits.max_bytes / 2.0**20, limits.flag)
+        )
     free = shutil.disk_usage(target).free
     if declared > free:
-        raise UnsafeArchiveError("'%s' declares %.0f MB of files and '%s' has %.0f MB free; free some space first"
-                                 % (archive_path, declared / 2.0 ** 20, target, free / 2.0 ** 20))
+        raise UnsafeArchiveError(
+            "'%s' declares %.0f MB of files and '%s' has %.0f MB free; free some space first"
+            % (archive_path, declared / 2.0**20, target, free / 2.0**20)
+        )
     return members
 
 
@@ -129,21 +143,26 @@ def _write_members(tar, members, root, archive_path, limits):
                         break
                     written += len(block)
                     if limits.max_bytes is not None and written > limits.max_bytes:
-                        raise UnsafeArchiveError("'%s' unpacks to more than the %.0f MB cap (at member '%s'); "
-                                                 "stopped" % (archive_path, limits.max_bytes / 2.0 ** 20,
-                                                              shown(member.name)))
+                        raise UnsafeArchiveError(
+                            "'%s' unpacks to more than the %.0f MB cap (at member '%s'); "
+                            "stopped" % (archive_path, limits.max_bytes / 2.0**20, shown(member.name))
+                        )
                     digest.update(block)
                     out.write(block)
             digests[rel] = digest.hexdigest()
         except UnsafeArchiveError:
             raise
         except (tarfile.TarError, EOFError, zlib.error) as exc:
-            raise UnsafeArchiveError("'%s' is truncated or damaged at member '%s' (%s): copy it again"
-                                     % (archive_path, shown(member.name), exc))
+            raise UnsafeArchiveError(
+                "'%s' is truncated or damaged at member '%s' (%s): copy it again"
+                % (archive_path, shown(member.name), exc)
+            ) from exc
         except OSError as exc:
-            raise UnsafeArchiveError("cannot unpack member '%s' of '%s' (%s): two members clash (a file and a folder "
-                                     "of one name), a name is too long, or the disk is full"
-                                     % (shown(member.name), archive_path, exc.strerror or exc))
+            raise UnsafeArchiveError(
+                "cannot unpack member '%s' of '%s' (%s): two members clash (a file and a folder "
+                "of one name), a name is too long, or the disk is full"
+                % (shown(member.name), archive_path, exc.strerror or exc)
+            ) from exc
     return digests
 
 

@@ -1,4 +1,5 @@
 """Open, verify and pack bundles (a folder, or one .edb file = a gzip tar of that folder)."""
+
 import hashlib
 import os
 import shutil
@@ -6,8 +7,8 @@ import shutil
 import numpy as np
 
 from edgerun.bundle.archive import Limits, pack_folder, unpack_private
-from edgerun.errors import BundleError, UnsafeArchiveError
 from edgerun.bundle.manifest import MANIFEST_FILE, read_manifest
+from edgerun.errors import BundleError, UnsafeArchiveError
 
 BUNDLE_SUFFIX = ".edb"
 
@@ -36,14 +37,15 @@ class Bundle(object):
             return self.model_path
         entry = self.manifest.variant(variant)
         if not entry:
-            raise BundleError("bundle has no '%s' variant (has: %s)" % (
-                variant, ", ".join(sorted(self.manifest.data.get("variants", {}))) or "none"))
+            raise BundleError(
+                "bundle has no '%s' variant (has: %s)"
+                % (variant, ", ".join(sorted(self.manifest.data.get("variants", {}))) or "none")
+            )
         return self.path(entry["file"])
 
     def calibration(self):
         """Model-ready float32 calibration batch (memory-mapped: large sets stay on disk)."""
-        return np.load(self.path(self.manifest.data["samples"]["calib"]["file"]), mmap_mode="r",
-                       allow_pickle=False)
+        return np.load(self.path(self.manifest.data["samples"]["calib"]["file"]), mmap_mode="r", allow_pickle=False)
 
     def validation(self):
         """(raw uint8 RGB images, int64 labels) for accuracy checks on the device."""
@@ -58,7 +60,8 @@ def open_bundle(path, workdir=None, verify=True, trust=None, max_unpack_mb=None,
     ``trust``: a public key file or folder of them (see :mod:`edgerun.bundle.signing`); with it the bundle must be
     signed by one of those keys and every byte must match, whatever ``verify`` says. The signature is checked over
     the manifest bytes that are parsed, and an archive's files against the hashes of the bytes unpacked; a refused
-    archive leaves nothing behind. ``pins``: a pins file (see :mod:`edgerun.bundle.pins`) the bundle must pass after that.
+    archive leaves nothing behind. ``pins``: a pins file (see :mod:`edgerun.bundle.pins`) the bundle must pass after
+    that.
     """
     path = str(path)
     if not os.path.exists(path):
@@ -74,12 +77,12 @@ def open_bundle(path, workdir=None, verify=True, trust=None, max_unpack_mb=None,
         if not os.path.isfile(manifest_path):
             raise BundleError("'%s' has no %s: is it an edgedistill bundle?" % (path, MANIFEST_FILE))
         manifest, raw = read_manifest(manifest_path)
-        for name in list(manifest.data["files"]) + [v.get("file") for v in manifest.data.get("variants", {}).values()
-                                                    if isinstance(v, dict) and v.get("file")]:
+        for name in list(manifest.data["files"]) + [
+            v.get("file") for v in manifest.data.get("variants", {}).values() if isinstance(v, dict) and v.get("file")
+        ]:
             inner = os.path.normpath(os.path.join(folder, name))
             if os.path.isabs(name) or not inner.startswith(os.path.normpath(folder) + os.sep):
-                raise BundleError("manifest of '%s' names a file outside the bundle ('%s'); refusing it"
-                                  % (path, name))
+                raise BundleError("manifest of '%s' names a file outside the bundle ('%s'); refusing it" % (path, name))
         signer = None
         if trust:
             from edgerun.bundle.signing import check_trust
@@ -93,8 +96,9 @@ def open_bundle(path, workdir=None, verify=True, trust=None, max_unpack_mb=None,
             from edgerun.bundle.pins import check_pins
 
             pinned_by = check_pins(manifest, digest, pins, signed=bool(trust), bundle_path=path)
-        return Bundle(folder, manifest, signer=signer, trust=trust if trust else None, manifest_sha256=digest,
-                      pinned_by=pinned_by)
+        return Bundle(
+            folder, manifest, signer=signer, trust=trust if trust else None, manifest_sha256=digest, pinned_by=pinned_by
+        )
     except BaseException:
         if private:
             shutil.rmtree(folder, ignore_errors=True)

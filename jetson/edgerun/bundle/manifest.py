@@ -7,6 +7,7 @@ predicts (class names), what was measured on the host, and the sha256 of every f
 
 This module is the schema's only definition. It runs on Python 3.6 and imports neither torch nor onnx.
 """
+
 import hashlib
 import json
 import os
@@ -62,15 +63,18 @@ class Manifest(object):
             raise BundleError("%s: a manifest is a JSON object, not %s" % (where, type(data).__name__))
         version = data.get("schema_version")
         if isinstance(version, int) and version > SCHEMA_VERSION:
-            raise BundleError("%s: bundle schema version %d is newer than this edgerun understands (%d): upgrade "
-                              "edgerun on the device (pip3 install -U ./jetson from the same edgedistill release "
-                              "that made the bundle)" % (where, version, SCHEMA_VERSION))
+            raise BundleError(
+                "%s: bundle schema version %d is newer than this edgerun understands (%d): upgrade "
+                "edgerun on the device (pip3 install -U ./jetson from the same edgedistill release "
+                "that made the bundle)" % (where, version, SCHEMA_VERSION)
+            )
         for key, kind in sorted(REQUIRED.items()):
             if key not in data:
                 raise BundleError("%s: required key '%s' is missing" % (where, key))
             if not isinstance(data[key], kind):
-                raise BundleError("%s: key '%s' must be %s, not %s" % (where, key, kind.__name__,
-                                                                        type(data[key]).__name__))
+                raise BundleError(
+                    "%s: key '%s' must be %s, not %s" % (where, key, kind.__name__, type(data[key]).__name__)
+                )
         if version < 1:
             raise BundleError("%s: schema_version must be >= 1" % where)
         for key in MODEL_KEYS:
@@ -79,7 +83,7 @@ class Manifest(object):
         try:
             PreprocessSpec.from_dict(data["preprocess"])
         except (TypeError, ValueError) as exc:
-            raise BundleError("%s: invalid 'preprocess': %s" % (where, exc))
+            raise BundleError("%s: invalid 'preprocess': %s" % (where, exc)) from exc
         if data["model"]["file"] not in data["files"]:
             raise BundleError("%s: model.file '%s' has no sha256 under 'files'" % (where, data["model"]["file"]))
         if not data["classes"]:
@@ -154,9 +158,10 @@ class Manifest(object):
                 raise BundleError("bundle file '%s' listed in the manifest is missing from %s" % (name, folder))
             actual = digests[name] if digests is not None and name in digests else sha256_file(path)
             if actual != expected:
-                raise BundleError("bundle file '%s' fails its sha256 check (expected %s..., found %s...): it was "
-                                  "changed or damaged after export; copy the bundle again"
-                                  % (name, expected[:12], actual[:12]))
+                raise BundleError(
+                    "bundle file '%s' fails its sha256 check (expected %s..., found %s...): it was "
+                    "changed or damaged after export; copy the bundle again" % (name, expected[:12], actual[:12])
+                )
 
 
 def read_manifest(path):
@@ -165,11 +170,11 @@ def read_manifest(path):
         with open(path, "rb") as fh:
             raw = fh.read()
     except (OSError, IOError) as exc:
-        raise BundleError("cannot read manifest '%s': %s" % (path, exc))
+        raise BundleError("cannot read manifest '%s': %s" % (path, exc)) from exc
     try:
         data = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleError("manifest '%s' is not valid JSON: %s" % (path, exc))
+        raise BundleError("manifest '%s' is not valid JSON: %s" % (path, exc)) from exc
     return Manifest(data, source=str(path)), raw
 
 

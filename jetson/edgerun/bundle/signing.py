@@ -15,14 +15,15 @@ SubjectPublicKeyInfo (what ``openssl pkey -pubout`` writes). Uses ``cryptography
 releases up to 40.x still install on Python 3.6 / JetPack 4.6); edgerun works without it while no trust is
 configured. Runs on Python 3.6 and imports neither torch nor onnx.
 """
+
 import base64
 import hashlib
 import json
 import os
 import re
 
-from edgerun.errors import SignatureError
 from edgerun.bundle.manifest import MANIFEST_FILE, SIGNATURE_FILE
+from edgerun.errors import SignatureError
 
 SIGNATURE_FORMAT = "edgedistill-signature/1"
 PUBLIC_SUFFIX = ".pub"
@@ -40,11 +41,18 @@ def _crypto():
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError as exc:
-        raise SignatureError("signed bundles need the 'cryptography' package (>= 2.6), which is not importable "
-                             "here (%s): pip3 install 'cryptography>=2.6' (on JetPack 4.6 / Python 3.6: "
-                             "'cryptography>=2.6,<41'), or remove the trust setting" % exc)
-    return {"InvalidSignature": InvalidSignature, "UnsupportedAlgorithm": UnsupportedAlgorithm,
-            "backend": default_backend(), "serialization": serialization, "ed25519": ed25519}
+        raise SignatureError(
+            "signed bundles need the 'cryptography' package (>= 2.6), which is not importable "
+            "here (%s): pip3 install 'cryptography>=2.6' (on JetPack 4.6 / Python 3.6: "
+            "'cryptography>=2.6,<41'), or remove the trust setting" % exc
+        ) from exc
+    return {
+        "InvalidSignature": InvalidSignature,
+        "UnsupportedAlgorithm": UnsupportedAlgorithm,
+        "backend": default_backend(),
+        "serialization": serialization,
+        "ed25519": ed25519,
+    }
 
 
 def key_id(public_key):
@@ -66,13 +74,15 @@ def generate_keypair(path, passphrase=None, force=False):
     public_path = path + PUBLIC_SUFFIX
     for p in (path, public_path):
         if os.path.exists(p) and not force:
-            raise SignatureError("'%s' already exists; refusing to overwrite a key (pass --force to replace it, "
-                                 "and re-sign every bundle)" % p)
+            raise SignatureError(
+                "'%s' already exists; refusing to overwrite a key (pass --force to replace it, "
+                "and re-sign every bundle)" % p
+            )
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         os.makedirs(parent)
     private_key = c["ed25519"].Ed25519PrivateKey.generate()
-    encryption = (s.BestAvailableEncryption(passphrase.encode("utf-8")) if passphrase else s.NoEncryption())
+    encryption = s.BestAvailableEncryption(passphrase.encode("utf-8")) if passphrase else s.NoEncryption()
     private_pem = private_key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, encryption)
     public_pem = private_key.public_key().public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo)
     if force and os.path.exists(path):
@@ -91,7 +101,7 @@ def _read_key_file(path, what):
         with open(str(path), "rb") as fh:
             return fh.read()
     except (OSError, IOError) as exc:
-        raise SignatureError("cannot read %s '%s': %s" % (what, path, exc))
+        raise SignatureError("cannot read %s '%s': %s" % (what, path, exc)) from exc
 
 
 def load_private_key(path, passphrase=None):
@@ -100,19 +110,21 @@ def load_private_key(path, passphrase=None):
     data = _read_key_file(path, "signing key")
     try:
         key = c["serialization"].load_pem_private_key(
-            data, password=passphrase.encode("utf-8") if passphrase else None, backend=c["backend"])
+            data, password=passphrase.encode("utf-8") if passphrase else None, backend=c["backend"]
+        )
     except TypeError as exc:  # encrypted without a passphrase, or a passphrase for a plain key
-        raise SignatureError("signing key '%s': %s (set %s to its passphrase)" % (path, exc, PASSPHRASE_ENV))
+        raise SignatureError("signing key '%s': %s (set %s to its passphrase)" % (path, exc, PASSPHRASE_ENV)) from exc
     except (ValueError, c["UnsupportedAlgorithm"]) as exc:
-        raise SignatureError("'%s' is not a PEM private key this host can read (%s); make one with "
-                             "`edgedistill keygen -o KEY`" % (path, exc))
+        raise SignatureError(
+            "'%s' is not a PEM private key this host can read (%s); make one with "
+            "`edgedistill keygen -o KEY`" % (path, exc)
+        ) from exc
     if not isinstance(key, c["ed25519"].Ed25519PrivateKey):
-        raise SignatureError("signing key '%s' is not an Ed25519 key; make one with `edgedistill keygen -o KEY`"
-                             % path)
+        raise SignatureError("signing key '%s' is not an Ed25519 key; make one with `edgedistill keygen -o KEY`" % path)
     return key
 
 
-_PEM_BLOCK = re.compile(br"-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----", re.S)
+_PEM_BLOCK = re.compile(rb"-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----", re.S)
 
 
 def load_public_keys(path):
@@ -122,18 +134,22 @@ def load_public_keys(path):
     data = _read_key_file(path, "trusted key")
     blocks = _PEM_BLOCK.findall(data)
     if not blocks:
-        raise SignatureError("trusted key '%s' holds no PEM public key: copy the KEY.pub that `edgedistill keygen` "
-                             "wrote" % path)
+        raise SignatureError(
+            "trusted key '%s' holds no PEM public key: copy the KEY.pub that `edgedistill keygen` wrote" % path
+        )
     if _PEM_BLOCK.sub(b"", data).strip():
-        raise SignatureError("trusted key '%s' holds text outside its PEM public keys: every part of a trust file "
-                             "must be a key, or it is refused (nothing in it is trusted)" % path)
+        raise SignatureError(
+            "trusted key '%s' holds text outside its PEM public keys: every part of a trust file "
+            "must be a key, or it is refused (nothing in it is trusted)" % path
+        )
     keys = []
     for n, block in enumerate(blocks, 1):
         try:
             key = c["serialization"].load_pem_public_key(block, backend=c["backend"])
         except (ValueError, c["UnsupportedAlgorithm"]) as exc:
-            raise SignatureError("key %d of trusted key file '%s' is not a PEM public key this host can read (%s)"
-                                 % (n, path, exc))
+            raise SignatureError(
+                "key %d of trusted key file '%s' is not a PEM public key this host can read (%s)" % (n, path, exc)
+            ) from exc
         if not isinstance(key, c["ed25519"].Ed25519PublicKey):
             raise SignatureError("key %d of trusted key file '%s' is not an Ed25519 public key" % (n, path))
         keys.append(key)
@@ -154,8 +170,10 @@ def load_trust(path):
     if os.path.isdir(path):
         files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(PUBLIC_SUFFIX))
         if not files:
-            raise SignatureError("trust folder '%s' holds no %s files: copy the signer's KEY.pub into it, or "
-                                 "remove the folder to run unsigned bundles" % (path, PUBLIC_SUFFIX))
+            raise SignatureError(
+                "trust folder '%s' holds no %s files: copy the signer's KEY.pub into it, or "
+                "remove the folder to run unsigned bundles" % (path, PUBLIC_SUFFIX)
+            )
     elif os.path.isfile(path):
         files = [path]
     else:
@@ -173,9 +191,15 @@ def resolve_trust(explicit=None, environ=None, default_dir=None):
     ``--trust "$UNSET"``, ``EDGERUN_TRUST=``) is an error: verification never turns off by accident."""
     from edgerun.settings import Setting, resolve_setting
 
-    setting = Setting(flag="--trust", env_name=TRUST_ENV, exists=os.path.isdir, error=SignatureError,
-                      default=DEFAULT_TRUST_DIR if default_dir is None else default_dir,
-                      what="a KEY.pub or a folder of them", off="verification")
+    setting = Setting(
+        flag="--trust",
+        env_name=TRUST_ENV,
+        exists=os.path.isdir,
+        error=SignatureError,
+        default=DEFAULT_TRUST_DIR if default_dir is None else default_dir,
+        what="a KEY.pub or a folder of them",
+        off="verification",
+    )
     return resolve_setting(explicit, setting, environ)
 
 
@@ -194,9 +218,14 @@ def sign_bundle(folder, private_key_path, passphrase=None):
     key = load_private_key(private_key_path, passphrase)
     with open(manifest_path, "rb") as fh:
         data = fh.read()
-    record = {"format": SIGNATURE_FORMAT, "algorithm": "ed25519", "key_id": key_id(key.public_key()),
-              "signed_file": MANIFEST_FILE, "manifest_sha256": hashlib.sha256(data).hexdigest(),
-              "signature": base64.b64encode(key.sign(data)).decode("ascii")}
+    record = {
+        "format": SIGNATURE_FORMAT,
+        "algorithm": "ed25519",
+        "key_id": key_id(key.public_key()),
+        "signed_file": MANIFEST_FILE,
+        "manifest_sha256": hashlib.sha256(data).hexdigest(),
+        "signature": base64.b64encode(key.sign(data)).decode("ascii"),
+    }
     tmp = os.path.join(folder, "." + SIGNATURE_FILE + ".tmp")
     with open(tmp, "w") as fh:
         json.dump(record, fh, indent=2, sort_keys=True)
@@ -213,8 +242,10 @@ def _check_listed_only(folder, manifest):
             rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
             if rel in (MANIFEST_FILE, SIGNATURE_FILE) or rel in listed:
                 continue
-            raise SignatureError("bundle file '%s' is not listed in the manifest, so no signature covers it; "
-                                 "remove it (a signed bundle holds only its manifest's files)" % rel)
+            raise SignatureError(
+                "bundle file '%s' is not listed in the manifest, so no signature covers it; "
+                "remove it (a signed bundle holds only its manifest's files)" % rel
+            )
 
 
 def read_signature(folder):
@@ -225,9 +256,13 @@ def read_signature(folder):
         with open(path) as fh:
             record = json.load(fh)
     except (OSError, IOError, ValueError) as exc:
-        raise SignatureError("signature file '%s' is unreadable: %s" % (path, exc))
-    if not isinstance(record, dict) or record.get("format") != SIGNATURE_FORMAT or \
-            record.get("algorithm") != "ed25519" or not isinstance(record.get("signature"), str):
+        raise SignatureError("signature file '%s' is unreadable: %s" % (path, exc)) from exc
+    if (
+        not isinstance(record, dict)
+        or record.get("format") != SIGNATURE_FORMAT
+        or record.get("algorithm") != "ed25519"
+        or not isinstance(record.get("signature"), str)
+    ):
         raise SignatureError("signature file '%s' is not an %s Ed25519 signature" % (path, SIGNATURE_FORMAT))
     return record
 
@@ -244,9 +279,11 @@ def verify_signature(folder, trusted, trust_source="the trust set", manifest_byt
     folder = str(folder)
     record = read_signature(folder)
     if record is None:
-        raise SignatureError("bundle '%s' is unsigned, and %s requires a signature from one of its keys (%s): "
-                             "sign it on the workstation with `edgedistill pack BUNDLE -o X.edb --sign KEY`"
-                             % (folder, trust_source, ", ".join(sorted(trusted))))
+        raise SignatureError(
+            "bundle '%s' is unsigned, and %s requires a signature from one of its keys (%s): "
+            "sign it on the workstation with `edgedistill pack BUNDLE -o X.edb --sign KEY`"
+            % (folder, trust_source, ", ".join(sorted(trusted)))
+        )
     data = manifest_bytes
     if data is None:
         with open(os.path.join(folder, MANIFEST_FILE), "rb") as fh:
@@ -254,7 +291,7 @@ def verify_signature(folder, trusted, trust_source="the trust set", manifest_byt
     try:
         signature = base64.b64decode(record["signature"].encode("ascii"))
     except (ValueError, TypeError) as exc:
-        raise SignatureError("signature in '%s' is not base64: %s" % (folder, exc))
+        raise SignatureError("signature in '%s' is not base64: %s" % (folder, exc)) from exc
     for kid, key in sorted(trusted.items()):
         try:
             key.verify(signature, data)
@@ -264,18 +301,28 @@ def verify_signature(folder, trusted, trust_source="the trust set", manifest_byt
     signer = record.get("key_id", "?")
     digest = hashlib.sha256(data).hexdigest()
     if signer in trusted and record.get("manifest_sha256") == digest:
-        raise SignatureError("bundle '%s': invalid signature: it names trusted key %s and the manifest is the one it "
-                             "claims to sign (sha256 %s...), but the signature does not verify with that key: it is "
-                             "forged or damaged; do not run this bundle" % (folder, signer, digest[:12]))
+        raise SignatureError(
+            "bundle '%s': invalid signature: it names trusted key %s and the manifest is the one it "
+            "claims to sign (sha256 %s...), but the signature does not verify with that key: it is "
+            "forged or damaged; do not run this bundle" % (folder, signer, digest[:12])
+        )
     if signer in trusted:
-        raise SignatureError("bundle '%s': %s was changed after it was signed (its signature by trusted key %s no "
-                             "longer matches; sha256 now %s..., signed %s...): re-export and re-sign it, or copy "
-                             "the original again" % (folder, MANIFEST_FILE, signer,
-                                                    hashlib.sha256(data).hexdigest()[:12],
-                                                    str(record.get("manifest_sha256", "?"))[:12]))
-    raise SignatureError("bundle '%s' is signed by key %s, which is not in %s (trusted: %s): add that signer's "
-                         "KEY.pub to the trust set if it is approved" % (folder, signer, trust_source,
-                                                                        ", ".join(sorted(trusted))))
+        raise SignatureError(
+            "bundle '%s': %s was changed after it was signed (its signature by trusted key %s no "
+            "longer matches; sha256 now %s..., signed %s...): re-export and re-sign it, or copy "
+            "the original again"
+            % (
+                folder,
+                MANIFEST_FILE,
+                signer,
+                hashlib.sha256(data).hexdigest()[:12],
+                str(record.get("manifest_sha256", "?"))[:12],
+            )
+        )
+    raise SignatureError(
+        "bundle '%s' is signed by key %s, which is not in %s (trusted: %s): add that signer's "
+        "KEY.pub to the trust set if it is approved" % (folder, signer, trust_source, ", ".join(sorted(trusted)))
+    )
 
 
 def check_trust(folder, manifest, trust_path, manifest_bytes=None, digests=None):

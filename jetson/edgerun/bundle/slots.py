@@ -8,6 +8,7 @@
 A link is switched by writing a new link beside it and renaming it over the old one: a reader sees the old
 release or the new one, never none. ``edgedistill deploy`` drives these through ``edgerun slot``.
 """
+
 import os
 import re
 
@@ -88,8 +89,11 @@ def listing(root):
         base = os.path.join(models, name)
         if not os.path.isdir(base) or not NAME.match(name):
             continue
-        out[name] = {"current": _link_target(os.path.join(base, "current")),
-                     "previous": _link_target(os.path.join(base, "previous")),
-                     "releases": sorted(v for v in os.listdir(base) if VERSION.match(v)
-                                        and os.path.isdir(os.path.join(base, v)))}
+        out[name] = {
+            "current": _link_target(os.path.join(base, "current")),
+            "previous": _link_target(os.path.join(base, "previous")),
+            "releases": sorted(
+                v for v in os.listdir(base) if VERSION.match(v) and os.path.isdir(os.path.join(base, v))
+            ),
+        }
     return out

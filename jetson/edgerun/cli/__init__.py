@@ -18,6 +18,7 @@ in any byte since it was signed (`edgedistill pack BUNDLE -o X.edb --sign KEY`).
 Pins: with --pins FILE (else $EDGERUN_PINS, else /etc/edgerun/pins.json when it exists) only the releases it
 allows run, per model name: older bundles signed by the same key are refused (see edgerun/bundle/pins.py).
 """
+
 import argparse
 import sys
 
@@ -31,8 +32,9 @@ COMMANDS = (info, build, validate, bench, camera, service, verify, slot, pin)
 def build_parser():
     from edgerun import __version__
 
-    parser = argparse.ArgumentParser(prog="edgerun", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="edgerun", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version="edgerun %s" % __version__)
     sub = parser.add_subparsers(dest="command")
     for command in COMMANDS:

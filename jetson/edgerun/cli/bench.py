@@ -1,8 +1,8 @@
 """``edgerun bench``: throughput, latency percentiles and memory of the serving loop on camera-size frames, and the
 PASS/FAIL verdict against the FPS target and the memory budget."""
-from edgerun.bench import DEFAULT_FRAME_SIZE, parse_frame_size, report_text, run_bench, verdict
-from edgerun.bench import BenchJob
-from edgerun.cli.common import (active_runner, add_runner_args, check_outputs, count, open_from_args, write_json)
+
+from edgerun.bench import DEFAULT_FRAME_SIZE, BenchJob, parse_frame_size, report_text, run_bench, verdict
+from edgerun.cli.common import active_runner, add_runner_args, check_outputs, count, open_from_args, write_json
 from edgerun.errors import EdgerunError
 from edgerun.profiles import TARGETS, get_target
 
@@ -27,30 +27,57 @@ def cmd_bench(args):
     bundle = open_from_args(args)
     m = bundle.manifest
     if args.batch is not None and not m.model.get("dynamic_batch") and args.batch != m.input_shape[0]:
-        raise EdgerunError("--batch %d: this model takes batches of %d (its input shape is %s, no dynamic batch); "
-                           "re-export with export.dynamic_batch for other batches" % (args.batch, m.input_shape[0],
-                                                                                       list(m.input_shape)))
+        raise EdgerunError(
+            "--batch %d: this model takes batches of %d (its input shape is %s, no dynamic batch); "
+            "re-export with export.dynamic_batch for other batches"
+            % (args.batch, m.input_shape[0], list(m.input_shape))
+        )
     with active_runner(args, bundle) as runner:
-        result = run_bench(BenchJob(runner=runner, manifest=bundle.manifest, batch=args.batch, warmup=args.warmup, iterations=args.iterations, min_seconds=args.min_seconds, frame_size=frame_size or _frame_size(args, bundle)))
+        result = run_bench(
+            BenchJob(
+                runner=runner,
+                manifest=bundle.manifest,
+                batch=args.batch,
+                warmup=args.warmup,
+                iterations=args.iterations,
+                min_seconds=args.min_seconds,
+                frame_size=frame_size or _frame_size(args, bundle),
+            )
+        )
     result["runner"] = runner.name
     v = verdict(result, args.fps_target, args.budget_mb, _device_memory(args, bundle))
     from edgerun.device import board_label, board_model
 
     board = board_model()
     title = "edgerun bench: %s via %s on %s (synthetic feed)" % (
-        bundle.manifest.data["name"], args.engine or runner.name,
-        board_label() or "this host, not a Jetson: not a device figure")
+        bundle.manifest.data["name"],
+        args.engine or runner.name,
+        board_label() or "this host, not a Jetson: not a device figure",
+    )
     print(report_text(result, v, title))
     if args.json:
         source = bundle.manifest.data.get("source") or {}
         engine = getattr(runner, "meta", None)
         # what the workstation's planner needs to set this measurement beside its estimate
-        write_json(args.json, {"result": result, "verdict": v, "board": board,
-                               "bundle": {"name": bundle.manifest.data["name"], "model": source.get("student_model"),
-                                          "input_shape": bundle.manifest.input_shape,
-                                          "target": bundle.manifest.data.get("target")},
-                               "engine": ({"path": args.engine, "precision": engine.get("precision"),
-                                           "tensorrt": engine.get("tensorrt")} if engine else None)})
+        write_json(
+            args.json,
+            {
+                "result": result,
+                "verdict": v,
+                "board": board,
+                "bundle": {
+                    "name": bundle.manifest.data["name"],
+                    "model": source.get("student_model"),
+                    "input_shape": bundle.manifest.input_shape,
+                    "target": bundle.manifest.data.get("target"),
+                },
+                "engine": (
+                    {"path": args.engine, "precision": engine.get("precision"), "tensorrt": engine.get("tensorrt")}
+                    if engine
+                    else None
+                ),
+            },
+        )
     return 1 if (args.strict and v["overall"] == "FAIL") else 0
 
 
@@ -64,8 +91,11 @@ def add_parser(sub):
     p.add_argument("--warmup", type=count(0), default=20)
     p.add_argument("--iterations", type=count(1), default=200)
     p.add_argument("--min-seconds", type=float, default=0.0)
-    p.add_argument("--frame-size", help="synthetic camera frames, WIDTHxHEIGHT (default: the device profile's "
-                                        "camera, else 1280x720): their resize is timed as part of each frame")
+    p.add_argument(
+        "--frame-size",
+        help="synthetic camera frames, WIDTHxHEIGHT (default: the device profile's "
+        "camera, else 1280x720): their resize is timed as part of each frame",
+    )
     p.add_argument("--json", help="write the full result here")
     p.add_argument("--strict", action="store_true", help="exit 1 on FAIL")
     p.set_defaults(handler=cmd_bench)

@@ -1,4 +1,5 @@
 """``edgerun build``: a TensorRT engine from a bundle, with its sealed record."""
+
 import os
 
 from edgerun.bench import to_json
@@ -7,19 +8,32 @@ from edgerun.cli.common import add_trust_args, open_from_args
 
 def cmd_build(args):
     from edgerun.device import gpu_properties
-    from edgerun.runtime.trt_build import build_engine
-    from edgerun.runtime.trt_build import BuildSpec
+    from edgerun.runtime.trt_build import BuildSpec, build_engine
 
     bundle = open_from_args(args)
     base = os.path.basename(os.path.normpath(args.bundle))
-    stem = base[:-len(".edb")] if base.endswith(".edb") else bundle.manifest.data["name"]
+    stem = base[: -len(".edb")] if base.endswith(".edb") else bundle.manifest.data["name"]
     output = args.output or "%s.%s.engine" % (stem, args.precision)  # student.edb -> student.fp16.engine
-    meta = build_engine(bundle, BuildSpec(precision=args.precision, output=output, workspace_mb=args.workspace_mb, timing_cache=args.timing_cache, force=args.force, gpu=gpu_properties(), dla_core=args.dla, gpu_fallback=args.gpu_fallback))
+    meta = build_engine(
+        bundle,
+        BuildSpec(
+            precision=args.precision,
+            output=output,
+            workspace_mb=args.workspace_mb,
+            timing_cache=args.timing_cache,
+            force=args.force,
+            gpu=gpu_properties(),
+            dla_core=args.dla,
+            gpu_fallback=args.gpu_fallback,
+        ),
+    )
     print(to_json(meta))
     if meta.get("dla") and meta["dla"]["gpu_layers"]:
         print("on the GPU (the DLA cannot run them): %s" % ", ".join(meta["dla"]["gpu_layers"]))
-    print("built %s in %.1f s; next: edgerun validate %s --engine %s" % (meta["engine"], meta["build_seconds"],
-                                                                         args.bundle, meta["engine"]))
+    print(
+        "built %s in %.1f s; next: edgerun validate %s --engine %s"
+        % (meta["engine"], meta["build_seconds"], args.bundle, meta["engine"])
+    )
     return 0
 
 
@@ -31,9 +45,16 @@ def add_parser(sub):
     p.add_argument("--workspace-mb", type=int, default=1024)
     p.add_argument("--timing-cache", default="edgerun.timing.cache", help="persistent timing cache file")
     p.add_argument("--force", action="store_true", help="build INT8 even where it is slower or rejected")
-    p.add_argument("--dla", type=int, metavar="N", help="build for Deep Learning Accelerator core N (Xavier, Orin NX, "
-                                                         "AGX Orin); FP16 or INT8")
-    p.add_argument("--gpu-fallback", action="store_true", help="with --dla: run the layers the DLA cannot on the GPU "
-                                                              "(listed after the build)")
+    p.add_argument(
+        "--dla",
+        type=int,
+        metavar="N",
+        help="build for Deep Learning Accelerator core N (Xavier, Orin NX, AGX Orin); FP16 or INT8",
+    )
+    p.add_argument(
+        "--gpu-fallback",
+        action="store_true",
+        help="with --dla: run the layers the DLA cannot on the GPU (listed after the build)",
+    )
     add_trust_args(p)
     p.set_defaults(handler=cmd_build)

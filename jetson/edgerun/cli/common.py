@@ -1,6 +1,7 @@
 """What the commands share: the bundle as the command line names it (held to the trust set and the pins), its runner,
 the checks before any work, the outputs written atomically, the bundle's validation images through a runner,
 and the flags every command that opens a bundle takes."""
+
 import argparse
 import contextlib
 import os
@@ -20,9 +21,12 @@ def open_from_args(args, pinned=True):
     from edgerun.bundle.pins import resolve_pins
     from edgerun.bundle.signing import resolve_trust
 
-    bundle = open_bundle(args.bundle, trust=resolve_trust(getattr(args, "trust", None)),
-                         max_unpack_mb=getattr(args, "max_unpack_mb", None),
-                         pins=resolve_pins(getattr(args, "pins", None)) if pinned else None)
+    bundle = open_bundle(
+        args.bundle,
+        trust=resolve_trust(getattr(args, "trust", None)),
+        max_unpack_mb=getattr(args, "max_unpack_mb", None),
+        pins=resolve_pins(getattr(args, "pins", None)) if pinned else None,
+    )
     if bundle.trust:
         sys.stderr.write("bundle signed by trusted key %s (%s)\n" % (bundle.signer, bundle.trust))
     if bundle.pinned_by:
@@ -60,20 +64,27 @@ def check_model_matches(bundle, runner):
     outputs = dict((o.name, o.shape) for o in runner.session.get_outputs())
     where = "bundle '%s'" % m.data.get("name")
     if m.input_name not in inputs:
-        raise EdgerunError("%s: the manifest's input '%s' is not an input of its model (%s)"
-                           % (where, m.input_name, ", ".join(inputs)))
+        raise EdgerunError(
+            "%s: the manifest's input '%s' is not an input of its model (%s)" % (where, m.input_name, ", ".join(inputs))
+        )
     if m.output_name not in outputs:
-        raise EdgerunError("%s: the manifest's output '%s' is not an output of its model (%s)"
-                           % (where, m.output_name, ", ".join(outputs)))
+        raise EdgerunError(
+            "%s: the manifest's output '%s' is not an output of its model (%s)"
+            % (where, m.output_name, ", ".join(outputs))
+        )
     shape = inputs[m.input_name]
     declared = list(m.input_shape)
     if len(shape) != len(declared) or any(isinstance(a, int) and a != b for a, b in zip(shape[1:], declared[1:])):
-        raise EdgerunError("%s: the manifest's input shape %s differs from the model's %s: re-export the bundle"
-                           % (where, declared, list(shape)))
+        raise EdgerunError(
+            "%s: the manifest's input shape %s differs from the model's %s: re-export the bundle"
+            % (where, declared, list(shape))
+        )
     width = outputs[m.output_name][-1]
     if isinstance(width, int) and width != len(m.classes):
-        raise EdgerunError("%s: the model has %d outputs and the manifest names %d classes/targets: re-export the "
-                           "bundle" % (where, width, len(m.classes)))
+        raise EdgerunError(
+            "%s: the model has %d outputs and the manifest names %d classes/targets: re-export the "
+            "bundle" % (where, width, len(m.classes))
+        )
 
 
 def check_outputs(args):
@@ -83,8 +94,9 @@ def check_outputs(args):
         if path and not isinstance(path, bool):
             folder = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(folder):
-                raise EdgerunError("--%s %s: the folder '%s' does not exist; create it first (nothing was run)"
-                                   % (flag, path, folder))
+                raise EdgerunError(
+                    "--%s %s: the folder '%s' does not exist; create it first (nothing was run)" % (flag, path, folder)
+                )
 
 
 def write_json(path, data):
@@ -102,7 +114,7 @@ def bundle_outputs(runner, bundle, batch=None):
     fixed = None if m.model.get("dynamic_batch") else m.input_shape[0]
     outputs = []
     for i in range(0, len(images), batch):
-        feed = preprocess(images[i:i + batch], m.preprocess, input_order="RGB")
+        feed = preprocess(images[i : i + batch], m.preprocess, input_order="RGB")
         outputs.append(np.asarray(infer_chunk(runner, feed, m.input_name, m.output_name, fixed)))
     return np.concatenate(outputs), labels
 
@@ -115,25 +127,36 @@ def evaluate_bundle(runner, bundle, batch=None):
 
 def count(least):
     """An argparse type: an integer of at least ``least`` (argparse's own error, exit 2, otherwise)."""
+
     def parse(text):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError("%r is not a whole number" % (text,))
+            raise argparse.ArgumentTypeError("%r is not a whole number" % (text,)) from None
         if value < least:
             raise argparse.ArgumentTypeError("must be at least %d, not %d" % (least, value))
         return value
+
     return parse
 
 
 def add_trust_args(p):
     """--trust, --max-unpack-mb, --pins: what every command that opens a bundle takes."""
-    p.add_argument("--trust", help="accept only bundles signed by this public key (KEY.pub) or by a key in this "
-                                   "folder (default: $EDGERUN_TRUST, else /etc/edgerun/trusted-keys if present)")
-    p.add_argument("--max-unpack-mb", type=float, help="refuse an .edb that unpacks to more than this (default: "
-                                                       "$EDGERUN_MAX_UNPACK_MB, else 1024)")
-    p.add_argument("--pins", help="run only the releases this pins file allows, per model name (default: "
-                                  "$EDGERUN_PINS, else /etc/edgerun/pins.json if present; see `edgerun pin`)")
+    p.add_argument(
+        "--trust",
+        help="accept only bundles signed by this public key (KEY.pub) or by a key in this "
+        "folder (default: $EDGERUN_TRUST, else /etc/edgerun/trusted-keys if present)",
+    )
+    p.add_argument(
+        "--max-unpack-mb",
+        type=float,
+        help="refuse an .edb that unpacks to more than this (default: $EDGERUN_MAX_UNPACK_MB, else 1024)",
+    )
+    p.add_argument(
+        "--pins",
+        help="run only the releases this pins file allows, per model name (default: "
+        "$EDGERUN_PINS, else /etc/edgerun/pins.json if present; see `edgerun pin`)",
+    )
 
 
 def add_runner_args(p):

@@ -1,4 +1,6 @@
-"""``edgerun info``: the device (board, JetPack/L4T, TensorRT, CUDA, memory, clocks) and the trust set and pins it applies."""
+"""``edgerun info``: the device (board, JetPack/L4T, TensorRT, CUDA, memory, clocks) and the trust set and pins it
+applies."""
+
 from edgerun.bench import to_json
 from edgerun.errors import EdgerunError
 
@@ -31,12 +33,33 @@ def cmd_info(args):
     if args.json:
         print(to_json(info))
         return 0
-    for key in ("board", "l4t", "tensorrt", "cuda", "memory_total_mb", "memory_available_mb", "swap_total_mb",
-                "nvpmodel", "gpu", "profile", "edgerun", "python", "trust", "pins"):
+    for key in (
+        "board",
+        "l4t",
+        "tensorrt",
+        "cuda",
+        "memory_total_mb",
+        "memory_available_mb",
+        "swap_total_mb",
+        "nvpmodel",
+        "gpu",
+        "profile",
+        "edgerun",
+        "python",
+        "trust",
+        "pins",
+    ):
         print("%-20s %s" % (key, info.get(key) if info.get(key) is not None else "-"))
     maxed = info["clocks"].get("maxed")
-    print("%-20s %s" % ("clocks pinned", {True: "yes (jetson_clocks)", False: "no: run sudo jetson_clocks before "
-                                          "benchmarking", None: "unknown"}[maxed]))
+    print(
+        "%-20s %s"
+        % (
+            "clocks pinned",
+            {True: "yes (jetson_clocks)", False: "no: run sudo jetson_clocks before benchmarking", None: "unknown"}[
+                maxed
+            ],
+        )
+    )
     return 0
 
 

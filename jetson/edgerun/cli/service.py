@@ -1,4 +1,5 @@
 """``edgerun service``: the line as a systemd service: install its unit, show its status."""
+
 import os
 
 from edgerun.bench import to_json
@@ -15,15 +16,31 @@ def cmd_service(args):
             print(to_json(got))
             return 0
         unit, st = got["unit"] or {}, got["status"]
-        print("edgerun-%s: %s" % (args.name, ("%s (%s), %s restart(s)" % (
-            unit.get("ActiveState"), unit.get("SubState"), unit.get("NRestarts", "?"))) if unit else
-            "systemd state unknown (no systemctl here)"))
+        print(
+            "edgerun-%s: %s"
+            % (
+                args.name,
+                ("%s (%s), %s restart(s)" % (unit.get("ActiveState"), unit.get("SubState"), unit.get("NRestarts", "?")))
+                if unit
+                else "systemd state unknown (no systemctl here)",
+            )
+        )
         if not st:
             print("no status yet in %s (the camera writes it every 5 s once it runs)" % got["status_file"])
             return 0
-        print("%s: %.1f FPS over %d frames, %d dropped, %d reconnects, %d rejects, drift %s (updated %s)" % (
-            st.get("source"), st.get("fps", 0), st.get("frames", 0), st.get("dropped", 0), st.get("reconnects", 0),
-            st.get("rejects", 0), st.get("drift") or "off", st.get("updated")))
+        print(
+            "%s: %.1f FPS over %d frames, %d dropped, %d reconnects, %d rejects, drift %s (updated %s)"
+            % (
+                st.get("source"),
+                st.get("fps", 0),
+                st.get("frames", 0),
+                st.get("dropped", 0),
+                st.get("reconnects", 0),
+                st.get("rejects", 0),
+                st.get("drift") or "off",
+                st.get("updated"),
+            )
+        )
         for v in st.get("last_verdicts", [])[-5:]:
             print("  %s frame %d: %s" % (v["time"], v["frame"], v["text"]))
         if st.get("error"):
@@ -46,13 +63,19 @@ def cmd_service(args):
         value = getattr(args, flag, None)
         if value:
             camera += ["--" + flag, os.path.abspath(value)]
-    unit = service.ServiceUnit(name=args.name, camera_args=camera, user=args.user, group=args.group,
-                               watchdog_s=args.watchdog)
+    unit = service.ServiceUnit(
+        name=args.name, camera_args=camera, user=args.user, group=args.group, watchdog_s=args.watchdog
+    )
     path = service.install(unit, unit_dir=args.unit_dir, enable=not args.no_enable)
-    print("wrote %s for '%s' (%s) on %s as user %s" % (path, bundle.manifest.data.get("name"),
-                                                       bundle.manifest_sha256[:16], args.source, args.user))
-    print("enabled and started: journalctl -u edgerun-%s -f; edgerun service status --name %s" % (args.name, args.name)
-          if not args.no_enable else "not enabled (--no-enable): sudo systemctl enable --now edgerun-%s" % args.name)
+    print(
+        "wrote %s for '%s' (%s) on %s as user %s"
+        % (path, bundle.manifest.data.get("name"), bundle.manifest_sha256[:16], args.source, args.user)
+    )
+    print(
+        "enabled and started: journalctl -u edgerun-%s -f; edgerun service status --name %s" % (args.name, args.name)
+        if not args.no_enable
+        else "not enabled (--no-enable): sudo systemctl enable --now edgerun-%s" % args.name
+    )
     return 0
 
 
@@ -68,8 +91,9 @@ def add_parser(sub):
     p.add_argument("--soak", action="store_true", help="install: also sample memory and temperature (--soak)")
     p.add_argument("--user", default="edgerun", help="install: the unprivileged account it runs as")
     p.add_argument("--group", default="video", help="install: the camera devices' group")
-    p.add_argument("--watchdog", type=int, default=30, help="install: seconds without a frame before systemd "
-                                                            "restarts it")
+    p.add_argument(
+        "--watchdog", type=int, default=30, help="install: seconds without a frame before systemd restarts it"
+    )
     p.add_argument("--unit-dir", default="/etc/systemd/system")
     p.add_argument("--no-enable", action="store_true", help="install: write the unit only (no systemctl)")
     p.add_argument("--state-root", default="/var/lib/edgerun", help="status: where the services' state lives")

@@ -1,4 +1,5 @@
 """``edgerun slot``: the releases deployed under a root folder: list them, activate one, roll back."""
+
 from edgerun.bench import to_json
 
 

@@ -1,9 +1,9 @@
 """``edgerun validate``: the bundle's validation images through this device's runner, against the host's figures
 (top-1, the reject decision at the bundle's threshold, or R^2 for regression)."""
+
 import numpy as np
 
-from edgerun.cli.common import (active_runner, add_runner_args, bundle_outputs, check_outputs, open_from_args,
-                               write_json)
+from edgerun.cli.common import active_runner, add_runner_args, bundle_outputs, check_outputs, open_from_args, write_json
 
 
 def _validate_regression(args, bundle, runner):
@@ -17,16 +17,27 @@ def _validate_regression(args, bundle, runner):
     host = m.data["metrics"].get("int8", {})
     host_r2, host_mae = host.get("fp32_r2"), host.get("fp32_mae")
     what = args.engine or "onnxruntime:%s" % (args.variant or "fp32")
-    print("MAE %.4g  RMSE %.4g  R2 %.4f on %d bundle images (%s)" % (
-        got["mae"], got["rmse"], got["r2"], len(targets), what))
+    print(
+        "MAE %.4g  RMSE %.4g  R2 %.4f on %d bundle images (%s)"
+        % (got["mae"], got["rmse"], got["r2"], len(targets), what)
+    )
     for name, t in sorted(got["per_target"].items()):
         print("  %s: MAE %.4g  R2 %.4f" % (name, t["mae"], t["r2"]))
     if host_r2 is not None:
         print("host  FP32 MAE %.4g  R2 %.4f" % (host_mae, host_r2))
     drop = (host_r2 - got["r2"]) if host_r2 is not None else 0.0
-    result = {"task": "regression", "mae": got["mae"], "rmse": got["rmse"], "r2": got["r2"],
-              "per_target": got["per_target"], "host_fp32_r2": host_r2, "host_fp32_mae": host_mae, "drop": drop,
-              "max_drop": args.max_drop, "status": "PASS" if drop <= args.max_drop else "FAIL"}
+    result = {
+        "task": "regression",
+        "mae": got["mae"],
+        "rmse": got["rmse"],
+        "r2": got["r2"],
+        "per_target": got["per_target"],
+        "host_fp32_r2": host_r2,
+        "host_fp32_mae": host_mae,
+        "drop": drop,
+        "max_drop": args.max_drop,
+        "status": "PASS" if drop <= args.max_drop else "FAIL",
+    }
     if args.json:
         write_json(args.json, result)
     print("VERDICT: %s (R2 drop %.4f vs host FP32, limit %.4f)" % (result["status"], drop, args.max_drop))
@@ -50,14 +61,30 @@ def _decision_check(bundle, logits, labels, max_drop):
     fr_rise = (got["false_reject"] - host_fr) if None not in (host_fr, got["false_reject"]) else 0.0
     ok = recall_drop <= max_drop and fr_rise <= max_drop
     pct = lambda v: "-" if v is None else "%.1f%%" % (100 * v)  # noqa: E731
-    print("%s at threshold %.4f: recall %s (%d of %d rejected), false-reject %s (%d of %d good rejected)" % (
-        decision["positive_class"], decision["threshold"], pct(got["recall"]), got["detected"], got["positives"],
-        pct(got["false_reject"]), got["false_rejects"], got["negatives"]))
+    print(
+        "%s at threshold %.4f: recall %s (%d of %d rejected), false-reject %s (%d of %d good rejected)"
+        % (
+            decision["positive_class"],
+            decision["threshold"],
+            pct(got["recall"]),
+            got["detected"],
+            got["positives"],
+            pct(got["false_reject"]),
+            got["false_rejects"],
+            got["negatives"],
+        )
+    )
     if host_recall is not None:
         print("host  FP32 recall %s, false-reject %s on the same images" % (pct(host_recall), pct(host_fr)))
-    return dict(got, positive_class=decision["positive_class"], host_fp32_recall=host_recall,
-                host_fp32_false_reject=host_fr, recall_drop=recall_drop, false_reject_rise=fr_rise,
-                status="PASS" if ok else "FAIL")
+    return dict(
+        got,
+        positive_class=decision["positive_class"],
+        host_fp32_recall=host_recall,
+        host_fp32_false_reject=host_fr,
+        recall_drop=recall_drop,
+        false_reject_rise=fr_rise,
+        status="PASS" if ok else "FAIL",
+    )
 
 
 def cmd_validate(args):
@@ -75,18 +102,30 @@ def cmd_validate(args):
     what = args.engine or "onnxruntime:%s" % (args.variant or "fp32")
     print("top-1 %.2f%% on %d bundle images (%s)" % (top1 * 100, bundle.manifest.data["samples"]["val"]["count"], what))
     if host_fp32 is not None:
-        print("host  FP32 %.2f%%%s" % (host_fp32 * 100, "   INT8 %.2f%%" % (host_int8 * 100) if host_int8 is not None else ""))
+        print(
+            "host  FP32 %.2f%%%s"
+            % (host_fp32 * 100, "   INT8 %.2f%%" % (host_int8 * 100) if host_int8 is not None else "")
+        )
     drop = (host_fp32 - top1) if host_fp32 is not None else 0.0
     decision = _decision_check(bundle, logits, labels, args.max_drop)
     ok = drop <= args.max_drop and (decision is None or decision["status"] == "PASS")
-    result = {"top1": top1, "host_fp32_top1": host_fp32, "host_int8_top1": host_int8, "drop": drop,
-              "max_drop": args.max_drop, "decision": decision, "status": "PASS" if ok else "FAIL"}
+    result = {
+        "top1": top1,
+        "host_fp32_top1": host_fp32,
+        "host_int8_top1": host_int8,
+        "drop": drop,
+        "max_drop": args.max_drop,
+        "decision": decision,
+        "status": "PASS" if ok else "FAIL",
+    }
     if args.json:
         write_json(args.json, result)
     line = "VERDICT: %s (drop %.2f points vs host FP32" % (result["status"], drop * 100)
     if decision is not None:
-        line += ", recall drop %.2f, false-reject rise %.2f points" % (decision["recall_drop"] * 100,
-                                                                      decision["false_reject_rise"] * 100)
+        line += ", recall drop %.2f, false-reject rise %.2f points" % (
+            decision["recall_drop"] * 100,
+            decision["false_reject_rise"] * 100,
+        )
     print(line + ", limit %.2f)" % (args.max_drop * 100))
     return 0 if result["status"] == "PASS" else 1
 
@@ -94,8 +133,12 @@ def cmd_validate(args):
 def add_parser(sub):
     p = sub.add_parser("validate", help="accuracy on the bundle's validation images vs the host")
     add_runner_args(p)
-    p.add_argument("--max-drop", type=float, default=0.01,
-                   help="allowed top-1 drop vs host FP32 (0.01 = 1 point), and with an operating point in the bundle "
-                        "the allowed recall drop and false-reject rise at its threshold; regression: allowed R2 drop")
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=0.01,
+        help="allowed top-1 drop vs host FP32 (0.01 = 1 point), and with an operating point in the bundle "
+        "the allowed recall drop and false-reject rise at its threshold; regression: allowed R2 drop",
+    )
     p.add_argument("--json")
     p.set_defaults(handler=cmd_validate)

@@ -1,4 +1,5 @@
 """``edgerun verify``: a bundle's files, signature and pins checked without running it."""
+
 from edgerun.cli.common import add_trust_args, open_from_args
 
 
@@ -12,12 +13,16 @@ def cmd_verify(args):
     if bundle.trust:
         print("signature: valid, by trusted key %s (%s)" % (bundle.signer, bundle.trust))
     elif record:
-        print("signature: %s present (key %s) but not checked: no trust set; pass --trust KEY.pub"
-              % (SIGNATURE_FILE, record.get("key_id", "?")))
+        print(
+            "signature: %s present (key %s) but not checked: no trust set; pass --trust KEY.pub"
+            % (SIGNATURE_FILE, record.get("key_id", "?"))
+        )
     else:
         print("signature: none (unsigned bundle; no trust set configured)")
-    print("manifest sha256: %s (model '%s', created %s)" % (bundle.manifest_sha256, bundle.manifest.data["name"],
-                                                            bundle.manifest.data.get("created", "?")))
+    print(
+        "manifest sha256: %s (model '%s', created %s)"
+        % (bundle.manifest_sha256, bundle.manifest.data["name"], bundle.manifest.data.get("created", "?"))
+    )
     print("pins: %s" % (bundle.pinned_by or "none configured"))
     return 0
 

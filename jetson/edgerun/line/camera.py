@@ -6,15 +6,16 @@ decision taken, the row written as it happens; the drift watch, unsure frames, s
 watch every frame. After a source is lost for good a SourceError is raised, with the predictions and the summary
 of the frames processed so far already written.
 """
+
 import csv
 import time
 
 import numpy as np
 
 from edgerun.bench import percentile
-from edgerun.line.capture import FrameGrabber, open_capture
 from edgerun.decision import softmax
 from edgerun.errors import SourceError
+from edgerun.line.capture import FrameGrabber, open_capture
 from edgerun.preprocess import preprocess
 from edgerun.regression import restore
 from edgerun.runtime.runners import infer_chunk
@@ -57,13 +58,23 @@ def reject_rule(manifest, reject_class, threshold=None):
     if threshold is not None:
         return float(threshold), "--threshold"
     decision = manifest.decision
-    if reject_class is not None and reject_class == decision.get("positive_class") \
-            and decision.get("threshold") is not None:
+    if (
+        reject_class is not None
+        and reject_class == decision.get("positive_class")
+        and decision.get("threshold") is not None
+    ):
         point = decision.get("operating_point") or {}
-        rule = ("recall >= %g" % point["target_recall"] if point.get("target_recall") is not None else
-                "false-reject <= %g" % point["max_false_reject"] if point.get("max_false_reject") is not None else "")
+        rule = (
+            "recall >= %g" % point["target_recall"]
+            if point.get("target_recall") is not None
+            else "false-reject <= %g" % point["max_false_reject"]
+            if point.get("max_false_reject") is not None
+            else ""
+        )
         return float(decision["threshold"]), "the bundle's operating point (%s, picked on %s)" % (
-            rule, decision.get("calibration_split") or "held-out images")
+            rule,
+            decision.get("calibration_split") or "held-out images",
+        )
     return 0.5, "default 0.5 (the bundle has no operating point for this class)"
 
 
@@ -74,8 +85,9 @@ class _Classify(object):
     def __init__(self, manifest, reject_class, threshold):
         self.classes = manifest.classes
         if reject_class is not None and reject_class not in self.classes:
-            raise SourceError("--reject-class '%s' is not a class of this model (%s)"
-                              % (reject_class, ", ".join(self.classes)))
+            raise SourceError(
+                "--reject-class '%s' is not a class of this model (%s)" % (reject_class, ", ".join(self.classes))
+            )
         self.reject_class = reject_class
         self.threshold, self.threshold_source = reject_rule(manifest, reject_class, threshold)
         positive = reject_class if reject_class is not None else manifest.decision.get("positive_class")
@@ -110,8 +122,11 @@ class _Measure(object):
         self.header = list(names)
         self.rule = None
         if above is not None or below is not None:
-            self.rule = "%s%s%s" % (names[self.index], " > %g" % above if above is not None else "",
-                                    " or < %g" % below if below is not None else "")
+            self.rule = "%s%s%s" % (
+                names[self.index],
+                " > %g" % above if above is not None else "",
+                " or < %g" % below if below is not None else "",
+            )
 
     def __call__(self, outputs):
         values = restore(self.targets, outputs[:1])[0]
@@ -135,13 +150,28 @@ class CameraJob(Spec):
     is told the counters every frame (systemd's watchdog, the status file)."""
 
     FIELDS = {
-        "runner": REQUIRED, "manifest": REQUIRED, "source": REQUIRED,
-        "duration": None, "max_frames": None, "loop": False,  # when to stop (default: the end of the source)
-        "reject_class": None, "reject_threshold": None,  # classification's reject rule
-        "reject_above": None, "reject_below": None, "reject_target": None,  # regression's
-        "csv_path": None, "summary_path": None, "on_reject": None, "on_frame": None,  # where verdicts go
-        "opener": open_capture, "max_reconnects": 3, "reconnect_delay": 1.0,  # the source
-        "drift": None, "unsure": None, "soak": None, "heartbeat": None,  # what watches every frame
+        "runner": REQUIRED,
+        "manifest": REQUIRED,
+        "source": REQUIRED,
+        "duration": None,
+        "max_frames": None,
+        "loop": False,  # when to stop (default: the end of the source)
+        "reject_class": None,
+        "reject_threshold": None,  # classification's reject rule
+        "reject_above": None,
+        "reject_below": None,
+        "reject_target": None,  # regression's
+        "csv_path": None,
+        "summary_path": None,
+        "on_reject": None,
+        "on_frame": None,  # where verdicts go
+        "opener": open_capture,
+        "max_reconnects": 3,
+        "reconnect_delay": 1.0,  # the source
+        "drift": None,
+        "unsure": None,
+        "soak": None,
+        "heartbeat": None,  # what watches every frame
     }
 
 
@@ -151,17 +181,22 @@ def _decider(job):
     manifest = job.manifest
     if manifest.task == "regression":
         if job.reject_class is not None:
-            raise SourceError("--reject-class applies to classification bundles; this one measures %s: use "
-                              "--reject-above/--reject-below" % ", ".join(manifest.classes))
+            raise SourceError(
+                "--reject-class applies to classification bundles; this one measures %s: use "
+                "--reject-above/--reject-below" % ", ".join(manifest.classes)
+            )
         decide = _Measure(manifest, job.reject_above, job.reject_below, job.reject_target)
     else:
         if job.reject_above is not None or job.reject_below is not None:
-            raise SourceError("--reject-above/--reject-below apply to regression bundles; this one classifies: use "
-                              "--reject-class")
+            raise SourceError(
+                "--reject-above/--reject-below apply to regression bundles; this one classifies: use --reject-class"
+            )
         decide = _Classify(manifest, job.reject_class, job.reject_threshold)
     if manifest.task == "regression" and (job.drift is not None or job.unsure is not None):
-        raise SourceError("the drift watch and unsure frames read class probabilities; this bundle measures %s"
-                          % ", ".join(manifest.classes))
+        raise SourceError(
+            "the drift watch and unsure frames read class probabilities; this bundle measures %s"
+            % ", ".join(manifest.classes)
+        )
     return decide
 
 
@@ -184,11 +219,18 @@ class _CameraLoop(object):
 
     def counters(self, seconds):
         drift = self.job.drift
-        return {"source": self.job.source, "frames": self.processed, "captured": self.grabber.captured,
-                "dropped": self.grabber.dropped, "reconnects": self.grabber.reconnects, "rejects": self.rejects,
-                "seconds": seconds,
-                "drift": (("DRIFT" if drift.warnings else "stable") if drift.n_checks else "not checked yet")
-                if drift is not None else None}
+        return {
+            "source": self.job.source,
+            "frames": self.processed,
+            "captured": self.grabber.captured,
+            "dropped": self.grabber.dropped,
+            "reconnects": self.grabber.reconnects,
+            "rejects": self.rejects,
+            "seconds": seconds,
+            "drift": (("DRIFT" if drift.warnings else "stable") if drift.n_checks else "not checked yet")
+            if drift is not None
+            else None,
+        }
 
     def frame(self, frame):
         """Infer, decide, watch and write one captured frame ``(image, batch, preprocessing seconds)``."""
@@ -219,8 +261,9 @@ class _CameraLoop(object):
         if job.on_frame:
             job.on_frame(self.processed, text)
         if self.writer:
-            self.writer.writerow([self.processed, "%.4f" % (t3 - self.started)] + cells
-                                 + ["%.3f" % ((t3 - t0) * 1e3), int(reject)])
+            self.writer.writerow(
+                [self.processed, "%.4f" % (t3 - self.started)] + cells + ["%.3f" % ((t3 - t0) * 1e3), int(reject)]
+            )
             self.writer_fh.flush()
         self.processed += 1
         if job.heartbeat is not None:
@@ -236,10 +279,11 @@ class _CameraLoop(object):
             "reconnects": grabber.reconnects,
             "seconds": elapsed,
             "end_to_end_fps": self.processed / elapsed if elapsed > 0 else 0.0,
-            "latency_ms": {"p50": totals.percentile(50) * 1e3 if totals.count else None,
-                           "p95": totals.percentile(95) * 1e3 if totals.count else None,
-                           "of": ("every frame" if totals.count <= totals.keep else
-                                  "a uniform sample of %d frames" % totals.keep)},
+            "latency_ms": {
+                "p50": totals.percentile(50) * 1e3 if totals.count else None,
+                "p95": totals.percentile(95) * 1e3 if totals.count else None,
+                "of": ("every frame" if totals.count <= totals.keep else "a uniform sample of %d frames" % totals.keep),
+            },
             "stages_ms": dict((k, (v.mean() * 1e3 if v.count else None)) for k, v in stages.items()),
             "model_only_fps": (stages["infer"].count / stages["infer"].total) if stages["infer"].total else None,
             # one frame per inference: a fixed batch above 1 computes (batch - 1) padded copies each time
@@ -248,7 +292,8 @@ class _CameraLoop(object):
             "reject_class": job.reject_class,
             "reject_rule": self.decide.rule,
             "reject_threshold": getattr(self.decide, "threshold", None) if job.reject_class is not None else None,
-            "threshold_source": getattr(self.decide, "threshold_source", None) if job.reject_class is not None
+            "threshold_source": getattr(self.decide, "threshold_source", None)
+            if job.reject_class is not None
             else None,
             "task": job.manifest.task,
             "error": str(error) if error else None,
@@ -267,9 +312,15 @@ def run_camera(job):
     """
     decide = _decider(job)
     spec = job.manifest.preprocess
-    grabber = FrameGrabber(job.source, job.opener, job.max_reconnects, job.reconnect_delay,
-                           transform=lambda frame: preprocess([frame], spec, input_order="BGR"), loop=job.loop,
-                           on_event=job.soak.event if job.soak is not None else None).start()
+    grabber = FrameGrabber(
+        job.source,
+        job.opener,
+        job.max_reconnects,
+        job.reconnect_delay,
+        transform=lambda frame: preprocess([frame], spec, input_order="BGR"),
+        loop=job.loop,
+        on_event=job.soak.event if job.soak is not None else None,
+    ).start()
     error = None
     loop = _CameraLoop(job, decide, grabber, open(job.csv_path, "w") if job.csv_path else None)
     try:
@@ -299,8 +350,10 @@ def run_camera(job):
         with open(job.summary_path, "w") as fh:
             json.dump(summary, fh, indent=2, sort_keys=True)
     if error is not None:
-        raise SourceError("%s; %d frame(s) were classified before that%s" % (
-            error, loop.processed, " and are saved in %s" % job.csv_path if job.csv_path else ""))
+        raise SourceError(
+            "%s; %d frame(s) were classified before that%s"
+            % (error, loop.processed, " and are saved in %s" % job.csv_path if job.csv_path else "")
+        )
     return summary
 
 

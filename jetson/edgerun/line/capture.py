@@ -6,6 +6,7 @@ not a queue of old frames); frames it overwrote are counted as dropped. A video 
 preprocessing of the next frame overlap inference of this one (OpenCV and numpy release the GIL). A lost source
 is reopened a bounded number of times, each attempt reported to ``on_event``.
 """
+
 import os
 import threading
 import time
@@ -19,25 +20,28 @@ def csi_pipeline(sensor_id, capture_size=(1280, 720), fps=30, output_size=None, 
     """GStreamer pipeline for a CSI camera on Jetson: nvarguscamerasrc, hardware scaling in nvvidconv."""
     w, h = capture_size
     ow, oh = output_size or capture_size
-    return ("nvarguscamerasrc sensor-id=%d ! video/x-raw(memory:NVMM), width=%d, height=%d, framerate=%d/1, "
-            "format=NV12 ! nvvidconv flip-method=%d ! video/x-raw, width=%d, height=%d, format=BGRx ! "
-            "videoconvert ! video/x-raw, format=BGR ! appsink drop=true max-buffers=1 sync=false"
-            % (int(sensor_id), w, h, int(fps), int(flip), ow, oh))
+    return (
+        "nvarguscamerasrc sensor-id=%d ! video/x-raw(memory:NVMM), width=%d, height=%d, framerate=%d/1, "
+        "format=NV12 ! nvvidconv flip-method=%d ! video/x-raw, width=%d, height=%d, format=BGRx ! "
+        "videoconvert ! video/x-raw, format=BGR ! appsink drop=true max-buffers=1 sync=false"
+        % (int(sensor_id), w, h, int(fps), int(flip), ow, oh)
+    )
 
 
 def describe_source(source):
     """(kind, argument for cv2.VideoCapture, backend) for csi://N, usb://N, /dev/videoN, rtsp://..., a file."""
     if source.startswith("csi://"):
-        return "csi", source[len("csi://"):] or "0", cv2.CAP_GSTREAMER
+        return "csi", source[len("csi://") :] or "0", cv2.CAP_GSTREAMER
     if source.startswith("usb://"):
-        return "usb", int(source[len("usb://"):] or 0), cv2.CAP_V4L2
+        return "usb", int(source[len("usb://") :] or 0), cv2.CAP_V4L2
     if source.startswith("/dev/video"):
         return "usb", source, cv2.CAP_V4L2
     if source.startswith(("rtsp://", "rtsps://", "http://", "https://")):
         return "stream", source, cv2.CAP_FFMPEG
     if not os.path.isfile(source):
-        raise SourceError("source '%s' is neither csi://N, usb://N, /dev/videoN, rtsp://... nor an existing video "
-                          "file" % source)
+        raise SourceError(
+            "source '%s' is neither csi://N, usb://N, /dev/videoN, rtsp://... nor an existing video file" % source
+        )
     return "file", source, cv2.CAP_ANY
 
 
@@ -53,8 +57,10 @@ def open_capture(source, output_size=None):
     kind, arg, backend = describe_source(source)
     if kind == "csi":
         if not opencv_has_gstreamer():
-            raise SourceError("this OpenCV has no GStreamer, which CSI cameras need: use JetPack's OpenCV "
-                              "(python3-opencv), not pip's opencv-python, which shadows it")
+            raise SourceError(
+                "this OpenCV has no GStreamer, which CSI cameras need: use JetPack's OpenCV "
+                "(python3-opencv), not pip's opencv-python, which shadows it"
+            )
         arg = csi_pipeline(int(arg), output_size=output_size)
     cap = cv2.VideoCapture(arg, backend)
     if not cap.isOpened():
@@ -65,8 +71,17 @@ def open_capture(source, output_size=None):
 class FrameGrabber(object):
     """Reads a capture in a thread; ``latest()`` returns the newest frame not yet taken."""
 
-    def __init__(self, source, opener=open_capture, max_reconnects=3, reconnect_delay=1.0, drop=None,
-                 transform=None, loop=False, on_event=None):
+    def __init__(
+        self,
+        source,
+        opener=open_capture,
+        max_reconnects=3,
+        reconnect_delay=1.0,
+        drop=None,
+        transform=None,
+        loop=False,
+        on_event=None,
+    ):
         self.source = source
         self.loop = loop  # a file played again from the start at its end (soak tests on a recorded line)
         self.loops = 0
@@ -139,8 +154,11 @@ class FrameGrabber(object):
                     self._finish(None)
                     return
                 if not self._reconnect():
-                    self._finish(SourceError("source '%s' was lost and %d reconnect attempt(s) failed"
-                                             % (self.source, self.reconnects)))
+                    self._finish(
+                        SourceError(
+                            "source '%s' was lost and %d reconnect attempt(s) failed" % (self.source, self.reconnects)
+                        )
+                    )
                     return
                 continue
             if self.transform is not None:

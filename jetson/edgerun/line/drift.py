@@ -12,6 +12,7 @@ Frames the student is unsure of (a small margin between its top two probabilitie
 label teaches most: they are saved, capped, with their scores, for ``edgedistill deploy --pull-frames`` and
 ``--set data.unlabeled=<that folder>``. Python 3.6, numpy and OpenCV only.
 """
+
 import collections
 import csv
 import os
@@ -50,11 +51,11 @@ class DriftWatch(object):
     def __init__(self, reference_probs, window=500, threshold=0.25, warn=None, reference_name="reference"):
         ref = np.asarray(reference_probs, dtype=np.float64)
         if ref.ndim != 2 or len(ref) < 20:
-            raise EdgerunError("drift watch: the reference needs at least 20 images' outputs, got %s"
-                               % (ref.shape,))
+            raise EdgerunError("drift watch: the reference needs at least 20 images' outputs, got %s" % (ref.shape,))
         if window < 50:
-            raise EdgerunError("--drift-window %d: at least 50 frames, so a window's histogram means something"
-                               % window)
+            raise EdgerunError(
+                "--drift-window %d: at least 50 frames, so a window's histogram means something" % window
+            )
         self.n_classes = ref.shape[1]
         self.edges = confidence_edges(ref.max(1))
         self.ref_conf = histogram(ref.max(1), self.edges)
@@ -82,32 +83,57 @@ class DriftWatch(object):
     def _check(self):
         conf = np.array([c for c, _ in self.recent])
         classes = np.array([k for _, k in self.recent])
-        check = {"frame": self.seen, "confidence_psi": psi(self.ref_conf, histogram(conf, self.edges)),
-                 "class_psi": psi(self.ref_class, np.bincount(classes, minlength=self.n_classes)),
-                 "mean_confidence": float(conf.mean())}
+        check = {
+            "frame": self.seen,
+            "confidence_psi": psi(self.ref_conf, histogram(conf, self.edges)),
+            "class_psi": psi(self.ref_class, np.bincount(classes, minlength=self.n_classes)),
+            "mean_confidence": float(conf.mean()),
+        }
         check["drift"] = max(check["confidence_psi"], check["class_psi"]) > self.threshold
         self.checks.append(check)
         self.n_checks += 1
         if self.worst is None or max(check["confidence_psi"], check["class_psi"]) > max(
-                self.worst["confidence_psi"], self.worst["class_psi"]):
+            self.worst["confidence_psi"], self.worst["class_psi"]
+        ):
             self.worst = check
         if check["drift"]:
             self.warnings += 1
             if self.first_warning_frame is None:
                 self.first_warning_frame = self.seen
             if self.warn:
-                self.warn("DRIFT at frame %d: confidence PSI %.3f, class PSI %.3f over the last %d frames (threshold "
-                          "%.2f) against %s" % (self.seen, check["confidence_psi"], check["class_psi"], self.window,
-                                                self.threshold, self.reference_name))
+                self.warn(
+                    "DRIFT at frame %d: confidence PSI %.3f, class PSI %.3f over the last %d frames (threshold "
+                    "%.2f) against %s"
+                    % (
+                        self.seen,
+                        check["confidence_psi"],
+                        check["class_psi"],
+                        self.window,
+                        self.threshold,
+                        self.reference_name,
+                    )
+                )
 
     def summary(self):
-        return {"reference": self.reference_name, "window": self.window, "threshold": self.threshold,
-                "frames": self.seen, "checks": self.n_checks,
-                "last": self.checks[-1] if self.checks else None, "worst": self.worst,
-                "warnings": self.warnings, "first_warning_frame": self.first_warning_frame,
-                "status": ("not checked (fewer frames than one window)" if not self.n_checks else
-                           "DRIFT" if self.warnings else "stable"),
-                "history": list(self.checks)[-200:]}
+        return {
+            "reference": self.reference_name,
+            "window": self.window,
+            "threshold": self.threshold,
+            "frames": self.seen,
+            "checks": self.n_checks,
+            "last": self.checks[-1] if self.checks else None,
+            "worst": self.worst,
+            "warnings": self.warnings,
+            "first_warning_frame": self.first_warning_frame,
+            "status": (
+                "not checked (fewer frames than one window)"
+                if not self.n_checks
+                else "DRIFT"
+                if self.warnings
+                else "stable"
+            ),
+            "history": list(self.checks)[-200:],
+        }
 
 
 class UnsureFrames(object):
@@ -124,7 +150,7 @@ class UnsureFrames(object):
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as exc:
-            raise EdgerunError("--save-unsure %s: cannot create the folder (%s)" % (folder, exc))
+            raise EdgerunError("--save-unsure %s: cannot create the folder (%s)" % (folder, exc)) from exc
         self.folder, self.classes, self.margin, self.cap = folder, list(classes), float(margin), int(cap)
         index = os.path.join(folder, self.INDEX)
         self.saved = 0
@@ -134,8 +160,9 @@ class UnsureFrames(object):
         self.fh = open(index, "a")
         self.writer = csv.writer(self.fh)
         if self.saved == 0 and self.fh.tell() == 0:
-            self.writer.writerow(["file", "frame", "class", "p1", "second", "p2", "margin"]
-                                 + ["p_%s" % c for c in self.classes])
+            self.writer.writerow(
+                ["file", "frame", "class", "p1", "second", "p2", "margin"] + ["p_%s" % c for c in self.classes]
+            )
         self.unsure = 0
         self.not_saved = 0
 
@@ -154,9 +181,18 @@ class UnsureFrames(object):
         name = "unsure_%06d_frame%08d.jpg" % (self.saved, index)
         if not cv2.imwrite(os.path.join(self.folder, name), frame_bgr):
             raise EdgerunError("--save-unsure %s: cannot write %s (disk full?)" % (self.folder, name))
-        self.writer.writerow([name, index, self.classes[order[0]], "%.6f" % p[order[0]],
-                              self.classes[order[1]] if len(p) > 1 else "", "%.6f" % p[order[1]] if len(p) > 1 else "",
-                              "%.6f" % margin] + ["%.6f" % v for v in p])
+        self.writer.writerow(
+            [
+                name,
+                index,
+                self.classes[order[0]],
+                "%.6f" % p[order[0]],
+                self.classes[order[1]] if len(p) > 1 else "",
+                "%.6f" % p[order[1]] if len(p) > 1 else "",
+                "%.6f" % margin,
+            ]
+            + ["%.6f" % v for v in p]
+        )
         self.fh.flush()
         self.saved += 1
         return True
@@ -165,6 +201,12 @@ class UnsureFrames(object):
         self.fh.close()
 
     def summary(self):
-        return {"folder": self.folder, "margin": self.margin, "cap": self.cap, "unsure_frames": self.unsure,
-                "saved": self.saved, "not_saved_over_cap": self.not_saved,
-                "index": os.path.join(self.folder, self.INDEX)}
+        return {
+            "folder": self.folder,
+            "margin": self.margin,
+            "cap": self.cap,
+            "unsure_frames": self.unsure,
+            "saved": self.saved,
+            "not_saved_over_cap": self.not_saved,
+            "index": os.path.join(self.folder, self.INDEX),
+        }

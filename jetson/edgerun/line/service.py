@@ -8,6 +8,7 @@ and runs as an unprivileged user with the camera's group (``video``) and a state
 heartbeat speaks systemd's notify protocol (sd_notify(3): READY=1, WATCHDOG=1, STATUS=...) over the datagram
 socket in $NOTIFY_SOCKET with the standard library alone. Python 3.6, no torch.
 """
+
 import json
 import os
 import socket
@@ -16,9 +17,9 @@ import sys
 import time
 
 import edgerun
+from edgerun.errors import EdgerunError
 from edgerun.files import write_atomically
 from edgerun.spec import REQUIRED, Spec
-from edgerun.errors import EdgerunError
 
 UNIT_DIR = "/etc/systemd/system"
 STATE_ROOT = "/var/lib/edgerun"
@@ -77,7 +78,7 @@ class Heartbeat(object):
     def verdict(self, frame, text):
         """A REJECT (or any verdict line) to show in the status, newest last."""
         self.verdicts.append({"frame": frame, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "text": text})
-        del self.verdicts[:-self.keep]
+        del self.verdicts[: -self.keep]
 
     def tick(self, state):
         now = self.clock()
@@ -95,11 +96,24 @@ class Heartbeat(object):
     def write(self, state, now=None):
         now = self.clock() if now is None else now
         seconds = max(state.get("seconds") or 0.0, 1e-9)
-        status = dict(state, fps=state.get("frames", 0) / seconds, updated=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      pid=os.getpid(), last_verdicts=list(self.verdicts))
-        sd_notify("STATUS=%.1f FPS, %d frames, %d dropped, %d reconnects, %d rejects" % (
-            status["fps"], state.get("frames", 0), state.get("dropped", 0), state.get("reconnects", 0),
-            state.get("rejects", 0)), self.environ)
+        status = dict(
+            state,
+            fps=state.get("frames", 0) / seconds,
+            updated=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            pid=os.getpid(),
+            last_verdicts=list(self.verdicts),
+        )
+        sd_notify(
+            "STATUS=%.1f FPS, %d frames, %d dropped, %d reconnects, %d rejects"
+            % (
+                status["fps"],
+                state.get("frames", 0),
+                state.get("dropped", 0),
+                state.get("reconnects", 0),
+                state.get("rejects", 0),
+            ),
+            self.environ,
+        )
         if self.status_path:
             write_atomically(self.status_path, json.dumps(status, indent=2, sort_keys=True).encode("utf-8"))
 
@@ -120,8 +134,16 @@ class ServiceUnit(Spec):
     the ``edgerun camera`` arguments it runs, the unprivileged ``user`` and the camera devices' ``group``, the
     ``python`` that runs it (default: this one), systemd's watchdog and restart delay, a description."""
 
-    FIELDS = {"name": REQUIRED, "camera_args": REQUIRED, "user": REQUIRED, "group": REQUIRED, "python": None,
-              "watchdog_s": 30, "restart_s": 5, "description": None}
+    FIELDS = {
+        "name": REQUIRED,
+        "camera_args": REQUIRED,
+        "user": REQUIRED,
+        "group": REQUIRED,
+        "python": None,
+        "watchdog_s": 30,
+        "restart_s": 5,
+        "description": None,
+    }
 
 
 def unit_text(unit):
@@ -130,49 +152,56 @@ def unit_text(unit):
     name, user, group = unit.name, unit.user, unit.group
     python = unit.python or sys.executable
     state = "%s/%s" % (STATE_ROOT, name)
-    exec_words = [python, "-m", "edgerun.cli", "camera"] + list(unit.camera_args) + [
-        "--status-file", "%s/%s" % (state, STATUS_FILE)]
-    return "\n".join([
-        "# written by `edgerun service install`; edgerun service status %s" % name,
-        "[Unit]",
-        "Description=%s" % (unit.description or "edgerun line camera (%s)" % name),
-        "After=network-online.target",
-        "Wants=network-online.target",
-        "StartLimitIntervalSec=600",
-        "StartLimitBurst=20",
-        "",
-        "[Service]",
-        "Type=notify",
-        "NotifyAccess=main",
-        "ExecStart=%s" % " ".join(_quote(w) for w in exec_words),
-        "User=%s" % user,
-        "Group=%s" % user,
-        "SupplementaryGroups=%s" % group,
-        "Restart=on-failure",
-        "RestartSec=%d" % unit.restart_s,
-        "WatchdogSec=%d" % unit.watchdog_s,
-        "TimeoutStartSec=300",
-        "StateDirectory=edgerun/%s" % name,
-        "WorkingDirectory=%s" % state,
-        "Environment=PYTHONUNBUFFERED=1",
-        "Environment=PYTHONPATH=%s" % os.path.dirname(os.path.dirname(os.path.abspath(edgerun.__file__))),
-        "StandardOutput=journal",
-        "StandardError=journal",
-        "SyslogIdentifier=edgerun-%s" % name,
-        "NoNewPrivileges=yes",
-        "PrivateTmp=yes",
-        "ProtectSystem=full",
-        "ProtectHome=read-only",
-        "",
-        "[Install]",
-        "WantedBy=multi-user.target",
-        ""])
+    exec_words = (
+        [python, "-m", "edgerun.cli", "camera"]
+        + list(unit.camera_args)
+        + ["--status-file", "%s/%s" % (state, STATUS_FILE)]
+    )
+    return "\n".join(
+        [
+            "# written by `edgerun service install`; edgerun service status %s" % name,
+            "[Unit]",
+            "Description=%s" % (unit.description or "edgerun line camera (%s)" % name),
+            "After=network-online.target",
+            "Wants=network-online.target",
+            "StartLimitIntervalSec=600",
+            "StartLimitBurst=20",
+            "",
+            "[Service]",
+            "Type=notify",
+            "NotifyAccess=main",
+            "ExecStart=%s" % " ".join(_quote(w) for w in exec_words),
+            "User=%s" % user,
+            "Group=%s" % user,
+            "SupplementaryGroups=%s" % group,
+            "Restart=on-failure",
+            "RestartSec=%d" % unit.restart_s,
+            "WatchdogSec=%d" % unit.watchdog_s,
+            "TimeoutStartSec=300",
+            "StateDirectory=edgerun/%s" % name,
+            "WorkingDirectory=%s" % state,
+            "Environment=PYTHONUNBUFFERED=1",
+            "Environment=PYTHONPATH=%s" % os.path.dirname(os.path.dirname(os.path.abspath(edgerun.__file__))),
+            "StandardOutput=journal",
+            "StandardError=journal",
+            "SyslogIdentifier=edgerun-%s" % name,
+            "NoNewPrivileges=yes",
+            "PrivateTmp=yes",
+            "ProtectSystem=full",
+            "ProtectHome=read-only",
+            "",
+            "[Install]",
+            "WantedBy=multi-user.target",
+            "",
+        ]
+    )
 
 
 def check_name(name):
     if not name or not all(c.isalnum() or c in "-_" for c in name):
-        raise EdgerunError("--name '%s': letters, digits, '-' and '_' only (it names the unit and its state folder)"
-                           % name)
+        raise EdgerunError(
+            "--name '%s': letters, digits, '-' and '_' only (it names the unit and its state folder)" % name
+        )
     return name
 
 
@@ -182,17 +211,21 @@ def check_user(user, group):
     import pwd
 
     if user in ("root", "0"):
-        raise EdgerunError("--user root: the line runs unprivileged; create an account: sudo useradd --system "
-                           "--groups %s --home-dir %s edgerun" % (group, STATE_ROOT))
+        raise EdgerunError(
+            "--user root: the line runs unprivileged; create an account: sudo useradd --system "
+            "--groups %s --home-dir %s edgerun" % (group, STATE_ROOT)
+        )
     try:
         pwd.getpwnam(user)
     except KeyError:
-        raise EdgerunError("--user %s: no such account; create it: sudo useradd --system --groups %s --home-dir %s "
-                           "%s" % (user, group, STATE_ROOT, user))
+        raise EdgerunError(
+            "--user %s: no such account; create it: sudo useradd --system --groups %s --home-dir %s "
+            "%s" % (user, group, STATE_ROOT, user)
+        ) from None
     try:
         grp.getgrnam(group)
     except KeyError:
-        raise EdgerunError("--group %s: no such group (the camera devices' group, usually video)" % group)
+        raise EdgerunError("--group %s: no such group (the camera devices' group, usually video)" % group) from None
 
 
 def install(unit, unit_dir=UNIT_DIR, enable=True, run=subprocess.call):
@@ -202,8 +235,9 @@ def install(unit, unit_dir=UNIT_DIR, enable=True, run=subprocess.call):
     check_name(name)
     check_user(unit.user, unit.group)
     if unit.watchdog_s < 5:
-        raise EdgerunError("--watchdog %d: at least 5 seconds (an engine's first inference can take seconds)"
-                           % unit.watchdog_s)
+        raise EdgerunError(
+            "--watchdog %d: at least 5 seconds (an engine's first inference can take seconds)" % unit.watchdog_s
+        )
     if not os.path.isdir(unit_dir):
         raise EdgerunError("--unit-dir %s does not exist" % unit_dir)
     path = os.path.join(unit_dir, "edgerun-%s.service" % name)
@@ -211,12 +245,14 @@ def install(unit, unit_dir=UNIT_DIR, enable=True, run=subprocess.call):
     try:
         write_atomically(path, text.encode("utf-8"))
     except (OSError, IOError) as exc:
-        raise EdgerunError("cannot write %s (%s): run it with sudo, or pass --unit-dir" % (path, exc))
+        raise EdgerunError("cannot write %s (%s): run it with sudo, or pass --unit-dir" % (path, exc)) from exc
     if enable:
         for command in (["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", "edgerun-%s" % name]):
             if run(command) != 0:
-                raise EdgerunError("`%s` failed; the unit is written at %s (see journalctl -u edgerun-%s)"
-                                   % (" ".join(command), path, name))
+                raise EdgerunError(
+                    "`%s` failed; the unit is written at %s (see journalctl -u edgerun-%s)"
+                    % (" ".join(command), path, name)
+                )
     return path
 
 
@@ -226,9 +262,17 @@ def status(name, state_root=STATE_ROOT, run=subprocess.run):
     check_name(name)
     unit = None
     try:
-        done = run(["systemctl", "show", "edgerun-%s" % name, "--property=ActiveState,SubState,NRestarts,"
-                    "ExecMainStartTimestamp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                   universal_newlines=True)
+        done = run(
+            [
+                "systemctl",
+                "show",
+                "edgerun-%s" % name,
+                "--property=ActiveState,SubState,NRestarts,ExecMainStartTimestamp",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            universal_newlines=True,
+        )
         if done.returncode == 0:
             unit = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
     except OSError:
@@ -240,5 +284,5 @@ def status(name, state_root=STATE_ROOT, run=subprocess.run):
             with open(path) as fh:
                 data = json.load(fh)
         except ValueError as exc:
-            raise EdgerunError("%s is not valid JSON (%s)" % (path, exc))
+            raise EdgerunError("%s is not valid JSON (%s)" % (path, exc)) from exc
     return {"unit": unit, "status": data, "status_file": path}

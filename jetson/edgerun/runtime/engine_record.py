@@ -14,16 +14,18 @@ import hmac
 import json
 import os
 import stat
-from edgerun.errors import EngineMismatchError
 
+from edgerun.errors import EngineMismatchError
 
 DEVICE_KEY_ENV = "EDGERUN_DEVICE_KEY"
 
 SEAL = "record_hmac"
 
+
 def device_key_path(environ=None):
     environ = os.environ if environ is None else environ
     return environ.get(DEVICE_KEY_ENV) or os.path.join(os.path.expanduser("~"), ".config", "edgerun", "device.key")
+
 
 def device_key(create=False, environ=None):
     """This device's engine-record key; created (mode 0600) when ``create`` and absent. A key that other users can
@@ -31,8 +33,10 @@ def device_key(create=False, environ=None):
     path = device_key_path(environ)
     if not os.path.exists(path):
         if not create:
-            raise EngineMismatchError("this device has no engine key (%s): engines are trusted only when this device "
-                                      "built them; rebuild with `edgerun build`" % path)
+            raise EngineMismatchError(
+                "this device has no engine key (%s): engines are trusted only when this device "
+                "built them; rebuild with `edgerun build`" % path
+            )
         folder = os.path.dirname(path)
         if folder and not os.path.isdir(folder):
             os.makedirs(folder, 0o700)
@@ -40,24 +44,28 @@ def device_key(create=False, environ=None):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         except OSError as exc:
             if not os.path.exists(path):
-                raise EngineMismatchError("cannot create the device's engine key '%s': %s" % (path, exc))
+                raise EngineMismatchError("cannot create the device's engine key '%s': %s" % (path, exc)) from exc
         else:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(os.urandom(32))
     mode = stat.S_IMODE(os.stat(path).st_mode)
     if mode & 0o077:
-        raise EngineMismatchError("the device's engine key '%s' is readable by others (mode %o): chmod 600 it"
-                                  % (path, mode))
+        raise EngineMismatchError(
+            "the device's engine key '%s' is readable by others (mode %o): chmod 600 it" % (path, mode)
+        )
     with open(path, "rb") as fh:
         key = fh.read()
     if len(key) < 32:
-        raise EngineMismatchError("the device's engine key '%s' is damaged (%d bytes): remove it and rebuild the "
-                                  "engines" % (path, len(key)))
+        raise EngineMismatchError(
+            "the device's engine key '%s' is damaged (%d bytes): remove it and rebuild the engines" % (path, len(key))
+        )
     return key
+
 
 def _digest(meta, key):
     body = dict((k, v) for k, v in meta.items() if k != SEAL)
     return hmac.new(key, json.dumps(body, sort_keys=True).encode("utf-8"), hashlib.sha256).hexdigest()
+
 
 def seal(meta, engine_bytes, key):
     """``meta`` with the engine's sha256 and the seal added."""
@@ -65,16 +73,23 @@ def seal(meta, engine_bytes, key):
     meta[SEAL] = _digest(meta, key)
     return meta
 
+
 def check_sealed(meta, engine_bytes, engine_path, key):
     """Refuse an engine whose bytes differ from its record, or a record this device's key did not seal."""
     if SEAL not in meta or "engine_sha256" not in meta:
-        raise EngineMismatchError("engine '%s' has an unsealed record (built by an older edgerun, or written by hand): "
-                                  "rebuild it with `edgerun build`" % engine_path)
+        raise EngineMismatchError(
+            "engine '%s' has an unsealed record (built by an older edgerun, or written by hand): "
+            "rebuild it with `edgerun build`" % engine_path
+        )
     if not hmac.compare_digest(str(meta[SEAL]), _digest(meta, key)):
-        raise EngineMismatchError("the record of engine '%s' was not sealed by this device's key (edited, or from "
-                                  "another device): rebuild the engine with `edgerun build`" % engine_path)
+        raise EngineMismatchError(
+            "the record of engine '%s' was not sealed by this device's key (edited, or from "
+            "another device): rebuild the engine with `edgerun build`" % engine_path
+        )
     actual = hashlib.sha256(engine_bytes).hexdigest()
     if actual != meta["engine_sha256"]:
-        raise EngineMismatchError("engine '%s' is not the engine its record describes (sha256 %s..., recorded %s...): "
-                                  "it was replaced or damaged; rebuild it with `edgerun build`"
-                                  % (engine_path, actual[:12], meta["engine_sha256"][:12]))
+        raise EngineMismatchError(
+            "engine '%s' is not the engine its record describes (sha256 %s..., recorded %s...): "
+            "it was replaced or damaged; rebuild it with `edgerun build`"
+            % (engine_path, actual[:12], meta["engine_sha256"][:12])
+        )

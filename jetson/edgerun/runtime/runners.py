@@ -6,6 +6,7 @@
 ``TrtRunner`` (edgerun.runtime.trt_run) implements the same interface for TensorRT engines. Runners record the time
 of their last inference split into stages (host->device, compute, device->host) in ``last_timing``.
 """
+
 import time
 
 import numpy as np
@@ -47,7 +48,9 @@ class Runner(object):
             raise RunnerError("infer() takes a dict of input name -> ndarray, not %s" % type(feed).__name__)
         expected = set(self.input_names())
         if set(feed) != expected:
-            raise RunnerError("%s: feed has inputs %s, the model takes %s" % (self.name, sorted(feed), sorted(expected)))
+            raise RunnerError(
+                "%s: feed has inputs %s, the model takes %s" % (self.name, sorted(feed), sorted(expected))
+            )
         return self._infer(feed)
 
     def device_memory(self):
@@ -88,18 +91,21 @@ class OrtRunner(Runner):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise RunnerError("onnxruntime is not installed: pip3 install onnxruntime (or onnxruntime-gpu; on "
-                              "Jetson, NVIDIA's wheel for your JetPack), or use --backend tensorrt")
+            raise RunnerError(
+                "onnxruntime is not installed: pip3 install onnxruntime (or onnxruntime-gpu; on "
+                "Jetson, NVIDIA's wheel for your JetPack), or use --backend tensorrt"
+            ) from None
         options = ort.SessionOptions()
         if self.threads:
             options.intra_op_num_threads = int(self.threads)
         available = ort.get_available_providers()
-        providers = self.requested_providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                                                 if p in available]
+        providers = self.requested_providers or [
+            p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available
+        ]
         try:
             self.session = ort.InferenceSession(self.model_path, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-            raise RunnerError("onnxruntime cannot load '%s': %s" % (self.model_path, exc))
+            raise RunnerError("onnxruntime cannot load '%s': %s" % (self.model_path, exc)) from exc
         self.providers = self.session.get_providers()
 
     def input_names(self):
@@ -125,9 +131,12 @@ class OrtRunner(Runner):
         nvmap = nvmap_memory()
         if nvmap is not None:
             return nvmap
-        return {"mb": None, "method": "%s memory not measured: nvmap's table is unreadable (run as root on a "
-                                      "Jetson) or this is not a Jetson; use --backend tensorrt for a measured "
-                                      "figure" % gpu[0]}
+        return {
+            "mb": None,
+            "method": "%s memory not measured: nvmap's table is unreadable (run as root on a "
+            "Jetson) or this is not a Jetson; use --backend tensorrt for a measured "
+            "figure" % gpu[0],
+        }
 
     def _deactivate(self):
         self.session = None

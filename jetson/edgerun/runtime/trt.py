@@ -22,18 +22,20 @@ which numpy 1.24 removed (NVIDIA/TensorRT#2557). CUDA comes from the device's pr
 ``tensorrt`` and ``pycuda`` are imported only when a build or a runner needs them; tests pass small fakes
 of both modules through the ``trt``/``cuda`` arguments.
 """
+
 import json
 import os
 
 import numpy as np
 
+from edgerun.bundle.manifest import MANIFEST_FILE, sha256_file
+
 # board_model, is_tegra and l4t_release are read through this module by trt_build and trt_run (and replaced here
 # by tests), so that a device fact has one place
 from edgerun.device import BOARD_ENV, BOARD_FILE, board_model, is_tegra, l4t_release  # noqa: F401
-from edgerun.runtime.engine_record import check_sealed, device_key
 from edgerun.errors import EngineBuildError, EngineMismatchError, RunnerError
-from edgerun.bundle.manifest import MANIFEST_FILE, sha256_file
 from edgerun.profiles import parse_version
+from edgerun.runtime.engine_record import check_sealed, device_key
 
 OOM_MARKERS = ("out of memory", "outofmemory", "failed to allocate", "cudaerrormemoryallocation", "insufficient memory")
 
@@ -44,8 +46,10 @@ def import_tensorrt():
     except ImportError:
         tensorrt = None
     if not hasattr(tensorrt, "Builder"):  # absent, or only type stubs (tensorrt-stubs: a namespace package)
-        raise EngineBuildError("TensorRT's Python module is not importable: on a Jetson it comes with JetPack "
-                               "(python3-libnvinfer); in a virtualenv create it with --system-site-packages")
+        raise EngineBuildError(
+            "TensorRT's Python module is not importable: on a Jetson it comes with JetPack "
+            "(python3-libnvinfer); in a virtualenv create it with --system-site-packages"
+        )
     return tensorrt
 
 
@@ -59,25 +63,35 @@ def import_cuda():
             import pycuda.autoinit  # noqa: F401
         import pycuda.driver as cuda
     except ImportError:
-        raise RunnerError("pycuda is not installed: pip3 install pycuda (it builds against JetPack's CUDA)")
+        raise RunnerError("pycuda is not installed: pip3 install pycuda (it builds against JetPack's CUDA)") from None
     except Exception as exc:  # pycuda._driver.Error's subclasses (RuntimeError, LogicError): cuInit, no device
         if not type(exc).__module__.startswith("pycuda"):
             raise
-        raise RunnerError("no CUDA GPU is visible to this process (%s): in a container, run it with --runtime "
-                          "nvidia; on the host, check that the GPU driver is loaded (`edgerun info`)" % exc)
+        raise RunnerError(
+            "no CUDA GPU is visible to this process (%s): in a container, run it with --runtime "
+            "nvidia; on the host, check that the GPU driver is loaded (`edgerun info`)" % exc
+        ) from exc
     return cuda
 
 
 # TensorRT DataType member name -> numpy type (types numpy lacks, BF16, FP8, INT4, are refused by name)
-NUMPY_TYPES = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32", "INT64": "int64",
-               "BOOL": "bool", "UINT8": "uint8"}
+NUMPY_TYPES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "INT8": "int8",
+    "INT32": "int32",
+    "INT64": "int64",
+    "BOOL": "bool",
+    "UINT8": "uint8",
+}
 
 
 def numpy_dtype(trt_dtype):
     name = getattr(trt_dtype, "name", None) or str(trt_dtype).rsplit(".", 1)[-1]
     if name not in NUMPY_TYPES:
-        raise RunnerError("engine tensor type %s has no numpy equivalent (supported: %s)"
-                          % (name, ", ".join(sorted(NUMPY_TYPES))))
+        raise RunnerError(
+            "engine tensor type %s has no numpy equivalent (supported: %s)" % (name, ", ".join(sorted(NUMPY_TYPES)))
+        )
     return np.dtype(NUMPY_TYPES[name])
 
 
@@ -108,9 +122,15 @@ class _Api8(_Api):
     def io_tensors(self, engine):
         out = []
         for i in range(engine.num_bindings):
-            out.append({"name": engine.get_binding_name(i), "index": i, "is_input": engine.binding_is_input(i),
-                        "shape": tuple(engine.get_binding_shape(i)),
-                        "dtype": numpy_dtype(engine.get_binding_dtype(i))})
+            out.append(
+                {
+                    "name": engine.get_binding_name(i),
+                    "index": i,
+                    "is_input": engine.binding_is_input(i),
+                    "shape": tuple(engine.get_binding_shape(i)),
+                    "dtype": numpy_dtype(engine.get_binding_dtype(i)),
+                }
+            )
         return out
 
     def set_input_shape(self, context, tensor, shape):
@@ -142,10 +162,15 @@ class _Api10(_Api):
         out = []
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
-            out.append({"name": name, "index": i,
-                        "is_input": engine.get_tensor_mode(name) == self.trt.TensorIOMode.INPUT,
-                        "shape": tuple(engine.get_tensor_shape(name)),
-                        "dtype": numpy_dtype(engine.get_tensor_dtype(name))})
+            out.append(
+                {
+                    "name": name,
+                    "index": i,
+                    "is_input": engine.get_tensor_mode(name) == self.trt.TensorIOMode.INPUT,
+                    "shape": tuple(engine.get_tensor_shape(name)),
+                    "dtype": numpy_dtype(engine.get_tensor_dtype(name)),
+                }
+            )
         return out
 
     def set_input_shape(self, context, tensor, shape):
@@ -211,35 +236,62 @@ def check_engine(engine_path, bundle=None, trt=None, gpu=None, board=None, engin
     if not os.path.isfile(str(engine_path)):
         raise EngineMismatchError("engine '%s' does not exist: build it with `edgerun build`" % engine_path)
     if not os.path.isfile(meta_path):
-        raise EngineMismatchError("engine '%s' has no %s beside it, so its origin is unknown: rebuild it with "
-                                  "`edgerun build`" % (engine_path, os.path.basename(meta_path)))
+        raise EngineMismatchError(
+            "engine '%s' has no %s beside it, so its origin is unknown: rebuild it with "
+            "`edgerun build`" % (engine_path, os.path.basename(meta_path))
+        )
     with open(meta_path) as fh:
         meta = json.load(fh)
     if trt is not None and parse_version(meta.get("tensorrt", "0")) != parse_version(trt.__version__):
-        raise EngineMismatchError("engine '%s' was built with TensorRT %s, this device has %s: engines are not "
-                                  "portable across TensorRT versions; rebuild it with `edgerun build`"
-                                  % (engine_path, meta.get("tensorrt"), trt.__version__))
+        raise EngineMismatchError(
+            "engine '%s' was built with TensorRT %s, this device has %s: engines are not "
+            "portable across TensorRT versions; rebuild it with `edgerun build`"
+            % (engine_path, meta.get("tensorrt"), trt.__version__)
+        )
     if gpu and meta.get("compute_capability") and meta["compute_capability"] != gpu.get("compute_capability"):
-        raise EngineMismatchError("engine '%s' was built on %s (compute capability %s), this is %s (%s): rebuild "
-                                  "it with `edgerun build`" % (engine_path, meta.get("device"),
-                                                               meta["compute_capability"], gpu.get("name"),
-                                                               gpu.get("compute_capability")))
+        raise EngineMismatchError(
+            "engine '%s' was built on %s (compute capability %s), this is %s (%s): rebuild "
+            "it with `edgerun build`"
+            % (
+                engine_path,
+                meta.get("device"),
+                meta["compute_capability"],
+                gpu.get("name"),
+                gpu.get("compute_capability"),
+            )
+        )
     board = board if board is not None else board_model()
     if meta.get("board") and not board and is_tegra():
-        raise EngineMismatchError("engine '%s' was built on a %s, and this Jetson cannot see its own model (a "
-                                  "container?): mount it (-v /proc/device-tree/model:%s:ro) or set $%s, so that an "
-                                  "engine tuned to another board is never run here" % (engine_path, meta["board"],
-                                                                                        BOARD_FILE, BOARD_ENV))
+        raise EngineMismatchError(
+            "engine '%s' was built on a %s, and this Jetson cannot see its own model (a "
+            "container?): mount it (-v /proc/device-tree/model:%s:ro) or set $%s, so that an "
+            "engine tuned to another board is never run here" % (engine_path, meta["board"], BOARD_FILE, BOARD_ENV)
+        )
     if board and meta.get("board") and meta["board"] != board:
-        raise EngineMismatchError("engine '%s' was built on a %s, this is a %s: an engine is tuned to its board's "
-                                  "GPU and memory; rebuild it with `edgerun build`" % (engine_path, meta["board"], board))
+        raise EngineMismatchError(
+            "engine '%s' was built on a %s, this is a %s: an engine is tuned to its board's "
+            "GPU and memory; rebuild it with `edgerun build`" % (engine_path, meta["board"], board)
+        )
     if engine_bytes is not None:
         check_sealed(meta, engine_bytes, engine_path, device_key())
     if bundle is not None and meta.get("bundle_sha256") != bundle_fingerprint(bundle):
-        raise EngineMismatchError("engine '%s' was built from another bundle (or a changed one): rebuild it with "
-                                  "`edgerun build`" % engine_path)
+        raise EngineMismatchError(
+            "engine '%s' was built from another bundle (or a changed one): rebuild it with "
+            "`edgerun build`" % engine_path
+        )
     return meta
 
 
-__all__ = ["import_tensorrt", "import_cuda", "numpy_dtype", "select_api", "make_logger", "engine_meta_path",
-           "bundle_fingerprint", "check_engine", "board_model", "is_tegra", "l4t_release"]
+__all__ = [
+    "import_tensorrt",
+    "import_cuda",
+    "numpy_dtype",
+    "select_api",
+    "make_logger",
+    "engine_meta_path",
+    "bundle_fingerprint",
+    "check_engine",
+    "board_model",
+    "is_tegra",
+    "l4t_release",
+]

@@ -5,6 +5,7 @@ an out-of-memory retry with half the workspace; the engine and its sealed record
 TensorRT, pycuda and the device's facts are reached through ``edgerun.runtime.trt`` (one place for the version split,
 and the one tests replace).
 """
+
 import json
 import os
 import re
@@ -13,11 +14,11 @@ from datetime import datetime
 
 import numpy as np
 
+from edgerun.errors import EngineBuildError
+from edgerun.files import write_atomically
+from edgerun.profiles import explicit_int8_variant
 from edgerun.runtime import trt as _trt
 from edgerun.runtime.engine_record import device_key, seal
-from edgerun.files import write_atomically
-from edgerun.errors import EngineBuildError
-from edgerun.profiles import explicit_int8_variant
 from edgerun.spec import Spec
 
 
@@ -44,7 +45,7 @@ def make_entropy_calibrator(trt, cuda, batches, cache_path, batch_size):
         def get_batch(self, names):
             if self.index + batch_size > len(self.batches):
                 return None
-            chunk = np.ascontiguousarray(self.batches[self.index:self.index + batch_size], dtype=np.float32)
+            chunk = np.ascontiguousarray(self.batches[self.index : self.index + batch_size], dtype=np.float32)
             cuda.memcpy_htod(self.device, chunk)
             self.index += batch_size
             return [int(self.device)]
@@ -71,9 +72,11 @@ def check_int8_allowed(precision, target, gpu, force, builder=None):
     if not fast and not force:
         where = (gpu or {}).get("name") or target.get("device") or "this GPU"
         cc = (gpu or {}).get("compute_capability") or target.get("compute_capability")
-        raise EngineBuildError("INT8 refused on %s (compute capability %s): it has no fast INT8 path, so INT8 "
-                               "runs slower than FP16 there; build --precision fp16, or pass --force to build "
-                               "INT8 anyway" % (where, cc))
+        raise EngineBuildError(
+            "INT8 refused on %s (compute capability %s): it has no fast INT8 path, so INT8 "
+            "runs slower than FP16 there; build --precision fp16, or pass --force to build "
+            "INT8 anyway" % (where, cc)
+        )
 
 
 def _parse_onnx(trt, api, builder, logger, onnx_path):
@@ -88,11 +91,14 @@ def _parse_onnx(trt, api, builder, logger, onnx_path):
             node = err.node()
             name = err.node_name() if hasattr(err, "node_name") else ""
             op = err.node_operator() if hasattr(err, "node_operator") else ""
-            problems.append("node %s%s%s: %s" % (node, " '%s'" % name if name else "", " (%s)" % op if op else "",
-                                                err.desc()))
-        raise EngineBuildError("TensorRT %s's ONNX parser rejected %s:\n  %s\nRe-export for this target "
-                               "(edgedistill export --target ...), which checks operators per TensorRT version"
-                               % (trt.__version__, os.path.basename(onnx_path), "\n  ".join(problems) or "no detail"))
+            problems.append(
+                "node %s%s%s: %s" % (node, " '%s'" % name if name else "", " (%s)" % op if op else "", err.desc())
+            )
+        raise EngineBuildError(
+            "TensorRT %s's ONNX parser rejected %s:\n  %s\nRe-export for this target "
+            "(edgedistill export --target ...), which checks operators per TensorRT version"
+            % (trt.__version__, os.path.basename(onnx_path), "\n  ".join(problems) or "no detail")
+        )
     return network, parser
 
 
@@ -106,19 +112,23 @@ def check_dla(builder, target, dla_core, precision):
         cores = target.get("dla_cores", 0)
     where = target.get("device") or "this device"
     if not cores:
-        raise EngineBuildError("--dla: %s has no Deep Learning Accelerator (Jetson Nano, TX2 and Orin Nano have none; "
-                               "Xavier NX, AGX Xavier, Orin NX and AGX Orin have DLA cores): build without --dla"
-                               % where)
+        raise EngineBuildError(
+            "--dla: %s has no Deep Learning Accelerator (Jetson Nano, TX2 and Orin Nano have none; "
+            "Xavier NX, AGX Xavier, Orin NX and AGX Orin have DLA cores): build without --dla" % where
+        )
     if not 0 <= int(dla_core) < cores:
-        raise EngineBuildError("--dla %s: %s has %d DLA core(s), numbered 0 to %d" % (dla_core, where, cores, cores - 1))
+        raise EngineBuildError(
+            "--dla %s: %s has %d DLA core(s), numbered 0 to %d" % (dla_core, where, cores, cores - 1)
+        )
     if precision == "fp32":
         raise EngineBuildError("--dla: the DLA runs FP16 and INT8, not FP32: add --precision fp16 or int8")
 
 
 def dla_fallback_layers(network, config):
     """Names of the layers the DLA cannot run (they run on the GPU with --gpu-fallback)."""
-    return [network.get_layer(i).name for i in range(network.num_layers)
-            if not config.can_run_on_DLA(network.get_layer(i))]
+    return [
+        network.get_layer(i).name for i in range(network.num_layers) if not config.can_run_on_DLA(network.get_layer(i))
+    ]
 
 
 class BuildSpec(Spec):
@@ -128,8 +138,18 @@ class BuildSpec(Spec):
     facts (default: the bundle's), the ``gpu``'s properties, the ``board`` (default: this device's), and
     ``dla_core`` (a Deep Learning Accelerator core) with ``gpu_fallback`` for the layers it cannot run."""
 
-    FIELDS = {"precision": "fp16", "output": None, "workspace_mb": 1024, "timing_cache": None, "force": False,
-              "target": None, "gpu": None, "board": None, "dla_core": None, "gpu_fallback": False}
+    FIELDS = {
+        "precision": "fp16",
+        "output": None,
+        "workspace_mb": 1024,
+        "timing_cache": None,
+        "force": False,
+        "target": None,
+        "gpu": None,
+        "board": None,
+        "dla_core": None,
+        "gpu_fallback": False,
+    }
 
 
 def _onnx_for(bundle, spec, api, trt):
@@ -139,14 +159,18 @@ def _onnx_for(bundle, spec, api, trt):
     variant = explicit_int8_variant(bundle.manifest)
     if variant is not None:  # Q/DQ in the graph: no calibrator, on 8.2, 8.5 and 10.x alike
         if variant.get("status") == "rejected" and not spec.force:
-            raise EngineBuildError("the bundle's INT8 model was rejected on the host (%s drop %.2f points, over "
-                                   "its gate); pass --force to build it anyway" % (
-                                       variant.get("method", "INT8"), 100 * variant.get("drop", 0)))
+            raise EngineBuildError(
+                "the bundle's INT8 model was rejected on the host (%s drop %.2f points, over "
+                "its gate); pass --force to build it anyway"
+                % (variant.get("method", "INT8"), 100 * variant.get("drop", 0))
+            )
         return bundle.path(variant["file"]), True
     if api.generation >= 10:
-        raise EngineBuildError("TensorRT %s builds INT8 from an explicit-quantization (QDQ) ONNX, which this "
-                               "bundle lacks: re-export it with this edgedistill (every bundle now carries one), "
-                               "or with a TensorRT 10 target (e.g. --target jetson-orin-nano-jp6)" % trt.__version__)
+        raise EngineBuildError(
+            "TensorRT %s builds INT8 from an explicit-quantization (QDQ) ONNX, which this "
+            "bundle lacks: re-export it with this edgedistill (every bundle now carries one), "
+            "or with a TensorRT 10 target (e.g. --target jetson-orin-nano-jp6)" % trt.__version__
+        )
     return bundle.model_path, False
 
 
@@ -176,17 +200,23 @@ class _Build(object):
             rest = tuple(manifest.input_shape[1:])
             profile.set_shape(manifest.input_name, (dyn["min"],) + rest, (dyn["opt"],) + rest, (dyn["max"],) + rest)
             if config.add_optimization_profile(profile) < 0:  # TensorRT returns -1 for a profile it refuses
-                raise EngineBuildError("TensorRT refused the optimization profile of the dynamic batch (min %d, opt %d, "
-                                       "max %d for '%s'): re-export with min <= opt <= max"
-                                       % (dyn["min"], dyn["opt"], dyn["max"], manifest.input_name))
+                raise EngineBuildError(
+                    "TensorRT refused the optimization profile of the dynamic batch (min %d, opt %d, "
+                    "max %d for '%s'): re-export with min <= opt <= max"
+                    % (dyn["min"], dyn["opt"], dyn["max"], manifest.input_name)
+                )
         gpu_layers = self._dla(network, config) if spec.dla_core is not None else None
         if spec.precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)
             if not explicit_int8:
                 batch = dyn["opt"] if dyn else manifest.input_shape[0]  # calibration runs at the profile's opt
                 config.int8_calibrator = make_entropy_calibrator(
-                    trt, self.cuda, self.bundle.calibration(),
-                    calibration_cache_path(output, _trt.bundle_fingerprint(self.bundle), batch, dyn), batch)
+                    trt,
+                    self.cuda,
+                    self.bundle.calibration(),
+                    calibration_cache_path(output, _trt.bundle_fingerprint(self.bundle), batch, dyn),
+                    batch,
+                )
                 if profile is not None and not config.set_calibration_profile(profile):
                     raise EngineBuildError("TensorRT refused the calibration profile of the dynamic batch")
         return config, gpu_layers
@@ -196,8 +226,10 @@ class _Build(object):
         config.DLA_core = int(self.spec.dla_core)
         gpu_layers = dla_fallback_layers(network, config)
         if gpu_layers and not self.spec.gpu_fallback:
-            raise EngineBuildError("%d layer(s) cannot run on the DLA (first: %s): add --gpu-fallback to run them "
-                                   "on the GPU" % (len(gpu_layers), ", ".join(gpu_layers[:5])))
+            raise EngineBuildError(
+                "%d layer(s) cannot run on the DLA (first: %s): add --gpu-fallback to run them "
+                "on the GPU" % (len(gpu_layers), ", ".join(gpu_layers[:5]))
+            )
         if self.spec.gpu_fallback:
             config.set_flag(self.trt.BuilderFlag.GPU_FALLBACK)
         return gpu_layers
@@ -214,10 +246,12 @@ class _Build(object):
     def failed(self, workspace):
         detail = "; ".join(str(m) for s, m in self.logger.messages[-5:]) or "no detail from TensorRT"
         if _trt._is_oom(self.logger.messages):
-            return EngineBuildError("engine build ran out of memory twice (workspace down to %d MB): close other "
-                                    "programs, add swap (e.g. a 4 GB swap file on the Nano: sudo fallocate -l 4G "
-                                    "/swapfile && sudo mkswap /swapfile && sudo swapon /swapfile) or use a smaller "
-                                    "--workspace-mb. TensorRT said: %s" % (workspace >> 20, detail))
+            return EngineBuildError(
+                "engine build ran out of memory twice (workspace down to %d MB): close other "
+                "programs, add swap (e.g. a 4 GB swap file on the Nano: sudo fallocate -l 4G "
+                "/swapfile && sudo mkswap /swapfile && sudo swapon /swapfile) or use a smaller "
+                "--workspace-mb. TensorRT said: %s" % (workspace >> 20, detail)
+            )
         return EngineBuildError("TensorRT could not build the engine: %s" % detail)
 
 
@@ -276,8 +310,9 @@ def build_engine(bundle, spec, trt=None, cuda=None, log=print):
         "precision": spec.precision,
         "onnx": os.path.basename(onnx_file),
         "explicit_quantization": explicit_int8,
-        "dla": None if spec.dla_core is None else {"core": int(spec.dla_core), "gpu_fallback": bool(spec.gpu_fallback),
-                                                   "gpu_layers": gpu_layers},
+        "dla": None
+        if spec.dla_core is None
+        else {"core": int(spec.dla_core), "gpu_fallback": bool(spec.gpu_fallback), "gpu_layers": gpu_layers},
         "bundle_sha256": _trt.bundle_fingerprint(bundle),
         "bundle_name": manifest.data["name"],
         "workspace_mb": workspace >> 20,
@@ -321,8 +356,10 @@ def _use_timing_cache(config, path, log):
         if cache is not None and config.set_timing_cache(cache, False):
             return cache
         if data:
-            log("note: TensorRT refused the timing cache '%s' (damaged, or made by another device or TensorRT): "
-                "building without it; it is replaced after the build" % path)
+            log(
+                "note: TensorRT refused the timing cache '%s' (damaged, or made by another device or TensorRT): "
+                "building without it; it is replaced after the build" % path
+            )
     log("note: building without a timing cache (TensorRT would not create one)")
     return None
 
@@ -333,7 +370,7 @@ def _save_timing_cache(config, path, log):
         cache = config.get_timing_cache()
         write_atomically(path, bytes(cache.serialize()))
     except (OSError, IOError, RuntimeError, AttributeError) as exc:
-        log("note: the timing cache could not be saved to '%s' (%s); the next build measures its tactics again"
-            % (path, exc))
-
-
+        log(
+            "note: the timing cache could not be saved to '%s' (%s); the next build measures its tactics again"
+            % (path, exc)
+        )

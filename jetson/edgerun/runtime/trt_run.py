@@ -3,13 +3,14 @@ record and bytes checked before it is deserialized, device memory measured as a 
 
 TensorRT, pycuda and the device's facts are reached through ``edgerun.runtime.trt``.
 """
+
 import os
 
 import numpy as np
 
-from edgerun.runtime import trt as _trt
 from edgerun.device import process_memory_mb
 from edgerun.errors import EngineMismatchError, RunnerError
+from edgerun.runtime import trt as _trt
 from edgerun.runtime.runners import Runner
 
 
@@ -44,14 +45,17 @@ class TrtRunner(Runner):
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(blob)
         if self.engine is None:
-            raise EngineMismatchError("TensorRT %s could not deserialize '%s' (%s): rebuild it with `edgerun build`"
-                                      % (trt.__version__, self.engine_path,
-                                         "; ".join(str(m) for _, m in self.logger.messages[-3:])))
+            raise EngineMismatchError(
+                "TensorRT %s could not deserialize '%s' (%s): rebuild it with `edgerun build`"
+                % (trt.__version__, self.engine_path, "; ".join(str(m) for _, m in self.logger.messages[-3:]))
+            )
         self.context = self.engine.create_execution_context()
         if self.context is None:
-            raise RunnerError("TensorRT could not create an execution context for '%s' (out of device memory?): "
-                              "close other GPU programs, or rebuild with a smaller --workspace-mb; TensorRT said: %s"
-                              % (self.engine_path, "; ".join(str(m) for _, m in self.logger.messages[-3:]) or "-"))
+            raise RunnerError(
+                "TensorRT could not create an execution context for '%s' (out of device memory?): "
+                "close other GPU programs, or rebuild with a smaller --workspace-mb; TensorRT said: %s"
+                % (self.engine_path, "; ".join(str(m) for _, m in self.logger.messages[-3:]) or "-")
+            )
         self.cuda = cuda
         self.stream = cuda.Stream()
         self.tensors = self.api.io_tensors(self.engine)
@@ -70,13 +74,23 @@ class TrtRunner(Runner):
             if tensor["is_input"]:
                 want, fixed = shapes[tensor["name"]], tensor["shape"]
                 if len(want) != len(fixed) or any(f >= 0 and f != w for f, w in zip(fixed, want)):
-                    raise RunnerError("input '%s' of engine '%s' is fixed at %s, the feed is %s: %s"
-                                      % (tensor["name"], self.engine_path, fixed, want,
-                                         "feed batch %d, or export with export.dynamic_batch and rebuild"
-                                         % fixed[0] if fixed and fixed[0] >= 0 else "match the engine's shape"))
+                    raise RunnerError(
+                        "input '%s' of engine '%s' is fixed at %s, the feed is %s: %s"
+                        % (
+                            tensor["name"],
+                            self.engine_path,
+                            fixed,
+                            want,
+                            "feed batch %d, or export with export.dynamic_batch and rebuild" % fixed[0]
+                            if fixed and fixed[0] >= 0
+                            else "match the engine's shape",
+                        )
+                    )
                 if not self.api.set_input_shape(self.context, tensor, want):
-                    raise RunnerError("engine '%s' refused input shape %s for '%s' (outside its optimization "
-                                      "profile?)" % (self.engine_path, want, tensor["name"]))
+                    raise RunnerError(
+                        "engine '%s' refused input shape %s for '%s' (outside its optimization "
+                        "profile?)" % (self.engine_path, want, tensor["name"])
+                    )
         for tensor in self.tensors:
             shape = shapes[tensor["name"]] if tensor["is_input"] else self.api.output_shape(self.context, tensor)
             if any(d < 0 for d in shape):
@@ -113,8 +127,11 @@ class TrtRunner(Runner):
         for tensor in self.tensors:
             if not tensor["is_input"]:
                 outputs[tensor["name"]] = self.host[tensor["name"]].copy()
-        self.last_timing = {"h2d": ev[1].time_since(ev[0]) / 1e3, "compute": ev[2].time_since(ev[1]) / 1e3,
-                            "d2h": ev[3].time_since(ev[2]) / 1e3}
+        self.last_timing = {
+            "h2d": ev[1].time_since(ev[0]) / 1e3,
+            "compute": ev[2].time_since(ev[1]) / 1e3,
+            "d2h": ev[3].time_since(ev[2]) / 1e3,
+        }
         return outputs
 
     def device_memory(self):
@@ -139,12 +156,13 @@ class TrtRunner(Runner):
         # byte this process took meanwhile (TensorRT's host-side set-up, frames, Python's heap), which VmHWM
         # already counts; take the process's own RSS growth over the same interval out
         rss_now = process_memory_mb()[0]
-        growth = max(0.0, rss_now - self.rss_at_start) if rss_now is not None and self.rss_at_start is not None \
-            else 0.0
-        return {"mb": max(0.0, drop - growth),
-                "method": "cuda.mem_get_info free-memory drop from engine load to now (%.0f MB), less this "
-                          "process's RSS growth over the same interval (%.0f MB, host memory counted in VmHWM); "
-                          "other processes move it too" % (drop, growth)}
+        growth = max(0.0, rss_now - self.rss_at_start) if rss_now is not None and self.rss_at_start is not None else 0.0
+        return {
+            "mb": max(0.0, drop - growth),
+            "method": "cuda.mem_get_info free-memory drop from engine load to now (%.0f MB), less this "
+            "process's RSS growth over the same interval (%.0f MB, host memory counted in VmHWM); "
+            "other processes move it too" % (drop, growth),
+        }
 
     def _deactivate(self):
         self.context = None
