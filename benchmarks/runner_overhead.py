@@ -86,7 +86,8 @@ def demo_bundle(folder: Path) -> Path:
     """A 224 px MobileNetV3-Large student bundle with random weights (for timing only)."""
     from edgedistill.data.sources import load_data
     from edgedistill.models.factory import create_model
-    from edgedistill.recipe.sections import DataConfig, ExportConfig, ModelConfig
+    from edgedistill.recipe.outputs import ExportConfig
+    from edgedistill.recipe.sections import DataConfig, ModelConfig
     from edgedistill.ship.export import ExportJob, build_bundle
 
     cfg = DataConfig(source="digits", image_size=224, crop_pct=0.875, train_per_class=4, val_per_class=4)

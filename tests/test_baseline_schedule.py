@@ -13,7 +13,7 @@ from edgedistill.data.folders import load_unlabeled
 from edgedistill.data.sources import load_data
 from edgedistill.data.splits import UNLABELED
 from edgedistill.errors import DataError, RecipeError
-from edgedistill.judge.summary import compare_text
+from edgedistill.judge.compare import compare_text
 from edgedistill.recipe.loading import load_recipe
 from edgedistill.run.context import RunContext
 from edgedistill.run.training import baseline_epochs

@@ -10,7 +10,7 @@ import yaml
 from edgedistill.cli import main
 from edgedistill.errors import EdgedistillError
 from edgedistill.judge.cost import cost_comparison, monthly_cost, run_costs
-from edgedistill.recipe.sections import CostConfig
+from edgedistill.recipe.outputs import CostConfig
 
 
 def test_costs_by_hand():

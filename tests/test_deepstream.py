@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from edgedistill.errors import ExportError
-from edgedistill.ship import deepstream
+from edgedistill.ship import deepstream, nvinfer
 from edgerun.preprocess import PreprocessSpec, normalize
 from edgerun.runtime.runners import OrtRunner
 
@@ -41,7 +41,7 @@ def test_bundle_carries_deepstream_configs_for_both_releases(trained_run):
         assert (folder / sub / prop["onnx-file"]).resolve() == (folder / "model.onnx").resolve()
         assert (folder / sub / prop["labelfile-path"]).is_file()
         assert prop["model-engine-file"] == "../model.onnx_b1_gpu0_fp16.engine"
-        assert prop["output-blob-names"] == deepstream.PROBS
+        assert prop["output-blob-names"] == nvinfer.PROBS
         offsets = [float(v) for v in prop["offsets"].split(";")]
         assert offsets == pytest.approx([m / spec.scale for m in spec.mean], rel=1e-6)
         assert prop["model-color-format"] == "0"
@@ -64,27 +64,27 @@ def test_bundle_carries_deepstream_configs_for_both_releases(trained_run):
 
 def test_uniform_std_gives_nvinfers_exact_normalization():
     spec = PreprocessSpec(resize=8, crop=8, mean=(0.5, 0.4, 0.3), std=(0.25, 0.25, 0.25))
-    params = deepstream.parameters(spec, folded=False)
+    params = nvinfer.parameters(spec, folded=False)
     assert params["exact"] and params["net_scale_factor"] == pytest.approx(1 / 255 / 0.25)
     image = np.random.default_rng(1).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
     ours = normalize(image[None], spec)
-    theirs = deepstream.ds_preprocess([image], (8, 8), params, "bilinear", "RGB")
+    theirs = nvinfer.ds_preprocess([image], (8, 8), params, "bilinear", "RGB")
     assert theirs == pytest.approx(ours, abs=1e-5)  # y = net-scale-factor * (x - offsets) is edgerun's normalize
 
 
 def test_per_channel_std_is_approximate_and_said_so_folding_makes_it_exact(trained_run, tmp_path):
     spec = PreprocessSpec(resize=8, crop=8, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    params = deepstream.parameters(spec, folded=False)
+    params = nvinfer.parameters(spec, folded=False)
     assert not params["exact"] and "APPROXIMATE" in params["note"] and "export.input: uint8" in params["note"]
     bundle = trained_run / "bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())
     n, c, h, w = manifest["model"]["input_shape"]
     folded = tmp_path / "folded.onnx"
-    deepstream.deepstream_model(bundle / "model.onnx", folded, spec, True, "input", "logits")
+    nvinfer.deepstream_model(bundle / "model.onnx", folded, spec, True, "input", "logits")
     assert onnx.load(str(folded)).graph.input[0].name == "pixels"
     pixels = np.random.default_rng(2).integers(0, 256, size=(3, h, w, 3), dtype=np.uint8)
     exact = _softmax(_run(bundle / "model.onnx", normalize(pixels, spec)))
-    fed = deepstream.ds_preprocess(list(pixels), (h, w), deepstream.parameters(spec, folded=True), "bilinear", "RGB")
+    fed = nvinfer.ds_preprocess(list(pixels), (h, w), nvinfer.parameters(spec, folded=True), "bilinear", "RGB")
     assert fed.max() > 200  # raw pixel values go in
     assert _run(folded, fed) == pytest.approx(exact, abs=1e-5)
 

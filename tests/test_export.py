@@ -14,7 +14,8 @@ from edgedistill.cli import main
 from edgedistill.data.sources import load_data
 from edgedistill.errors import ExportError
 from edgedistill.models.factory import create_model
-from edgedistill.recipe.sections import DataConfig, ExportConfig, ModelConfig
+from edgedistill.recipe.outputs import ExportConfig
+from edgedistill.recipe.sections import DataConfig, ModelConfig
 from edgedistill.ship.export import ExportJob, build_bundle
 from edgerun.bundle.bundle import open_bundle
 from edgerun.bundle.manifest import SCHEMA_VERSION, load_manifest

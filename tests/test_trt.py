@@ -25,7 +25,8 @@ def _untrained_bundle(folder, name, **export):
     """A bundle of an untrained MobileNetV3 on a few real digits, exported with ``ExportConfig(**export)``."""
     from edgedistill.data.sources import load_data
     from edgedistill.models.factory import create_model
-    from edgedistill.recipe.sections import DataConfig, ExportConfig, ModelConfig
+    from edgedistill.recipe.outputs import ExportConfig
+    from edgedistill.recipe.sections import DataConfig, ModelConfig
     from edgedistill.ship.export import ExportJob, build_bundle
 
     cfg = DataConfig(source="digits", image_size=32, train_per_class=10, val_per_class=4)

@@ -54,8 +54,8 @@ def report(args: argparse.Namespace) -> int:
 
 
 def compare(args: argparse.Namespace) -> int:
+    from edgedistill.judge.compare import compare_text
     from edgedistill.judge.evaluate import load_summary
-    from edgedistill.judge.summary import compare_text
 
     setup_logging(None, args.verbose)
     print(compare_text([load_summary(run) for run in args.runs], args.runs))

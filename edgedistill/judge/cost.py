@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from edgedistill.recipe.sections import CostConfig
+from edgedistill.recipe.outputs import CostConfig
 
 HOURS_PER_MONTH = 730.0  # 365 * 24 / 12
 

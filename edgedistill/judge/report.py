@@ -3,6 +3,10 @@ finished run folder and, optionally, device measurements (``edgerun bench/valida
 
 from __future__ import annotations
 
+import base64
+import html
+import re
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from edgedistill.judge.plots import device_rows, figures
@@ -45,8 +49,6 @@ def _measured_kind(data: dict) -> str:
 
 def collect_report(run_dir, measured: Sequence[str] = ()) -> dict[str, Any]:
     """Everything the report shows, read from a finished run folder (and device JSON files, if given)."""
-    from pathlib import Path
-
     from edgedistill.errors import EdgedistillError
     from edgedistill.judge.evaluate import load_summary
 
@@ -353,13 +355,72 @@ def report_sections(info: dict[str, Any]) -> list[tuple[str, list[str]]]:
     return [section for section in (make(info) for make in SECTIONS) if section is not None]
 
 
+def _inline(text: str) -> str:
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def _md_to_html(lines: list[str]) -> str:
+    """The report's Markdown subset (tables, bullets, paragraphs, bold, code) as HTML."""
+    out, table = [], []
+
+    def flush() -> None:
+        if table:
+            cells = [[c.strip() for c in row.strip("|").split("|")] for row in table if not row.startswith("|---")]
+            out.append(
+                "<table><tr>"
+                + "".join(f"<th>{_inline(c)}</th>" for c in cells[0])
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
+                + "</table>"
+            )
+            table.clear()
+
+    for line in lines:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("- "):
+            out.append(f"<li>{_inline(line[2:])}</li>")
+        elif line:
+            out.append(f"<p>{_inline(line)}</p>")
+    flush()
+    return "\n".join(out)
+
+
+STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+    "font-size:13px}th{background:#f0f0f0}img.plot{max-width:100%}code{background:#f4f4f4}"
+    "figcaption{font-size:12px;color:#555}"
+)
+
+
+def _html_page(s: dict[str, Any], sections: list, plots: dict[str, bytes]) -> str:
+    """report.html: one self-contained page, the plots inlined as data URIs (it reaches no network)."""
+    body = [
+        f"<h1>{html.escape(s['name'])}: distillation report</h1>",
+        f"<p>Evaluated on <code>{html.escape(s['eval_split'])}</code> ({s['eval_samples']} images).</p>",
+    ]
+    for title, lines in sections:
+        body += [f"<h2>{html.escape(title)}</h2>", _md_to_html(lines)]
+    body.append("<h2>Plots</h2>")
+    for name, png in plots.items():
+        data = base64.b64encode(png).decode("ascii")
+        body.append(
+            f'<figure><img class="plot" alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(name)}</figcaption></figure>"
+        )
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + html.escape(s["name"]) + " report</title>"
+        f"<style>{STYLE}</style></head><body>" + "\n".join(body) + "</body></html>"
+    )
+
+
 def write_report(run_dir, measured: Sequence[str] = ()) -> tuple[Any, Any]:
     """report.md (+ report_files/*.png) and report.html (one self-contained file, images inlined) in the run."""
-    import base64
-    import html
-    import re as _re
-    from pathlib import Path
-
     info = collect_report(run_dir, measured)
     run_dir = Path(run_dir)
     s = info["summary"]
@@ -367,7 +428,7 @@ def write_report(run_dir, measured: Sequence[str] = ()) -> tuple[Any, Any]:
     sections = report_sections(info)
     files = run_dir / "report_files"
     files.mkdir(exist_ok=True)
-    slug = {name: _re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] + ".png" for name in plots}
+    slug = {name: re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] + ".png" for name in plots}
     for name, png in plots.items():
         (files / slug[name]).write_bytes(png)
     md = [
@@ -381,62 +442,6 @@ def write_report(run_dir, measured: Sequence[str] = ()) -> tuple[Any, Any]:
     md += ["## Plots", ""] + [f"![{name}](report_files/{slug[name]})\n" for name in plots]
     md_path = run_dir / "report.md"
     md_path.write_text("\n".join(md))
-
-    def md_to_html(lines: list[str]) -> str:
-        out, table = [], []
-
-        def inline(text: str) -> str:
-            text = html.escape(text)
-            text = _re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
-            return _re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-
-        def flush() -> None:
-            if table:
-                cells = [[c.strip() for c in row.strip("|").split("|")] for row in table if not row.startswith("|---")]
-                out.append(
-                    "<table><tr>"
-                    + "".join(f"<th>{inline(c)}</th>" for c in cells[0])
-                    + "</tr>"
-                    + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
-                    + "</table>"
-                )
-                table.clear()
-
-        for line in lines:
-            if line.startswith("|"):
-                table.append(line)
-                continue
-            flush()
-            if line.startswith("- "):
-                out.append(f"<li>{inline(line[2:])}</li>")
-            elif line:
-                out.append(f"<p>{inline(line)}</p>")
-        flush()
-        return "\n".join(out)
-
-    body = [
-        f"<h1>{html.escape(s['name'])}: distillation report</h1>",
-        f"<p>Evaluated on <code>{html.escape(s['eval_split'])}</code> ({s['eval_samples']} images).</p>",
-    ]
-    for title, lines in sections:
-        body += [f"<h2>{html.escape(title)}</h2>", md_to_html(lines)]
-    body.append("<h2>Plots</h2>")
-    for name, png in plots.items():
-        data = base64.b64encode(png).decode("ascii")
-        body.append(
-            f'<figure><img class="plot" alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(name)}</figcaption></figure>"
-        )
-    style = (
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-        "font-size:13px}th{background:#f0f0f0}img.plot{max-width:100%}code{background:#f4f4f4}"
-        "figcaption{font-size:12px;color:#555}"
-    )
-    page = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + html.escape(s["name"]) + " report</title>"
-        f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>"
-    )
     html_path = run_dir / "report.html"
-    html_path.write_text(page)
+    html_path.write_text(_html_page(s, sections, plots))
     return html_path, md_path

@@ -1,10 +1,10 @@
 """The run's summary as text: the verdict with its evidence, advice when the student falls short, the table and the
-sentences under it (summary.md and the console), and runs side by side (``edgedistill compare``)."""
+sentences under it (summary.md and the console). Runs side by side are ``judge.compare``."""
 
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 SIGNIFICANCE = 0.05
 RETENTION_ADVICE = 0.90
@@ -210,18 +210,7 @@ def summary_facts(summary: dict[str, Any]) -> list[str]:
     """The sentences under the table, shared by summary.md and the console."""
     batch = summary["latency_batch"]
     if summary.get("task") == "regression":
-        g_lo, g_hi = summary["intervals"]["kd_gain"]
-        facts = [
-            f"retention (student R² / teacher R²): {summary['retention'] * 100:.1f}%",
-            f"KD gain (baseline MAE − student MAE, target units): {summary['kd_gain']:+.4g} (95% bootstrap "
-            f"interval {g_lo:+.4g} to {g_hi:+.4g})",
-            "targets: "
-            + ", ".join(
-                f"{n} (train mean {m:.4g}, std {sd:.4g})"
-                for n, m, sd in zip(summary["targets"]["names"], summary["targets"]["mean"], summary["targets"]["std"])
-            ),
-        ]
-        return facts + _speed_facts(summary, batch)
+        return _regression_facts(summary) + _speed_facts(summary, batch)
     r_lo, r_hi = (v * 100 for v in summary["intervals"]["retention"])
     g_lo, g_hi = (v * 100 for v in summary["intervals"]["kd_gain"])
     what = metric_title(summary)
@@ -255,26 +244,7 @@ def summary_facts(summary: dict[str, Any]) -> list[str]:
             )
         )
     facts += positive_facts(summary)
-    free = summary.get("data_free")
-    if free:
-        facts.append(
-            f"data-free: the student and the baseline trained on {free['synthetic_images']:,} images "
-            f"synthesized from the teacher (DeepInversion; BN-statistics loss {free['bn_loss'][0]:.2f} -> "
-            f"{free['bn_loss'][1]:.2f}, teacher confidence {free['teacher_confidence']:.2f}), no real "
-            "training image; "
-            + (
-                "evaluated on real images"
-                if free["real_evaluation"]
-                else "evaluated on the synthetic images only (no data.root): not a real accuracy"
-            )
-        )
-        driven = free.get("data_driven")
-        if driven:
-            facts.append(
-                f"data-driven run {driven['run']}: student {driven['student_top1'] * 100:.2f}%, baseline "
-                f"{driven['baseline_top1'] * 100:.2f}% (this data-free student "
-                f"{summary['student']['top1'] * 100:.2f}%)"
-            )
+    facts += _data_free_facts(summary)
     if summary.get("unlabeled_images"):
         facts.append(
             f"unlabeled images labelled by the teacher and used in distillation: "
@@ -297,6 +267,46 @@ def summary_facts(summary: dict[str, Any]) -> list[str]:
     facts += _speed_facts(summary, batch)
     if summary.get("advice"):
         facts.append("retention is under 90%; the method's remedies, as recipe lines: " + "; ".join(summary["advice"]))
+    return facts
+
+
+def _regression_facts(summary: dict[str, Any]) -> list[str]:
+    g_lo, g_hi = summary["intervals"]["kd_gain"]
+    return [
+        f"retention (student R² / teacher R²): {summary['retention'] * 100:.1f}%",
+        f"KD gain (baseline MAE − student MAE, target units): {summary['kd_gain']:+.4g} (95% bootstrap "
+        f"interval {g_lo:+.4g} to {g_hi:+.4g})",
+        "targets: "
+        + ", ".join(
+            f"{n} (train mean {m:.4g}, std {sd:.4g})"
+            for n, m, sd in zip(summary["targets"]["names"], summary["targets"]["mean"], summary["targets"]["std"])
+        ),
+    ]
+
+
+def _data_free_facts(summary: dict[str, Any]) -> list[str]:
+    """What a data-free run trained on and was evaluated on, and the data-driven run it is compared with."""
+    free = summary.get("data_free")
+    if not free:
+        return []
+    facts = [
+        f"data-free: the student and the baseline trained on {free['synthetic_images']:,} images "
+        f"synthesized from the teacher (DeepInversion; BN-statistics loss {free['bn_loss'][0]:.2f} -> "
+        f"{free['bn_loss'][1]:.2f}, teacher confidence {free['teacher_confidence']:.2f}), no real "
+        "training image; "
+        + (
+            "evaluated on real images"
+            if free["real_evaluation"]
+            else "evaluated on the synthetic images only (no data.root): not a real accuracy"
+        )
+    ]
+    driven = free.get("data_driven")
+    if driven:
+        facts.append(
+            f"data-driven run {driven['run']}: student {driven['student_top1'] * 100:.2f}%, baseline "
+            f"{driven['baseline_top1'] * 100:.2f}% (this data-free student "
+            f"{summary['student']['top1'] * 100:.2f}%)"
+        )
     return facts
 
 
@@ -411,81 +421,4 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     lines += [""] + [f"- {fact}" for fact in summary_facts(summary)]
     lines += ["", f"**Verdict:** {summary['verdict']}", ""]
-    return "\n".join(lines)
-
-
-def compare_text(summaries: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
-    """Runs of one recipe side by side (seeds): top-1s, retention, KD gain, p; then mean ± std over the runs
-    (regression runs: R², retention of R², KD gain in MAE)."""
-    import statistics
-
-    from edgedistill.errors import EdgedistillError
-
-    tasks = {s.get("task", "classification") for s in summaries}
-    if len(tasks) > 1:
-        raise EdgedistillError(
-            "compare: these runs mix classification and regression summaries; compare runs of one recipe"
-        )
-    if tasks == {"regression"}:
-        lines = [
-            f"{'run':28} {'seed':>4} {'teacher R2':>10} {'student R2':>10} {'baseline R2':>11} {'retention':>9} "
-            f"{'MAE gain':>9}"
-        ]
-        for name, s in zip(names, summaries):
-            lines.append(
-                f"{name[-28:]:28} {s.get('seed', '-')!s:>4} {s['teacher']['r2']:10.4f} "
-                f"{s['student']['r2']:10.4f} {s['baseline']['r2']:11.4f} {100 * s['retention']:8.1f}% "
-                f"{s['kd_gain']:+9.4g}"
-            )
-        gains = [s["kd_gain"] for s in summaries]
-        lines += [
-            "",
-            f"mean over {len(summaries)} run(s): retention "
-            f"{statistics.mean(100 * s['retention'] for s in summaries):.1f}%, KD gain (baseline MAE - "
-            f"student MAE) {statistics.mean(gains):+.4g}",
-        ]
-        return "\n".join(lines)
-
-    metrics_used = {(s.get("metric") or {}).get("name", "top1") for s in summaries}
-    if len(metrics_used) > 1:
-        raise EdgedistillError(
-            f"compare: these runs are judged on different metrics ({', '.join(sorted(metrics_used))}); "
-            "set the same evaluate.metric for every run"
-        )
-    metric = metrics_used.pop()
-    what = metric_title(summaries[0])
-
-    def score(s: dict[str, Any], role: str) -> float:
-        return s[role].get(metric, s[role]["top1"])
-
-    header = (
-        f"{'run':28} {'seed':>4} {'teacher':>8} {'student':>8} {'baseline':>8} {'retention':>9} {'KD gain':>8} {'p':>8}"
-    )
-    lines = [
-        f"{what} of each model" + ("" if metric == "top1" else " (the runs' evaluate.metric)"),
-        header,
-        "-" * len(header),
-    ]
-    for name, s in zip(names, summaries):
-        lines.append(
-            f"{name[-28:]:28} {s.get('seed', '-')!s:>4} {100 * score(s, 'teacher'):7.2f}% "
-            f"{100 * score(s, 'student'):7.2f}% {100 * score(s, 'baseline'):7.2f}% "
-            f"{100 * s['retention']:8.1f}% {100 * s['kd_gain']:+7.2f} {s['significance']['p_value']:8.2g}"
-        )
-
-    def ms(values: list[float], fmt: str) -> str:
-        if len(values) < 2:
-            return format(values[0], fmt)
-        return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt.lstrip('+'))}"
-
-    retention = [100 * s["retention"] for s in summaries]
-    gain = [100 * s["kd_gain"] for s in summaries]
-    lines += [
-        "",
-        f"mean over {len(summaries)} run(s): retention {ms(retention, '.1f')}%, KD gain "
-        f"{ms(gain, '+.2f')} points, student {ms([100 * score(s, 'student') for s in summaries], '.2f')}% "
-        f"vs baseline {ms([100 * score(s, 'baseline') for s in summaries], '.2f')}% ({what})",
-    ]
-    if len(summaries) > 1 and statistics.mean(gain) > 0 and min(gain) <= 0:
-        lines.append("the gain changes sign across runs: report it as not established")
     return "\n".join(lines)

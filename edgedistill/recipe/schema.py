@@ -13,19 +13,18 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from edgedistill.recipe.outputs import EvaluateConfig, ExportConfig
 from edgedistill.recipe.sections import (
     BaselineConfig,
     DataConfig,
     DataFreeConfig,
     DistillConfig,
-    EvaluateConfig,
-    ExportConfig,
     ModelConfig,
     SelfDistillConfig,
+    Strict,
     StudentConfig,
     TeacherConfig,
     TrainConfig,
-    _Strict,
 )
 
 # Top-level sections added after the first release: at their defaults they stay out of stage fingerprints, so
@@ -36,7 +35,7 @@ LATER_SECTIONS = ("baseline", "train", "datafree", "task")
 HARDWARE_KEYS = ("data.workers",)
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     name: str
     output: Optional[str] = Field(None, description="run folder; default runs/<name>")
     seed: int = 0

@@ -86,42 +86,10 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
     summary["student"]["step"] = student_key
     if ctx.generation_keys():
         summary["student"]["generation"] = 0 if student_key == "distill" else int(student_key.split("-")[1])
-        summary["generations"] = []
-        for g, key in enumerate(["distill"] + ctx.generation_keys()):
-            report = classification_report(
-                preds["student"]
-                if key == student_key
-                else predict(ctx.trained_model(key, "evaluate").to(ctx.device), loader, ctx.device),
-                data.classes,
-                plan,
-            )
-            summary["generations"].append(
-                {
-                    "generation": g,
-                    "top1": report["top1"],
-                    "score": report["score"],
-                    "kept": key == student_key,
-                    "val_score": ctx.done_record(key)["score"],
-                }
-            )
+        summary["generations"] = _generations(ctx, student_key, preds["student"], loader)
     summary["unlabeled_images"] = (ctx.done_record("distill") or {}).get("unlabeled_images", 0)
     if recipe.data.source == "datafree":
-        facts = json.loads((ctx.stage_dir("datafree") / "synthesis.json").read_text())
-        summary["data_free"] = {
-            "synthetic_images": facts["images"],
-            "teacher_confidence": facts["teacher_confidence"],
-            "bn_loss": [facts["bn_loss_first"], facts["bn_loss_last"]],
-            "real_evaluation": recipe.data.root is not None,
-        }
-        if recipe.datafree.compare_run:
-            from edgedistill.judge.evaluate import load_summary
-
-            other = load_summary(recipe.datafree.compare_run)
-            summary["data_free"]["data_driven"] = {
-                "run": recipe.datafree.compare_run,
-                "student_top1": other["student"]["top1"],
-                "baseline_top1": other["baseline"]["top1"],
-            }
+        summary["data_free"] = _data_free(ctx)
     summary["schedule"] = {
         role: {k: (ctx.done_record(key) or {}).get(k) for k in ("epochs", "train_images")}
         for role, key in (("student", student_key), ("baseline", "baseline"))
@@ -134,6 +102,51 @@ def stage_evaluate(ctx: RunContext) -> dict[str, Any]:
     summary["kd_gain_flag"] = not helped
     summary["advice"] = advice(summary, recipe.student.epochs)
     return _write_summary(ctx, summary)
+
+
+def _generations(ctx: RunContext, student_key: str, kept: Prediction, loader: Any) -> list[dict[str, Any]]:
+    """Each born-again generation on the evaluation split (the first student is generation 0), and which was
+    kept."""
+    rows = []
+    for g, key in enumerate(["distill"] + ctx.generation_keys()):
+        pred = (
+            kept
+            if key == student_key
+            else predict(ctx.trained_model(key, "evaluate").to(ctx.device), loader, ctx.device)
+        )
+        report = classification_report(pred, ctx.data.classes, ctx.evaluation)
+        rows.append(
+            {
+                "generation": g,
+                "top1": report["top1"],
+                "score": report["score"],
+                "kept": key == student_key,
+                "val_score": ctx.done_record(key)["score"],
+            }
+        )
+    return rows
+
+
+def _data_free(ctx: RunContext) -> dict[str, Any]:
+    """The synthetic set a data-free run trained on, and the data-driven run it is compared with."""
+    recipe = ctx.recipe
+    facts = json.loads((ctx.stage_dir("datafree") / "synthesis.json").read_text())
+    out = {
+        "synthetic_images": facts["images"],
+        "teacher_confidence": facts["teacher_confidence"],
+        "bn_loss": [facts["bn_loss_first"], facts["bn_loss_last"]],
+        "real_evaluation": recipe.data.root is not None,
+    }
+    if recipe.datafree.compare_run:
+        from edgedistill.judge.evaluate import load_summary
+
+        other = load_summary(recipe.datafree.compare_run)
+        out["data_driven"] = {
+            "run": recipe.datafree.compare_run,
+            "student_top1": other["student"]["top1"],
+            "baseline_top1": other["baseline"]["top1"],
+        }
+    return out
 
 
 def _host_latency(ctx: RunContext, models: dict[str, nn.Module], summary: dict[str, Any]) -> None:

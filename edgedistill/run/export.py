@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 from torch import nn
 
@@ -21,41 +22,72 @@ from edgedistill.train.loop import train_model
 log = logging.getLogger(__name__)
 
 
+# the INT8 gate's facts the summary carries, where the user reads the verdict
+INT8_SUMMARY_KEYS = (
+    "fp32_top1",
+    "fp32_r2",
+    "attempts",
+    "chosen",
+    "status",
+    "drop",
+    "kept_fp16",
+    "advice",
+    "layers",
+    "calibration",
+)
+
+
+def _host_facts(ctx: RunContext) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """(the host's figures the manifest records, the reject decision) from the evaluate stage's summary.json; the
+    decision only when the summary is this recipe's."""
+    summary_path = ctx.run_dir / "summary.json"
+    if not summary_path.exists():
+        log.warning("export: no summary.json yet (run evaluate first to carry host metrics into the manifest)")
+        return {}, None
+    s = json.loads(summary_path.read_text())
+    quality = ("r2", "mae") if ctx.recipe.task == "regression" else ("top1",)
+    host = {f"{role}_{k}": s[role][k] for role in ("teacher", "student", "baseline") for k in quality}
+    host.update({k: s[k] for k in ("retention", "kd_gain", "eval_split", "eval_samples")})
+    decision = None
+    if s.get("metric"):
+        host["metric"] = s["metric"]["name"]
+        host.update({f"{role}_score": s[role]["score"] for role in ("teacher", "student", "baseline")})
+        if s.get("fingerprint") == ctx.fingerprint("evaluate"):
+            decision = _decision(s)
+        else:
+            log.warning(
+                "export: %s is from another recipe: the bundle gets no reject threshold; run `edgedistill "
+                "evaluate RECIPE` first",
+                summary_path,
+            )
+    return host, decision
+
+
+def _gate_into_summary(ctx: RunContext, manifest: dict[str, Any]) -> None:
+    """The INT8 gate and the DeepStream measurement written into summary.json/md, beside the verdict."""
+    summary_path = ctx.run_dir / "summary.json"
+    int8 = manifest["metrics"].get("int8") or {}
+    ds = manifest["metrics"].get("deepstream")
+    if not summary_path.exists() or not (int8.get("attempts") or ds):
+        return
+    s = json.loads(summary_path.read_text())
+    if int8.get("attempts"):
+        s["int8"] = {k: int8.get(k) for k in INT8_SUMMARY_KEYS}
+    if ds:
+        s["deepstream"] = dict(ds, note=manifest["deepstream"]["note"])
+    atomic_write_text(summary_path, json.dumps(s, indent=2))
+    atomic_write_text(ctx.run_dir / "summary.md", summary_markdown(s))
+
+
 def stage_export(ctx: RunContext) -> dict[str, Any]:
+    """The kept student to a verified bundle, with the host's figures and the reject decision in its manifest."""
     from edgedistill.ship.export import ExportJob, build_bundle
 
     recipe, data = ctx.recipe, ctx.data
     student_key = ctx.best_student()
     student = ctx.trained_model(student_key, "export")
     teacher = ctx.trained_model("teacher", "export") if recipe.export.teacher else None
-    summary_path = ctx.run_dir / "summary.json"
-    host: dict[str, Any] = {}
-    decision = None
-    if summary_path.exists():
-        s = json.loads(summary_path.read_text())
-        quality = ("r2", "mae") if recipe.task == "regression" else ("top1",)
-        host = {f"{role}_{k}": s[role][k] for role in ("teacher", "student", "baseline") for k in quality}
-        host.update(
-            {
-                "retention": s["retention"],
-                "kd_gain": s["kd_gain"],
-                "eval_split": s["eval_split"],
-                "eval_samples": s["eval_samples"],
-            }
-        )
-        if s.get("metric"):
-            host["metric"] = s["metric"]["name"]
-            host.update({f"{role}_score": s[role]["score"] for role in ("teacher", "student", "baseline")})
-            if s.get("fingerprint") == ctx.fingerprint("evaluate"):
-                decision = _decision(s)
-            else:
-                log.warning(
-                    "export: %s is from another recipe: the bundle gets no reject threshold; run `edgedistill "
-                    "evaluate RECIPE` first",
-                    summary_path,
-                )
-    else:
-        log.warning("export: no summary.json yet (run evaluate first to carry host metrics into the manifest)")
+    host, decision = _host_facts(ctx)
     manifest = build_bundle(
         ExportJob(
             qad=lambda input_amax: quantization_aware_distillation(ctx, student, student_key, input_amax),
@@ -82,30 +114,7 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
         )
     )
     ctx.mark_done("export", ["manifest.json", "model.onnx"])
-    int8 = manifest["metrics"].get("int8") or {}
-    ds = manifest["metrics"].get("deepstream")
-    if summary_path.exists() and (int8.get("attempts") or ds):
-        s = json.loads(summary_path.read_text())  # the gate speaks where the user reads the verdict
-        if int8.get("attempts"):
-            s["int8"] = {
-                k: int8.get(k)
-                for k in (
-                    "fp32_top1",
-                    "fp32_r2",
-                    "attempts",
-                    "chosen",
-                    "status",
-                    "drop",
-                    "kept_fp16",
-                    "advice",
-                    "layers",
-                    "calibration",
-                )
-            }
-        if ds:
-            s["deepstream"] = dict(ds, note=manifest["deepstream"]["note"])
-        atomic_write_text(summary_path, json.dumps(s, indent=2))
-        atomic_write_text(ctx.run_dir / "summary.md", summary_markdown(s))
+    _gate_into_summary(ctx, manifest)
     par = manifest["metrics"]["parity"]
     log.info(
         "export: bundle for %s in %s (parity max abs error %.1e%s); pack it with `edgedistill pack %s -o %s.edb`",
@@ -117,6 +126,16 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
         recipe.name,
     )
     return manifest
+
+
+def _epoch_seconds(folder: Path) -> float:
+    """The seconds a step's epochs took, from its metrics.jsonl (0 when it has none)."""
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum(
+        json.loads(line).get("seconds", 0.0) for line in path.read_text().splitlines() if '"kind": "epoch"' in line
+    )
 
 
 def quantization_aware_distillation(
@@ -135,16 +154,12 @@ def quantization_aware_distillation(
     recipe = ctx.recipe
     export = recipe.export
     folder = ctx.run_dir / "qad"
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            {
-                "student": ctx.fingerprint(student_key),
-                "export": recipe.fingerprint("export"),
-                "amax": sorted(input_amax.items()),
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:16]
+    facts = {
+        "student": ctx.fingerprint(student_key),
+        "export": recipe.fingerprint("export"),
+        "amax": sorted(input_amax.items()),
+    }
+    fingerprint = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
     step = ctx.steps[student_key]
     if export.qad_teacher == "teacher":
         teacher = ctx.trained_model(ctx.steps["distill"].teacher, "export (quantization-aware distillation)")
@@ -194,15 +209,7 @@ def quantization_aware_distillation(
         )
     )
     seconds = sum(r.get("seconds", 0.0) for r in history)
-    student_seconds = (
-        sum(
-            json.loads(line).get("seconds", 0.0)
-            for line in (ctx.stage_dir(student_key) / "metrics.jsonl").read_text().splitlines()
-            if '"kind": "epoch"' in line
-        )
-        if (ctx.stage_dir(student_key) / "metrics.jsonl").exists()
-        else 0
-    )
+    student_seconds = _epoch_seconds(ctx.stage_dir(student_key))
     facts = {
         "epochs": cfg.epochs,
         "lr": cfg.lr,

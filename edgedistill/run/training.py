@@ -136,87 +136,76 @@ def _teaching(ctx: RunContext, step: Step, model: nn.Module, train: Split) -> Te
     return Teaching(teacher=teacher, distill=distill, features=features)
 
 
-def train_step(ctx: RunContext, key: str) -> dict[str, Any]:
-    """Train (or resume, or skip when done) one step and validate it."""
-    step = ctx.steps[key]
-    if ctx.is_done(key):
-        log.info("%s: outputs in '%s' match this recipe; skipped", key, ctx.stage_dir(key))
-        return json.loads((ctx.stage_dir(key) / "report.json").read_text())
-    model = ctx.new_model(key)
-    folder = ctx.stage_dir(key)
-    folder.mkdir(parents=True, exist_ok=True)
-    if distributed.world().is_main:
-        (folder / FEATURE_MAP_FILE).unlink(missing_ok=True)  # written again below when this recipe matches features
-    train, extra, cfg = ctx.data.train, {}, step.cfg
-    if step.teacher is not None and ctx.unlabeled is not None:
-        train = with_unlabeled(train, ctx.unlabeled)
-        extra["unlabeled_images"] = len(ctx.unlabeled)
-    if key == "baseline":
-        unlabeled = len(ctx.unlabeled) if ctx.recipe.baseline.epochs == "match_steps" and ctx.unlabeled else 0
-        epochs = baseline_epochs(ctx.recipe, len(train), unlabeled)
-        if epochs != cfg.epochs:
-            log.info(
-                "baseline: %d epochs over its %d labelled images (baseline.epochs: %s; the student: %d epochs "
-                "over %d images)",
-                epochs,
-                len(train),
-                ctx.recipe.baseline.epochs,
-                cfg.epochs,
-                len(train) + unlabeled,
-            )
-        # validate as often, in optimizer steps, as the student does
-        every = max(cfg.val_every, round(cfg.val_every * epochs / max(cfg.epochs, 1)))
-        cfg = cfg.model_copy(update={"epochs": epochs, "val_every": every})
-    extra.update({"epochs": cfg.epochs, "train_images": len(train)})
-    if cfg.epochs:
-        teaching = _teaching(ctx, step, model, train) if step.teacher is not None else None
-        data_cfg = ctx.step_data(step)
-        balance = None
-        if ctx.recipe.task != "regression":
-            balance = balance_for(
-                cfg,
-                train,
-                data_cfg,
-                ctx.recipe.distill if step.teacher is not None else None,
-                original_sampler=ctx.recipe.data.sampler,
-            )
-        train_model(
-            TrainJob(
-                model=model,
-                train=train,
-                val=ctx.data.val,
-                data=data_cfg,
-                cfg=cfg,
-                folder=folder,
-                seed=ctx.recipe.seed + step.seed_offset,
-                fingerprint=ctx.fingerprint(key),
-                device=ctx.device,
-                label=key,
-                teaching=teaching,
-                hardware=ctx.recipe.train,
-                task=ctx.recipe.task,
-                balance=balance,
-            )
+def _baseline_schedule(ctx: RunContext, cfg, train: Split):
+    """The baseline's settings: ``baseline.epochs`` over its labelled images, validated as often, in optimizer
+    steps, as the student."""
+    unlabeled = len(ctx.unlabeled) if ctx.recipe.baseline.epochs == "match_steps" and ctx.unlabeled else 0
+    epochs = baseline_epochs(ctx.recipe, len(train), unlabeled)
+    if epochs != cfg.epochs:
+        log.info(
+            "baseline: %d epochs over its %d labelled images (baseline.epochs: %s; the student: %d epochs "
+            "over %d images)",
+            epochs,
+            len(train),
+            ctx.recipe.baseline.epochs,
+            cfg.epochs,
+            len(train) + unlabeled,
         )
-    elif not step.cfg.pretrained_path and not step.cfg.pretrained:
-        log.warning("%s: %s.epochs is 0 and no weights are given: the model stays untrained", key, step.role)
-    if not distributed.world().is_main:  # rank 0 saves, validates and marks the step done
-        distributed.barrier()
-        return json.loads((folder / "report.json").read_text())
+    every = max(cfg.val_every, round(cfg.val_every * epochs / max(cfg.epochs, 1)))
+    return cfg.model_copy(update={"epochs": epochs, "val_every": every})
+
+
+def _train(ctx: RunContext, step: Step, model: nn.Module, train: Split, cfg) -> None:
+    """One step's ``train_model``: its teacher (for distillation), data settings and class balance."""
+    teaching = _teaching(ctx, step, model, train) if step.teacher is not None else None
+    data_cfg = ctx.step_data(step)
+    balance = None
+    if ctx.recipe.task != "regression":
+        balance = balance_for(
+            cfg,
+            train,
+            data_cfg,
+            ctx.recipe.distill if step.teacher is not None else None,
+            original_sampler=ctx.recipe.data.sampler,
+        )
+    train_model(
+        TrainJob(
+            model=model,
+            train=train,
+            val=ctx.data.val,
+            data=data_cfg,
+            cfg=cfg,
+            folder=ctx.stage_dir(step.key),
+            seed=ctx.recipe.seed + step.seed_offset,
+            fingerprint=ctx.fingerprint(step.key),
+            device=ctx.device,
+            label=step.key,
+            teaching=teaching,
+            hardware=ctx.recipe.train,
+            task=ctx.recipe.task,
+            balance=balance,
+        )
+    )
+
+
+def _record(ctx: RunContext, step: Step, model: nn.Module, extra: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0: save the trained model, validate it, mark the step done with its scores, and say so."""
+    key, folder = step.key, ctx.stage_dir(step.key)
     save_model(folder / MODEL_FILE, model, {"model": step.cfg.model, "classes": ctx.data.classes, "stage": key})
     report = _validate_and_report(ctx, key, model, f"{TITLES[step.role]} ({key}): {step.cfg.model}")
     outputs = [MODEL_FILE, "report.json", "report.md"]
     if (folder / FEATURE_MAP_FILE).exists():
         outputs.append(FEATURE_MAP_FILE)
+    regression = ctx.recipe.task == "regression"
     scores = (
         {"r2": report["r2"], "mae": report["mae"]}
-        if ctx.recipe.task == "regression"
+        if regression
         else {"top1": report["top1"], "metric": report.get("metric", "top1")}
     )
     ctx.mark_done(
         key, outputs, {**scores, "score": report["score"], "model": step.cfg.model, "teacher": step.teacher, **extra}
     )
-    if ctx.recipe.task == "regression":
+    if regression:
         log.info(
             "%s: %s MAE %.4g, R² %.4f on %d validation images",
             key,
@@ -236,6 +225,35 @@ def train_step(ctx: RunContext, key: str) -> dict[str, Any]:
             also,
             report["samples"],
         )
+    return report
+
+
+def train_step(ctx: RunContext, key: str) -> dict[str, Any]:
+    """Train (or resume, or skip when done) one step and validate it."""
+    step = ctx.steps[key]
+    if ctx.is_done(key):
+        log.info("%s: outputs in '%s' match this recipe; skipped", key, ctx.stage_dir(key))
+        return json.loads((ctx.stage_dir(key) / "report.json").read_text())
+    model = ctx.new_model(key)
+    folder = ctx.stage_dir(key)
+    folder.mkdir(parents=True, exist_ok=True)
+    if distributed.world().is_main:
+        (folder / FEATURE_MAP_FILE).unlink(missing_ok=True)  # written again below when this recipe matches features
+    train, extra, cfg = ctx.data.train, {}, step.cfg
+    if step.teacher is not None and ctx.unlabeled is not None:
+        train = with_unlabeled(train, ctx.unlabeled)
+        extra["unlabeled_images"] = len(ctx.unlabeled)
+    if key == "baseline":
+        cfg = _baseline_schedule(ctx, cfg, train)
+    extra.update({"epochs": cfg.epochs, "train_images": len(train)})
+    if cfg.epochs:
+        _train(ctx, step, model, train, cfg)
+    elif not step.cfg.pretrained_path and not step.cfg.pretrained:
+        log.warning("%s: %s.epochs is 0 and no weights are given: the model stays untrained", key, step.role)
+    if not distributed.world().is_main:  # rank 0 saves, validates and marks the step done
+        distributed.barrier()
+        return json.loads((folder / "report.json").read_text())
+    report = _record(ctx, step, model, extra)
     distributed.barrier()
     return report
 

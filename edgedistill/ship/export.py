@@ -22,7 +22,7 @@ from edgedistill import __version__
 from edgedistill.data.images import eval_spec
 from edgedistill.data.splits import Split
 from edgedistill.errors import RecipeError
-from edgedistill.recipe.sections import ExportConfig
+from edgedistill.recipe.outputs import ExportConfig
 from edgedistill.ship.onnx import INPUT_NAME, OUTPUT_NAME, check_operators, export_onnx, ort_outputs, parity, simplify
 from edgerun.bundle.manifest import sha256_file, write_manifest
 from edgerun.preprocess import PreprocessSpec, center_crop, preprocess, resize_shorter_side
@@ -182,7 +182,7 @@ def _int8(b: _Build, calib: np.ndarray, held_out: tuple, fp32_score: float) -> d
 def _deepstream(b: _Build, int8: Optional[dict], indices: np.ndarray, decision: Optional[dict]) -> dict[str, Any]:
     """The bundle's deepstream/ (``deepstream.write``) and the host top-1 under DeepStream's preprocessing, measured
     on the validation images as they decode (a camera frame is not centre-cropped by nvinfer either)."""
-    from edgedistill.ship import deepstream
+    from edgedistill.ship import deepstream, nvinfer
 
     job, cfg = b.job, b.job.cfg
     int8_file = b.tmp / int8["file"] if int8 and int8.get("status") == "accepted" else None
@@ -202,7 +202,7 @@ def _deepstream(b: _Build, int8: Optional[dict], indices: np.ndarray, decision: 
             name=job.name,
         )
     )
-    host = deepstream.host_accuracy(
+    host = nvinfer.host_accuracy(
         b.onnx_path,
         b.tmp / deepstream.FOLDER / deepstream.MODEL,
         [job.val.original(int(i)) for i in indices],

@@ -155,21 +155,19 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-def build_int8(job: Int8Job) -> dict[str, Any]:
-    """Try PTQ, then (auto, partial) the partial model, then (auto, qad) quantization-aware distillation, until one
-    passes the gate; write the chosen model to ``workdir/model.int8.onnx``. Returns what the manifest records:
-    every attempt's quality and drop, the sensitivity table, the kept layers, the chosen attempt, its status and,
-    when INT8 is rejected, the advice with the next recipe line."""
-    fp32 = onnx.load(str(job.fp32_path))
-    amax = activation_ranges(job.fp32_path, job.calib, job.calib_batch, job.method, job.workdir)
-    nodes = quantizable_nodes(fp32)
-    attempts: list[Attempt] = []
+class _Attempts:
+    """The INT8 models tried so far, each scored on the held-out images against the FP32 model."""
 
-    def attempt(kind: str, model: onnx.ModelProto, kept: list[str], **extra: Any) -> Attempt:
+    def __init__(self, job: Int8Job):
+        self.job = job
+        self.made: list[Attempt] = []
+
+    def add(self, kind: str, model: onnx.ModelProto, kept: list[str], **extra: Any) -> Attempt:
+        job = self.job
         path = _save(model, job.workdir / f".int8-{kind}.onnx")
         quality = job.score(path)
         got = Attempt(kind, path, quality["score"], quality, job.fp32_score - quality["score"], kept, extra)
-        attempts.append(got)
+        self.made.append(got)
         log.info(
             "INT8 %s: score %.4f vs FP32 %.4f (drop %.4f, gate %.4f)%s",
             kind,
@@ -181,60 +179,93 @@ def build_int8(job: Int8Job) -> dict[str, Any]:
         )
         return got
 
+    def passing(self) -> list[Attempt]:
+        return [a for a in self.made if a.passes(self.job.limit)]
+
+
+def _partial(
+    job: Int8Job,
+    fp32: onnx.ModelProto,
+    amax: dict[str, float],
+    nodes: list[str],
+    tried: _Attempts,
+    result: dict[str, Any],
+) -> list[str]:
+    """The partial model: layers kept out of INT8 in the order of their sensitivity on the calibration images
+    (fidelity to FP32, no labels: the validation images judge the result), until the gate or the budget; returns
+    the kept layers, the sensitivity table in ``result``."""
+    reference = job.run_calib(job.fp32_path)[: job.sensitivity_images]
+
+    def on_calib(model: onnx.ModelProto) -> np.ndarray:
+        return job.run_calib(_save(model, job.workdir / ".int8-probe.onnx"))[: job.sensitivity_images]
+
+    fidelity = output_r2 if job.regression else agreement
+    rows = sensitivity(fp32, amax, on_calib, reference, nodes, fidelity)
+    kept, _, steps = keep_sensitive(
+        rows, job.budget, lambda k: fidelity(reference, on_calib(insert_qdq(fp32, amax, exclude=k))), 1.0, job.limit
+    )
+    (job.workdir / ".int8-probe.onnx").unlink(missing_ok=True)
+    for row in rows:
+        row["kept"] = row["layer"] in kept
+    result["sensitivity"] = rows
+    result["partial_steps"] = steps
+    tried.add("partial", insert_qdq(fp32, amax, exclude=kept), kept)
+    return kept
+
+
+def _qad(
+    job: Int8Job, fp32: onnx.ModelProto, amax: dict[str, float], nodes: list[str], tried: _Attempts, kept: list[str]
+) -> None:
+    """Quantization-aware distillation of the student on the quantized layers' ranges, its float model exported and
+    quantized by the same rules; with the partial layers kept when that alone misses the gate."""
+    by_module = {
+        module_for_node(n.name): amax[n.input[0]] for n in fp32.graph.node if n.name in nodes and n.input[0] in amax
+    }
+    trained, facts = job.qad(by_module)
+    qad_fp32 = job.export_float(trained, job.workdir / ".qad-fp32.onnx")
+    qad_float = onnx.load(str(qad_fp32))
+    qad_try = tried.add("qad", insert_qdq(qad_float, amax), [], **facts)
+    if not qad_try.passes(job.limit) and kept:
+        tried.add("qad+partial", insert_qdq(qad_float, amax, exclude=kept), kept, **facts)
+    Path(qad_fp32).unlink(missing_ok=True)
+
+
+def build_int8(job: Int8Job) -> dict[str, Any]:
+    """Try PTQ, then (auto, partial) the partial model, then (auto, qad) quantization-aware distillation, until one
+    passes the gate; write the chosen model to ``workdir/model.int8.onnx``. Returns what the manifest records:
+    every attempt's quality and drop, the sensitivity table, the kept layers, the chosen attempt, its status and,
+    when INT8 is rejected, the advice with the next recipe line."""
+    fp32 = onnx.load(str(job.fp32_path))
+    amax = activation_ranges(job.fp32_path, job.calib, job.calib_batch, job.method, job.workdir)
+    nodes = quantizable_nodes(fp32)
+    tried = _Attempts(job)
     result: dict[str, Any] = {"layers": len(nodes), "calibration": job.method}
-    ptq = attempt("ptq", insert_qdq(fp32, amax), [])
+    ptq = tried.add("ptq", insert_qdq(fp32, amax), [])
     kept: list[str] = []
     if not ptq.passes(job.limit) and job.mode in ("auto", "partial"):
-        reference = job.run_calib(job.fp32_path)[: job.sensitivity_images]
-
-        def on_calib(model: onnx.ModelProto) -> np.ndarray:
-            return job.run_calib(_save(model, job.workdir / ".int8-probe.onnx"))[: job.sensitivity_images]
-
-        fidelity = output_r2 if job.regression else agreement
-        rows = sensitivity(fp32, amax, on_calib, reference, nodes, fidelity)
-        # decided on the calibration images (fidelity to FP32, no labels); the validation images judge the result
-        kept, _, steps = keep_sensitive(
-            rows, job.budget, lambda k: fidelity(reference, on_calib(insert_qdq(fp32, amax, exclude=k))), 1.0, job.limit
-        )
-        (job.workdir / ".int8-probe.onnx").unlink(missing_ok=True)
-        for row in rows:
-            row["kept"] = row["layer"] in kept
-        result["sensitivity"] = rows
-        result["partial_steps"] = steps
-        attempt("partial", insert_qdq(fp32, amax, exclude=kept), kept)
-    best = next((a for a in attempts if a.passes(job.limit)), None)
-    wants_qad = job.mode == "qad" or (job.mode == "auto" and best is None)
+        kept = _partial(job, fp32, amax, nodes, tried, result)
+    wants_qad = job.mode == "qad" or (job.mode == "auto" and not tried.passing())
     if wants_qad and job.qad is not None and job.export_float is not None:
-        by_module = {
-            module_for_node(n.name): amax[n.input[0]] for n in fp32.graph.node if n.name in nodes and n.input[0] in amax
-        }
-        trained, facts = job.qad(by_module)
-        qad_fp32 = job.export_float(trained, job.workdir / ".qad-fp32.onnx")
-        qad_float = onnx.load(str(qad_fp32))
-        qad_try = attempt("qad", insert_qdq(qad_float, amax), [], **facts)
-        if not qad_try.passes(job.limit) and kept:
-            attempt("qad+partial", insert_qdq(qad_float, amax, exclude=kept), kept, **facts)
-        Path(qad_fp32).unlink(missing_ok=True)
-    passing = [a for a in attempts if a.passes(job.limit)]
+        _qad(job, fp32, amax, nodes, tried, kept)
+    passing = tried.passing()
     if job.mode == "qad":
         passing = [a for a in passing if a.kind.startswith("qad")] or passing
-    chosen = passing[0] if passing else min(attempts, key=lambda a: a.drop)
-    final = job.workdir / "model.int8.onnx"
-    chosen.path.replace(final)
-    for a in attempts:
+    chosen = passing[0] if passing else min(tried.made, key=lambda a: a.drop)
+    chosen.path.replace(job.workdir / "model.int8.onnx")
+    for a in tried.made:
         a.path.unlink(missing_ok=True)
+    result["attempts"] = {
+        a.kind: {
+            **{k: v for k, v in a.quality.items() if k != "score"},
+            "drop": a.drop,
+            "kept_fp16": a.kept,
+            "passes": a.passes(job.limit),
+            **a.extra,
+        }
+        for a in tried.made
+    }
     result.update(
         {
-            "attempts": {
-                a.kind: {
-                    **{k: v for k, v in a.quality.items() if k != "score"},
-                    "drop": a.drop,
-                    "kept_fp16": a.kept,
-                    "passes": a.passes(job.limit),
-                    **a.extra,
-                }
-                for a in attempts
-            },
             "chosen": chosen.kind,
             "kept_fp16": chosen.kept,
             "drop": chosen.drop,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from edgedistill.errors import ExportError
-from edgedistill.recipe.sections import ExportConfig
+from edgedistill.recipe.outputs import ExportConfig
 from edgerun.profiles import parse_version
 from edgerun.runtime.runners import OrtRunner, infer_chunk
 

@@ -63,6 +63,19 @@ def cmd_camera(args):
                 heartbeat=heartbeat,
             )
         )
+    status, notes = _verdict(args, summary)
+    if args.json:
+        write_json(args.json, dict(summary, verdict=status, fps_target=args.fps_target))
+    print(
+        "VERDICT: %s (end-to-end FPS %.1f, target %s%s)"
+        % (status, summary["end_to_end_fps"], args.fps_target or "-", "".join("; " + n for n in notes))
+    )
+    return 1 if (args.strict and status == "FAIL") else 0
+
+
+def _verdict(args, summary):
+    """Print the run's figures and what its watchers saw; (PASS/FAIL/SKIP, why): FAIL under the FPS target, when the
+    source was lost for good, or when the soak failed."""
     fps = summary["end_to_end_fps"]
     print(
         "camera %s: %d frames in %.1f s, end-to-end %.1f FPS (model only %.1f FPS), %d dropped, %d reconnects, "
@@ -93,13 +106,7 @@ def cmd_camera(args):
             notes.append("soak: " + soak["why"])
         elif soak["verdict"] == "PASS" and status == "SKIP":
             status = "PASS"
-    if args.json:
-        write_json(args.json, dict(summary, verdict=status, fps_target=args.fps_target))
-    print(
-        "VERDICT: %s (end-to-end FPS %.1f, target %s%s)"
-        % (status, fps, args.fps_target or "-", "".join("; " + n for n in notes))
-    )
-    return 1 if (args.strict and status == "FAIL") else 0
+    return status, notes
 
 
 def _watchers(args, bundle, runner, regression):
