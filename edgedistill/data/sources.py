@@ -1,5 +1,6 @@
-"""Labelled image data: folders of class sub-folders, scikit-learn's digits, Fashion-MNIST IDX files, regression
-folders with a targets.csv, a synthetic (data-free) set; decoding once, checks, caching.
+"""Where a run's images come from (``data.source``): folders of class sub-folders (``data.folders``), regression
+folders with a targets.csv (``data.targets``), scikit-learn's digits, Fashion-MNIST IDX files, a synthetic
+(data-free) set; ``load_data`` picks the source and holds out the calibration split.
 
 Images are decoded with OpenCV into RGB uint8 arrays; ``loaders`` augments and batches them. Evaluation images
 are held as ``edgerun.preprocess`` crops them (``eval_spec``), the very function the device runs, so host

@@ -1,4 +1,5 @@
-"""Measurements of one model: accuracy, calibration, size, host latency, serving cost."""
+"""Judging models on the evaluation images: one model's report (accuracy, per class, calibration), reading a run's
+summary, and every model of a run compared on its metric (intervals, thresholds, the paired test)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Choose the student before training: estimated device latency, FPS, memory and engine size per candidate.
+"""Choose the student before training: estimated device latency, FPS, memory and engine size per candidate, the
+recommendation, and the device check of a run's teacher and student.
 
 Every device figure here is an **estimate**. The model is a per-layer roofline: each convolution / linear /
 pooling kernel takes ``max(FLOPs / (a * peak), bytes / (b * bandwidth))`` plus a fixed launch overhead ``c``,

@@ -1,15 +1,8 @@
-"""INT8 that keeps the student's accuracy, for every TensorRT the targets run (8.2, 8.5, 10.x).
+"""INT8 that keeps the student's accuracy, for every TensorRT the targets run (8.2, 8.5, 10.x): the gate.
 
-One explicit-quantization model: QuantizeLinear/DequantizeLinear (Q/DQ) pairs placed by TensorRT's rules
-("Explicit Quantization" in NVIDIA's TensorRT developer guide), which TensorRT builds without a calibrator:
-
-- symmetric INT8: every Q/DQ has an INT8 zero point of 0, scale = amax / 127;
-- the inputs of the weighted layers (Conv, Gemm) are quantized per tensor, their weights per output channel (axis 0);
-- biases stay in floating point (TensorRT folds them itself; its parser rejects an INT32 bias Q/DQ);
-- the residual input of an Add that follows a quantized convolution is quantized too, so that TensorRT can fuse
-  the addition into that convolution;
-- a layer left without Q/DQ runs in higher precision (FP16 when the engine allows it): that is how the partial
-  model keeps its most sensitive layers out of INT8.
+One explicit-quantization model, Q/DQ pairs placed by TensorRT's rules (``ship.qdq``), which TensorRT builds without
+a calibrator; a layer left without Q/DQ runs in higher precision (FP16 when the engine allows it): that is how the
+partial model keeps its most sensitive layers out of INT8.
 
 Three ways to that model, tried in this order by ``export.int8: auto``:
 
