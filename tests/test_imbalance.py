@@ -138,6 +138,49 @@ def test_balance_sampler_importance_weights_undo_the_balanced_stream_for_ce():
         balance_for(StudentConfig(class_weights=[1.0, 2.0]), split, DataConfig())
 
 
+def test_balance_sampler_keeps_the_logit_adjustment_on():
+    """Under distill.balance: sampler the stream is balanced (uniform prior: an adjustment by it is a constant, i.e.
+    none); CE is weighted back to the original stream, so the adjustment is that stream's prior, and training with
+    it differs from training without it."""
+    split = Split("train", ["a", "b", "c"], LABELS)
+    from edgedistill.recipe.sections import DistillConfig
+    from edgedistill.train.job import compute_loss
+
+    adjusted = balance_for(
+        StudentConfig(logit_adjustment=1.0),
+        split,
+        DataConfig(sampler="balanced"),
+        DistillConfig(balance="sampler"),
+        original_sampler="uniform",
+    )
+    assert np.allclose(adjusted.ce_adjust.numpy(), np.log([0.8, 0.16, 0.04]), rtol=1e-5)
+    assert np.ptp(adjusted.ce_adjust.numpy()) > 1  # not a constant shift: the adjustment is on
+    plain = balance_for(
+        StudentConfig(),
+        split,
+        DataConfig(sampler="balanced"),
+        DistillConfig(balance="sampler"),
+        original_sampler="uniform",
+    )
+    logits, targets = torch.tensor([[2.0, 1.0, 0.5], [0.3, 0.2, 1.5]]), torch.tensor([2, 1])
+    teacher = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 2.0]])
+    distill = DistillConfig(balance="sampler")
+    cfg = StudentConfig(logit_adjustment=1.0)
+    with_adjustment = compute_loss(logits, targets, teacher, cfg, distill, balance=adjusted)["ce"]
+    without = compute_loss(logits, targets, teacher, cfg, distill, balance=plain)["ce"]
+    assert not torch.isclose(with_adjustment, without)
+
+
+def test_two_corrections_of_one_term_are_refused(make_recipe):
+    with pytest.raises(RecipeError, match="student.logit_adjustment and student.class_weights"):
+        load_recipe(make_recipe({"student": {"logit_adjustment": 1.0, "class_weights": "auto"}}))
+    with pytest.raises(RecipeError, match="corrects the soft labels twice"):
+        load_recipe(make_recipe({"teacher": {"logit_adjustment": 1.0}, "distill": {"balance": "reweight"}}))
+    with pytest.raises(RecipeError, match="data.sampler: balanced does nothing"):
+        load_recipe(make_recipe({"teacher": {"logit_adjustment": 1.0}, "data": {"sampler": "balanced"}}))
+    load_recipe(make_recipe({"teacher": {"logit_adjustment": 1.0}, "student": {"logit_adjustment": 1.0}}))
+
+
 def test_recipe_checks_of_the_imbalance_and_operating_point_keys(make_recipe):
     with pytest.raises(RecipeError, match="exactly one of target_recall"):
         load_recipe(make_recipe({"evaluate": {"operating_point": {"target_recall": 0.9, "max_false_reject": 0.1}}}))

@@ -150,6 +150,31 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
+    def _one_correction_for_imbalance(self) -> "Recipe":
+        """Each model's scores live in one space: raw (cross-entropy on the stream) or balanced (one correction).
+        Two corrections of the same term over-correct, and an adjustment on a balanced stream does nothing."""
+        models = [("teacher", self.teacher), ("student", self.student)]
+        models += [("assistant", self.assistant)] if self.assistant is not None else []
+        for role, cfg in models:
+            if cfg.logit_adjustment and cfg.class_weights != "none":
+                raise ValueError(
+                    f"{role}.logit_adjustment and {role}.class_weights both correct the cross-entropy for the class "
+                    f"prior: together they correct it twice; keep one (logit_adjustment is the consistent one, "
+                    "Menon et al. 2021)"
+                )
+            if cfg.logit_adjustment and self.data.sampler == "balanced":
+                raise ValueError(
+                    f"{role}.logit_adjustment on data.sampler: balanced does nothing (the stream's prior is "
+                    "uniform, so the adjustment is a constant): use one of them"
+                )
+        if self.teacher.logit_adjustment and self.distill.balance == "reweight":
+            raise ValueError(
+                "teacher.logit_adjustment with distill.balance: reweight corrects the soft labels twice: the "
+                "logit-adjusted teacher already teaches balanced scores; use distill.balance: none (or sampler)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _datafree_needs_a_trained_teacher(self) -> "Recipe":
         if self.data.source == "datafree" and (
             self.teacher.epochs or not (self.teacher.pretrained_path or self.teacher.pretrained)

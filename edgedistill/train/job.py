@@ -85,7 +85,8 @@ def balance_for(
 
     - ``cfg.class_weights`` (auto: ``n / (classes n_c)``, or the listed weights) weigh the CE term;
     - ``cfg.logit_adjustment`` tau adds ``tau * log prior`` to the logits inside CE, the prior being the class
-      frequencies the training stream shows (Menon et al. 2021);
+      frequencies the training stream shows (Menon et al. 2021), or under ``distill.balance: sampler`` the
+      frequencies of the stream CE is weighted back to;
     - ``distill.balance: sampler``: the stream is drawn class-balanced (``data_cfg.sampler``), and CE is
       importance-weighted by ``prior_original / prior_balanced`` back to ``original_sampler``'s distribution;
     - ``distill.balance: reweight``: the KD target is class-balanced (Balanced KD, effective-number weights).
@@ -108,8 +109,12 @@ def balance_for(
         weight = np.asarray(cfg.class_weights, dtype=np.float64)
     prior = stream_prior(labels, k, data_cfg.sampler)
     if distill is not None and distill.balance == "sampler":
-        correction = stream_prior(labels, k, original_sampler or "uniform") / np.maximum(prior, 1e-12)
+        original = stream_prior(labels, k, original_sampler or "uniform")
+        correction = original / np.maximum(prior, 1e-12)
         weight = correction if weight is None else weight * correction
+        # CE is importance-weighted back to the original stream, so its adjustment is that stream's prior (the
+        # balanced draw's prior is uniform: adjusting by it would do nothing)
+        prior = original
     adjust = cfg.logit_adjustment * np.log(np.maximum(prior, 1e-12)) if cfg.logit_adjustment else None
     kd_weight = (
         np.log(effective_number_weights(sizes)) if distill is not None and distill.balance == "reweight" else None
