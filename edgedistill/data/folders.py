@@ -195,6 +195,32 @@ def _finish(
     return out
 
 
+def check_apart(split: Split, others: dict, key: str) -> None:
+    """``split``'s images share no file content (sha256) with the other splits: a threshold picked on images a model
+    trained on, or that are reported, promises nothing about new ones. A DataError names the first shared files."""
+    import hashlib
+
+    def digests(paths) -> dict[str, Path]:
+        out = {}
+        for path in paths:
+            with open(path, "rb") as fh:
+                out[hashlib.sha256(fh.read()).hexdigest()] = path
+        return out
+
+    mine = digests(split.paths)
+    for name, other in others.items():
+        if other is None or name is None:
+            continue
+        shared = [(mine[d], p) for d, p in digests(other.paths).items() if d in mine]
+        if shared:
+            shown = ", ".join(f"{a} = {b}" for a, b in shared[:5])
+            raise DataError(
+                f"{key}: {len(shared)} image(s) of '{split.paths[0].parent.parent}' are also in '{name}/' (same "
+                f"bytes: {shown}{' ...' if len(shared) > 5 else ''}): thresholds must be picked on images no model "
+                "trained on and no figure reports; remove them from one of the folders"
+            )
+
+
 def load_folder(cfg: DataConfig, seed: int) -> DataBundle:
     if not cfg.root:
         raise DataError("data.root is not set: give the image folder with --set data.root=/path/to/data")
@@ -222,6 +248,7 @@ def load_folder(cfg: DataConfig, seed: int) -> DataBundle:
                 f"'{root / cfg.train_dir}': the threshold is picked per class, so both need the same "
                 "class sub-folders"
             )
+        check_apart(calib, {cfg.train_dir: train, cfg.val_dir: val, cfg.test_dir: test}, "data.calib_dir")
     rest = None
     if cfg.train_per_class and cfg.unlabeled == UNLABELED_REST:
         kept = set(train.paths)

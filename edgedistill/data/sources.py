@@ -19,7 +19,7 @@ import numpy as np
 
 from edgedistill.data.folders import load_folder, real_evaluation_splits, verify_and_cache
 from edgedistill.data.images import eval_spec, training_side
-from edgedistill.data.splits import DataBundle, Split, _array_split, _stratified_split, hold_out_calibration
+from edgedistill.data.splits import DataBundle, Split, _array_split, _stratified_split
 from edgedistill.data.targets import load_regression_folder
 from edgedistill.errors import DataError
 from edgedistill.recipe.sections import DataConfig
@@ -152,7 +152,7 @@ def load_data(cfg: DataConfig, seed: int = 0, task: str = "classification") -> D
         )
     bundle = loaders[cfg.source]()
     if cfg.calib_fraction and bundle.calib is None:
-        bundle = hold_out_calibration(bundle, cfg.calib_fraction, seed)
+        bundle = hold_out_calibration(bundle, cfg, seed)
     if len(bundle.classes) < 2:
         raise DataError(f"data {bundle.source}: one class ({bundle.classes[0]}): a classifier needs at least two")
     log.info(
@@ -165,3 +165,39 @@ def load_data(cfg: DataConfig, seed: int = 0, task: str = "classification") -> D
         f" / {len(bundle.calib)} calibration" if bundle.calib is not None else "",
     )
     return bundle
+
+
+def hold_out_calibration(bundle: DataBundle, cfg: DataConfig, seed: int) -> DataBundle:
+    """``data.calib_fraction``: a stratified share of the labelled training images (at least one per class, fixed
+    by seed) held out for the operating point's threshold; no model trains on them. Held-out files are decoded again
+    as an evaluation split (full frame, the device's resize and crop), never used in their training form (shorter
+    side shrunk for augmentation), so a threshold is picked on the pixels the device will see."""
+    fraction = cfg.calib_fraction
+    keep, held = _stratified_split(bundle.train.labels, fraction, seed)
+    if len(keep) == 0 or any(not np.any(bundle.train.labels[keep] == c) for c in range(len(bundle.classes))):
+        raise DataError(
+            f"data.calib_fraction {fraction}: holding out {len(held)} of {len(bundle.train)} training "
+            "images leaves a class without training images: add images or set data.calib_dir"
+        )
+    calib = bundle.train.subset(held)
+    calib.name = "calib"
+    if calib.paths:
+        fresh = Split(name="calib", classes=calib.classes, labels=calib.labels, paths=list(calib.paths))
+        calib = verify_and_cache(fresh, cfg.cache, prepared=eval_spec(cfg), max_pixels=cfg.max_pixels)
+    log.info(
+        "data.calib_fraction %.2f: %d training images held out (stratified, seed %d) to pick the operating "
+        "point's threshold; %d remain for training",
+        fraction,
+        len(held),
+        seed,
+        len(keep),
+    )
+    return DataBundle(
+        bundle.train.subset(keep),
+        bundle.val,
+        bundle.test,
+        bundle.source,
+        rest=bundle.rest,
+        calib=calib,
+        scaling=bundle.scaling,
+    )

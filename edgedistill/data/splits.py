@@ -3,7 +3,6 @@ unlabeled stream and the calibration hold-out."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -16,8 +15,6 @@ from edgerun.preprocess import PreprocessSpec, geometric
 
 if TYPE_CHECKING:  # targets builds its splits here; the annotation alone needs the class
     from edgedistill.data.targets import TargetScaling
-
-log = logging.getLogger(__name__)
 
 # The label of an image without one (data.unlabeled): cross-entropy skips it, distillation learns it from the
 # teacher. The losses mark it with the same value (edgedistill.train.losses.UNLABELED; a test keeps them equal).
@@ -47,8 +44,9 @@ class Split:
         return geometric(image, self.prepared) if self.prepared else fit_shorter_side(image, self.max_side)
 
     def original(self, index: int) -> np.ndarray:
-        """The image as its file decodes (an evaluation split may hold it already cropped)."""
-        if self.prepared is None or not self.paths:
+        """The image as its file decodes, full frame, as a camera would deliver it (an evaluation split may hold it
+        cropped, a training split with its shorter side shrunk); arrays without a file are their own original."""
+        if not self.paths or (self.prepared is None and not self.max_side):
             return self.load(index)
         return self._read(index)
 
@@ -139,33 +137,3 @@ def _array_split(
             )
         images, labels = images[keep], labels[keep]
     return Split(name=name, classes=classes, labels=labels.astype(np.int64), images=list(images)), rest
-
-
-def hold_out_calibration(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
-    """``data.calib_fraction``: a stratified share of the labelled training images (at least one per class, fixed
-    by seed) held out for the operating point's threshold; no model trains on them."""
-    keep, held = _stratified_split(bundle.train.labels, fraction, seed)
-    if len(keep) == 0 or any(not np.any(bundle.train.labels[keep] == c) for c in range(len(bundle.classes))):
-        raise DataError(
-            f"data.calib_fraction {fraction}: holding out {len(held)} of {len(bundle.train)} training "
-            "images leaves a class without training images: add images or set data.calib_dir"
-        )
-    calib = bundle.train.subset(held)
-    calib.name = "calib"
-    log.info(
-        "data.calib_fraction %.2f: %d training images held out (stratified, seed %d) to pick the operating "
-        "point's threshold; %d remain for training",
-        fraction,
-        len(held),
-        seed,
-        len(keep),
-    )
-    return DataBundle(
-        bundle.train.subset(keep),
-        bundle.val,
-        bundle.test,
-        bundle.source,
-        rest=bundle.rest,
-        calib=calib,
-        scaling=bundle.scaling,
-    )

@@ -385,7 +385,9 @@ def build_bundle(job: ExportJob) -> dict:
         simplified = _export_checked(b)
         held, par = _held_out(b)
         calib_idx = _pick(len(job.train), cfg.calib_samples, job.seed + 1)  # calibration from train only
-        calib = preprocess([job.train.load(int(i)) for i in calib_idx], b.prep)
+        # the files as they decode, through the device's own preprocessing (not the training form, shrunk for
+        # augmentation): INT8 ranges are calibrated on the pixels the engine will see
+        calib = preprocess([job.train.original(int(i)) for i in calib_idx], b.prep)
         np.save(tmp / CALIB_FILE, calib)
 
         decision = job.decision
