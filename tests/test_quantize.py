@@ -11,10 +11,10 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from edgedistill.ship.fakequant import add_fake_quant, module_for_node, remove_fake_quant
+from edgedistill.ship.fakequant import QuantPlan, add_fake_quant, module_for_node, remove_fake_quant, residual_modules
 from edgedistill.ship.int8 import Int8Job, agreement, gate_advice, keep_sensitive, output_r2, sensitivity
 from edgedistill.ship.onnx import export_onnx, ort_outputs
-from edgedistill.ship.qdq import activation_ranges, insert_qdq, qdq_violations, quantizable_nodes
+from edgedistill.ship.qdq import activation_ranges, insert_qdq, qdq_violations, quantizable_nodes, residual_inputs
 
 
 def _digits(n=64, size=32):
@@ -115,13 +115,16 @@ def test_polygraphy_runs_the_int8_model_and_agrees_with_fp32_on_real_images(tmp_
     assert agree >= 0.9  # the top-1 class of most real images survives INT8
 
 
-def test_pytorch_fake_quant_agrees_with_the_onnx_qdq_model_on_held_out_images(tmp_path):
+@pytest.mark.parametrize("name", ["lcnet_050", "mobilenetv2_050", "tf_efficientnet_lite0"])
+def test_pytorch_fake_quant_agrees_with_the_onnx_qdq_model_on_held_out_images(tmp_path, name):
     """What QAD trains (fake quantization in PyTorch, BatchNorm unfolded) is what the exported Q/DQ model computes
-    (BatchNorm folded into the weights, per-channel scales): the same outputs up to rounding ties."""
+    (BatchNorm folded into the weights, per-channel scales), up to rounding ties: the layers' inputs and weights,
+    the residual Adds' quantized inputs (MobileNetV2, EfficientNet-Lite) and TensorFlow's "same" padding (the
+    tf_* models pad inside their strided convolutions)."""
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model("lcnet_050", num_classes=10).eval()
+    model = timm.create_model(name, num_classes=10).eval()
     with torch.no_grad():  # realistic BatchNorm statistics, so folding them matters
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -135,17 +138,27 @@ def test_pytorch_fake_quant_agrees_with_the_onnx_qdq_model_on_held_out_images(tm
     amax = activation_ranges(tmp_path / "fp32.onnx", calib, 1, "minmax", tmp_path)
     onnx.save(insert_qdq(fp32, amax), str(tmp_path / "int8.onnx"))
     by_module = {module_for_node(n.name): amax[n.input[0]] for n in fp32.graph.node if n.op_type in ("Conv", "Gemm")}
-    fake = add_fake_quant(model, by_module).eval()
+    residuals = residual_inputs(fp32, amax)
+    assert bool(residuals) == (name != "lcnet_050")  # LCNet has no residual Add
+    plan = QuantPlan(by_module, residuals, tmp_path / "fp32.onnx", calib[:1])
+    assert len(residual_modules(model, plan)) == len(residuals)  # every quantized residual input found in PyTorch
+    fake = add_fake_quant(model, plan).eval()
     with torch.no_grad():
         torch_out = fake(torch.from_numpy(held_out)).numpy()
     ort_out = ort_outputs(tmp_path / "int8.onnx", held_out, 1, False)
+    fp32_out = ort_outputs(tmp_path / "fp32.onnx", held_out, 1, False)
     scale = np.abs(ort_out).max()
     assert agreement(torch_out, ort_out) >= 0.98
-    assert np.abs(torch_out - ort_out).max() < 0.05 * scale
+    # rounding ties flip where folded and unfolded BatchNorm differ in the last float bit, and deeper networks
+    # carry more of them: the emulation stays within 3% of the output scale on average, and never further from
+    # the INT8 model than the FP32 model is (a dropped padding or a missed quantizer is far beyond both)
+    assert np.abs(torch_out - ort_out).mean() < 0.03 * scale
+    assert np.abs(torch_out - ort_out).max() < max(0.05 * scale, 1.5 * np.abs(fp32_out - ort_out).max())
     with torch.no_grad():  # and the float model inside is the original one again
         assert torch.equal(
             remove_fake_quant(fake)(torch.from_numpy(held_out[:4])), model(torch.from_numpy(held_out[:4]))
         )
+    assert list(remove_fake_quant(fake).state_dict()) == list(model.state_dict())
 
 
 class _Fragile(nn.Module):

@@ -96,9 +96,10 @@ class ExportConfig(Strict):
         1e-4, gt=0, description="quantization-aware distillation: learning rate (no warm-up, cosine decay)"
     )
     qad_teacher: Literal["teacher", "student"] = Field(
-        "teacher",
-        description="whom the fake-quantized student learns from: the run's FP32 teacher, or the FP32 "
-        "student itself (its own weights before quantization)",
+        "student",
+        description="whom the fake-quantized student learns from: the FP32 student itself (its own weights before "
+        "quantization: QAD recovers what quantization lost), or the run's FP32 teacher (retraining: the student "
+        "may change, reported as such)",
     )
     deepstream: bool = Field(
         True,

@@ -16,6 +16,7 @@ from edgedistill.files import atomic_write_text
 from edgedistill.judge.summary import summary_markdown
 from edgedistill.run.context import RunContext
 from edgedistill.run.folder import MODEL_FILE
+from edgedistill.ship.fakequant import QuantPlan
 from edgedistill.train.job import Teaching, TrainJob, balance_for
 from edgedistill.train.loop import train_model
 
@@ -90,7 +91,7 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
     host, decision = _host_facts(ctx)
     manifest = build_bundle(
         ExportJob(
-            qad=lambda input_amax: quantization_aware_distillation(ctx, student, student_key, input_amax),
+            qad=lambda plan: quantization_aware_distillation(ctx, student, student_key, plan),
             model=student,
             out_dir=ctx.stage_dir("export"),
             name=recipe.name,
@@ -139,13 +140,13 @@ def _epoch_seconds(folder: Path) -> float:
 
 
 def quantization_aware_distillation(
-    ctx: RunContext, student: nn.Module, student_key: str, input_amax: dict[str, float]
+    ctx: RunContext, student: nn.Module, student_key: str, plan: QuantPlan
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """``export.int8`` reaching QAD: the trained student with fake quantization on the layers the INT8 model
-    quantizes (``input_amax``: their calibrated input ranges), fine-tuned with the distill stage's loss against the
-    FP32 teacher (``export.qad_teacher``: the run's teacher, or the FP32 student itself) for ``export.qad_epochs`` at
-    ``export.qad_lr``, BatchNorm statistics frozen; resumable in ``<run>/qad/`` like every step. Returns the float
-    model with the fine-tuned weights and the facts the manifest records."""
+    """``export.int8`` reaching QAD: the trained student with fake quantization on what the INT8 model quantizes
+    (``plan``: the layers' calibrated input ranges, the residual Adds' inputs), fine-tuned with the distill stage's
+    loss against the FP32 teacher (``export.qad_teacher``: the run's teacher, or the FP32 student itself) for
+    ``export.qad_epochs`` at ``export.qad_lr``, BatchNorm statistics frozen; resumable in ``<run>/qad/`` like every
+    step. Returns the float model with the fine-tuned weights and the facts the manifest records."""
     import hashlib
 
     from edgedistill.models.checkpoint import read_metadata
@@ -157,7 +158,7 @@ def quantization_aware_distillation(
     facts = {
         "student": ctx.fingerprint(student_key),
         "export": recipe.fingerprint("export"),
-        "amax": sorted(input_amax.items()),
+        "amax": sorted(plan.describe().items()),
     }
     fingerprint = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
     step = ctx.steps[student_key]
@@ -165,7 +166,7 @@ def quantization_aware_distillation(
         teacher = ctx.trained_model(ctx.steps["distill"].teacher, "export (quantization-aware distillation)")
     else:
         teacher = ctx.trained_model(student_key, "export (quantization-aware distillation)")
-    model = add_fake_quant(student, input_amax)
+    model = add_fake_quant(student, plan)
     cfg = recipe.student.model_copy(
         update={
             "epochs": export.qad_epochs,
@@ -176,9 +177,10 @@ def quantization_aware_distillation(
         }
     )
     train = ctx.data.train if ctx.unlabeled is None else with_unlabeled(ctx.data.train, ctx.unlabeled)
+    data_cfg = ctx.step_data(ctx.steps["distill"])  # the distill stage's stream: distill.balance: sampler included
     balance = None
     if recipe.task != "regression":
-        balance = balance_for(cfg, train, recipe.data, recipe.distill)
+        balance = balance_for(cfg, train, data_cfg, recipe.distill, original_sampler=recipe.data.sampler)
     log.info(
         "export: quantization-aware distillation of %s against the FP32 %s (%d epoch(s), lr %.1e, %d fake-"
         "quantized layers) in %s",
@@ -186,7 +188,7 @@ def quantization_aware_distillation(
         export.qad_teacher,
         cfg.epochs,
         cfg.lr,
-        len(input_amax),
+        len(plan.input_amax),
         folder,
     )
     history = train_model(
@@ -194,7 +196,7 @@ def quantization_aware_distillation(
             model=model,
             train=train,
             val=ctx.data.val,
-            data=recipe.data,
+            data=data_cfg,
             cfg=cfg,
             folder=folder,
             seed=recipe.seed,
@@ -214,6 +216,9 @@ def quantization_aware_distillation(
         "epochs": cfg.epochs,
         "lr": cfg.lr,
         "teacher": export.qad_teacher,
+        "objective": "recovery: the FP32 student's own outputs"
+        if export.qad_teacher == "student"
+        else "retraining: against the run's FP32 teacher (the student may change beyond recovering INT8)",
         "train_seconds": round(seconds, 1),
         "student_train_seconds": round(student_seconds, 1),
         "val_top1_fake_quant": (history[-1] if history else {}).get("val_top1"),

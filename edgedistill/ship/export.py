@@ -117,7 +117,7 @@ class ExportJob:
     teacher: Optional[nn.Module] = None
     targets: Optional[dict] = None
     decision: Optional[dict] = None
-    qad: Optional[Callable[[dict[str, float]], tuple[nn.Module, dict[str, Any]]]] = None
+    qad: Optional[Callable[[Any], tuple[nn.Module, dict[str, Any]]]] = None  # ship.fakequant.QuantPlan -> model, facts
 
 
 @dataclass

@@ -31,8 +31,8 @@ import numpy as np
 import onnx
 from torch import nn
 
-from edgedistill.ship.fakequant import module_for_node
-from edgedistill.ship.qdq import activation_ranges, insert_qdq, qdq_violations, quantizable_nodes
+from edgedistill.ship.fakequant import QuantPlan, module_for_node
+from edgedistill.ship.qdq import activation_ranges, insert_qdq, qdq_violations, quantizable_nodes, residual_inputs
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class Int8Job:
     budget: int  # export.int8_keep_budget
     sensitivity_images: int
     regression: bool = False  # fidelity to FP32 is then R² of the outputs, not top-1 agreement
-    qad: Optional[Callable[[dict[str, float]], tuple[nn.Module, dict[str, Any]]]] = None  # input amax -> model, facts
+    qad: Optional[Callable[[QuantPlan], tuple[nn.Module, dict[str, Any]]]] = None  # what INT8 quantizes -> model, facts
     export_float: Optional[Callable[[nn.Module, Path], Path]] = None  # a float model -> simplified FP32 ONNX
 
 
@@ -214,7 +214,8 @@ def _qad(
     by_module = {
         module_for_node(n.name): amax[n.input[0]] for n in fp32.graph.node if n.name in nodes and n.input[0] in amax
     }
-    trained, facts = job.qad(by_module)
+    plan = QuantPlan(by_module, residual_inputs(fp32, amax), job.fp32_path, job.calib[: job.calib_batch])
+    trained, facts = job.qad(plan)
     qad_fp32 = job.export_float(trained, job.workdir / ".qad-fp32.onnx")
     qad_float = onnx.load(str(qad_fp32))
     qad_try = tried.add("qad", insert_qdq(qad_float, amax), [], **facts)

@@ -180,23 +180,44 @@ def insert_qdq(
                 axis if np.ndim(w_amax) else None,
                 f"{node.name}_w",
             )
-        elif node.op_type == "Add" and len(node.input) == 2 and not any(i in constants for i in node.input):
-            # a residual add: quantize the input that does not come from a quantized convolution, so TensorRT
-            # fuses the addition into that convolution
-            # (both from convolutions, as ResNet's downsample branch: the second input, the shortcut)
-            from_conv = [_through_bn(producer, i) in quantized for i in node.input]
-            if any(from_conv):
-                k = 1 if all(from_conv) else from_conv.index(False)
+        else:
+            k = _residual_input(node, producer, quantized, constants)
+            if k is not None and node.input[k] in amax:
                 other = node.input[k]
-                if other in amax:
-                    node.input[k] = _qdq(
-                        nodes, added, other, np.float32(amax[other] / INT8_MAX), None, f"{node.name}_res{k}"
-                    )
+                node.input[k] = _qdq(
+                    nodes, added, other, np.float32(amax[other] / INT8_MAX), None, f"{node.name}_res{k}"
+                )
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(added)
     return model
+
+
+def _residual_input(node, producer: dict, quantized: set, constants: dict) -> Optional[int]:
+    """A residual Add's input that the rules quantize: the one that does not come from a quantized convolution, so
+    TensorRT fuses the addition into that convolution (both from convolutions, as ResNet's downsample branch: the
+    second, the shortcut); None for any other node."""
+    if node.op_type != "Add" or len(node.input) != 2 or any(i in constants for i in node.input):
+        return None
+    from_conv = [_through_bn(producer, i) in quantized for i in node.input]
+    if not any(from_conv):
+        return None
+    return 1 if all(from_conv) else from_conv.index(False)
+
+
+def residual_inputs(fp32: onnx.ModelProto, amax: dict[str, float], exclude: Iterable[str] = ()) -> dict[str, float]:
+    """The tensors ``insert_qdq`` quantizes at residual Adds (tensor name -> amax): what fake quantization must
+    quantize too for QAD to train what the INT8 model computes."""
+    constants = _constants(fp32)
+    producer = {out: n for n in fp32.graph.node for out in n.output}
+    quantized = set(quantizable_nodes(fp32)) - set(exclude)
+    out = {}
+    for node in fp32.graph.node:
+        k = _residual_input(node, producer, quantized, constants)
+        if k is not None and node.input[k] in amax:
+            out[node.input[k]] = float(amax[node.input[k]])
+    return out
 
 
 def _through_bn(producer: dict, tensor: str) -> Optional[str]:
