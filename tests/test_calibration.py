@@ -116,3 +116,54 @@ def test_verify_and_cache_of_an_evaluation_split_holds_the_crop(tmp_path, monkey
     cfg = _cfg(_folder(tmp_path / "d", ("val",), per_class=1))
     split = verify_and_cache(scan_folder_split(tmp_path / "d", "val", None, 0), True, prepared=eval_spec(cfg))
     assert split.load(0).shape == (32, 32, 3)
+
+
+def _draws(point, positives, negatives, draws=4000, seed=0):
+    """Share of simulated calibration draws (scores: positives N(1, 1), negatives N(-1, 1)) whose threshold keeps
+    ``point``'s target on the true distributions (known here, so each draw is judged exactly)."""
+    from scipy.stats import norm
+
+    from edgedistill.judge.thresholds import pick_threshold
+
+    rng = np.random.default_rng(seed)
+    held = 0
+    for _ in range(draws):
+        scores = np.r_[rng.normal(1, 1, positives), rng.normal(-1, 1, negatives)]
+        labels = np.r_[np.ones(positives, bool), np.zeros(negatives, bool)]
+        t = pick_threshold(labels, scores, point)
+        if point.target_recall is not None:
+            held += norm.sf(t - 1) >= point.target_recall
+        else:
+            held += norm.sf(t + 1) <= point.max_false_reject
+    return held / draws
+
+
+@pytest.mark.parametrize(
+    "target, positives, negatives",
+    [({"target_recall": 0.9}, 60, 200), ({"target_recall": 0.95}, 120, 200), ({"max_false_reject": 0.02}, 50, 400)],
+)
+def test_the_confidence_bound_threshold_holds_on_new_images(target, positives, negatives):
+    """With 95% confidence the target holds on the true distribution in >= 95% of calibration draws; the
+    calibration images' own quantile (the point estimate it replaces) holds only about half the time."""
+    from edgedistill.judge.thresholds import OperatingPoint
+
+    assert _draws(OperatingPoint(**target, confidence=0.95), positives, negatives) >= 0.95
+    assert _draws(OperatingPoint(**target), positives, negatives, draws=1000) < 0.7
+
+
+def test_a_calibration_split_too_small_to_promise_says_so_with_the_images_needed():
+    from edgedistill.judge.thresholds import OperatingPoint, pick_threshold, promise_text, threshold_promise
+
+    labels = np.r_[np.ones(5, bool), np.zeros(300, bool)]  # 5 defects: a 0.95 recall cannot be promised
+    scores = np.r_[np.linspace(0.6, 0.9, 5), np.linspace(0.0, 0.5, 300)]
+    point = OperatingPoint(target_recall=0.95, confidence=0.95)
+    promise = threshold_promise(labels, point)
+    assert not promise["holds"] and promise["images"] == 5 and promise["images_needed"] == 59
+    assert promise["achieved"] == pytest.approx(1 - 0.95**5)  # the most cautious threshold: every defect rejected
+    assert pick_threshold(labels, scores, point) < 0.6  # ... which is the one picked
+    text = promise_text(promise, "calib")
+    assert "cannot be promised" in text and "59 are needed" in text and "23%" in text
+    enough = threshold_promise(np.r_[np.ones(80, bool), np.zeros(300, bool)], point)
+    assert enough["holds"] and enough["achieved"] >= 0.95 and "holds on new images" in promise_text(enough, "calib")
+    limit = threshold_promise(labels, OperatingPoint(max_false_reject=0.02, confidence=0.95))
+    assert limit["holds"] and limit["deciding"] == "negative" and limit["images_needed"] == 149

@@ -92,6 +92,10 @@ def test_the_run_is_judged_on_balanced_accuracy_with_the_defect_threshold_picked
     assert (
         "judged on balanced accuracy" in md and "operating point recall >= 0.9" in md and "| balanced accuracy |" in md
     )
+    # 15 defects in val/ cannot promise a 0.9 recall with 95% confidence (29 are needed): said, with the number
+    promise = op["promise"]
+    assert promise["images"] == 15 and not promise["holds"] and promise["images_needed"] == 29
+    assert "WARNING: recall >= 0.9 with 95% confidence cannot be promised" in md and "29 are needed" in md
     # at 16 px the planner estimates this student slower than its teacher on the Nano: the verdict says so
     assert not s["device_check"]["student_faster"]
     assert "NOT DEPLOYABLE AS A SPEED-UP" in s["verdict"] and "Jetson Nano" in s["verdict"]

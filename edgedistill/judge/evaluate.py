@@ -12,6 +12,7 @@ import numpy as np
 
 from edgedistill.judge import metrics
 from edgedistill.judge.metrics import EvalPlan, confusion_matrix
+from edgedistill.judge.thresholds import OperatingPoint, pick_threshold, threshold_promise
 from edgedistill.models.predict import Prediction
 from edgerun.decision import softmax
 
@@ -203,6 +204,7 @@ class _Comparison:
     calib_pos: dict[str, np.ndarray] = field(default_factory=dict)
     calib_scores: dict[str, np.ndarray] = field(default_factory=dict)
     metric_threshold: dict[str, Optional[float]] = field(default_factory=dict)
+    calib_idx: Optional[np.ndarray] = None  # bootstrap resamples of the calibration images, paired with idx
 
     @property
     def labels(self) -> np.ndarray:
@@ -226,7 +228,10 @@ def _model_facts(c: _Comparison, role: str) -> tuple[dict[str, Any], np.ndarray,
     value = float(metrics.metric_from_counts(name, *metrics.counts(y, p, n_classes)))
     facts[plan.metric] = value
     facts["score"] = value
-    per_resample = metrics.resampled_metric(name, y, p, n_classes, idx)
+    if plan.metric == "recall_at_false_reject" and c.calib_idx is not None:
+        per_resample = _repicked(c, role, plan.metric_point())[0]  # the threshold's own uncertainty included
+    else:
+        per_resample = metrics.resampled_metric(name, y, p, n_classes, idx)
     facts["score_interval"] = metrics.interval(per_resample)
     facts["balanced_accuracy_interval"] = (
         facts["score_interval"]
@@ -255,26 +260,45 @@ def _model_facts(c: _Comparison, role: str) -> tuple[dict[str, Any], np.ndarray,
     return facts, per_resample, curves
 
 
+def _repicked(c: _Comparison, role: str, point: OperatingPoint) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, false-reject rate) per bootstrap resample, the threshold picked again on each resample of the
+    calibration images and applied to the paired resample of the evaluation images: the interval then holds the
+    threshold's own uncertainty, not only the evaluation images' (NaN where a resample lacks a class)."""
+    recall, false_reject = np.full(len(c.idx), np.nan), np.full(len(c.idx), np.nan)
+    pos, scores = c.calib_pos[role], c.calib_scores[role]
+    for b, (r, q) in enumerate(zip(c.idx, c.calib_idx)):
+        try:
+            threshold = pick_threshold(pos[q], scores[q], point)
+        except ValueError:  # this resample of the calibration images holds no positive (or no negative) image
+            continue
+        decided = c.scores[role][r] >= threshold
+        here = c.positive[r]
+        recall[b] = decided[here].mean() if here.any() else np.nan
+        false_reject[b] = decided[~here].mean() if (~here).any() else np.nan
+    return recall, false_reject
+
+
 def _operating_point(c: _Comparison, calib_name: str) -> dict[str, Any]:
     """Each model's threshold for the plan's operating point, picked on the calibration images, with its recall and
-    false-reject rate there and on the evaluation images (with intervals)."""
-    positive, idx = c.positive, c.idx
-    op: dict[str, Any] = {"rule": c.plan.operating_point.describe(), "calibration_split": calib_name}
+    false-reject rate there and on the evaluation images; their intervals resample both image sets, the threshold
+    picked again each time; and what the calibration images can promise on new ones."""
+    positive, point = c.positive, c.plan.operating_point
+    op: dict[str, Any] = {"rule": point.describe(), "calibration_split": calib_name}
+    if point.confidence:
+        op["promise"] = threshold_promise(c.calib_pos["student"], point)
     for role in c.preds:
-        threshold = metrics.pick_threshold(c.calib_pos[role], c.calib_scores[role], c.plan.operating_point)
+        threshold = pick_threshold(c.calib_pos[role], c.calib_scores[role], point)
         at_calib = metrics.rates_at(c.calib_pos[role], c.calib_scores[role], threshold)
         here = metrics.rates_at(positive, c.scores[role], threshold)
-        decided = c.scores[role] >= threshold
+        recall_b, false_reject_b = _repicked(c, role, point)
         op[role] = {
             "threshold": threshold,
             "calibration": {"recall": at_calib["recall"], "false_reject": at_calib["false_reject"]},
             **{
                 k2: here[k2] for k2 in ("recall", "false_reject", "positives", "negatives", "detected", "false_rejects")
             },
-            "recall_interval": metrics.interval(metrics.resampled(lambda r, d=decided: _share(d[r], positive[r]), idx)),
-            "false_reject_interval": metrics.interval(
-                metrics.resampled(lambda r, d=decided: _share(d[r], ~positive[r]), idx)
-            ),
+            "recall_interval": metrics.interval(recall_b[~np.isnan(recall_b)]),
+            "false_reject_interval": metrics.interval(false_reject_b[~np.isnan(false_reject_b)]),
         }
     return op
 
@@ -333,10 +357,12 @@ def compare_models(
         }
         c.calib_pos = {r: calib[r].labels == plan.positive_index for r in roles}
         c.calib_scores = {r: metrics.positive_scores(calib[r].logits, plan.positive_index) for r in roles}
+        c.calib_idx = metrics.bootstrap_samples(len(calib["student"].labels), samples, seed + 1)
         if plan.metric == "recall_at_false_reject":
-            c.metric_threshold = {
-                r: metrics.pick_threshold(c.calib_pos[r], c.calib_scores[r], plan.metric_point()) for r in roles
-            }
+            point = plan.metric_point()
+            c.metric_threshold = {r: pick_threshold(c.calib_pos[r], c.calib_scores[r], point) for r in roles}
+            if point.confidence:
+                out["metric"]["calibration"]["promise"] = threshold_promise(c.calib_pos["student"], point)
     per_resample: dict[str, np.ndarray] = {}
     for role in roles:
         out["models"][role], per_resample[role], curves = _model_facts(c, role)
@@ -355,6 +381,7 @@ def compare_models(
         out=np.zeros_like(per_resample["student"]),
         where=per_resample["teacher"] > 0,
     )
+    retention[np.isnan(per_resample["student"]) | np.isnan(per_resample["teacher"])] = np.nan  # no value there
     out["intervals"] = {
         "retention": metrics.interval(retention),
         "kd_gain": metrics.interval(per_resample["student"] - per_resample["baseline"]),
@@ -362,7 +389,3 @@ def compare_models(
         "samples": samples,
     }
     return out
-
-
-def _share(decided: np.ndarray, among: np.ndarray) -> Optional[float]:
-    return float(decided[among].mean()) if among.any() else None

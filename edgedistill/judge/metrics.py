@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from edgedistill.judge.thresholds import OperatingPoint, pick_threshold  # noqa: F401  (part of the metrics' API)
 from edgerun.decision import positive_scores, rates_at, softmax
 
 METRICS = ("top1", "balanced_accuracy", "macro_f1", "recall_at_false_reject")
@@ -164,48 +165,6 @@ def thin(curve: dict[str, list[float]], points: int = 200) -> dict[str, list[flo
 
 
 # ------------------------------------------------------------------------------------------- the operating point
-@dataclass(frozen=True)
-class OperatingPoint:
-    """Pick the threshold for a recall (``target_recall``) or a false-reject limit (``max_false_reject``)."""
-
-    target_recall: Optional[float] = None
-    max_false_reject: Optional[float] = None
-
-    def describe(self) -> str:
-        if self.target_recall is not None:
-            return f"recall >= {self.target_recall:g}"
-        return f"false-reject rate <= {self.max_false_reject:g}"
-
-
-def pick_threshold(is_positive: np.ndarray, scores: np.ndarray, point: OperatingPoint) -> float:
-    """The threshold (reject when score >= it) for ``point`` on calibration images.
-
-    For a target recall r: the highest threshold that still rejects ceil(r * P) of the P positive images; for a
-    false-reject limit f: the lowest threshold that rejects at most floor(f * N) of the N negative images. The
-    threshold is set midway between the deciding score and the next score on the other side, so that a device's
-    float rounding cannot move an image across it."""
-    pos = np.asarray(is_positive, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
-    distinct = np.unique(s)
-    if point.target_recall is not None:
-        positives = np.sort(s[pos])[::-1]
-        if not len(positives):
-            raise ValueError("the calibration images hold no positive image: no threshold reaches a recall")
-        k = max(1, math.ceil(point.target_recall * len(positives) - 1e-9))
-        deciding = positives[k - 1]
-        below = distinct[distinct < deciding]
-        return float((deciding + below[-1]) / 2) if len(below) else float(deciding / 2)
-    negatives = np.sort(s[~pos])[::-1]
-    if not len(negatives):
-        raise ValueError("the calibration images hold no negative image: no false-reject rate can be measured")
-    allowed = math.floor(point.max_false_reject * len(negatives) + 1e-9)
-    if allowed >= len(negatives):
-        return float(distinct[0] / 2)  # every image may be rejected
-    deciding = negatives[allowed]  # the highest-scoring negative that must stay accepted
-    above = distinct[distinct > deciding]
-    return float((deciding + above[0]) / 2) if len(above) else float((deciding + 1.0) / 2)
-
-
 # --------------------------------------------------------------------------------------------- choosing a metric
 @dataclass(frozen=True)
 class EvalPlan:
@@ -220,6 +179,7 @@ class EvalPlan:
     operating_point: Optional[OperatingPoint]
     imbalance: float
     warnings: tuple[str, ...] = ()
+    confidence: Optional[float] = None  # every threshold picked on calibration images holds with it
 
     @property
     def metric_title(self) -> str:
@@ -233,7 +193,7 @@ class EvalPlan:
     def metric_point(self) -> Optional[OperatingPoint]:
         """The operating point the metric itself needs (recall at the false-reject limit), else None."""
         return (
-            OperatingPoint(max_false_reject=self.false_reject_limit)
+            OperatingPoint(max_false_reject=self.false_reject_limit, confidence=self.confidence)
             if self.metric == "recall_at_false_reject"
             else None
         )
@@ -249,6 +209,7 @@ class EvalPlan:
             "operating_point": None
             if op is None
             else {"target_recall": op.target_recall, "max_false_reject": op.max_false_reject},
+            "threshold_confidence": self.confidence,
             "false_reject_limit": self.false_reject_limit if self.metric == "recall_at_false_reject" else None,
             "imbalance_ratio": self.imbalance,
             "warnings": list(self.warnings),
@@ -262,6 +223,7 @@ def plan_evaluation(
     classes: Sequence[str],
     train_labels: np.ndarray,
     where: str = "evaluate",
+    confidence: Optional[float] = None,
 ) -> EvalPlan:
     """The metric and positive class a run is judged on, from the recipe's choices and the training labels.
 
@@ -332,7 +294,11 @@ def plan_evaluation(
             f"{where}.{needs[0]} needs a positive class, and this data has {len(classes)} classes: set "
             f"{where}.positive_class to the class whose recall matters"
         )
-    return EvalPlan(metric, reason, positive, index, positive_reason, operating_point, ratio, tuple(warnings))
+    if operating_point is not None and confidence is not None and operating_point.confidence is None:
+        operating_point = OperatingPoint(operating_point.target_recall, operating_point.max_false_reject, confidence)
+    return EvalPlan(
+        metric, reason, positive, index, positive_reason, operating_point, ratio, tuple(warnings), confidence
+    )
 
 
 # -------------------------------------------------------------------------------------------- paired comparisons

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
+from edgedistill.judge.thresholds import promise_text
+
 SIGNIFICANCE = 0.05
 RETENTION_ADVICE = 0.90
 TITLES = {
@@ -343,7 +345,14 @@ def positive_facts(summary: dict[str, Any]) -> list[str]:
                 for r in ["teacher"] + [a["role"] for a in summary.get("chain", [])] + ["student", "baseline"]
                 if r in op
             )
+            + " (intervals: evaluation and calibration images resampled, the threshold picked again each time)"
         )
+    for promise, split in (
+        (op.get("promise") if op else None, (op or {}).get("calibration_split")),
+        ((chosen.get("calibration") or {}).get("promise"), (chosen.get("calibration") or {}).get("split")),
+    ):
+        if promise:
+            facts.append(("" if promise["holds"] else "WARNING: ") + promise_text(promise, split))
     return facts
 
 

@@ -57,6 +57,14 @@ class EvaluateConfig(Strict):
         "split is reported, else data.calib_fraction of train) and report recall and false-reject "
         "rate there; carried to the device in the bundle",
     )
+    threshold_confidence: Optional[float] = Field(
+        0.95,
+        gt=0,
+        lt=1,
+        description="every threshold picked on calibration images holds its target (recall, or the false-reject "
+        "limit) on new images with this confidence (a Clopper-Pearson bound on the calibration counts); null: "
+        "the calibration images' own quantile, a point estimate that misses about half the time",
+    )
     latency_batch: int = Field(8, ge=1)
     latency_repeats: int = Field(20, ge=3)
     latency_warmup: int = Field(3, ge=0)

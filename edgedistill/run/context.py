@@ -18,6 +18,7 @@ from edgedistill.data.splits import DataBundle, Split
 from edgedistill.errors import StageMissingError
 from edgedistill.files import atomic_write_text
 from edgedistill.judge.metrics import EvalPlan, OperatingPoint, plan_evaluation
+from edgedistill.judge.thresholds import promise_text, threshold_promise
 from edgedistill.models.checkpoint import load_model
 from edgedistill.models.factory import create_model, zero_head
 from edgedistill.recipe.schema import Recipe
@@ -135,7 +136,12 @@ class RunContext(RunFolder):
             point = OperatingPoint(**ev.operating_point.model_dump()) if ev.operating_point else None
             try:
                 self._evaluation = plan_evaluation(
-                    ev.metric, ev.positive_class, point, self.data.classes, self.data.train.labels
+                    ev.metric,
+                    ev.positive_class,
+                    point,
+                    self.data.classes,
+                    self.data.train.labels,
+                    confidence=ev.threshold_confidence,
                 )
             except ValueError as exc:
                 raise RecipeError(str(exc)) from None
@@ -157,6 +163,11 @@ class RunContext(RunFolder):
                 len(split),
                 self.eval_split.name,
             )
+            for point in (plan.operating_point, plan.metric_point()):
+                if point is not None and point.confidence:
+                    promise = threshold_promise(split.labels == plan.positive_index, point)
+                    if not promise["holds"]:
+                        log.warning("evaluate: %s", promise_text(promise, split.name))
         for warning in plan.warnings:
             log.warning("evaluate: %s", warning)
 
