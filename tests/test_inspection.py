@@ -96,12 +96,26 @@ def test_the_run_is_judged_on_balanced_accuracy_with_the_defect_threshold_picked
     promise = op["promise"]
     assert promise["images"] == 15 and not promise["holds"] and promise["images_needed"] == 29
     assert "WARNING: recall >= 0.9 with 95% confidence cannot be promised" in md and "29 are needed" in md
+    # the verdict is judged where the line operates: at recall >= 0.9 (each model at its own threshold), the good
+    # parts each model throws away, paired on the 60 good images of test/
+    cmp = op["comparison"]
+    assert cmp["measure"] == "false_reject" and cmp["matched"] == "recall"
+    assert cmp["student"] == op["student"]["false_reject"] and cmp["baseline"] == op["baseline"]["false_reject"]
+    assert cmp["gain"] == pytest.approx(op["baseline"]["false_reject"] - op["student"]["false_reject"])
+    assert cmp["significance"]["images"] == 60 and cmp["significance"]["test"] == "mcnemar"
+    thrown = round(op["student"]["false_reject"] * 60), round(op["baseline"]["false_reject"] * 60)
+    assert cmp["significance"]["b_only"] - cmp["significance"]["a_only"] == thrown[0] - thrown[1]
+    lo, hi = cmp["gain_interval"]
+    assert lo <= hi
+    assert "false-reject rate saved at matched recall (recall >= 0.9 with 95% confidence)" in s["verdict"]
+    assert "on 60 negative images" in s["verdict"] and "where the line operates, student against baseline" in md
     # at 16 px the planner estimates this student slower than its teacher on the Nano: the verdict says so
     assert not s["device_check"]["student_faster"]
     assert "NOT DEPLOYABLE AS A SPEED-UP" in s["verdict"] and "Jetson Nano" in s["verdict"]
     html = (run / "report.html").read_text()
     assert "ROC and precision-recall curves of the positive class (defect)" in html
     assert "Operating point: recall &gt;= 0.9" in html and "precision / recall / F1" in html
+    assert "Student against baseline at matched recall: false-reject" in html
     teacher = json.loads((run / "teacher" / "report.json").read_text())
     assert teacher["metric"] == "balanced_accuracy" and teacher["per_class_metrics"]["defect"]["support"] == 15
 

@@ -281,16 +281,19 @@ def _repicked(c: _Comparison, role: str, point: OperatingPoint) -> tuple[np.ndar
 def _operating_point(c: _Comparison, calib_name: str) -> dict[str, Any]:
     """Each model's threshold for the plan's operating point, picked on the calibration images, with its recall and
     false-reject rate there and on the evaluation images; their intervals resample both image sets, the threshold
-    picked again each time; and what the calibration images can promise on new ones."""
+    picked again each time; what the calibration images can promise on new ones; and the student against the
+    baseline where the line operates (``comparison``)."""
     positive, point = c.positive, c.plan.operating_point
     op: dict[str, Any] = {"rule": point.describe(), "calibration_split": calib_name}
     if point.confidence:
         op["promise"] = threshold_promise(c.calib_pos["student"], point)
+    decided, resampled = {}, {}
     for role in c.preds:
         threshold = pick_threshold(c.calib_pos[role], c.calib_scores[role], point)
         at_calib = metrics.rates_at(c.calib_pos[role], c.calib_scores[role], threshold)
         here = metrics.rates_at(positive, c.scores[role], threshold)
-        recall_b, false_reject_b = _repicked(c, role, point)
+        decided[role] = c.scores[role] >= threshold
+        resampled[role] = recall_b, false_reject_b = _repicked(c, role, point)
         op[role] = {
             "threshold": threshold,
             "calibration": {"recall": at_calib["recall"], "false_reject": at_calib["false_reject"]},
@@ -300,7 +303,39 @@ def _operating_point(c: _Comparison, calib_name: str) -> dict[str, Any]:
             "recall_interval": metrics.interval(recall_b[~np.isnan(recall_b)]),
             "false_reject_interval": metrics.interval(false_reject_b[~np.isnan(false_reject_b)]),
         }
+    op["comparison"] = _at_operating_point(c, op, decided, resampled)
     return op
+
+
+def _at_operating_point(c: _Comparison, op: dict, decided: dict, resampled: dict) -> Optional[dict[str, Any]]:
+    """Student against baseline (and teacher) where the line operates, each model at its own threshold from the
+    calibration images: under a false-reject limit, recall (the defects caught at matched false-reject), tested
+    with exact McNemar on the positive images; under a target recall, the false-reject rate (good parts thrown
+    away at matched recall), on the negative images. Gain > 0: the student is better; the interval resamples both
+    image sets, the thresholds picked again each time."""
+    by_recall = c.plan.operating_point.max_false_reject is not None
+    measure, images = ("recall", c.positive) if by_recall else ("false_reject", ~c.positive)
+    if not images.any():
+        return None  # the evaluation images hold none of the kind the line's measure counts
+    right = {role: decided[role][images] == by_recall for role in ("student", "baseline")}
+    sig = metrics.mcnemar_exact(right["student"], right["baseline"])
+    sig["images_to_resolve"] = images_to_resolve(sig["a_only"], sig["b_only"], sig["images"])
+    sig["note"] = f"{'positive' if by_recall else 'negative'} images only, each model at its own threshold"
+    k = 0 if by_recall else 1
+    sign = 1 if by_recall else -1  # a lower false-reject rate is the better one
+    gain = sign * (op["student"][measure] - op["baseline"][measure])
+    gains = sign * (resampled["student"][k] - resampled["baseline"][k])
+    teacher = op["teacher"][measure]
+    return {
+        "measure": measure,
+        "matched": "false-reject rate" if by_recall else "recall",
+        **{role: op[role][measure] for role in ("teacher", "student", "baseline")},
+        "gain": gain,
+        "gain_interval": metrics.interval(gains[~np.isnan(gains)]),
+        # of the defects the teacher catches at its threshold, the share the student catches at its own
+        "retention": op["student"][measure] / teacher if by_recall and teacher else None,
+        "significance": sig,
+    }
 
 
 def _significance(c: _Comparison, seed: int) -> dict[str, Any]:

@@ -192,8 +192,25 @@ def _operating_point(info: dict[str, Any]) -> Section:
                 f"false-reject on {s['eval_split']}",
             ],
             rows,
-        ),
+        )
+        + _comparison_lines(op),
     )
+
+
+def _comparison_lines(op: dict[str, Any]) -> list[str]:
+    """The student against its baseline where the line operates, each at its own threshold (the verdict's test)."""
+    cmp = op.get("comparison")
+    if not cmp:
+        return []
+    sig, (lo, hi) = cmp["significance"], cmp["gain_interval"]
+    measure = cmp["measure"].replace("_", "-")
+    return [
+        "",
+        f"Student against baseline at matched {cmp['matched']}: {measure} {100 * cmp['student']:.1f}% vs "
+        f"{100 * cmp['baseline']:.1f}%, the student's advantage {100 * cmp['gain']:+.1f} points (95% interval "
+        f"{100 * lo:+.1f} to {100 * hi:+.1f}), McNemar p = {sig['p_value']:.3g} on {sig['images']} images "
+        f"({sig['note']}).",
+    ]
 
 
 def _int8_attempts(int8: dict[str, Any], regression: bool) -> list[str]:

@@ -43,17 +43,47 @@ def metric_title(summary: dict[str, Any]) -> str:
     return (summary.get("metric") or {}).get("title") or "top-1"
 
 
+def _judged(summary: dict[str, Any]) -> dict[str, Any]:
+    """What the verdict speaks of: the paired test, the gain (> 0: the student is better), its interval, what it
+    measures and the retention on it; where the line operates when the run has an operating point (each model at its
+    own threshold), else on the run's metric."""
+    cmp = (summary.get("operating_point") or {}).get("comparison")
+    if cmp:
+        rule = summary["operating_point"]["rule"]
+        what = (
+            f"recall at matched false-reject rate ({rule})"
+            if cmp["measure"] == "recall"
+            else f"false-reject rate saved at matched recall ({rule})"
+        )
+        return {
+            "significance": cmp["significance"],
+            "gain": cmp["gain"],
+            "interval": cmp["gain_interval"],
+            "what": what,
+            "retention": cmp.get("retention"),
+        }
+    return {
+        "significance": summary["significance"],
+        "gain": summary["kd_gain"],
+        "interval": summary["intervals"]["kd_gain"],
+        "what": metric_title(summary),
+        "retention": summary.get("retention"),
+    }
+
+
 def evidence_text(summary: dict[str, Any]) -> str:
     """The paired test behind a verdict, in words: McNemar's discordant images, or the permutation test."""
-    sig = summary["significance"]
-    lo, hi = (v * 100 for v in summary["intervals"]["kd_gain"])
+    judged = _judged(summary)
+    sig = judged["significance"]
+    lo, hi = (v * 100 for v in judged["interval"])
     if sig.get("test") == "permutation":
         test = (
             f"paired permutation test p = {sig['p_value']:.3g} on {sig['images']} images ({sig['discordant']} "
             f"predicted differently, {sig['resamples']:,} resamples)"
         )
     else:
-        where = f"{sig['images']} positive images" if sig.get("note") else f"{sig['images']} images"
+        kind = sig.get("note", "").split(" images")[0] if sig.get("note") else ""
+        where = f"{sig['images']} {kind} images" if kind else f"{sig['images']} images"
         test = (
             f"McNemar p = {sig['p_value']:.3g} on {where} ({sig['a_only']} right only for the student, "
             f"{sig['b_only']} only for the baseline)"
@@ -62,13 +92,13 @@ def evidence_text(summary: dict[str, Any]) -> str:
 
 
 def verdict(summary: dict[str, Any], min_gain: float) -> tuple[str, bool]:
-    """(sentence, helped): "helped" needs a significant paired test on the run's metric and a gain of at least
-    ``min_gain``. When the planner estimates the student no faster than its teacher on the export target, the
-    sentence says so and names faster candidates."""
-    gain = summary["kd_gain"] * 100
-    sig = summary["significance"]
+    """(sentence, helped): "helped" needs a significant paired test and a gain of at least ``min_gain``, on the
+    line's terms: at the operating point when the run has one (each model at its own threshold), else on the run's
+    metric. When the planner estimates the student no faster than its teacher on the export target, the sentence
+    says so and names faster candidates."""
+    judged = _judged(summary)
+    sig, gain, what = judged["significance"], judged["gain"] * 100, judged["what"]
     p = sig["p_value"]
-    what = metric_title(summary)
     points = "points" if what == "top-1" else f"points of {what}"
     evidence = evidence_text(summary)
     helped = False
@@ -85,10 +115,8 @@ def verdict(summary: dict[str, Any], min_gain: float) -> tuple[str, bool]:
             )
         else:
             helped = True
-            text = (
-                f"distillation helped: +{gain:.2f} {points} over the baseline, retention "
-                f"{summary['retention'] * 100:.1f}% ({evidence})"
-            )
+            retention = f", retention {judged['retention'] * 100:.1f}%" if judged["retention"] else ""
+            text = f"distillation helped: +{gain:.2f} {points} over the baseline{retention} ({evidence})"
     else:
         need = sig.get("images_to_resolve")
         if sig.get("test") == "permutation":
@@ -347,6 +375,14 @@ def positive_facts(summary: dict[str, Any]) -> list[str]:
             )
             + " (intervals: evaluation and calibration images resampled, the threshold picked again each time)"
         )
+        cmp = op.get("comparison")
+        if cmp:
+            facts.append(
+                f"where the line operates, student against baseline: {cmp['measure'].replace('_', '-')} "
+                f"{_pct(cmp['student'])} vs {_pct(cmp['baseline'])} at matched {cmp['matched']} (teacher "
+                f"{_pct(cmp['teacher'])}), the student's advantage {cmp['gain'] * 100:+.1f} points: "
+                f"{evidence_text(summary)}"
+            )
     for promise, split in (
         (op.get("promise") if op else None, (op or {}).get("calibration_split")),
         ((chosen.get("calibration") or {}).get("promise"), (chosen.get("calibration") or {}).get("split")),
