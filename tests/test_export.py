@@ -129,14 +129,18 @@ def test_trained_bundle_has_int8_accuracy_and_host_metrics(trained_run):
     int8 = m["metrics"]["int8"]
     assert 0.4 < int8["fp32_top1"] <= 1.0  # a trained student on real digits (chance: 0.1)
     assert 0 <= int8["int8"]["top1"] <= 1 and int8["int8"]["status"] in ("accepted", "rejected")
-    assert int8["int8"]["drop"] == pytest.approx(int8["fp32_top1"] - int8["int8"]["top1"])
+    # the gate chooses on its own images; the bundle's check images (val.npz) chose nothing
+    gate = int8["int8"]["gate"]
+    assert int8["int8"]["drop"] == pytest.approx(int8["fp32_gate"]["top1"] - gate["top1"])
+    assert int8["int8"]["images"] == "check" and m["samples"]["val"]["chose"].startswith("nothing")
+    assert m["samples"]["val"]["count"] == len(bundle.validation()[1]) and m["samples"]["val"]["gate_images"] > 0
     variant = m["variants"]["int8"]
     assert variant["file"] == "model.int8.onnx" and "int8_trt" not in m["variants"]  # one model for every TensorRT
     assert variant["explicit_quantization"] and variant["method"] in ("ptq", "partial", "qad", "qad+partial")
     from edgedistill.ship.qdq import qdq_violations
 
     assert qdq_violations(onnx.load(str(trained_run / "bundle" / "model.int8.onnx"))) == []  # TensorRT 8.2 takes it
-    assert int8["attempts"]["ptq"]["drop"] == pytest.approx(int8["fp32_top1"] - int8["attempts"]["ptq"]["top1"])
+    assert int8["attempts"]["ptq"]["drop"] == pytest.approx(int8["fp32_gate"]["top1"] - int8["attempts"]["ptq"]["top1"])
     assert m["metrics"]["host"]["student_top1"] > 0 and "retention" in m["metrics"]["host"]
     assert len(m["source"]["checkpoint_sha256"]) == 64 and m["versions"]["torch"]
     assert set(m["files"]) >= {"model.onnx", "calib.npy", "val.npz", "recipe.yaml", "model.int8.onnx"}
@@ -157,8 +161,8 @@ def test_rejected_int8_is_marked_not_fatal(tmp_path, digits, monkeypatch):
 
     real = export.quality
 
-    def worse_int8(path, *args):  # INT8 that loses 2 points against a 1-point gate
-        got = real(path, *args)
+    def worse_int8(path, *args, **kwargs):  # INT8 that loses 2 points against a 1-point gate
+        got = real(path, *args, **kwargs)
         return {k: v - (0.02 if "int8" in path.name else 0) for k, v in got.items()}
 
     monkeypatch.setattr(export, "quality", worse_int8)

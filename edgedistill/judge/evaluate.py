@@ -63,6 +63,18 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     )
 
 
+def positive_calibration_error(is_positive: np.ndarray, scores: np.ndarray, bins: int = 15) -> float:
+    """ECE of one class's probability (the score the line's threshold cuts): per equal-width bin of the score, the
+    gap between the share of positive images and the mean score, weighted by the bin's images."""
+    pos, s = np.asarray(is_positive, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    which = np.clip((s * bins).astype(int), 0, bins - 1)
+    gap = 0.0
+    for b in np.unique(which):
+        members = which == b
+        gap += members.sum() * abs(pos[members].mean() - s[members].mean())
+    return float(gap / len(s)) if len(s) else float("nan")
+
+
 def classification_report(pred: Prediction, classes: list[str], plan: Optional[EvalPlan] = None) -> dict[str, Any]:
     """One model on one split: top-1, balanced accuracy, macro F1, per-class accuracy and precision/recall/F1,
     confusion matrix, calibration; with a positive class its ROC-AUC and PR-AUC. ``score`` is the plan's metric
@@ -239,6 +251,9 @@ def _model_facts(c: _Comparison, role: str) -> tuple[dict[str, Any], np.ndarray,
         else metrics.interval(metrics.resampled_metric("balanced_accuracy", labels, pred.predicted, k, idx))
     )
     facts["per_class"] = metrics.per_class(labels, pred.predicted, c.classes or [str(i) for i in range(k)])
+    # calibration of the outputs the device uses: the softmax of the exported model's logits (a logit-adjusted
+    # loss changes training only), top-label ECE and, with a positive class, that class's probability's
+    facts["ece"] = expected_calibration_error(softmax(pred.logits), labels)
     if c.metric_threshold[role] is not None:
         facts["metric_threshold"] = c.metric_threshold[role]
     curves = None
@@ -246,6 +261,7 @@ def _model_facts(c: _Comparison, role: str) -> tuple[dict[str, Any], np.ndarray,
         positive, s = c.positive, c.scores[role]
         few = idx[: c.samples // 2]
         facts["roc_auc"] = metrics.roc_auc(positive, s)
+        facts["positive_ece"] = positive_calibration_error(positive, s)
         facts["pr_auc"] = metrics.average_precision(positive, s)
         facts["roc_auc_interval"] = metrics.interval(
             metrics.resampled(lambda r: metrics.roc_auc(positive[r], s[r]), few)

@@ -218,23 +218,48 @@ def _int8_attempts(int8: dict[str, Any], regression: bool) -> list[str]:
     names = {"ptq": "PTQ", "partial": "partial", "qad": "QAD", "qad+partial": "QAD + partial"}
     lines = [
         "",
-        "INT8 on the host (ONNX Runtime, explicit Q/DQ by TensorRT's rules, the bundle's validation images):",
+        "INT8 on the host (ONNX Runtime, explicit Q/DQ by TensorRT's rules, the gate's images, apart from the "
+        "bundle's check images):",
         "",
     ]
-    rows = [("FP32", f"{100 * int8['fp32_top1']:.2f}%", "–", "–", "–")]
+    fp32_top1 = (int8.get("fp32_gate") or {}).get("top1", int8["fp32_top1"])
+    judged = any(a.get("line") for a in int8["attempts"].values())
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    bound = lambda v: "–" if v is None else f"{100 * v:+.2f}"  # noqa: E731
+
+    def line_cells(line: Optional[dict[str, Any]], fp32: bool = False) -> tuple:
+        if not judged:
+            return ()
+        if line is None:
+            return ("–",) * 4
+        if fp32:
+            return (f"{line['fp32_threshold']:.4f}", pct(line["fp32_recall"]), pct(line["fp32_false_reject"]), "–")
+        return (
+            f"{line['threshold']:.4f}",
+            pct(line["recall"]),
+            pct(line["false_reject"]),
+            f"{bound(line['recall_drop_upper'])} / {bound(line['false_reject_rise_upper'])}",
+        )
+
+    first = next((a["line"] for a in int8["attempts"].values() if a.get("line")), None)
+    rows = [("FP32", f"{100 * fp32_top1:.2f}%", "–", "–", *line_cells(first, fp32=True), "–")]
     rows += [
         (
             names[k],
             f"{100 * a['top1']:.2f}%",
             f"{100 * a['drop']:+.2f}",
             str(len(a["kept_fp16"])),
+            *line_cells(a.get("line")),
             "ships"
             if k == int8.get("chosen") and int8.get("status") == "accepted"
             else ("passes" if a["passes"] else "over the gate"),
         )
         for k, a in int8["attempts"].items()
     ]
-    lines += _md_table(["model", "top-1", "drop (points)", "layers in FP16", ""], rows) + [""]
+    header = ["model", "top-1", "drop (points)", "layers in FP16"]
+    if judged:
+        header += ["own threshold", "recall", "false-reject", "upper 95% bound: recall drop / false-reject rise"]
+    lines += _md_table([*header, ""], rows) + [""]
     lines.append(f"- {int8['advice']}")
     if int8.get("sensitivity"):
         top = int8["sensitivity"][:10]

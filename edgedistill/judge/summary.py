@@ -358,6 +358,20 @@ def positive_facts(summary: dict[str, Any]) -> list[str]:
                 for r in roles
             )
         )
+    roles_ece = [r for r in ("teacher", "student", "baseline") if summary[r].get("ece") is not None]
+    if roles_ece:
+        facts.append(
+            f"calibration error (ECE, 15 bins) of the softmax the device computes, on `{summary['eval_split']}`: "
+            + "; ".join(
+                f"{r} {summary[r]['ece']:.3f}"
+                + (
+                    f" (P({positive}) {summary[r]['positive_ece']:.3f})"
+                    if summary[r].get("positive_ece") is not None
+                    else ""
+                )
+                for r in roles_ece
+            )
+        )
     op = summary.get("operating_point")
     if op:
         calib = chosen.get("calibration") or {}
@@ -436,18 +450,32 @@ def int8_facts(summary: dict[str, Any]) -> list[str]:
         return []
     regression = "fp32_r2" in int8 and int8.get("fp32_r2") is not None
     key, scale, unit = ("r2", 1, "") if regression else ("top1", 100, "%")
-    fp32 = int8["fp32_r2"] if regression else int8["fp32_top1"]
+    fp32 = (int8.get("fp32_gate") or {}).get(key, int8["fp32_r2"] if regression else int8["fp32_top1"])
     names = {"ptq": "PTQ", "partial": "partial", "qad": "QAD", "qad+partial": "QAD + partial"}
     parts = [f"FP32 {fp32 * scale:.2f}{unit}"]
     for kind, a in int8["attempts"].items():
         kept = f", {len(a['kept_fp16'])} layers FP16" if a.get("kept_fp16") else ""
-        parts.append(f"{names[kind]} {a[key] * scale:.2f}{unit} (drop {a['drop'] * scale:.2f}{kept})")
+        line = a.get("line")
+        judged = (
+            f"; recall {_pct(line['recall'])} vs FP32 {_pct(line['fp32_recall'])}, drop bound "
+            f"{100 * line['recall_drop_upper']:+.2f}, false-reject {_pct(line['false_reject'])}, rise bound "
+            f"{100 * line['false_reject_rise_upper']:+.2f}"
+            if line and None not in (line["recall_drop_upper"], line["false_reject_rise_upper"])
+            else ""
+        )
+        parts.append(f"{names[kind]} {a[key] * scale:.2f}{unit} (drop {a['drop'] * scale:.2f}{kept}{judged})")
     shipped = (
         f"ships {names[int8['chosen']]} INT8"
         if int8["status"] == "accepted"
         else f"INT8 REJECTED (the bundle keeps its best attempt, {names[int8['chosen']]}, marked rejected)"
     )
-    lines = ["INT8 on the host (ONNX Runtime, the bundle's validation images): " + "; ".join(parts) + f": {shipped}"]
+    where = "the gate's images, apart from the bundle's check images"
+    if int8.get("line"):
+        where += (
+            "; each attempt at its own threshold, passing when the upper 95% bounds of recall drop and false-reject "
+            f"rise are within {100 * int8['line']['margin']:.2f} points"
+        )
+    lines = [f"INT8 on the host (ONNX Runtime, {where}): " + "; ".join(parts) + f": {shipped}"]
     if int8["status"] != "accepted":
         lines.append(int8["advice"])
     return lines

@@ -85,7 +85,15 @@ class ExportConfig(Strict):
     parity_min_agreement: float = Field(0.99, ge=0, le=1)
     parity_samples: int = Field(256, ge=1)
     calib_samples: int = Field(512, ge=1)
-    val_samples: int = Field(300, ge=1)
+    val_samples: int = Field(
+        300, ge=1, description="check images in the bundle (val.npz), from the evaluation split, apart from the gate's"
+    )
+    gate_samples: int = Field(
+        1000,
+        ge=1,
+        description="images of the evaluation split the INT8 gate chooses the variant on, apart from the bundle's "
+        "check images (a split smaller than both is shared: at most half for the check images)",
+    )
     int8: Literal["auto", "ptq", "partial", "qad", "off"] = Field(
         "auto",
         description="the INT8 model (explicit Q/DQ by TensorRT's rules, one for every TensorRT): ptq "
@@ -94,7 +102,13 @@ class ExportConfig(Strict):
         "partial, then qad, until one passes), off; true/false mean auto/off",
     )
     int8_method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="activation calibration")
-    int8_max_drop: float = Field(0.01, ge=0, description="reject INT8 when top-1 drops more (0.01 = 1 point)")
+    int8_max_drop: float = Field(
+        0.01,
+        ge=0,
+        description="the INT8 gate (0.01 = 1 point): with the line's reject threshold, the most the upper 95% "
+        "bound of the recall drop and of the false-reject rise may reach (each variant at its own threshold); "
+        "else the most top-1 (R² for regression) may drop on the gate's images",
+    )
     int8_keep_budget: int = Field(8, ge=1, description="partial: at most this many layers kept out of INT8")
     int8_sensitivity_images: int = Field(
         256, ge=16, description="calibration images the layer sensitivity is measured on"

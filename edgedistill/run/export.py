@@ -4,16 +4,19 @@ manifest, and quantization-aware distillation when ``export.int8`` reaches it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+import numpy as np
 from torch import nn
 
 from edgedistill.data.splits import with_unlabeled
 from edgedistill.files import atomic_write_text
 from edgedistill.judge.summary import summary_markdown
+from edgedistill.judge.thresholds import pick_threshold
 from edgedistill.run.context import RunContext
 from edgedistill.run.folder import MODEL_FILE
 from edgedistill.ship.fakequant import QuantPlan
@@ -35,6 +38,8 @@ INT8_SUMMARY_KEYS = (
     "advice",
     "layers",
     "calibration",
+    "fp32_gate",
+    "line",
 )
 
 
@@ -97,7 +102,9 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
             name=recipe.name,
             classes=data.classes,
             train=data.train,
-            val=data.val,
+            val=ctx.eval_split,  # images no stage chose anything on: the gate's and the bundle's check images
+            threshold_images=ctx.calib_split if (decision or {}).get("threshold") is not None else None,
+            pick_threshold=_threshold_rule(ctx),
             data_cfg=recipe.data,
             cfg=recipe.export,
             seed=recipe.seed,
@@ -127,6 +134,16 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
         recipe.name,
     )
     return manifest
+
+
+def _threshold_rule(ctx: RunContext) -> Optional[Callable[[np.ndarray, np.ndarray], float]]:
+    """How the evaluate stage picked the student's threshold (the operating point, else the metric's false-reject
+    limit, with the run's confidence), for every INT8 variant's own threshold; None when nothing was picked."""
+    plan = ctx.evaluation
+    point = None if plan is None else plan.operating_point or plan.metric_point()
+    if point is None:
+        return None
+    return functools.partial(pick_threshold, point=point)
 
 
 def _epoch_seconds(folder: Path) -> float:

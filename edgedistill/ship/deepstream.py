@@ -193,6 +193,8 @@ def _infer_config(
     _, _, height, width = job.manifest_model["input_shape"]
     spec, decision = job.spec, job.decision
     threshold = (decision or {}).get("threshold")
+    if precision == "int8":  # the INT8 model's own threshold, picked on the same calibration images
+        threshold = ((decision or {}).get("thresholds") or {}).get("int8", threshold)
     infer = {
         "gpu-id": 0,
         "gie-unique-id": 1,

@@ -67,10 +67,12 @@ def quality(
     cfg: ExportConfig,
     targets: Optional[dict] = None,
     decision: Optional[dict] = None,
+    threshold: Optional[float] = None,
 ) -> dict[str, float]:
     """The ONNX model's quality on held-out images: ``top1`` (and, with a ``decision`` threshold, the recall and
-    false-reject rate of its positive class there); or, with regression ``targets`` (labels in target units),
-    ``r2`` and ``mae``. ``score`` is the one compared across variants."""
+    false-reject rate of its positive class there, at ``threshold`` when given: a variant's own); or, with
+    regression ``targets`` (labels in target units), ``r2`` and ``mae``. ``score`` is the one compared across
+    variants."""
     outputs = ort_outputs(path, batches, cfg.batch, cfg.dynamic_batch)
     if targets is None:
         top1 = float((outputs.argmax(1) == labels).mean())
@@ -79,8 +81,9 @@ def quality(
             from edgerun.decision import positive_scores, rates_at
 
             index = decision["positive_index"]
-            rates = rates_at(np.asarray(labels) == index, positive_scores(outputs, index), decision["threshold"])
-            out.update(recall=rates["recall"], false_reject=rates["false_reject"])
+            at = decision["threshold"] if threshold is None else threshold
+            rates = rates_at(np.asarray(labels) == index, positive_scores(outputs, index), at)
+            out.update(recall=rates["recall"], false_reject=rates["false_reject"], threshold=float(at))
         return out
     from edgerun.regression import restore, summarize
 
@@ -91,15 +94,17 @@ def quality(
 @dataclass
 class ExportJob:
     """What ``build_bundle`` ships: the trained ``model`` into the folder ``out_dir`` under ``name``, its classes, the
-    training split (calibration images) and the validation split (parity, the device's own check), the recipe's data
-    and export sections, the seed, the checkpoint it came from, its source facts and the host's metrics.
+    training split (INT8 calibration images) and the evaluation split ``val`` (images no stage chose anything on:
+    parity, the INT8 gate's images and, apart from those, the check images the device validates on), the recipe's
+    data and export sections, the seed, the checkpoint it came from, its source facts and the host's metrics.
 
     ``targets`` (regression: {names, mean, std}) makes a regression bundle: val.npz holds target values in target
     units, the manifest carries the scaling, INT8 is judged by its R² drop. ``decision`` ({metric, positive_class,
-    threshold, ...}: the evaluate stage's operating point) goes into the manifest for the device's reject decision,
-    with the recall and false-reject rate of FP32 and the INT8 model on the bundle's own validation images. ``qad``
-    trains the fake-quantized student when ``export.int8`` reaches quantization-aware distillation (``ship.int8``);
-    ``teacher`` ships the teacher as ``teacher.onnx`` for comparison."""
+    threshold, ...}: the evaluate stage's operating point) goes into the manifest for the device's reject decision;
+    with ``threshold_images`` (the evaluate stage's calibration split) and ``pick_threshold`` (its rule: positives,
+    scores -> threshold) every INT8 variant gets its own threshold there and the gate is the line's non-inferiority
+    test (``ship.gate``). ``qad`` trains the fake-quantized student when ``export.int8`` reaches quantization-aware
+    distillation (``ship.int8``); ``teacher`` ships the teacher as ``teacher.onnx`` for comparison."""
 
     model: nn.Module
     out_dir: Path
@@ -118,6 +123,8 @@ class ExportJob:
     targets: Optional[dict] = None
     decision: Optional[dict] = None
     qad: Optional[Callable[[Any], tuple[nn.Module, dict[str, Any]]]] = None  # ship.fakequant.QuantPlan -> model, facts
+    threshold_images: Optional[Split] = None
+    pick_threshold: Optional[Callable[[np.ndarray, np.ndarray], float]] = None
 
 
 @dataclass
@@ -136,21 +143,59 @@ class _Build:
 
 @dataclass
 class _HeldOut:
-    """The validation images the bundle carries (raw, with their labels or targets) and their preprocessed batches:
-    the parity proof, the quality of every variant and the device's own check."""
+    """Images of the evaluation split, in two disjoint parts (``ship.gate.split_apart``): the check images the bundle
+    carries (raw, with their labels or targets, and preprocessed: the host's figures for the device and its own
+    check) and the gate's images (preprocessed, with their labels: the INT8 gate chooses the variant on them)."""
 
     indices: np.ndarray
     raw: np.ndarray
     labels: np.ndarray
     batches: np.ndarray
+    gate_indices: np.ndarray
+    gate_labels: np.ndarray
+    gate_batches: np.ndarray
+
+    def check(self, b: "_Build") -> tuple:
+        """``quality``'s arguments for the check images."""
+        return self.batches, self.labels, b.job.cfg, b.job.targets, b.job.decision
+
+    def gate(self, b: "_Build") -> tuple:
+        """``quality``'s arguments for the gate's images."""
+        return self.gate_batches, self.gate_labels, b.job.cfg, b.job.targets, b.job.decision
 
 
-def _int8(b: _Build, calib: np.ndarray, held_out: tuple, fp32_score: float) -> dict[str, Any]:
-    """The bundle's INT8 model (``ship.int8.build_int8``): PTQ, partial, QAD as ``export.int8`` asks."""
+def _line_gate(b: _Build, held: _HeldOut) -> tuple[Optional[Any], Optional[np.ndarray]]:
+    """(the line's gate, the threshold images preprocessed as the device does) when the bundle has a reject threshold
+    and the run gave its calibration images and rule; (None, None) otherwise (the gate then compares top-1)."""
+    from edgedistill.ship.gate import LineGate
+
+    job, cfg = b.job, b.job.cfg
+    decision = job.decision or {}
+    if decision.get("threshold") is None or job.threshold_images is None or job.pick_threshold is None:
+        return None, None
+    split = job.threshold_images
+    batches = preprocess([split.original(i) for i in range(len(split))], b.prep)
+    gate = LineGate(
+        positive_index=decision["positive_index"],
+        calib_labels=np.asarray(split.labels),
+        gate_labels=np.asarray(held.gate_labels),
+        fp32_calib=ort_outputs(b.onnx_path, batches, cfg.batch, cfg.dynamic_batch),
+        fp32_gate=ort_outputs(b.onnx_path, held.gate_batches, cfg.batch, cfg.dynamic_batch),
+        pick=job.pick_threshold,
+        margin=cfg.int8_max_drop,
+        seed=job.seed,
+    )
+    return gate, batches
+
+
+def _int8(b: _Build, calib: np.ndarray, held: _HeldOut, fp32_score: float) -> dict[str, Any]:
+    """The bundle's INT8 model (``ship.int8.build_int8``): PTQ, partial, QAD as ``export.int8`` asks, each judged on
+    the gate's images: on the line's terms (``ship.gate.LineGate``) when the bundle has a reject threshold."""
     from edgedistill.ship.int8 import Int8Job, build_int8
 
     cfg = b.job.cfg
     batch = cfg.batch if not cfg.dynamic_batch else 1
+    line, line_images = _line_gate(b, held)
 
     def export_float(model: nn.Module, path: Path) -> Path:
         export_onnx(model, path, b.shape, b.opset, cfg.dynamic_batch)
@@ -159,12 +204,21 @@ def _int8(b: _Build, calib: np.ndarray, held_out: tuple, fp32_score: float) -> d
         check_operators(onnx.load(str(path)), b.target, b.opset)
         return path
 
+    def score(path: Path) -> dict[str, Any]:
+        batches, labels, _, targets, decision = held.gate(b)
+        if line is None:
+            return quality(path, batches, labels, cfg, targets, decision)
+        got = quality(path, batches, labels, cfg, targets)  # top-1 stays a column; the line judges
+        run = lambda images: ort_outputs(path, images, cfg.batch, cfg.dynamic_batch)  # noqa: E731
+        got["line"] = line.judge(run(line_images), run(held.gate_batches))
+        return got
+
     job = Int8Job(
         fp32_path=b.onnx_path,
         workdir=b.tmp,
         calib=calib,
         calib_batch=batch,
-        score=lambda path: quality(path, *held_out),
+        score=score,
         run_calib=lambda path: ort_outputs(path, calib[: cfg.int8_sensitivity_images], cfg.batch, cfg.dynamic_batch),
         fp32_score=fp32_score,
         mode=cfg.int8,
@@ -172,7 +226,7 @@ def _int8(b: _Build, calib: np.ndarray, held_out: tuple, fp32_score: float) -> d
         limit=cfg.int8_max_drop,
         budget=cfg.int8_keep_budget,
         sensitivity_images=cfg.int8_sensitivity_images,
-        regression=held_out[3] is not None,
+        regression=b.job.targets is not None,
         qad=b.job.qad,
         export_float=export_float,
     )
@@ -253,35 +307,66 @@ def _export_checked(b: _Build) -> bool:
 
 
 def _held_out(b: _Build) -> tuple[_HeldOut, dict[str, Any]]:
-    """Held-out images for parity and the device's own accuracy check (written to val.npz), and the parity of the
-    ONNX model with PyTorch on them."""
+    """Images of the evaluation split, apart: the check images (written to val.npz: the device's own check) and the
+    INT8 gate's (``ship.gate.split_apart``); and the parity of the ONNX model with PyTorch on both."""
     job, cfg = b.job, b.job.cfg
-    val_idx = _pick(len(job.val), max(cfg.val_samples, cfg.parity_samples), job.seed)
-    val_raw = raw_validation_images(job.val, val_idx, b.prep)
-    val_labels = job.val.labels[val_idx]
+    from edgedistill.ship.gate import split_apart
+
+    labels = None if job.targets is not None else np.asarray(job.val.labels)
+    check_idx, gate_idx = split_apart(labels, len(job.val), cfg.val_samples, cfg.gate_samples, job.seed)
+    if len(check_idx) < cfg.val_samples:
+        log.warning(
+            "export: the evaluation split '%s' has %d images: %d check images for the bundle (export.val_samples "
+            "%d) and %d for the INT8 gate, apart",
+            job.val.name,
+            len(job.val),
+            len(check_idx),
+            cfg.val_samples,
+            len(gate_idx),
+        )
+    val_raw = raw_validation_images(job.val, check_idx, b.prep)
+    val_labels = job.val.labels[check_idx]
+    gate_labels = job.val.labels[gate_idx]
     if job.targets is not None:  # the device compares against target units
         from edgerun.regression import restore
 
         val_labels = restore(job.targets, val_labels).astype(np.float32)
+        gate_labels = restore(job.targets, gate_labels).astype(np.float32)
     val_batches = preprocess(val_raw, b.prep)
-    par = parity(job.model, b.onnx_path, val_batches[: cfg.parity_samples], cfg, classification=job.targets is None)
+    gate_batches = preprocess(raw_validation_images(job.val, gate_idx, b.prep), b.prep)
+    both = np.concatenate([val_batches, gate_batches])[: cfg.parity_samples]
+    par = parity(job.model, b.onnx_path, both, cfg, classification=job.targets is None)
     log.info(
         "parity: max abs error %.2e, top-1 agreement %.4f on %d images",
         par["max_abs_error"],
         par["top1_agreement"],
         par["samples"],
     )
-    np.savez_compressed(b.tmp / VAL_FILE, images=val_raw[: cfg.val_samples], labels=val_labels[: cfg.val_samples])
-    return _HeldOut(val_idx, val_raw, val_labels, val_batches), par
+    np.savez_compressed(b.tmp / VAL_FILE, images=val_raw, labels=val_labels)
+    return _HeldOut(check_idx, val_raw, val_labels, val_batches, gate_idx, gate_labels, gate_batches), par
 
 
 def _int8_variant(
-    b: _Build, calib: np.ndarray, held_out: tuple, fp32_score: float, int8_metrics: dict[str, Any]
+    b: _Build, calib: np.ndarray, held: _HeldOut, fp32_score: float, int8_metrics: dict[str, Any]
 ) -> dict[str, Any]:
-    """The INT8 variant's manifest entry; its figures and the gate's are added to ``int8_metrics``."""
-    int8 = _int8(b, calib, held_out, fp32_score)
+    """The INT8 variant's manifest entry, its figures on the check images (at its own threshold when the gate judged
+    the line); the gate's figures are added to ``int8_metrics``, and the variant's threshold to the decision."""
+    int8 = _int8(b, calib, held, fp32_score)
+    line = int8["quality"].get("line")
+    path = b.tmp / "model.int8.onnx"
+    on_check = quality(path, *held.check(b), threshold=line["threshold"] if line else None)
+    on_check = {k: v for k, v in on_check.items() if k != "score"}
+    if line and b.job.decision is not None:
+        b.job.decision["thresholds"] = {"fp32": b.job.decision["threshold"], "int8": line["threshold"]}
     int8_metrics.update({k: v for k, v in int8.items() if k not in ("quality",)})
-    int8_metrics["int8"] = {**int8["quality"], "drop": int8["drop"], "status": int8["status"], "method": int8["chosen"]}
+    int8_metrics["int8"] = {
+        **on_check,
+        "images": "check",
+        "gate": int8["quality"],
+        "drop": int8["drop"],
+        "status": int8["status"],
+        "method": int8["chosen"],
+    }
     log.info("%s", int8["advice"])
     return {
         "file": "model.int8.onnx",
@@ -292,7 +377,7 @@ def _int8_variant(
         "method": int8["chosen"],
         "calibration": b.job.cfg.int8_method,
         "kept_fp16": int8["kept_fp16"],
-        **int8["quality"],
+        **on_check,
         "drop": int8["drop"],
         "status": int8["status"],
         "for": "tensorrt (every version, no calibrator) and onnxruntime",
@@ -342,8 +427,10 @@ def _manifest(
             },
             "val": {
                 "file": VAL_FILE,
-                "count": int(min(cfg.val_samples, len(held.raw))),
+                "count": int(len(held.raw)),
                 "split": job.val.name,
+                "chose": "nothing (apart from the INT8 gate's images and every threshold's)",
+                "gate_images": int(len(held.gate_indices)),
                 "format": "raw uint8 RGB images + "
                 + ("float targets in target units" if job.targets is not None else "int64 labels"),
             },
@@ -397,15 +484,16 @@ def build_bundle(job: ExportJob) -> dict:
                 decision["positive_index"] = list(job.classes).index(decision["positive_class"])
         job = replace(job, decision=decision)
         b.job = job
-        held_out = (held.batches[: cfg.val_samples], held.labels[: cfg.val_samples], cfg, job.targets, decision)
-        fp32 = quality(b.onnx_path, *held_out)
+        fp32 = quality(b.onnx_path, *held.check(b))
         variants: dict[str, Any] = {}
         int8_metrics: dict[str, Any] = {f"fp32_{k}": v for k, v in fp32.items() if k != "score"}
         if cfg.int8 != "off":
-            variants["int8"] = _int8_variant(b, calib, held_out, fp32["score"], int8_metrics)
+            gate_fp32 = quality(b.onnx_path, *held.gate(b))
+            int8_metrics["fp32_gate"] = {k: v for k, v in gate_fp32.items() if k != "score"}
+            variants["int8"] = _int8_variant(b, calib, held, gate_fp32["score"], int8_metrics)
         deepstream = None
         if cfg.deepstream and job.targets is None:
-            deepstream = _deepstream(b, variants.get("int8"), held.indices[: cfg.val_samples], decision)
+            deepstream = _deepstream(b, variants.get("int8"), held.indices, job.decision)
         if job.teacher is not None:
             export_onnx(job.teacher, tmp / "teacher.onnx", b.shape, opset, cfg.dynamic_batch)
             check_operators(onnx.load(str(tmp / "teacher.onnx")), target, opset)

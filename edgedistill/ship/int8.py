@@ -9,7 +9,7 @@ Three ways to that model, tried in this order by ``export.int8: auto``:
 1. PTQ: activation ranges calibrated once on the bundle's calibration images (ONNX Runtime's MinMax, Entropy or
    Percentile calibrators), weights' ranges from the weights.
 2. Partial: each quantized layer's sensitivity is measured on the calibration images (top-1 agreement with the
-   FP32 model when that layer alone is left in floating point: label-free, so the validation images that judge the
+   FP32 model when that layer alone is left in floating point: label-free, so the gate's images that judge the
    result never choose it); in that order, each layer that lowers the disagreement with FP32 is kept out of INT8
    until the disagreement is under ``export.int8_max_drop`` (a bound on the top-1 drop on those images) or
    ``export.int8_keep_budget`` layers are kept.
@@ -18,6 +18,12 @@ Three ways to that model, tried in this order by ``export.int8: auto``:
    the distillation loss against its FP32 teacher (``export.qad_teacher``: the run's teacher or the FP32 student);
    then exported and quantized by the same rules. Folding BatchNorm into a convolution scales each output channel,
    which per-channel weight scales absorb exactly, so the exported model computes what was trained.
+
+The gate judges each attempt on the gate's images (a part of the evaluation split apart from the bundle's check
+images, ``ship.gate``): with the line's reject threshold, each attempt gets its own threshold, re-picked on the
+threshold's calibration images, and passes when the upper 95% bounds of its recall drop and false-reject rise
+against FP32 are within ``export.int8_max_drop`` (a non-inferiority test; top-1 stays a column); without one, when
+its top-1 (R² for regression) drops at most that much.
 """
 
 from __future__ import annotations
@@ -50,8 +56,22 @@ class Attempt:
     kept: list[str] = field(default_factory=list)  # layers left out of INT8 (they run in FP16 on the device)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def line(self) -> Optional[dict[str, Any]]:
+        """The line's non-inferiority test against FP32 (``ship.gate.LineGate.judge``), when the gate judged it."""
+        return self.quality.get("line")
+
     def passes(self, limit: float) -> bool:
-        return self.drop <= limit
+        """On the line's terms: the upper 95% bounds of recall drop and false-reject rise within the gate; else the
+        drop of top-1 (R² for regression) on the gate's images."""
+        return self.line["passes"] if self.line else self.drop <= limit
+
+    def shortfall(self) -> float:
+        """How far from passing, to rank attempts that all missed: the larger upper bound, else the drop."""
+        if not self.line:
+            return self.drop
+        bounds = [self.line["recall_drop_upper"], self.line["false_reject_rise_upper"]]
+        return max(float("inf") if b is None else b for b in bounds)
 
 
 def agreement(reference: np.ndarray, logits: np.ndarray) -> float:
@@ -119,14 +139,15 @@ def keep_sensitive(
 # ------------------------------------------------------------------------------------------------ orchestration
 @dataclass
 class Int8Job:
-    """What one export's INT8 work needs: the FP32 ONNX, its calibration batches, how to score a model on the
-    held-out images (the gate) and how to run it on the calibration images (sensitivity), the settings."""
+    """What one export's INT8 work needs: the FP32 ONNX, its calibration batches, how to score a model on the gate's
+    images (with the line's non-inferiority test when the bundle has a reject threshold) and how to run it on the
+    calibration images (sensitivity), the settings."""
 
     fp32_path: Path
     workdir: Path
     calib: np.ndarray
     calib_batch: int
-    score: Callable[[Path], dict[str, Any]]  # quality() of an ONNX file on the held-out images: {..., "score"}
+    score: Callable[[Path], dict[str, Any]]  # an ONNX file on the gate's images: {..., "score"[, "line"]}
     run_calib: Callable[[Path], np.ndarray]  # an ONNX file's outputs on the calibration images
     fp32_score: float
     mode: str  # ptq | partial | qad | auto
@@ -149,7 +170,7 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
 
 
 class _Attempts:
-    """The INT8 models tried so far, each scored on the held-out images against the FP32 model."""
+    """The INT8 models tried so far, each scored on the gate's images against the FP32 model."""
 
     def __init__(self, job: Int8Job):
         self.job = job
@@ -162,13 +183,14 @@ class _Attempts:
         got = Attempt(kind, path, quality["score"], quality, job.fp32_score - quality["score"], kept, extra)
         self.made.append(got)
         log.info(
-            "INT8 %s: score %.4f vs FP32 %.4f (drop %.4f, gate %.4f)%s",
+            "INT8 %s: score %.4f vs FP32 %.4f (drop %.4f, gate %.4f)%s%s",
             kind,
             got.score,
             job.fp32_score,
             got.drop,
             job.limit,
             f", {len(kept)} layer(s) kept in FP16" if kept else "",
+            f"; {line_text(got.line)}" if got.line else "",
         )
         return got
 
@@ -185,7 +207,7 @@ def _partial(
     result: dict[str, Any],
 ) -> list[str]:
     """The partial model: layers kept out of INT8 in the order of their sensitivity on the calibration images
-    (fidelity to FP32, no labels: the validation images judge the result), until the gate or the budget; returns
+    (fidelity to FP32, no labels: the gate's images judge the result), until the gate or the budget; returns
     the kept layers, the sensitivity table in ``result``."""
     reference = job.run_calib(job.fp32_path)[: job.sensitivity_images]
 
@@ -244,7 +266,7 @@ def build_int8(job: Int8Job) -> dict[str, Any]:
     passing = tried.passing()
     if job.mode == "qad":
         passing = [a for a in passing if a.kind.startswith("qad")] or passing
-    chosen = passing[0] if passing else min(tried.made, key=lambda a: a.drop)
+    chosen = passing[0] if passing else min(tried.made, key=lambda a: a.shortfall())
     chosen.path.replace(job.workdir / "model.int8.onnx")
     for a in tried.made:
         a.path.unlink(missing_ok=True)
@@ -265,10 +287,25 @@ def build_int8(job: Int8Job) -> dict[str, Any]:
             "drop": chosen.drop,
             "status": "accepted" if chosen.passes(job.limit) else "rejected",
             "quality": {k: v for k, v in chosen.quality.items() if k != "score"},
+            "line": chosen.line,
         }
     )
     result["advice"] = gate_advice(result, job)
     return result
+
+
+def line_text(line: dict[str, Any]) -> str:
+    """One attempt's non-inferiority test in words."""
+
+    def pts(v: Optional[float]) -> str:
+        return "-" if v is None else f"{v * 100:+.2f}"
+
+    return (
+        f"at its own threshold {line['threshold']:.4f}: recall drop {pts(line['recall_drop'])} points (upper 95% "
+        f"bound {pts(line['recall_drop_upper'])}), false-reject rise {pts(line['false_reject_rise'])} (bound "
+        f"{pts(line['false_reject_rise_upper'])}) on {line['positives']} defective and {line['negatives']} good gate "
+        "images"
+    )
 
 
 def gate_advice(result: dict[str, Any], job: Int8Job) -> str:
@@ -279,10 +316,16 @@ def gate_advice(result: dict[str, Any], job: Int8Job) -> str:
         what = names[kind] + (f", {len(a['kept_fp16'])} layer(s) kept in FP16" if a["kept_fp16"] else "")
         if kind.startswith("qad") and a.get("epochs"):
             what += f", {a['epochs']} epoch(s)"
-        tried.append(f"{what}: drop {a['drop'] * 100:.2f} points")
+        line = a.get("line")
+        tried.append(f"{what}: " + (line_text(line) if line else f"drop {a['drop'] * 100:.2f} points"))
     text = "; ".join(tried)
+    gate = (
+        f"the {job.limit * 100:.2f}-point non-inferiority gate on recall and false-reject"
+        if result.get("line")
+        else f"the {job.limit * 100:.2f}-point gate"
+    )
     if result["status"] == "accepted":
-        return f"INT8 {result['chosen']} passes the {job.limit * 100:.2f}-point gate ({text})"
+        return f"INT8 {result['chosen']} passes {gate} ({text})"
     kinds = set(result["attempts"])
     if "qad" in kinds:
         epochs = result["attempts"]["qad"].get("epochs") or 1
@@ -294,4 +337,12 @@ def gate_advice(result: dict[str, Any], job: Int8Job) -> str:
         nxt = "--set export.int8=qad (quantization-aware distillation, against the FP32 teacher)"
     else:
         nxt = "--set export.int8=auto (sensitivity-guided partial INT8, then quantization-aware distillation)"
-    return f"INT8 rejected: {text}, over the {job.limit * 100:.2f}-point gate; next: {nxt}"
+    small = ""
+    line = result.get("line")
+    if line and line["positives"]:
+        # one defect more or less moves recall by 1/P: a bound within the margin needs P well above 1/margin
+        small = (
+            f"; the gate images hold {line['positives']} defective parts: one of them is "
+            f"{100 / line['positives']:.2f} points of recall (export.gate_samples, more images, narrow the bound)"
+        )
+    return f"INT8 rejected: {text}, over {gate}{small}; next: {nxt}"

@@ -43,6 +43,13 @@ def rates_at(is_positive, scores, threshold):
     }
 
 
+def threshold_for(decision, precision):
+    """The reject threshold for a model computing in ``precision``: the INT8 model's own (picked on the same
+    calibration images by the same rule) when the bundle has one, else the FP32 student's (FP16 engines use it)."""
+    own = (decision.get("thresholds") or {}).get(precision)
+    return own if own is not None else decision.get("threshold")
+
+
 def check_decision(data, where):
     """The manifest's optional ``decision``: {metric, positive_class, threshold, ...}; raises BundleError."""
     decision = data.get("decision")
@@ -61,3 +68,8 @@ def check_decision(data, where):
             raise BundleError("%s: decision.threshold needs decision.positive_class" % where)
         if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
             raise BundleError("%s: decision.threshold must be a probability in [0, 1], not %r" % (where, threshold))
+    for precision, value in sorted((decision.get("thresholds") or {}).items()):
+        if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise BundleError(
+                "%s: decision.thresholds.%s must be a probability in [0, 1], not %r" % (where, precision, value)
+            )

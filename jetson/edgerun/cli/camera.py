@@ -22,11 +22,6 @@ def cmd_camera(args):
         print("frame %d: %s" % (frame, text))
 
     regression = bundle.manifest.task == "regression"
-    if args.reject_class is not None and not regression:
-        from edgerun.line.camera import reject_rule
-
-        threshold, source = reject_rule(bundle.manifest, args.reject_class, args.threshold)
-        print("reject rule: P(%s) >= %.4f (%s)" % (args.reject_class, threshold, source))
     if regression and args.save_unsure:
         raise EdgerunError(
             "--save-unsure reads class probabilities; bundle '%s' is a regression bundle"
@@ -38,6 +33,11 @@ def cmd_camera(args):
 
         heartbeat = Heartbeat(args.status_file)
     with active_runner(args, bundle) as runner:
+        if args.reject_class is not None and not regression:
+            from edgerun.line.camera import reject_rule
+
+            threshold, source = reject_rule(bundle.manifest, args.reject_class, args.threshold, runner.precision)
+            print("reject rule: P(%s) >= %.4f (%s)" % (args.reject_class, threshold, source))
         soak, drift, unsure = _watchers(args, bundle, runner, regression)
         summary = run_camera(
             CameraJob(

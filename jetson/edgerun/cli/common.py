@@ -42,7 +42,7 @@ def make_runner(args, bundle):
         return TrtRunner(args.engine, bundle=bundle, gpu=gpu_properties())
     from edgerun.runtime.runners import OrtRunner
 
-    return OrtRunner(bundle.variant_path(args.variant), threads=args.threads)
+    return OrtRunner(bundle.variant_path(args.variant), threads=args.threads, precision=args.variant or "fp32")
 
 
 @contextlib.contextmanager

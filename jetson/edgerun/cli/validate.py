@@ -44,17 +44,19 @@ def _validate_regression(args, bundle, runner):
     return 0 if result["status"] == "PASS" else 1
 
 
-def _decision_check(bundle, logits, labels, max_drop):
-    """With an operating point in the manifest: recall and false-reject rate of the positive class at its threshold
-    on the bundle's images, against the host's FP32 figures on the same images; None without one."""
-    from edgerun.decision import positive_scores, rates_at
+def _decision_check(bundle, logits, labels, max_drop, precision="fp32"):
+    """With an operating point in the manifest: recall and false-reject rate of the positive class at the threshold
+    of the model that ran (``precision`` int8: the INT8 model's own) on the bundle's check images, which chose
+    nothing, against the host's FP32 figures on the same images; None without one."""
+    from edgerun.decision import positive_scores, rates_at, threshold_for
 
     m = bundle.manifest
     decision = m.decision
     if decision.get("threshold") is None:
         return None
     index = m.classes.index(decision["positive_class"])
-    got = rates_at(np.asarray(labels) == index, positive_scores(logits, index), decision["threshold"])
+    threshold = threshold_for(decision, precision)
+    got = rates_at(np.asarray(labels) == index, positive_scores(logits, index), threshold)
     host = m.data["metrics"].get("int8", {})
     host_recall, host_fr = host.get("fp32_recall"), host.get("fp32_false_reject")
     recall_drop = (host_recall - got["recall"]) if None not in (host_recall, got["recall"]) else 0.0
@@ -65,7 +67,7 @@ def _decision_check(bundle, logits, labels, max_drop):
         "%s at threshold %.4f: recall %s (%d of %d rejected), false-reject %s (%d of %d good rejected)"
         % (
             decision["positive_class"],
-            decision["threshold"],
+            threshold,
             pct(got["recall"]),
             got["detected"],
             got["positives"],
@@ -75,7 +77,18 @@ def _decision_check(bundle, logits, labels, max_drop):
         )
     )
     if host_recall is not None:
-        print("host  FP32 recall %s, false-reject %s on the same images" % (pct(host_recall), pct(host_fr)))
+        host_int8 = host.get("int8") or {}
+        print(
+            "host  FP32 recall %s, false-reject %s on the same images%s"
+            % (
+                pct(host_recall),
+                pct(host_fr),
+                "   INT8 %s, %s (its own threshold %.4f)"
+                % (pct(host_int8.get("recall")), pct(host_int8.get("false_reject")), host_int8["threshold"])
+                if host_int8.get("threshold") is not None
+                else "",
+            )
+        )
     return dict(
         got,
         positive_class=decision["positive_class"],
@@ -107,7 +120,7 @@ def cmd_validate(args):
             % (host_fp32 * 100, "   INT8 %.2f%%" % (host_int8 * 100) if host_int8 is not None else "")
         )
     drop = (host_fp32 - top1) if host_fp32 is not None else 0.0
-    decision = _decision_check(bundle, logits, labels, args.max_drop)
+    decision = _decision_check(bundle, logits, labels, args.max_drop, runner.precision)
     ok = drop <= args.max_drop and (decision is None or decision["status"] == "PASS")
     result = {
         "top1": top1,

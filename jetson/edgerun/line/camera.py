@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from edgerun.bench import percentile
-from edgerun.decision import softmax
+from edgerun.decision import softmax, threshold_for
 from edgerun.errors import SourceError
 from edgerun.line.capture import FrameGrabber, open_capture
 from edgerun.preprocess import preprocess
@@ -52,9 +52,10 @@ class Timings(object):
         return percentile(sorted(self.sample), q) if self.sample else None
 
 
-def reject_rule(manifest, reject_class, threshold=None):
+def reject_rule(manifest, reject_class, threshold=None, precision="fp32"):
     """(threshold, where it came from) for rejecting ``reject_class``: ``--threshold`` when given, else the
-    manifest's operating-point threshold when ``reject_class`` is the bundle's positive class, else 0.5."""
+    manifest's operating-point threshold when ``reject_class`` is the bundle's positive class (the one of the model
+    that runs: ``precision`` int8 takes the INT8 model's own), else 0.5."""
     if threshold is not None:
         return float(threshold), "--threshold"
     decision = manifest.decision
@@ -71,9 +72,11 @@ def reject_rule(manifest, reject_class, threshold=None):
             if point.get("max_false_reject") is not None
             else ""
         )
-        return float(decision["threshold"]), "the bundle's operating point (%s, picked on %s)" % (
+        own = precision in (decision.get("thresholds") or {}) and precision != "fp32"
+        return float(threshold_for(decision, precision)), "the bundle's operating point (%s, picked on %s%s)" % (
             rule,
             decision.get("calibration_split") or "held-out images",
+            ", the %s model's own threshold" % precision.upper() if own else "",
         )
     return 0.5, "default 0.5 (the bundle has no operating point for this class)"
 
@@ -82,14 +85,14 @@ class _Classify(object):
     """Classification: the top class and its confidence, and the probability of the positive class (the reject
     class, else the bundle's positive class); reject when that probability reaches the threshold."""
 
-    def __init__(self, manifest, reject_class, threshold):
+    def __init__(self, manifest, reject_class, threshold, precision="fp32"):
         self.classes = manifest.classes
         if reject_class is not None and reject_class not in self.classes:
             raise SourceError(
                 "--reject-class '%s' is not a class of this model (%s)" % (reject_class, ", ".join(self.classes))
             )
         self.reject_class = reject_class
-        self.threshold, self.threshold_source = reject_rule(manifest, reject_class, threshold)
+        self.threshold, self.threshold_source = reject_rule(manifest, reject_class, threshold, precision)
         positive = reject_class if reject_class is not None else manifest.decision.get("positive_class")
         self.positive = self.classes.index(positive) if positive is not None else None
         self.header = ["class", "confidence"] + (["score_%s" % positive] if positive is not None else [])
@@ -191,7 +194,7 @@ def _decider(job):
             raise SourceError(
                 "--reject-above/--reject-below apply to regression bundles; this one classifies: use --reject-class"
             )
-        decide = _Classify(manifest, job.reject_class, job.reject_threshold)
+        decide = _Classify(manifest, job.reject_class, job.reject_threshold, getattr(job.runner, "precision", "fp32"))
     if manifest.task == "regression" and (job.drift is not None or job.unsure is not None):
         raise SourceError(
             "the drift watch and unsure frames read class probabilities; this bundle measures %s"

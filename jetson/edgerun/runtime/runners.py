@@ -18,6 +18,7 @@ class Runner(object):
     """Base class: subclasses implement ``_activate``, ``_infer`` and ``_deactivate``."""
 
     name = "runner"
+    precision = "fp32"  # what the model computes in: the reject threshold of that variant applies
 
     def __init__(self):
         self.is_active = False
@@ -79,9 +80,10 @@ class OrtRunner(Runner):
 
     name = "onnxruntime"
 
-    def __init__(self, model_path, providers=None, threads=None):
+    def __init__(self, model_path, providers=None, threads=None, precision="fp32"):
         Runner.__init__(self)
         self.model_path = str(model_path)
+        self.precision = precision
         self.requested_providers = providers
         self.threads = threads
         self.session = None

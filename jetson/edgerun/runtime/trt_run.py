@@ -40,6 +40,7 @@ class TrtRunner(Runner):
         with open(self.engine_path, "rb") as fh:
             blob = fh.read()  # one read: the bytes checked against the record are the bytes deserialized
         self.meta = _trt.check_engine(self.engine_path, self.bundle, trt, self.gpu, self.board, engine_bytes=blob)
+        self.precision = self.meta.get("precision") or "fp32"
         self.api = _trt.select_api(trt)
         self.logger = _trt.make_logger(trt)
         self.runtime = trt.Runtime(self.logger)
