@@ -81,12 +81,12 @@ def test_a_few_gate_defects_cannot_prove_non_inferiority_of_a_variant_that_diffe
     assert not results[200]["passes"] and bound[200] > 0.01  # ~40 defects, 160 good parts: one image > 0.6 points
 
 
-@pytest.mark.parametrize("n, n_check, n_gate", [(1000, 300, 500), (100, 300, 1000), (7, 3, 3)])
+@pytest.mark.parametrize("n, n_check, n_gate", [(1000, 300, 500), (100, 300, 1000), (7, 3, 3), (1, 300, 1000)])
 def test_check_and_gate_images_are_apart_and_share_each_class(n, n_check, n_gate):
     labels = np.arange(n) % 5 == 0  # one defect in five
     check, gate = split_apart(labels.astype(int), n, n_check, n_gate, seed=0)
     assert not set(check) & set(gate) and len(set(check)) == len(check)
-    assert len(check) == min(n_check, n // 2 if n_check + n_gate > n else n_check)
+    assert len(check) == min(n_check, max(1, n // 2) if n_check + n_gate > n else n_check)
     assert len(check) + len(gate) <= n
     if n >= 100:
         for part in (check, gate):

@@ -186,8 +186,8 @@ def _operating_point(info: dict[str, Any]) -> Section:
             [
                 "model",
                 "threshold",
-                f"recall on {op['calibration_split']}",
-                f"false-reject on {op['calibration_split']}",
+                f"recall on {op['calibration_split']} (picked there: in-sample)",
+                f"false-reject on {op['calibration_split']} (in-sample)",
                 f"recall on {s['eval_split']}",
                 f"false-reject on {s['eval_split']}",
             ],
@@ -218,8 +218,8 @@ def _int8_attempts(int8: dict[str, Any], regression: bool) -> list[str]:
     names = {"ptq": "PTQ", "partial": "partial", "qad": "QAD", "qad+partial": "QAD + partial"}
     lines = [
         "",
-        "INT8 on the host (ONNX Runtime, explicit Q/DQ by TensorRT's rules, the gate's images, apart from the "
-        "bundle's check images):",
+        "INT8 on the host (ONNX Runtime, explicit Q/DQ by TensorRT's rules, on the gate's images: they chose the "
+        "variant, so these figures are in-sample for that choice; the bundle's check images, apart, chose nothing):",
         "",
     ]
     fp32_top1 = (int8.get("fp32_gate") or {}).get("top1", int8["fp32_top1"])

@@ -469,7 +469,9 @@ def int8_facts(summary: dict[str, Any]) -> list[str]:
         if int8["status"] == "accepted"
         else f"INT8 REJECTED (the bundle keeps its best attempt, {names[int8['chosen']]}, marked rejected)"
     )
-    where = "the gate's images, apart from the bundle's check images"
+    where = (
+        "the gate's images, which chose the variant (in-sample for it; the bundle's check images, apart, chose nothing)"
+    )
     if int8.get("line"):
         where += (
             "; each attempt at its own threshold, passing when the upper 95% bounds of recall drop and false-reject "

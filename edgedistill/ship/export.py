@@ -21,7 +21,7 @@ from torch import nn
 from edgedistill import __version__
 from edgedistill.data.images import eval_spec
 from edgedistill.data.splits import Split
-from edgedistill.errors import RecipeError
+from edgedistill.errors import ExportError, RecipeError
 from edgedistill.recipe.outputs import ExportConfig
 from edgedistill.ship.onnx import INPUT_NAME, OUTPUT_NAME, check_operators, export_onnx, ort_outputs, parity, simplify
 from edgerun.bundle.manifest import sha256_file, write_manifest
@@ -314,6 +314,11 @@ def _held_out(b: _Build) -> tuple[_HeldOut, dict[str, Any]]:
 
     labels = None if job.targets is not None else np.asarray(job.val.labels)
     check_idx, gate_idx = split_apart(labels, len(job.val), cfg.val_samples, cfg.gate_samples, job.seed)
+    if not len(gate_idx) and cfg.int8 != "off":
+        raise ExportError(
+            f"export: the evaluation split '{job.val.name}' has {len(job.val)} image(s): too few for the bundle's "
+            "check images and, apart, the INT8 gate's; give more labelled images, or set export.int8: off"
+        )
     if len(check_idx) < cfg.val_samples:
         log.warning(
             "export: the evaluation split '%s' has %d images: %d check images for the bundle (export.val_samples "
@@ -362,7 +367,7 @@ def _int8_variant(
     int8_metrics["int8"] = {
         **on_check,
         "images": "check",
-        "gate": int8["quality"],
+        "gate": {**int8["quality"], "images": "gate: they chose the variant (in-sample for that choice)"},
         "drop": int8["drop"],
         "status": int8["status"],
         "method": int8["chosen"],

@@ -33,7 +33,7 @@ def split_apart(
     when given (each class shared in proportion), a plain random draw otherwise. When the split holds fewer than
     ``n_check + n_gate`` images, the check images get at most half of it and the gate the rest."""
     if n_check + n_gate > n:
-        n_check = min(n_check, n // 2)
+        n_check = min(n_check, max(1, n // 2))
         n_gate = min(n_gate, n - n_check)
     rng = np.random.default_rng(seed)
     if labels is None:
