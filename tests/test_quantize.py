@@ -154,6 +154,8 @@ def test_pytorch_fake_quant_agrees_with_the_onnx_qdq_model_on_held_out_images(tm
     # the INT8 model than the FP32 model is (a dropped padding or a missed quantizer is far beyond both)
     assert np.abs(torch_out - ort_out).mean() < 0.03 * scale
     assert np.abs(torch_out - ort_out).max() < max(0.05 * scale, 1.5 * np.abs(fp32_out - ort_out).max())
+    # before any fine-tuning, what QAD starts from is the FP32 model up to INT8 rounding (same classes, close values)
+    assert agreement(torch_out, fp32_out) >= 0.9 and np.abs(torch_out - fp32_out).mean() < 0.05 * scale
     with torch.no_grad():  # and the float model inside is the original one again
         assert torch.equal(
             remove_fake_quant(fake)(torch.from_numpy(held_out[:4])), model(torch.from_numpy(held_out[:4]))
@@ -204,12 +206,70 @@ def test_sensitivity_ranks_the_fragile_layer_first_and_partial_keeps_it(tmp_path
     assert all(r["recovered"] < rows[0]["recovered"] / 4 for r in rows[1:])  # by far the most sensitive
     assert [r["recovered"] for r in rows] == sorted((r["recovered"] for r in rows), reverse=True)
     kept, drop, steps = keep_sensitive(
-        rows, 5, lambda k: agreement(reference, run(insert_qdq(fp32, amax, k))), 1.0, 0.05
+        rows, 5, lambda k: output_r2(reference, run(insert_qdq(fp32, amax, k))), 1.0, 0.05
     )
     assert kept[0] == "/c3/Conv" and drop <= 0.05 and len(kept) <= 5
-    assert steps[0]["drop"] < 1 - rows[0]["agreement_all_int8"] - 0.3  # keeping it alone removes most of the error
+    assert steps[0]["drop"] < 1 - rows[0]["fidelity_all_int8"] - 0.3  # keeping it alone removes most of the error
     assert steps[0] == {"layer": "/c3/Conv", "drop": steps[0]["drop"], "kept": True}
     assert all(s["kept"] == (s["layer"] in kept) for s in steps) and steps[-1]["drop"] == drop
+
+
+class _CrushedHead(nn.Module):
+    """A defect detector whose classifier input carries one feature of 10,000 on every image (a constant the bias
+    absorbs in FP32): quantized per tensor, every ordinary feature rounds to zero and the logits stop depending on
+    the image, while the arg-max still says "good" for the good majority."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+        self.register_buffer("spike", torch.zeros(1, 8))
+
+    def add_spike(self):
+        """One feature +10,000 on every image, its contribution taken off the bias: the same FP32 logits."""
+        with torch.no_grad():
+            self.spike[0, 0] = 10000.0
+            self.fc.bias -= 10000.0 * self.fc.weight[:, 0]
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)) + self.spike)
+
+
+def test_sensitivity_sees_a_crushed_classifier_that_top1_agreement_misses(tmp_path):
+    torch.manual_seed(0)
+    calib, digits = _digits(200, size=16)
+    labels = (digits == 0).astype(np.int64)  # "defect": one image in ten
+    model = _CrushedHead()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    weight = torch.tensor([1.0, 9.0])  # balanced: a detector, not a model that calls everything good
+    for _ in range(300):
+        loss = nn.functional.cross_entropy(model(torch.from_numpy(calib)), torch.from_numpy(labels), weight=weight)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        before = model(torch.from_numpy(calib))
+        model.add_spike()
+        assert torch.allclose(model(torch.from_numpy(calib)), before, atol=1e-2)
+    fp32 = _exported(model, tmp_path / "fp32.onnx", size=16)
+    amax = activation_ranges(tmp_path / "fp32.onnx", calib, 1, "minmax", tmp_path)
+
+    def run(model):
+        onnx.save(model, str(tmp_path / "probe.onnx"))
+        return ort_outputs(tmp_path / "probe.onnx", calib, 1, False)
+
+    reference = ort_outputs(tmp_path / "fp32.onnx", calib, 1, False)
+    found = reference.argmax(1) == 1
+    assert found[labels == 1].mean() > 0.8 and found[labels == 0].mean() < 0.1  # it finds defects, rejects few good
+    int8 = run(insert_qdq(fp32, amax))
+    assert len(np.unique(int8.round(4), axis=0)) <= 3 < len(np.unique(reference.round(4), axis=0))  # image-blind
+    assert agreement(reference, int8) > 0.85  # top-1 agreement barely notices
+    by_agreement = sensitivity(fp32, amax, run, reference, quantizable_nodes(fp32), agreement)
+    assert by_agreement[0]["recovered"] < 0.15
+    rows = sensitivity(fp32, amax, run, reference, quantizable_nodes(fp32))  # R² of the logits
+    assert rows[0]["fidelity_all_int8"] < 0.2
+    assert rows[0]["layer"] == "/fc/Gemm" and rows[0]["fidelity_without_it"] > 0.9 and rows[0]["recovered"] > 0.7
 
 
 def test_the_gate_says_what_was_tried_and_the_next_recipe_line():
@@ -241,7 +301,7 @@ def test_the_gate_says_what_was_tried_and_the_next_recipe_line():
     assert ok.startswith("INT8 ptq passes the 1.00-point gate")
 
 
-def test_regression_fidelity_is_r2_against_the_fp32_outputs():
+def test_fidelity_is_r2_against_the_fp32_outputs():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(200, 2))
     assert output_r2(ref, ref) == 1.0

@@ -263,10 +263,11 @@ def _int8_attempts(int8: dict[str, Any], regression: bool) -> list[str]:
     lines.append(f"- {int8['advice']}")
     if int8.get("sensitivity"):
         top = int8["sensitivity"][:10]
-        fidelity = "R² against the FP32 outputs" if regression else "top-1 agreement with FP32"
+        outputs = "outputs" if regression else "logits"
         lines += [
             "",
-            f"Layer sensitivity on the calibration images ({fidelity}, with every layer in INT8 and "
+            f"Layer sensitivity on the calibration images (R² of the {outputs} against FP32's, with every layer in "
+            "INT8 and "
             f"with that layer alone in floating point; {len(int8['sensitivity'])} layers, the 10 most "
             "sensitive):",
             "",
@@ -276,9 +277,9 @@ def _int8_attempts(int8: dict[str, Any], regression: bool) -> list[str]:
             [
                 (
                     r["layer"],
-                    f"{100 * r['agreement_all_int8']:.1f}%",
-                    f"{100 * r['agreement_without_it']:.1f}%",
-                    f"{100 * r['recovered']:+.1f}",
+                    f"{r['fidelity_all_int8']:.3f}",
+                    f"{r['fidelity_without_it']:.3f}",
+                    f"{r['recovered']:+.3f}",
                     "yes" if r["kept"] else "no",
                 )
                 for r in top

@@ -226,7 +226,6 @@ def _int8(b: _Build, calib: np.ndarray, held: _HeldOut, fp32_score: float) -> di
         limit=cfg.int8_max_drop,
         budget=cfg.int8_keep_budget,
         sensitivity_images=cfg.int8_sensitivity_images,
-        regression=b.job.targets is not None,
         qad=b.job.qad,
         export_float=export_float,
     )

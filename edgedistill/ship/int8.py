@@ -8,11 +8,10 @@ Three ways to that model, tried in this order by ``export.int8: auto``:
 
 1. PTQ: activation ranges calibrated once on the bundle's calibration images (ONNX Runtime's MinMax, Entropy or
    Percentile calibrators), weights' ranges from the weights.
-2. Partial: each quantized layer's sensitivity is measured on the calibration images (top-1 agreement with the
-   FP32 model when that layer alone is left in floating point: label-free, so the gate's images that judge the
-   result never choose it); in that order, each layer that lowers the disagreement with FP32 is kept out of INT8
-   until the disagreement is under ``export.int8_max_drop`` (a bound on the top-1 drop on those images) or
-   ``export.int8_keep_budget`` layers are kept.
+2. Partial: each quantized layer's sensitivity is measured on the calibration images (R² of the outputs against
+   the FP32 model's when that layer alone is left in floating point: label-free, so the gate's images that judge
+   the result never choose it); in that order, each layer that brings the outputs closer to FP32 is kept out of
+   INT8 until 1 - R² is under ``export.int8_max_drop`` or ``export.int8_keep_budget`` layers are kept.
 3. Quantization-aware distillation (QAD): the trained student with fake quantization on exactly those layers
    (the same activation scales, per-channel weight scales), fine-tuned a few epochs at a low learning rate with
    the distillation loss against its FP32 teacher (``export.qad_teacher``: the run's teacher or the FP32 student);
@@ -80,8 +79,8 @@ def agreement(reference: np.ndarray, logits: np.ndarray) -> float:
 
 
 def output_r2(reference: np.ndarray, outputs: np.ndarray) -> float:
-    """Regression: how much of the FP32 outputs' variance the INT8 outputs reproduce (R² against FP32, mean over
-    targets); 1 is identical."""
+    """How much of the FP32 outputs' variance the INT8 outputs reproduce (R² against FP32, mean over outputs: logits
+    or regression targets); 1 is identical, 0 or below is an output that no longer follows the image."""
     ref, out = np.asarray(reference, dtype=np.float64), np.asarray(outputs, dtype=np.float64)
     sst = np.maximum(((ref - ref.mean(0)) ** 2).sum(0), 1e-12)
     return float(np.mean(1 - ((ref - out) ** 2).sum(0) / sst))
@@ -93,11 +92,15 @@ def sensitivity(
     run: Callable[[onnx.ModelProto], np.ndarray],
     reference: np.ndarray,
     nodes: list[str],
-    fidelity: Callable[[np.ndarray, np.ndarray], float] = agreement,
+    fidelity: Callable[[np.ndarray, np.ndarray], float] = output_r2,
 ) -> list[dict[str, Any]]:
     """Each quantized layer's share of the INT8 error, label-free on the calibration images: ``fidelity`` to the FP32
-    model (top-1 agreement; regression: R² against FP32's outputs) when everything is quantized, and when that layer
-    alone is left in floating point. Rows sorted by what the layer recovers, most first."""
+    model (R² of the outputs against FP32's: logits or regression targets) when everything is quantized, and when
+    that layer alone is left in floating point. Rows sorted by what the layer recovers, most first.
+
+    Not top-1 agreement: on an inspection line most images are good, and an INT8 model whose outputs no longer
+    depend on the image (a crushed classifier input, say) still agrees with FP32's arg-max on every good image;
+    the line's score is what it lost, and the logits show it."""
     full = fidelity(reference, run(insert_qdq(fp32, amax)))
     rows = []
     for name in nodes:
@@ -105,8 +108,8 @@ def sensitivity(
         rows.append(
             {
                 "layer": name,
-                "agreement_all_int8": full,
-                "agreement_without_it": alone_out,
+                "fidelity_all_int8": full,
+                "fidelity_without_it": alone_out,
                 "recovered": alone_out - full,
             }
         )
@@ -155,7 +158,6 @@ class Int8Job:
     limit: float  # export.int8_max_drop
     budget: int  # export.int8_keep_budget
     sensitivity_images: int
-    regression: bool = False  # fidelity to FP32 is then R² of the outputs, not top-1 agreement
     qad: Optional[Callable[[QuantPlan], tuple[nn.Module, dict[str, Any]]]] = None  # what INT8 quantizes -> model, facts
     export_float: Optional[Callable[[nn.Module, Path], Path]] = None  # a float model -> simplified FP32 ONNX
 
@@ -214,10 +216,9 @@ def _partial(
     def on_calib(model: onnx.ModelProto) -> np.ndarray:
         return job.run_calib(_save(model, job.workdir / ".int8-probe.onnx"))[: job.sensitivity_images]
 
-    fidelity = output_r2 if job.regression else agreement
-    rows = sensitivity(fp32, amax, on_calib, reference, nodes, fidelity)
+    rows = sensitivity(fp32, amax, on_calib, reference, nodes)
     kept, _, steps = keep_sensitive(
-        rows, job.budget, lambda k: fidelity(reference, on_calib(insert_qdq(fp32, amax, exclude=k))), 1.0, job.limit
+        rows, job.budget, lambda k: output_r2(reference, on_calib(insert_qdq(fp32, amax, exclude=k))), 1.0, job.limit
     )
     (job.workdir / ".int8-probe.onnx").unlink(missing_ok=True)
     for row in rows:
