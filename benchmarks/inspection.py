@@ -203,7 +203,7 @@ def export_gate(args, folder: Path) -> dict:
         if code != 0:
             append_row(rows_path, {"key": key, "status": f"failed (exit {code}, see {run}/run.log)"})
             continue
-        manifest = json.loads((run / "export" / "manifest.json").read_text())
+        manifest = json.loads((run / "bundle" / "manifest.json").read_text())
         gate = manifest["metrics"]["int8"]
         row = {
             "key": key,
@@ -276,10 +276,19 @@ def table(args, done: dict, exported: dict) -> None:
     if ex:
         for key, r in sorted(ex.items()):
             line = r.get("line") or {}
+            tried = "; ".join(
+                f"{name} {100 * a['line']['recall_drop']:+.1f} (bound {100 * a['line']['recall_drop_upper']:+.1f})"
+                for name, a in r.get("attempts", {}).items()
+                if a.get("line")
+            )
+            nan = float("nan")
             notes.append(
-                f"{key} INT8 gate: {r['gate']} ({r['chosen']}), recall drop upper 95% bound "
-                f"{100 * line.get('recall_drop_upper', float('nan')):.2f} points, false-reject rise upper bound "
-                f"{100 * line.get('false_reject_rise_upper', float('nan')):.2f} points"
+                f"{key} INT8 gate: {r['gate']} ({r['chosen']}): recall drop {100 * line.get('recall_drop', nan):+.2f} "
+                f"points (upper 95% bound {100 * line.get('recall_drop_upper', nan):+.2f}), false-reject rise "
+                f"{100 * line.get('false_reject_rise', nan):+.2f} "
+                f"(bound {100 * line.get('false_reject_rise_upper', nan):+.2f}) "
+                f"on {line.get('positives')} defective + {line.get('negatives')} good gate images; every attempt's "
+                f"recall drop in points: {tried}"
             )
         seeds_ok = {k.split("/")[1] for k, r in ex.items() if r["gate"] == "accepted"}
         notes.append(
