@@ -163,6 +163,18 @@ def test_pytorch_fake_quant_agrees_with_the_onnx_qdq_model_on_held_out_images(tm
     assert list(remove_fake_quant(fake).state_dict()) == list(model.state_dict())
 
 
+def _probe(model: nn.Module, calib: np.ndarray, tmp_path: Path):
+    """A 16 px model exported, its MinMax ranges, a runner of any ONNX variant on ``calib``, FP32's outputs."""
+    fp32 = _exported(model, tmp_path / "fp32.onnx", size=16)
+    amax = activation_ranges(tmp_path / "fp32.onnx", calib, 1, "minmax", tmp_path)
+
+    def run(variant: onnx.ModelProto) -> np.ndarray:
+        onnx.save(variant, str(tmp_path / "probe.onnx"))
+        return ort_outputs(tmp_path / "probe.onnx", calib, 1, False)
+
+    return fp32, amax, run, ort_outputs(tmp_path / "fp32.onnx", calib, 1, False)
+
+
 class _Fragile(nn.Module):
     """Four convolutions; before the third, one pixel of one channel spikes to 1,000 on every image, so quantizing
     the third's input per tensor rounds every ordinary value to zero."""
@@ -192,14 +204,7 @@ def test_sensitivity_ranks_the_fragile_layer_first_and_partial_keeps_it(tmp_path
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    fp32 = _exported(model, tmp_path / "fp32.onnx", size=16)
-    amax = activation_ranges(tmp_path / "fp32.onnx", calib, 1, "minmax", tmp_path)
-
-    def run(model):
-        onnx.save(model, str(tmp_path / "probe.onnx"))
-        return ort_outputs(tmp_path / "probe.onnx", calib, 1, False)
-
-    reference = ort_outputs(tmp_path / "fp32.onnx", calib, 1, False)
+    fp32, amax, run, reference = _probe(model, calib, tmp_path)
     assert len(set(reference.argmax(1))) >= 5
     rows = sensitivity(fp32, amax, run, reference, quantizable_nodes(fp32))
     assert rows[0]["layer"] == "/c3/Conv" and rows[0]["recovered"] > 0.3
@@ -252,14 +257,7 @@ def test_sensitivity_sees_a_crushed_classifier_that_top1_agreement_misses(tmp_pa
         before = model(torch.from_numpy(calib))
         model.add_spike()
         assert torch.allclose(model(torch.from_numpy(calib)), before, atol=1e-2)
-    fp32 = _exported(model, tmp_path / "fp32.onnx", size=16)
-    amax = activation_ranges(tmp_path / "fp32.onnx", calib, 1, "minmax", tmp_path)
-
-    def run(model):
-        onnx.save(model, str(tmp_path / "probe.onnx"))
-        return ort_outputs(tmp_path / "probe.onnx", calib, 1, False)
-
-    reference = ort_outputs(tmp_path / "fp32.onnx", calib, 1, False)
+    fp32, amax, run, reference = _probe(model, calib, tmp_path)
     found = reference.argmax(1) == 1
     assert found[labels == 1].mean() > 0.8 and found[labels == 0].mean() < 0.1  # it finds defects, rejects few good
     int8 = run(insert_qdq(fp32, amax))
