@@ -277,8 +277,9 @@ def _int8_attempts(int8: dict[str, Any], regression: bool) -> list[str]:
             [
                 (
                     r["layer"],
-                    f"{r['fidelity_all_int8']:.3f}",
-                    f"{r['fidelity_without_it']:.3f}",
+                    # runs exported before the R² measure carry top-1 agreement under its old keys
+                    f"{r.get('fidelity_all_int8', r.get('agreement_all_int8', float('nan'))):.3f}",
+                    f"{r.get('fidelity_without_it', r.get('agreement_without_it', float('nan'))):.3f}",
                     f"{r['recovered']:+.3f}",
                     "yes" if r["kept"] else "no",
                 )
