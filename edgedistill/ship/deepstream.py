@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 from edgedistill.errors import ExportError
 from edgedistill.ship.nvinfer import PROBS, deepstream_model, parameters
+from edgerun.decision import threshold_for
 from edgerun.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -192,9 +193,7 @@ def _infer_config(
     """nvinfer's [property] group for one precision of the model, refused when a key is not the release's."""
     _, _, height, width = job.manifest_model["input_shape"]
     spec, decision = job.spec, job.decision
-    threshold = (decision or {}).get("threshold")
-    if precision == "int8":  # the INT8 model's own threshold, picked on the same calibration images
-        threshold = ((decision or {}).get("thresholds") or {}).get("int8", threshold)
+    threshold = threshold_for(decision or {}, precision)  # the INT8 model's own, picked on the same images
     infer = {
         "gpu-id": 0,
         "gie-unique-id": 1,
