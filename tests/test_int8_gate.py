@@ -81,6 +81,30 @@ def test_a_few_gate_defects_cannot_prove_non_inferiority_of_a_variant_that_diffe
     assert not results[200]["passes"] and bound[200] > 0.01  # ~40 defects, 160 good parts: one image > 0.6 points
 
 
+def test_the_gate_says_when_the_calibration_split_not_the_gate_images_leaves_the_bound_wide():
+    """Many gate images: with the thresholds held the recall bound is narrower than with them re-picked (the
+    gate's test), and where only the re-picked one is over the margin the advice names the calibration split, not
+    export.gate_samples; few gate images: the advice names the gate images."""
+    import dataclasses
+
+    from edgedistill.ship.int8 import limited_by
+
+    rng = np.random.default_rng(6)
+    noise = lambda x: x + np.stack([np.zeros(len(x)), rng.normal(0, 0.2, len(x))], 1)  # noqa: E731
+    gate, cal_x, gate_x, _, _ = _line(n_calib=1000, n_gate=20000, seed=5)
+    gate = dataclasses.replace(gate, margin=0.004)
+    got = gate.judge(noise(cal_x), noise(gate_x))
+    assert got["recall_drop_upper_gate_only"] <= 0.004 < got["recall_drop_upper"] and not got["passes"]
+    assert got["calibration_positives"] + got["calibration_negatives"] == 1000
+    text = limited_by(got)
+    assert "more calibration images" in text and "more gate images do not" in text
+    few_gate, cal_x, gate_x, _, _ = _line(n_calib=1000, n_gate=200, seed=5)
+    louder = lambda x: x + np.stack([np.zeros(len(x)), rng.normal(0, 0.6, len(x))], 1)  # noqa: E731
+    got = few_gate.judge(louder(cal_x), louder(gate_x))
+    assert got["recall_drop_upper_gate_only"] > 0.01
+    assert "more gate images (export.gate_samples) narrow it" in limited_by(got)
+
+
 @pytest.mark.parametrize("n, n_check, n_gate", [(1000, 300, 500), (100, 300, 1000), (7, 3, 3), (1, 300, 1000)])
 def test_check_and_gate_images_are_apart_and_share_each_class(n, n_check, n_gate):
     labels = np.arange(n) % 5 == 0  # one defect in five

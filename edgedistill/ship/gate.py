@@ -110,6 +110,8 @@ class LineGate:
         rise = _difference(at["int8"]["false_reject"], at["fp32"]["false_reject"])
         drops, rises = self._bootstrap(cal_pos, gate_pos, cal, gate)
         drop_upper, rise_upper = _upper(drops), _upper(rises)
+        # the same bound with both thresholds held at their values: what the gate images alone leave uncertain
+        gate_drops, gate_rises = self._bootstrap(cal_pos, gate_pos, cal, gate, thresholds=thresholds)
         return {
             "threshold": thresholds["int8"],
             "fp32_threshold": thresholds["fp32"],
@@ -123,6 +125,10 @@ class LineGate:
             "false_reject_rise": rise,
             "recall_drop_upper": drop_upper,
             "false_reject_rise_upper": rise_upper,
+            "recall_drop_upper_gate_only": _upper(gate_drops),
+            "false_reject_rise_upper_gate_only": _upper(gate_rises),
+            "calibration_positives": int(cal_pos.sum()),
+            "calibration_negatives": int((~cal_pos).sum()),
             "margin": self.margin,
             "resamples": self.resamples,
             "passes": bool(
@@ -134,9 +140,15 @@ class LineGate:
         }
 
     def _bootstrap(
-        self, cal_pos: np.ndarray, gate_pos: np.ndarray, cal: dict[str, np.ndarray], gate: dict[str, np.ndarray]
+        self,
+        cal_pos: np.ndarray,
+        gate_pos: np.ndarray,
+        cal: dict[str, np.ndarray],
+        gate: dict[str, np.ndarray],
+        thresholds: Optional[dict[str, float]] = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Paired resamples of the calibration and gate images, both thresholds picked again on each."""
+        """Paired resamples of the calibration and gate images, both thresholds picked again on each; with
+        ``thresholds``, the gate images alone are resampled and the thresholds held."""
         rng = np.random.default_rng(self.seed)
         n_cal, n_gate = len(cal_pos), len(gate_pos)
         drops = np.full(self.resamples, np.nan)
@@ -144,7 +156,7 @@ class LineGate:
         for b in range(self.resamples):
             ci, gi = rng.integers(0, n_cal, n_cal), rng.integers(0, n_gate, n_gate)
             try:
-                t = {m: self.pick(cal_pos[ci], cal[m][ci]) for m in cal}
+                t = thresholds or {m: self.pick(cal_pos[ci], cal[m][ci]) for m in cal}
             except ValueError:  # a resample without a positive (or negative) calibration image: no threshold
                 continue
             pos = gate_pos[gi]

@@ -338,12 +338,26 @@ def gate_advice(result: dict[str, Any], job: Int8Job) -> str:
         nxt = "--set export.int8=qad (quantization-aware distillation, against the FP32 teacher)"
     else:
         nxt = "--set export.int8=auto (sensitivity-guided partial INT8, then quantization-aware distillation)"
-    small = ""
     line = result.get("line")
-    if line and line["positives"]:
-        # one defect more or less moves recall by 1/P: a bound within the margin needs P well above 1/margin
-        small = (
-            f"; the gate images hold {line['positives']} defective parts: one of them is "
-            f"{100 / line['positives']:.2f} points of recall (export.gate_samples, more images, narrow the bound)"
-        )
+    small = f"; {limited_by(line)}" if line and line["positives"] else ""
     return f"INT8 rejected: {text}, over {gate}{small}; next: {nxt}"
+
+
+def limited_by(line: dict[str, Any]) -> str:
+    """Which images leave the recall bound wide: the gate's (few defective parts, each a step of 1/P) or the
+    calibration split's (each variant's threshold moves with it), from the bound with the thresholds held."""
+    held = line.get("recall_drop_upper_gate_only")
+    step = f"the gate images hold {line['positives']} defective parts (one is {100 / line['positives']:.2f} points)"
+    if held is None or "calibration_positives" not in line:  # a gate judged before the split was recorded
+        return f"{step}: export.gate_samples, more images, narrow the bound"
+    cal = f"{line['calibration_positives']} defective and {line['calibration_negatives']} good calibration images"
+    if held <= line["margin"] + 1e-12:
+        return (
+            f"with the thresholds held the recall bound is {held * 100:+.2f} points: the thresholds' own uncertainty "
+            f"({cal}) is what the gate cannot rule out; more calibration images (the evaluate stage's split) "
+            "narrow it, more gate images do not"
+        )
+    return (
+        f"with the thresholds held the recall bound is still {held * 100:+.2f} points: {step}; more gate images "
+        f"(export.gate_samples) narrow it, and then the thresholds' uncertainty ({cal})"
+    )
