@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -100,12 +103,12 @@ def trained_run(tmp_path_factory) -> Path:
 def _descendants(pid: int) -> list[int]:
     """Every process started under ``pid`` (torchrun puts its workers in sessions of their own), from /proc."""
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
         except OSError:  # ended meanwhile
             continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        children.setdefault(int(fields[1]), []).append(int(stat_file.parent.name))
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -134,3 +137,30 @@ def kill_when_written(args: list, path: Path, timeout: float = 300, command: Opt
             pass
     proc.wait()
     assert path.exists(), f"{' '.join(map(str, command + args))} never wrote {path}"
+
+
+@pytest.fixture
+def world():
+    """A folder every account can traverse (pytest's tmp folders are 0700 to root), removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="edgerun-service-"))
+    folder.chmod(0o755)
+    (folder / "units").mkdir()
+    yield folder
+    shutil.rmtree(folder)
+
+
+@pytest.fixture
+def reachable_python():
+    """This machine's interpreter lives under /root (0700), where no service account reaches (a Jetson's
+    /usr/bin/python3 is reachable): the folders on its way get o+x (enter, not list) for the test, then their
+    modes back."""
+    changed = []
+    for target in {os.path.realpath(sys.executable), os.path.realpath(sys.prefix)}:
+        for folder in Path(target).parents:
+            mode = stat.S_IMODE(folder.stat().st_mode)
+            if not mode & stat.S_IXOTH:
+                folder.chmod(mode | stat.S_IXOTH)
+                changed.append((folder, mode))
+    yield
+    for folder, mode in changed:
+        folder.chmod(mode)

@@ -20,9 +20,8 @@ def _unit(tmp_path):
     return configparser.ConfigParser(interpolation=None, strict=False)
 
 
-def test_install_writes_a_unit_systemd_accepts(trained_run, tmp_path, capsys):
-    units = tmp_path / "units"
-    units.mkdir()
+def test_install_writes_a_unit_systemd_accepts(trained_run, world, reachable_python, capsys):
+    units = world / "units"
     assert (
         edgerun(
             [
@@ -41,23 +40,26 @@ def test_install_writes_a_unit_systemd_accepts(trained_run, tmp_path, capsys):
                 "3",
                 "--unit-dir",
                 str(units),
+                "--state-root",
+                str(world / "state"),
                 "--no-enable",
             ]
         )
         == 0
     )
     path = units / "edgerun-line1.service"
-    parser = _unit(tmp_path)
+    state = world / "state" / "line1"
+    parser = _unit(world)
     parser.optionxform = str
     parser.read(path)
     svc = parser["Service"]
     assert svc["Type"] == "notify" and svc["Restart"] == "on-failure" and svc["WatchdogSec"] == "30"
     assert svc["User"] == "nobody" and svc["SupplementaryGroups"] == "video" and svc["NoNewPrivileges"] == "yes"
-    assert svc["StandardOutput"] == "journal" and svc["StateDirectory"] == "edgerun/line1"
+    assert svc["StandardOutput"] == "journal" and svc["ReadWritePaths"] == str(state)
     exec_start = svc["ExecStart"]
     assert " -m edgerun.cli camera " in exec_start and "--source csi://0" in exec_start
-    assert "--status-file /var/lib/edgerun/line1/status.json" in exec_start and "--reject-class 3" in exec_start
-    assert "--save-unsure /var/lib/edgerun/line1/unsure" in exec_start
+    assert f"--status-file {state}/status.json" in exec_start and "--reject-class 3" in exec_start
+    assert f"--save-unsure {state}/unsure" in exec_start
     assert parser["Install"]["WantedBy"] == "multi-user.target"
     assert "not enabled (--no-enable)" in capsys.readouterr().out
     if shutil.which("systemd-analyze"):
@@ -153,8 +155,10 @@ def test_heartbeat_without_systemd_and_the_watchdog_interval():
     beat = Heartbeat(None, environ={})
     beat.tick({"frames": 1, "seconds": 0.5})
     assert beat.ready and beat.watchdog_s is None
-    assert 'ExecStart=/opt/py/bin/python3 -m edgerun.cli camera "/data/my bundle.edb"' in unit_text(
+    text = unit_text(
         ServiceUnit(
             name="x", camera_args=["/data/my bundle.edb"], user="edgerun", group="video", python="/opt/py/bin/python3"
         )
     )
+    assert 'ExecStart=/opt/py/bin/python3 -m edgerun.cli camera "/data/my bundle.edb"' in text
+    assert "StateDirectory=edgerun/x" in text  # under /var/lib/edgerun: systemd makes it and gives it to User=

@@ -51,8 +51,10 @@ class Limits(object):
                     "$%s must be a number of MB, not '%s'" % (MAX_UNPACK_ENV, environ[MAX_UNPACK_ENV])
                 ) from None
         max_mb = BUNDLE_MAX_MB if max_mb is None else max_mb
-        if max_mb <= 0:
-            raise UnsafeArchiveError("--max-unpack-mb must be positive")
+        if not (0 < max_mb < float("inf")):  # nan fails both comparisons
+            raise UnsafeArchiveError(
+                "--max-unpack-mb (or $%s) must be a positive, finite number of MB, not %r" % (MAX_UNPACK_ENV, max_mb)
+            )
         return cls(int(max_mb * (1 << 20)), BUNDLE_MAX_MEMBERS)
 
 

@@ -2,7 +2,7 @@
 PASS/FAIL verdict against the FPS target and the memory budget."""
 
 from edgerun.bench import DEFAULT_FRAME_SIZE, BenchJob, parse_frame_size, report_text, run_bench, verdict
-from edgerun.cli.common import active_runner, add_runner_args, check_outputs, count, open_from_args, write_json
+from edgerun.cli.common import active_runner, add_runner_args, check_outputs, count, number, open_from_args, write_json
 from edgerun.errors import EdgerunError
 from edgerun.profiles import TARGETS, get_target
 
@@ -84,13 +84,13 @@ def cmd_bench(args):
 def add_parser(sub):
     p = sub.add_parser("bench", help="throughput, latency, memory; PASS/FAIL verdict")
     add_runner_args(p)
-    p.add_argument("--fps-target", type=float)
-    p.add_argument("--budget-mb", type=float, help="memory budget of this process")
+    p.add_argument("--fps-target", type=number(above=0))
+    p.add_argument("--budget-mb", type=number(above=0), help="memory budget of this process")
     p.add_argument("--device-profile", choices=sorted(TARGETS), help="default: the bundle's target")
     p.add_argument("--batch", type=int)
     p.add_argument("--warmup", type=count(0), default=20)
     p.add_argument("--iterations", type=count(1), default=200)
-    p.add_argument("--min-seconds", type=float, default=0.0)
+    p.add_argument("--min-seconds", type=number(0), default=0.0)
     p.add_argument(
         "--frame-size",
         help="synthetic camera frames, WIDTHxHEIGHT (default: the device profile's "

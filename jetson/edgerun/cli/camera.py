@@ -4,7 +4,16 @@ unsure frames, the soak and the service heartbeat."""
 import argparse
 import sys
 
-from edgerun.cli.common import active_runner, add_runner_args, bundle_outputs, check_outputs, open_from_args, write_json
+from edgerun.cli.common import (
+    PROBABILITY,
+    active_runner,
+    add_runner_args,
+    bundle_outputs,
+    check_outputs,
+    number,
+    open_from_args,
+    write_json,
+)
 from edgerun.errors import EdgerunError
 
 
@@ -231,10 +240,12 @@ def add_parser(sub):
         help="sample RSS, device memory, temperature and clocks; report "
         "memory's slope over time and frames and every reconnect",
     )
-    p.add_argument("--soak-interval", type=float, default=60.0, help="seconds between soak samples (default 60)")
+    p.add_argument(
+        "--soak-interval", type=number(above=0), default=60.0, help="seconds between soak samples (default 60)"
+    )
     p.add_argument(
         "--max-slope-mb",
-        type=float,
+        type=number(0),
         default=1.0,
         help="soak FAILs when memory grows faster than this many MB per 10,000 frames (default 1)",
     )
@@ -245,14 +256,14 @@ def add_parser(sub):
         help="classification: PSI of confidence and predicted classes over windows of this many frames "
         "against the bundle's validation images (default 500; 0 turns the drift watch off)",
     )
-    p.add_argument("--drift-threshold", type=float, default=0.25, help="warn above this PSI (default 0.25)")
+    p.add_argument("--drift-threshold", type=number(0), default=0.25, help="warn above this PSI (default 0.25)")
     p.add_argument(
         "--save-unsure",
         metavar="DIR",
         help="save frames whose top-two probability margin is under "
         "--unsure-margin here, with index.csv of their scores",
     )
-    p.add_argument("--unsure-margin", type=float, default=0.2)
+    p.add_argument("--unsure-margin", type=PROBABILITY, default=0.2)
     p.add_argument("--save-unsure-max", type=int, default=200, help="at most this many frames saved (default 200)")
     p.add_argument(
         "--status-file",
@@ -266,22 +277,22 @@ def add_parser(sub):
         "--threshold",
         "--reject-threshold",
         dest="threshold",
-        type=float,
+        type=PROBABILITY,
         default=None,
         help="the reject threshold (default: the bundle's operating-point threshold when --reject-class is "
         "its positive class, else 0.5)",
     )
     p.add_argument(
         "--reject-above",
-        type=float,
+        type=number(),
         help="regression bundles: reject a frame whose value (of --reject-target) is above this, in target units",
     )
-    p.add_argument("--reject-below", type=float, help="regression bundles: reject a frame whose value is below this")
+    p.add_argument("--reject-below", type=number(), help="regression bundles: reject a frame whose value is below this")
     p.add_argument(
         "--reject-target", help="regression bundles: the target the thresholds apply to (default: the first)"
     )
     p.add_argument("--reconnects", type=int, default=3)
-    p.add_argument("--fps-target", type=float)
+    p.add_argument("--fps-target", type=number(above=0))
     p.add_argument("--json", help="write the summary here")
     p.add_argument("--strict", action="store_true")
     p.set_defaults(handler=cmd_camera)

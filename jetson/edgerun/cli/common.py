@@ -140,6 +140,31 @@ def count(least):
     return parse
 
 
+def number(least=None, most=None, above=None):
+    """An argparse type: a finite number (nan and inf refused), at least ``least``, at most ``most``, above
+    ``above`` (argparse's own error, exit 2, otherwise)."""
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a number" % (text,)) from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError("%r is not a finite number" % (text,))
+        if least is not None and value < least:
+            raise argparse.ArgumentTypeError("must be at least %g, not %g" % (least, value))
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError("must be at most %g, not %g" % (most, value))
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError("must be above %g, not %g" % (above, value))
+        return value
+
+    return parse
+
+
+PROBABILITY = number(0.0, 1.0)  # a reject threshold on a class's probability
+
+
 def add_trust_args(p):
     """--trust, --max-unpack-mb, --pins: what every command that opens a bundle takes."""
     p.add_argument(
@@ -149,7 +174,7 @@ def add_trust_args(p):
     )
     p.add_argument(
         "--max-unpack-mb",
-        type=float,
+        type=number(above=0),
         help="refuse an .edb that unpacks to more than this (default: $EDGERUN_MAX_UNPACK_MB, else 1024)",
     )
     p.add_argument(

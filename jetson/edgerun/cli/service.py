@@ -3,7 +3,7 @@
 import os
 
 from edgerun.bench import to_json
-from edgerun.cli.common import add_trust_args, open_from_args
+from edgerun.cli.common import PROBABILITY, add_trust_args, open_from_args
 from edgerun.errors import EdgerunError
 
 
@@ -46,30 +46,76 @@ def cmd_service(args):
         if st.get("error"):
             print("  ended: %s" % st["error"])
         return 0
+    return _install(args)
+
+
+def _install(args):
+    """Stage the release where the service's account owns it, check as that account that it opens and verifies
+    with the unit's environment, then write the unit (``edgerun.line.release``)."""
+    from edgerun.bundle.pins import resolve_pins
+    from edgerun.bundle.signing import resolve_trust
+    from edgerun.line import release, service
+
     if not args.bundle or not args.source:
         raise EdgerunError("service install needs BUNDLE and --source (the camera the line runs)")
-    bundle = open_from_args(args)  # checked now (trust, pins, schema), not at the first start in the journal
-    state = "%s/%s" % (service.STATE_ROOT, service.check_name(args.name))
-    camera = [os.path.abspath(args.bundle), "--source", args.source, "--save-unsure", state + "/unsure"]
-    if args.engine:
-        camera += ["--engine", os.path.abspath(args.engine)]
+    name = service.check_name(args.name)
+    service.check_user(args.user, args.group)
+    for flag in ("source", "reject_class"):
+        if getattr(args, flag) is not None:
+            service.check_unit_value("--" + flag.replace("_", "-"), getattr(args, flag))
+    if args.watchdog < 5:
+        raise EdgerunError(
+            "--watchdog %d: at least 5 seconds (an engine's first inference can take seconds)" % args.watchdog
+        )
+    if not os.path.isdir(args.unit_dir):
+        raise EdgerunError("--unit-dir %s does not exist" % args.unit_dir)
+    service.plain_path(os.path.join(os.path.abspath(args.state_root), name))
+    bundle = open_from_args(args)  # checked now (trust, pins, schema), by the installer
+    staged = release.stage(
+        release.ReleaseJob(
+            name=name,
+            state_root=args.state_root,
+            bundle=os.path.abspath(args.bundle),
+            engine=os.path.abspath(args.engine) if args.engine else None,
+            trust=resolve_trust(args.trust),
+            pins=resolve_pins(args.pins),
+            user=args.user,
+        )
+    )
+    # the same check, as the service's account with the unit's environment: what systemd will start can read it all
+    release.check_as(args.user, release.verify_argv(args.python, staged), staged.environment)
+    state = staged.state
+    camera = [staged.bundle, "--source", args.source, "--save-unsure", state + "/unsure"]
+    if staged.engine:
+        camera += ["--engine", staged.engine]
     if args.reject_class:
         camera += ["--reject-class", args.reject_class]
     if args.threshold is not None:
         camera += ["--threshold", repr(args.threshold)]
     if args.soak:
         camera += ["--soak"]
-    for flag in ("trust", "pins"):
-        value = getattr(args, flag, None)
-        if value:
-            camera += ["--" + flag, os.path.abspath(value)]
     unit = service.ServiceUnit(
-        name=args.name, camera_args=camera, user=args.user, group=args.group, watchdog_s=args.watchdog
+        name=name,
+        camera_args=camera,
+        user=args.user,
+        group=args.group,
+        watchdog_s=args.watchdog,
+        python=args.python,
+        state=state,
+        environment=staged.environment,
     )
     path = service.install(unit, unit_dir=args.unit_dir, enable=not args.no_enable)
     print(
-        "wrote %s for '%s' (%s) on %s as user %s"
-        % (path, bundle.manifest.data.get("name"), bundle.manifest_sha256[:16], args.source, args.user)
+        "wrote %s for '%s' (%s) on %s as user %s; its release, key, trust and edgerun in %s (checked as %s)"
+        % (
+            path,
+            bundle.manifest.data.get("name"),
+            bundle.manifest_sha256[:16],
+            args.source,
+            args.user,
+            state,
+            args.user,
+        )
     )
     print(
         "enabled and started: journalctl -u edgerun-%s -f; edgerun service status --name %s" % (args.name, args.name)
@@ -87,7 +133,7 @@ def add_parser(sub):
     p.add_argument("--source", help="install: the camera (csi://0, usb://0, /dev/videoN, rtsp://...)")
     p.add_argument("--engine", help="install: the TensorRT engine (default: ONNX Runtime)")
     p.add_argument("--reject-class")
-    p.add_argument("--threshold", type=float)
+    p.add_argument("--threshold", type=PROBABILITY, help="install: the reject threshold (a probability)")
     p.add_argument("--soak", action="store_true", help="install: also sample memory and temperature (--soak)")
     p.add_argument("--user", default="edgerun", help="install: the unprivileged account it runs as")
     p.add_argument("--group", default="video", help="install: the camera devices' group")
@@ -95,8 +141,17 @@ def add_parser(sub):
         "--watchdog", type=int, default=30, help="install: seconds without a frame before systemd restarts it"
     )
     p.add_argument("--unit-dir", default="/etc/systemd/system")
+    p.add_argument(
+        "--python",
+        help="install: the python the unit runs (default: this one); it and its packages must be readable by --user",
+    )
     p.add_argument("--no-enable", action="store_true", help="install: write the unit only (no systemctl)")
-    p.add_argument("--state-root", default="/var/lib/edgerun", help="status: where the services' state lives")
+    p.add_argument(
+        "--state-root",
+        default="/var/lib/edgerun",
+        help="where the services' state lives: install stages the release, the service's engine key, its trust "
+        "and edgerun in STATE_ROOT/NAME (default /var/lib/edgerun, systemd's StateDirectory)",
+    )
     p.add_argument("--json", action="store_true", help="status: print JSON")
     add_trust_args(p)
     p.set_defaults(handler=cmd_service)

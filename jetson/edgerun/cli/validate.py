@@ -3,7 +3,15 @@
 
 import numpy as np
 
-from edgerun.cli.common import active_runner, add_runner_args, bundle_outputs, check_outputs, open_from_args, write_json
+from edgerun.cli.common import (
+    active_runner,
+    add_runner_args,
+    bundle_outputs,
+    check_outputs,
+    number,
+    open_from_args,
+    write_json,
+)
 
 
 def _validate_regression(args, bundle, runner):
@@ -148,7 +156,7 @@ def add_parser(sub):
     add_runner_args(p)
     p.add_argument(
         "--max-drop",
-        type=float,
+        type=number(0, 1),
         default=0.01,
         help="allowed top-1 drop vs host FP32 (0.01 = 1 point), and with an operating point in the bundle "
         "the allowed recall drop and false-reject rise at its threshold; regression: allowed R2 drop",

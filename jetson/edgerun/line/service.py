@@ -121,12 +121,48 @@ class Heartbeat(object):
         sd_notify("STOPPING=1", self.environ)
 
 
-def _quote(word):
-    """A word for systemd's ExecStart: double quotes where it holds spaces or quotes (systemd.service(5))."""
-    word = str(word)
-    if word and all(c.isalnum() or c in "-_./:=@+%," for c in word):
+def check_unit_value(what, value):
+    """A value bound for a unit file, a config or a label file: no control characters (a newline would start a
+    directive of its own)."""
+    value = str(value)
+    bad = [c for c in value if ord(c) < 32 or ord(c) == 127]
+    if bad:
+        raise EdgerunError(
+            "%s %r holds a control character (%r): a newline or tab there would write directives of its own "
+            "into the unit; give it without" % (what, value, bad[0])
+        )
+    return value
+
+
+def _quoted(text):
+    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def exec_word(word, what="an ExecStart argument"):
+    """A word for systemd's ExecStart (systemd.service(5), "Command lines"): ``%`` written ``%%`` (specifiers)
+    and ``$`` written ``$$`` (variable substitution), double-quoted with backslash escapes unless plain."""
+    word = check_unit_value(what, word).replace("%", "%%").replace("$", "$$")
+    if word and all(c.isalnum() or c in "-_./:=@+," for c in word):
         return word
-    return '"%s"' % word.replace("\\", "\\\\").replace('"', '\\"')
+    return _quoted(word)
+
+
+def plain_path(path):
+    """A folder for WorkingDirectory= and ReadWritePaths= (which take no quotes): absolute, plain characters."""
+    if not path.startswith("/") or not all(c.isalnum() or c in "-_./" for c in path) or "/../" in path + "/":
+        raise EdgerunError(
+            "the state folder '%s': an absolute path of letters, digits, '-', '_', '.' and '/' only (systemd's "
+            "WorkingDirectory= takes no quotes); pass another --state-root" % path
+        )
+    return path
+
+
+def environment_line(key, value):
+    """``Environment="KEY=value"`` (systemd.exec(5)): quoted, ``%`` written ``%%``; ``$`` has no special
+    meaning there and is written as it is."""
+    check_unit_value("the environment variable name", key)
+    value = check_unit_value("the value of %s" % key, value).replace("%", "%%")
+    return "Environment=%s" % _quoted("%s=%s" % (key, value))
 
 
 class ServiceUnit(Spec):
@@ -143,6 +179,8 @@ class ServiceUnit(Spec):
         "watchdog_s": 30,
         "restart_s": 5,
         "description": None,
+        "state": None,
+        "environment": None,
     }
 
 
@@ -151,7 +189,15 @@ def unit_text(unit):
     /var/lib/edgerun/NAME."""
     name, user, group = unit.name, unit.user, unit.group
     python = unit.python or sys.executable
-    state = "%s/%s" % (STATE_ROOT, name)
+    state = unit.state or "%s/%s" % (STATE_ROOT, name)
+    environment = unit.environment or [
+        ("PYTHONUNBUFFERED", "1"),
+        ("PYTHONPATH", os.path.dirname(os.path.dirname(os.path.abspath(edgerun.__file__)))),
+    ]
+    if os.path.dirname(state) == STATE_ROOT:
+        where = ["StateDirectory=edgerun/%s" % name]  # systemd creates it and gives it to User=
+    else:
+        where = ["ReadWritePaths=%s" % plain_path(state)]
     exec_words = (
         [python, "-m", "edgerun.cli", "camera"]
         + list(unit.camera_args)
@@ -161,7 +207,10 @@ def unit_text(unit):
         [
             "# written by `edgerun service install`; edgerun service status %s" % name,
             "[Unit]",
-            "Description=%s" % (unit.description or "edgerun line camera (%s)" % name),
+            "Description=%s"
+            % check_unit_value("the description", unit.description or "edgerun line camera (%s)" % name).replace(
+                "%", "%%"
+            ),
             "After=network-online.target",
             "Wants=network-online.target",
             "StartLimitIntervalSec=600",
@@ -170,7 +219,7 @@ def unit_text(unit):
             "[Service]",
             "Type=notify",
             "NotifyAccess=main",
-            "ExecStart=%s" % " ".join(_quote(w) for w in exec_words),
+            "ExecStart=%s" % " ".join(exec_word(w) for w in exec_words),
             "User=%s" % user,
             "Group=%s" % user,
             "SupplementaryGroups=%s" % group,
@@ -178,10 +227,11 @@ def unit_text(unit):
             "RestartSec=%d" % unit.restart_s,
             "WatchdogSec=%d" % unit.watchdog_s,
             "TimeoutStartSec=300",
-            "StateDirectory=edgerun/%s" % name,
-            "WorkingDirectory=%s" % state,
-            "Environment=PYTHONUNBUFFERED=1",
-            "Environment=PYTHONPATH=%s" % os.path.dirname(os.path.dirname(os.path.abspath(edgerun.__file__))),
+        ]
+        + where
+        + ["WorkingDirectory=%s" % plain_path(state)]
+        + [environment_line(k, v) for k, v in environment]
+        + [
             "StandardOutput=journal",
             "StandardError=journal",
             "SyslogIdentifier=edgerun-%s" % name,

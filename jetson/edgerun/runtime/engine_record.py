@@ -27,15 +27,35 @@ def device_key_path(environ=None):
     return environ.get(DEVICE_KEY_ENV) or os.path.join(os.path.expanduser("~"), ".config", "edgerun", "device.key")
 
 
+def _container_hint(path):
+    """In a container, where each `docker run --rm` starts empty: the key lives only as long as a volume."""
+    if not os.path.exists("/.dockerenv"):
+        return ""
+    return (
+        " (in a container the key lasts only on a volume: run every container with -v edgerun-state:%s, the "
+        "same for build, validate, bench and camera)" % os.path.dirname(path)
+    )
+
+
 def device_key(create=False, environ=None):
     """This device's engine-record key; created (mode 0600) when ``create`` and absent. A key that other users can
     read is refused: it would let them seal records."""
     path = device_key_path(environ)
-    if not os.path.exists(path):
+    try:
+        os.stat(path)
+        exists = True
+    except FileNotFoundError:
+        exists = False
+    except (OSError, IOError) as exc:  # a folder on the way this user cannot enter: not "no key"
+        raise EngineMismatchError(
+            "the device's engine key '%s' cannot be read (%s): it belongs to the user that built the engines (a "
+            "service has its own: `edgerun service install`)" % (path, exc)
+        ) from exc
+    if not exists:
         if not create:
             raise EngineMismatchError(
                 "this device has no engine key (%s): engines are trusted only when this device "
-                "built them; rebuild with `edgerun build`" % path
+                "built them; rebuild with `edgerun build`%s" % (path, _container_hint(path))
             )
         folder = os.path.dirname(path)
         if folder and not os.path.isdir(folder):
@@ -48,13 +68,19 @@ def device_key(create=False, environ=None):
         else:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(os.urandom(32))
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    if mode & 0o077:
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            raise EngineMismatchError(
+                "the device's engine key '%s' is readable by others (mode %o): chmod 600 it" % (path, mode)
+            )
+        with open(path, "rb") as fh:
+            key = fh.read()
+    except (OSError, IOError) as exc:
         raise EngineMismatchError(
-            "the device's engine key '%s' is readable by others (mode %o): chmod 600 it" % (path, mode)
-        )
-    with open(path, "rb") as fh:
-        key = fh.read()
+            "the device's engine key '%s' cannot be read (%s): it belongs to the user that built the engines (a "
+            "service has its own: `edgerun service install`); remove it and rebuild if it is damaged" % (path, exc)
+        ) from exc
     if len(key) < 32:
         raise EngineMismatchError(
             "the device's engine key '%s' is damaged (%d bytes): remove it and rebuild the engines" % (path, len(key))

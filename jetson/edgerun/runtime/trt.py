@@ -240,8 +240,19 @@ def check_engine(engine_path, bundle=None, trt=None, gpu=None, board=None, engin
             "engine '%s' has no %s beside it, so its origin is unknown: rebuild it with "
             "`edgerun build`" % (engine_path, os.path.basename(meta_path))
         )
-    with open(meta_path) as fh:
-        meta = json.load(fh)
+    try:
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+    except (OSError, IOError, ValueError) as exc:
+        raise EngineMismatchError(
+            "the record of engine '%s' (%s) cannot be read (%s): rebuild the engine with `edgerun build`"
+            % (engine_path, meta_path, exc)
+        ) from exc
+    if not isinstance(meta, dict):
+        raise EngineMismatchError(
+            "the record of engine '%s' (%s) is not a JSON object: rebuild the engine with `edgerun build`"
+            % (engine_path, meta_path)
+        )
     if trt is not None and parse_version(meta.get("tensorrt", "0")) != parse_version(trt.__version__):
         raise EngineMismatchError(
             "engine '%s' was built with TensorRT %s, this device has %s: engines are not "
