@@ -301,3 +301,147 @@ def test_install_copies_edgerun_and_runs_it_with_the_boards_own_python(boards, t
     lib = boards["d"] / "edgedistill" / "lib" / "edgerun"
     assert (lib / "cli" / "__main__.py").is_file() and (lib / "bundle" / "slots.py").is_file()  # every wing
     assert (boards["d"] / "edgedistill" / "bin" / "edgerun").stat().st_mode & 0o111
+
+
+# --- what a board (or whoever controls it) can get wrong: each a row, never a PASS on no evidence ---------------
+
+
+def _fake_edgerun(board: Path, name: str, when: str, then: str) -> str:
+    """A launcher on the board that runs the real edgerun, except for the subcommand ``when``, where it runs the
+    shell ``then`` (with $results: the folder of that command's --json file). Returns its path for --edgerun."""
+    script = board / name
+    script.write_text(
+        "#!/bin/sh\n"
+        'results=""; prev=""\n'
+        'for a in "$@"; do [ "$prev" = "--json" ] && results=$(dirname "$a"); prev=$a; done\n'
+        f'if [ "$1" = {when} ]; then\n{then}\nfi\n'
+        'exec "$(pwd)/edgedistill/venv/bin/edgerun" "$@"\n'
+    )
+    script.chmod(0o755)
+    return f"./{name}"
+
+
+def _row(run: Path) -> dict:
+    return json.loads((run / "devices" / "fleet.json").read_text())["rows"][0]
+
+
+def _current(boards) -> str:
+    link = boards["a"] / "edgedistill" / "models" / "fast" / "current"
+    return os.readlink(link) if os.path.islink(link) else ""
+
+
+def _fresh_run(trained_run, tmp_path, created: str) -> Path:
+    """A copy of the run whose bundle is a release of its own (another manifest, so another version)."""
+    from edgerun.bundle.manifest import write_manifest
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    data = json.loads((run / "bundle" / "manifest.json").read_text())
+    write_manifest(run / "bundle", dict(data, created=created))
+    return run
+
+
+def test_a_validation_that_crashed_is_a_fail_and_nothing_is_activated(boards, trained_run, tmp_path):
+    run = _fresh_run(trained_run, tmp_path, "2031-01-01T00:00:00+00:00")
+    before = _current(boards)
+    crash = _fake_edgerun(
+        boards["a"], "crash-validate", "validate", 'echo "Traceback (most recent call last):" >&2; exit 1'
+    )
+    assert _deploy(boards, run, "board-a", extra=["--edgerun", crash]) == 1
+    row = _row(run)
+    assert row["status"] == "FAIL" and "no validate.json" in row["reason"] and "exited 1" in row["reason"]
+    assert row["active"] is None and _current(boards) == before  # the line keeps the release it had
+
+
+def test_a_bundle_planted_in_the_release_folder_is_replaced_not_trusted(boards, trained_run, tmp_path):
+    run = _fresh_run(trained_run, tmp_path, "2032-01-01T00:00:00+00:00")
+    version = open_bundle(str(run / "bundle")).manifest_sha256[:16]
+    planted = boards["a"] / "edgedistill" / "models" / "fast" / version / "bundle.edb"
+    planted.parent.mkdir(parents=True)
+    shutil.copy(trained_run / "bundle.edb" if (trained_run / "bundle.edb").exists() else _any_edb(trained_run), planted)
+    assert _deploy(boards, run, "board-a") == 0
+    row = _row(run)
+    copy = next(s for s in row["steps"] if s["step"] == "copy")
+    assert "replaced a different bundle.edb" in copy["note"] and copy["bytes"] > 0
+    assert open_bundle(str(planted)).manifest_sha256[:16] == version  # the board now holds this release
+
+
+def _any_edb(run: Path) -> Path:
+    """Another release's .edb (the trained run packed as it is) to plant."""
+    from edgerun.bundle.bundle import pack_bundle
+
+    return Path(pack_bundle(str(run / "bundle"), str(run.parent / f"planted-{run.name}.edb")))
+
+
+def test_a_model_name_or_host_alias_that_climbs_out_is_refused(boards, trained_run, tmp_path, capsys):
+    from edgedistill.deploy.release import host_slug
+    from edgerun.bundle.manifest import write_manifest
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    data = json.loads((run / "bundle" / "manifest.json").read_text())
+    write_manifest(run / "bundle", dict(data, name="../escaped"))
+    assert _deploy(boards, run, "board-a") == 2
+    assert "cannot name a folder on the boards" in capsys.readouterr().err
+    assert not (boards["a"] / "edgedistill" / "escaped").exists() and not (run / "devices").exists()
+    for alias in ("..", ".", "../x", "a/../../b"):
+        slug = host_slug(alias)
+        assert "/" not in slug and slug not in (".", "..") and not slug.startswith(".")
+
+
+@pytest.mark.parametrize(
+    "forged",
+    ["[1, 2]", '{"status": "PASS", "result": {"throughput_fps": "999"}}', '{"verdict": {"overall": "PASSED"}}'],
+)
+def test_a_forged_or_malformed_result_is_that_boards_fail_and_the_fleet_keeps_its_rows(
+    boards, trained_run, tmp_path, forged
+):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    forge = _fake_edgerun(
+        boards["a"],
+        "forge-bench",
+        "bench",
+        f'"$(pwd)/edgedistill/venv/bin/edgerun" "$@"; printf \'%s\' \'{forged}\' > "$results/bench.json"; exit 0',
+    )
+    assert _deploy(boards, run, "board-a", "board-b", extra=["--edgerun", forge]) == 1
+    rows = {r["host"]: r for r in json.loads((run / "devices" / "fleet.json").read_text())["rows"]}
+    a = rows["board-a"]
+    assert a["status"] == "FAIL" and "bench.json from the board is malformed" in a["reason"], a["reason"]
+    assert a["active"] is None and a.get("fps") is None  # a string "999" is not a figure
+    assert rows["board-b"]["status"] == "ERROR"  # the other board's row is still there
+
+
+def test_a_hung_step_is_stopped_here_and_on_the_board(boards, trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    pidfile = boards["a"] / "hung.pid"
+    hang = _fake_edgerun(boards["a"], "hang-bench", "bench", f"sleep 300 & echo $! > {pidfile}; wait; exit 0")
+    started = time.monotonic()
+    assert _deploy(boards, run, "board-a", extra=["--edgerun", hang, "--step-timeout", "8"]) == 1
+    assert time.monotonic() - started < 120
+    row = _row(run)
+    assert row["status"] == "ERROR" and "did not finish in 8 s" in row["reason"] and row["active"] is None
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.3)
+    assert not _alive(pid), "the board's command kept running after deploy gave up on it"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_results_past_the_cap_are_refused_while_they_arrive(boards, trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    flood = _fake_edgerun(boards["a"], "flood-bench", "bench", 'head -c 3000000 /dev/urandom > "$results/flood.bin"')
+    assert _deploy(boards, run, "board-a", extra=["--edgerun", flood, "--max-result-mb", "1"]) == 1
+    row = _row(run)
+    assert row["status"] == "ERROR" and "holds more than 1 MB; nothing copied" in row["reason"]
+    assert not list((run / "devices" / "board-a").glob("flood.bin"))

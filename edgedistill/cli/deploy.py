@@ -62,6 +62,19 @@ def add_parser(sub) -> None:
         default="python3",
         help="the boards' Python for --install (default python3: JetPack's, with its numpy, OpenCV and TensorRT)",
     )
+    p.add_argument(
+        "--step-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds any one step may take on a board (the camera: its --duration more); past it the step is "
+        "stopped on the board too and the board's row is an ERROR (default 3600)",
+    )
+    p.add_argument(
+        "--max-result-mb",
+        type=int,
+        default=64,
+        help="the most a board's results folder may send back (default 64 MB), capped while it arrives",
+    )
     p.add_argument("--ssh-config", help="an ssh_config file instead of ~/.ssh/config")
     p.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE", help="passed to ssh -o")
     p.add_argument(
@@ -108,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
         activate=args.activate,
         install=args.install,
         remote_python=args.remote_python,
+        timeout=args.step_timeout,
+        max_result_mb=args.max_result_mb,
     )
     if args.rollback and args.pull_frames:
         raise EdgedistillError("--rollback and --pull-frames are two trips: run them one at a time")
@@ -133,10 +148,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _model_name(target: str) -> str:
     """The model a --rollback or --pull-frames trip is about: a run's or an .edb's bundle name, else TARGET."""
-    from edgedistill.deploy.release import prepare_release
+    from edgedistill.deploy.release import check_model_name, prepare_release
 
     if not Path(target).exists():
-        return target
+        return check_model_name(target, "TARGET (a model name)")
     with tempfile.TemporaryDirectory() as tmp:
         return prepare_release(Path(target), Path(tmp)).name
 

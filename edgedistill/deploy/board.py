@@ -1,15 +1,21 @@
 """One board's deploy over ssh: probe edgerun and its trust set, copy the release into its versioned folder, verify,
 build, validate, bench, the camera; pull the results back and read them into the board's row.
+
+Nothing on the board is taken on trust: a bundle.edb already in the release folder is hashed and replaced unless it
+is the one being deployed, `verify` must report this release's manifest, and the row is PASS only on the explicit
+evidence ``edgedistill.deploy.evidence`` asks for.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
+from edgedistill.deploy.evidence import board_verdict, fleet_facts, read_results
 from edgedistill.deploy.release import UNSURE, BoardRow, DeployOptions, Release, host_slug
 from edgedistill.deploy.ssh import RemoteError, SshError, SshHost, quote
 from edgedistill.errors import EdgedistillError
@@ -25,10 +31,12 @@ class Board:
         self.root = opts.remote_dir.rstrip("/") or "."
         self.folder = f"{self.root}/models/{release.name}/{release.version}"
         self.edgerun = opts.edgerun
+        self.rcs: dict[str, int] = {}  # each step's exit code
 
     def step(self, what: str, command: str, ok_codes=(0,), timeout: Optional[float] = None):
         done = self.ssh.run(command, timeout=timeout or self.opts.timeout, check=False)
         self.row.steps.append({"step": what, "rc": done.returncode})
+        self.rcs[what] = done.returncode
         if done.returncode not in ok_codes:
             err = done.stderr.decode("utf-8", "replace").strip()
             raise RemoteError(
@@ -104,6 +112,8 @@ class Board:
                     "pip3 install ./jetson on the board, or name it with --edgerun CMD"
                 )
         info = json.loads(self.step("info", self.edgerun_cmd("info", "--json")).stdout.decode())
+        if not isinstance(info, dict):
+            raise EdgedistillError(f"`edgerun info --json` on {self.ssh.dest} did not give a JSON object")
         self.row.facts.update(
             {
                 "board": info.get("board"),
@@ -155,13 +165,48 @@ class Board:
             )
 
     def copy(self) -> str:
+        """The release's bundle.edb in its folder on the board, checked by sha256: one already there is kept only
+        when it is this release's file, else replaced (a planted or damaged file is never trusted by its name)."""
         edb = f"{self.folder}/bundle.edb"
-        if self.ssh.exists(edb):
+        want = hashlib.sha256(self.release.edb.read_bytes()).hexdigest()
+        there = self.remote_sha256(edb)
+        if there == want:
             self.row.steps.append({"step": "copy", "rc": 0, "note": "already on the board"})
-        else:
-            self.ssh.put(self.release.edb, edb, timeout=self.opts.timeout)
-            self.row.steps.append({"step": "copy", "rc": 0, "bytes": self.release.edb.stat().st_size})
+            return edb
+        self.ssh.put(self.release.edb, edb, timeout=self.opts.timeout)
+        step = {"step": "copy", "rc": 0, "bytes": self.release.edb.stat().st_size}
+        if there is not None:
+            step["note"] = f"replaced a different bundle.edb there (sha256 {there[:12]}..., not {want[:12]}...)"
+        self.row.steps.append(step)
+        copied = self.remote_sha256(edb)
+        if copied != want:
+            raise EdgedistillError(f"{self.ssh.dest}:{edb} is not the file copied (sha256 {copied}); nothing run")
         return edb
+
+    def remote_sha256(self, path: str) -> Optional[str]:
+        """sha256 of a file on the board (None when it is not a file there)."""
+        done = self.ssh.run(
+            f"if [ -f {quote(path)} ]; then sha256sum {quote(path)} 2>/dev/null || {quote(self.opts.remote_python)} "
+            f"-c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],\"rb\").read()).hexdigest())' "
+            f"{quote(path)}; fi",
+            check=False,
+        )
+        words = done.stdout.decode("utf-8", "replace").split()
+        return words[0].lower() if done.returncode == 0 and words else None
+
+    def verify(self, edb: str) -> None:
+        """`edgerun verify` on the board must report this release's manifest (its files, signature, pins)."""
+        done = self.step("verify", self.edgerun_cmd("verify", edb))
+        said = [
+            line.split(":", 1)[1].split()[0]
+            for line in done.stdout.decode("utf-8", "replace").splitlines()
+            if line.startswith("manifest sha256:")
+        ]
+        if said != [self.release.manifest_sha256]:
+            raise EdgedistillError(
+                f"`edgerun verify` on {self.ssh.dest} reported manifest {said or 'none'}, not this release's "
+                f"{self.release.manifest_sha256[:16]}: nothing run"
+            )
 
     def build(self, edb: str) -> Optional[str]:
         if self.opts.precision == "onnxruntime":
@@ -193,7 +238,8 @@ class Board:
         validate = ["validate", edb, *on, "--json", f"{results}/validate.json"]
         if self.opts.max_drop is not None:
             validate += ["--max-drop", str(self.opts.max_drop)]
-        self.step("validate", self.edgerun_cmd(*validate), ok_codes=(0, 1))  # 1: over the drop, still a row
+        # 1: over the drop (its JSON says FAIL) or a crash (no JSON): the evidence decides, not the exit code
+        self.rcs["validate"] = self.step("validate", self.edgerun_cmd(*validate), ok_codes=(0, 1)).returncode
         bench = ["bench", edb, *on, "--json", f"{results}/bench.json"]
         for flag, value in (
             ("--fps-target", self.opts.fps_target),
@@ -220,9 +266,28 @@ class Board:
             if self.opts.fps_target is not None:
                 camera += ["--fps-target", str(self.opts.fps_target)]
             self.step("camera", self.edgerun_cmd(*camera), timeout=self.opts.duration + 600)
-        written = self.ssh.fetch_tree(results, self.out / host_slug(self.ssh.dest))
+        written = self.ssh.fetch_tree(
+            results, self.out / host_slug(self.ssh.dest), max_bytes=self.opts.max_result_mb << 20
+        )
         self.row.files = [str(p) for p in written]
-        return {p.stem: json.loads(p.read_text()) for p in written if p.suffix == ".json"}
+        return read_results(written)
+
+    def note_services(self) -> None:
+        """A line service runs its own staged copy of a release (``edgerun service install``), not `current`: a
+        running edgerun-* unit keeps the old model until it is installed again and restarted; the row says so."""
+        done = self.ssh.run(
+            "command -v systemctl >/dev/null 2>&1 && systemctl list-units 'edgerun-*' --type=service --state=active "
+            "--no-legend --plain 2>/dev/null | cut -d' ' -f1; true",
+            check=False,
+        )
+        units = [u for u in done.stdout.decode("utf-8", "replace").split() if u.startswith("edgerun-")]
+        if units:
+            self.row.facts["services"] = units
+            self.row.reason += ("; " if self.row.reason else "") + (
+                f"{', '.join(units)} still run(s) the release staged at install: on the board, `sudo edgerun "
+                f"service install {self.root}/models/{self.release.name}/current/bundle.edb ...` and `sudo "
+                f"systemctl restart {' '.join(units)}`"
+            )
 
     def deploy(self) -> BoardRow:
         try:
@@ -232,27 +297,27 @@ class Board:
             self.check_versions(info)
             self.check_trust(info)
             edb = self.copy()
-            self.step("verify", self.edgerun_cmd("verify", edb))
+            self.verify(edb)
             engine = self.build(edb)
             try:
-                results = self.run_checks(edb, engine)
+                results, problems = self.run_checks(edb, engine)
             except RemoteError as exc:
                 if not (engine and "rebuild it" in exc.stderr):
                     raise
                 # an engine from before a JetPack or edgerun upgrade: build it again, once
                 self.ssh.run(f"rm -f {quote(engine)} {quote(engine + '.json')}")
                 engine = self.build(edb)
-                results = self.run_checks(edb, engine)
+                results, problems = self.run_checks(edb, engine)
             self.row.facts.update(fleet_facts(results))
-            failed = [k for k in ("validate", "bench", "camera") if _status(results.get(k)) == "FAIL"]
-            self.row.status = "FAIL" if failed else "PASS"
-            self.row.reason = ("FAIL in " + ", ".join(failed)) if failed else ""
+            required = ["validate", "bench"] + (["camera"] if self.opts.source else [])
+            self.row.status, self.row.reason = board_verdict(results, problems, required, self.rcs)
             if self.opts.activate == "always" or (self.opts.activate == "pass" and self.row.status == "PASS"):
                 done = self.step(
                     "activate",
                     self.edgerun_cmd("slot", "activate", self.release.name, self.release.version, "--root", self.root),
                 )
                 self.row.facts["active"] = json.loads(done.stdout.decode())
+                self.note_services()
             else:
                 self.row.facts["active"] = None
                 self.row.reason += ("; " if self.row.reason else "") + "current release left as it was"
@@ -263,53 +328,3 @@ class Board:
                 self.row.status = "ERROR"
             self.row.reason = str(exc)
         return self.row
-
-
-def _status(result: Optional[dict]) -> Optional[str]:
-    if not result:
-        return None
-    if "verdict" in result and isinstance(result["verdict"], dict):
-        return result["verdict"].get("overall")
-    return result.get("status") or result.get("verdict")
-
-
-def fleet_facts(results: dict) -> dict:
-    """The fleet table's cells from a board's validate/bench/camera JSON."""
-    facts: dict[str, Any] = {}
-    bench = results.get("bench") or {}
-    result = bench.get("result") or {}
-    if result:
-        lat = result.get("latency_ms") or {}
-        batch = result.get("batch", 1)
-        facts.update(
-            {
-                "fps": result.get("throughput_fps"),
-                "fps_p50": 1000.0 * batch / lat["p50"] if lat.get("p50") else None,
-                "fps_p99": 1000.0 * batch / lat["p99"] if lat.get("p99") else None,
-                "memory_mb": (result.get("memory") or {}).get("total_mb"),
-                "memory_method": (result.get("memory") or {}).get("device_method"),
-                "power_mw": ((result.get("tegrastats") or {}).get("power_mw_mean")),
-                "bench_verdict": (bench.get("verdict") or {}).get("overall"),
-                "runner": result.get("runner"),
-                "frame_size": (result.get("feed") or {}).get("frame_size"),
-            }
-        )
-    validate = results.get("validate") or {}
-    if validate:
-        facts.update(
-            {
-                "device_top1": validate.get("top1"),
-                "host_top1": validate.get("host_fp32_top1"),
-                "validate": validate.get("status"),
-            }
-        )
-    camera = results.get("camera") or {}
-    if camera:
-        facts.update(
-            {
-                "camera_fps": camera.get("end_to_end_fps"),
-                "camera_dropped": camera.get("frames_dropped"),
-                "camera_error": camera.get("error"),
-            }
-        )
-    return facts

@@ -31,7 +31,8 @@ class DeployOptions:
     activate: str = "pass"  # pass: switch `current` only on a PASS; always; never
     install: bool = False  # copy this checkout's edgerun to <remote_dir>/lib with a launcher <remote_dir>/bin/edgerun
     remote_python: str = "python3"  # the board's Python (JetPack's, with its numpy, OpenCV and TensorRT)
-    timeout: float = 3600.0
+    timeout: float = 3600.0  # seconds any one step on a board may take (--step-timeout); the camera adds its duration
+    max_result_mb: int = 64  # the most a board's results folder may send back
 
     def __post_init__(self):
         if self.precision not in BACKENDS:
@@ -40,6 +41,10 @@ class DeployOptions:
             raise EdgedistillError(f"--activate {self.activate}: choose pass, always or never")
         if self.jobs < 1:
             raise EdgedistillError("--jobs must be at least 1")
+        if not (0 < self.timeout < float("inf")):
+            raise EdgedistillError(f"--step-timeout {self.timeout}: a positive number of seconds")
+        if self.max_result_mb < 1:
+            raise EdgedistillError("--max-result-mb must be at least 1")
 
 
 @dataclass
@@ -68,6 +73,7 @@ class BoardRow:
             "host": self.host,
             "status": self.status,
             "reason": self.reason,
+            "active": None,  # the release the board runs now; None until deploy switched it
             **self.facts,
             "steps": self.steps,
             "files": self.files,
@@ -78,7 +84,24 @@ UNSURE = "unsure"  # frames the camera was unsure of, per release on the board (
 
 
 def host_slug(host: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", host).strip("_") or "host"
+    """A board's folder name under the results folder: never '.', '..' or a path (a Host alias '..' must not
+    write into the run folder)."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", host).strip("_").lstrip(".")
+    return slug or "host"
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_model_name(name: object, where: str = "the manifest's name") -> str:
+    """A model name that becomes a folder on every board and here: letters, digits, '.', '_', '-', not starting
+    with '.', no '/' or '..' (a name '../x' would write outside the deploy root)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
+        raise EdgedistillError(
+            f"{where} {name!r} cannot name a folder on the boards: letters, digits, '.', '_' and '-' only, starting "
+            "with a letter or digit, without '..'; export the bundle again with another name (nothing was copied)"
+        )
+    return name
 
 
 def prepare_release(
@@ -110,7 +133,7 @@ def prepare_release(
     record = read_signature(bundle.folder)
     return Release(
         edb=edb,
-        name=bundle.manifest.data["name"],
+        name=check_model_name(bundle.manifest.data.get("name"), f"{path}: the manifest's name"),
         version=bundle.manifest_sha256[:16],
         manifest_sha256=bundle.manifest_sha256,
         signer=(record or {}).get("key_id"),

@@ -4,15 +4,22 @@ Every call is the system's ``ssh`` with ``BatchMode=yes`` (never a password prom
 ``StrictHostKeyChecking=yes`` (a host key is checked against known_hosts, never accepted on first sight). Files
 travel through the same connection (``cat`` in, ``cat``/``tar`` out), so nothing but ``ssh`` is needed here and
 nothing but a POSIX shell there.
+
+A command on the board is tied to its connection (``tied``): it runs in a process group of its own beside a
+watcher that reads the session's input, which this side keeps open until the command ends. When the connection
+goes (deploy killed, a step's timeout, the network), the watcher reads end-of-file and ends the command's group:
+nothing keeps running on the board after deploy has given up on it. What comes back is read as it arrives and
+capped while reading (``fetch_tree``), never whole into memory first.
 """
 
 from __future__ import annotations
 
-import io
 import shlex
 import shutil
 import subprocess
 import tarfile
+import tempfile
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -74,18 +81,34 @@ class SshHost:
     def run(
         self, command: str, stdin: Optional[bytes] = None, timeout: Optional[float] = None, check: bool = True
     ) -> subprocess.CompletedProcess:
-        """Run ``command`` (a shell line, quoted by the caller with :func:`quote`) on the board."""
-        argv = self.base + [self.dest, "--", command]
+        """Run ``command`` (a shell line, quoted by the caller with :func:`quote`) on the board; without ``stdin``
+        it is tied to the connection (:func:`tied`) and ends when the connection does."""
+        remote = command if stdin is not None else tied(command)
+        proc = subprocess.Popen(
+            self.base + [self.dest, "--", remote],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out, err_bytes = _Drain(proc.stdout), _Drain(proc.stderr)
         try:
-            done = subprocess.run(
-                argv,
-                input=stdin if stdin is not None else b"",
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                timeout=timeout,
-            )
+            if stdin:
+                proc.stdin.write(stdin)
+            if stdin is not None:
+                proc.stdin.close()  # the data's end; a tied command keeps its input open instead
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise RemoteError(f"{self.dest}: `{command}` did not finish in {timeout:.0f} s", -1, "") from None
+            proc.kill()  # the connection goes, and the command on the board with it
+            proc.wait()
+            raise RemoteError(
+                f"{self.dest}: `{command}` did not finish in {timeout:.0f} s (stopped there)", -1, ""
+            ) from None
+        except BrokenPipeError:
+            proc.wait(timeout=timeout)
+        finally:
+            if not proc.stdin.closed:
+                proc.stdin.close()
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, out.join(), err_bytes.join())
         err = done.stderr.decode("utf-8", "replace").strip()
         if done.returncode == SSH_EXIT:
             reason = err.splitlines()[-1] if err else "ssh failed"
@@ -120,28 +143,88 @@ class SshHost:
         return self.run(f"test -e {quote(remote)}", check=False).returncode == 0
 
     def fetch_tree(self, remote: str, local: Path, max_bytes: int = 1 << 30, timeout: float = 600) -> list[Path]:
-        """Copy the regular files under ``remote`` into ``local``: a tar stream checked member by member (no
-        links, devices, absolute paths or '..'; at most ``max_bytes``). Returns the files written."""
-        data = self.run(f"tar -C {quote(remote)} -cf - .", timeout=timeout).stdout
-        if len(data) > max_bytes:
-            raise RemoteError(f"{self.dest}:{remote} holds more than {max_bytes >> 20} MB; nothing copied", 0, "")
-        written = []
-        local = Path(local)
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
-            for member in archive.getmembers():
-                name = Path(member.name)
-                if member.isdir() or member.name in (".", "./"):
-                    continue
-                if not member.isfile() or name.is_absolute() or ".." in name.parts:
-                    raise RemoteError(
-                        f"{self.dest}:{remote}: '{member.name}' is not a plain file inside the "
-                        "folder; nothing more copied",
-                        0,
-                        "",
-                    )
-                target = local / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with archive.extractfile(member) as src:
-                    target.write_bytes(src.read())
-                written.append(target)
-        return written
+        """Copy the regular files under ``remote`` into ``local``: a tar stream spooled to a temporary file as it
+        arrives and stopped past ``max_bytes`` (never held whole in memory), then checked member by member (no
+        links, devices, absolute paths or '..'). Returns the files written."""
+        argv = self.base + [self.dest, "--", tied(f"tar -C {quote(remote)} -cf - .")]
+        with tempfile.TemporaryFile() as spool:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            err = _Drain(proc.stderr)
+            timer = threading.Timer(timeout, proc.kill)
+            timer.start()
+            total, over = 0, False
+            try:
+                for chunk in iter(lambda: proc.stdout.read(1 << 16), b""):
+                    total += len(chunk)
+                    if total > max_bytes:
+                        over = True
+                        proc.kill()
+                        break
+                    spool.write(chunk)
+            finally:
+                timer.cancel()
+                proc.stdin.close()
+                proc.wait()
+            if over:
+                raise RemoteError(f"{self.dest}:{remote} holds more than {max_bytes >> 20} MB; nothing copied", 0, "")
+            if proc.returncode == SSH_EXIT:
+                raise SshError(f"cannot reach {self.dest}: {err.join().decode('utf-8', 'replace').strip()}")
+            if proc.returncode != 0:
+                raise RemoteError(
+                    f"{self.dest}: cannot read {remote} (exit {proc.returncode}, or past {timeout:.0f} s)",
+                    proc.returncode,
+                    err.join().decode("utf-8", "replace"),
+                )
+            spool.seek(0)
+            return _unpack(spool, Path(local), f"{self.dest}:{remote}")
+
+
+def _unpack(stream, local: Path, where: str) -> list[Path]:
+    written = []
+    with tarfile.open(fileobj=stream, mode="r:") as archive:
+        for member in archive:
+            name = Path(member.name)
+            if member.isdir() or member.name in (".", "./"):
+                continue
+            if not member.isfile() or name.is_absolute() or ".." in name.parts:
+                raise RemoteError(
+                    f"{where}: '{member.name}' is not a plain file inside the folder; nothing more copied", 0, ""
+                )
+            target = local / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with archive.extractfile(member) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            written.append(target)
+    return written
+
+
+class _Drain:
+    """A pipe read to its end by a thread of its own (so that neither pipe of ssh fills and blocks the other)."""
+
+    def __init__(self, pipe):
+        self.parts: list[bytes] = []
+        self.thread = threading.Thread(target=lambda: self.parts.extend(iter(lambda: pipe.read(1 << 16), b"")))
+        self.thread.daemon = True
+        self.thread.start()
+
+    def join(self) -> bytes:
+        self.thread.join()
+        return b"".join(self.parts)
+
+
+def tied(command: str) -> str:
+    """``command`` for the board's shell (any POSIX sh, no job control), ended with its connection: started in a
+    session of its own (``setsid``, where the board has it) with its input closed, beside a watcher that reads the
+    session's input (kept on fd 3: an asynchronous list's own input is /dev/null) and, at its end (the connection
+    gone), sends the command's process group TERM, then KILL. Its exit status is the command's; the watcher holds
+    none of the session's output, so the session ends with the command."""
+    inner = shlex.quote(command)
+    group = "kill -{sig} -$pid 2>/dev/null || kill -{sig} $pid 2>/dev/null"
+    return (
+        "exec 3<&0; "
+        f"if command -v setsid >/dev/null 2>&1; then setsid sh -c {inner} </dev/null & "
+        f"else sh -c {inner} </dev/null & fi; pid=$!; "
+        f"( cat <&3 >/dev/null; {group.format(sig='TERM')}; sleep 3; {group.format(sig='KILL')} ) "
+        ">/dev/null 2>&1 & watcher=$!; exec 3<&-; "
+        "wait $pid; rc=$?; kill $watcher 2>/dev/null; exit $rc"
+    )

@@ -12,6 +12,7 @@ the use are of the same bytes, and another process opening another bundle of the
 """
 
 import atexit
+import gzip
 import hashlib
 import os
 import shutil
@@ -220,18 +221,27 @@ def unpack_private(archive_path, workdir=None, limits=None):
     return folder, digests
 
 
+PACK_MTIME = 315532800  # 1980-01-01, as wheels and reproducible builds use: the same folder packs to the same bytes
+
+
 def pack_folder(folder, archive_path, arcname_root=""):
-    """Write the plain files of ``folder`` (recursively, sorted, no links) into a gzip tar."""
+    """Write the plain files of ``folder`` (recursively, sorted, no links) into a gzip tar, reproducibly: fixed
+    times, owners and modes, so the same files always pack to the same bytes (deploy compares them by sha256)."""
     folder = str(folder)
     tmp = str(archive_path) + ".tmp"
-    with tarfile.open(tmp, "w:gz") as tar:
-        for root, dirs, files in os.walk(folder):
-            dirs.sort()
-            for name in sorted(files):
-                path = os.path.join(root, name)
-                if os.path.islink(path):
-                    raise UnsafeArchiveError("'%s' is a symbolic link; a bundle holds plain files only" % path)
-                rel = os.path.relpath(path, folder)
-                tar.add(path, arcname=os.path.join(arcname_root, rel) if arcname_root else rel, recursive=False)
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=PACK_MTIME) as gz:
+        with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for root, dirs, files in os.walk(folder):
+                dirs.sort()
+                for name in sorted(files):
+                    path = os.path.join(root, name)
+                    if os.path.islink(path):
+                        raise UnsafeArchiveError("'%s' is a symbolic link; a bundle holds plain files only" % path)
+                    rel = os.path.relpath(path, folder)
+                    info = tar.gettarinfo(path, arcname=os.path.join(arcname_root, rel) if arcname_root else rel)
+                    info.mtime, info.uid, info.gid, info.uname, info.gname = PACK_MTIME, 0, 0, "", ""
+                    info.mode = 0o644
+                    with open(path, "rb") as handle:
+                        tar.addfile(info, handle)
     os.replace(tmp, str(archive_path))
     return str(archive_path)
