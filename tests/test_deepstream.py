@@ -2,6 +2,7 @@
 normalization parameters proven against edgerun's preprocessing, the folded (uint8) model, the host measurement."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -50,7 +51,8 @@ def test_bundle_carries_deepstream_configs_for_both_releases(trained_run):
         app = (folder / sub / "deepstream_app_config.txt").read_text()
         assert "[source0]" in app and "camera-csi-sensor-id=0" in app and "config-file=config_infer_primary.txt" in app
     if manifest["variants"].get("int8", {}).get("status") == "accepted":
-        assert deepstream.check_config(folder / "ds7" / "config_infer_primary_int8.txt")["network-mode"] == "1"
+        assert not (folder / "ds7" / "config_infer_primary_int8.txt").exists()  # nvinfer would build FP16
+        assert "int8-calib-file" in manifest["deepstream"]["int8"]
     host = manifest["metrics"]["deepstream"]
     assert 0 <= host["deepstream_top1"] <= 1 and host["images"] > 0
     assert host["difference"] == pytest.approx(host["deepstream_top1"] - host["bundle_top1"])
@@ -124,3 +126,104 @@ def test_unknown_key_and_separator_in_a_class_name_are_refused(trained_run, tmp_
                 name="t",
             )
         )
+
+
+def _nvinfer_engine(prop: dict[str, str]) -> str:
+    """The engine nvinfer builds for a [property] group (nvdsinfer_model_builder.cpp, DeepStream 6.0 ... 7.x):
+    INT8 only with an int8-calib-file, else FP16 in its place; named <model>_b<batch>_gpu<id>_<precision>.engine."""
+    mode = {"0": "fp32", "1": "int8", "2": "fp16"}[prop["network-mode"]]
+    if mode == "int8" and not prop.get("int8-calib-file"):
+        mode = "fp16"  # "INT8 calibration file not specified. Trying FP16 mode."
+    return f"{prop['onnx-file']}_b{prop['batch-size']}_gpu{prop['gpu-id']}_{mode}.engine"
+
+
+def _job(trained_run, tmp_path, **changes):
+    manifest = json.loads((trained_run / "bundle" / "manifest.json").read_text())
+    job = dict(
+        folder=tmp_path / "ds",
+        bundle_model=trained_run / "bundle" / "model.onnx",
+        manifest_model=manifest["model"],
+        classes=manifest["classes"],
+        spec=PreprocessSpec.from_dict(manifest["preprocess"]),
+        folded=False,
+        batch=1,
+        int8_file=None,
+        decision=None,
+        source="csi://0",
+        camera="1280x720@30",
+        name="t",
+    )
+    job.update(changes)
+    return deepstream.DeepStreamJob(**job)
+
+
+def test_every_config_names_the_engine_nvinfer_builds_and_no_int8_config_without_a_calibration_file(
+    trained_run, tmp_path
+):
+    bundle = trained_run / "bundle"
+    facts = deepstream.write(_job(trained_run, tmp_path, int8_file=bundle / "model.onnx"))  # an INT8 model passed
+    configs = sorted((tmp_path / "ds").glob("ds*/config_infer_primary*.txt"))
+    assert len(configs) == 4  # FP16 and FP32 for each release
+    for config in configs:
+        prop = deepstream.check_config(config)
+        assert prop["model-engine-file"] == _nvinfer_engine(prop), config  # found at the next start, not rebuilt
+    assert "int8" not in facts["precisions"] and "int8-calib-file" in facts["int8"]
+    assert "edgerun build --precision int8" in facts["int8"]
+    assert not (tmp_path / "ds" / "model.int8.onnx").exists()
+
+
+def test_the_host_measurement_uses_the_filter_nvinfer_applies():
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, size=(37, 29, 3), dtype=np.uint8)
+    params = {"offsets": [0.0, 0.0, 0.0], "net_scale_factor": 1.0}
+    area = nvinfer.ds_preprocess([image], (8, 8), params, "area", "RGB")
+    bilinear = nvinfer.ds_preprocess([image], (8, 8), params, "bilinear", "RGB")
+    assert np.array_equal(area, bilinear)  # the GPU scaler has no area filter: nvinfer scales bilinearly
+    spec = PreprocessSpec(resize=8, crop=8, interpolation="area")
+    prop = deepstream._infer_config(
+        deepstream.DeepStreamJob(
+            folder=Path("."),
+            bundle_model=Path("m.onnx"),
+            manifest_model={"input_shape": [1, 3, 8, 8]},
+            classes=["a", "b"],
+            spec=spec,
+            folded=False,
+            batch=1,
+            int8_file=None,
+            decision=None,
+            source="csi://0",
+            camera="1280x720@30",
+            name="t",
+        ),
+        "fp16",
+        "model.onnx",
+        nvinfer.parameters(spec, False),
+        "7",
+        deepstream.NVINFER_KEYS_7,
+    )
+    assert prop["scaling-filter"][0] == 1  # NvBufSurfTransform_Inter_Bilinear
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"classes": ["good", "bad\nmodel-engine-file=/tmp/evil.engine"]}, "line break"),
+        ({"source": "rtsp://cam/line\n[source1]\nuri=file:///etc/passwd"}, "line break"),
+        ({"source": "csi://abc"}, "whole number"),
+        ({"name": "line\n[primary-gie]"}, "line break"),
+    ],
+)
+def test_values_that_would_inject_keys_or_break_the_config_are_refused(trained_run, tmp_path, changes, match):
+    with pytest.raises(ExportError, match=match):
+        deepstream.write(_job(trained_run, tmp_path, **changes))
+    assert not list((tmp_path / "ds").glob("ds*/*.txt"))  # nothing half-written to ship
+
+
+def test_the_recipe_refuses_a_deepstream_source_it_cannot_write():
+    from edgedistill.recipe.outputs import ExportConfig
+
+    with pytest.raises(ValueError, match="whole number"):
+        ExportConfig(deepstream_source="csi://abc")
+    with pytest.raises(ValueError, match="line break"):
+        ExportConfig(deepstream_source="/dev/video0\n[sink1]")
+    assert ExportConfig(deepstream_source="usb://1").deepstream_source == "usb://1"

@@ -10,6 +10,18 @@ from pydantic import Field, field_validator, model_validator
 from edgedistill.recipe.sections import Strict
 
 
+def check_deepstream_source(source: str) -> str:
+    """export.deepstream_source as deepstream-app's [source0] can take it: no line break or control character (it
+    would inject groups into the app config), and csi://N, usb://N, /dev/videoN with a whole number N."""
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in source):
+        raise ValueError(f"{source!r} holds a line break or control character: give one camera or file")
+    for prefix in ("csi://", "usb://", "/dev/video"):
+        number = source[len(prefix) :] if source.startswith(prefix) else None
+        if number is not None and number != "" and not (number.isascii() and number.isdigit()):
+            raise ValueError(f"{source!r}: the camera number must be a whole number (csi://0, usb://1, /dev/video0)")
+    return source
+
+
 class CostConfig(Strict):
     """Serving cost per month: instances needed for the request volume, times their hourly price."""
 
@@ -142,6 +154,11 @@ class ExportConfig(Strict):
         "/dev/videoN, rtsp://..., or a video file on the device",
     )
     deepstream_camera: str = Field("1280x720@30", description="the camera's WIDTHxHEIGHT@FPS for deepstream-app")
+
+    @field_validator("deepstream_source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        return check_deepstream_source(value)
 
     @field_validator("int8", mode="before")
     @classmethod

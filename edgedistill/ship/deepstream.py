@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from edgedistill.errors import ExportError
-from edgedistill.ship.nvinfer import PROBS, deepstream_model, parameters
+from edgedistill.recipe.outputs import check_deepstream_source
+from edgedistill.ship.nvinfer import PROBS, SCALER, deepstream_model, parameters
 from edgerun.decision import threshold_for
 from edgerun.preprocess import PreprocessSpec
 
@@ -109,11 +110,30 @@ VERSIONS = {  # folder -> (DeepStream, JetPack, nvinfer keys)
     "ds7": ("7.x", "6", NVINFER_KEYS_7),
 }
 NETWORK_MODE = {"fp32": 0, "int8": 1, "fp16": 2}
+
+# Why the bundle's deepstream/ has no INT8 config even when its INT8 model passed the gate. The INT8 model is
+# explicit quantization (Q/DQ nodes); nvinfer (nvdsinfer_model_builder.cpp, DeepStream 6.0 ... 7.x) builds INT8
+# only with an int8-calib-file and, given network-mode=1 without one, falls back to FP16 and names the engine
+# `<model>_b<N>_gpu0_fp16.engine`: an INT8 config would never find the engine it names and would rebuild FP16 at
+# every start. A calibration cache translated from the Q/DQ scales onto a Q/DQ-free model (NVIDIA's
+# qdq-translator) leaves tensors without a scale to TensorRT's fallback, and nothing of it could be checked here
+# without a board. So INT8 on the line runs through edgerun, whose engine is the gated one.
+NO_INT8 = (
+    "no INT8 nvinfer config: the accepted INT8 model is explicit Q/DQ, and nvinfer builds INT8 only with an "
+    "int8-calib-file (without one it builds FP16 under another engine name, at every start). Run INT8 with "
+    "`edgerun build --precision int8` and `edgerun camera`; DeepStream runs the FP16 config"
+)
+# nvinfer's classifier-threshold only drops labels under it; it cannot reject a part on one class's probability.
+REJECT_NOTE = (
+    "the reject decision is the application's: nvinfer attaches the top class; read the probabilities from the "
+    "output tensor meta (output-tensor-meta=1) in a pad probe and reject at the bundle's threshold"
+)
 COLOR_FORMAT = {"RGB": 0, "BGR": 1}
-SCALING_FILTER = {"nearest": 0, "bilinear": 1, "bicubic": 2, "area": 1}  # no area filter: bilinear, said so
 
 
 def _ini(groups: dict[str, dict[str, Any]], header: Sequence[str]) -> str:
+    """GLib key-file text; every line checked: a line break in a value, comment or header line would start a new
+    key or group (a class name or camera URL injecting a second model-engine-file)."""
     lines = [f"# {line}" if line else "#" for line in header]
     for group, keys in groups.items():
         lines += ["", f"[{group}]"]
@@ -124,7 +144,17 @@ def _ini(groups: dict[str, dict[str, Any]], header: Sequence[str]) -> str:
             if isinstance(value, (list, tuple)):
                 value = ";".join(_num(v) for v in value)
             lines.append(f"{key}={_num(value)}")
+    for line in lines:
+        if _control(line):
+            raise ExportError(
+                f"DeepStream config line {line!r} holds a line break or control character, which would inject keys "
+                "into the config: remove it from the class names, export.deepstream_source or the bundle name"
+            )
     return "\n".join(lines) + "\n"
+
+
+def _control(text: str) -> bool:
+    return any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text)
 
 
 def _num(value: Any) -> str:
@@ -139,12 +169,17 @@ def source_group(source: str, camera: tuple[int, int, int]) -> dict[str, Any]:
     """deepstream-app [source0] for an edgerun-style source: csi://N, usb://N or /dev/videoN, rtsp://..., a
     file (type 1 V4L2 camera, 2 URI, 4 RTSP, 5 CSI camera on Jetson)."""
     width, height, fps = camera
+    try:
+        check_deepstream_source(source)
+    except ValueError as exc:
+        raise ExportError(f"export.deepstream_source {exc}") from None
     common = {"enable": 1}
     cam = {"camera-width": width, "camera-height": height, "camera-fps-n": fps, "camera-fps-d": 1}
     if source.startswith("csi://"):
-        return {**common, "type": (5, "5 = CSI camera (Jetson)"), "camera-csi-sensor-id": int(source[6:] or 0), **cam}
+        sensor = int(source[6:] or 0)
+        return {**common, "type": (5, "5 = CSI camera (Jetson)"), "camera-csi-sensor-id": sensor, **cam}
     if source.startswith(("usb://", "/dev/video")):
-        node = int(source[6:] or 0) if source.startswith("usb://") else int(source[len("/dev/video") :] or 0)
+        node = int((source[6:] if source.startswith("usb://") else source[len("/dev/video") :]) or 0)
         return {**common, "type": (1, "1 = V4L2 (USB) camera"), "camera-v4l2-dev-node": node, **cam}
     if source.startswith(("rtsp://", "rtsps://")):
         return {**common, "type": (4, "4 = RTSP"), "uri": source, "latency": 100}
@@ -218,8 +253,9 @@ def _infer_config(
             "host top-1 under this preprocessing is in the manifest",
         ),
         "scaling-filter": (
-            SCALING_FILTER[spec.interpolation],
-            f"NvBufSurfTransform_Inter for the recipe's {spec.interpolation}",
+            SCALER[spec.interpolation][1],
+            f"NvBufSurfTransform_Inter {SCALER[spec.interpolation][0]} for the recipe's {spec.interpolation}"
+            + (" (the GPU scaler has no area filter)" if spec.interpolation == "area" else ""),
         ),
         "scaling-compute-hw": (1, "1 = GPU (the filter the host measurement stands in for)"),
         "output-blob-names": PROBS,
@@ -233,8 +269,8 @@ def _infer_config(
         infer["output-tensor-meta"] = (
             1,
             f"the reject decision: class '{decision['positive_class']}' "
-            f"probability >= {threshold:.6g} (the bundle's operating point) "
-            f"read from the output tensor in a pad probe",
+            f"probability >= {threshold:.6g} (the bundle's operating point) is the application's: "
+            f"read the output tensor in a pad probe (classifier-threshold cannot reject on one class)",
         )
     unknown = sorted(set(infer) - keys)
     if unknown:  # a writer bug, never a user error: refuse to ship a config DeepStream would reject
@@ -278,7 +314,15 @@ def write(job: DeepStreamJob) -> dict[str, Any]:
     """Write ``job.folder`` (the bundle's deepstream/): model(s), labels, and per DeepStream version an nvinfer config
     and a deepstream-app config. Returns the facts for the manifest."""
     folder, classes, spec = job.folder, job.classes, job.spec
+    cam = parse_camera(job.camera)
+    source_group(job.source, cam)  # refused before anything is written
     folder.mkdir(parents=True, exist_ok=True)
+    bad = [c for c in classes if _control(c)]
+    if bad:
+        raise ExportError(
+            f"class names {bad!r} hold a line break or control character, which would split labels.txt and inject "
+            "keys into DeepStream's config: rename the class folders"
+        )
     if any(";" in c for c in classes):
         raise ExportError(
             "a class name holds ';', which DeepStream's classifier labels file uses as separator: "
@@ -289,11 +333,9 @@ def write(job: DeepStreamJob) -> dict[str, Any]:
     deepstream_model(job.bundle_model, folder / MODEL, spec, job.folded, *names)
     models = {"fp16": MODEL, "fp32": MODEL}
     if job.int8_file is not None:
-        deepstream_model(job.int8_file, folder / "model.int8.onnx", spec, job.folded, *names)
-        models["int8"] = "model.int8.onnx"
+        log.warning("DeepStream: %s", NO_INT8)
     (folder / LABELS).write_text(";".join(classes) + "\n")
     _, _, height, width = job.manifest_model["input_shape"]
-    cam = parse_camera(job.camera)
     for sub, (ds_version, jetpack, keys) in VERSIONS.items():
         (folder / sub).mkdir(exist_ok=True)
         for precision, model_file in models.items():
@@ -324,6 +366,8 @@ def write(job: DeepStreamJob) -> dict[str, Any]:
         "exact_normalization": params["exact"],
         "note": params["note"],
         "precisions": sorted(models),
+        "int8": None if job.int8_file is None else NO_INT8,
+        "reject": REJECT_NOTE if job.decision else None,
         "source": job.source,
     }
 

@@ -28,6 +28,11 @@ from edgerun.preprocess import INTERPOLATIONS, PreprocessSpec, preprocess, to_th
 
 PROBS = "probabilities"  # the DeepStream model's output: the student's logits through a Softmax
 
+# The recipe's interpolation -> (the filter nvinfer's GPU scaler applies, its NvBufSurfTransform_Inter value for
+# scaling-filter). NvBufSurfTransform has no area filter: an `area` recipe is scaled bilinearly there, and the host
+# measurement uses that same filter, not OpenCV's INTER_AREA (which the line would never see).
+SCALER = {"nearest": ("nearest", 0), "bilinear": ("bilinear", 1), "bicubic": ("bicubic", 2), "area": ("bilinear", 1)}
+
 
 def parameters(spec: PreprocessSpec, folded: bool) -> dict[str, Any]:
     """nvinfer's net-scale-factor and offsets for ``spec``: exact when the std is one value for all channels or the
@@ -100,17 +105,17 @@ def ds_preprocess(
     images: Sequence[np.ndarray], size: tuple[int, int], params: dict[str, Any], interpolation: str, channel_order: str
 ) -> np.ndarray:
     """What nvinfer hands the network (maintain-aspect-ratio=0): the whole image scaled to (height, width), then
-    ``net-scale-factor * (x - offsets)`` per channel, NCHW float32. OpenCV's filter stands in for the GPU's
-    (close, not bit-exact)."""
+    ``net-scale-factor * (x - offsets)`` per channel, NCHW float32, scaled with the filter nvinfer applies for the
+    recipe's ``interpolation`` (``SCALER``: bilinear for ``area``). OpenCV's filter stands in for the GPU's (close,
+    not bit-exact)."""
     h, w = size
+    applied = SCALER[interpolation][0]
     out = []
     for image in images:
         rgb = to_three_channels(np.asarray(image))
         if channel_order == "BGR":
             rgb = rgb[..., ::-1]
-        resized = (
-            rgb if rgb.shape[:2] == (h, w) else cv2.resize(rgb, (w, h), interpolation=INTERPOLATIONS[interpolation])
-        )
+        resized = rgb if rgb.shape[:2] == (h, w) else cv2.resize(rgb, (w, h), interpolation=INTERPOLATIONS[applied])
         out.append(resized)
     batch = np.stack(out).astype(np.float32)
     batch = (batch - np.asarray(params["offsets"], np.float32)) * np.float32(params["net_scale_factor"])
@@ -146,5 +151,7 @@ def host_accuracy(
         "agreement": float((ours.argmax(1) == theirs.argmax(1)).mean()),
         "images": int(len(labels)),
         "how": "host, ONNX Runtime: the whole image resized to the network size (OpenCV "
-        f"{spec.interpolation}, standing in for nvinfer's GPU scaler), y = net-scale-factor * (x - offsets)",
+        f"{SCALER[spec.interpolation][0]}, standing in for nvinfer's GPU scaler"
+        + (f", which has no {spec.interpolation} filter" if SCALER[spec.interpolation][0] != spec.interpolation else "")
+        + "), y = net-scale-factor * (x - offsets)",
     }
