@@ -275,6 +275,8 @@ def make_fake_trt(
             self.flags.add(flag.name)
 
         def can_run_on_DLA(self, layer):  # noqa: N802  (TensorRT's name)
+            if layer.type in ("QuantizeLinear", "DequantizeLinear") and not gen10:
+                return False  # TensorRT 8.x's DLA has no explicit quantization: Q/DQ fall back to the GPU
             return layer.type in DLA_OPS
 
         def add_optimization_profile(self, profile):
@@ -424,6 +426,14 @@ def make_fake_trt(
                 if falls and "GPU_FALLBACK" not in config.flags:
                     self.logger.log(_Severity.ERROR, "%s: layer cannot run on DLA and GPU fallback is off" % falls[0])
                     return None
+                for lo, opt, hi in (shapes for p in config.profiles for shapes in p.shapes.values()):
+                    if not lo == opt == hi:
+                        self.logger.log(_Severity.ERROR, "DLA only supports static shapes: min, opt and max differ")
+                        return None
+            qdq = [layer.name for layer in network._layers if layer.type in ("QuantizeLinear", "DequantizeLinear")]
+            if qdq and not fast_int8:
+                self.logger.log(_Severity.ERROR, "%s: no INT8 implementation on this platform" % qdq[0])
+                return None
             state["workspaces"].append(config.workspace)
             if state["oom_left"] > 0:
                 state["oom_left"] -= 1
@@ -433,6 +443,8 @@ def make_fake_trt(
             if config.profiles:
                 ((lo, opt, hi),) = config.profiles[0].shapes.values()
                 profile = {"min": lo[0], "opt": opt[0], "max": hi[0]}
+            if config.default_device_type is DeviceType.DLA:
+                profile["dla_core"] = config.DLA_core
             calibrator = config.int8_calibrator
             if "INT8" in config.flags and calibrator is not None:
                 if profile and profile["min"] != profile["max"] and config.calibration_profile is None:
@@ -573,7 +585,8 @@ def make_fake_trt(
         _stub = "Runtime"
 
         def __init__(self, logger):
-            pass
+            self.logger = logger
+            self.DLA_core = -1  # IRuntime::setDLACore: the core a DLA engine is deserialized onto
 
         def deserialize_cuda_engine(self, serialized_engine):
             calls.append("deserialize")
@@ -581,7 +594,16 @@ def make_fake_trt(
             if not serialized_engine.startswith(b"FAKEENGINE"):
                 return None
             header, _, onnx_bytes = serialized_engine[len(b"FAKEENGINE") :].partition(b"\n")
-            return Engine(onnx_bytes, json.loads(header.decode()))
+            profile = json.loads(header.decode())
+            core = profile.pop("dla_core", None)
+            if core is not None:
+                calls.append(("runtime_dla_core", self.DLA_core))
+                if self.DLA_core != core:  # stricter than the board, which would run it on another core
+                    self.logger.log(
+                        _Severity.ERROR, "engine built for DLA core %d, runtime DLA core %d" % (core, self.DLA_core)
+                    )
+                    return None
+            return Engine(onnx_bytes, profile)
 
     def nptype(trt_type):
         if v[:2] == (8, 5) and parse_version(np.__version__) >= (1, 24):

@@ -172,6 +172,13 @@ def test_int8_refused_on_nano_unless_forced_and_older_bundles_calibrate_from_cal
             trt=make_fake_trt("8.2.1.8", fast_int8=False),
             cuda=FakeCuda(),
         )
+    with pytest.raises(EngineBuildError, match="--force INT8 cannot work on Jetson Nano: .*explicit quantization"):
+        build_engine(  # the Q/DQ model cannot be built without INT8 kernels: said before TensorRT fails on it
+            bundle,
+            BuildSpec(precision="int8", output=str(tmp_path / "e"), gpu=NANO, force=True),
+            trt=make_fake_trt("8.2.1.8", fast_int8=False),
+            cuda=FakeCuda(),
+        )
     older = _older_bundle(bundle, tmp_path / "older")
     cuda = FakeCuda()
     trt = make_fake_trt("8.2.1.8", fast_int8=False, cuda=cuda)
@@ -241,7 +248,7 @@ def test_dla_is_refused_on_a_nano_and_lists_the_layers_that_fall_back_on_xavier_
         import onnx
 
         unsupported = [n.name for n in onnx.load(bundle.model_path).graph.node if n.op_type not in DLA_OPS]
-        assert meta["dla"] == {"core": 1, "gpu_fallback": True, "gpu_layers": unsupported} and unsupported
+        assert meta["dla"] == {"core": 1, "gpu_fallback": True, "gpu_layers": unsupported, "batch": 1} and unsupported
         assert ("dla", 1) in trt.calls
         assert any(c[0] == "build" and "GPU_FALLBACK" in c[1] for c in trt.calls if isinstance(c, tuple))
 
@@ -710,3 +717,77 @@ def test_tensorrt_8_6_parser_errors_have_no_node_name(trained_run, tmp_path):
             trt=trt,
             cuda=FakeCuda(),
         )
+
+
+def test_explicit_int8_on_the_dla_is_refused_on_tensorrt_8_and_records_what_runs_where_on_10(trained_run, tmp_path):
+    """TensorRT 8.x's DLA runs no Q/DQ: with GPU fallback the INT8 work ran on the GPU while the record said DLA."""
+    bundle = open_bundle(trained_run / "bundle")
+    trt = make_fake_trt("8.5.2", dla_cores=2)
+    for fallback in (False, True):
+        with pytest.raises(EngineBuildError, match="8.5.2's DLA does not run the bundle's explicit-quantization"):
+            build_engine(
+                bundle,
+                BuildSpec(
+                    precision="int8",
+                    output=str(tmp_path / "x"),
+                    force=True,
+                    dla_core=0,
+                    gpu=XAVIER,
+                    gpu_fallback=fallback,
+                ),
+                trt=trt,
+                cuda=FakeCuda(),
+                log=lambda m: None,
+            )
+    assert not any(isinstance(c, tuple) and c[0] == "build" for c in trt.calls)  # refused before building
+    trt = make_fake_trt("10.3.0", dla_cores=2)
+    meta = build_engine(
+        bundle,
+        BuildSpec(
+            precision="int8", output=str(tmp_path / "o.engine"), force=True, dla_core=0, gpu=ORIN, gpu_fallback=True
+        ),
+        trt=trt,
+        cuda=FakeCuda(),
+        log=lambda m: None,
+    )
+    import onnx
+
+    qdq = {n.name for n in onnx.load(bundle.variant_path("int8")).graph.node if "Quantize" in n.op_type}
+    assert qdq and not qdq & set(meta["dla"]["gpu_layers"])  # the quantized work is on the DLA, and said so
+
+
+def test_a_dla_engine_has_a_static_profile_and_its_core_is_set_before_deserializing(dynamic_bundle, tmp_path):
+    from edgerun.errors import RunnerError
+
+    bundle = open_bundle(dynamic_bundle.folder)
+    cuda = FakeCuda()
+    trt = make_fake_trt("8.5.2", dla_cores=2, cuda=cuda)
+    engine = str(tmp_path / "d.engine")
+    spec = dict(precision="fp16", output=engine, dla_core=1, gpu_fallback=True, gpu=XAVIER)
+    meta = build_engine(bundle, BuildSpec(**spec), trt=trt, cuda=cuda, log=lambda m: None)
+    assert meta["dla"]["batch"] == 4  # the profile's opt: min = opt = max, which the DLA needs
+    with pytest.raises(EngineBuildError, match="--dla-batch 9: the bundle's dynamic batch runs 1 to 4"):
+        build_engine(bundle, BuildSpec(dla_batch=9, **spec), trt=trt, cuda=cuda, log=lambda m: None)
+    assert (
+        build_engine(bundle, BuildSpec(dla_batch=1, **spec), trt=trt, cuda=cuda, log=lambda m: None)["dla"]["batch"]
+        == 1
+    )
+    build_engine(bundle, BuildSpec(dla_batch=4, **spec), trt=trt, cuda=cuda, log=lambda m: None)
+    with TrtRunner(engine, bundle=bundle, trt=trt, cuda=cuda, gpu=XAVIER) as runner:
+        got = runner.infer(_feed(bundle, 4))["logits"]
+        assert got.shape[0] == 4
+        with pytest.raises(RunnerError, match="DLA core 1 at batch 4 only.*--dla-batch 2"):
+            runner.infer(_feed(bundle, 2))
+    assert ("runtime_dla_core", 1) in trt.calls  # set before deserialize, as trtexec does
+    runtime = trt.Runtime(make_logger(trt))  # the fake is as strict as that: without the core it refuses
+    assert runtime.deserialize_cuda_engine(open(engine, "rb").read()) is None
+    raw = trt.Builder(make_logger(trt))
+    config = raw.create_builder_config()
+    config.default_device_type, config.DLA_core = trt.DeviceType.DLA, 0
+    profile = raw.create_optimization_profile()
+    profile.set_shape("input", (1, 3, 8, 8), (2, 3, 8, 8), (4, 3, 8, 8))
+    config.add_optimization_profile(profile)
+    network = raw.create_network(0)
+    trt.OnnxParser(network, make_logger(trt)).parse(open(bundle.model_path, "rb").read())
+    config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    assert raw.build_serialized_network(network, config) is None  # a dynamic profile on the DLA: refused

@@ -25,11 +25,14 @@ def cmd_build(args):
             gpu=gpu_properties(),
             dla_core=args.dla,
             gpu_fallback=args.gpu_fallback,
+            dla_batch=args.dla_batch,
         ),
     )
     print(to_json(meta))
-    if meta.get("dla") and meta["dla"]["gpu_layers"]:
-        print("on the GPU (the DLA cannot run them): %s" % ", ".join(meta["dla"]["gpu_layers"]))
+    if meta.get("dla"):
+        dla = meta["dla"]
+        print("on DLA core %d at batch %d: every layer but those listed next" % (dla["core"], dla["batch"]))
+        print("on the GPU (the DLA cannot run them): %s" % (", ".join(dla["gpu_layers"]) or "none"))
     print(
         "built %s in %.1f s; next: edgerun validate %s --engine %s"
         % (meta["engine"], meta["build_seconds"], args.bundle, meta["engine"])
@@ -55,6 +58,12 @@ def add_parser(sub):
         "--gpu-fallback",
         action="store_true",
         help="with --dla: run the layers the DLA cannot on the GPU (listed after the build)",
+    )
+    p.add_argument(
+        "--dla-batch",
+        type=int,
+        metavar="N",
+        help="with --dla and a dynamic-batch bundle: the one batch the DLA engine runs (default the profile's opt)",
     )
     add_trust_args(p)
     p.set_defaults(handler=cmd_build)

@@ -124,6 +124,17 @@ def check_dla(builder, target, dla_core, precision):
         raise EngineBuildError("--dla: the DLA runs FP16 and INT8, not FP32: add --precision fp16 or int8")
 
 
+def check_dla_quantization(api, trt, dla_core, explicit_int8):
+    """TensorRT 8.x's DLA does not run explicit quantization (Q/DQ layers): with GPU fallback the INT8 work would
+    run on the GPU while the engine's record said DLA, without it the build fails. Refused before the build."""
+    if dla_core is not None and explicit_int8 and api.generation < 10:
+        raise EngineBuildError(
+            "--dla with --precision int8: TensorRT %s's DLA does not run the bundle's explicit-quantization (Q/DQ) "
+            "INT8 model (TensorRT 10 does); build --dla %s --precision fp16, or INT8 on the GPU (without --dla)"
+            % (trt.__version__, dla_core)
+        )
+
+
 def dla_fallback_layers(network, config):
     """Names of the layers the DLA cannot run (they run on the GPU with --gpu-fallback)."""
     return [
@@ -136,7 +147,8 @@ class BuildSpec(Spec):
     ``<name>.<precision>.engine`` in the working folder) and its workspace, the persistent ``timing_cache`` (keyed by
     board and TensorRT version), ``force`` (INT8 where it is slower or was rejected on the host), the ``target``'s
     facts (default: the bundle's), the ``gpu``'s properties, the ``board`` (default: this device's), and
-    ``dla_core`` (a Deep Learning Accelerator core) with ``gpu_fallback`` for the layers it cannot run."""
+    ``dla_core`` (a Deep Learning Accelerator core) with ``gpu_fallback`` for the layers it cannot run and
+    ``dla_batch`` (the one batch a DLA engine of a dynamic-batch bundle runs; default the profile's opt)."""
 
     FIELDS = {
         "precision": "fp16",
@@ -149,6 +161,7 @@ class BuildSpec(Spec):
         "board": None,
         "dla_core": None,
         "gpu_fallback": False,
+        "dla_batch": None,
     }
 
 
@@ -174,6 +187,19 @@ def _onnx_for(bundle, spec, api, trt):
     return bundle.model_path, False
 
 
+def dla_profile(dyn, spec):
+    """The dynamic batch's profile for this build: the DLA runs static shapes only, so a DLA build's profile is
+    min = opt = max (``spec.dla_batch``, default opt), as trtexec's --useDLACore needs."""
+    if not dyn or spec.dla_core is None:
+        return dyn
+    batch = int(spec.dla_batch) if spec.dla_batch is not None else int(dyn["opt"])
+    if not int(dyn["min"]) <= batch <= int(dyn["max"]):
+        raise EngineBuildError(
+            "--dla-batch %d: the bundle's dynamic batch runs %d to %d" % (batch, dyn["min"], dyn["max"])
+        )
+    return {"min": batch, "opt": batch, "max": batch}
+
+
 class _Build(object):
     """One engine build's TensorRT objects and choices, shared by its attempts."""
 
@@ -193,7 +219,7 @@ class _Build(object):
             if not builder.platform_has_fast_fp16:
                 self.log("note: this GPU has no fast FP16 path; FP16 layers may not be faster than FP32")
             config.set_flag(trt.BuilderFlag.FP16)
-        dyn = manifest.model.get("dynamic_batch")
+        dyn = dla_profile(manifest.model.get("dynamic_batch"), spec)
         profile = None
         if dyn:
             profile = builder.create_optimization_profile()
@@ -277,6 +303,16 @@ def build_engine(bundle, spec, trt=None, cuda=None, log=print):
     check_int8_allowed(spec.precision, target, spec.gpu, spec.force, build.builder)
     onnx_file, explicit_int8 = _onnx_for(bundle, spec, build.api, trt)
     check_dla(build.builder, target, spec.dla_core, spec.precision)
+    check_dla_quantization(build.api, trt, spec.dla_core, explicit_int8)
+    if explicit_int8 and not build.builder.platform_has_fast_int8:
+        where = (spec.gpu or {}).get("name") or target.get("device") or "this GPU"
+        raise EngineBuildError(
+            "--force INT8 cannot work on %s: the bundle's INT8 model is explicit quantization (Q/DQ), which TensorRT "
+            "builds only with INT8 kernels, and this GPU has none (no fast INT8: Nano sm_53, TX2 sm_62). Build "
+            "--precision fp16 (faster there anyway)" % where
+        )
+    if spec.dla_batch is not None and spec.dla_core is None:
+        raise EngineBuildError("--dla-batch is for DLA builds: add --dla N")
     network, _parser = _parse_onnx(trt, build.api, build.builder, build.logger, onnx_file)
 
     output = spec.output or os.path.join(os.getcwd(), "%s.%s.engine" % (manifest.data["name"], spec.precision))
@@ -312,7 +348,7 @@ def build_engine(bundle, spec, trt=None, cuda=None, log=print):
         "explicit_quantization": explicit_int8,
         "dla": None
         if spec.dla_core is None
-        else {"core": int(spec.dla_core), "gpu_fallback": bool(spec.gpu_fallback), "gpu_layers": gpu_layers},
+        else _dla_record(spec, gpu_layers, manifest.model.get("dynamic_batch"), manifest.input_shape[0]),
         "bundle_sha256": _trt.bundle_fingerprint(bundle),
         "bundle_name": manifest.data["name"],
         "workspace_mb": workspace >> 20,
@@ -326,6 +362,16 @@ def build_engine(bundle, spec, trt=None, cuda=None, log=print):
     if cache is not None:
         _save_timing_cache(config, cache_path, log)
     return meta
+
+
+def _dla_record(spec, gpu_layers, dyn, fixed):
+    """What runs where in a DLA engine: its core, the layers on the GPU (GPU fallback), the one batch it runs."""
+    return {
+        "core": int(spec.dla_core),
+        "gpu_fallback": bool(spec.gpu_fallback),
+        "gpu_layers": gpu_layers,
+        "batch": dla_profile(dyn, spec)["opt"] if dyn else int(fixed),
+    }
 
 
 def timing_cache_path(base, trt_version, board=None, gpu=None):

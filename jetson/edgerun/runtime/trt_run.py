@@ -44,6 +44,9 @@ class TrtRunner(Runner):
         self.api = _trt.select_api(trt)
         self.logger = _trt.make_logger(trt)
         self.runtime = trt.Runtime(self.logger)
+        dla = self.meta.get("dla")
+        if dla:  # the core the engine was built for, set before deserializing (as trtexec and jetson-inference do)
+            self.runtime.DLA_core = int(dla["core"])
         self.engine = self.runtime.deserialize_cuda_engine(blob)
         if self.engine is None:
             raise EngineMismatchError(
@@ -74,6 +77,13 @@ class TrtRunner(Runner):
         for tensor in self.tensors:
             if tensor["is_input"]:
                 want, fixed = shapes[tensor["name"]], tensor["shape"]
+                dla = self.meta.get("dla") or {}
+                if dla.get("batch") is not None and want and want[0] != dla["batch"]:
+                    raise RunnerError(
+                        "engine '%s' runs on DLA core %s at batch %d only (the DLA runs static shapes), the feed "
+                        "is batch %d: feed %d, or rebuild with --dla-batch %d"
+                        % (self.engine_path, dla["core"], dla["batch"], want[0], dla["batch"], want[0])
+                    )
                 if len(want) != len(fixed) or any(f >= 0 and f != w for f, w in zip(fixed, want)):
                     raise RunnerError(
                         "input '%s' of engine '%s' is fixed at %s, the feed is %s: %s"
