@@ -79,6 +79,9 @@ def test_versions_compare_as_numbers_and_pick_the_api():
     assert isinstance(select_api(make_fake_trt("10.3.0")), _Api10)
     with pytest.raises(EngineBuildError, match="too old"):
         select_api(make_fake_trt("7.1.3"))
+    # a real JetPack 4.6 board (L4T R32.6.1) has TensorRT 8.0.1: refused, saying which release works, not "4.6"
+    with pytest.raises(EngineBuildError, match=r"JetPack 4.6 \(L4T R32.6.1\) ships TensorRT 8.0.1.*JetPack 4.6.1"):
+        select_api(make_fake_trt("8.0.1.6"))
 
 
 def test_build_on_tensorrt_8_2_uses_max_workspace_size_and_explicit_batch(trained_run, tmp_path):

@@ -106,7 +106,7 @@ APP_KEYS = {
     "sink0": {"enable", "type", "sync", "source-id", "gpu-id", "nvbuf-memory-type"},
 }
 VERSIONS = {  # folder -> (DeepStream, JetPack, nvinfer keys)
-    "ds6.0": ("6.0", "4.6", NVINFER_KEYS_6_0),
+    "ds6.0": ("6.0 / 6.0.1", "4.6 / 4.6.1+", NVINFER_KEYS_6_0),  # 6.0 on R32.6.1, 6.0.1 on R32.7; same keys
     "ds7": ("7.x", "6", NVINFER_KEYS_7),
 }
 NETWORK_MODE = {"fp32": 0, "int8": 1, "fp16": 2}

@@ -4,8 +4,10 @@ Export (ONNX opset, whether INT8 is worth it), build (TensorRT API generation, w
 budget, device identity) all read this table, so a fact is written once.
 
 Sources (NVIDIA documentation, as of each JetPack release):
-- JetPack 4.6.x release notes: L4T R32.6/R32.7, TensorRT 8.2.1, CUDA 10.2, cuDNN 8.2.1, Ubuntu 18.04 with
-  Python 3.6. JetPack 5.1.x: L4T R35, TensorRT 8.5.2, CUDA 11.4, Python 3.8. JetPack 6.1/6.2: L4T R36.4,
+- JetPack 4.6.x release notes: JetPack 4.6 is L4T R32.6.1 with TensorRT 8.0.1 (and DeepStream 6.0); JetPack 4.6.1
+  and later 4.6.x are L4T R32.7.x with TensorRT 8.2.1 (DeepStream 6.0.1), CUDA 10.2, Ubuntu 18.04 with Python
+  3.6. The ``-jp4`` targets are JetPack 4.6.1 and later: edgerun refuses TensorRT 8.0 and says so.
+  JetPack 5.1.x: L4T R35, TensorRT 8.5.2, CUDA 11.4, Python 3.8. JetPack 6.1/6.2: L4T R36.4,
   TensorRT 10.3, CUDA 12.6, Python 3.10.
 - ONNX opsets the bundled parser takes: onnx-tensorrt README for TensorRT 8.2/8.4 ("supports ONNX release
   1.8.0", i.e. opset 13); TensorRT 8.5 support matrix: ONNX 1.12 (opset 17); TensorRT 10.x: opset 17 is
@@ -28,7 +30,7 @@ Sources (NVIDIA documentation, as of each JetPack release):
 
 from edgerun.errors import EdgerunError
 
-JETPACK_4 = {"jetpack": "4.6", "l4t": "R32.7", "tensorrt": "8.2", "cuda": "10.2", "python": "3.6", "max_opset": 13}
+JETPACK_4 = {"jetpack": "4.6.1", "l4t": "R32.7", "tensorrt": "8.2", "cuda": "10.2", "python": "3.6", "max_opset": 13}
 JETPACK_5 = {"jetpack": "5.1", "l4t": "R35.4", "tensorrt": "8.5", "cuda": "11.4", "python": "3.8", "max_opset": 17}
 JETPACK_6 = {"jetpack": "6.1", "l4t": "R36.4", "tensorrt": "10.3", "cuda": "12.6", "python": "3.10", "max_opset": 17}
 

@@ -1,4 +1,4 @@
-"""TensorRT on TensorRT 8.2 (JetPack 4.6) up to 10.x (JetPack 6): the version split and what build and run share.
+"""TensorRT on TensorRT 8.2 (JetPack 4.6.1) up to 10.x (JetPack 6): the version split and what build and run share.
 
 Building lives in ``edgerun.runtime.trt_build`` (``build_engine``), running in ``edgerun.runtime.trt_run``
 (``TrtRunner``); both reach TensorRT, pycuda and the device through this module's functions (tests replace
@@ -105,7 +105,7 @@ class _Api(object):
 
 
 class _Api8(_Api):
-    """TensorRT 8.x (8.2 on JetPack 4.6, 8.5 on JetPack 5)."""
+    """TensorRT 8.x (8.2.1 on JetPack 4.6.1 and later 4.6.x, 8.5 on JetPack 5)."""
 
     generation = 8
 
@@ -194,7 +194,17 @@ def select_api(trt):
         return _Api10(trt)
     if version >= (8, 2):
         return _Api8(trt)
-    raise EngineBuildError("TensorRT %s is too old: edgerun supports 8.2 (JetPack 4.6) and newer" % trt.__version__)
+    raise EngineBuildError(TOO_OLD % trt.__version__)
+
+
+# JetPack 4.6 (L4T R32.6.1) ships TensorRT 8.0.1; 8.2.1 came with JetPack 4.6.1 (L4T R32.7.1). edgerun was written
+# against 8.2.1's bindings and never checked against 8.0's, so 8.0 is refused, saying exactly which release works.
+TOO_OLD = (
+    "TensorRT %s is too old for edgerun, which needs 8.2.1 or newer: JetPack 4.6 (L4T R32.6.1) ships TensorRT 8.0.1, "
+    "8.2.1 came with JetPack 4.6.1 (L4T R32.7.1). Update the board to JetPack 4.6.1 or later (NVIDIA's OTA update: "
+    "point /etc/apt/sources.list.d/nvidia-l4t-apt-source.list at r32.7, then sudo apt update && sudo apt "
+    "dist-upgrade; or a fresh SD card image); it is the last JetPack for the Nano and TX2"
+)
 
 
 # ------------------------------------------------------------------------------------------------- logging
