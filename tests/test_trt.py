@@ -794,3 +794,103 @@ def test_a_dla_engine_has_a_static_profile_and_its_core_is_set_before_deserializ
     trt.OnnxParser(network, make_logger(trt)).parse(open(bundle.model_path, "rb").read())
     config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
     assert raw.build_serialized_network(network, config) is None  # a dynamic profile on the DLA: refused
+
+
+def test_a_container_without_the_board_mount_builds_nothing_and_a_workstation_says_why_no_board(
+    trained_run, tmp_path, monkeypatch
+):
+    """A container build without /proc/device-tree/model wrote "board": null silently: that engine ran anywhere."""
+    import edgerun.runtime.trt as trt_module
+
+    bundle = open_bundle(trained_run / "bundle")
+    monkeypatch.setattr(trt_module, "board_model", lambda: None)
+    monkeypatch.setattr(trt_module, "is_tegra", lambda: True)
+    with pytest.raises(EngineBuildError, match="cannot see its own model.*device-tree/model.*EDGERUN_BOARD"):
+        build_engine(
+            bundle,
+            BuildSpec(precision="fp16", output=str(tmp_path / "e.engine"), gpu=ORIN),
+            trt=make_fake_trt("10.3.0"),
+            cuda=FakeCuda(),
+            log=lambda m: None,
+        )
+    assert not (tmp_path / "e.engine").exists()
+    monkeypatch.setattr(trt_module, "is_tegra", lambda: False)
+    notes = []
+    meta = build_engine(
+        bundle,
+        BuildSpec(precision="fp16", output=str(tmp_path / "e.engine"), gpu=ORIN),
+        trt=make_fake_trt("10.3.0"),
+        cuda=FakeCuda(),
+        log=notes.append,
+    )
+    assert meta["board"] is None and any("not a Jetson" in n for n in notes)
+
+
+def test_a_missing_cuda_driver_library_is_named_not_called_a_missing_pycuda(tmp_path, monkeypatch):
+    import sys
+
+    import edgerun.runtime.trt as trt_module
+    from edgerun.errors import RunnerError
+
+    package = tmp_path / "pycuda"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "driver.py").write_text(
+        "raise ImportError('libcuda.so.1: cannot open shared object file: No such file or directory')\n"
+    )
+    (package / "autoprimaryctx.py").write_text("import pycuda.driver\n")
+    for name in [m for m in sys.modules if m == "pycuda" or m.startswith("pycuda.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RunnerError, match="CUDA driver library is not visible.*libcuda.so.1.*--runtime nvidia"):
+        trt_module.import_cuda()
+    (package / "driver.py").write_text("")
+    (package / "autoprimaryctx.py").write_text("raise ImportError('No module named pycuda._driver')\n")
+    for name in [m for m in sys.modules if m == "pycuda" or m.startswith("pycuda.")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(RunnerError, match="pycuda is not installed"):
+        trt_module.import_cuda()
+
+
+def test_a_runner_without_a_current_context_says_so(trained_run, tmp_path):
+    import threading
+
+    from edgerun.errors import RunnerError
+
+    bundle = open_bundle(trained_run / "bundle")
+    cuda = FakeCuda()
+    trt = make_fake_trt("8.2.1.8", cuda=cuda)
+    engine = str(tmp_path / "e.engine")
+    build_engine(bundle, BuildSpec(precision="fp16", output=engine, gpu=NANO), trt=trt, cuda=cuda, log=lambda m: None)
+    errors = []
+
+    def activate():  # another thread: pycuda's primary context is current only where it was made
+        try:
+            TrtRunner(engine, bundle=bundle, trt=trt, cuda=cuda, gpu=NANO).activate()
+        except RunnerError as exc:
+            errors.append(str(exc))
+
+    worker = threading.Thread(target=activate)
+    worker.start()
+    worker.join()
+    assert errors and "no CUDA context is current on this thread" in errors[0]
+
+
+def test_the_cuda_contexts_own_memory_is_in_a_jetsons_device_figure(trained_run, tmp_path, monkeypatch):
+    import edgerun.runtime.trt as trt_module
+
+    available = iter([3000.0, 2790.0])  # MemAvailable before and after the context was made
+    rss = iter([100.0, 110.0])  # of which 10 MB were this process's own host memory
+    mb = trt_module.measure_context(lambda: None, True, lambda: next(available), lambda: next(rss))
+    assert mb == pytest.approx(200.0)
+    assert trt_module.measure_context(lambda: None, False) is None  # a discrete GPU's context is on the card
+    monkeypatch.setitem(trt_module.CUDA_CONTEXT, "mb", 200.0)
+    monkeypatch.setattr("edgerun.device.nvmap_memory", lambda: None)
+    bundle = open_bundle(trained_run / "bundle")
+    cuda = FakeCuda()
+    trt = make_fake_trt("10.3.0", cuda=cuda)
+    engine = str(tmp_path / "e.engine")
+    build_engine(bundle, BuildSpec(precision="fp16", output=engine, gpu=ORIN), trt=trt, cuda=cuda, log=lambda m: None)
+    with TrtRunner(engine, bundle=bundle, trt=trt, cuda=cuda, gpu=dict(ORIN, integrated=True)) as runner:
+        memory = runner.device_memory()
+    assert memory["mb"] >= 200.0 and "plus the CUDA context's own 200 MB" in memory["method"]

@@ -53,17 +53,60 @@ def import_tensorrt():
     return tensorrt
 
 
+# The CUDA context's own memory, measured when this process made it (a Jetson's shared DRAM: MemAvailable before
+# and after, less this process's RSS growth): the runner's free-memory figure starts after the context exists.
+CUDA_CONTEXT = {"mb": None}
+
+
+def measure_context(create, tegra, available=None, rss=None):
+    """Call ``create`` (which makes the CUDA context) and return the DRAM it took in MB on a Jetson (``tegra``):
+    the drop of /proc/meminfo's MemAvailable less this process's RSS growth (host memory, counted in VmHWM);
+    None elsewhere (a discrete GPU's context is on the card)."""
+    from edgerun.device import meminfo, process_memory_mb
+
+    available = available or (lambda: meminfo().get("MemAvailable"))
+    rss = rss or (lambda: process_memory_mb()[0])
+    before = (available(), rss()) if tegra else (None, None)
+    create()
+    if None in before:
+        return None
+    after = (available(), rss())
+    if None in after:
+        return None
+    return max(0.0, (before[0] - after[0]) - max(0.0, after[1] - before[1]))
+
+
+def _primary_context():
+    try:
+        import pycuda.autoprimaryctx  # noqa: F401  (pycuda >= 2021.1)
+    except ImportError as exc:
+        if "autoprimaryctx" not in str(exc):  # pycuda is there and failed inside (the driver library): not "old"
+            raise
+        import pycuda.autoinit  # noqa: F401
+
+
 def import_cuda():
     """pycuda's driver with the device's primary context current (one context for builder, calibrator and
-    runner); ``pycuda.autoinit`` (a new, non-primary context) only where pycuda predates autoprimaryctx."""
+    runner); ``pycuda.autoinit`` (a new, non-primary context) only where pycuda predates autoprimaryctx. The
+    context's own memory is measured as it is made (``CUDA_CONTEXT``)."""
+    import sys
+
     try:
-        try:
-            import pycuda.autoprimaryctx  # noqa: F401  (pycuda >= 2021.1)
-        except ImportError:
-            import pycuda.autoinit  # noqa: F401
+        if "pycuda.driver" in sys.modules:
+            _primary_context()
+        else:
+            CUDA_CONTEXT["mb"] = measure_context(_primary_context, is_tegra())
         import pycuda.driver as cuda
-    except ImportError:
-        raise RunnerError("pycuda is not installed: pip3 install pycuda (it builds against JetPack's CUDA)") from None
+    except ImportError as exc:
+        if "libcuda" in str(exc) or "libnvidia" in str(exc):  # pycuda is there; the driver library is not
+            raise RunnerError(
+                "the CUDA driver library is not visible to this process (%s): in a container, run it with "
+                "--runtime nvidia (which mounts the driver); on the board, JetPack's driver lives in "
+                "/usr/lib/aarch64-linux-gnu/tegra (check `ldconfig -p | grep libcuda`)" % exc
+            ) from None
+        raise RunnerError(
+            "pycuda is not installed (%s): pip3 install pycuda (it builds against JetPack's CUDA)" % exc
+        ) from None
     except Exception as exc:  # pycuda._driver.Error's subclasses (RuntimeError, LogicError): cuInit, no device
         if not type(exc).__module__.startswith("pycuda"):
             raise
@@ -72,6 +115,25 @@ def import_cuda():
             "nvidia; on the host, check that the GPU driver is loaded (`edgerun info`)" % exc
         ) from exc
     return cuda
+
+
+def cuda_context(cuda):
+    """The CUDA context current on this thread, checked: pycuda answers None (or raises its own error) when
+    none is, and the runner pushes it around every call from any thread."""
+    context = cuda.Context.get_current()
+    if context is None:
+        raise RunnerError(
+            "no CUDA context is current on this thread (pycuda's primary context was made on another thread, or "
+            "could not be made current: another program may hold the GPU in exclusive mode, or the driver "
+            "failed); `edgerun info` shows the GPU"
+        )
+    try:
+        free, total = cuda.mem_get_info()
+    except Exception as exc:  # pycuda._driver.Error: the context exists but the driver refuses it
+        if not type(exc).__module__.startswith("pycuda"):
+            raise
+        raise RunnerError("the CUDA context does not answer (%s): `edgerun info` shows the GPU" % exc) from exc
+    return context, free, total
 
 
 # TensorRT DataType member name -> numpy type (types numpy lacks, BF16, FP8, INT4, are refused by name)

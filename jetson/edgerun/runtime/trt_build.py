@@ -317,6 +317,14 @@ def build_engine(bundle, spec, trt=None, cuda=None, log=print):
 
     output = spec.output or os.path.join(os.getcwd(), "%s.%s.engine" % (manifest.data["name"], spec.precision))
     board = spec.board if spec.board is not None else _trt.board_model()
+    if not board:
+        if _trt.is_tegra():  # a container without the board mount: a record naming no board runs on any Jetson
+            raise EngineBuildError(
+                "this Jetson cannot see its own model (a container without the board mount?): the engine's record "
+                "must name the board it is tuned to (Orin Nano and AGX Orin share compute capability 8.7). Run the "
+                "container with -v /proc/device-tree/model:%s:ro, or set $%s" % (_trt.BOARD_FILE, _trt.BOARD_ENV)
+            )
+        log("note: not a Jetson: the engine's record names no board, only the GPU (%s)" % (spec.gpu or {}).get("name"))
     cache_path = timing_cache_path(spec.timing_cache, trt.__version__, board, spec.gpu) if spec.timing_cache else None
     workspace = int(spec.workspace_mb) << 20
     attempt = 0

@@ -32,8 +32,8 @@ class TrtRunner(Runner):
     def _activate(self):
         cuda = self._cuda or _trt.import_cuda()
         trt = self._trt or _trt.import_tensorrt()
-        self.cuda_context = cuda.Context.get_current()  # pushed around every call: any thread may infer
-        self.free_at_start = cuda.mem_get_info()[0]  # device memory is measured from here (engine load on)
+        # pushed around every call (any thread may infer); device memory is measured from here (engine load on)
+        self.cuda_context, self.free_at_start, _ = _trt.cuda_context(cuda)
         self.rss_at_start = process_memory_mb()[0]
         if not os.path.isfile(str(self.engine_path)):
             raise EngineMismatchError("engine '%s' does not exist: build it with `edgerun build`" % self.engine_path)
@@ -168,11 +168,19 @@ class TrtRunner(Runner):
         # already counts; take the process's own RSS growth over the same interval out
         rss_now = process_memory_mb()[0]
         growth = max(0.0, rss_now - self.rss_at_start) if rss_now is not None and self.rss_at_start is not None else 0.0
+        context = _trt.CUDA_CONTEXT["mb"]
         return {
-            "mb": max(0.0, drop - growth),
+            "mb": max(0.0, drop - growth) + (context or 0.0),
             "method": "cuda.mem_get_info free-memory drop from engine load to now (%.0f MB), less this "
-            "process's RSS growth over the same interval (%.0f MB, host memory counted in VmHWM); "
-            "other processes move it too" % (drop, growth),
+            "process's RSS growth over the same interval (%.0f MB, host memory counted in VmHWM), %s; "
+            "other processes move it too"
+            % (
+                drop,
+                growth,
+                "plus the CUDA context's own %.0f MB (MemAvailable drop as it was made)" % context
+                if context is not None
+                else "without the CUDA context's own memory (made before this process measured)",
+            ),
         }
 
     def _deactivate(self):
