@@ -316,13 +316,18 @@ def test_bench_memory_grows_by_no_more_than_its_frames(trained_run, tmp_path):
 
 
 # ----------------------------------------------------- 8. the catalogue of bad inputs: exit 2 and one clear line
+def _shape_24(manifest):
+    manifest["model"]["input_shape"] = [1, 3, 24, 24]
+    manifest["preprocess"].update(crop=[24, 24], resize=max(24, manifest["preprocess"]["resize"]))
+
+
 def _variant_bundles(trained_run, tmp_path):
     """Bundles whose manifest disagrees with their model: input shape, output name, class count."""
     from edgerun.bundle.manifest import write_manifest
 
     out = {}
     for name, change in (
-        ("shape", lambda m: m["model"].__setitem__("input_shape", [1, 3, 24, 24])),
+        ("shape", _shape_24),  # self-consistent (crop 24), unlike the model's 16
         ("outname", lambda m: m["model"].__setitem__("output_name", "nope")),
         ("classes", lambda m: m.__setitem__("classes", ["a", "b", "c"])),
     ):
@@ -385,6 +390,13 @@ BAD_INPUTS = [
         ["teacher", "{recipe}", "--set", "output={tmp}/afile"],
         2,
         "is a file: the run needs a folder",
+    ),
+    (
+        "an output under a file",
+        "edgedistill",
+        ["teacher", "{recipe}", "--set", "output={tmp}/afile/sub"],
+        2,
+        "afile' is a file); choose another output",
     ),
     (
         "a YAML alias",
@@ -501,3 +513,64 @@ def test_every_bad_input_exits_2_with_one_clear_line(bad_input_places, capsys, w
     text = captured.err + captured.out
     assert words in " ".join(text.split()), text[-600:]
     assert "Traceback" not in text
+
+
+def _broken_manifest(trained_run, tmp_path, name, change):
+    """A copy of the bundle with its manifest.json changed by hand (not through write_manifest, which refuses)."""
+    folder = tmp_path / name
+    shutil.copytree(trained_run / "bundle", folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    change(data)
+    (folder / "manifest.json").write_text(json.dumps(data))
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "name, change, words",
+    [
+        ("nhwc", lambda m: m["preprocess"].update(layout="NHWC"), "preprocess.layout is 'NHWC' but model.layout"),
+        ("no-val", lambda m: m["samples"].pop("val"), "samples.val must name its file"),
+        ("val-count", lambda m: m["samples"]["val"].update(count="20"), "samples.val.count must be a whole number"),
+        ("shape-text", lambda m: m["model"].update(input_shape="1x3x16x16"), "four positive whole numbers"),
+        ("digest", lambda m: m["files"].update({"model.onnx": 5}), "files['model.onnx'] must be a sha256"),
+        ("class-ints", lambda m: m.update(classes=list(range(len(m["classes"])))), "'classes' must be names"),
+    ],
+)
+def test_a_malformed_manifest_is_one_clear_error_in_every_command(trained_run, tmp_path, capsys, name, change, words):
+    folder = _broken_manifest(trained_run, tmp_path, name, change)
+    for command in (["validate", folder], ["bench", folder, "--iterations", "2"], ["verify", folder]):
+        assert edgerun_main(command) == 2, command
+        text = capsys.readouterr()
+        assert words in text.err + text.out and "Traceback" not in text.err + text.out
+
+
+def test_a_real_current_folder_is_refused_by_slot_activate_and_kept(tmp_path, capsys):
+    version = "0123456789abcdef"
+    release = tmp_path / "models" / "line" / version
+    release.mkdir(parents=True)
+    (release / "bundle.edb").write_bytes(b"x")
+    current = tmp_path / "models" / "line" / "current"
+    current.mkdir()
+    (current / "notes.txt").write_text("someone's")
+    assert edgerun_main(["slot", "activate", "line", version, "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a real folder, not a link" in err and "mv" in err and "Traceback" not in err
+    assert (current / "notes.txt").read_text() == "someone's"  # nothing lost
+
+
+@pytest.mark.parametrize(
+    "status, words",
+    [
+        ("[1, 2]", "is not a status record (a JSON object), but list"),
+        ('{"fps": "fast"}', "'fps' is 'fast', not a number"),
+        ('{"last_verdicts": [{"frame": "x"}]}', "'last_verdicts' is not a list"),
+        ("\xff\xfe", "is not valid JSON"),
+    ],
+)
+def test_a_malformed_status_file_is_one_clear_error(tmp_path, capsys, status, words):
+    folder = tmp_path / "line"
+    folder.mkdir()
+    (folder / "status.json").write_bytes(status.encode("latin-1"))
+    assert edgerun_main(["service", "status", "--name", "line", "--state-root", str(tmp_path)]) == 2
+    text = capsys.readouterr()
+    assert words in text.err and "Traceback" not in text.err

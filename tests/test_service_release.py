@@ -287,7 +287,9 @@ def test_build_and_validate_as_two_fresh_containers_share_the_key_only_on_a_volu
     def build():
         cuda = FakeCuda()
         trt = make_fake_trt("8.2.1.8", cuda=cuda)
-        build_engine(bundle, BuildSpec(precision="fp16", output=str(engine), gpu=NANO), trt=trt, log=None, cuda=cuda)
+        build_engine(
+            bundle, BuildSpec(precision="fp16", output=str(engine), gpu=NANO), trt=trt, log=lambda m: None, cuda=cuda
+        )
 
     container("run1")
     build()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
+from typing import Optional
 
 from edgedistill.cli.console import print_device_plan, print_summary, setup_logging
 from edgedistill.errors import EdgedistillError
@@ -78,12 +80,28 @@ def run(args: argparse.Namespace) -> int:
         distributed.shutdown()
 
 
+def _first_file(path: Path) -> Optional[Path]:
+    """The first part of ``path`` that exists as something other than a folder."""
+    for part in reversed(path.parents):
+        if part.exists() and not part.is_dir():
+            return part
+    return None
+
+
 def _run_recipe(args: argparse.Namespace, recipe, world) -> int:
     """A command on a recipe; under torchrun (``world.active``) rank 0 alone logs to run.log and prints."""
     if recipe.run_dir.exists() and not recipe.run_dir.is_dir():
         raise EdgedistillError(
             f"output '{recipe.run_dir}' is a file: the run needs a folder there; choose another output (or name)"
         )
+    try:
+        recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file on the way ('output=<a file>/sub'), no permission, a read-only disk
+        raise EdgedistillError(
+            f"output: the run folder '{recipe.run_dir}' cannot be made ({exc.strerror}"
+            + (f": '{_first_file(recipe.run_dir)}' is a file" if _first_file(recipe.run_dir) else "")
+            + "); choose another output with --set output=FOLDER"
+        ) from None
     setup_logging(recipe.run_dir if world.is_main else None, args.verbose, quiet=not world.is_main)
     from edgedistill.run.context import RunContext
     from edgedistill.run.pipeline import run_stage

@@ -81,9 +81,12 @@ class Manifest(object):
             if key not in data["model"]:
                 raise BundleError("%s: required key 'model.%s' is missing" % (where, key))
         try:
-            PreprocessSpec.from_dict(data["preprocess"])
+            spec = PreprocessSpec.from_dict(data["preprocess"])
         except (TypeError, ValueError) as exc:
             raise BundleError("%s: invalid 'preprocess': %s" % (where, exc)) from exc
+        self._check_files(data, where)
+        self._check_input(data["model"], spec, where)
+        self._check_samples(data, where)
         if data["model"]["file"] not in data["files"]:
             raise BundleError("%s: model.file '%s' has no sha256 under 'files'" % (where, data["model"]["file"]))
         if not data["classes"]:
@@ -98,6 +101,54 @@ class Manifest(object):
         from edgerun.decision import check_decision
 
         check_decision(data, where)
+
+    @staticmethod
+    def _check_files(data, where):
+        for name, digest in data["files"].items():
+            if not isinstance(digest, str) or len(digest) != 64:
+                raise BundleError("%s: files['%s'] must be a sha256 (64 hex digits), not %r" % (where, name, digest))
+        if not all(isinstance(c, str) for c in data["classes"]):
+            raise BundleError("%s: 'classes' must be names (strings)" % where)
+
+    @staticmethod
+    def _check_input(model, spec, where):
+        """model.input_shape is four whole numbers laid out as the preprocessing lays the images out (NCHW or
+        NHWC), three channels, and the crop's height and width: what edgerun feeds is what the model takes."""
+        shape, layout = model["input_shape"], model["layout"]
+        if not isinstance(shape, list) or len(shape) != 4 or not all(type(d) is int and d > 0 for d in shape):
+            raise BundleError("%s: model.input_shape must be four positive whole numbers, not %r" % (where, shape))
+        if layout not in ("NCHW", "NHWC"):
+            raise BundleError("%s: model.layout must be 'NCHW' or 'NHWC', not %r" % (where, layout))
+        if spec.layout != layout:
+            raise BundleError(
+                "%s: preprocess.layout is '%s' but model.layout is '%s': edgerun would feed the model images laid "
+                "out the wrong way; re-export the bundle" % (where, spec.layout, layout)
+            )
+        channels, size = (shape[1], tuple(shape[2:])) if layout == "NCHW" else (shape[3], tuple(shape[1:3]))
+        if channels != 3 or size != spec.crop:
+            raise BundleError(
+                "%s: model.input_shape %s (%s) does not take 3-channel images of preprocess.crop %s: re-export "
+                "the bundle" % (where, shape, layout, list(spec.crop))
+            )
+
+    @staticmethod
+    def _check_samples(data, where):
+        """samples.val (the images validate checks, and the camera's references) must be there; calib where given."""
+        for key, required in (("val", True), ("calib", False)):
+            entry = data["samples"].get(key)
+            if entry is None and not required:
+                continue
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+                raise BundleError(
+                    "%s: samples.%s must name its file ({'file': ..., 'count': ...}), not %r: re-export the "
+                    "bundle" % (where, key, entry)
+                )
+            if entry["file"] not in data["files"]:
+                raise BundleError("%s: samples.%s.file '%s' has no sha256 under 'files'" % (where, key, entry["file"]))
+            if type(entry.get("count")) is not int or entry["count"] < 0:
+                raise BundleError(
+                    "%s: samples.%s.count must be a whole number, not %r" % (where, key, entry.get("count"))
+                )
 
     # -- accessors ------------------------------------------------------------------------------------------
     @property

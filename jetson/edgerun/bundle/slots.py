@@ -45,7 +45,14 @@ def _link_target(path):
 
 
 def _set_link(path, target):
-    """Point ``path`` at ``target`` (a sibling folder's name) atomically."""
+    """Point ``path`` at ``target`` (a sibling folder's name) atomically. A real file or folder in the link's place
+    is refused, never replaced: it is someone's, and rename cannot put a link over a folder."""
+    if os.path.lexists(path) and not os.path.islink(path):
+        raise SlotError(
+            "'%s' is a real %s, not a link: edgerun keeps each release in its version folder and '%s' as a link to "
+            "one. Move it aside (sudo mv %s %s.old) and run the command again"
+            % (path, "folder" if os.path.isdir(path) else "file", os.path.basename(path), path, path)
+        )
     tmp = "%s.tmp-%d" % (path, os.getpid())
     if os.path.lexists(tmp):
         os.remove(tmp)

@@ -331,8 +331,31 @@ def status(name, state_root=STATE_ROOT, run=subprocess.run):
     data = None
     if os.path.exists(path):
         try:
-            with open(path) as fh:
-                data = json.load(fh)
-        except ValueError as exc:
+            with open(path, "rb") as fh:
+                data = json.loads(fh.read().decode("utf-8"))
+        except (OSError, IOError) as exc:
+            raise EdgerunError("%s cannot be read (%s): run `edgerun service status` as root" % (path, exc)) from exc
+        except ValueError as exc:  # UnicodeDecodeError included
             raise EdgerunError("%s is not valid JSON (%s)" % (path, exc)) from exc
+        check_status(data, path)
     return {"unit": unit, "status": data, "status_file": path}
+
+
+STATUS_NUMBERS = ("fps", "frames", "dropped", "reconnects", "rejects")
+
+
+def check_status(data, path):
+    """The camera's status record as `service status` prints it: an object, its counters numbers, its verdicts
+    {time, frame, text}. Anything else was not written by the camera: say which key, never a traceback."""
+    how = "; the running camera rewrites it every 5 s (a stopped one leaves it: remove it)"
+    if not isinstance(data, dict):
+        raise EdgerunError("%s is not a status record (a JSON object), but %s%s" % (path, type(data).__name__, how))
+    for key in STATUS_NUMBERS:
+        value = data.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EdgerunError("%s: '%s' is %r, not a number%s" % (path, key, value, how))
+    verdicts = data.get("last_verdicts", [])
+    if not isinstance(verdicts, list) or not all(
+        isinstance(v, dict) and isinstance(v.get("frame"), int) and "time" in v and "text" in v for v in verdicts
+    ):
+        raise EdgerunError("%s: 'last_verdicts' is not a list of {time, frame, text}%s" % (path, how))
