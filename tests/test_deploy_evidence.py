@@ -67,3 +67,30 @@ def test_a_result_file_too_big_to_be_one_is_refused_unread(tmp_path, monkeypatch
     monkeypatch.setattr(evidence, "MAX_JSON_BYTES", 10)
     results, problems = read_results(_write(tmp_path, bench={"verdict": {"overall": "PASS"}}))
     assert not results and "not a result file" in problems[0]
+
+
+def test_activating_a_release_names_the_running_services_that_keep_the_old_one(tmp_path):
+    """deploy switched `current` but a running edgerun-* unit kept its staged release, and nothing said so."""
+    import subprocess
+
+    from edgedistill.deploy.board import Board
+    from edgedistill.deploy.release import DeployOptions, Release
+
+    release = Release(tmp_path / "b.edb", "line", "0123456789abcdef", "0" * 64, None, None)
+    board = Board("board-a", release, DeployOptions(), tmp_path)
+    asked = []
+
+    def run(command, stdin=None, timeout=None, check=True):
+        asked.append(command)
+        return subprocess.CompletedProcess(command, 0, b"edgerun-line.service\nedgerun-cam2.service\n", b"")
+
+    board.ssh.run = run
+    board.note_services()
+    assert board.row.facts["services"] == ["edgerun-line.service", "edgerun-cam2.service"]
+    assert "systemctl restart edgerun-line.service edgerun-cam2.service" in board.row.reason
+    assert "edgerun service install edgedistill/models/line/current/bundle.edb" in board.row.reason
+    assert "systemctl list-units 'edgerun-*'" in asked[0]
+    quiet = Board("board-b", release, DeployOptions(), tmp_path)
+    quiet.ssh.run = lambda command, **kw: subprocess.CompletedProcess(command, 0, b"", b"")
+    quiet.note_services()
+    assert "services" not in quiet.row.facts and quiet.row.reason == ""
