@@ -109,9 +109,11 @@ def test_the_run_is_judged_on_balanced_accuracy_with_the_defect_threshold_picked
     assert lo <= hi
     assert "false-reject rate saved at matched recall (recall >= 0.9 with 95% confidence)" in s["verdict"]
     assert "on 60 negative images" in s["verdict"] and "where the line operates, student against baseline" in md
-    # at 16 px the planner estimates this student slower than its teacher on the Nano: the verdict says so
-    assert not s["device_check"]["student_faster"]
-    assert "NOT DEPLOYABLE AS A SPEED-UP" in s["verdict"] and "Jetson Nano" in s["verdict"]
+    # at 16 px per-kernel costs dominate: the planner cannot tell student and teacher apart on the Nano (their
+    # intervals overlap), and the verdict says exactly that, never "not deployable"
+    assert s["device_check"]["verdict"] == "within error" and not s["device_check"]["student_faster"]
+    assert "within the planner's error" in s["verdict"] and "Jetson Nano" in s["verdict"]
+    assert "NOT DEPLOYABLE" not in s["verdict"]
     html = (run / "report.html").read_text()
     assert "ROC and precision-recall curves of the positive class (defect)" in html
     assert "Operating point: recall &gt;= 0.9" in html and "precision / recall / F1" in html

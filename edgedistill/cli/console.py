@@ -68,7 +68,7 @@ def print_device_plan(ctx) -> None:
     for role in ("teacher", "student"):
         e = est[role]
         out.print(
-            f"  {role:8} {e['model']:24} {e['est_fps']:8.1f} FPS  {e['est_latency_ms']:7.2f} ms  "
-            f"{e['est_memory_mb']:6.0f} MB",
+            f"  {role:8} {e['model']:24} {e['est_fps']:8.1f} FPS ({e['est_fps_lo']:.0f}-{e['est_fps_hi']:.0f}, 90%)  "
+            f"{e['est_latency_ms']:7.2f} ms  {e['est_memory_mb']:6.0f} MB",
             highlight=False,
         )

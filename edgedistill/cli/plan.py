@@ -1,5 +1,6 @@
 """``edgedistill plan``: which student fits the board before training (estimated FPS, memory and engine size of
-candidate models, the planner's own error), and ``--measured`` bench files that rescale the board's factors."""
+candidate models with intervals from the planner's held-out error), and ``--calibrate`` bench files from the user's
+own board, which join that board's fit."""
 
 from __future__ import annotations
 
@@ -34,12 +35,14 @@ def add_parser(sub) -> None:
         "--json", help="write [{model, params, flops, est_latency_ms, est_fps, est_memory_mb, fits, reason}, ...] here"
     )
     p.add_argument(
+        "--calibrate",
         "--measured",
+        dest="measured",
         nargs="+",
         default=[],
         metavar="BENCH.json",
-        help="`edgerun bench --json` files from the real board: shown against the estimate and used to "
-        "rescale this board's factors (saved in your cache)",
+        help="`edgerun bench --json` files from your board (deploy's devices/<board>/bench.json too): added to "
+        "your calibration table (in your cache) and fitted with this board's published rows",
     )
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(handler=run)
@@ -62,9 +65,9 @@ def check_names(names: Sequence[str]) -> None:
 
 
 def plan_command(args: argparse.Namespace) -> int:
-    """`edgedistill plan`: the table, the recommendation, the planner's own error; --json and --measured."""
-    from edgedistill.plan.calibration import format_measured, leave_one_out, load_calibration, refit_from_measured
+    """`edgedistill plan`: the table, the recommendation, the planner's own error; --json and --calibrate."""
     from edgedistill.plan.estimate import DEFAULT_CANDIDATES, PlanSpec, format_plan, plan
+    from edgedistill.plan.measured import format_measured, refit_from_measured
 
     if args.image_size < 32 or args.batch < 1:
         raise EdgedistillError("--image-size must be at least 32 and --batch at least 1")
@@ -75,9 +78,7 @@ def plan_command(args: argparse.Namespace) -> int:
     check_names(list(candidates) + ([args.teacher] if args.teacher else []))
     spec = PlanSpec(args.target, args.precision, args.image_size, args.batch, args.fps_target, args.budget_mb)
     result = plan(spec, candidates, args.teacher)
-    board = result["factors"]["board"]
-    loo = leave_one_out([p for p in load_calibration() if p.board == board])
-    print(format_plan(result, loo))
+    print(format_plan(result))
     if args.json:
         keys = (
             "model",
@@ -88,6 +89,9 @@ def plan_command(args: argparse.Namespace) -> int:
             "top1",
             "est_latency_ms",
             "est_fps",
+            "est_fps_lo",
+            "est_fps_hi",
+            "basis",
             "est_memory_mb",
             "est_engine_mb",
             "fits",

@@ -110,10 +110,10 @@ def deploy(
 
 
 def refit_planner(rows: Sequence[dict], release: Release, opts: DeployOptions) -> list[str]:
-    """Let the planner's per-board factors learn from the engines just measured (as `plan --measured` does)."""
+    """Let the planner's per-board factors learn from the engines just measured (as `plan --calibrate` does)."""
     if opts.precision == "onnxruntime":
         return ["planner not refit: ONNX Runtime runs measure no TensorRT engine"]
-    from edgedistill.plan.calibration import refit_from_measured
+    from edgedistill.plan.measured import refit_from_measured
 
     notes = []
     by_profile: dict[str, list[str]] = {}
@@ -124,7 +124,7 @@ def refit_planner(rows: Sequence[dict], release: Release, opts: DeployOptions) -
     for profile, files in by_profile.items():
         try:
             refit = refit_from_measured(profile, files)
-            notes.append(f"planner refit for {profile}: latency scale x{refit['scale']:.2f} from {len(files)} board(s)")
+            notes.append(f"planner refit for {profile} with {len(files)} board(s): factors {refit['source']}")
         except (EdgedistillError, KeyError, ValueError) as exc:
             notes.append(f"planner not refit for {profile}: {exc}")
     return notes

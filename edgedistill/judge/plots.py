@@ -216,7 +216,7 @@ def tradeoff_points(info: dict[str, Any]) -> list[dict[str, Any]]:
 
 def device_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
     """Planner estimates next to measured device figures, one row per quantity that both sides have."""
-    from edgedistill.plan.calibration import model_latency_ms
+    from edgedistill.plan.measured import model_latency_ms
 
     est = info["summary"].get("device_estimate") or {}
     rows = []

@@ -331,8 +331,11 @@ def _device(info: dict[str, Any]) -> Section:
     if est:
         lines.append(
             f"ESTIMATES (edgedistill plan, {est['device']}, {est['precision'].upper()}, {est['image_size']} px; "
-            f"not measurements): teacher {est['teacher']['est_fps']:.0f} FPS, student "
-            f"{est['student']['est_fps']:.0f} FPS, student process memory {est['student']['est_memory_mb']:.0f} MB"
+            f"not measurements; 90% intervals from the planner's held-out error): teacher "
+            f"{est['teacher']['est_fps']:.0f} FPS ({est['teacher'].get('est_fps_lo', 0):.0f}-"
+            f"{est['teacher'].get('est_fps_hi', 0):.0f}), student {est['student']['est_fps']:.0f} FPS "
+            f"({est['student'].get('est_fps_lo', 0):.0f}-{est['student'].get('est_fps_hi', 0):.0f}; "
+            f"{est['student'].get('basis', '')}), student process memory {est['student']['est_memory_mb']:.0f} MB"
         )
     if dev:
         lines += [""] + _md_table(

@@ -135,20 +135,37 @@ def verdict(summary: dict[str, Any], min_gain: float) -> tuple[str, bool]:
 
 
 def device_sentence(summary: dict[str, Any]) -> str:
-    """'' when the student is (estimated) faster than its teacher on the export target; else the warning."""
+    """'' when the student is estimated faster than its teacher beyond the planner's error on the export target;
+    "within the planner's error" when the intervals overlap; NOT DEPLOYABLE AS A SPEED-UP only when the student's
+    interval lies wholly below the teacher's. Never a firmer word than the intervals allow."""
     check = summary.get("device_check")
-    if not check or check["student_faster"]:
+    if not check:
+        return ""
+    verdict = check.get("verdict") or ("faster" if check["student_faster"] else "slower")
+    if verdict == "faster":
         return ""
     others = check.get("faster_candidates") or []
     names = ", ".join(f"{c['model']} (~{c['est_fps']:.0f} FPS)" for c in others)
+    ranges = ""
+    if check.get("student_fps_range") and check.get("teacher_fps_range"):
+        (s_lo, s_hi), (t_lo, t_hi) = check["student_fps_range"], check["teacher_fps_range"]
+        ranges = f"; 90% intervals {s_lo:.0f}-{s_hi:.0f} vs {t_lo:.0f}-{t_hi:.0f} FPS"
+    figures = f"{check['student_fps']:.0f} vs {check['teacher_fps']:.0f} FPS{ranges}, edgedistill plan, not measured"
+    if verdict == "within error":
+        direction = "faster" if check["student_fps"] > check["teacher_fps"] else "slower"
+        return (
+            f". On {check['device']} the student is ESTIMATED {direction} than its teacher, within the planner's "
+            f"error ({figures}): measure both with edgerun bench before counting on a speed-up"
+            + (f"; estimated faster beyond the error: {names}" if names else "")
+        )
     return (
-        f". NOT DEPLOYABLE AS A SPEED-UP: on {check['device']} the student is ESTIMATED no faster than its "
-        f"teacher ({check['student_fps']:.0f} vs {check['teacher_fps']:.0f} FPS, edgedistill plan, not "
-        f"measured); ship the teacher, or distill into a model estimated faster there: "
+        f". NOT DEPLOYABLE AS A SPEED-UP: on {check['device']} the student is ESTIMATED slower than its "
+        f"teacher beyond the planner's error ({figures}); ship the teacher, or distill into a model estimated "
+        "faster there: "
         + (
             names
             if names
-            else "none of the planner's candidates is (at this image size per-layer overhead "
+            else "none of the planner's candidates is beyond its error (at this image size per-layer overhead "
             "dominates: try a larger image size or measure with edgerun bench)"
         )
     )
@@ -423,12 +440,20 @@ def _speed_facts(summary: dict[str, Any], batch: int) -> list[str]:
     est = summary.get("device_estimate")
     if est:
         ratio = est["student"]["est_fps"] / est["teacher"]["est_fps"]
+        check = summary.get("device_check") or {}
+        word = {"faster": "faster beyond the planner's error", "slower": "slower beyond the planner's error"}.get(
+            check.get("verdict"), "within the planner's error"
+        )
+
+        def fps(role: str) -> str:
+            e = est[role]
+            span = f" ({e['est_fps_lo']:.0f}-{e['est_fps_hi']:.0f})" if "est_fps_lo" in e else ""
+            return f"{e['est_fps']:.0f}{span} FPS"
+
         facts.append(
             f"ESTIMATED on {est['device']} ({est['precision'].upper()}, {est['image_size']} px, "
-            f"edgedistill plan, not measured): teacher {est['teacher']['est_fps']:.0f} FPS, student "
-            f"{est['student']['est_fps']:.0f} FPS ("
-            + (f"{ratio:.2f}x the teacher" if ratio > 1 else "NOT faster than the teacher")
-            + "); measure with `edgerun bench`"
+            f"edgedistill plan, not measured; 90% intervals): teacher {fps('teacher')}, student {fps('student')} "
+            f"({ratio:.2f}x the teacher, {word}); measure with `edgerun bench`"
         )
     if summary.get("cost"):
         facts.append(cost_line(summary["cost"]))

@@ -1,7 +1,8 @@
 """The planner's factors: fitted per board to the published TensorRT figures of ``planner_calibration.csv`` (each row
-with its source and conditions), held-out errors (leave one out, leave one family out), a calibrated relative's
-factors for a board without points, and the user's own ``edgerun bench --json`` measurements rescaling a board
-(saved in the user's cache, never in the package).
+with its source, conditions, class count and what its latency covers), within each factor's physical bounds; a
+board without rows borrows from the nearest architecture and says so; the user's own ``edgerun bench --json``
+measurements (``edgedistill plan --calibrate``, kept in the user's cache, never in the package) join the fit of
+their board. Held-out errors and the intervals built from them are ``plan.heldout``.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.plan.profile import profile_model
-from edgedistill.plan.roofline import Factors, _arrays, layer_times_ms, model_memory_mb
+from edgedistill.plan.roofline import Factors, _arrays, layer_times_ms
 from edgerun.profiles import get_target
 
 log = logging.getLogger(__name__)
@@ -28,15 +29,37 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_FILE = Path(__file__).with_name("planner_calibration.csv")
 
-# Boards without published points use the factors of a calibrated relative (same GPU generation or family).
-BORROW = {
-    "jetson-nano-2gb-jp4": "jetson-nano-jp4",
-    "jetson-tx2-jp4": "jetson-nano-jp4",
-    "xavier-nx-jp5": "agx-xavier-jp5",
-    "jetson-orin-nano-jp6": "agx-xavier-jp5",
-    "orin-nx-jp6": "agx-xavier-jp5",
-    "agx-orin-jp6": "agx-xavier-jp5",
+# The nearest architectures of each board, nearest first: the same GPU generation, then the closest one. A board
+# without rows of its own borrows the factors of the first that has rows (factors are fractions of each board's own
+# data-sheet peaks, so they travel between boards of one architecture).
+NEAREST = {
+    "jetson-nano-jp4": ("jetson-tx2-jp4",),  # Maxwell sm_53 -> Pascal sm_62: CUDA cores only, no tensor cores
+    "jetson-nano-2gb-jp4": ("jetson-nano-jp4", "jetson-tx2-jp4"),
+    "jetson-tx2-jp4": ("jetson-nano-jp4",),
+    "xavier-nx-jp5": ("agx-xavier-jp5", "agx-orin-jp6"),  # Volta sm_72, tensor cores
+    "agx-xavier-jp5": ("xavier-nx-jp5", "agx-orin-jp6"),
+    "jetson-orin-nano-jp6": ("agx-orin-jp6", "xavier-nx-jp5"),  # Ampere sm_87
+    "orin-nx-jp6": ("agx-orin-jp6", "xavier-nx-jp5"),
+    "agx-orin-jp6": ("xavier-nx-jp5", "agx-xavier-jp5"),
 }
+
+# Physical bounds of each factor: efficiencies are fractions of the data sheet's peak FLOPs (dense: tensor cores
+# where the board has them; depthwise: the CUDA cores') and bandwidth, never above 1; a kernel's fixed cost is
+# between 1 us and 100 us; torch2trt's Python module call between 1 us and 10 ms.
+BOUNDS = {
+    "compute": (0.02, 1.0),
+    "memory": (0.05, 1.0),
+    "overhead_ms": (0.001, 0.1),
+    "depthwise": (0.005, 1.0),
+    "depthwise_overhead_ms": (0.001, 0.1),
+    "python_ms": (0.001, 10.0),
+}
+# Weak priors (value, spread as a factor): what a TensorRT kernel's fixed cost and torch2trt's Python call usually
+# are (a kernel launch and its tail: ~10 us on a Jetson; a PyTorch module call into a binding: ~0.5 ms). They only
+# decide what the rows cannot tell apart (a per-call constant from a per-kernel cost on a board with few rows);
+# each is one residual of log(value / prior) / log(spread) in the least squares.
+PRIORS = {"overhead_ms": (0.01, 4.0), "depthwise_overhead_ms": (0.01, 4.0), "python_ms": (0.5, 4.0)}
+USER_WEIGHT = 4.0  # a row measured on the user's own board counts as four published rows in its board's fit
 
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -52,9 +75,13 @@ class CalibrationPoint:
     latency_ms: float
     source: str
     conditions: str
+    classes: int = 1000
+    timing: str = "engine"  # engine: the model's computation; module: torch2trt's Python call around it
+    user: bool = False  # measured on the user's own board (edgedistill plan --calibrate)
+    memory_mb: Optional[float] = None  # the process's measured memory (the user's rows)
 
 
-def load_calibration(path: Path = CALIBRATION_FILE) -> list[CalibrationPoint]:
+def load_calibration(path: Path = CALIBRATION_FILE, user: bool = False) -> list[CalibrationPoint]:
     with open(path, newline="") as fh:
         rows = csv.DictReader(line for line in fh if not line.startswith("#"))
         return [
@@ -69,35 +96,78 @@ def load_calibration(path: Path = CALIBRATION_FILE) -> list[CalibrationPoint]:
                 float(r["latency_ms"]),
                 r["source"],
                 r["conditions"],
+                int(r.get("classes") or 1000),
+                r.get("timing") or "engine",
+                user,
+                float(r["memory_mb"]) if r.get("memory_mb") else None,
             )
             for r in rows
         ]
 
 
+def profile_of(p: CalibrationPoint):
+    return profile_model(p.model, p.image_size, p.framework, p.classes)
+
+
+def is_depthwise(p: CalibrationPoint) -> bool:
+    return bool(_arrays(profile_of(p))["dw"].any())
+
+
+def point_ms(p: CalibrationPoint, target: dict, f: Factors) -> float:
+    """The estimate of what the row's latency covers: the engine, plus torch2trt's Python call for module rows."""
+    return layer_times_ms(profile_of(p), target, p.precision, p.batch, f) + (f.python_ms if p.timing == "module" else 0)
+
+
 def fit_factors(points: Sequence[CalibrationPoint], board: str) -> Factors:
-    """Least squares on log latency (relative error) over one board's published points."""
+    """Least squares on log latency (relative error) over one board's points, every factor inside ``BOUNDS``; the
+    depthwise factors only with depthwise rows, the Python term only with torch2trt rows (so it never inflates the
+    per-kernel cost); the fixed costs held by weak ``PRIORS``; the user's rows weigh ``USER_WEIGHT``."""
     from scipy.optimize import least_squares
 
     target = get_target(board)
-    profiles = [(profile_model(p.model, p.image_size, p.framework), p) for p in points]
-    if len(profiles) < 3:
-        raise EdgedistillError(f"{board}: {len(profiles)} calibration points; three factors need at least 3")
+    points = list(points)
+    if len(points) < 3:
+        raise EdgedistillError(f"{board}: {len(points)} calibration points; three factors need at least 3")
+    names = ["compute", "memory", "overhead_ms"]
+    if any(is_depthwise(p) for p in points):
+        names += ["depthwise", "depthwise_overhead_ms"]
+    if any(p.timing == "module" for p in points):
+        names.append("python_ms")
+    weights = np.sqrt([USER_WEIGHT if p.user else 1.0 for p in points])
+    lo = np.log([BOUNDS[n][0] for n in names])
+    hi = np.log([BOUNDS[n][1] for n in names])
 
-    depthwise = any(_arrays(prof)["dw"].any() for prof, _ in profiles)  # a fourth factor only with its evidence
-
-    def factors(x):
-        v = [float(c) for c in np.exp(x)]
+    def factors(x) -> Factors:
+        v = dict(zip(names, (float(c) for c in np.exp(x))))
         return Factors(
-            board, *v[:3], depthwise=v[3] if depthwise else None, depthwise_overhead_ms=v[4] if depthwise else None
+            board,
+            v["compute"],
+            v["memory"],
+            v["overhead_ms"],
+            depthwise=v.get("depthwise"),
+            depthwise_overhead_ms=v.get("depthwise_overhead_ms"),
+            python_ms=v.get("python_ms", 0.0),
         )
+
+    priors = [(i, math.log(PRIORS[n][0]), math.log(PRIORS[n][1])) for i, n in enumerate(names) if n in PRIORS]
 
     def residuals(x):
         f = factors(x)
-        return [math.log(layer_times_ms(prof, target, p.precision, p.batch, f) / p.latency_ms) for prof, p in profiles]
+        fit = weights * np.array([math.log(point_ms(p, target, f) / p.latency_ms) for p in points])
+        return np.concatenate([fit, [(x[i] - mu) / spread for i, mu, spread in priors]])
 
+    start = {
+        "compute": (0.3, 0.1, 0.8),
+        "memory": (0.5, 0.8, 0.2),
+        "overhead_ms": (0.01, 0.003, 0.03),
+        "depthwise": (0.1, 0.03, 0.4),
+        "depthwise_overhead_ms": (0.01, 0.003, 0.03),
+        "python_ms": (0.5, 0.05, 2.0),
+    }
     best = None
-    for start in ([0.5, 0.5, 0.05, 0.3, 0.02], [0.2, 0.8, 0.01, 0.1, 0.005], [0.8, 0.2, 0.2, 0.6, 0.05]):
-        fit = least_squares(residuals, np.log(start[: 5 if depthwise else 3]), method="trf")
+    for i in range(3):
+        x0 = np.clip(np.log([start[n][i] for n in names]), lo + 1e-9, hi - 1e-9)
+        fit = least_squares(residuals, x0, bounds=(lo, hi), method="trf")
         if best is None or fit.cost < best.cost:
             best = fit
     return factors(best.x)
@@ -112,6 +182,8 @@ FAMILIES = (
     "mobilenet",
     "shufflenet",
     "mnasnet",
+    "mixnet",
+    "efficientformer",
     "efficientnet",
     "ghostnet",
     "lcnet",
@@ -127,199 +199,104 @@ def family(model: str) -> str:
     return model
 
 
-def _held_out(points: Sequence[CalibrationPoint], group, dense_only: bool = False, sort: bool = False) -> list[dict]:
-    """For each board and each group of its points (``group(point)``): the group's points estimated by factors
-    fitted on the board's other points (``dense_only``: only those without depthwise convolutions), with the
-    relative error."""
-    out = []
-    for board in sorted({p.board for p in points}):
-        mine = [p for p in points if p.board == board]
-        target = get_target(board)
-        keys = list(dict.fromkeys(group(p) for p in mine))
-        for key in sorted(keys) if sort else keys:
-            train = [p for p in mine if group(p) != key]
-            if dense_only:
-                train = [p for p in train if not _arrays(profile_model(p.model, p.image_size, p.framework))["dw"].any()]
-            f = fit_factors(train, board)
-            for p in (p for p in mine if group(p) == key):
-                prof = profile_model(p.model, p.image_size, p.framework)
-                est = layer_times_ms(prof, target, p.precision, p.batch, f)
-                out.append(
-                    {
-                        "board": board,
-                        "family": family(p.model),
-                        "model": p.model,
-                        "precision": p.precision,
-                        "depthwise": bool(_arrays(prof)["dw"].any()),
-                        "published_ms": p.latency_ms,
-                        "estimated_ms": est,
-                        "relative_error": (est - p.latency_ms) / p.latency_ms,
-                    }
-                )
-    return out
-
-
-def leave_one_out(points: Sequence[CalibrationPoint]) -> list[dict]:
-    """For each published point: the estimate from factors fitted without it, and the relative error."""
-    return _held_out(points, id)
-
-
-def leave_one_family_out(points: Sequence[CalibrationPoint], dense_only: bool = False) -> list[dict]:
-    """For each board and architecture family: the family's points estimated by factors fitted on the other
-    families alone (``dense_only``: on the families without depthwise convolutions, as the planner was calibrated
-    before depthwise points), with the relative error."""
-    return _held_out(points, lambda p: family(p.model), dense_only, sort=True)
-
-
 def _cache_dir() -> Path:
     from edgedistill.data.images import cache_root
 
     return cache_root() / "planner"
 
 
-@lru_cache(maxsize=16)
-def _published_factors(board: str) -> Factors:
-    """The fit on the board's published points; cached on disk by the content of the table and of the modules that
-    decide the fit (profile, roofline, calibration) and the torch version (the fit profiles every calibration
-    network, ~10 s)."""
+def cache_key() -> str:
+    """The content of the table and of the modules that decide the fit (profile, roofline, calibration, heldout)
+    and the torch version: a fit or a band cached under another key is stale."""
     import hashlib
 
-    from edgedistill.plan import profile, roofline
+    from edgedistill.plan import heldout, profile, roofline
 
-    sources = b"".join(Path(m).read_bytes() for m in (profile.__file__, roofline.__file__, __file__))
-    key = hashlib.sha256(CALIBRATION_FILE.read_bytes() + sources + torch.__version__.encode()).hexdigest()[:16]
-    cached = _cache_dir() / f"fit-{board}-{key}.json"
+    sources = b"".join(Path(m).read_bytes() for m in (profile.__file__, roofline.__file__, __file__, heldout.__file__))
+    return hashlib.sha256(CALIBRATION_FILE.read_bytes() + sources + torch.__version__.encode()).hexdigest()[:16]
+
+
+def cached_json(name: str, compute):
+    """``compute()`` (JSON-able), kept on disk under the cache key: the fits profile every calibration network."""
+    cached = _cache_dir() / f"{name}-{cache_key()}.json"
     if cached.exists():
         try:
-            return Factors(**json.loads(cached.read_text()))
-        except (ValueError, TypeError):
-            log.warning("planner: ignoring an unreadable fit cache %s", cached)
-    factors = fit_factors([p for p in load_calibration() if p.board == board], board)
+            return json.loads(cached.read_text())
+        except ValueError:
+            log.warning("planner: ignoring an unreadable cache %s", cached)
+    value = compute()
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(factors)))
+    tmp = cached.with_suffix(f".tmp{id(value)}")
+    tmp.write_text(json.dumps(value))
     tmp.replace(cached)
-    return factors
+    return value
+
+
+@lru_cache(maxsize=16)
+def _published_factors(board: str) -> Factors:
+    """The fit on the board's published rows (cached on disk)."""
+    data = cached_json(f"fit-{board}", lambda: asdict(fit_factors(published_rows(board), board)))
+    return Factors(**data)
+
+
+def published_rows(board: str) -> list[CalibrationPoint]:
+    return [p for p in load_calibration() if p.board == board]
+
+
+def user_file() -> Path:
+    """The user's own measurements (``edgedistill plan --calibrate``): a calibration table in the user's cache."""
+    return _cache_dir() / "user_calibration.csv"
+
+
+def user_rows(board: Optional[str] = None) -> list[CalibrationPoint]:
+    path = user_file()
+    if not path.exists():
+        return []
+    return [p for p in load_calibration(path, user=True) if board is None or p.board == board]
+
+
+def nearest_calibrated(board: str, exclude: Sequence[str] = ()) -> Optional[str]:
+    """The nearest architecture with published rows (``NEAREST``), none of ``exclude``."""
+    calibrated = {p.board for p in load_calibration()} - set(exclude)
+    return next((b for b in NEAREST.get(board, ()) if b in calibrated), None)
 
 
 def factors_for(board: str, use_measured: bool = True) -> Factors:
-    """The board's fitted factors (or a calibrated relative's), with the user's measured rescaling if saved."""
+    """The board's factors: fitted on its published rows, or borrowed from the nearest calibrated architecture
+    (said in ``source``); with ``use_measured``, the user's own rows of this board join the fit (or, under three
+    and no published rows, rescale the borrowed factors by their geometric mean)."""
     get_target(board)  # an unknown name fails here, with the closest profile named
-    calibrated = {p.board for p in load_calibration()}
-    source_board = board if board in calibrated else BORROW.get(board)
-    if source_board not in calibrated:
+    own = bool(published_rows(board))
+    donor = board if own else nearest_calibrated(board)
+    if donor is None:
         raise EdgedistillError(
-            f"no calibration for '{board}' or a relative of it; add published points to "
-            f"{CALIBRATION_FILE.name} or pass --measured bench files"
+            f"no calibration for '{board}' or a board of its architecture; add published rows to "
+            f"{CALIBRATION_FILE.name} or measure it: edgedistill plan --target {board} --calibrate BENCH.json"
         )
-    f = _published_factors(source_board)
-    f = Factors(
-        **{
-            **asdict(f),
-            "source": "published"
-            if source_board == board
-            else f"borrowed from {source_board} (uncalibrated for this board)",
-        }
+    f = Factors(**asdict(_published_factors(donor)))
+    f.board = board
+    f.source = (
+        f"published: {len(published_rows(board))} rows of {board}"
+        if own
+        else f"BORROWED from {donor} (nearest architecture with published rows; {board} has none)"
     )
-    if f.depthwise is None:  # no published depthwise model on this board: a calibrated board's dw/dense ratio
-        donor = next((b for b in sorted(calibrated) if _published_factors(b).depthwise is not None), None)
-        if donor is not None:
-            d = _published_factors(donor)
-            f.depthwise = f.compute * d.depthwise / d.compute
-            f.depthwise_overhead_ms = f.overhead_ms * d.depthwise_overhead_ms / d.overhead_ms
-            f.source += (
-                f"; depthwise factors from {donor}'s ratios to its dense ones (efficiency "
-                f"{d.depthwise / d.compute:.2f}x, per-kernel cost {d.depthwise_overhead_ms / d.overhead_ms:.2f}x)"
+    mine = user_rows(board) if use_measured else []
+    if mine:
+        target = get_target(board)
+        if own or len(mine) >= 3:
+            fitted = fit_factors(published_rows(board) + mine, board)
+            fitted.source = f.source + f"; refit with {len(mine)} measurement(s) of yours ({user_file()})"
+            f = fitted
+        else:
+            ratios = [p.latency_ms / point_ms(p, target, f) for p in mine]
+            f.scale = float(np.exp(np.mean(np.log(ratios))))
+            f.source += f"; rescaled x{f.scale:.2f} by {len(mine)} measurement(s) of yours ({user_file()})"
+        f.user_rows = len(mine)
+        bases = [p for p in mine if p.memory_mb]
+        if bases:
+            from edgedistill.plan.roofline import model_memory_mb
+
+            f.runtime_base_mb = float(
+                np.median([p.memory_mb - sum(model_memory_mb(profile_of(p), p.precision, p.batch)) for p in bases])
             )
-    saved = _cache_dir() / f"{board}.json"
-    if use_measured and saved.exists():
-        data = json.loads(saved.read_text())
-        f.scale, f.runtime_base_mb = float(data["scale"]), float(data["runtime_base_mb"])
-        f.source += f"; rescaled by {data['points']} measurement(s) of yours ({saved})"
     return f
-
-
-# ---------------------------------------------------------------------------------------------- measured
-def model_latency_ms(bench_result: dict) -> float:
-    """The model's share of an `edgerun bench` frame (host->device, compute, device->host): what the planner
-    estimates, without the camera-frame preprocessing and postprocessing around it."""
-    stages = bench_result.get("stages_ms") or {}
-    return sum(stages.get(k) or 0.0 for k in ("h2d", "compute", "d2h"))
-
-
-def read_bench(path: str | Path) -> dict:
-    """The facts the planner needs from an `edgerun bench --json` file."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise EdgedistillError(f"--measured {path}: not a readable JSON file ({exc})") from exc
-    result, bundle = data.get("result") or {}, data.get("bundle") or {}
-    missing = [k for k in ("model", "input_shape") if k not in bundle] + [
-        k for k in ("stages_ms", "batch") if k not in result
-    ]
-    if missing:
-        raise EdgedistillError(
-            f"--measured {path}: missing {missing}; write it with `edgerun bench BUNDLE --engine "
-            "E --json FILE` from this version of edgerun"
-        )
-    precision = (data.get("engine") or {}).get("precision")
-    if not precision:
-        raise EdgedistillError(f"--measured {path}: not a TensorRT run (no engine precision); bench with --engine")
-    memory = (result.get("memory") or {}).get("total_mb")
-    return {
-        "path": str(path),
-        "model": bundle["model"],
-        "image_size": int(bundle["input_shape"][-1]),
-        "batch": int(result["batch"]),
-        "precision": precision,
-        "latency_ms": model_latency_ms(result),
-        "memory_mb": memory,
-        "board": data.get("board"),
-    }
-
-
-def refit_from_measured(target_name: str, paths: Sequence[str | Path], save: bool = True) -> dict:
-    """Scale the board's latency factors by the geometric mean of measured / estimated, and set the runtime
-    base from measured memory; saved in the user's cache. Returns measured-vs-estimated rows."""
-    base = factors_for(target_name, use_measured=False)
-    target = get_target(target_name)
-    rows, ratios, bases = [], [], []
-    for path in paths:
-        m = read_bench(path)
-        prof = profile_model(m["model"], m["image_size"])
-        est = layer_times_ms(prof, target, m["precision"], m["batch"], base)
-        ratios.append(m["latency_ms"] / est)
-        if m["memory_mb"]:
-            bases.append(m["memory_mb"] - sum(model_memory_mb(prof, m["precision"], m["batch"])))
-        rows.append(dict(m, estimated_ms=est, ratio=m["latency_ms"] / est))
-    scale = float(np.exp(np.mean(np.log(ratios))))
-    runtime_base = float(np.median(bases)) if bases else base.runtime_base_mb
-    saved = _cache_dir() / f"{target_name}.json"
-    if save:
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        saved.write_text(
-            json.dumps(
-                {
-                    "scale": scale,
-                    "runtime_base_mb": runtime_base,
-                    "points": len(rows),
-                    "files": [r["path"] for r in rows],
-                },
-                indent=2,
-            )
-        )
-    return {"rows": rows, "scale": scale, "runtime_base_mb": runtime_base, "saved": str(saved) if save else None}
-
-
-def format_measured(refit: dict) -> str:
-    lines = [f"{'bench file':32} {'model':22} {'prec':5} {'measured ms':>11} {'estimated ms':>12} {'ratio':>6}"]
-    for r in refit["rows"]:
-        lines.append(
-            f"{Path(r['path']).name[:32]:32} {r['model'][:22]:22} {r['precision']:5} {r['latency_ms']:11.2f} "
-            f"{r['estimated_ms']:12.2f} {r['ratio']:6.2f}"
-        )
-    lines.append(
-        f"latency scale for this board: x{refit['scale']:.2f} (geometric mean); runtime base "
-        f"{refit['runtime_base_mb']:.0f} MB" + (f"; saved to {refit['saved']}" if refit["saved"] else "")
-    )
-    return "\n".join(lines)

@@ -19,12 +19,18 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Optional
 
-import numpy as np
-
 from edgedistill.errors import EdgedistillError
 from edgedistill.plan.calibration import factors_for
+from edgedistill.plan.heldout import bands, interval
 from edgedistill.plan.profile import profile_model
-from edgedistill.plan.roofline import RUNTIME_BASE_MB, Factors, layer_times_ms, model_memory_mb
+from edgedistill.plan.roofline import (
+    RUNTIME_BASE_MB,
+    Factors,
+    _arrays,
+    effective_precision,
+    layer_times_ms,
+    model_memory_mb,
+)
 from edgerun.profiles import get_target
 
 log = logging.getLogger(__name__)
@@ -103,6 +109,13 @@ class Estimate:
     fits: bool
     reason: str
     with_margin: bool = False
+    # the interval from the planner's held-out errors (plan.heldout: 90% nominal) and what it stands on
+    est_latency_lo_ms: float = 0.0
+    est_latency_hi_ms: float = 0.0
+    est_fps_lo: float = 0.0
+    est_fps_hi: float = 0.0
+    basis: str = ""
+    note: str = ""
 
 
 def top1_of(name: str) -> tuple[Optional[float], str]:
@@ -155,10 +168,21 @@ def estimate(name: str, spec: PlanSpec, role: str = "candidate", factors: Option
     factors = factors or factors_for(spec.target)
     prof = profile_model(name, spec.image_size, num_classes=spec.num_classes)
     latency = layer_times_ms(prof, target, spec.precision, spec.batch, factors)
+    depthwise = bool(_arrays(prof)["dw"].any())
+    lo, hi, basis = interval(latency, factors, depthwise)
+    note = ""
+    if spec.precision == "int8":
+        if effective_precision(target, "int8") != "int8":
+            note = "no INT8 kernels on this board: priced as FP16, never estimated faster"
+        else:  # no published INT8 rows: FP16's factors against the INT8 peak, and at worst as slow as FP16
+            hi = max(hi, interval(layer_times_ms(prof, target, "fp16", spec.batch, factors), factors, depthwise)[1])
+            note = "INT8: FP16's fitted factors against the INT8 peak (no published INT8 rows); up to FP16's time"
     fps = spec.batch * 1000.0 / latency
     engine_mb, activations_mb = model_memory_mb(prof, spec.precision, spec.batch)
     memory = factors.runtime_base_mb + engine_mb + activations_mb
     problems, tight = _fit(spec, fps, memory, target.get("memory_mb"))
+    if spec.fps_target and not problems and spec.batch * 1000.0 / hi < spec.fps_target:
+        tight.append(f"the target is inside the planner's error ({spec.batch * 1000.0 / hi:.0f} FPS at worst)")
     top1, source = top1_of(name)
     reason = "; ".join(problems) if problems else ("fits, but " + ", ".join(tight) if tight else "fits with margin")
     return Estimate(
@@ -176,6 +200,12 @@ def estimate(name: str, spec: PlanSpec, role: str = "candidate", factors: Option
         not problems,
         reason,
         with_margin=not problems and not tight,
+        est_latency_lo_ms=lo,
+        est_latency_hi_ms=hi,
+        est_fps_lo=spec.batch * 1000.0 / hi,
+        est_fps_hi=spec.batch * 1000.0 / lo,
+        basis=basis + (f", {factors.user_rows} measurement(s) of yours" if factors.user_rows else ""),
+        note=note,
     )
 
 
@@ -202,12 +232,22 @@ def plan(spec: PlanSpec, candidates: Iterable[str] = DEFAULT_CANDIDATES, teacher
     }
 
 
-def _has_grouped(e, image_size: int) -> bool:
-    e = e if isinstance(e, dict) else asdict(e)
-    return any(lay.kind == "dwconv" for lay in profile_model(e["model"], image_size).layers)
+def held_out_lines() -> list[str]:
+    """The planner's held-out errors (plan.heldout) in two lines: what an interval stands on."""
+    b = bands()["bands"]
+
+    def err(key: str) -> str:
+        x = b.get(key)
+        return f"{x['mean_abs_error'] * 100:.0f}% over {x['points']}" if x else "-"
+
+    return [
+        "planner error held out (mean |error|): a board's own rows, leave one model out: dense "
+        f"{err('own/dense')}, depthwise {err('own/depthwise')}; borrowed, leave one board out: dense "
+        f"{err('borrowed/dense')}, depthwise {err('borrowed/depthwise')}; FPS ranges are 90% intervals from them",
+    ]
 
 
-def format_plan(result: dict, loo: Optional[list] = None) -> str:
+def format_plan(result: dict) -> str:
     head = (
         f"plan for {result['device']} ({result['target']}), {result['precision'].upper()}, "
         f"{result['image_size']} px, batch {result['batch']}"
@@ -224,8 +264,8 @@ def format_plan(result: dict, loo: Optional[list] = None) -> str:
         "",
     ]
     header = (
-        f"{'model':24} {'top-1':>6} {'params':>7} {'GMACs':>6} {'est ms':>7} {'est FPS':>8} {'est MB':>7} "
-        f"{'engine MB':>9}  verdict"
+        f"{'model':24} {'top-1':>6} {'params':>7} {'GMACs':>6} {'est ms':>7} {'est FPS':>8} {'90% FPS':>11} "
+        f"{'est MB':>7} {'engine MB':>9}  verdict"
     )
     lines += [header, "-" * len(header)]
     rows = list(result["rows"]) + ([result["teacher"]] if result["teacher"] else [])
@@ -234,9 +274,10 @@ def format_plan(result: dict, loo: Optional[list] = None) -> str:
         mark = "*" if e["model"] == result["recommended"] else " "
         top1 = f"{e['top1']:.1f}" if e["top1"] is not None else "-"
         label = e["model"] + (" (teacher)" if e["role"] == "teacher" else "")
+        span = f"{e['est_fps_lo']:.0f}-{e['est_fps_hi']:.0f}"
         lines.append(
             f"{mark}{label:23} {top1:>6} {e['params'] / 1e6:6.2f}M {e['macs'] / 1e9:6.2f} "
-            f"{e['est_latency_ms']:7.2f} {e['est_fps']:8.1f} {e['est_memory_mb']:7.0f} "
+            f"{e['est_latency_ms']:7.2f} {e['est_fps']:8.1f} {span:>11} {e['est_memory_mb']:7.0f} "
             f"{e['est_engine_mb']:9.1f}  {e['reason']}"
         )
     lines.append("")
@@ -249,18 +290,15 @@ def format_plan(result: dict, loo: Optional[list] = None) -> str:
         lines.append(
             "no candidate keeps 20% headroom: lower the image size, use a faster precision, or raise the budget"
         )
-    if loo:
-        errors = [abs(r["relative_error"]) for r in loo if r["board"] == f["board"]]
-        if errors:
-            lines.append(
-                f"planner error on {f['board']}'s {len(errors)} published points (leave-one-out): median "
-                f"{np.median(errors) * 100:.0f}%, max {max(errors) * 100:.0f}%"
-            )
-    if any(_has_grouped(e, result["image_size"]) for e in rows):
+    lines += held_out_lines()
+    notes = sorted({(e if isinstance(e, dict) else asdict(e))["note"] for e in rows} - {""})
+    lines += notes
+    if f.get("user_rows"):
+        lines.append(f"these estimates stand on {f['user_rows']} measurement(s) of yours on this board")
+    elif "BORROWED" in f["source"]:
         lines.append(
-            "the published points are dense CNNs (ResNet, DenseNet, VGG, SqueezeNet, AlexNet): figures for "
-            "depthwise-separable models (MobileNet, EfficientNet, ...) are extrapolated; check the chosen one "
-            "with `edgerun bench --json` and `edgedistill plan --measured`"
+            f"{result['target']} has no published rows: measure a model there (edgerun bench --json) and "
+            f"`edgedistill plan --target {result['target']} --calibrate BENCH.json` fits it to your board"
         )
     lines.append(
         "top-1: ImageNet-1k as published (timm's results table, torchvision's weights metadata), not on "
@@ -291,6 +329,9 @@ def recipe_estimate(recipe, num_classes: int) -> Optional[dict[str, Any]]:
                 "model": cfg.model,
                 "est_latency_ms": e.est_latency_ms,
                 "est_fps": e.est_fps,
+                "est_fps_lo": e.est_fps_lo,
+                "est_fps_hi": e.est_fps_hi,
+                "basis": e.basis,
                 "est_memory_mb": e.est_memory_mb,
             }
         return out
@@ -299,23 +340,37 @@ def recipe_estimate(recipe, num_classes: int) -> Optional[dict[str, Any]]:
         return None
 
 
+def speed_verdict(student: dict, teacher: dict) -> str:
+    """'faster' or 'slower' only when the intervals do not overlap; 'within error' otherwise."""
+    if student["est_fps_lo"] > teacher["est_fps_hi"]:
+        return "faster"
+    if student["est_fps_hi"] < teacher["est_fps_lo"]:
+        return "slower"
+    return "within error"
+
+
 def device_check(est: Optional[dict[str, Any]], recipe, num_classes: int, keep: int = 3) -> Optional[dict[str, Any]]:
-    """Is the student faster than its teacher on the export target (by the planner's ESTIMATE)? When it is not, the
-    planner's candidates estimated at least 20% faster than the teacher there, by published top-1 (the models a
-    user could distill into instead). None without a device estimate."""
+    """Is the student faster than its teacher on the export target (by the planner's ESTIMATE and its interval)?
+    ``verdict``: faster / slower only when the intervals do not overlap, else "within error". Unless faster, the
+    planner's candidates whose interval beats the teacher's, by published top-1 (the models a user could distill
+    into instead). None without a device estimate."""
     if not est:
         return None
-    teacher_fps, student_fps = est["teacher"]["est_fps"], est["student"]["est_fps"]
+    student, teacher = est["student"], est["teacher"]
+    verdict = speed_verdict(student, teacher)
     out = {
         "device": est["device"],
         "target": est["target"],
-        "teacher_fps": teacher_fps,
-        "student_fps": student_fps,
-        "speedup": student_fps / teacher_fps,
-        "student_faster": student_fps > teacher_fps,
+        "teacher_fps": teacher["est_fps"],
+        "student_fps": student["est_fps"],
+        "teacher_fps_range": [teacher["est_fps_lo"], teacher["est_fps_hi"]],
+        "student_fps_range": [student["est_fps_lo"], student["est_fps_hi"]],
+        "speedup": student["est_fps"] / teacher["est_fps"],
+        "verdict": verdict,
+        "student_faster": verdict == "faster",
         "label": "estimate (edgedistill plan), not a measurement",
     }
-    if student_fps <= teacher_fps:
+    if verdict != "faster":
         factors = factors_for(recipe.export.target)
         rows = []
         for name in DEFAULT_CANDIDATES:
@@ -330,8 +385,10 @@ def device_check(est: Optional[dict[str, Any]], recipe, num_classes: int, keep: 
             except RuntimeError as exc:  # a model whose pooling cannot take an image this small
                 log.debug("device check: %s skipped at %d px (%s)", name, recipe.data.image_size, exc)
                 continue
-            if e.est_fps >= teacher_fps * (1 + MARGIN):
+            if e.est_fps_lo > teacher["est_fps_hi"]:
                 rows.append(e)
         rows.sort(key=lambda e: (e.top1 if e.top1 is not None else -1, -e.params), reverse=True)
-        out["faster_candidates"] = [{"model": e.model, "est_fps": e.est_fps, "top1": e.top1} for e in rows[:keep]]
+        out["faster_candidates"] = [
+            {"model": e.model, "est_fps": e.est_fps, "est_fps_lo": e.est_fps_lo, "top1": e.top1} for e in rows[:keep]
+        ]
     return out

@@ -36,6 +36,10 @@ class Factors:
     # c_dw: the fixed cost of a depthwise kernel (TensorRT fuses them with their pointwise neighbours differently
     # from dense convolutions); None: ``overhead_ms``
     depthwise_overhead_ms: Optional[float] = None
+    # torch2trt's PyTorch module call around the engine (Python and binding overhead, per call): fitted on the
+    # rows timed that way so that it never inflates the per-kernel cost; never part of an engine estimate
+    python_ms: float = 0.0
+    user_rows: int = 0  # the user's own measurements in this board's fit (edgedistill plan --calibrate)
 
 
 def _peaks(target: dict, precision: str) -> tuple[float, float, float]:
@@ -52,13 +56,16 @@ def _peaks(target: dict, precision: str) -> tuple[float, float, float]:
     if precision == "fp16":
         return gpu["fp16_tensor_gflops"] or cuda16, cuda16, gpu["memory_gbps"]
     if precision == "int8":
-        if not target.get("fast_int8"):
-            raise EdgedistillError(
-                f"{target['device']} has no fast INT8 path (TensorRT runs INT8 slower than FP16 "
-                "there); plan with --precision fp16"
-            )
+        if not target.get("fast_int8"):  # no INT8 kernels (Nano, TX2): never estimated faster than FP16
+            return _peaks(target, "fp16")
         return gpu["int8_tensor_gops"], cuda16, gpu["memory_gbps"]
     raise EdgedistillError(f"precision '{precision}': choose fp32, fp16 or int8")
+
+
+def effective_precision(target: dict, precision: str) -> str:
+    """What the roofline prices: INT8 on a board without INT8 kernels (Nano, TX2) is priced as FP16, so it is
+    never estimated faster (TensorRT runs it no faster there)."""
+    return "fp16" if precision == "int8" and not target.get("fast_int8") else precision
 
 
 def _arrays(profile: ModelProfile) -> dict:
@@ -83,7 +90,7 @@ def layer_times_ms(profile: ModelProfile, target: dict, precision: str, batch: i
     """Estimated model latency (ms per batch): per-kernel roofline plus launch overhead, times the user's scale."""
     dense, grouped, bandwidth = _peaks(target, precision)
     a = _arrays(profile)
-    nbytes = BYTES[precision]
+    nbytes = BYTES[effective_precision(target, precision)]
     peak = np.where(a["grouped"], grouped, dense)
     efficiency = np.where(a["dw"], factors.depthwise or factors.compute, factors.compute)
     compute_ms = a["flops"] * batch / (efficiency * peak * 1e9) * 1e3

@@ -69,6 +69,7 @@ def cmd_bench(args):
                     "name": bundle.manifest.data["name"],
                     "model": source.get("student_model"),
                     "input_shape": bundle.manifest.input_shape,
+                    "num_classes": len(bundle.manifest.classes),
                     "target": bundle.manifest.data.get("target"),
                 },
                 "engine": (
