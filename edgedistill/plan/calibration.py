@@ -210,9 +210,8 @@ def cache_key() -> str:
     and the torch version: a fit or a band cached under another key is stale."""
     import hashlib
 
-    from edgedistill.plan import heldout, profile, roofline
-
-    sources = b"".join(Path(m).read_bytes() for m in (profile.__file__, roofline.__file__, __file__, heldout.__file__))
+    here = Path(__file__).parent
+    sources = b"".join((here / m).read_bytes() for m in ("profile.py", "roofline.py", "calibration.py", "heldout.py"))
     return hashlib.sha256(CALIBRATION_FILE.read_bytes() + sources + torch.__version__.encode()).hexdigest()[:16]
 
 
