@@ -16,6 +16,9 @@
   directly (Hinton et al.'s "matching logits" limit; for regression, e.g. Saputra et al., "Distilling
   Knowledge From a Deep Pose Regressor Network", ICCV 2019, arXiv:1908.00858):
   ``alpha * MSE(student, teacher) + (1 - alpha) * loss(student, y)``, loss being MSE or Huber.
+- ``stfpm_loss``: Wang, Wu, Tang, "Student-Teacher Feature Pyramid Matching for Anomaly Detection", BMVC 2021
+  (arXiv:2103.04257), eq. 1-2: at each chosen stage, half the squared distance between the channel-wise
+  L2-normalised teacher and student feature vectors, averaged over positions, summed over stages.
 
 For imbalanced classes (``Balance``):
 - class weights of the cross-entropy: ``auto`` = ``n / (classes * n_c)`` (King & Zeng, "Logistic Regression in Rare
@@ -265,3 +268,19 @@ def regression_distillation_loss(
     kd = F.mse_loss(student, teacher.detach())
     task = regression_loss(student, target, kind)
     return DistillLoss(alpha * kd + (1 - alpha) * task, kd, task)
+
+
+def feature_discrepancy(teacher_feature: torch.Tensor, student_feature: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W): half the squared distance between the channel-normalised feature vectors at each position
+    (STFPM's per-position loss and its anomaly map; 0 where the student reproduces the teacher, at most 2)."""
+    t = F.normalize(teacher_feature.detach(), dim=1)
+    s = F.normalize(student_feature, dim=1)
+    return 0.5 * (t - s).pow(2).sum(dim=1, keepdim=True)
+
+
+def stfpm_loss(teacher_features: list, student_features: list) -> torch.Tensor:
+    """STFPM (Wang et al. 2021): the per-position discrepancy averaged over positions and images, summed over the
+    stages. The teacher's features are detached."""
+    if len(teacher_features) != len(student_features) or not teacher_features:
+        raise ValueError("stfpm_loss needs one student feature map per teacher feature map")
+    return sum(feature_discrepancy(t, s).mean() for t, s in zip(teacher_features, student_features))

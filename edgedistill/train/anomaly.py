@@ -1,0 +1,166 @@
+"""Student-teacher anomaly detection: a student learns a pretrained teacher's features on good parts only, and
+where it fails to reproduce them (a scratch, a spot, a foreign patch) the discrepancy is the anomaly.
+
+``stfpm`` (Wang, Wu, Tang, "Student-Teacher Feature Pyramid Matching for Anomaly Detection", BMVC 2021): the
+student has the teacher's architecture, starts from random weights and regresses the teacher's channel-normalised
+feature maps at chosen stages (``train.losses.stfpm_loss``). At inference each stage's per-position discrepancy is
+upsampled to the image, the stages are averaged (the paper multiplies them; the mean keeps a map that one stage
+has not yet learned from vanishing), smoothed with a Gaussian (sigma 4 px, as anomalib does), and the image score
+is the map's maximum. Maps and scores are normalised on held-out good images with EfficientAD's quantile rule
+(Batzner, Heckler, König, "EfficientAD", WACV 2024): the 0.9 quantile of their map values maps to 0 and the 0.995
+quantile to 0.1, so that thresholds read alike across models. Everything from image to (map, score) is one
+module, :class:`AnomalyDetector`: what ships as one ONNX graph.
+
+Optimiser: Adam (lr 1e-3) rather than the paper's SGD at 0.4, whose schedule assumes hundreds of epochs on a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgedistill.train.losses import feature_discrepancy, stfpm_loss
+
+log = logging.getLogger(__name__)
+
+Q_A, Q_B = 0.9, 0.995  # EfficientAD's map normalisation: the 0.9 quantile -> 0, the 0.995 quantile -> 0.1
+
+
+def stage_features(model: nn.Module, x: torch.Tensor, indices: Sequence[int]) -> list:
+    """The model's feature maps at the stages ``indices`` (timm ``feature_info`` numbering)."""
+    return model.forward_intermediates(x, indices=list(indices), intermediates_only=True)
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+class AnomalyDetector(nn.Module):
+    """image (N, 3, H, W), normalised as the recipe says -> (anomaly map (N, 1, H, W), image score (N,)); with
+    :meth:`set_normalization`, both on EfficientAD's scale (good images' 0.9 quantile 0, 0.995 quantile 0.1)."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, indices: Sequence[int], sigma: float = 4.0):
+        super().__init__()
+        self.teacher, self.student, self.indices = teacher, student, tuple(int(i) for i in indices)
+        self.register_buffer("kernel", gaussian_kernel(sigma))
+        # 0.1 * (map - q_a) / (q_b - q_a): the identity until set_normalization (no branch: one graph either way)
+        self.register_buffer("q_a", torch.tensor(0.0))
+        self.register_buffer("q_b", torch.tensor(0.1))
+        self.normalization: dict = {}
+
+    def raw_map(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        maps = [
+            F.interpolate(feature_discrepancy(t, s), size=size, mode="bilinear", align_corners=False)
+            for t, s in zip(
+                stage_features(self.teacher, x, self.indices), stage_features(self.student, x, self.indices)
+            )
+        ]
+        amap = torch.stack(maps, dim=0).mean(dim=0)
+        pad = self.kernel.shape[-1] // 2
+        return F.conv2d(F.pad(amap, (pad, pad, pad, pad), mode="reflect"), self.kernel)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        amap = 0.1 * (self.raw_map(x) - self.q_a) / (self.q_b - self.q_a)
+        return amap, amap.flatten(1).amax(dim=1)
+
+    @torch.no_grad()
+    def set_normalization(self, good: torch.Tensor, batch_size: int = 32) -> dict:
+        """Quantiles of the raw map values of held-out good images (never the training ones)."""
+        self.eval()
+        values = torch.cat([self.raw_map(good[i : i + batch_size]).flatten() for i in range(0, len(good), batch_size)])
+        values = values[torch.randperm(len(values), generator=torch.Generator().manual_seed(0))[:1_000_000]]
+        q_a, q_b = torch.quantile(values, Q_A).item(), torch.quantile(values, Q_B).item()
+        if not q_b > q_a:
+            raise ValueError("the good images' anomaly maps are constant: no normalisation can be fitted")
+        self.q_a.fill_(q_a)
+        self.q_b.fill_(q_b)
+        self.normalization = {
+            "q_a": q_a,
+            "q_b": q_b,
+            "images": int(len(good)),
+            "rule": f"EfficientAD: q{Q_A} -> 0, q{Q_B} -> 0.1",
+        }
+        return self.normalization
+
+
+@dataclass
+class StfpmJob:
+    """What :func:`train_stfpm` trains: the pretrained ``teacher`` (a timm model with ``forward_intermediates``;
+    frozen), its ``stages``, the ``good`` training images (N, 3, H, W, normalised), the schedule and seed."""
+
+    teacher: nn.Module
+    good: torch.Tensor
+    stages: Sequence[int] = (1, 2, 3)
+    epochs: int = 20
+    lr: float = 1e-3
+    batch_size: int = 16
+    seed: int = 0
+    device: str = "cpu"
+    history: list = field(default_factory=list)
+
+
+def fresh_student(teacher: nn.Module, seed: int) -> nn.Module:
+    """The teacher's architecture with fresh weights (STFPM's student)."""
+    torch.manual_seed(seed)
+    student = copy.deepcopy(teacher)
+    for module in student.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return student
+
+
+def train_stfpm(job: StfpmJob) -> AnomalyDetector:
+    """Train the student on the good images; ``job.history`` gets the loss per epoch."""
+    if len(job.good) < 2:
+        raise ValueError(f"STFPM needs good training images: {len(job.good)} given")
+    teacher = job.teacher.to(job.device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = fresh_student(teacher, job.seed).to(job.device)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    optimiser = torch.optim.Adam(student.parameters(), lr=job.lr)
+    generator = torch.Generator().manual_seed(job.seed)
+    for epoch in range(job.epochs):
+        student.train()
+        order = torch.randperm(len(job.good), generator=generator)
+        total, seen = 0.0, 0
+        for i in range(0, len(order), job.batch_size):
+            batch = job.good[order[i : i + job.batch_size]].to(job.device)
+            if len(batch) < 2:
+                continue  # BatchNorm needs two images
+            with torch.no_grad():
+                target = stage_features(teacher, batch, job.stages)
+            loss = stfpm_loss(target, stage_features(student, batch, job.stages))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total, seen = total + loss.item() * len(batch), seen + len(batch)
+        job.history.append({"epoch": epoch + 1, "loss": total / max(seen, 1)})
+        log.debug("stfpm epoch %d: loss %.4f", epoch + 1, job.history[-1]["loss"])
+    return AnomalyDetector(teacher, student.eval(), job.stages).eval()
+
+
+@torch.no_grad()
+def detect(detector: AnomalyDetector, images: torch.Tensor, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(maps (N, H, W), scores (N,)) as numpy."""
+    detector.eval()
+    maps, scores = [], []
+    for i in range(0, len(images), batch_size):
+        amap, score = detector(images[i : i + batch_size])
+        maps.append(amap[:, 0].cpu().numpy())
+        scores.append(score.cpu().numpy())
+    return np.concatenate(maps), np.concatenate(scores)
