@@ -164,3 +164,57 @@ def detect(detector: AnomalyDetector, images: torch.Tensor, batch_size: int = 32
         maps.append(amap[:, 0].cpu().numpy())
         scores.append(score.cpu().numpy())
     return np.concatenate(maps), np.concatenate(scores)
+
+
+class PatchMemory(nn.Module):
+    """The training-free reference: the pretrained teacher's local features of good images kept in a memory, a
+    position's anomaly the distance to its nearest good patch (PatchCore: Roth, Pemula, Zepeda, Schölkopf, Brox,
+    Gehler, "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022). As the paper: the chosen stages'
+    maps 3x3-average-pooled, upsampled to the first chosen stage and concatenated; the memory subsampled at random
+    to ``memory_size`` patches (the paper's greedy coreset keeps coverage better at equal size). The map is
+    upsampled, smoothed and normalised as :class:`AnomalyDetector`'s, so both read on one scale."""
+
+    def __init__(
+        self, teacher: nn.Module, indices: Sequence[int] = (2, 3), memory_size: int = 20000, sigma: float = 4.0
+    ):
+        super().__init__()
+        self.teacher, self.indices, self.memory_size = teacher.eval(), tuple(int(i) for i in indices), memory_size
+        self.register_buffer("kernel", gaussian_kernel(sigma))
+        self.register_buffer("memory", torch.zeros(0))
+        self.register_buffer("q_a", torch.tensor(0.0))
+        self.register_buffer("q_b", torch.tensor(0.1))
+
+    def _patches(self, x: torch.Tensor) -> torch.Tensor:
+        feats = stage_features(self.teacher, x, self.indices)
+        size = feats[0].shape[-2:]
+        pooled = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in feats]
+        return torch.cat([F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in pooled], dim=1)
+
+    @torch.no_grad()
+    def fit(self, good: torch.Tensor, batch_size: int = 32, seed: int = 0) -> "PatchMemory":
+        patches = torch.cat(
+            [
+                self._patches(good[i : i + batch_size]).permute(0, 2, 3, 1).flatten(0, 2)
+                for i in range(0, len(good), batch_size)
+            ]
+        )
+        keep = torch.randperm(len(patches), generator=torch.Generator().manual_seed(seed))[: self.memory_size]
+        self.memory = patches[keep].contiguous()
+        return self
+
+    def raw_map(self, x: torch.Tensor) -> torch.Tensor:
+        patches = self._patches(x)
+        n, c, h, w = patches.shape
+        flat = patches.permute(0, 2, 3, 1).reshape(-1, c)
+        nearest = torch.cat(
+            [torch.cdist(flat[i : i + 4096], self.memory).amin(dim=1) for i in range(0, len(flat), 4096)]
+        )
+        amap = F.interpolate(nearest.reshape(n, 1, h, w), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        pad = self.kernel.shape[-1] // 2
+        return F.conv2d(F.pad(amap, (pad, pad, pad, pad), mode="reflect"), self.kernel)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        amap = 0.1 * (self.raw_map(x) - self.q_a) / (self.q_b - self.q_a)
+        return amap, amap.flatten(1).amax(dim=1)
+
+    set_normalization = AnomalyDetector.set_normalization
