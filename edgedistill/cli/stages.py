@@ -103,6 +103,8 @@ def _run_recipe(args: argparse.Namespace, recipe, world) -> int:
             + "); choose another output with --set output=FOLDER"
         ) from None
     setup_logging(recipe.run_dir if world.is_main else None, args.verbose, quiet=not world.is_main)
+    if recipe.task == "anomaly":
+        return _run_anomaly(args, recipe, world)
     from edgedistill.run.context import RunContext
     from edgedistill.run.pipeline import run_stage
 
@@ -142,6 +144,24 @@ def _run_recipe(args: argparse.Namespace, recipe, world) -> int:
 
             html_path, _ = write_report(ctx.run_dir)
             log.info("report: %s (one self-contained file) and %s", html_path, ctx.run_dir / "report.md")
+    return 0
+
+
+def _run_anomaly(args: argparse.Namespace, recipe, world) -> int:
+    """``task: anomaly``: one command trains, calibrates and reports (export to the device comes later)."""
+    if args.command != "run" or getattr(args, "stages", None):
+        raise EdgedistillError(
+            f"task: anomaly runs as a whole: `edgedistill run RECIPE` (not `{args.command}`"
+            + (" --stages" if getattr(args, "stages", None) else "")
+            + "); training, calibration and the report are one step"
+        )
+    if world.active:
+        raise EdgedistillError("task: anomaly trains in one process: launch it without torchrun")
+    from edgedistill.run.anomaly import run_anomaly, summary_lines
+
+    summary = run_anomaly(recipe)
+    print("\n".join(summary_lines(summary)))
+    log.info("summary written to %s", recipe.run_dir / "summary.json")
     return 0
 
 

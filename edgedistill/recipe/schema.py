@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from edgedistill.recipe.outputs import EvaluateConfig, ExportConfig
 from edgedistill.recipe.sections import (
+    AnomalyConfig,
     BaselineConfig,
     DataConfig,
     DataFreeConfig,
@@ -29,7 +30,7 @@ from edgedistill.recipe.sections import (
 
 # Top-level sections added after the first release: at their defaults they stay out of stage fingerprints, so
 # finished stages of older runs are not redone.
-LATER_SECTIONS = ("baseline", "train", "datafree", "task")
+LATER_SECTIONS = ("baseline", "train", "datafree", "task", "anomaly")
 
 # Keys that decide how fast a stage runs, never what it learns: outside every fingerprint.
 HARDWARE_KEYS = ("data.workers",)
@@ -40,10 +41,11 @@ class Recipe(Strict):
     output: Optional[str] = Field(None, description="run folder; default runs/<name>")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    task: Literal["classification", "regression"] = Field(
+    task: Literal["classification", "regression", "anomaly"] = Field(
         "classification",
         description="regression: each split folder holds its images and a targets.csv "
-        "(file,target[,target2...]); models get a linear head per target",
+        "(file,target[,target2...]); models get a linear head per target. anomaly: train/good/ only, a detector "
+        "learns good parts from the pretrained teacher (the `anomaly` section); val/ and test/ defect kinds measure",
     )
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
@@ -60,6 +62,22 @@ class Recipe(Strict):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
+    anomaly: AnomalyConfig = AnomalyConfig()
+
+    @model_validator(mode="after")
+    def _anomaly_reads_folders_and_rejects_on_good_images(self) -> "Recipe":
+        if self.task != "anomaly":
+            return self
+        if self.data.source != "folder" or not self.data.root:
+            raise ValueError(
+                "task: anomaly reads data.root/train/good/ (good parts), val/ and test/: set data.source: folder "
+                "and data.root"
+            )
+        if self.evaluate.operating_point is None:  # written into the resolved recipe: where the line rejects
+            from edgedistill.recipe.outputs import OperatingPointConfig
+
+            self.evaluate.operating_point = OperatingPointConfig(max_false_reject=0.01)
+        return self
 
     @model_validator(mode="after")
     def _regression_uses_what_applies(self) -> "Recipe":
@@ -130,6 +148,8 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _a_calibration_split_for_the_operating_point(self) -> "Recipe":
         data = self.data
+        if self.task == "anomaly":  # its calibration is good images of val/ (anomaly.calib_fraction)
+            return self
         if not self.needs_calibration() or data.calib_dir or data.test_dir or data.calib_fraction:
             return self
         if data.source == "datafree":

