@@ -119,3 +119,16 @@ def test_texture_sets_are_seeded_and_their_masks_mark_the_defects():
         assert bool(mask.any()) == bool(kind)
     with pytest.raises(ValueError, match="choose one of brick, grass, gravel"):
         texture_set("marble", 1, 0)
+
+
+def test_a_threshold_on_unbounded_scores_sits_just_above_the_deciding_good_part():
+    """pick_threshold put a threshold with no good score above it midway to 1.0, right for probabilities and wrong
+    for an anomaly score: 40 good scores up to 0.171 gave 0.585, above every planted defect (recall 0)."""
+    good = np.linspace(0.05, 0.171, 40)
+    picked = good_threshold(good, max_false_reject=0.1, confidence=0.95)  # 40 images: none may score above
+    spacing = (0.171 - 0.05) / 39
+    assert picked["threshold"] == pytest.approx(0.171 + spacing / 2)
+    from edgedistill.judge.thresholds import OperatingPoint, pick_threshold
+
+    probabilities = pick_threshold(np.zeros(40, bool), good, OperatingPoint(max_false_reject=0.1, confidence=0.95))
+    assert probabilities == pytest.approx((0.171 + 1.0) / 2)  # probabilities keep their range's end

@@ -37,8 +37,9 @@ def _write(split_dir: Path, images, masks, kinds, mask_place: str = "beside") ->
 def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("parts")
     train = texture_set("brick", 48, 0, 64, seed=0, region=(0.0, 0.5))
-    val = texture_set("brick", 40, 9, 64, seed=1, region=(0.5, 0.7))
-    test = texture_set("brick", 30, 18, 64, seed=2, region=(0.7, 1.0))
+    # val/ and test/ are drawn alike from the bottom half (the line's parts under one light); train/ from the top
+    val = texture_set("brick", 40, 9, 64, seed=1, region=(0.5, 1.0))
+    test = texture_set("brick", 30, 18, 64, seed=2, region=(0.5, 1.0))
     _write(root / "train", train.images, train.masks, train.defect)
     _write(root / "val", val.images, val.masks, val.defect)
     _write(root / "test", test.images, test.masks, test.defect, mask_place="ground_truth")
@@ -74,8 +75,17 @@ def test_one_command_trains_on_good_parts_calibrates_on_good_ones_and_reports(pa
     assert calibration["images"] == 49 and calibration["promise"]["images"] == 40  # the good images of val/ decide
     assert calibration["rule"] == "false-reject rate <= 0.1 with 95% confidence"
     assert report["false_reject"]["value"] <= 0.2  # on the test's good parts, never seen by the threshold
+    assert report["recall"]["value"] >= 0.3  # and it rejects planted defects, not a threshold above them all
     assert (tmp_path / "run" / "anomaly" / "detector.pt").is_file()
     assert "WARNING" not in (tmp_path / "run" / "summary.md").read_text()  # 40 good images promise the limit
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "worst-scored images" in html  # ROC, histograms, grid
+    assert len(list((tmp_path / "run" / "report").glob("figure-*.png"))) == 3
+    # the same recipe again: the detector is reused, the figures are the same
+    assert edgedistill(["run", str(_recipe(tmp_path, parts))]) == 0
+    again = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert again["report"]["image_auroc"] == report["image_auroc"] and again["history"] == summary["history"]
+    assert "training skipped" in (tmp_path / "run" / "run.log").read_text()
 
 
 def test_a_train_folder_with_a_defect_class_names_the_task(parts, tmp_path, capsys):

@@ -26,7 +26,7 @@ def good_threshold(good_scores: np.ndarray, max_false_reject: float, confidence:
     negatives = np.zeros(len(scores), dtype=bool)
     point = OperatingPoint(max_false_reject=max_false_reject, confidence=confidence)
     return {
-        "threshold": float(pick_threshold(negatives, scores, point)),
+        "threshold": float(pick_threshold(negatives, scores, point, score_range=None)),  # scores are unbounded
         "rule": point.describe(),
         "calibration_images": int(len(scores)),
         "promise": threshold_promise(negatives, point),

@@ -40,14 +40,21 @@ class OperatingPoint:
         return rule + (f" with {self.confidence:.0%} confidence" if self.confidence else "")
 
 
-def pick_threshold(is_positive: np.ndarray, scores: np.ndarray, point: OperatingPoint) -> float:
+def pick_threshold(
+    is_positive: np.ndarray,
+    scores: np.ndarray,
+    point: OperatingPoint,
+    score_range: Optional[tuple[float, float]] = (0.0, 1.0),
+) -> float:
     """The threshold (reject when score >= it) for ``point`` on calibration images.
 
     For a target recall r: the highest threshold that still rejects k of the P positive images, k = ceil(r * P), or
     with ``point.confidence`` the k of the bound (module docstring); for a false-reject limit f: the lowest threshold
     that rejects at most a of the N negative images, a = floor(f * N) or the bound's. The
     threshold is set midway between the deciding score and the next score on the other side, so that a device's
-    float rounding cannot move an image across it."""
+    float rounding cannot move an image across it; with no score on that side, midway to the end of
+    ``score_range`` (probabilities: 0 and 1), or for unbounded scores (``score_range=None``: an anomaly score) half
+    the scores' mean spacing beyond the deciding one."""
     pos = np.asarray(is_positive, dtype=bool)
     s = np.asarray(scores, dtype=np.float64)
     distinct = np.unique(s)
@@ -62,7 +69,9 @@ def pick_threshold(is_positive: np.ndarray, scores: np.ndarray, point: Operating
         )
         deciding = positives[k - 1]
         below = distinct[distinct < deciding]
-        return float((deciding + below[-1]) / 2) if len(below) else float(deciding / 2)
+        if len(below):
+            return float((deciding + below[-1]) / 2)
+        return float((deciding + score_range[0]) / 2) if score_range else float(deciding - _half_spacing(distinct))
     negatives = np.sort(s[~pos])[::-1]
     if not len(negatives):
         raise ValueError("the calibration images hold no negative image: no false-reject rate can be measured")
@@ -71,11 +80,22 @@ def pick_threshold(is_positive: np.ndarray, scores: np.ndarray, point: Operating
         if point.confidence
         else math.floor(point.max_false_reject * len(negatives) + 1e-9)
     )
-    if allowed >= len(negatives):
-        return float(distinct[0] / 2)  # every image may be rejected
+    if allowed >= len(negatives):  # every image may be rejected
+        return (
+            float((distinct[0] + score_range[0]) / 2) if score_range else float(distinct[0] - _half_spacing(distinct))
+        )
     deciding = negatives[allowed]  # the highest-scoring negative that must stay accepted
     above = distinct[distinct > deciding]
-    return float((deciding + above[0]) / 2) if len(above) else float((deciding + 1.0) / 2)
+    if len(above):
+        return float((deciding + above[0]) / 2)
+    return float((deciding + score_range[1]) / 2) if score_range else float(deciding + _half_spacing(distinct))
+
+
+def _half_spacing(distinct: np.ndarray) -> float:
+    """Half the mean gap between distinct scores (a margin for unbounded scores; 1e-6 for a single score)."""
+    if len(distinct) < 2:
+        return 1e-6 * max(1.0, abs(float(distinct[0])))
+    return float(distinct[-1] - distinct[0]) / (len(distinct) - 1) / 2
 
 
 @lru_cache(maxsize=4096)

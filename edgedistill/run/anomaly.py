@@ -2,8 +2,9 @@
 (edgedistill.train.anomaly), good parts of ``val/`` it never trained on normalise its maps and pick the threshold
 (``evaluate.operating_point``, held with ``evaluate.threshold_confidence``), and ``test/`` (or, without one, the
 rest of ``val/``) reports image AUROC, PR-AUC, recall and false-reject at that threshold, per defect kind, and,
-where masks exist, pixel AUROC and PRO, with bootstrap intervals. Writes the detector, ``summary.json`` and
-``summary.md`` into the run folder.
+where masks exist, pixel AUROC and PRO, with bootstrap intervals. Writes the detector (``anomaly/detector.pt``,
+reused when the recipe's data, teacher, anomaly section and seed are unchanged), ``summary.json``, ``summary.md``
+and the report (ROC, score histograms, the worst-scored images with their maps) into the run folder.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from edgedistill.data.folders import resolve_root
 from edgedistill.errors import RecipeError
 from edgedistill.files import atomic_write_text
 from edgedistill.judge.anomaly import anomaly_report, good_threshold, pixel_auroc, pro_score
+from edgedistill.judge.anomaly_report import figures, write_report
 from edgedistill.judge.metrics import roc_auc
 from edgedistill.judge.thresholds import OperatingPoint, pick_threshold, threshold_promise
 from edgedistill.models.factory import create_model
-from edgedistill.train.anomaly import StfpmJob, detect, train_stfpm
+from edgedistill.train.anomaly import AnomalyDetector, StfpmJob, detect, fresh_student, train_stfpm
 from edgedistill.train.loop import resolve_device
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ def _threshold(recipe, calib: AnomalySplit, scores: np.ndarray) -> dict:
     op = OperatingPoint(target_recall=point.target_recall, confidence=confidence)
     labels = calib.is_defective
     return {
-        "threshold": float(pick_threshold(labels, scores, op)),
+        "threshold": float(pick_threshold(labels, scores, op, score_range=None)),
         "rule": op.describe(),
         "calibration_images": int(len(scores)),
         "promise": threshold_promise(labels, op),
@@ -99,6 +101,8 @@ def run_anomaly(recipe) -> dict[str, Any]:
             recipe.teacher.model,
         )
     cfg = recipe.anomaly
+    folder = recipe.run_dir / "anomaly"
+    fingerprint = recipe.fingerprint("seed", "data", "teacher", "anomaly")
     torch.manual_seed(recipe.seed)
     job = StfpmJob(
         teacher=teacher,
@@ -110,10 +114,23 @@ def run_anomaly(recipe) -> dict[str, Any]:
         seed=recipe.seed,
         device=str(resolve_device(recipe.device)),
     )
-    try:
-        detector = train_stfpm(job).cpu()
-    except (IndexError, RuntimeError) as exc:  # a stage index the teacher lacks, an image too small for it
-        raise RecipeError(f"anomaly.stages {cfg.stages} on teacher '{recipe.teacher.model}': {exc}") from exc
+    detector = _finished(folder, fingerprint, job)
+    if detector is None:
+        try:
+            detector = train_stfpm(job).cpu()
+        except (IndexError, RuntimeError) as exc:  # a stage index the teacher lacks, an image too small for it
+            raise RecipeError(f"anomaly.stages {cfg.stages} on teacher '{recipe.teacher.model}': {exc}") from exc
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "state_dict": detector.state_dict(),
+                "stages": list(cfg.stages),
+                "teacher": recipe.teacher.model,
+                "fingerprint": fingerprint,
+                "history": job.history,
+            },
+            folder / "detector.pt",
+        )
     good_calib = calib.images[~calib.is_defective]
     normalization = detector.set_normalization(_tensor(good_calib, mean, std))
     _, calib_scores = detect(detector, _tensor(calib.images, mean, std))
@@ -138,12 +155,6 @@ def run_anomaly(recipe) -> dict[str, Any]:
         for kind in sorted(set(report.kind) - {"good"})
     }
     run_dir = recipe.run_dir
-    folder = run_dir / "anomaly"
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"state_dict": detector.state_dict(), "stages": list(cfg.stages), "teacher": recipe.teacher.model},
-        folder / "detector.pt",
-    )
     summary = {
         "task": "anomaly",
         "method": cfg.method,
@@ -159,7 +170,36 @@ def run_anomaly(recipe) -> dict[str, Any]:
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
     atomic_write_text(run_dir / "summary.md", "\n".join(summary_lines(summary)) + "\n")
+    pngs = figures(
+        scores,
+        report.is_defective,
+        picked["threshold"],
+        report.images,
+        maps,
+        np.where(report.has_mask[:, None, None], report.masks, 0),
+        report.kind,
+    )
+    write_report(run_dir, summary_lines(summary), pngs)
     return summary
+
+
+def _finished(folder, fingerprint: str, job: StfpmJob):
+    """The detector a finished run of this recipe left (same data, teacher, anomaly section and seed), or None."""
+    path = folder / "detector.pt"
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged or foreign file: trained again, never trusted
+        log.warning("anomaly: %s is unreadable (%s); training again", path, exc)
+        return None
+    if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
+        return None
+    detector = AnomalyDetector(job.teacher, fresh_student(job.teacher, job.seed), job.stages)
+    detector.load_state_dict(saved["state_dict"])
+    job.history[:] = saved.get("history") or []
+    log.info("anomaly: %s matches this recipe; training skipped (delete it to train again)", path)
+    return detector.eval()
 
 
 def _fmt(entry: dict) -> str:
