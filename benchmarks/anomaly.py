@@ -1,4 +1,4 @@
-"""Anomaly detection without defect labels on real texture photographs with planted defects (issue 28, table 1).
+"""Anomaly detection without defect labels on real texture photographs with planted defects.
 
     python benchmarks/anomaly.py [--size 128] [--epochs 40] [--seeds 0 1 2]
 

@@ -6,7 +6,7 @@ Per board and family (dense / depthwise): the mean absolute error of leave-one-m
 board's factors fitted without it) and of leave-one-board-out (a board's engine-timed rows estimated by the factors
 of its nearest architecture fitted without it, as a board without rows is estimated), the interval coverage (the
 published figure inside the printed 90% interval, whose band is computed without the point's own board), and the
-fitted factors next to their physical bounds. Targets (issue 27): leave-one-board-out mean |error| <= 25% for every
+fitted factors next to their physical bounds. Targets: leave-one-board-out mean |error| <= 25% for every
 family, interval coverage >= 80%. Not a timed test. Writes benchmarks/results/planner.md and
 benchmarks/results/planner-factors.md, and edgedistill/plan/planner_bands.json (the bands every estimate uses).
 """
