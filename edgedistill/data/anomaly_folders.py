@@ -6,7 +6,8 @@
     root/val/<kind>/<stem>_mask.png              a defect's pixel mask beside its image, or
     root/ground_truth/<kind>/<stem>_mask.png     MVTec's own place for the test split's masks
 
-Every image is resized to ``image_size`` x ``image_size`` (a whole part, no crop); masks with nearest-neighbour.
+Every image goes through the device's geometry (edgerun.preprocess: the shorter side scaled to ``image_size``,
+then the centre square), its mask through the same with nearest-neighbour.
 A mask whose size is not its image's, or a defect image without one, is skipped from the pixel metrics and counted
 (``masks_skipped``), never an error; a ``train/`` folder with a class besides ``good`` is an error that names the
 task.
@@ -24,6 +25,7 @@ import numpy as np
 
 from edgedistill.data.images import read_image
 from edgedistill.errors import DataError
+from edgerun.preprocess import center_crop, resize_shorter_side
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,10 @@ def _images(folder: Path) -> list[Path]:
 
 
 def _resize(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_AREA)
+    """The device's geometry (edgerun.preprocess): the shorter side scaled to ``size``, then the centre
+    ``size`` x ``size`` crop; a mask with nearest-neighbour, so it stays on its defect."""
+    scaled = resize_shorter_side(image, size, "nearest" if nearest else "area")
+    return center_crop(scaled if scaled.ndim == image.ndim else scaled[..., 0], (size, size))
 
 
 def _mask_for(root: Path, split: str, kind: str, image: Path) -> Optional[Path]:

@@ -52,9 +52,14 @@ def build_architecture(name: str, num_classes: int = 1000, framework: str = "aut
 @lru_cache(maxsize=128)
 def profile_model(name: str, image_size: int = 224, framework: str = "auto", num_classes: int = 1000) -> ModelProfile:
     """Parameters, FLOPs and the per-kernel costs the roofline needs, from one forward pass at batch 1."""
+    return profile_module(build_architecture(name, num_classes, framework), name, image_size)
+
+
+def profile_module(model: nn.Module, name: str, image_size: int) -> ModelProfile:
+    """:func:`profile_model` for a module already built (an anomaly detector: teacher and student together)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build_architecture(name, num_classes, framework).eval()
+    model = model.eval()
     records = []
 
     def hook(module, inputs, output):

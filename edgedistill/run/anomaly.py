@@ -166,6 +166,7 @@ def run_anomaly(recipe) -> dict[str, Any]:
         "calibration": {"split": "val", "images": int(len(calib.kind)), **picked},
         "report_split": report_name,
         "report": judged,
+        "device_estimate": device_estimate(detector, recipe),
         "seconds": round(time.perf_counter() - started, 1),
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
@@ -181,6 +182,45 @@ def run_anomaly(recipe) -> dict[str, Any]:
     )
     write_report(run_dir, summary_lines(summary), pngs)
     return summary
+
+
+def device_estimate(detector: AnomalyDetector, recipe) -> dict | None:
+    """The planner's ESTIMATE of the whole detector (teacher and student up to their last stage, the map's
+    upsampling and smoothing) on ``export.target`` in FP16, with its interval; None off the Jetson profiles."""
+    from edgedistill.errors import EdgedistillError
+    from edgedistill.plan.calibration import factors_for
+    from edgedistill.plan.heldout import interval
+    from edgedistill.plan.profile import profile_module
+    from edgedistill.plan.roofline import _arrays, layer_times_ms, model_memory_mb
+    from edgerun.profiles import get_target
+
+    target = get_target(recipe.export.target)
+    if not target.get("gpu"):
+        return None
+    try:
+        factors = factors_for(recipe.export.target)
+    except EdgedistillError as exc:
+        log.warning("anomaly: no device estimate for %s: %s", recipe.export.target, exc)
+        return None
+    size = recipe.data.image_size
+    prof = profile_module(detector, f"{recipe.anomaly.method}:{recipe.teacher.model}", size)
+    ms = layer_times_ms(prof, target, "fp16", 1, factors)
+    lo, hi, basis = interval(ms, factors, bool(_arrays(prof)["dw"].any()))
+    engine_mb, activations_mb = model_memory_mb(prof, "fp16", 1)
+    return {
+        "device": target["device"],
+        "target": recipe.export.target,
+        "precision": "fp16",
+        "image_size": size,
+        "est_latency_ms": ms,
+        "est_fps": 1000.0 / ms,
+        "est_fps_lo": 1000.0 / hi,
+        "est_fps_hi": 1000.0 / lo,
+        "est_memory_mb": factors.runtime_base_mb + engine_mb + activations_mb,
+        "gmacs": prof.macs / 1e9,
+        "basis": basis,
+        "label": "estimate (edgedistill plan), not a measurement: teacher and student together",
+    }
 
 
 def _finished(folder, fingerprint: str, job: StfpmJob):
@@ -225,7 +265,8 @@ def summary_lines(summary: dict) -> list[str]:
         f"val/): recall {_fmt(r['recall'])}, false-reject {_fmt(r['false_reject'])}",
         ("- " if promise["holds"] else "- WARNING: ")
         + (
-            f"the calibration images promise {promise['rule']} with {promise['achieved']:.1%} confidence"
+            f"the threshold's promise holds: {promise['rule']} ({promise['achieved']:.1%} reached on "
+            f"{promise['images']} good calibration images)"
             if promise["holds"]
             else f"{promise['rule']} cannot be promised by {promise['images']} {promise['deciding']} calibration "
             f"image(s) ({promise['images_needed']} needed): the threshold rejects above every one of them"
@@ -233,6 +274,13 @@ def summary_lines(summary: dict) -> list[str]:
     ]
     if r.get("pixel_auroc") is not None:
         lines.append(f"- pixel AUROC: {r['pixel_auroc']:.3f}; PRO (FPR <= 0.3): {r['pro'] or 0:.3f}")
+    est = summary.get("device_estimate")
+    if est:
+        lines.append(
+            f"- ESTIMATED on {est['device']} (FP16, {est['image_size']} px, teacher and student together, "
+            f"{est['gmacs']:.2f} GMACs; edgedistill plan, not measured): {est['est_fps']:.0f} FPS "
+            f"({est['est_fps_lo']:.0f}-{est['est_fps_hi']:.0f}, 90%), {est['est_memory_mb']:.0f} MB"
+        )
     if r["masks_skipped"]:
         lines.append(f"- {r['masks_skipped']} defect mask(s) missing or of another size: left out of the pixel figures")
     for kind, k in r["per_kind"].items():

@@ -35,8 +35,9 @@ Q_A, Q_B = 0.9, 0.995  # EfficientAD's map normalisation: the 0.9 quantile -> 0,
 
 
 def stage_features(model: nn.Module, x: torch.Tensor, indices: Sequence[int]) -> list:
-    """The model's feature maps at the stages ``indices`` (timm ``feature_info`` numbering)."""
-    return model.forward_intermediates(x, indices=list(indices), intermediates_only=True)
+    """The model's feature maps at the stages ``indices`` (timm ``feature_info`` numbering); the blocks after the
+    last one never run (``stop_early``): the detector carries only the stages it reads."""
+    return model.forward_intermediates(x, indices=list(indices), intermediates_only=True, stop_early=True)
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
