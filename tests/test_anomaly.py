@@ -132,3 +132,15 @@ def test_a_threshold_on_unbounded_scores_sits_just_above_the_deciding_good_part(
 
     probabilities = pick_threshold(np.zeros(40, bool), good, OperatingPoint(max_false_reject=0.1, confidence=0.95))
     assert probabilities == pytest.approx((0.171 + 1.0) / 2)  # probabilities keep their range's end
+
+
+def test_exporting_the_bundle_graph_leaves_the_detector_in_eval_mode(brick, tmp_path):
+    """torch.onnx.export restores the exported module's mode afterwards: a wrapper left in training mode put the
+    detector's BatchNorms into training (batch statistics), and PyTorch then disagreed with its own ONNX graph."""
+    from edgedistill.ship.anomaly_bundle import export_detector, parity
+
+    detector = brick["detector"]
+    export_detector(detector, 64, tmp_path / "d.onnx")
+    assert not any(m.training for m in detector.modules())
+    checked = parity(tmp_path / "d.onnx", detector, _tensor(brick["test"].images[:8]))
+    assert checked["score_max_abs_error"] < 1e-4 and checked["map_max_abs_error"] < 1e-4

@@ -123,3 +123,49 @@ def test_the_recipe_refuses_what_anomaly_cannot_read(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"name": "x", "task": "anomaly", "data": {"source": "digits"}}))
     assert edgedistill(["run", str(path)]) == 2
     assert "task: anomaly reads data.root/train/good/" in " ".join(capsys.readouterr().err.split())
+
+
+def test_the_bundle_validates_on_the_device_side_and_a_wrong_one_fails(parts, tmp_path, capsys):
+    import shutil
+
+    from edgerun.bundle.manifest import write_manifest
+    from edgerun.cli import main as edgerun
+
+    assert edgedistill(["run", str(_recipe(tmp_path, parts))]) == 0
+    bundle = tmp_path / "run" / "bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["task"] == "anomaly" and manifest["classes"] == ["good", "defective"]
+    assert manifest["model"]["output_name"] == "score" and manifest["model"]["map_name"] == "anomaly_map"
+    assert manifest["metrics"]["parity"]["score_max_abs_error"] < 1e-4
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert manifest["decision"]["threshold"] == summary["calibration"]["threshold"]
+    capsys.readouterr()
+    out = tmp_path / "validate.json"
+    assert edgerun(["validate", str(bundle), "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["status"] == "PASS" and got["task"] == "anomaly"
+    assert got["image_auroc"] == pytest.approx(summary["report"]["image_auroc"]["value"], abs=1e-6)
+    assert got["recall"] == pytest.approx(summary["report"]["recall"]["value"])
+    assert "VERDICT: PASS" in capsys.readouterr().out
+    # a bundle whose threshold was raised above every defect: recall collapses, validate fails
+    high = tmp_path / "high"
+    shutil.copytree(bundle, high)
+    data = json.loads((high / "manifest.json").read_text())
+    data["decision"]["threshold"] = 1e6
+    write_manifest(str(high), data)
+    assert edgerun(["validate", str(high)]) == 1
+    # an anomaly bundle must name its map and its two classes: one clear error each
+    for change, words in (
+        (lambda m: m["model"].pop("map_name"), "model.map_name"),
+        (lambda m: m.update(classes=["ok", "bad"]), "an anomaly bundle's classes are ['good', 'defective']"),
+        (lambda m: m["decision"].update(threshold=float("nan")), "finite anomaly score"),
+    ):
+        broken = tmp_path / f"broken-{len(words)}"
+        shutil.copytree(bundle, broken)
+        data = json.loads((broken / "manifest.json").read_text())
+        change(data)
+        (broken / "manifest.json").write_text(json.dumps(data))
+        capsys.readouterr()
+        assert edgerun(["validate", str(broken)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err

@@ -26,6 +26,7 @@ from edgedistill.judge.anomaly_report import figures, write_report
 from edgedistill.judge.metrics import roc_auc
 from edgedistill.judge.thresholds import OperatingPoint, pick_threshold, threshold_promise
 from edgedistill.models.factory import create_model
+from edgedistill.ship.anomaly_bundle import build_anomaly_bundle
 from edgedistill.train.anomaly import AnomalyDetector, StfpmJob, detect, fresh_student, train_stfpm
 from edgedistill.train.loop import resolve_device
 
@@ -167,8 +168,39 @@ def run_anomaly(recipe) -> dict[str, Any]:
         "report_split": report_name,
         "report": judged,
         "device_estimate": device_estimate(detector, recipe),
-        "seconds": round(time.perf_counter() - started, 1),
     }
+    point = recipe.evaluate.operating_point
+    summary["bundle"] = build_anomaly_bundle(
+        {
+            "folder": run_dir / "bundle",
+            "detector": detector,
+            "images": report.images,
+            "is_defective": report.is_defective,
+            "tensor": _tensor(report.images, mean, std),
+            "size": recipe.data.image_size,
+            "mean": list(mean),
+            "std": list(std),
+            "name": recipe.name,
+            "target": recipe.export.target,
+            "threshold": picked["threshold"],
+            "operating_point": {
+                "max_false_reject": point.max_false_reject,
+                "target_recall": point.target_recall,
+                "confidence": recipe.evaluate.threshold_confidence,
+            },
+            "metrics": {
+                "image_auroc": judged["image_auroc"]["value"],
+                "pr_auc": judged["pr_auc"]["value"],
+                "recall": judged["recall"]["value"],
+                "false_reject": judged["false_reject"]["value"],
+                "images": judged["images"],
+            },
+            "split": report_name,
+            "normalization": normalization,
+            "source": {"method": cfg.method, "teacher": recipe.teacher.model, "stages": list(cfg.stages)},
+        }
+    )
+    summary["seconds"] = round(time.perf_counter() - started, 1)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
     atomic_write_text(run_dir / "summary.md", "\n".join(summary_lines(summary)) + "\n")
     pngs = figures(
@@ -280,6 +312,12 @@ def summary_lines(summary: dict) -> list[str]:
             f"- ESTIMATED on {est['device']} (FP16, {est['image_size']} px, teacher and student together, "
             f"{est['gmacs']:.2f} GMACs; edgedistill plan, not measured): {est['est_fps']:.0f} FPS "
             f"({est['est_fps_lo']:.0f}-{est['est_fps_hi']:.0f}, 90%), {est['est_memory_mb']:.0f} MB"
+        )
+    if summary.get("bundle"):
+        lines.append(
+            f"- bundle: {summary['bundle']['folder']} (one ONNX graph, image -> score and map; ONNX Runtime against "
+            f"PyTorch: score max error {summary['bundle']['parity']['score_max_abs_error']:.1e}); on the device: "
+            "edgerun validate BUNDLE"
         )
     if r["masks_skipped"]:
         lines.append(f"- {r['masks_skipped']} defect mask(s) missing or of another size: left out of the pixel figures")

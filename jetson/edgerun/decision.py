@@ -63,13 +63,43 @@ def check_decision(data, where):
             "%s: decision.positive_class '%s' is not one of the classes %s" % (where, positive, data["classes"])
         )
     threshold = decision.get("threshold")
+    anomaly = data.get("task") == "anomaly"  # an anomaly score is unbounded: any finite number
     if threshold is not None:
         if positive is None:
             raise BundleError("%s: decision.threshold needs decision.positive_class" % where)
-        if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        if anomaly:
+            if (
+                isinstance(threshold, bool)
+                or not isinstance(threshold, (int, float))
+                or threshold != threshold
+                or (threshold in (float("inf"), float("-inf")))
+            ):
+                raise BundleError("%s: decision.threshold must be a finite anomaly score, not %r" % (where, threshold))
+        elif not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
             raise BundleError("%s: decision.threshold must be a probability in [0, 1], not %r" % (where, threshold))
     for precision, value in sorted((decision.get("thresholds") or {}).items()):
         if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise BundleError(
                 "%s: decision.thresholds.%s must be a probability in [0, 1], not %r" % (where, precision, value)
             )
+
+
+def auroc(is_positive, scores):
+    """ROC-AUC of ``scores`` ranking positive above negative images (ties count half), None without both kinds;
+    the Mann-Whitney statistic over average ranks. numpy only (the device side)."""
+    pos = np.asarray(is_positive, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if not n_pos or not n_neg:
+        return None
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))

@@ -33,7 +33,8 @@ REQUIRED = {
     "versions": dict,
     "source": dict,
 }
-TASKS = ("classification", "regression")  # optional key "task"; absent: classification
+TASKS = ("classification", "regression", "anomaly")  # optional key "task"; absent: classification
+ANOMALY_CLASSES = ["good", "defective"]  # an anomaly bundle's two classes: val.npz labels 0 and 1
 MODEL_KEYS = ("file", "input_name", "input_shape", "output_name", "output_shape", "layout", "dtype", "opset")
 
 
@@ -98,6 +99,17 @@ class Manifest(object):
             from edgerun.regression import check_targets
 
             check_targets(data, where)
+        if task == "anomaly":
+            if data["classes"] != ANOMALY_CLASSES:
+                raise BundleError(
+                    "%s: an anomaly bundle's classes are %s (val.npz labels 0 and 1), not %r"
+                    % (where, ANOMALY_CLASSES, data["classes"])
+                )
+            if not isinstance(data["model"].get("map_name"), str):
+                raise BundleError(
+                    "%s: an anomaly bundle names its anomaly-map output in model.map_name (model.output_name is "
+                    "the image score): re-export the bundle" % where
+                )
         from edgerun.decision import check_decision
 
         check_decision(data, where)

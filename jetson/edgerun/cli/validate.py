@@ -108,9 +108,85 @@ def _decision_check(bundle, logits, labels, max_drop, precision="fp32"):
     )
 
 
+def _validate_anomaly(args, bundle, runner):
+    """Image AUROC of the anomaly score on the bundle's images (good and defective), and recall and false-reject at
+    the bundle's threshold, against the host's; PASS while each moves at most --max-drop."""
+    from edgerun.decision import auroc, rates_at
+
+    m = bundle.manifest
+    scores, labels = bundle_outputs(runner, bundle)
+    scores = np.asarray(scores, dtype=np.float64).reshape(len(labels), -1).max(axis=1)
+    bad = np.asarray(labels) == 1
+    threshold = m.decision["threshold"]
+    got = rates_at(bad, scores, threshold)
+    got_auroc = auroc(bad, scores)
+    host = m.data["metrics"].get("anomaly") or {}
+    what = args.engine or "onnxruntime:%s" % (args.variant or "fp32")
+    pct = lambda v: "-" if v is None else "%.1f%%" % (100 * v)  # noqa: E731
+    print(
+        "image AUROC %s on %d bundle images, %d defective (%s)"
+        % ("-" if got_auroc is None else "%.4f" % got_auroc, len(labels), int(bad.sum()), what)
+    )
+    print(
+        "at threshold %.4g: recall %s (%d of %d rejected), false-reject %s (%d of %d good rejected)"
+        % (
+            threshold,
+            pct(got["recall"]),
+            got["detected"],
+            got["positives"],
+            pct(got["false_reject"]),
+            got["false_rejects"],
+            got["negatives"],
+        )
+    )
+    drops = {
+        "auroc_drop": (host["image_auroc"] - got_auroc) if None not in (host.get("image_auroc"), got_auroc) else 0.0,
+        "recall_drop": (host["recall"] - got["recall"]) if None not in (host.get("recall"), got["recall"]) else 0.0,
+        "false_reject_rise": (got["false_reject"] - host["false_reject"])
+        if None not in (host.get("false_reject"), got["false_reject"])
+        else 0.0,
+    }
+    if host:
+        print(
+            "host  AUROC %s, recall %s, false-reject %s on the same images"
+            % (
+                "-" if host.get("image_auroc") is None else "%.4f" % host["image_auroc"],
+                pct(host.get("recall")),
+                pct(host.get("false_reject")),
+            )
+        )
+    ok = all(v <= args.max_drop for v in drops.values())
+    result = dict(
+        got,
+        task="anomaly",
+        image_auroc=got_auroc,
+        threshold=threshold,
+        host=host,
+        max_drop=args.max_drop,
+        status="PASS" if ok else "FAIL",
+        **drops,
+    )
+    if args.json:
+        write_json(args.json, result)
+    print(
+        "VERDICT: %s (AUROC drop %.4f, recall drop %.2f, false-reject rise %.2f points vs host; limit %.2f)"
+        % (
+            result["status"],
+            drops["auroc_drop"],
+            drops["recall_drop"] * 100,
+            drops["false_reject_rise"] * 100,
+            args.max_drop * 100,
+        )
+    )
+    return 0 if ok else 1
+
+
 def cmd_validate(args):
     check_outputs(args)
     bundle = open_from_args(args)
+    if bundle.manifest.task == "anomaly":
+        with active_runner(args, bundle) as runner:
+            return _validate_anomaly(args, bundle, runner)
     if bundle.manifest.task == "regression":
         with active_runner(args, bundle) as runner:
             return _validate_regression(args, bundle, runner)
