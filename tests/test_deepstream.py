@@ -108,24 +108,8 @@ def test_unknown_key_and_separator_in_a_class_name_are_refused(trained_run, tmp_
     bad.write_text("[property]\nonnx-file=m.onnx\nnet-scale-factr=1\n")
     with pytest.raises(ExportError, match="net-scale-factr"):
         deepstream.check_config(bad)
-    spec = PreprocessSpec(resize=8, crop=8)
     with pytest.raises(ExportError, match="';'"):
-        deepstream.write(
-            deepstream.DeepStreamJob(
-                folder=tmp_path / "ds",
-                bundle_model=trained_run / "bundle" / "model.onnx",
-                manifest_model={"input_name": "input", "output_name": "logits", "input_shape": [1, 3, 8, 8]},
-                classes=["good", "bad;scratch"],
-                spec=spec,
-                folded=False,
-                batch=1,
-                int8_file=None,
-                decision=None,
-                source="csi://0",
-                camera="1280x720@30",
-                name="t",
-            )
-        )
+        deepstream.write(_job(trained_run, tmp_path, classes=["good", "bad;scratch"]))
 
 
 def _nvinfer_engine(prop: dict[str, str]) -> str:
@@ -180,21 +164,22 @@ def test_the_host_measurement_uses_the_filter_nvinfer_applies():
     bilinear = nvinfer.ds_preprocess([image], (8, 8), params, "bilinear", "RGB")
     assert np.array_equal(area, bilinear)  # the GPU scaler has no area filter: nvinfer scales bilinearly
     spec = PreprocessSpec(resize=8, crop=8, interpolation="area")
+    job = deepstream.DeepStreamJob(
+        Path("."),
+        Path("m.onnx"),
+        {"input_shape": [1, 3, 8, 8]},
+        ["a", "b"],
+        spec,
+        False,
+        1,
+        None,
+        None,
+        "csi://0",
+        "1280x720@30",
+        "t",
+    )
     prop = deepstream._infer_config(
-        deepstream.DeepStreamJob(
-            folder=Path("."),
-            bundle_model=Path("m.onnx"),
-            manifest_model={"input_shape": [1, 3, 8, 8]},
-            classes=["a", "b"],
-            spec=spec,
-            folded=False,
-            batch=1,
-            int8_file=None,
-            decision=None,
-            source="csi://0",
-            camera="1280x720@30",
-            name="t",
-        ),
+        job,
         "fp16",
         "model.onnx",
         nvinfer.parameters(spec, False),
