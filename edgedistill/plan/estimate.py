@@ -2,12 +2,14 @@
 recommendation, and the device check of a run's teacher and student.
 
 Every device figure here is an **estimate**. The model is a per-layer roofline: each convolution / linear /
-pooling kernel takes ``max(FLOPs / (a * peak), bytes / (b * bandwidth))`` plus a fixed launch overhead ``c``,
-summed over the network. Peaks and bandwidth are the board's data-sheet figures (``edgerun.profiles``,
-``gpu``); the three efficiency factors ``a, b, c`` are fitted per board to published TensorRT measurements of
-real boards (``planner_calibration.csv``, each row with its source and conditions). A board without published
-points borrows the factors of its nearest calibrated relative and says so. ``--measured`` bench files from a
-real device rescale the factors for that board, saved in the user's cache (never in the package).
+pooling kernel takes ``max(FLOPs / (a * peak), bytes / (b * bandwidth))`` plus a fixed cost ``c`` (depthwise
+kernels their own), summed over the network. Peaks and bandwidth are the board's data-sheet figures
+(``edgerun.profiles``, ``gpu``); the factors are fitted per board, within their physical bounds, to published
+TensorRT measurements of real boards (``planner_calibration.csv``, each row with its source and conditions). A
+board without published rows borrows the factors of its nearest architecture and says so. Every estimate carries
+a 90% interval from the planner's held-out errors (``plan.heldout``), and the verdicts never say more than the
+intervals allow. ``--calibrate`` bench files from the user's own board join that board's fit (``plan.measured``),
+kept in the user's cache (never in the package).
 
 FLOPs come from PyTorch's own counter (``torch.utils.flop_counter.FlopCounterMode``), which counts a
 multiply-accumulate as 2 FLOPs; tables print MACs (= FLOPs / 2), the unit most papers mean by "FLOPs".
