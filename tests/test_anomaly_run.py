@@ -147,6 +147,12 @@ def test_the_bundle_validates_on_the_device_side_and_a_wrong_one_fails(parts, tm
     assert got["image_auroc"] == pytest.approx(summary["report"]["image_auroc"]["value"], abs=1e-6)
     assert got["recall"] == pytest.approx(summary["report"]["recall"]["value"])
     assert "VERDICT: PASS" in capsys.readouterr().out
+    # signed and packed as every bundle is, and verified on the device side against the signer's key
+    key = tmp_path / "line.key"
+    assert edgedistill(["keygen", "-o", str(key)]) == 0
+    edb = tmp_path / "parts.edb"
+    assert edgedistill(["pack", str(bundle), "-o", str(edb), "--sign", str(key)]) == 0
+    assert edgerun(["validate", str(edb), "--trust", str(key) + ".pub"]) == 0
     # a bundle whose threshold was raised above every defect: recall collapses, validate fails
     high = tmp_path / "high"
     shutil.copytree(bundle, high)
@@ -169,3 +175,38 @@ def test_the_bundle_validates_on_the_device_side_and_a_wrong_one_fails(parts, tm
         assert edgerun(["validate", str(broken)]) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err
+
+
+def test_the_camera_rejects_defective_frames_on_the_score_and_saves_their_maps(parts, tmp_path, capsys):
+    from edgerun.cli import main as edgerun
+
+    assert edgedistill(["run", str(_recipe(tmp_path, parts))]) == 0
+    bundle = tmp_path / "run" / "bundle"
+    good = texture_set("brick", 12, 0, 64, seed=7, region=(0.5, 1.0))
+    bad = texture_set("brick", 0, 12, 64, seed=8, region=(0.5, 1.0))
+    video = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (64, 64))
+    for image in list(good.images) + list(bad.images):  # frames 0-11 good, 12-23 defective
+        writer.write(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    writer.release()
+    rows, maps, out = tmp_path / "frames.csv", tmp_path / "maps", tmp_path / "camera.json"
+    capsys.readouterr()
+    argv = ["camera", str(bundle), "--source", str(video), "--csv", str(rows), "--json", str(out)]
+    assert edgerun(argv + ["--save-maps", str(maps)]) == 0
+    text = capsys.readouterr().out
+    assert "reject rule: anomaly score >=" in text and "REJECT frame" in text
+    import csv
+
+    frames = list(csv.DictReader(rows.open()))
+    assert len(frames) == 24 and "score" in frames[0]
+    rejected = {int(r["frame"]) for r in frames if r["reject"] == "1"}
+    assert len(rejected & set(range(12, 24))) >= 6 and len(rejected & set(range(12))) <= 2
+    summary = json.loads(out.read_text())
+    assert summary["task"] == "anomaly" and summary["maps_saved"] == len(rejected) == summary["rejects"]
+    saved = sorted(maps.glob("*.png"))
+    assert len(saved) == len(rejected) and cv2.imread(str(saved[0])).shape == (64, 64, 3)
+    assert len((maps / "index.csv").read_text().splitlines()) == len(rejected) + 1
+    # the reject rule belongs to the anomaly score: a classification flag is refused, as is a too-high threshold
+    assert edgerun(argv + ["--reject-class", "defective"]) == 2
+    assert edgerun(argv + ["--threshold", "1e6"]) == 0
+    assert json.loads(out.read_text())["rejects"] == 0

@@ -31,23 +31,43 @@ def cmd_camera(args):
         print("frame %d: %s" % (frame, text))
 
     regression = bundle.manifest.task == "regression"
-    if regression and args.save_unsure:
+    anomaly = bundle.manifest.task == "anomaly"
+    if (regression or anomaly) and args.save_unsure:
         raise EdgerunError(
-            "--save-unsure reads class probabilities; bundle '%s' is a regression bundle"
-            % bundle.manifest.data.get("name")
+            "--save-unsure reads class probabilities; bundle '%s' is a %s bundle (anomaly bundles: --save-maps)"
+            % (bundle.manifest.data.get("name"), bundle.manifest.task)
         )
     heartbeat = None
     if args.status_file:
         from edgerun.line.service import Heartbeat
 
         heartbeat = Heartbeat(args.status_file)
+    if args.threshold is not None and not anomaly and not 0.0 <= args.threshold <= 1.0:
+        raise EdgerunError(
+            "--threshold %g: a classification bundle rejects on a probability, in [0, 1]" % args.threshold
+        )
+    if args.save_maps and not anomaly:
+        raise EdgerunError(
+            "--save-maps saves anomaly maps; bundle '%s' is not an anomaly detector" % bundle.manifest.data.get("name")
+        )
+    maps = None
+    if args.save_maps:
+        from edgerun.line.camera import MapSaver
+
+        maps = MapSaver(args.save_maps, args.save_maps_max)
     with active_runner(args, bundle) as runner:
+        if anomaly:
+            threshold = args.threshold if args.threshold is not None else bundle.manifest.decision["threshold"]
+            print(
+                "reject rule: anomaly score >= %.4g (%s)"
+                % (threshold, "--threshold" if args.threshold is not None else "the bundle's threshold")
+            )
         if args.reject_class is not None and not regression:
             from edgerun.line.camera import reject_rule
 
             threshold, source = reject_rule(bundle.manifest, args.reject_class, args.threshold, runner.precision)
             print("reject rule: P(%s) >= %.4f (%s)" % (args.reject_class, threshold, source))
-        soak, drift, unsure = _watchers(args, bundle, runner, regression)
+        soak, drift, unsure = _watchers(args, bundle, runner, regression or anomaly)  # no class probabilities
         summary = run_camera(
             CameraJob(
                 runner=runner,
@@ -70,6 +90,7 @@ def cmd_camera(args):
                 unsure=unsure,
                 soak=soak,
                 heartbeat=heartbeat,
+                save_maps=maps,
             )
         )
     status, notes = _verdict(args, summary)
@@ -118,7 +139,7 @@ def _verdict(args, summary):
     return status, notes
 
 
-def _watchers(args, bundle, runner, regression):
+def _watchers(args, bundle, runner, no_probabilities):
     """(soak, drift watch, unsure-frame saver) for the camera as its flags ask; None for each one not asked."""
     from edgerun.decision import softmax
     from edgerun.line.drift import DriftWatch, UnsureFrames
@@ -142,11 +163,11 @@ def _watchers(args, bundle, runner, regression):
             soak.event("drift", text)
 
     references = int(bundle.manifest.data["samples"]["val"].get("count") or 0)
-    if args.drift_window and not regression and references < 20:
+    if args.drift_window and not no_probabilities and references < 20:
         print(
             "drift watch off: the bundle holds %d validation images, fewer than the 20 a reference needs" % references
         )
-    elif args.drift_window and not regression:
+    elif args.drift_window and not no_probabilities:
         logits, _ = bundle_outputs(runner, bundle)  # the reference: the bundle's validation images on this runner
         drift = DriftWatch(
             softmax(logits),
@@ -266,6 +287,12 @@ def add_parser(sub):
     p.add_argument("--unsure-margin", type=PROBABILITY, default=0.2)
     p.add_argument("--save-unsure-max", type=int, default=200, help="at most this many frames saved (default 200)")
     p.add_argument(
+        "--save-maps",
+        metavar="DIR",
+        help="anomaly bundles: save each rejected frame with its anomaly map laid over it (DIR/<frame>.png, index.csv)",
+    )
+    p.add_argument("--save-maps-max", type=int, default=200, help="at most this many map overlays (default 200)")
+    p.add_argument(
         "--status-file",
         help="write FPS, drops, reconnects and the last verdicts here every 5 s (and "
         "speak systemd's notify protocol when run by it): `edgerun service` sets it",
@@ -277,10 +304,11 @@ def add_parser(sub):
         "--threshold",
         "--reject-threshold",
         dest="threshold",
-        type=PROBABILITY,
+        type=number(),
         default=None,
-        help="the reject threshold (default: the bundle's operating-point threshold when --reject-class is "
-        "its positive class, else 0.5)",
+        help="the reject threshold: a probability in [0, 1] for a classification bundle (default: the bundle's "
+        "operating-point threshold when --reject-class is its positive class, else 0.5); an anomaly score for an "
+        "anomaly bundle (default: the bundle's threshold)",
     )
     p.add_argument(
         "--reject-above",

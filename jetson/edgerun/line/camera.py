@@ -8,8 +8,10 @@ of the frames processed so far already written.
 """
 
 import csv
+import os
 import time
 
+import cv2
 import numpy as np
 
 from edgerun.bench import percentile
@@ -139,6 +141,59 @@ class _Measure(object):
         return ["%.6g" % v for v in values], bool(reject), text, None
 
 
+class _Score(object):
+    """Anomaly: the image score of the bundle's detector; reject when it reaches the bundle's threshold (picked on
+    good parts) or ``--threshold``. Every frame's score is written."""
+
+    def __init__(self, manifest, threshold):
+        decision = manifest.decision
+        if threshold is not None:
+            self.threshold, self.threshold_source = float(threshold), "--threshold"
+        else:
+            point = decision.get("operating_point") or {}
+            self.threshold = float(decision["threshold"])
+            self.threshold_source = "the bundle's threshold (%s)" % (
+                "false-reject <= %g on good parts" % point["max_false_reject"]
+                if point.get("max_false_reject") is not None
+                else "recall >= %g" % point.get("target_recall")
+            )
+        self.header = ["score"]
+        self.rule = "anomaly score >= %.4g" % self.threshold
+
+    def __call__(self, outputs):
+        score = float(np.asarray(outputs).reshape(len(outputs), -1)[0].max())
+        reject = score >= self.threshold
+        return ["%.6f" % score], reject, "anomaly score %.4g" % score, None
+
+
+class MapSaver(object):
+    """``--save-maps``: the rejected frames with their anomaly map laid over them (JET colour map, half opacity),
+    ``<folder>/<frame>.png`` and a row in ``index.csv`` (frame, score), at most ``limit`` of them."""
+
+    def __init__(self, folder, limit=200):
+        self.folder, self.limit, self.saved = folder, int(limit), 0
+        if not os.path.isdir(folder):
+            os.makedirs(folder)
+        self.index = os.path.join(folder, "index.csv")
+        with open(self.index, "w") as fh:
+            fh.write("frame,file,score\n")
+
+    def add(self, frame_number, image_bgr, amap, score):
+        if self.saved >= self.limit:
+            return
+        h, w = image_bgr.shape[:2]
+        top = max(float(np.max(amap)), 1e-9)
+        heat = np.clip(np.asarray(amap, dtype=np.float32) / top * 255.0, 0, 255).astype(np.uint8)
+        heat = cv2.applyColorMap(cv2.resize(heat, (w, h)), cv2.COLORMAP_JET)
+        image = image_bgr if image_bgr.ndim == 3 else cv2.cvtColor(image_bgr, cv2.COLOR_GRAY2BGR)
+        overlay = cv2.addWeighted(image[:, :, :3], 0.5, heat, 0.5, 0)
+        name = "%06d.png" % frame_number
+        cv2.imwrite(os.path.join(self.folder, name), overlay)
+        with open(self.index, "a") as fh:
+            fh.write("%d,%s,%.6f\n" % (frame_number, name, score))
+        self.saved += 1
+
+
 class CameraJob(Spec):
     """What ``run_camera`` runs: the runner and the bundle's manifest, the source, when to stop, the reject rule,
     where rows and the summary go, and what watches every frame.
@@ -175,6 +230,7 @@ class CameraJob(Spec):
         "unsure": None,
         "soak": None,
         "heartbeat": None,  # what watches every frame
+        "save_maps": None,  # anomaly: a MapSaver for the rejected frames' map overlays
     }
 
 
@@ -182,6 +238,17 @@ def _decider(job):
     """The frame's decision: ``_Measure`` for a regression bundle, ``_Classify`` otherwise; flags of the other task
     and watchers that need class probabilities are refused."""
     manifest = job.manifest
+    if manifest.task == "anomaly":
+        if job.reject_class is not None or job.reject_above is not None or job.reject_below is not None:
+            raise SourceError(
+                "an anomaly bundle rejects on its anomaly score at the bundle's threshold (or --threshold): drop "
+                "--reject-class / --reject-above / --reject-below"
+            )
+        if job.drift is not None or job.unsure is not None:
+            raise SourceError("the drift watch and unsure frames read class probabilities; an anomaly bundle scores")
+        return _Score(manifest, job.reject_threshold)
+    if job.save_maps is not None:
+        raise SourceError("--save-maps saves anomaly maps: this bundle is a %s bundle" % manifest.task)
     if manifest.task == "regression":
         if job.reject_class is not None:
             raise SourceError(
@@ -241,7 +308,13 @@ class _CameraLoop(object):
         t1 = time.perf_counter()
         image, batch, prep_seconds = frame
         t0 = t1 - prep_seconds  # preprocessing ran in the capture thread, overlapped with the last inference
-        logits = infer_chunk(job.runner, batch, job.manifest.input_name, job.manifest.output_name, self.fixed_batch)
+        amap = None
+        if job.save_maps is not None:  # both outputs of the one inference: the score decides, the map is saved
+            m = job.manifest
+            outputs = job.runner.infer({m.input_name: np.ascontiguousarray(batch)})
+            logits, amap = outputs[m.output_name], outputs[m.model["map_name"]]
+        else:
+            logits = infer_chunk(job.runner, batch, job.manifest.input_name, job.manifest.output_name, self.fixed_batch)
         t2 = time.perf_counter()
         cells, reject, text, probs = self.decide(np.asarray(logits))
         t3 = time.perf_counter()
@@ -257,6 +330,10 @@ class _CameraLoop(object):
         self.totals.add(t3 - t0)
         if reject:
             self.rejects += 1
+            if amap is not None:
+                job.save_maps.add(
+                    self.processed, image, np.asarray(amap)[0].reshape(np.asarray(amap).shape[-2:]), float(cells[0])
+                )
             if job.on_reject:
                 job.on_reject(self.processed, text)
             if job.heartbeat is not None:
@@ -294,10 +371,13 @@ class _CameraLoop(object):
             "rejects": self.rejects,
             "reject_class": job.reject_class,
             "reject_rule": self.decide.rule,
-            "reject_threshold": getattr(self.decide, "threshold", None) if job.reject_class is not None else None,
-            "threshold_source": getattr(self.decide, "threshold_source", None)
-            if job.reject_class is not None
+            "reject_threshold": getattr(self.decide, "threshold", None)
+            if job.reject_class is not None or job.manifest.task == "anomaly"
             else None,
+            "threshold_source": getattr(self.decide, "threshold_source", None)
+            if job.reject_class is not None or job.manifest.task == "anomaly"
+            else None,
+            "maps_saved": job.save_maps.saved if job.save_maps is not None else None,
             "task": job.manifest.task,
             "error": str(error) if error else None,
             "csv": job.csv_path,
