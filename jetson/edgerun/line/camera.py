@@ -199,7 +199,9 @@ class CameraJob(Spec):
     where rows and the summary go, and what watches every frame.
 
     A classification frame is rejected when the probability of ``reject_class`` reaches ``reject_threshold``
-    (default: the bundle's operating-point threshold for its positive class, else 0.5); a regression frame when
+    (default: the bundle's operating-point threshold for its positive class, else 0.5); an anomaly frame when its
+    score reaches ``reject_threshold`` (default: the bundle's threshold), its map overlay then saved by
+    ``save_maps``; a regression frame when
     the value of ``reject_target`` is above ``reject_above`` or below ``reject_below``. ``on_reject(frame, text)``
     is called for each rejected frame, ``on_frame(frame, text)`` for every frame. ``loop`` plays a file again from
     its start. ``drift`` (a :class:`edgerun.line.drift.DriftWatch`), ``unsure``
@@ -235,8 +237,8 @@ class CameraJob(Spec):
 
 
 def _decider(job):
-    """The frame's decision: ``_Measure`` for a regression bundle, ``_Classify`` otherwise; flags of the other task
-    and watchers that need class probabilities are refused."""
+    """The frame's decision: ``_Score`` for an anomaly bundle, ``_Measure`` for a regression one, ``_Classify``
+    otherwise; flags of another task and watchers that need class probabilities are refused."""
     manifest = job.manifest
     if manifest.task == "anomaly":
         if job.reject_class is not None or job.reject_above is not None or job.reject_below is not None:
