@@ -134,34 +134,25 @@ def test_unsure_frames_are_saved_capped_with_their_scores(trained_run, tmp_path,
     assert "unsure frames (top-two margin < 1.00): 30, 5 saved" in capsys.readouterr().out
 
 
-def test_soak_on_100k_frames_of_a_looped_video_holds_memory_flat(trained_run, tmp_path, capsys):
+def test_soak_on_100k_frames_of_a_looped_video_holds_memory_flat(trained_run, tmp_path):
     """The accelerated soak: a 64x64 recording looped to 100,000 frames; memory's slope after warm-up under
-    1 MB per 10,000 frames, every sample and loop recorded."""
+    1 MB per 10,000 frames, every sample and loop recorded. In a process of its own, as on the device: inside the
+    test session the RSS also moved with what earlier tests left behind (1.2-1.5 MB per 10k frames, now and then)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
     bundle = open_bundle(trained_run / "bundle")
     images, _ = bundle.validation()
     video = _video(tmp_path / "line.avi", [images[i % len(images)] for i in range(50)])
     out = tmp_path / "soak.json"
-    assert (
-        edgerun(
-            [
-                "camera",
-                str(trained_run / "bundle"),
-                "--source",
-                str(video),
-                "--loop",
-                "--max-frames",
-                "100000",
-                "--soak",
-                "--soak-interval",
-                "0.5",
-                "--drift-window",
-                "1000",
-                "--json",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    jetson = Path(__file__).resolve().parent.parent / "jetson"
+    env = dict(os.environ, PYTHONPATH=str(jetson))
+    argv = ["camera", str(trained_run / "bundle"), "--source", str(video), "--loop", "--max-frames", "100000"]
+    argv += ["--soak", "--soak-interval", "0.5", "--drift-window", "1000", "--json", str(out)]
+    done = subprocess.run([sys.executable, "-m", "edgerun", *argv], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(out.read_text())
     soak = summary["soak"]
     assert summary["frames_processed"] == 100000 and summary["loops"] >= 1999
@@ -169,7 +160,7 @@ def test_soak_on_100k_frames_of_a_looped_video_holds_memory_flat(trained_run, tm
     assert abs(soak["rss_slope_mb"]["per_10k_frames"]) < 1.0, soak["rss_slope_mb"]
     assert soak["verdict"] == "PASS" and summary["verdict"] == "PASS"
     assert summary["drift"]["checks"] == 100
-    assert "soak:" in capsys.readouterr().out
+    assert "soak:" in done.stdout
 
 
 def test_soak_verdict_fails_on_a_leak_and_logs_reconnects():
