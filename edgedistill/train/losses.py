@@ -19,6 +19,11 @@
 - ``stfpm_loss``: Wang, Wu, Tang, "Student-Teacher Feature Pyramid Matching for Anomaly Detection", BMVC 2021
   (arXiv:2103.04257), eq. 1-2: at each chosen stage, half the squared distance between the channel-wise
   L2-normalised teacher and student feature vectors, averaged over positions, summed over stages.
+- ``hard_feature_loss`` and ``penalty_loss``: Batzner, Heckler, König, "EfficientAD: Accurate Visual Anomaly
+  Detection at Millisecond-Level Latencies", WACV 2024 (arXiv:2303.14535), section 3.2: the student's squared
+  error on the teacher's (normalised) features averaged over the elements at or above their ``p_hard`` = 0.999
+  quantile only (the hardest patches of each batch), and the mean squared student output on images unlike the
+  training ones (ImageNet in the paper), which keeps the student from imitating the teacher off the good images.
 
 For imbalanced classes (``Balance``):
 - class weights of the cross-entropy: ``auto`` = ``n / (classes * n_c)`` (King & Zeng, "Logistic Regression in Rare
@@ -284,3 +289,21 @@ def stfpm_loss(teacher_features: list, student_features: list) -> torch.Tensor:
     if len(teacher_features) != len(student_features) or not teacher_features:
         raise ValueError("stfpm_loss needs one student feature map per teacher feature map")
     return sum(feature_discrepancy(t, s).mean() for t, s in zip(teacher_features, student_features))
+
+
+def hard_feature_loss(teacher_feature: torch.Tensor, student_feature: torch.Tensor, p_hard: float = 0.999):
+    """EfficientAD's hard-feature loss (Batzner et al. 2024, eq. 1): the mean of the squared differences at or
+    above their ``p_hard`` quantile; the teacher's features are detached."""
+    distance = (teacher_feature.detach() - student_feature).pow(2).flatten()
+    if distance.numel() > 2**24:  # torch.quantile's limit: a seeded subset decides the quantile
+        keep = torch.randperm(distance.numel(), generator=torch.Generator().manual_seed(0))[: 2**24]
+        cut = torch.quantile(distance.detach()[keep.to(distance.device)], p_hard)
+    else:
+        cut = torch.quantile(distance.detach(), p_hard)
+    return distance[distance >= cut].mean()
+
+
+def penalty_loss(student_feature_on_other_images: torch.Tensor) -> torch.Tensor:
+    """EfficientAD's penalty (Batzner et al. 2024, section 3.2): the mean squared student output on images unlike
+    the good parts, so that the student does not generalise its imitation of the teacher to anomalies."""
+    return student_feature_on_other_images.pow(2).mean()
