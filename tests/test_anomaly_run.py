@@ -210,3 +210,38 @@ def test_the_camera_rejects_defective_frames_on_the_score_and_saves_their_maps(p
     assert edgerun(argv + ["--reject-class", "defective"]) == 2
     assert edgerun(argv + ["--threshold", "1e6"]) == 0
     assert json.loads(out.read_text())["rejects"] == 0
+
+
+def test_efficientad_runs_from_the_recipe_ships_only_its_small_networks_and_says_how_much_faster(
+    parts, tmp_path, capsys
+):
+    from edgerun.cli import main as edgerun
+
+    small = {"method": "efficientad", "stages": [2, 3], "width": 16, "channels": 32, "teacher_epochs": 10}
+    recipe = _recipe(tmp_path, parts, anomaly={**small, "epochs": 15, "other_images": 16})
+    assert edgedistill(["run", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["method"] == "efficientad" and len(summary["teacher_history"]) == 10
+    assert set(summary["history"][-1]) >= {"hard", "penalty", "ae", "stae"}
+    assert summary["report"]["image_auroc"]["value"] >= 0.7  # 15 epochs at 64 px: it ranks, if not yet well
+    assert set(summary["normalization"]) >= {"q_a_st", "q_b_st", "q_a_ae", "q_b_ae"}
+    est = summary["device_estimate"]
+    assert est["networks"] == "small teacher, student and autoencoder" and est["speedup"] > 1
+    assert est["reference"]["name"].startswith("stfpm on a ResNet-18")
+    assert "distillation for speed" in out and "faster than stfpm on a ResNet-18" in out
+    manifest = json.loads((tmp_path / "run" / "bundle" / "manifest.json").read_text())
+    assert manifest["source"]["method"] == "efficientad" and manifest["source"]["width"] == 16
+    capsys.readouterr()
+    assert edgerun(["validate", str(tmp_path / "run" / "bundle")]) == 0
+    # again: the finished detector is reused (its three networks reloaded), the figures are the same
+    assert edgedistill(["run", str(recipe)]) == 0
+    again = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert again["report"]["image_auroc"] == summary["report"]["image_auroc"]
+    assert again["teacher_history"] == summary["teacher_history"]
+    # images too small for its autoencoder: a clear error naming the key
+    capsys.readouterr()
+    tiny = _recipe(tmp_path, parts, anomaly=small, data={"source": "folder", "root": str(parts), "image_size": 24})
+    assert edgedistill(["run", str(tiny)]) == 2
+    err = capsys.readouterr().err
+    assert "data.image_size >= 32" in err and "Traceback" not in err

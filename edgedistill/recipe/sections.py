@@ -372,12 +372,32 @@ class TrainConfig(Strict):
 class AnomalyConfig(Strict):
     """``task: anomaly``: a detector that learns good parts only (edgedistill.train.anomaly)."""
 
-    method: Literal["stfpm"] = Field(
+    method: Literal["stfpm", "efficientad"] = Field(
         "stfpm",
         description="stfpm: a student of the teacher's architecture, from scratch, regresses the pretrained "
-        "teacher's feature maps at `stages` on good images (Wang et al., BMVC 2021)",
+        "teacher's feature maps at `stages` on good images (Wang et al., BMVC 2021). efficientad: a small patch "
+        "description network distilled from the teacher's `stages` first, then a student and an autoencoder on "
+        "good images (Batzner et al., WACV 2024); only the small networks run on the device",
     )
-    stages: list[int] = Field([1, 2, 3], min_length=1, description="the teacher's stages (timm feature_info indices)")
+    stages: list[int] = Field(
+        [1, 2, 3],
+        min_length=1,
+        description="the teacher's stages (timm feature_info indices): stfpm's student regresses them; efficientad's "
+        "small teacher learns their patch features (2 and 3 suit it)",
+    )
+    width: int = Field(
+        32, ge=4, le=256, description="efficientad: the small networks' width (the paper's EfficientAD-S is 128)"
+    )
+    channels: int = Field(
+        64, ge=4, le=1024, description="efficientad: the small teacher's feature channels (the paper's: 384)"
+    )
+    teacher_epochs: int = Field(30, ge=1, description="efficientad: epochs distilling the small teacher")
+    other_images: int = Field(
+        64,
+        ge=2,
+        description="efficientad: everyday photographs (scikit-image's bundled ones) for the small teacher and the "
+        "student's penalty",
+    )
     epochs: int = Field(40, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(16, ge=2)

@@ -19,6 +19,7 @@ import torch
 
 from edgedistill.data.anomaly_folders import AnomalySplit, load_anomaly_folders
 from edgedistill.data.folders import resolve_root
+from edgedistill.data.generic import generic_images
 from edgedistill.errors import RecipeError
 from edgedistill.files import atomic_write_text
 from edgedistill.judge.anomaly import anomaly_report, good_threshold, pixel_auroc, pro_score
@@ -28,6 +29,12 @@ from edgedistill.judge.thresholds import OperatingPoint, pick_threshold, thresho
 from edgedistill.models.factory import create_model
 from edgedistill.ship.anomaly_bundle import build_anomaly_bundle
 from edgedistill.train.anomaly import AnomalyDetector, StfpmJob, detect, fresh_student, train_stfpm
+from edgedistill.train.efficientad import (
+    EfficientAdDetector,
+    EfficientAdJob,
+    stfpm_resnet18_reference,
+    train_efficientad,
+)
 from edgedistill.train.loop import resolve_device
 
 log = logging.getLogger(__name__)
@@ -105,30 +112,23 @@ def run_anomaly(recipe) -> dict[str, Any]:
     folder = recipe.run_dir / "anomaly"
     fingerprint = recipe.fingerprint("seed", "data", "teacher", "anomaly")
     torch.manual_seed(recipe.seed)
-    job = StfpmJob(
-        teacher=teacher,
-        good=_tensor(data.train.images, mean, std),
-        stages=tuple(cfg.stages),
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        seed=recipe.seed,
-        device=str(resolve_device(recipe.device)),
-    )
+    job = _job(recipe, teacher, _tensor(data.train.images, mean, std))
     detector = _finished(folder, fingerprint, job)
     if detector is None:
         try:
-            detector = train_stfpm(job).cpu()
+            detector = (train_efficientad(job) if cfg.method == "efficientad" else train_stfpm(job)).cpu()
         except (IndexError, RuntimeError) as exc:  # a stage index the teacher lacks, an image too small for it
             raise RecipeError(f"anomaly.stages {cfg.stages} on teacher '{recipe.teacher.model}': {exc}") from exc
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(
             {
                 "state_dict": detector.state_dict(),
+                "method": cfg.method,
                 "stages": list(cfg.stages),
                 "teacher": recipe.teacher.model,
                 "fingerprint": fingerprint,
                 "history": job.history,
+                "teacher_history": getattr(job, "teacher_history", []),
             },
             folder / "detector.pt",
         )
@@ -163,6 +163,7 @@ def run_anomaly(recipe) -> dict[str, Any]:
         "image_size": recipe.data.image_size,
         "train_good": int(len(data.train.kind)),
         "history": job.history,
+        **({"teacher_history": job.teacher_history} if isinstance(job, EfficientAdJob) else {}),
         "normalization": normalization,
         "calibration": {"split": "val", "images": int(len(calib.kind)), **picked},
         "report_split": report_name,
@@ -197,7 +198,12 @@ def run_anomaly(recipe) -> dict[str, Any]:
             },
             "split": report_name,
             "normalization": normalization,
-            "source": {"method": cfg.method, "teacher": recipe.teacher.model, "stages": list(cfg.stages)},
+            "source": {
+                "method": cfg.method,
+                "teacher": recipe.teacher.model,
+                "stages": list(cfg.stages),
+                **({"width": cfg.width, "channels": cfg.channels} if cfg.method == "efficientad" else {}),
+            },
         }
     )
     summary["seconds"] = round(time.perf_counter() - started, 1)
@@ -216,14 +222,13 @@ def run_anomaly(recipe) -> dict[str, Any]:
     return summary
 
 
-def device_estimate(detector: AnomalyDetector, recipe) -> dict | None:
-    """The planner's ESTIMATE of the whole detector (teacher and student up to their last stage, the map's
-    upsampling and smoothing) on ``export.target`` in FP16, with its interval; None off the Jetson profiles."""
+def device_estimate(detector: torch.nn.Module, recipe) -> dict | None:
+    """The planner's ESTIMATE of the whole detector as it ships (stfpm: teacher and student up to their last
+    stage; efficientad: the small teacher, student and autoencoder; the map's upsampling and smoothing) on
+    ``export.target`` in FP16, with its interval; for efficientad also STFPM on a ResNet-18's estimate (the pair
+    distillation for speed must beat) and the ratio. None off the Jetson profiles."""
     from edgedistill.errors import EdgedistillError
     from edgedistill.plan.calibration import factors_for
-    from edgedistill.plan.heldout import interval
-    from edgedistill.plan.profile import profile_module
-    from edgedistill.plan.roofline import _arrays, layer_times_ms, model_memory_mb
     from edgerun.profiles import get_target
 
     target = get_target(recipe.export.target)
@@ -235,15 +240,34 @@ def device_estimate(detector: AnomalyDetector, recipe) -> dict | None:
         log.warning("anomaly: no device estimate for %s: %s", recipe.export.target, exc)
         return None
     size = recipe.data.image_size
-    prof = profile_module(detector, f"{recipe.anomaly.method}:{recipe.teacher.model}", size)
-    ms = layer_times_ms(prof, target, "fp16", 1, factors)
-    lo, hi, basis = interval(ms, factors, bool(_arrays(prof)["dw"].any()))
-    engine_mb, activations_mb = model_memory_mb(prof, "fp16", 1)
-    return {
+    small = recipe.anomaly.method == "efficientad"
+    shipped = "small teacher, student and autoencoder" if small else "teacher and student"
+    est = {
         "device": target["device"],
         "target": recipe.export.target,
         "precision": "fp16",
         "image_size": size,
+        **_estimate(detector, f"{recipe.anomaly.method}:{recipe.teacher.model}", size, target, factors),
+        "networks": shipped,
+        "label": f"estimate (edgedistill plan), not a measurement: {shipped} together",
+    }
+    if recipe.anomaly.method == "efficientad":
+        ref = _estimate(stfpm_resnet18_reference(size), "stfpm:resnet18", size, target, factors)
+        est["reference"] = {"name": "stfpm on a ResNet-18 (stages 1-3)", **ref}
+        est["speedup"] = ref["est_latency_ms"] / est["est_latency_ms"]
+    return est
+
+
+def _estimate(module: torch.nn.Module, name: str, size: int, target: dict, factors) -> dict:
+    from edgedistill.plan.heldout import interval
+    from edgedistill.plan.profile import profile_module
+    from edgedistill.plan.roofline import _arrays, layer_times_ms, model_memory_mb
+
+    prof = profile_module(module, name, size)
+    ms = layer_times_ms(prof, target, "fp16", 1, factors)
+    lo, hi, basis = interval(ms, factors, bool(_arrays(prof)["dw"].any()))
+    engine_mb, activations_mb = model_memory_mb(prof, "fp16", 1)
+    return {
         "est_latency_ms": ms,
         "est_fps": 1000.0 / ms,
         "est_fps_lo": 1000.0 / hi,
@@ -251,11 +275,38 @@ def device_estimate(detector: AnomalyDetector, recipe) -> dict | None:
         "est_memory_mb": factors.runtime_base_mb + engine_mb + activations_mb,
         "gmacs": prof.macs / 1e9,
         "basis": basis,
-        "label": "estimate (edgedistill plan), not a measurement: teacher and student together",
     }
 
 
-def _finished(folder, fingerprint: str, job: StfpmJob):
+def _job(recipe, teacher, good: torch.Tensor) -> StfpmJob | EfficientAdJob:
+    """The training job of ``anomaly.method``: efficientad's also gets the everyday photographs (its small
+    teacher's lessons and its penalty), normalised as the parts are."""
+    cfg = recipe.anomaly
+    common = {
+        "teacher": teacher,
+        "good": good,
+        "stages": tuple(cfg.stages),
+        "epochs": cfg.epochs,
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size,
+        "seed": recipe.seed,
+        "device": str(resolve_device(recipe.device)),
+    }
+    if cfg.method != "efficientad":
+        return StfpmJob(**common)
+    if recipe.data.image_size < 32:
+        raise RecipeError(f"anomaly.method efficientad needs data.image_size >= 32 (got {recipe.data.image_size})")
+    other = generic_images(cfg.other_images, recipe.data.image_size, recipe.seed)
+    return EfficientAdJob(
+        **common,
+        other=_tensor(other, recipe.data.mean, recipe.data.std),
+        channels=cfg.channels,
+        width=cfg.width,
+        teacher_epochs=cfg.teacher_epochs,
+    )
+
+
+def _finished(folder, fingerprint: str, job):
     """The detector a finished run of this recipe left (same data, teacher, anomaly section and seed), or None."""
     path = folder / "detector.pt"
     if not path.is_file():
@@ -267,7 +318,11 @@ def _finished(folder, fingerprint: str, job: StfpmJob):
         return None
     if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
         return None
-    detector = AnomalyDetector(job.teacher, fresh_student(job.teacher, job.seed), job.stages)
+    if isinstance(job, EfficientAdJob):
+        detector = EfficientAdDetector(job.channels, job.width, int(job.good.shape[-1]))
+        job.teacher_history[:] = saved.get("teacher_history") or []
+    else:
+        detector = AnomalyDetector(job.teacher, fresh_student(job.teacher, job.seed), job.stages)
     detector.load_state_dict(saved["state_dict"])
     job.history[:] = saved.get("history") or []
     log.info("anomaly: %s matches this recipe; training skipped (delete it to train again)", path)
@@ -309,10 +364,19 @@ def summary_lines(summary: dict) -> list[str]:
     est = summary.get("device_estimate")
     if est:
         lines.append(
-            f"- ESTIMATED on {est['device']} (FP16, {est['image_size']} px, teacher and student together, "
-            f"{est['gmacs']:.2f} GMACs; edgedistill plan, not measured): {est['est_fps']:.0f} FPS "
+            f"- ESTIMATED on {est['device']} (FP16, {est['image_size']} px, "
+            f"{est.get('networks', 'teacher and student')} together, {est['gmacs']:.2f} GMACs; edgedistill plan, "
+            f"not measured): {est['est_fps']:.0f} FPS "
             f"({est['est_fps_lo']:.0f}-{est['est_fps_hi']:.0f}, 90%), {est['est_memory_mb']:.0f} MB"
         )
+        if est.get("reference"):
+            ref = est["reference"]
+            faster = "faster" if est["speedup"] > 1 else "SLOWER"
+            lines.append(
+                f"- distillation for speed: {est['speedup']:.2f}x {faster} than {ref['name']} on that ESTIMATE "
+                f"({ref['est_fps']:.0f} FPS, {ref['gmacs']:.2f} GMACs); the AUROC it costs on real textures: "
+                "benchmarks/anomaly.py (docs, Benchmarks)"
+            )
     if summary.get("bundle"):
         lines.append(
             f"- bundle: {summary['bundle']['folder']} (one ONNX graph, image -> score and map; ONNX Runtime against "
