@@ -110,7 +110,7 @@ def test_the_hard_feature_loss_averages_only_the_hardest_elements():
 
 def test_the_small_networks_fit_the_image_and_the_default_pair_is_faster_than_stfpm_on_a_resnet18_on_a_nano():
     from edgedistill.plan.calibration import factors_for
-    from edgedistill.run.anomaly import _estimate
+    from edgedistill.run.anomaly import network_estimate
     from edgedistill.train.efficientad import stfpm_resnet18_reference
     from edgerun.profiles import get_target
 
@@ -122,11 +122,11 @@ def test_the_small_networks_fit_the_image_and_the_default_pair_is_faster_than_st
     with pytest.raises(ValueError, match="at least 32 px"):
         EfficientAdDetector(8, 4, 16)
     target, factors = get_target("jetson-nano-jp4"), factors_for("jetson-nano-jp4")
-    ours = _estimate(EfficientAdDetector(64, 32, 128).eval(), "efficientad", 128, target, factors)
-    ref = _estimate(stfpm_resnet18_reference(128), "stfpm:resnet18", 128, target, factors)
+    ours = network_estimate(EfficientAdDetector(64, 32, 128).eval(), "efficientad", 128, target, factors)
+    ref = network_estimate(stfpm_resnet18_reference(128), "stfpm:resnet18", 128, target, factors)
     assert ours["est_latency_ms"] < ref["est_latency_ms"] and ours["gmacs"] < ref["gmacs"]
     # the paper's EfficientAD-S widths (128, 384 channels) are not: on a Nano's FP16 budget, width is what costs
-    paper = _estimate(EfficientAdDetector(384, 128, 128).eval(), "efficientad-s", 128, target, factors)
+    paper = network_estimate(EfficientAdDetector(384, 128, 128).eval(), "efficientad-s", 128, target, factors)
     assert paper["est_latency_ms"] > ref["est_latency_ms"]
 
 

@@ -247,18 +247,20 @@ def device_estimate(detector: torch.nn.Module, recipe) -> dict | None:
         "target": recipe.export.target,
         "precision": "fp16",
         "image_size": size,
-        **_estimate(detector, f"{recipe.anomaly.method}:{recipe.teacher.model}", size, target, factors),
+        **network_estimate(detector, f"{recipe.anomaly.method}:{recipe.teacher.model}", size, target, factors),
         "networks": shipped,
         "label": f"estimate (edgedistill plan), not a measurement: {shipped} together",
     }
     if recipe.anomaly.method == "efficientad":
-        ref = _estimate(stfpm_resnet18_reference(size), "stfpm:resnet18", size, target, factors)
+        ref = network_estimate(stfpm_resnet18_reference(size), "stfpm:resnet18", size, target, factors)
         est["reference"] = {"name": "stfpm on a ResNet-18 (stages 1-3)", **ref}
         est["speedup"] = ref["est_latency_ms"] / est["est_latency_ms"]
     return est
 
 
-def _estimate(module: torch.nn.Module, name: str, size: int, target: dict, factors) -> dict:
+def network_estimate(module: torch.nn.Module, name: str, size: int, target: dict, factors) -> dict:
+    """The planner's FP16 batch-1 ESTIMATE of one module on ``target`` with ``factors``: latency, FPS and its
+    interval, memory, GMACs and what the interval rests on."""
     from edgedistill.plan.heldout import interval
     from edgedistill.plan.profile import profile_module
     from edgedistill.plan.roofline import _arrays, layer_times_ms, model_memory_mb
