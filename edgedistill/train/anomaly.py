@@ -20,13 +20,14 @@ import copy
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgedistill.train.epoch_state import EpochState
 from edgedistill.train.losses import feature_discrepancy, stfpm_loss
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,8 @@ class StfpmJob:
     seed: int = 0
     device: str = "cpu"
     history: list = field(default_factory=list)
+    state: Optional[EpochState] = None  # resumable: written after every epoch, picked up by the next call
+    on_epoch: Optional[Callable[[str, int], None]] = None  # (phase, epoch) after each epoch's state is written
 
 
 def fresh_student(teacher: nn.Module, seed: int) -> nn.Module:
@@ -135,7 +138,11 @@ def train_stfpm(job: StfpmJob) -> AnomalyDetector:
         p.requires_grad_(True)
     optimiser = torch.optim.Adam(student.parameters(), lr=job.lr)
     generator = torch.Generator().manual_seed(job.seed)
-    for epoch in range(job.epochs):
+    start = 0
+    if job.state is not None:
+        start, extra = job.state.resume("stfpm", student, optimiser, generator)
+        job.history[:] = extra.get("history", [])[:start]
+    for epoch in range(start, job.epochs):
         student.train()
         order = torch.randperm(len(job.good), generator=generator)
         total, seen = 0.0, 0
@@ -152,7 +159,17 @@ def train_stfpm(job: StfpmJob) -> AnomalyDetector:
             total, seen = total + loss.item() * len(batch), seen + len(batch)
         job.history.append({"epoch": epoch + 1, "loss": total / max(seen, 1)})
         log.debug("stfpm epoch %d: loss %.4f", epoch + 1, job.history[-1]["loss"])
+        end_of_epoch(job, "stfpm", epoch + 1, student, optimiser, generator)
     return AnomalyDetector(teacher, student.eval(), job.stages).eval()
+
+
+def end_of_epoch(job, phase: str, epoch: int, model: nn.Module, optimiser, generator: torch.Generator) -> None:
+    """The resumable state after ``epoch`` of ``phase`` (with the job's histories), then the job's hook."""
+    if job.state is not None:
+        extra = {"history": list(job.history), "teacher_history": list(getattr(job, "teacher_history", []))}
+        job.state.save(phase, epoch, model, optimiser, generator, **extra)
+    if job.on_epoch is not None:
+        job.on_epoch(phase, epoch)
 
 
 @torch.no_grad()

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgedistill.train.anomaly import Q_A, Q_B, stage_features
+from edgedistill.train.anomaly import Q_A, Q_B, end_of_epoch, stage_features
+from edgedistill.train.epoch_state import EpochState
 from edgedistill.train.losses import hard_feature_loss, penalty_loss
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,8 @@ class EfficientAdJob:
     device: str = "cpu"
     history: list = field(default_factory=list)
     teacher_history: list = field(default_factory=list)
+    state: Optional[EpochState] = None  # resumable: written after every epoch of both steps
+    on_epoch: Optional[Callable[[str, int], None]] = None  # (phase, epoch) after each epoch's state is written
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator):
@@ -225,7 +228,11 @@ def distill_small_teacher(job: EfficientAdJob, detector: EfficientAdDetector) ->
     teacher = detector.teacher.to(device).train()
     optimiser = torch.optim.Adam(teacher.parameters(), lr=job.lr, weight_decay=1e-5)
     generator = torch.Generator().manual_seed(job.seed)
-    for epoch in range(job.teacher_epochs):
+    start = 0
+    if job.state is not None:
+        start, extra = job.state.resume("teacher", teacher, optimiser, generator)
+        job.teacher_history[:] = extra.get("teacher_history", [])[:start]
+    for epoch in range(start, job.teacher_epochs):
         total, seen = 0.0, 0
         for idx in _batches(len(images), job.batch_size, generator):
             x, y = images[idx].to(device), targets[idx].to(device)
@@ -237,6 +244,7 @@ def distill_small_teacher(job: EfficientAdJob, detector: EfficientAdDetector) ->
             optimiser.step()
             total, seen = total + loss.item() * len(idx), seen + len(idx)
         job.teacher_history.append({"epoch": epoch + 1, "loss": total / max(seen, 1)})
+        end_of_epoch(job, "teacher", epoch + 1, teacher, optimiser, generator)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -269,13 +277,21 @@ def train_efficientad(job: EfficientAdJob) -> EfficientAdDetector:
     torch.manual_seed(job.seed)
     device = job.device
     detector = EfficientAdDetector(job.channels, job.width, int(job.good.shape[-1])).to(device)
-    distill_small_teacher(job, detector)
-    detector.to(device)
     c = job.channels
     params = list(detector.student.parameters()) + list(detector.autoencoder.parameters())
     optimiser = torch.optim.Adam(params, lr=job.lr, weight_decay=1e-5)
     generator = torch.Generator().manual_seed(job.seed + 1)
-    for epoch in range(job.epochs):
+    start = 0
+    if job.state is not None and job.state.phase() == "detector":  # step 1 finished before the run was killed
+        start, extra = job.state.resume("detector", detector, optimiser, generator)
+        job.teacher_history[:] = extra.get("teacher_history", [])
+        job.history[:] = extra.get("history", [])[:start]
+        for p in detector.teacher.parameters():
+            p.requires_grad_(False)
+    else:
+        distill_small_teacher(job, detector)
+    detector.to(device)
+    for epoch in range(start, job.epochs):
         detector.student.train()
         detector.autoencoder.train()
         sums = {"hard": 0.0, "penalty": 0.0, "ae": 0.0, "stae": 0.0}
@@ -304,6 +320,7 @@ def train_efficientad(job: EfficientAdJob) -> EfficientAdDetector:
         row["loss"] = sum(row[k] for k in sums)
         job.history.append(row)
         log.debug("efficientad epoch %d: %s", epoch + 1, row)
+        end_of_epoch(job, "detector", epoch + 1, detector, optimiser, generator)
     return detector.cpu().eval()
 
 
