@@ -183,7 +183,7 @@ def one(texture: str, seed: int, size: int, epochs: int, method: str) -> dict:
 def speed_rows(size: int) -> list[list[str]]:
     """Each shipped network set's Nano FP16 ESTIMATE, against STFPM on a ResNet-18 (architectures only)."""
     from edgedistill.plan.calibration import factors_for
-    from edgedistill.run.anomaly import network_estimate
+    from edgedistill.plan.detector import network_estimate
     from edgerun.profiles import get_target
 
     board = "jetson-nano-jp4"

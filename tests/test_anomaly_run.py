@@ -78,6 +78,7 @@ def test_one_command_trains_on_good_parts_calibrates_on_good_ones_and_reports(pa
     assert report["false_reject"]["value"] <= 0.2  # on the test's good parts, never seen by the threshold
     assert report["recall"]["value"] >= 0.3  # and it rejects planted defects, not a threshold above them all
     assert (tmp_path / "run" / "anomaly" / "detector.pt").is_file()
+    assert not (tmp_path / "run" / "anomaly" / "training.pt").exists()  # the resumable state goes when training ends
     assert "WARNING" not in (tmp_path / "run" / "summary.md").read_text()  # 40 good images promise the limit
     est = summary["device_estimate"]  # the pair of networks on the Nano, with its interval
     assert est["device"] == "Jetson Nano 4GB" and est["est_fps_lo"] < est["est_fps"] < est["est_fps_hi"]
@@ -147,6 +148,25 @@ def test_the_bundle_validates_on_the_device_side_and_a_wrong_one_fails(parts, tm
     assert got["image_auroc"] == pytest.approx(summary["report"]["image_auroc"]["value"], abs=1e-6)
     assert got["recall"] == pytest.approx(summary["report"]["recall"]["value"])
     assert "VERDICT: PASS" in capsys.readouterr().out
+    # the INT8 model (Q/DQ by TensorRT's rules, ranges from good images) with its own threshold, judged on AUROC
+    import onnx
+
+    from edgedistill.ship.qdq import qdq_violations
+
+    variant, int8 = manifest["variants"]["int8"], summary["bundle"]["int8"]
+    assert variant["file"] == "model.int8.onnx" and variant["explicit_quantization"]
+    assert qdq_violations(onnx.load(str(bundle / "model.int8.onnx"))) == []
+    assert manifest["decision"]["thresholds"] == {"fp32": manifest["decision"]["threshold"], "int8": int8["threshold"]}
+    assert int8["fp32_image_auroc"] == pytest.approx(summary["report"]["image_auroc"]["value"], abs=1e-6)
+    assert abs(int8["image_auroc"] - int8["fp32_image_auroc"]) <= 0.05 and int8["score_max_abs_error"] > 0
+    assert int8["status"] == ("accepted" if int8["auroc_drop_upper95"] <= 0.01 else "rejected")
+    assert variant["status"] == int8["status"] and "INT8 (Q/DQ, minmax" in (tmp_path / "run" / "summary.md").read_text()
+    capsys.readouterr()
+    assert edgerun(["validate", str(bundle), "--variant", "int8", "--json", str(out)]) in (0, 1)
+    got = json.loads(out.read_text())
+    assert got["threshold"] == int8["threshold"]  # the INT8 model rejects at its own threshold
+    assert got["image_auroc"] == pytest.approx(int8["image_auroc"], abs=1e-6)
+    assert got["recall"] == pytest.approx(int8["recall"]) and got["false_reject"] == pytest.approx(int8["false_reject"])
     # signed and packed as every bundle is, and verified on the device side against the signer's key
     key = tmp_path / "line.key"
     assert edgedistill(["keygen", "-o", str(key)]) == 0
@@ -158,6 +178,7 @@ def test_the_bundle_validates_on_the_device_side_and_a_wrong_one_fails(parts, tm
     shutil.copytree(bundle, high)
     data = json.loads((high / "manifest.json").read_text())
     data["decision"]["threshold"] = 1e6
+    data["decision"]["thresholds"] = {"fp32": 1e6, "int8": 1e6}  # each model's own threshold, both raised
     write_manifest(str(high), data)
     assert edgerun(["validate", str(high)]) == 1
     # an anomaly bundle must name its map and its two classes: one clear error each
@@ -165,6 +186,7 @@ def test_the_bundle_validates_on_the_device_side_and_a_wrong_one_fails(parts, tm
         (lambda m: m["model"].pop("map_name"), "model.map_name"),
         (lambda m: m.update(classes=["ok", "bad"]), "an anomaly bundle's classes are ['good', 'defective']"),
         (lambda m: m["decision"].update(threshold=float("nan")), "finite anomaly score"),
+        (lambda m: m["decision"]["thresholds"].update(int8="high"), "thresholds.int8 must be a finite anomaly score"),
     ):
         broken = tmp_path / f"broken-{len(words)}"
         shutil.copytree(bundle, broken)
@@ -192,7 +214,11 @@ def test_the_camera_rejects_defective_frames_on_the_score_and_saves_their_maps(p
     rows, maps, out = tmp_path / "frames.csv", tmp_path / "maps", tmp_path / "camera.json"
     capsys.readouterr()
     argv = ["camera", str(bundle), "--source", str(video), "--csv", str(rows), "--json", str(out)]
-    assert edgerun(argv + ["--save-maps", str(maps)]) == 0
+    from edgerun.line.release import kept_frames
+
+    # what deploy's camera run and a line service pass for this bundle's task: its rejected frames with their maps
+    assert kept_frames("anomaly", str(tmp_path)) == ["--save-maps", str(maps)]
+    assert edgerun(argv + kept_frames(json.loads((bundle / "manifest.json").read_text())["task"], str(tmp_path))) == 0
     text = capsys.readouterr().out
     assert "reject rule: anomaly score >=" in text and "REJECT frame" in text
     import csv
@@ -245,3 +271,8 @@ def test_efficientad_runs_from_the_recipe_ships_only_its_small_networks_and_says
     assert edgedistill(["run", str(tiny)]) == 2
     err = capsys.readouterr().err
     assert "data.image_size >= 32" in err and "Traceback" not in err
+    # the classifier's INT8 remedies are not an anomaly detector's: a clear error naming the key
+    qad = _recipe(tmp_path, parts, anomaly={**small, "epochs": 15, "other_images": 16}, export={"int8": "qad"})
+    assert edgedistill(["run", str(qad)]) == 2
+    err = capsys.readouterr().err
+    assert "export.int8 'qad' is built for classifiers" in " ".join(err.split()) and "Traceback" not in err

@@ -110,7 +110,7 @@ def test_the_hard_feature_loss_averages_only_the_hardest_elements():
 
 def test_the_small_networks_fit_the_image_and_the_default_pair_is_faster_than_stfpm_on_a_resnet18_on_a_nano():
     from edgedistill.plan.calibration import factors_for
-    from edgedistill.run.anomaly import network_estimate
+    from edgedistill.plan.detector import network_estimate
     from edgedistill.train.efficientad import stfpm_resnet18_reference
     from edgerun.profiles import get_target
 

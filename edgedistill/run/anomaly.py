@@ -27,14 +27,15 @@ from edgedistill.judge.anomaly_report import figures, write_report
 from edgedistill.judge.metrics import roc_auc
 from edgedistill.judge.thresholds import OperatingPoint, pick_threshold, threshold_promise
 from edgedistill.models.factory import create_model
+from edgedistill.plan.detector import device_estimate
 from edgedistill.ship.anomaly_bundle import build_anomaly_bundle
 from edgedistill.train.anomaly import AnomalyDetector, StfpmJob, detect, fresh_student, train_stfpm
 from edgedistill.train.efficientad import (
     EfficientAdDetector,
     EfficientAdJob,
-    stfpm_resnet18_reference,
     train_efficientad,
 )
+from edgedistill.train.epoch_state import EpochState
 from edgedistill.train.loop import resolve_device
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ def _threshold(recipe, calib: AnomalySplit, scores: np.ndarray) -> dict:
 def run_anomaly(recipe) -> dict[str, Any]:
     """Train, normalise, pick the threshold, report; returns the summary (also written to the run folder)."""
     started = time.perf_counter()
+    _wants_int8(recipe)  # a refused export.int8 is said before any training
     data = load_anomaly_folders(resolve_root(recipe.data.root), recipe.data.image_size)
     calib, report, report_name = _splits(recipe, data)
     mean, std = recipe.data.mean, recipe.data.std
@@ -112,7 +114,8 @@ def run_anomaly(recipe) -> dict[str, Any]:
     folder = recipe.run_dir / "anomaly"
     fingerprint = recipe.fingerprint("seed", "data", "teacher", "anomaly")
     torch.manual_seed(recipe.seed)
-    job = _job(recipe, teacher, _tensor(data.train.images, mean, std))
+    state = EpochState(folder / "training.pt", fingerprint)  # a killed training resumes at its last epoch
+    job = _job(recipe, teacher, _tensor(data.train.images, mean, std), state)
     detector = _finished(folder, fingerprint, job)
     if detector is None:
         try:
@@ -132,6 +135,7 @@ def run_anomaly(recipe) -> dict[str, Any]:
             },
             folder / "detector.pt",
         )
+        state.clear()
     good_calib = calib.images[~calib.is_defective]
     normalization = detector.set_normalization(_tensor(good_calib, mean, std))
     _, calib_scores = detect(detector, _tensor(calib.images, mean, std))
@@ -171,6 +175,7 @@ def run_anomaly(recipe) -> dict[str, Any]:
         "device_estimate": device_estimate(detector, recipe),
     }
     point = recipe.evaluate.operating_point
+    int8 = _int8_job(recipe, calib, good_calib)
     summary["bundle"] = build_anomaly_bundle(
         {
             "folder": run_dir / "bundle",
@@ -198,6 +203,7 @@ def run_anomaly(recipe) -> dict[str, Any]:
             },
             "split": report_name,
             "normalization": normalization,
+            "int8": int8,
             "source": {
                 "method": cfg.method,
                 "teacher": recipe.teacher.model,
@@ -222,65 +228,34 @@ def run_anomaly(recipe) -> dict[str, Any]:
     return summary
 
 
-def device_estimate(detector: torch.nn.Module, recipe) -> dict | None:
-    """The planner's ESTIMATE of the whole detector as it ships (stfpm: teacher and student up to their last
-    stage; efficientad: the small teacher, student and autoencoder; the map's upsampling and smoothing) on
-    ``export.target`` in FP16, with its interval; for efficientad also STFPM on a ResNet-18's estimate (the pair
-    distillation for speed must beat) and the ratio. None off the Jetson profiles."""
-    from edgedistill.errors import EdgedistillError
-    from edgedistill.plan.calibration import factors_for
-    from edgerun.profiles import get_target
+def _wants_int8(recipe) -> bool:
+    """Whether ``export.int8`` asks for the INT8 model; the classifier's remedies are refused before training."""
+    mode = recipe.export.int8
+    if mode in ("partial", "qad"):
+        raise RecipeError(
+            f"export.int8 '{mode}' is built for classifiers; an anomaly bundle's INT8 is post-training Q/DQ judged "
+            "on its AUROC: use export.int8: auto (or ptq, or off)"
+        )
+    return mode != "off"
 
-    target = get_target(recipe.export.target)
-    if not target.get("gpu"):
+
+def _int8_job(recipe, calib: AnomalySplit, good_calib: np.ndarray) -> dict | None:
+    """What the bundle's INT8 model needs (``export.int8``: auto and ptq build it, off does not): the good
+    calibration images for its ranges, every calibration image and FP32's rule for its own threshold."""
+    if not _wants_int8(recipe):
         return None
-    try:
-        factors = factors_for(recipe.export.target)
-    except EdgedistillError as exc:
-        log.warning("anomaly: no device estimate for %s: %s", recipe.export.target, exc)
-        return None
-    size = recipe.data.image_size
-    small = recipe.anomaly.method == "efficientad"
-    shipped = "small teacher, student and autoencoder" if small else "teacher and student"
-    est = {
-        "device": target["device"],
-        "target": recipe.export.target,
-        "precision": "fp16",
-        "image_size": size,
-        **network_estimate(detector, f"{recipe.anomaly.method}:{recipe.teacher.model}", size, target, factors),
-        "networks": shipped,
-        "label": f"estimate (edgedistill plan), not a measurement: {shipped} together",
-    }
-    if recipe.anomaly.method == "efficientad":
-        ref = network_estimate(stfpm_resnet18_reference(size), "stfpm:resnet18", size, target, factors)
-        est["reference"] = {"name": "stfpm on a ResNet-18 (stages 1-3)", **ref}
-        est["speedup"] = ref["est_latency_ms"] / est["est_latency_ms"]
-    return est
-
-
-def network_estimate(module: torch.nn.Module, name: str, size: int, target: dict, factors) -> dict:
-    """The planner's FP16 batch-1 ESTIMATE of one module on ``target`` with ``factors``: latency, FPS and its
-    interval, memory, GMACs and what the interval rests on."""
-    from edgedistill.plan.heldout import interval
-    from edgedistill.plan.profile import profile_module
-    from edgedistill.plan.roofline import _arrays, layer_times_ms, model_memory_mb
-
-    prof = profile_module(module, name, size)
-    ms = layer_times_ms(prof, target, "fp16", 1, factors)
-    lo, hi, basis = interval(ms, factors, bool(_arrays(prof)["dw"].any()))
-    engine_mb, activations_mb = model_memory_mb(prof, "fp16", 1)
+    mean, std = recipe.data.mean, recipe.data.std
     return {
-        "est_latency_ms": ms,
-        "est_fps": 1000.0 / ms,
-        "est_fps_lo": 1000.0 / hi,
-        "est_fps_hi": 1000.0 / lo,
-        "est_memory_mb": factors.runtime_base_mb + engine_mb + activations_mb,
-        "gmacs": prof.macs / 1e9,
-        "basis": basis,
+        "calib": _tensor(good_calib, mean, std).numpy(),
+        "calib_all": _tensor(calib.images, mean, std).numpy(),
+        "pick": lambda scores: _threshold(recipe, calib, scores),
+        "method": recipe.export.int8_method,
+        "max_drop": recipe.export.int8_max_drop,
+        "seed": recipe.seed,
     }
 
 
-def _job(recipe, teacher, good: torch.Tensor) -> StfpmJob | EfficientAdJob:
+def _job(recipe, teacher, good: torch.Tensor, state: EpochState) -> StfpmJob | EfficientAdJob:
     """The training job of ``anomaly.method``: efficientad's also gets the everyday photographs (its small
     teacher's lessons and its penalty), normalised as the parts are."""
     cfg = recipe.anomaly
@@ -293,6 +268,7 @@ def _job(recipe, teacher, good: torch.Tensor) -> StfpmJob | EfficientAdJob:
         "batch_size": cfg.batch_size,
         "seed": recipe.seed,
         "device": str(resolve_device(recipe.device)),
+        "state": state,
     }
     if cfg.method != "efficientad":
         return StfpmJob(**common)
@@ -385,6 +361,19 @@ def summary_lines(summary: dict) -> list[str]:
             f"PyTorch: score max error {summary['bundle']['parity']['score_max_abs_error']:.1e}); on the device: "
             "edgerun validate BUNDLE"
         )
+        q = summary["bundle"].get("int8")
+        if q:
+            upper = "-" if q["auroc_drop_upper95"] is None else f"{q['auroc_drop_upper95']:+.4f}"
+            rates = " ".join(
+                f"{name} {q[key]:.2f}"
+                for name, key in (("recall", "recall"), ("false-reject", "false_reject"))
+                if q[key] is not None
+            )
+            lines.append(
+                f"- INT8 (Q/DQ, {q['calibration']} ranges from good images): image AUROC {q['image_auroc']:.4f} vs "
+                f"FP32 {q['fp32_image_auroc']:.4f}, drop upper 95% bound {upper}: {q['status'].upper()}; at its "
+                f"own threshold {q['threshold']:.4g}: {rates}"
+            )
     if r["masks_skipped"]:
         lines.append(f"- {r['masks_skipped']} defect mask(s) missing or of another size: left out of the pixel figures")
     for kind, k in r["per_kind"].items():

@@ -17,6 +17,7 @@ import onnx
 import torch
 
 from edgedistill.errors import ExportError
+from edgedistill.ship.anomaly_int8 import AnomalyInt8Job, build_anomaly_int8, scores_of
 from edgerun.bundle.manifest import ANOMALY_CLASSES, SCHEMA_VERSION, write_manifest
 from edgerun.preprocess import PreprocessSpec
 
@@ -75,7 +76,8 @@ def build_anomaly_bundle(job: dict[str, Any]) -> dict[str, Any]:
     """Write ``job['folder']``: model.onnx, val.npz (the report split's images and labels), manifest.json.
     ``job``: detector, images (uint8 N,S,S,3 after the device geometry), is_defective, tensor (their model
     input), size, mean, std, name, target, threshold, operating_point, metrics (the host's on those images),
-    source."""
+    source; optional ``int8`` (the :class:`AnomalyInt8Job` fields that are not the report's: calib, calib_all,
+    pick, method, max_drop, seed): then also model.int8.onnx, gated and with its own threshold."""
     folder = Path(job["folder"])
     folder.mkdir(parents=True, exist_ok=True)
     size = int(job["size"])
@@ -84,6 +86,26 @@ def build_anomaly_bundle(job: dict[str, Any]) -> dict[str, Any]:
     if checked["score_max_abs_error"] > 1e-3:
         raise ExportError(f"the ONNX detector's scores differ from PyTorch's by {checked['score_max_abs_error']:.2e}")
     labels = np.asarray(job["is_defective"], dtype=np.int64)
+    variants, int8_figures, thresholds = {}, None, None
+    if job.get("int8") is not None:
+        report = job["tensor"].numpy()
+        int8_job = AnomalyInt8Job(
+            fp32=folder / "model.onnx",
+            report=report,
+            is_defective=labels.astype(bool),
+            fp32_scores=scores_of(folder / "model.onnx", report),
+            **job["int8"],
+        )
+        variants["int8"], int8_figures = build_anomaly_int8(int8_job, folder / "model.int8.onnx")
+        thresholds = {"fp32": float(job["threshold"]), "int8": variants["int8"]["threshold"]}
+        log.info(
+            "anomaly INT8 (Q/DQ, %s): image AUROC %.4f (FP32 %.4f, drop upper 95%% bound %.4f): %s",
+            int8_figures["calibration"],
+            int8_figures["image_auroc"] or float("nan"),
+            int8_figures["fp32_image_auroc"] or float("nan"),
+            float("nan") if int8_figures["auroc_drop_upper95"] is None else int8_figures["auroc_drop_upper95"],
+            int8_figures["status"],
+        )
     np.savez_compressed(folder / "val.npz", images=np.asarray(job["images"], np.uint8), labels=labels)
     spec = PreprocessSpec(resize=size, crop=size, interpolation="area", mean=job["mean"], std=job["std"])
     manifest = {
@@ -119,12 +141,18 @@ def build_anomaly_bundle(job: dict[str, Any]) -> dict[str, Any]:
             "metric": "anomaly_score",
             "positive_class": "defective",
             "threshold": float(job["threshold"]),
+            **({"thresholds": thresholds} if thresholds else {}),
             "operating_point": job["operating_point"],
         },
-        "metrics": {"anomaly": job["metrics"], "parity": checked},
+        "variants": variants,
+        "metrics": {
+            "anomaly": job["metrics"],
+            "parity": checked,
+            **({"anomaly_int8": int8_figures} if int8_figures else {}),
+        },
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "python": platform.python_version()},
         "source": job["source"],
     }
     (folder / "anomaly.json").write_text(json.dumps({"normalization": job.get("normalization")}, indent=2))
     write_manifest(str(folder), manifest)  # every file hashed, anomaly.json's normalisation facts included
-    return {"folder": str(folder), "parity": checked}
+    return {"folder": str(folder), "parity": checked, **({"int8": int8_figures} if int8_figures else {})}

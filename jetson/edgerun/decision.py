@@ -67,21 +67,19 @@ def check_decision(data, where):
     if threshold is not None:
         if positive is None:
             raise BundleError("%s: decision.threshold needs decision.positive_class" % where)
-        if anomaly:
-            if (
-                isinstance(threshold, bool)
-                or not isinstance(threshold, (int, float))
-                or threshold != threshold
-                or (threshold in (float("inf"), float("-inf")))
-            ):
-                raise BundleError("%s: decision.threshold must be a finite anomaly score, not %r" % (where, threshold))
-        elif not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-            raise BundleError("%s: decision.threshold must be a probability in [0, 1], not %r" % (where, threshold))
+        _check_threshold(threshold, "decision.threshold", anomaly, where)
     for precision, value in sorted((decision.get("thresholds") or {}).items()):
-        if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise BundleError(
-                "%s: decision.thresholds.%s must be a probability in [0, 1], not %r" % (where, precision, value)
-            )
+        _check_threshold(value, "decision.thresholds.%s" % precision, anomaly, where)
+
+
+def _check_threshold(value, key, anomaly, where):
+    """A probability in [0, 1]; for an anomaly bundle any finite score."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if anomaly:
+        if not number or value != value or value in (float("inf"), float("-inf")):
+            raise BundleError("%s: %s must be a finite anomaly score, not %r" % (where, key, value))
+    elif not number or not 0.0 <= value <= 1.0:
+        raise BundleError("%s: %s must be a probability in [0, 1], not %r" % (where, key, value))
 
 
 def auroc(is_positive, scores):

@@ -110,14 +110,15 @@ def _decision_check(bundle, logits, labels, max_drop, precision="fp32"):
 
 def _validate_anomaly(args, bundle, runner):
     """Image AUROC of the anomaly score on the bundle's images (good and defective), and recall and false-reject at
-    the bundle's threshold, against the host's; PASS while each moves at most --max-drop."""
-    from edgerun.decision import auroc, rates_at
+    the threshold of the model that ran (an INT8 model's own, picked on the same good images by the same rule),
+    against the host's FP32 figures; PASS while each moves at most --max-drop."""
+    from edgerun.decision import auroc, rates_at, threshold_for
 
     m = bundle.manifest
     scores, labels = bundle_outputs(runner, bundle)
     scores = np.asarray(scores, dtype=np.float64).reshape(len(labels), -1).max(axis=1)
     bad = np.asarray(labels) == 1
-    threshold = m.decision["threshold"]
+    threshold = threshold_for(m.decision, runner.precision)
     got = rates_at(bad, scores, threshold)
     got_auroc = auroc(bad, scores)
     host = m.data["metrics"].get("anomaly") or {}
