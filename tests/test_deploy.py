@@ -242,6 +242,19 @@ def test_one_command_deploys_to_a_fleet_and_a_broken_board_is_a_row(boards, trai
     assert f"board-a: {saved} unsure frame(s) from 1 release(s)" in printed
     if saved:
         assert "--set data.unlabeled=" in printed
+    # an anomaly detector's camera keeps its rejected frames with their map overlays (--save-maps): they come back
+    # beside the unsure ones, each release's in its own folder
+    on_board_maps = release / "maps"
+    on_board_maps.mkdir()
+    for i in range(3):
+        (on_board_maps / f"{i:06d}.png").write_bytes(b"\x89PNG overlay %d" % i)
+    (on_board_maps / "index.csv").write_text("frame,score,file\n")
+    assert (
+        edgedistill(["deploy", str(run), "--pull-frames", "--host", "board-a", "--ssh-config", boards["config"]]) == 0
+    )
+    pulled_maps = run / "devices" / "board-a" / "maps" / fleet["release"]["version"]
+    assert sorted(p.name for p in pulled_maps.iterdir()) == ["000000.png", "000001.png", "000002.png", "index.csv"]
+    assert "3 rejected frame(s) with their anomaly maps" in capsys.readouterr().out
     # again: the bundle is already there, nothing is copied twice
     assert _deploy(boards, run, "board-a") == 0
     again = json.loads((run / "devices" / "fleet.json").read_text())["rows"][0]

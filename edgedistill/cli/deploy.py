@@ -89,7 +89,8 @@ def add_parser(sub) -> None:
         "--pull-frames",
         action="store_true",
         help="fetch the frames each board's camera was unsure of (saved by the deploy's camera run or "
-        "`edgerun camera --save-unsure`) into <run>/devices/<board>/unsure/, for data.unlabeled",
+        "`edgerun camera --save-unsure`) into <run>/devices/<board>/unsure/, for data.unlabeled, and an anomaly "
+        "detector's rejected frames with their map overlays (--save-maps) into <run>/devices/<board>/maps/",
     )
     p.add_argument(
         "--rollback",
@@ -168,6 +169,11 @@ def _pull_frames(args: argparse.Namespace, opts) -> int:
             f"{row['host']}: "
             + (
                 f"{row['frames']} unsure frame(s) from {row['releases']} release(s) in {row['folder']}"
+                + (
+                    f"; {row['maps']} rejected frame(s) with their anomaly maps in {row['maps_folder']}"
+                    if row["maps"]
+                    else ""
+                )
                 if row["status"] == "DONE"
                 else f"ERROR {row['reason']}"
             )

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Optional
 
 from edgedistill.deploy.evidence import board_verdict, fleet_facts, read_results
-from edgedistill.deploy.release import UNSURE, BoardRow, DeployOptions, Release, host_slug
+from edgedistill.deploy.release import BoardRow, DeployOptions, Release, host_slug
 from edgedistill.deploy.ssh import RemoteError, SshError, SshHost, quote
 from edgedistill.errors import EdgedistillError
+from edgerun.line.release import kept_frames
 
 
 class Board:
@@ -260,8 +261,7 @@ class Board:
                 str(self.opts.duration),
                 "--json",
                 f"{results}/camera.json",
-                "--save-unsure",
-                f"{self.folder}/{UNSURE}",
+                *kept_frames(self.release.task, self.folder),
             ]
             if self.opts.fps_target is not None:
                 camera += ["--fps-target", str(self.opts.fps_target)]

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from edgedistill.deploy.board import Board
-from edgedistill.deploy.release import UNSURE, DeployOptions, Release, host_slug, prepare_release
+from edgedistill.deploy.release import DeployOptions, Release, host_slug, prepare_release
 from edgedistill.deploy.ssh import RemoteError, SshError, quote
 from edgedistill.errors import EdgedistillError
+from edgerun.line.release import MAPS, UNSURE
 
 log = logging.getLogger("edgedistill")
 
@@ -131,30 +132,48 @@ def refit_planner(rows: Sequence[dict], release: Release, opts: DeployOptions) -
 
 
 def pull_frames(hosts: Sequence[str], name: str, opts: DeployOptions, out_dir: Path) -> list[dict]:
-    """Fetch the frames each board's camera was unsure of (``edgerun camera --save-unsure``: every release of
-    ``name`` under the deploy root) into ``out_dir/<board>/unsure/<release>/``, with their index.csv. Rows:
-    {host, status, releases, frames, folder} or {host, status: ERROR, reason}."""
+    """Fetch what each board's camera kept for the way back, every release of ``name`` under the deploy root: the
+    frames a classifier was unsure of (``--save-unsure``) into ``out_dir/<board>/unsure/<release>/`` and an anomaly
+    detector's rejected frames with their map overlays (``--save-maps``) into ``out_dir/<board>/maps/<release>/``,
+    each with its index.csv. Rows: {host, status, releases, frames, maps, folder} or {host, status: ERROR, reason}."""
     rows = []
     for host in hosts:
         board = Board(host, Release(Path("-"), name, "0" * 16, "", None, None), opts, out_dir)
-        local = Path(out_dir) / host_slug(board.ssh.dest) / UNSURE
+        local = Path(out_dir) / host_slug(board.ssh.dest)
         try:
-            listing = board.ssh.run(f"ls -d {quote(board.root + '/models/' + name)}/*/{UNSURE} 2>/dev/null; true")
-            releases = {}  # release -> its folder; the current/previous links are not releases of their own
-            for line in listing.stdout.decode("utf-8", "replace").splitlines():
-                parts = line.rstrip("/").split("/")
-                if len(parts) >= 2 and re.fullmatch(r"[0-9a-f]{16}", parts[-2]):
-                    releases[parts[-2]] = line
-            frames = 0
-            for version, folder in releases.items():
-                written = board.ssh.fetch_tree(folder, local / version)
-                frames += sum(1 for p in written if p.suffix.lower() == ".jpg")
+            counts, releases = {}, set()
+            for kind, suffix in ((UNSURE, ".jpg"), (MAPS, ".png")):
+                found = _saved_folders(board, name, kind)
+                releases |= set(found)
+                counts[kind] = 0
+                for version, folder in found.items():
+                    written = board.ssh.fetch_tree(folder, local / kind / version)
+                    counts[kind] += sum(1 for p in written if p.suffix.lower() == suffix)
             rows.append(
-                {"host": host, "status": "DONE", "releases": len(releases), "frames": frames, "folder": str(local)}
+                {
+                    "host": host,
+                    "status": "DONE",
+                    "releases": len(releases),
+                    "frames": counts[UNSURE],
+                    "maps": counts[MAPS],
+                    "folder": str(local / UNSURE),
+                    "maps_folder": str(local / MAPS),
+                }
             )
         except (SshError, RemoteError) as exc:
             rows.append({"host": host, "status": "ERROR", "reason": str(exc)})
     return rows
+
+
+def _saved_folders(board: Board, name: str, kind: str) -> dict[str, str]:
+    """release -> its ``kind`` folder on the board; the current/previous links are not releases of their own."""
+    listing = board.ssh.run(f"ls -d {quote(board.root + '/models/' + name)}/*/{kind} 2>/dev/null; true")
+    found = {}
+    for line in listing.stdout.decode("utf-8", "replace").splitlines():
+        parts = line.rstrip("/").split("/")
+        if len(parts) >= 2 and re.fullmatch(r"[0-9a-f]{16}", parts[-2]):
+            found[parts[-2]] = line
+    return found
 
 
 def rollback(hosts: Sequence[str], name: str, opts: DeployOptions) -> list[dict]:

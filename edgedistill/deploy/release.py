@@ -57,6 +57,9 @@ class Release:
     manifest_sha256: str
     signer: Optional[str]
     target: Optional[str]
+    task: Optional[str] = (
+        None  # the manifest's task: "anomaly" saves map overlays where a classifier saves unsure frames
+    )
 
 
 @dataclass
@@ -78,9 +81,6 @@ class BoardRow:
             "steps": self.steps,
             "files": self.files,
         }
-
-
-UNSURE = "unsure"  # frames the camera was unsure of, per release on the board (edgerun camera --save-unsure)
 
 
 def host_slug(host: str) -> str:
@@ -138,4 +138,5 @@ def prepare_release(
         manifest_sha256=bundle.manifest_sha256,
         signer=(record or {}).get("key_id"),
         target=bundle.manifest.data.get("target"),
+        task=bundle.manifest.data.get("task"),
     )

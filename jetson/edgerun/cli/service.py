@@ -85,7 +85,7 @@ def _install(args):
     # the same check, as the service's account with the unit's environment: what systemd will start can read it all
     release.check_as(args.user, release.verify_argv(args.python, staged), staged.environment)
     state = staged.state
-    camera = [staged.bundle, "--source", args.source, "--save-unsure", state + "/unsure"]
+    camera = [staged.bundle, "--source", args.source] + release.kept_frames(bundle.manifest.task, state)
     if staged.engine:
         camera += ["--engine", staged.engine]
     if args.reject_class:

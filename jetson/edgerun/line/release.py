@@ -37,6 +37,21 @@ TRUST = "trust"
 PINS = "pins.json"
 
 
+UNSURE = "unsure"  # a classifier's unsure frames, per release or service state folder (camera --save-unsure)
+MAPS = "maps"  # an anomaly detector's rejected frames with their map overlays (camera --save-maps)
+
+
+def kept_frames(task, folder):
+    """The camera flags that keep frames for the way back (``edgedistill deploy --pull-frames``), by the bundle's
+    task: an anomaly detector's rejected frames with their maps under ``folder/maps``, a classifier's unsure
+    frames under ``folder/unsure``; a regression bundle keeps none (both flags read what it does not have)."""
+    if task == "anomaly":
+        return ["--save-maps", folder + "/" + MAPS]
+    if task == "regression":
+        return []
+    return ["--save-unsure", folder + "/" + UNSURE]
+
+
 class ReleaseJob(Spec):
     """What ``service install`` stages: the service ``name`` and its ``state_root``, the ``bundle`` and
     ``engine`` (None: ONNX Runtime) it runs, the ``trust`` and ``pins`` paths the install checked it against (None:
