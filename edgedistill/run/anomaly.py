@@ -4,7 +4,11 @@
 rest of ``val/``) reports image AUROC, PR-AUC, recall and false-reject at that threshold, per defect kind, and,
 where masks exist, pixel AUROC and PRO, with bootstrap intervals. Writes the detector (``anomaly/detector.pt``,
 reused when the recipe's data, teacher, anomaly section and seed are unchanged), ``summary.json``, ``summary.md``
-and the report (ROC, score histograms, the worst-scored images with their maps) into the run folder.
+and the report (ROC, score histograms, the worst-scored images with their maps) into the run folder; after every
+epoch ``anomaly/metrics.jsonl`` (each phase's losses) and a line in the log.
+
+Under torchrun every process trains its share of each batch (edgedistill.train.anomaly_steps); rank 0 alone writes
+the detector, then normalises, calibrates, reports and bundles while the others wait and leave.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from edgedistill.judge.thresholds import OperatingPoint, pick_threshold, thresho
 from edgedistill.models.factory import create_model
 from edgedistill.plan.detector import device_estimate
 from edgedistill.ship.anomaly_bundle import build_anomaly_bundle
+from edgedistill.train import distributed
 from edgedistill.train.anomaly import AnomalyDetector, StfpmJob, detect, fresh_student, train_stfpm
 from edgedistill.train.efficientad import (
     EfficientAdDetector,
@@ -91,13 +96,15 @@ def _threshold(recipe, calib: AnomalySplit, scores: np.ndarray) -> dict:
     }
 
 
-def run_anomaly(recipe) -> dict[str, Any]:
-    """Train, normalise, pick the threshold, report; returns the summary (also written to the run folder)."""
+def run_anomaly(recipe) -> dict[str, Any] | None:
+    """Train, normalise, pick the threshold, report; returns the summary (also written to the run folder), or None
+    on a torchrun rank other than 0 (it trains its share and leaves the rest to rank 0)."""
     started = time.perf_counter()
     _wants_int8(recipe)  # a refused export.int8 is said before any training
     data = load_anomaly_folders(resolve_root(recipe.data.root), recipe.data.image_size)
     calib, report, report_name = _splits(recipe, data)
     mean, std = recipe.data.mean, recipe.data.std
+    torch.manual_seed(recipe.seed)  # a teacher without weights is the same on every process and every run
     teacher = create_model(recipe.teacher, 1000)
     if not hasattr(teacher, "forward_intermediates"):
         raise RecipeError(
@@ -113,7 +120,6 @@ def run_anomaly(recipe) -> dict[str, Any]:
     cfg = recipe.anomaly
     folder = recipe.run_dir / "anomaly"
     fingerprint = recipe.fingerprint("seed", "data", "teacher", "anomaly")
-    torch.manual_seed(recipe.seed)
     state = EpochState(folder / "training.pt", fingerprint)  # a killed training resumes at its last epoch
     job = _job(recipe, teacher, _tensor(data.train.images, mean, std), state)
     detector = _finished(folder, fingerprint, job)
@@ -122,20 +128,12 @@ def run_anomaly(recipe) -> dict[str, Any]:
             detector = (train_efficientad(job) if cfg.method == "efficientad" else train_stfpm(job)).cpu()
         except (IndexError, RuntimeError) as exc:  # a stage index the teacher lacks, an image too small for it
             raise RecipeError(f"anomaly.stages {cfg.stages} on teacher '{recipe.teacher.model}': {exc}") from exc
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
-                "state_dict": detector.state_dict(),
-                "method": cfg.method,
-                "stages": list(cfg.stages),
-                "teacher": recipe.teacher.model,
-                "fingerprint": fingerprint,
-                "history": job.history,
-                "teacher_history": getattr(job, "teacher_history", []),
-            },
-            folder / "detector.pt",
-        )
-        state.clear()
+        if distributed.world().is_main:
+            _save_detector(folder, detector, job, fingerprint, recipe)
+            state.clear()
+    distributed.barrier()  # the detector is whole before any process goes on
+    if not distributed.world().is_main:
+        return None
     good_calib = calib.images[~calib.is_defective]
     normalization = detector.set_normalization(_tensor(good_calib, mean, std))
     _, calib_scores = detect(detector, _tensor(calib.images, mean, std))
@@ -228,6 +226,50 @@ def run_anomaly(recipe) -> dict[str, Any]:
     return summary
 
 
+def _save_detector(folder, detector, job, fingerprint: str, recipe) -> None:
+    """``anomaly/detector.pt``: the trained detector and its histories, keyed by the recipe's fingerprint."""
+    cfg = recipe.anomaly
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "state_dict": detector.state_dict(),
+            "method": cfg.method,
+            "stages": list(cfg.stages),
+            "teacher": recipe.teacher.model,
+            "fingerprint": fingerprint,
+            "history": job.history,
+            "teacher_history": getattr(job, "teacher_history", []),
+        },
+        folder / "detector.pt",
+    )
+
+
+def _progress(folder, job, recipe):
+    """The job's end-of-epoch hook: ``anomaly/metrics.jsonl`` rewritten from the histories so far (a resumed run's
+    file is whole again) and a line in the log; rank 0 alone."""
+    cfg = recipe.anomaly
+    phases = {"stfpm": cfg.epochs, "teacher": cfg.teacher_epochs, "detector": cfg.epochs}
+    trained = "detector" if cfg.method == "efficientad" else "stfpm"
+
+    def hook(phase: str, epoch: int) -> None:
+        if not distributed.world().is_main:
+            return
+        rows = [{"phase": "teacher", **r} for r in getattr(job, "teacher_history", [])]
+        rows += [{"phase": trained, **r} for r in job.history]
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "metrics.jsonl", "".join(json.dumps(r, default=float) + "\n" for r in rows))
+        last = rows[-1] if rows else {}
+        log.info(
+            "anomaly %s epoch %d/%d: %s",
+            phase,
+            epoch,
+            phases[phase],
+            "  ".join(f"{k} {v:.4f}" for k, v in last.items() if k not in ("phase", "epoch")),
+        )
+
+    return hook
+
+
 def _wants_int8(recipe) -> bool:
     """Whether ``export.int8`` asks for the INT8 model; the classifier's remedies are refused before training."""
     mode = recipe.export.int8
@@ -267,21 +309,26 @@ def _job(recipe, teacher, good: torch.Tensor, state: EpochState) -> StfpmJob | E
         "lr": cfg.lr,
         "batch_size": cfg.batch_size,
         "seed": recipe.seed,
-        "device": str(resolve_device(recipe.device)),
+        "device": str(distributed.device(recipe.device) or resolve_device(recipe.device)),
+        "amp": recipe.train.amp,
         "state": state,
     }
     if cfg.method != "efficientad":
-        return StfpmJob(**common)
+        job = StfpmJob(**common)
+        job.on_epoch = _progress(state.path.parent, job, recipe)
+        return job
     if recipe.data.image_size < 32:
         raise RecipeError(f"anomaly.method efficientad needs data.image_size >= 32 (got {recipe.data.image_size})")
     other = generic_images(cfg.other_images, recipe.data.image_size, recipe.seed)
-    return EfficientAdJob(
+    job = EfficientAdJob(
         **common,
         other=_tensor(other, recipe.data.mean, recipe.data.std),
         channels=cfg.channels,
         width=cfg.width,
         teacher_epochs=cfg.teacher_epochs,
     )
+    job.on_epoch = _progress(state.path.parent, job, recipe)
+    return job
 
 
 def _finished(folder, fingerprint: str, job):

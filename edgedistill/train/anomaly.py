@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgedistill.train import distributed
+from edgedistill.train.anomaly_steps import StepRunner
 from edgedistill.train.epoch_state import EpochState
 from edgedistill.train.losses import feature_discrepancy, stfpm_loss
 
@@ -111,6 +113,7 @@ class StfpmJob:
     batch_size: int = 16
     seed: int = 0
     device: str = "cpu"
+    amp: str = "off"  # train.amp: the forward passes' precision (edgedistill.train.anomaly_steps)
     history: list = field(default_factory=list)
     state: Optional[EpochState] = None  # resumable: written after every epoch, picked up by the next call
     on_epoch: Optional[Callable[[str, int], None]] = None  # (phase, epoch) after each epoch's state is written
@@ -138,36 +141,42 @@ def train_stfpm(job: StfpmJob) -> AnomalyDetector:
         p.requires_grad_(True)
     optimiser = torch.optim.Adam(student.parameters(), lr=job.lr)
     generator = torch.Generator().manual_seed(job.seed)
+    runner = StepRunner(job.amp, job.device)
     start = 0
     if job.state is not None:
         start, extra = job.state.resume("stfpm", student, optimiser, generator)
         job.history[:] = extra.get("history", [])[:start]
+        runner.load_state_dict(extra)
     for epoch in range(start, job.epochs):
         student.train()
         order = torch.randperm(len(job.good), generator=generator)
         total, seen = 0.0, 0
         for i in range(0, len(order), job.batch_size):
-            batch = job.good[order[i : i + job.batch_size]].to(job.device)
-            if len(batch) < 2:
-                continue  # BatchNorm needs two images
-            with torch.no_grad():
-                target = stage_features(teacher, batch, job.stages)
-            loss = stfpm_loss(target, stage_features(student, batch, job.stages))
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
+            chunk = order[i : i + job.batch_size]
+            if len(chunk) < runner.min_batch:
+                continue  # BatchNorm needs two images on every process
+            batch = job.good[runner.shard(chunk)].to(job.device)
+            with torch.no_grad(), runner.autocast():
+                target = [t.float() for t in stage_features(teacher, batch, job.stages)]
+            with runner.autocast():
+                features = stage_features(student, batch, job.stages)
+            loss = stfpm_loss(target, [f.float() for f in features])
+            runner.step(loss, optimiser, runner.share(len(batch), len(chunk)))
             total, seen = total + loss.item() * len(batch), seen + len(batch)
+        total, seen = runner.totals(total, seen)
         job.history.append({"epoch": epoch + 1, "loss": total / max(seen, 1)})
         log.debug("stfpm epoch %d: loss %.4f", epoch + 1, job.history[-1]["loss"])
-        end_of_epoch(job, "stfpm", epoch + 1, student, optimiser, generator)
+        end_of_epoch(job, "stfpm", epoch + 1, (student, optimiser, generator, runner))
     return AnomalyDetector(teacher, student.eval(), job.stages).eval()
 
 
-def end_of_epoch(job, phase: str, epoch: int, model: nn.Module, optimiser, generator: torch.Generator) -> None:
-    """The resumable state after ``epoch`` of ``phase`` (with the job's histories), then the job's hook."""
-    if job.state is not None:
+def end_of_epoch(job, phase: str, epoch: int, parts: tuple) -> None:
+    """The resumable state after ``epoch`` of ``phase`` (``parts``: model, optimiser, batch-order generator and
+    step runner; with the job's histories), written by rank 0 alone, then the job's hook."""
+    model, optimiser, generator, runner = parts
+    if job.state is not None and distributed.world().is_main:
         extra = {"history": list(job.history), "teacher_history": list(getattr(job, "teacher_history", []))}
-        job.state.save(phase, epoch, model, optimiser, generator, **extra)
+        job.state.save(phase, epoch, model, optimiser, generator, **extra, **runner.state_dict())
     if job.on_epoch is not None:
         job.on_epoch(phase, epoch)
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgedistill.train.anomaly import Q_A, Q_B, end_of_epoch, stage_features
+from edgedistill.train.anomaly_steps import StepRunner
 from edgedistill.train.epoch_state import EpochState
 from edgedistill.train.losses import hard_feature_loss, penalty_loss
 
@@ -193,17 +194,19 @@ class EfficientAdJob:
     batch_size: int = 16
     seed: int = 0
     device: str = "cpu"
+    amp: str = "off"  # train.amp: the forward passes' precision (edgedistill.train.anomaly_steps)
     history: list = field(default_factory=list)
     teacher_history: list = field(default_factory=list)
     state: Optional[EpochState] = None  # resumable: written after every epoch of both steps
     on_epoch: Optional[Callable[[str, int], None]] = None  # (phase, epoch) after each epoch's state is written
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator):
+def _batches(n: int, batch_size: int, generator: torch.Generator, smallest: int = 2):
+    """Global batches of positions (every process draws the same ones); a last one under ``smallest`` skipped."""
     order = torch.randperm(n, generator=generator)
     for i in range(0, n, batch_size):
         chunk = order[i : i + batch_size]
-        if len(chunk) >= 2:
+        if len(chunk) >= smallest:
             yield chunk
 
 
@@ -215,10 +218,11 @@ def distill_small_teacher(job: EfficientAdJob, detector: EfficientAdDetector) ->
     big = job.teacher.to(device).eval()
     images = torch.cat([job.good, job.other])
     grid = pdn_size(images.shape[-1])
-    with torch.no_grad():
+    runner = StepRunner(job.amp, device)
+    with torch.no_grad(), runner.autocast():
         targets = torch.cat(
             [
-                patch_targets(big, images[i : i + 32].to(device), job.stages, job.channels, grid).cpu()
+                patch_targets(big, images[i : i + 32].to(device), job.stages, job.channels, grid).float().cpu()
                 for i in range(0, len(images), 32)
             ]
         )
@@ -232,19 +236,22 @@ def distill_small_teacher(job: EfficientAdJob, detector: EfficientAdDetector) ->
     if job.state is not None:
         start, extra = job.state.resume("teacher", teacher, optimiser, generator)
         job.teacher_history[:] = extra.get("teacher_history", [])[:start]
+        runner.load_state_dict(extra)
     for epoch in range(start, job.teacher_epochs):
         total, seen = 0.0, 0
-        for idx in _batches(len(images), job.batch_size, generator):
+        for chunk in _batches(len(images), job.batch_size, generator, runner.min_batch):
+            idx = runner.shard(chunk)
             x, y = images[idx].to(device), targets[idx].to(device)
             if torch.rand(1, generator=generator).item() < 0.5:  # one flip for image and target
                 x, y = x.flip(-1), y.flip(-1)
-            loss = F.mse_loss(teacher(x), y)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
+            with runner.autocast():
+                out = teacher(x)
+            loss = F.mse_loss(out.float(), y)
+            runner.step(loss, optimiser, runner.share(len(idx), len(chunk)))
             total, seen = total + loss.item() * len(idx), seen + len(idx)
+        total, seen = runner.totals(total, seen)
         job.teacher_history.append({"epoch": epoch + 1, "loss": total / max(seen, 1)})
-        end_of_epoch(job, "teacher", epoch + 1, teacher, optimiser, generator)
+        end_of_epoch(job, "teacher", epoch + 1, (teacher, optimiser, generator, runner))
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -281,11 +288,13 @@ def train_efficientad(job: EfficientAdJob) -> EfficientAdDetector:
     params = list(detector.student.parameters()) + list(detector.autoencoder.parameters())
     optimiser = torch.optim.Adam(params, lr=job.lr, weight_decay=1e-5)
     generator = torch.Generator().manual_seed(job.seed + 1)
+    runner = StepRunner(job.amp, device)
     start = 0
     if job.state is not None and job.state.phase() == "detector":  # step 1 finished before the run was killed
         start, extra = job.state.resume("detector", detector, optimiser, generator)
         job.teacher_history[:] = extra.get("teacher_history", [])
         job.history[:] = extra.get("history", [])[:start]
+        runner.load_state_dict(extra)
         for p in detector.teacher.parameters():
             p.requires_grad_(False)
     else:
@@ -296,31 +305,33 @@ def train_efficientad(job: EfficientAdJob) -> EfficientAdDetector:
         detector.autoencoder.train()
         sums = {"hard": 0.0, "penalty": 0.0, "ae": 0.0, "stae": 0.0}
         seen = 0
-        for idx in _batches(len(job.good), job.batch_size, generator):
-            x = job.good[idx].to(device)
-            other = job.other[torch.randint(len(job.other), (len(idx),), generator=generator)].to(device)
-            with torch.no_grad():
-                t = detector.features(x)
-            hard = hard_feature_loss(t, detector.student(x)[:, :c])
-            penalty = penalty_loss(detector.student(other)[:, :c])
-            aug = _jitter(x, generator)
-            with torch.no_grad():
-                t_aug = detector.features(aug)
-            a = detector.autoencoder(aug)
+        for chunk in _batches(len(job.good), job.batch_size, generator, runner.min_batch):
+            others = torch.randint(len(job.other), (len(chunk),), generator=generator)
+            mine = runner.shard(torch.arange(len(chunk)))
+            x = job.good[chunk[mine]].to(device)
+            other = job.other[others[mine]].to(device)
+            aug = _jitter(x, generator)  # one draw per global batch: every process the same change
+            with runner.autocast():
+                with torch.no_grad():
+                    t, t_aug = detector.features(x), detector.features(aug)
+                s_x, s_other, s_aug = detector.student(x), detector.student(other), detector.student(aug)
+                a = detector.autoencoder(aug)
+            t, t_aug, a = t.float(), t_aug.float(), a.float()
+            hard = hard_feature_loss(t, s_x[:, :c].float())
+            penalty = penalty_loss(s_other[:, :c].float())
             ae = (t_aug - a).pow(2).mean()
-            stae = (a.detach() - detector.student(aug)[:, c:]).pow(2).mean()
+            stae = (a.detach() - s_aug[:, c:].float()).pow(2).mean()
             loss = hard + penalty + ae + stae
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
+            runner.step(loss, optimiser, runner.share(len(x), len(chunk)))
             for key, value in (("hard", hard), ("penalty", penalty), ("ae", ae), ("stae", stae)):
-                sums[key] += value.item() * len(idx)
-            seen += len(idx)
-        row = {"epoch": epoch + 1, **{k: v / max(seen, 1) for k, v in sums.items()}}
+                sums[key] += value.item() * len(x)
+            seen += len(x)
+        *parts, seen = runner.totals(*sums.values(), seen)
+        row = {"epoch": epoch + 1, **{k: v / max(seen, 1) for k, v in zip(sums, parts)}}
         row["loss"] = sum(row[k] for k in sums)
         job.history.append(row)
         log.debug("efficientad epoch %d: %s", epoch + 1, row)
-        end_of_epoch(job, "detector", epoch + 1, detector, optimiser, generator)
+        end_of_epoch(job, "detector", epoch + 1, (detector, optimiser, generator, runner))
     return detector.cpu().eval()
 
 
