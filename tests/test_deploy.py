@@ -458,3 +458,30 @@ def test_results_past_the_cap_are_refused_while_they_arrive(boards, trained_run,
     row = _row(run)
     assert row["status"] == "ERROR" and "holds more than 1 MB; nothing copied" in row["reason"]
     assert not list((run / "devices" / "board-a").glob("flood.bin"))
+
+
+def test_a_registered_version_deploys_and_carries_each_boards_verdict(boards, trained_run, mlflow_server, tmp_path):
+    """`deploy models:/NAME/1`: the registered .edb fetched (its sha256 checked), deployed, and board A's PASS with
+    its FPS and memory written back as tags on that version."""
+    pytest.importorskip("mlflow", reason="MLflow is the [tracking] extra")
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    resolved = yaml.safe_load((run / "recipe.yaml").read_text())
+    resolved.update(output=str(run), tracking={"mlflow": {"uri": mlflow_server, "experiment": "deploy-test"}})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(resolved))
+    assert edgedistill(["export", str(recipe), "--register", "line-a"]) == 0
+    out = tmp_path / "results"
+    code = _deploy(boards, "models:/line-a/1", "board-a", extra=["--tracking-uri", mlflow_server, "--output", str(out)])
+    assert code == 0
+    [fetched] = (out / "registry" / "line-a" / "v1").rglob("*.edb")
+    assert fetched.read_bytes() == (run / "line-a.edb").read_bytes()
+    row = json.loads((out / "fleet.json").read_text())["rows"][0]
+    tags = MlflowClient(mlflow_server).get_model_version("line-a", "1").tags
+    assert tags["deploy.board-a.status"] == "PASS" and float(tags["deploy.board-a.fps_p50"]) == pytest.approx(
+        row["fps_p50"]
+    )
+    assert float(tags["deploy.board-a.memory_mb"]) == pytest.approx(row["memory_mb"])

@@ -19,7 +19,12 @@ def add_parser(sub) -> None:
         help="to one board or a fleet over ssh: copy, verify, build, validate, bench (and "
         "the camera), results back in RUN/devices/, the release made current on PASS",
     )
-    p.add_argument("target", help="run folder (runs/<name>, its bundle is packed) or an .edb")
+    p.add_argument(
+        "target",
+        help="run folder (runs/<name>, its bundle is packed), an .edb, or a registered version: models:/NAME/3 or "
+        "models:/NAME@alias (MLflow; each board's verdict goes back as tags on that version)",
+    )
+    p.add_argument("--tracking-uri", help="the MLflow registry of a models:/ TARGET (default $MLFLOW_TRACKING_URI)")
     p.add_argument(
         "--host",
         action="append",
@@ -131,8 +136,16 @@ def run(args: argparse.Namespace) -> int:
         return _pull_frames(args, opts)
     if args.rollback:
         return _rollback(args, opts)
+    registered = None
+    target = Path(args.target)
+    if args.target.startswith("models:/"):
+        from edgedistill.run.registry import RegisteredBundle
+
+        cache = (Path(args.output) if args.output else Path("runs")) / "registry"
+        registered = RegisteredBundle(args.target, args.tracking_uri, cache)
+        target = registered.edb
     fleet = deploy(
-        Path(args.target),
+        target,
         args.host,
         opts,
         Path(args.output) if args.output else None,
@@ -144,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
     for note in fleet["refit"]:
         print(note)
     print(f"results: {fleet['fleet_json']}")
+    if registered is not None:
+        registered.record_deploy(fleet["rows"])
+        print(f"each board's verdict is a tag on {args.target} (version {registered.version})")
     return 0 if all(r["status"] == "PASS" for r in fleet["rows"]) else 1
 
 

@@ -56,7 +56,15 @@ def add_parser(sub) -> None:
         p = sub.add_parser(stage, help=text)
         add_recipe_args(p)
         p.set_defaults(handler=run)
-    sub.choices["export"].add_argument("--target", default=None, help="target profile, e.g. jetson-nano-jp4")
+    export = sub.choices["export"]
+    export.add_argument("--target", default=None, help="target profile, e.g. jetson-nano-jp4")
+    export.add_argument(
+        "--register",
+        metavar="NAME",
+        help="pack the bundle into RUN/NAME.edb and register it as a new version of MLflow model NAME (needs "
+        "tracking: tracking.mlflow in the recipe or $MLFLOW_TRACKING_URI)",
+    )
+    export.add_argument("--sign", metavar="KEY", help="with --register: sign the registered .edb with this key")
     p = sub.add_parser("sweep", help="temperature/alpha search: one student per cell against one teacher")
     add_recipe_args(p)
     p.add_argument("--temperature", default="1,2,3,5,10", help="comma-separated temperatures (default 1,2,3,5,10)")
@@ -103,8 +111,25 @@ def _run_recipe(args: argparse.Namespace, recipe, world) -> int:
             + "); choose another output with --set output=FOLDER"
         ) from None
     setup_logging(recipe.run_dir if world.is_main else None, args.verbose, quiet=not world.is_main)
+    from edgedistill.run.tracking import Tracker, open_tracker
+
+    tracker = open_tracker(recipe, recipe.run_dir) if world.is_main else Tracker()
+    status = "FAILED"
+    try:
+        code = _dispatch(args, recipe, world, tracker)
+        status = "FINISHED"
+        return code
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.finish(status)
+
+
+def _dispatch(args: argparse.Namespace, recipe, world, tracker) -> int:
+    """The command itself, with the run's tracker (MLflow, or one that does nothing)."""
     if recipe.task == "anomaly":
-        return _run_anomaly(args, recipe, world)
+        return _run_anomaly(args, recipe, world, tracker)
     from edgedistill.run.context import RunContext
     from edgedistill.run.pipeline import run_stage
 
@@ -119,6 +144,7 @@ def _run_recipe(args: argparse.Namespace, recipe, world) -> int:
             "short); `torchrun ... -m edgedistill run` distributes the stages"
         )
     ctx = RunContext(recipe, force=args.force)
+    ctx.tracker = tracker
     if world.active:
         ctx.load_data_in_turn()
     if args.command == "sweep":
@@ -144,10 +170,33 @@ def _run_recipe(args: argparse.Namespace, recipe, world) -> int:
 
             html_path, _ = write_report(ctx.run_dir)
             log.info("report: %s (one self-contained file) and %s", html_path, ctx.run_dir / "report.md")
+    _track_outputs(tracker, ctx.run_dir, summary_path)
+    if getattr(args, "register", None) and world.is_main:
+        _register(args, recipe, tracker)
     return 0
 
 
-def _run_anomaly(args: argparse.Namespace, recipe, world) -> int:
+def _register(args: argparse.Namespace, recipe, tracker) -> None:
+    from edgedistill.run.registry import register_bundle
+
+    facts = register_bundle(tracker, recipe.run_dir, args.register, sign_key=args.sign)
+    uri = f"models:/{facts['name']}/{facts['version']}"
+    print(
+        f"registered {uri} ({facts['edb']}, sha256 {facts['sha256'][:12]}..., signed by {facts['signed_by']}); "
+        f"deploy it with: edgedistill deploy {uri} --host USER@BOARD"
+    )
+
+
+def _track_outputs(tracker, run_dir: Path, summary_path: Path) -> None:
+    """The summary's figures as final metrics, the summary, report and bundle as artifacts (when tracking)."""
+    if not tracker.enabled:
+        return
+    if summary_path.is_file():
+        tracker.log_summary(json.loads(summary_path.read_text()))
+    tracker.log_outputs(run_dir)
+
+
+def _run_anomaly(args: argparse.Namespace, recipe, world, tracker) -> int:
     """``task: anomaly``: one command trains, calibrates and reports (export to the device comes later)."""
     if args.command != "run" or getattr(args, "stages", None):
         raise EdgedistillError(
@@ -157,9 +206,10 @@ def _run_anomaly(args: argparse.Namespace, recipe, world) -> int:
         )
     from edgedistill.run.anomaly import run_anomaly, summary_lines
 
-    summary = run_anomaly(recipe)
+    summary = run_anomaly(recipe, tracker)
     if summary is None:  # a torchrun rank other than 0: it trained its share
         return 0
+    _track_outputs(tracker, recipe.run_dir, recipe.run_dir / "summary.json")
     print("\n".join(summary_lines(summary)))
     log.info("summary written to %s", recipe.run_dir / "summary.json")
     return 0

@@ -82,7 +82,9 @@ def figures(
     return out
 
 
-def write_report(run_dir: Path, lines: list[str], pngs: dict[str, bytes]) -> tuple[Path, Path]:
+def write_report(
+    run_dir: Path, lines: list[str], pngs: dict[str, bytes], title: str = "anomaly detector"
+) -> tuple[Path, Path]:
     """``report.html`` (self-contained) and ``report.md`` with ``report/figure-N.png``."""
     folder = run_dir / "report"
     folder.mkdir(parents=True, exist_ok=True)
@@ -94,7 +96,7 @@ def write_report(run_dir: Path, lines: list[str], pngs: dict[str, bytes]) -> tup
         body.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
     text = "".join(f"<p>{html.escape(line.lstrip('#- '))}</p>" for line in lines if line.strip())
     page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>anomaly detector</title></head><body>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"
         + text
         + "".join(body)
         + "</body></html>"

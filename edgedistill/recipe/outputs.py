@@ -164,3 +164,23 @@ class ExportConfig(Strict):
     @classmethod
     def _bool_int8(cls, value: Any) -> Any:
         return {True: "auto", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+class MlflowConfig(Strict):
+    """Where a run is tracked: an MLflow tracking server, database or folder, and the experiment."""
+
+    uri: Optional[str] = Field(
+        None,
+        description="http(s)://host:port of a tracking server, sqlite:///file.db, or a folder; default "
+        "$MLFLOW_TRACKING_URI",
+    )
+    experiment: Optional[str] = Field(None, description="the MLflow experiment; default the recipe's name")
+
+
+class TrackingConfig(Strict):
+    """Runs a team can find again (the [tracking] extra). Off unless ``tracking.mlflow`` is set or
+    $MLFLOW_TRACKING_URI is; a tracking server that is down or refuses a write costs a warning, never the run."""
+
+    mlflow: Optional[MlflowConfig] = Field(
+        None, description="one parent MLflow run per run folder, a nested run per stage (edgedistill.run.tracking)"
+    )

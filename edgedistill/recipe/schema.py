@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from edgedistill.recipe.outputs import EvaluateConfig, ExportConfig
+from edgedistill.recipe.outputs import EvaluateConfig, ExportConfig, TrackingConfig
 from edgedistill.recipe.sections import (
     AnomalyConfig,
     BaselineConfig,
@@ -63,6 +63,7 @@ class Recipe(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
     anomaly: AnomalyConfig = AnomalyConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _anomaly_reads_folders_and_rejects_on_good_images(self) -> "Recipe":

@@ -32,6 +32,7 @@ from edgedistill.judge.metrics import roc_auc
 from edgedistill.judge.thresholds import OperatingPoint, pick_threshold, threshold_promise
 from edgedistill.models.factory import create_model
 from edgedistill.plan.detector import device_estimate
+from edgedistill.run.tracking import Tracker
 from edgedistill.ship.anomaly_bundle import build_anomaly_bundle
 from edgedistill.train import distributed
 from edgedistill.train.anomaly import AnomalyDetector, StfpmJob, detect, fresh_student, train_stfpm
@@ -96,7 +97,7 @@ def _threshold(recipe, calib: AnomalySplit, scores: np.ndarray) -> dict:
     }
 
 
-def run_anomaly(recipe) -> dict[str, Any] | None:
+def run_anomaly(recipe, tracker: Tracker | None = None) -> dict[str, Any] | None:
     """Train, normalise, pick the threshold, report; returns the summary (also written to the run folder), or None
     on a torchrun rank other than 0 (it trains its share and leaves the rest to rank 0)."""
     started = time.perf_counter()
@@ -121,7 +122,9 @@ def run_anomaly(recipe) -> dict[str, Any] | None:
     folder = recipe.run_dir / "anomaly"
     fingerprint = recipe.fingerprint("seed", "data", "teacher", "anomaly")
     state = EpochState(folder / "training.pt", fingerprint)  # a killed training resumes at its last epoch
+    tracker = tracker or Tracker()
     job = _job(recipe, teacher, _tensor(data.train.images, mean, std), state)
+    job.on_epoch = _progress(folder, job, recipe, tracker)
     detector = _finished(folder, fingerprint, job)
     if detector is None:
         try:
@@ -207,6 +210,7 @@ def run_anomaly(recipe) -> dict[str, Any] | None:
                 "teacher": recipe.teacher.model,
                 "stages": list(cfg.stages),
                 **({"width": cfg.width, "channels": cfg.channels} if cfg.method == "efficientad" else {}),
+                **({"tracking": tracker.source()} if tracker.enabled else {}),
             },
         }
     )
@@ -244,9 +248,9 @@ def _save_detector(folder, detector, job, fingerprint: str, recipe) -> None:
     )
 
 
-def _progress(folder, job, recipe):
+def _progress(folder, job, recipe, tracker: Tracker):
     """The job's end-of-epoch hook: ``anomaly/metrics.jsonl`` rewritten from the histories so far (a resumed run's
-    file is whole again) and a line in the log; rank 0 alone."""
+    file is whole again), a line in the log, the epoch to the tracker (a nested run per phase); rank 0 alone."""
     cfg = recipe.anomaly
     phases = {"stfpm": cfg.epochs, "teacher": cfg.teacher_epochs, "detector": cfg.epochs}
     trained = "detector" if cfg.method == "efficientad" else "stfpm"
@@ -259,6 +263,9 @@ def _progress(folder, job, recipe):
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "metrics.jsonl", "".join(json.dumps(r, default=float) + "\n" for r in rows))
         last = rows[-1] if rows else {}
+        tracker.log_epoch(phase, {k: v for k, v in last.items() if k != "phase"})
+        if epoch == phases[phase]:
+            tracker.end_stage(phase, ok=True)
         log.info(
             "anomaly %s epoch %d/%d: %s",
             phase,
@@ -314,21 +321,17 @@ def _job(recipe, teacher, good: torch.Tensor, state: EpochState) -> StfpmJob | E
         "state": state,
     }
     if cfg.method != "efficientad":
-        job = StfpmJob(**common)
-        job.on_epoch = _progress(state.path.parent, job, recipe)
-        return job
+        return StfpmJob(**common)
     if recipe.data.image_size < 32:
         raise RecipeError(f"anomaly.method efficientad needs data.image_size >= 32 (got {recipe.data.image_size})")
     other = generic_images(cfg.other_images, recipe.data.image_size, recipe.seed)
-    job = EfficientAdJob(
+    return EfficientAdJob(
         **common,
         other=_tensor(other, recipe.data.mean, recipe.data.std),
         channels=cfg.channels,
         width=cfg.width,
         teacher_epochs=cfg.teacher_epochs,
     )
-    job.on_epoch = _progress(state.path.parent, job, recipe)
-    return job
 
 
 def _finished(folder, fingerprint: str, job):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from edgedistill.models.checkpoint import load_model
 from edgedistill.models.factory import create_model, zero_head
 from edgedistill.recipe.schema import Recipe
 from edgedistill.run.folder import RunFolder, Step, plan_steps
+from edgedistill.run.tracking import Tracker
 from edgedistill.train import distributed
 from edgedistill.train.loop import resolve_device
 
@@ -40,8 +41,20 @@ class RunContext(RunFolder):
         self._unlabeled: Optional[Split] = None
         self._classes: Optional[list[str]] = None  # data.source: datafree, before the synthetic set exists
         self._evaluation: Optional[EvalPlan] = None
+        self.tracker: Tracker = Tracker()  # MLflow when the command opened one (edgedistill.run.tracking)
+        self.epoch_hooks: list[Callable[[str, dict], None]] = []  # (step key, epoch record): a search's pruner
         if distributed.world().is_main:
             atomic_write_text(self.run_dir / "recipe.yaml", recipe.to_yaml())
+
+    def epoch_hook(self, key: str) -> Callable[[dict], None]:
+        """What a step's training calls after each epoch (rank 0): the tracker, then the other hooks."""
+
+        def hook(record: dict) -> None:
+            self.tracker.log_epoch(key, record)
+            for other in self.epoch_hooks:
+                other(key, record)
+
+        return hook
 
     def load_data_in_turn(self) -> None:
         """Under torchrun: rank 0 loads (and caches) the data first, then the others read its caches."""

@@ -115,6 +115,7 @@ def stage_export(ctx: RunContext) -> dict[str, Any]:
                 "student_model": recipe.student.model,
                 "teacher_model": recipe.teacher.model,
                 "recipe_fingerprint": ctx.fingerprint("export"),
+                **({"tracking": ctx.tracker.source()} if ctx.tracker.enabled else {}),
             },
             host_metrics=host,
             targets=data.scaling.as_dict() if data.scaling is not None else None,

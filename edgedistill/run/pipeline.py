@@ -50,10 +50,15 @@ def run_stage(ctx: RunContext, stage: str) -> Any:
     if stage not in TRAINING_STAGES and not distributed.world().is_main:
         distributed.barrier()
         return None
+    ok = False
     try:
-        return _run_stage(ctx, stage)
+        result = _run_stage(ctx, stage)
+        ok = True
+        return result
     finally:
         if stage not in TRAINING_STAGES:
+            if stage != "datafree" or ctx.recipe.data.source == "datafree":
+                ctx.tracker.end_stage(stage, ok, create=True)  # its nested run (training steps make their own)
             distributed.barrier()
 
 

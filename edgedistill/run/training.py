@@ -184,6 +184,7 @@ def _train(ctx: RunContext, step: Step, model: nn.Module, train: Split, cfg) -> 
             hardware=ctx.recipe.train,
             task=ctx.recipe.task,
             balance=balance,
+            on_epoch=ctx.epoch_hook(step.key),
         )
     )
 
@@ -247,13 +248,18 @@ def train_step(ctx: RunContext, key: str) -> dict[str, Any]:
         cfg = _baseline_schedule(ctx, cfg, train)
     extra.update({"epochs": cfg.epochs, "train_images": len(train)})
     if cfg.epochs:
-        _train(ctx, step, model, train, cfg)
+        try:
+            _train(ctx, step, model, train, cfg)
+        except BaseException:
+            ctx.tracker.end_stage(key, ok=False)
+            raise
     elif not step.cfg.pretrained_path and not step.cfg.pretrained:
         log.warning("%s: %s.epochs is 0 and no weights are given: the model stays untrained", key, step.role)
     if not distributed.world().is_main:  # rank 0 saves, validates and marks the step done
         distributed.barrier()
         return json.loads((folder / "report.json").read_text())
     report = _record(ctx, step, model, extra)
+    ctx.tracker.end_stage(key, ok=True)
     distributed.barrier()
     return report
 

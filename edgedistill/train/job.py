@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -72,6 +72,9 @@ class TrainJob:
     task: str = "classification"
     balance: Optional[Balance] = None
     freeze_bn: bool = False  # BatchNorm statistics stay as they are (quantization-aware fine-tuning)
+    # rank 0, after each epoch's record is written (tracking, a search's pruner); an exception it raises (a pruned
+    # trial) ends the training there, with the last checkpoint kept
+    on_epoch: Optional[Callable[[dict], None]] = None
 
 
 def balance_for(

@@ -347,6 +347,7 @@ def _epoch(job: TrainJob, run: _Session, epoch: int, history: list, progress: Pr
     sums: dict[str, float] = {}
     correct = seen = rows = 0
     started = time.perf_counter()
+    lr = None
     for i, batch in enumerate(run.loader):
         values, (global_n, hits, labelled), lr = _step(job, run, epoch, i, batch, draw)
         rows += global_n
@@ -370,6 +371,8 @@ def _epoch(job: TrainJob, run: _Session, epoch: int, history: list, progress: Pr
     if checkpoint:
         record.update(validation_scores(run.model, job.val, job.data, job.device, job.task))
     record["seconds"] = round(time.perf_counter() - started, 2)
+    if lr is not None:
+        record["lr"] = lr  # the last step's
     history.append(record)
     if metrics is not None:
         metrics.write(json.dumps(record) + "\n")
@@ -388,6 +391,8 @@ def _epoch(job: TrainJob, run: _Session, epoch: int, history: list, progress: Pr
             run.optimizer,
             {"epoch": epoch, "fingerprint": job.fingerprint, "history": history},
         )
+    if job.on_epoch is not None and run.world.is_main:
+        job.on_epoch(record)
 
 
 def train_model(job: TrainJob) -> list[dict[str, Any]]:
@@ -403,6 +408,9 @@ def train_model(job: TrainJob) -> list[dict[str, Any]]:
     """
     run = _prepare(job)
     start_epoch, history = _resume(job, run)
+    if job.on_epoch is not None and run.world.is_main:
+        for record in history:  # a resumed training's epochs again: a record the kill cut off reaches its hook
+            job.on_epoch(record)
     features = job.teaching.features if job.teaching is not None else None
     try:
         with progress_bar() as progress, open(run.metrics_path, "a") if run.world.is_main else nullcontext() as metrics:
