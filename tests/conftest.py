@@ -164,3 +164,94 @@ def reachable_python():
     yield
     for folder, mode in changed:
         folder.chmod(mode)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite backend, local artifact folder, served by the server) on a free
+    loopback port, for the session; its URI."""
+    pytest.importorskip("mlflow", reason="MLflow is the [tracking] extra (scripts/setup_env.sh installs it)")
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    mlflow = Path(sys.executable).parent / "mlflow"
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
+         str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as reply:
+                if reply.status == 200:
+                    break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server ended: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"mlflow server did not answer on {uri}: {(root / 'server.log').read_text()[-2000:]}")
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def _postgres_bin(name: str) -> Optional[str]:
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(versions[-1]) if versions else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory):
+    """A real PostgreSQL (Debian's package) in a scratch data folder on a free loopback port, trust auth, one
+    database; its URL. Skipped, saying why, where the server is not installed."""
+    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("needs PostgreSQL's server (apt install postgresql; .ci/run does)")
+    pytest.importorskip("psycopg", reason="psycopg is the [tune] extra's PostgreSQL driver")
+    folder = Path(tempfile.mkdtemp(prefix="edgedistill-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root: as Debian's postgres account
+        import pwd
+
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and no 'postgres' account to run PostgreSQL as")
+        shutil.chown(folder, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = folder / "data", free_port()
+    subprocess.run([*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "postgres"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(data), "-o", f"-h 127.0.0.1 -p {port} -k {folder}", "-l", str(folder / "log"),
+         "-w", "start"],
+        check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    import psycopg
+
+    with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute("CREATE DATABASE tune")
+    yield f"postgresql://postgres@127.0.0.1:{port}/tune"
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], stdout=subprocess.DEVNULL)
+    shutil.rmtree(folder, ignore_errors=True)

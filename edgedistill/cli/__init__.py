@@ -3,6 +3,7 @@
 edgedistill run RECIPE [--set key=value ...] [--force]    every stage in order
 edgedistill teacher|assistant|distill|self-distill|baseline|evaluate|export RECIPE [...]   one stage
 edgedistill sweep RECIPE --temperature 1,2,3,5 --alpha 0.5,0.7,0.9   one student per cell, one teacher
+edgedistill tune RECIPE --space space.yaml --trials 16 [--storage postgresql://...] [--workers K]   Optuna study
 edgedistill pack BUNDLE_DIR -o FILE.edb [--sign KEY]       one file to copy to the device (signed)
 edgedistill plan --target jetson-nano-jp4 --fps-target 30 --budget-mb 500   which student fits (estimates)
 edgedistill cost RUN [--requests-per-month N --price-per-hour P --distillation-cost C]   money, payback
@@ -20,13 +21,13 @@ from typing import Optional, Sequence
 
 from rich.text import Text
 
-from edgedistill.cli import deploy, keygen, pack, plan, report, stages, weights
+from edgedistill.cli import deploy, keygen, pack, plan, report, stages, tune, weights
 from edgedistill.cli.console import console
 from edgedistill.errors import EdgedistillError
 from edgerun.errors import EdgerunError
 
 # each module adds its commands, in the order --help lists them
-COMMANDS = (stages, plan, report, pack, deploy, keygen, weights)
+COMMANDS = (stages, tune, plan, report, pack, deploy, keygen, weights)
 
 
 def build_parser() -> argparse.ArgumentParser:

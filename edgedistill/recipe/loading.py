@@ -62,7 +62,7 @@ def _deepest_union_branch(errors: list[dict]) -> list[dict]:
     return kept
 
 
-def _explain(err: ValidationError, source: str) -> str:
+def explain_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid recipe {source}:"]
     for e in _deepest_union_branch(err.errors()):
         loc = tuple(p for p in e["loc"] if not _is_union_tag(p))
@@ -145,4 +145,4 @@ def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Reci
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(_explain(exc, f"'{path}'")) from None
+        raise RecipeError(explain_error(exc, f"'{path}'")) from None
