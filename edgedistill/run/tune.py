@@ -159,9 +159,6 @@ def run_trial(ctx: RunContext, study, storage, trial, job: TuneJob) -> None:
     folder = _folder_of(study, storage, trial)
     trial.set_user_attr(FOLDER_ATTR, folder)
     key = f"tune/{job.study}/{folder}"
-    recipe = trial_recipe(ctx.recipe, values, job.space.source)
-    cell = ctx.derive(recipe)
-    cell.steps[key] = Step(key, key, "student", recipe.student, ctx.steps["distill"].teacher, STUDENT_SECTIONS)
     seen = {"epochs": 0}
 
     def prune(step_key: str, record: dict) -> None:
@@ -173,12 +170,15 @@ def run_trial(ctx: RunContext, study, storage, trial, job: TuneJob) -> None:
         if trial.should_prune():
             raise optuna.TrialPruned(f"epoch {record['epoch'] + 1}: validation {score:.4f}")
 
-    cell.epoch_hooks = [prune]
     started = time.perf_counter()
     log.info("tune: trial %d (%s): %s", trial.number, folder, values)
     state, value, reason = TrialState.FAIL, None, ""
     with Heartbeat(storage, trial._trial_id, job.heartbeat):
         try:
+            recipe = trial_recipe(ctx.recipe, values, job.space.source)  # a combination the recipe refuses: failed
+            cell = ctx.derive(recipe)
+            cell.steps[key] = Step(key, key, "student", recipe.student, ctx.steps["distill"].teacher, STUDENT_SECTIONS)
+            cell.epoch_hooks = [prune]
             report = train_step(cell, key)
             state, value = TrialState.COMPLETE, float(report["score"])
         except optuna.TrialPruned as exc:
