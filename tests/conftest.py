@@ -130,13 +130,30 @@ def kill_when_written(args: list, path: Path, timeout: float = 300, command: Opt
     deadline = time.time() + timeout
     while not path.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    kill_tree(proc)
+    assert path.exists(), f"{' '.join(map(str, command + args))} never wrote {path}"
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a child process and every process under it (a power cut, as the run sees it)."""
     for pid in [proc.pid, *_descendants(proc.pid)]:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     proc.wait()
-    assert path.exists(), f"{' '.join(map(str, command + args))} never wrote {path}"
+
+
+# torchrun launching two processes of `python -m edgedistill` on this machine (gloo on CPU)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "edgedistill"]
+MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+def image_tensor(images: np.ndarray):
+    """uint8 RGB images (N, H, W, 3) as the ImageNet-normalised float tensor (N, 3, H, W) a teacher takes."""
+    import torch
+
+    return torch.tensor(((images / 255.0 - MEAN) / STD).transpose(0, 3, 1, 2), dtype=torch.float32)
 
 
 @pytest.fixture

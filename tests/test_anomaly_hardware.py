@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import kill_when_written
+from conftest import TORCHRUN, image_tensor, kill_when_written
 
 pytest.importorskip("skimage", reason="the texture bench needs scikit-image (the [anomaly] extra; .ci/run installs it)")
 
@@ -25,16 +25,10 @@ from edgedistill.train.anomaly_steps import StepRunner  # noqa: E402
 from edgedistill.train.efficientad import EfficientAdJob, train_efficientad  # noqa: E402
 from edgedistill.train.epoch_state import EpochState  # noqa: E402
 
-MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-
-
-def _tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.tensor(((images / 255.0 - MEAN) / STD).transpose(0, 3, 1, 2), dtype=torch.float32)
-
 
 @pytest.fixture(scope="module")
 def good():
-    return _tensor(texture_set("brick", 12, 0, 32, seed=0, region=(0.0, 0.5)).images)
+    return image_tensor(texture_set("brick", 12, 0, 32, seed=0, region=(0.0, 0.5)).images)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +55,7 @@ def test_fp16_scales_gradients_and_its_scaler_resumes(good, teacher, tmp_path):
     runner = StepRunner("fp16", "cpu")
     assert runner.scaler.is_enabled() and runner.dtype == torch.float16
     assert StepRunner("auto", "cpu").dtype is None and not StepRunner("auto", "cpu").scaler.is_enabled()
-    other = _tensor(generic_images(8, 32, seed=0))
+    other = image_tensor(generic_images(8, 32, seed=0))
     state = EpochState(tmp_path / "training.pt", "fp")
     job = EfficientAdJob(
         teacher=teacher, good=good, other=other, stages=(2, 3), channels=8, width=8, teacher_epochs=1, epochs=1,
@@ -117,16 +111,7 @@ def test_torchrun_two_processes_train_as_one_and_resume_after_a_kill(tmp_path):
         [sys.executable, "-m", "edgedistill", "run", str(recipes["one"])], capture_output=True, text=True
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "edgedistill",
-    ]
+    torchrun = TORCHRUN
     run = tmp_path / "two"
     kill_when_written(["run", str(recipes["two"])], run / "anomaly" / "training.pt", command=torchrun)
     assert not (run / "anomaly" / "detector.pt").exists(), "the run finished before it could be killed"

@@ -4,9 +4,9 @@ recipe is ignored."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from conftest import image_tensor
 
 pytest.importorskip("skimage", reason="the texture bench needs scikit-image (the [anomaly] extra; .ci/run installs it)")
 
@@ -16,20 +16,14 @@ from edgedistill.train.anomaly import StfpmJob, train_stfpm  # noqa: E402
 from edgedistill.train.efficientad import EfficientAdJob, train_efficientad  # noqa: E402
 from edgedistill.train.epoch_state import EpochState  # noqa: E402
 
-MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-
 
 class Killed(Exception):
     """The process dying after an epoch's state was written."""
 
 
-def _tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.tensor(((images / 255.0 - MEAN) / STD).transpose(0, 3, 1, 2), dtype=torch.float32)
-
-
 @pytest.fixture(scope="module")
 def good():
-    return _tensor(texture_set("brick", 12, 0, 32, seed=0, region=(0.0, 0.5)).images)
+    return image_tensor(texture_set("brick", 12, 0, 32, seed=0, region=(0.0, 0.5)).images)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +73,7 @@ def test_a_killed_stfpm_resumes_and_ends_as_an_uninterrupted_one(good, teacher, 
 
 @pytest.mark.parametrize("phase, epoch", [("teacher", 2), ("detector", 1)])
 def test_a_killed_efficientad_resumes_in_either_step(good, teacher, tmp_path, phase, epoch):
-    other = _tensor(generic_images(8, 32, seed=0))
+    other = image_tensor(generic_images(8, 32, seed=0))
 
     def job(**kw):
         return EfficientAdJob(

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import FAST, deep_update, kill_when_written
+from conftest import FAST, TORCHRUN, deep_update, kill_when_written
 
 from edgedistill.data.loaders import EpochBatchSampler, TrainDataset, batch_sizes, train_loader
 from edgedistill.data.sources import load_data
@@ -95,16 +95,7 @@ def test_torchrun_two_processes_match_one_and_resume_after_a_kill(tmp_path):
         [sys.executable, "-m", "edgedistill", "run", str(recipes["one"]), *args], capture_output=True, text=True
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "edgedistill",
-    ]
+    torchrun = TORCHRUN
     run_dir = tmp_path / "two"
     kill_when_written(["run", str(recipes["two"]), *args], run_dir / "teacher" / "last.safetensors", command=torchrun)
     assert not (run_dir / "teacher" / "done.json").exists(), "the run finished before it could be killed"

@@ -6,8 +6,6 @@ lost or run twice."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAST, _descendants, deep_update, kill_when_written
+from conftest import FAST, deep_update, kill_tree, kill_when_written
 
 pytest.importorskip("optuna", reason="Optuna is the [tune] extra (scripts/setup_env.sh installs it)")
 
@@ -124,15 +122,6 @@ def test_a_study_finishes_its_trials_writes_the_best_recipe_and_resumes_after_a_
     assert other.returncode == 2 and "made for another space" in " ".join((other.stdout + other.stderr).split())
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    for pid in [proc.pid, *_descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-
-
 @pytest.mark.slow
 def test_two_workers_share_a_postgresql_study_and_a_killed_workers_trial_runs_again(postgres_url, tmp_path):
     """Two "machines" (two run folders, one database): worker A is killed in the middle of a trial; B finishes
@@ -153,7 +142,7 @@ def test_two_workers_share_a_postgresql_study_and_a_killed_workers_trial_runs_ag
     while time.time() < deadline and not list((runs["a"] / "tune" / "line").glob("trial-*/last.safetensors")):
         assert procs["a"].poll() is None, procs["a"].stderr.read()[-3000:]
         time.sleep(0.05)
-    _kill_tree(procs["a"])
+    kill_tree(procs["a"])
     assert procs["b"].wait(timeout=600) == 0, procs["b"].stderr.read()[-3000:]
     trials = _trials(postgres_url, "line")
     _check_study(trials, 5)
@@ -168,3 +157,17 @@ def test_two_workers_share_a_postgresql_study_and_a_killed_workers_trial_runs_ag
     assert len({t.user_attrs["folder"] for t in finished}) == len(finished)  # no trial run twice
     retry = [t for t in trials if failed[0].number in t.system_attrs.get("retry_history", [])]
     assert len(retry) == 1 and retry[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def test_a_grid_study_run_by_ask_and_tell_ends_by_its_count():
+    """Optuna's grid sampler stops a study when its cells are taken, which raises outside Study.optimize."""
+    from edgedistill.run.tune import _grid
+
+    study = optuna.create_study(sampler=_grid({"distill.alpha": [0.2, 0.4], "distill.temperature": [2.0]}, 0))
+    seen = []
+    for _ in range(2):
+        trial = study.ask()
+        seen.append(trial.suggest_categorical("distill.alpha", [0.2, 0.4]))
+        trial.suggest_categorical("distill.temperature", [2.0])
+        study.tell(trial, 0.5)  # the last cell: no RuntimeError from study.stop()
+    assert sorted(seen) == [0.2, 0.4]

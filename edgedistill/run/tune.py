@@ -75,11 +75,25 @@ def _pruner(name: str):
     return optuna.pruners.NopPruner()
 
 
+def _grid(grid: dict, seed: int):
+    """Optuna's grid sampler over ``grid``."""
+    import optuna
+
+    class Grid(optuna.samplers.GridSampler):
+        """Optuna's grid, without its ``study.stop()`` once every cell is taken: that works inside
+        ``Study.optimize`` only, and a study run by ask and tell ends by its own count (``next_trial``)."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            return None
+
+    return Grid(grid, seed=seed)
+
+
 def _sampler(job: TuneJob, seed: int):
     import optuna
 
     if job.sampler == "grid":
-        return optuna.samplers.GridSampler(job.space.grid(), seed=seed)
+        return _grid(job.space.grid(), seed)
     if job.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed + job.worker_index)
     startup = min(10, max(3, job.trials // 3))

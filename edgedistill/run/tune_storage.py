@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from edgedistill.errors import RecipeError
+from edgedistill.run.tracking import shown_uri
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +73,9 @@ def open_storage(url: str, heartbeat: int):
     except Exception as exc:  # noqa: BLE001
         # SQLAlchemy's OperationalError (server down, wrong password), a missing driver: say which and what to do
         raise RecipeError(
-            f"--storage {_hide(url)}: cannot open the study's database ({type(exc).__name__}: "
+            f"--storage {shown_uri(url)}: cannot open the study's database ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200]}); check the URL, that the server runs and accepts this user"
         ) from None
-
-
-def _hide(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        cred, host = rest.rsplit("@", 1)
-        return f"{scheme}://{cred.split(':')[0]}:***@{host}" if ":" in cred else url
-    return url
 
 
 @contextlib.contextmanager
