@@ -153,3 +153,27 @@ def test_a_refused_write_is_one_warning_and_tracking_stops(tmp_path, caplog, mon
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(TrackingUnavailable, match="tracking.mlflow has no uri"):
         open_tracker(load_recipe(_recipe(tmp_path, None)), tmp_path / "other")
+
+
+def test_a_stage_run_the_kill_left_unrecorded_is_found_again_not_doubled(tmp_path, monkeypatch):
+    """Killed between making a stage's nested run and writing it into tracking.json: the run started again finds
+    that nested run on the server and goes on in it, each epoch once."""
+    from edgedistill.recipe.loading import load_recipe
+    from edgedistill.run.tracking import open_tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    recipe = load_recipe(_recipe(tmp_path, uri))
+    first = open_tracker(recipe, tmp_path / "run")
+    first.log_epoch("teacher", {"epoch": 0, "loss": 2.0})
+    state_path = tmp_path / "run" / "tracking.json"
+    state = json.loads(state_path.read_text())
+    stage_run = state["stages"].pop("teacher")["run_id"]
+    state_path.write_text(json.dumps(state))  # what the file held when the kill came
+    again = open_tracker(recipe, tmp_path / "run")
+    assert again.run_id == first.run_id
+    for epoch in (0, 1, 2):  # epoch 0 again: restored from the checkpoint, replayed to the hook
+        again.log_epoch("teacher", {"epoch": epoch, "loss": 2.0 - epoch / 2})
+    client = MlflowClient(uri)
+    children = client.search_runs([state["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{first.run_id}'")
+    assert [r.info.run_id for r in children] == [stage_run]
+    assert [m.step for m in client.get_metric_history(stage_run, "loss")] == [0, 1, 2]

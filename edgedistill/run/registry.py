@@ -11,7 +11,6 @@ writes each board's verdict back as tags on the version (``deploy.<host>.status`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from typing import Any, Optional
 
 from edgedistill.errors import EdgedistillError
 from edgedistill.run.tracking import Tracker, shown_uri
+from edgerun.bundle.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +30,6 @@ MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alia
 
 class RegistryError(EdgedistillError):
     """A registry step that cannot be done: names the model, version or URI and what to do."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _version_tags(manifest: dict, edb: Path, run_dir: Path, signed_by: str) -> dict[str, str]:
@@ -51,7 +43,7 @@ def _version_tags(manifest: dict, edb: Path, run_dir: Path, signed_by: str) -> d
         "target": manifest.get("target", ""),
         "precisions": ",".join(variants),
         "signed_by": signed_by,
-        "sha256": _sha256(edb),
+        "sha256": sha256_file(str(edb)),
         "run_dir": str(run_dir.resolve()),
     }
     host = metrics.get("host") or {}
@@ -149,7 +141,7 @@ class RegisteredBundle:
             raise RegistryError(f"{target}: version {self.version} holds {len(edbs)} .edb files, not one")
         self.edb = edbs[0]
         want = self.tags.get("sha256")
-        if want and _sha256(self.edb) != want:
+        if want and sha256_file(str(self.edb)) != want:
             raise RegistryError(
                 f"{target}: the downloaded {self.edb.name} is not the registered file (sha256 differs): "
                 "nothing deployed"

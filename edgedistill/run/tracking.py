@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from edgedistill.deploy.evidence import number
 from edgedistill.errors import EdgedistillError
 from edgedistill.files import atomic_write_text
 
@@ -54,13 +55,6 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _number(value: Any) -> Optional[float]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if value == value and abs(value) != float("inf") else None
-
-
 # The summary's figures a team compares runs on, as final metrics of the parent run: (metric, dotted path).
 # Anything else numeric at the summary's top two levels is logged too, under its dotted path.
 SUMMARY_METRICS = (
@@ -87,13 +81,13 @@ def summary_metrics(summary: dict) -> dict[str, float]:
     flat = flatten(summary)
     out: dict[str, float] = {}
     for name, path in SUMMARY_METRICS:
-        value = _number(flat.get(path))
+        value = number(flat.get(path))
         if value is not None:
             out[name] = value
     for dotted, value in flat.items():
-        number = _number(value)
-        if number is not None and dotted.count(".") <= 1 and dotted.replace(".", "_") not in out:
-            out[dotted.replace(".", "_")] = number
+        figure = number(value)
+        if figure is not None and dotted.count(".") <= 1 and dotted.replace(".", "_") not in out:
+            out[dotted.replace(".", "_")] = figure
     return out
 
 
@@ -106,9 +100,6 @@ class Tracker:
     def source(self) -> dict:
         """What the bundle's manifest says of the run that made it (``source.tracking``)."""
         return {}
-
-    def epoch_hook(self, stage: str) -> Optional[Callable[[dict], None]]:
-        return None
 
     def log_epoch(self, stage: str, record: dict) -> None:
         pass
@@ -236,19 +227,33 @@ class MlflowTracker(Tracker):
             self.client.log_batch(run_id, params=items[i : i + 100])
 
     def _stage_run(self, stage: str) -> str:
+        """The stage's nested run: the one this process uses, else the one the run folder (or, when a kill came
+        between making it and recording it, the server) knows, with its last step asked of the server; else new."""
         entry = self.state["stages"].get(stage)
-        if entry and self._alive(entry.get("run_id")):
-            if stage not in self.synced:  # a kill may have come between a write and tracking.json: ask the server
-                entry["last_step"] = max(entry.get("last_step", -1), self._server_last_step(entry["run_id"]))
-                self.synced.add(stage)
+        if entry and stage in self.synced:
             return entry["run_id"]
-        run = self.client.create_run(
-            self.state["experiment_id"], run_name=stage, tags={"mlflow.parentRunId": self.run_id, "stage": stage}
-        )
-        self.state["stages"][stage] = {"run_id": run.info.run_id, "last_step": -1}
+        run_id = entry.get("run_id") if entry and self._alive(entry.get("run_id")) else self._find_stage(stage)
+        if run_id is None:
+            run_id = self.client.create_run(
+                self.state["experiment_id"], run_name=stage, tags={"mlflow.parentRunId": self.run_id, "stage": stage}
+            ).info.run_id
+            last = -1
+        else:
+            known = entry.get("last_step", -1) if entry and entry.get("run_id") == run_id else -1
+            last = max(known, self._server_last_step(run_id))
+        self.state["stages"][stage] = {"run_id": run_id, "last_step": last}
         self.synced.add(stage)
         self._write_state()
-        return run.info.run_id
+        return run_id
+
+    def _find_stage(self, stage: str) -> Optional[str]:
+        """A live nested run of this parent for ``stage`` on the server, or None."""
+        found = self.client.search_runs(
+            [self.state["experiment_id"]],
+            filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' and tags.stage = '{stage}'",
+            max_results=1,
+        )
+        return found[0].info.run_id if found else None
 
     def _server_last_step(self, run_id: str) -> int:
         """The highest step the server holds for the run (-1: none)."""
@@ -260,9 +265,6 @@ class MlflowTracker(Tracker):
     # -- what the stages call -------------------------------------------------------------------------------
     def source(self) -> dict:
         return {"mlflow_run_id": self.run_id, "mlflow_experiment_id": self.state["experiment_id"]}
-
-    def epoch_hook(self, stage: str) -> Callable[[dict], None]:
-        return lambda record: self.log_epoch(stage, record)
 
     def log_epoch(self, stage: str, record: dict) -> None:
         step = int(record.get("epoch", 0))
@@ -277,7 +279,7 @@ class MlflowTracker(Tracker):
             now = int(time.time() * 1000)
             metrics = [
                 Metric(key, value, now, step)
-                for key, value in ((k, _number(v)) for k, v in record.items() if k not in ("epoch", "kind"))
+                for key, value in ((k, number(v)) for k, v in record.items() if k not in ("epoch", "kind"))
                 if value is not None
             ]
             if metrics:
@@ -308,7 +310,7 @@ class MlflowTracker(Tracker):
             run_id = self._stage_run(stage)
             self._params(run_id, params)
             now = int(time.time() * 1000)
-            figures = [Metric(k, v, now, 0) for k, v in ((k, _number(v)) for k, v in metrics.items()) if v is not None]
+            figures = [Metric(k, v, now, 0) for k, v in ((k, number(v)) for k, v in metrics.items()) if v is not None]
             self.client.log_batch(run_id, metrics=figures, tags=[RunTag(k, str(v)) for k, v in tags.items()])
             self.client.set_terminated(run_id, "FINISHED")
 

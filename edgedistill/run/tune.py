@@ -21,7 +21,6 @@ tracking on, each trial is a nested MLflow run of the run folder's run, with its
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import logging
 import os
@@ -38,7 +37,7 @@ from edgedistill.run.folder import STUDENT_SECTIONS, Step
 from edgedistill.run.pipeline import run_stage
 from edgedistill.run.training import check_teacher_floor, train_step
 from edgedistill.run.tune_space import SearchSpace, trial_recipe
-from edgedistill.run.tune_storage import Heartbeat, open_storage, study_lock
+from edgedistill.run.tune_storage import Heartbeat, file_lock, open_storage, study_lock
 
 log = logging.getLogger(__name__)
 
@@ -242,16 +241,10 @@ def work(ctx: RunContext, job: TuneJob) -> int:
 def prepare_teacher(ctx: RunContext) -> None:
     """The teacher (and assistants) once for the study, under a lock: the first worker trains, the others wait
     for it and find the stage done."""
-    folder = ctx.run_dir / "tune"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".teacher.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            run_stage(ctx, "teacher")
-            check_teacher_floor(ctx, "tune")
-            run_stage(ctx, "assistant")
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(ctx.run_dir / "tune" / ".teacher.lock"):
+        run_stage(ctx, "teacher")
+        check_teacher_floor(ctx, "tune")
+        run_stage(ctx, "assistant")
 
 
 def _worker_command(job: TuneJob, index: int) -> list[str]:

@@ -79,17 +79,23 @@ def open_storage(url: str, heartbeat: int):
 
 
 @contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (made if missing) while the block runs; released if the holder dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def study_lock(url: str, study: str) -> Iterator[None]:
     """Held while a worker counts the trials and asks for the next one."""
     if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///") :] + ".lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with file_lock(Path(url[len("sqlite:///") :] + ".lock")):
+            yield
         return
     if url.startswith(("postgresql", "postgres")):
         import sqlalchemy
