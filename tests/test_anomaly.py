@@ -138,9 +138,11 @@ def test_exporting_the_bundle_graph_leaves_the_detector_in_eval_mode(brick, tmp_
     """torch.onnx.export restores the exported module's mode afterwards: a wrapper left in training mode put the
     detector's BatchNorms into training (batch statistics), and PyTorch then disagreed with its own ONNX graph."""
     from edgedistill.ship.anomaly_bundle import export_detector, parity
+    from edgedistill.ship.anomaly_int8 import cpu_runner
 
     detector = brick["detector"]
     export_detector(detector, 64, tmp_path / "d.onnx")
     assert not any(m.training for m in detector.modules())
-    checked = parity(tmp_path / "d.onnx", detector, _tensor(brick["test"].images[:8]))
+    with cpu_runner(tmp_path / "d.onnx") as runner:
+        checked = parity(runner, detector, _tensor(brick["test"].images[:8]))
     assert checked["score_max_abs_error"] < 1e-4 and checked["map_max_abs_error"] < 1e-4

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from edgedistill.judge.thresholds import OperatingPoint, pick_threshold  # noqa: F401  (part of the metrics' API)
+from edgedistill.resample import bootstrap_samples  # noqa: F401  (part of the metrics' API)
 from edgerun.decision import positive_scores, rates_at, softmax
 
 METRICS = ("top1", "balanced_accuracy", "macro_f1", "recall_at_false_reject")
@@ -367,11 +368,6 @@ def permutation_test(
 
 
 # --------------------------------------------------------------------------------------------------- bootstrap
-def bootstrap_samples(n: int, samples: int = 2000, seed: int = 0) -> np.ndarray:
-    """Resampled image indices, (samples, n): shared by every model so they stay paired on each resample."""
-    return np.random.default_rng(seed).integers(0, n, size=(samples, n))
-
-
 def resampled_metric(
     name: str, labels: np.ndarray, predicted: np.ndarray, num_classes: int, idx: np.ndarray
 ) -> np.ndarray:

@@ -17,9 +17,10 @@ import onnx
 import torch
 
 from edgedistill.errors import ExportError
-from edgedistill.ship.anomaly_int8 import AnomalyInt8Job, build_anomaly_int8, scores_of
+from edgedistill.ship.anomaly_int8 import AnomalyInt8Job, build_anomaly_int8, cpu_runner, scores_of
 from edgerun.bundle.manifest import ANOMALY_CLASSES, SCHEMA_VERSION, write_manifest
 from edgerun.preprocess import PreprocessSpec
+from edgerun.runtime.runners import OrtRunner
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +57,16 @@ def export_detector(detector: torch.nn.Module, size: int, path: Path) -> None:
     onnx.checker.check_model(onnx.load(str(path)))
 
 
-def parity(path: Path, detector: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """ONNX Runtime against PyTorch on ``x``: the largest score and map differences."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    score, amap = session.run([SCORE, MAP], {INPUT: x.numpy()})
+def parity(runner: OrtRunner, detector: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """The exported graph (an active ONNX Runtime ``runner``) against PyTorch on ``x``: the largest score and map
+    differences."""
+    out = runner.infer({INPUT: x.numpy()})
     detector.eval()
     with torch.no_grad():
         want_map, want_score = detector(x)
     return {
-        "score_max_abs_error": float(np.abs(score - want_score.numpy()).max()),
-        "map_max_abs_error": float(np.abs(amap - want_map.numpy()).max()),
+        "score_max_abs_error": float(np.abs(out[SCORE] - want_score.numpy()).max()),
+        "map_max_abs_error": float(np.abs(out[MAP] - want_map.numpy()).max()),
         "images": int(len(x)),
     }
 
@@ -82,18 +81,20 @@ def build_anomaly_bundle(job: dict[str, Any]) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     size = int(job["size"])
     export_detector(job["detector"], size, folder / "model.onnx")
-    checked = parity(folder / "model.onnx", job["detector"], job["tensor"][:16])
+    report = job["tensor"].numpy()
+    with cpu_runner(folder / "model.onnx") as runner:
+        checked = parity(runner, job["detector"], job["tensor"][:16])
+        fp32_scores = scores_of(runner, report) if job.get("int8") is not None else None
     if checked["score_max_abs_error"] > 1e-3:
         raise ExportError(f"the ONNX detector's scores differ from PyTorch's by {checked['score_max_abs_error']:.2e}")
     labels = np.asarray(job["is_defective"], dtype=np.int64)
     variants, int8_figures, thresholds = {}, None, None
     if job.get("int8") is not None:
-        report = job["tensor"].numpy()
         int8_job = AnomalyInt8Job(
             fp32=folder / "model.onnx",
             report=report,
             is_defective=labels.astype(bool),
-            fp32_scores=scores_of(folder / "model.onnx", report),
+            fp32_scores=fp32_scores,
             **job["int8"],
         )
         variants["int8"], int8_figures = build_anomaly_int8(int8_job, folder / "model.int8.onnx")

@@ -21,7 +21,9 @@ from typing import Callable
 import numpy as np
 
 from edgedistill.errors import ExportError
+from edgedistill.resample import bootstrap_samples
 from edgerun.decision import auroc, rates_at
+from edgerun.runtime.runners import OrtRunner, infer_chunk
 
 
 @dataclass
@@ -45,13 +47,15 @@ class AnomalyInt8Job:
     samples: int = 1000
 
 
-def scores_of(path: Path, x: np.ndarray, batch: int = 16) -> np.ndarray:
-    """The graph's image scores (its first output) on model-ready images, in ONNX Runtime on the CPU."""
-    import onnxruntime as ort
+def cpu_runner(path: Path) -> OrtRunner:
+    """An ONNX Runtime runner on the CPU for ``path``; use it as a context manager and pass it to what scores."""
+    return OrtRunner(path, providers=["CPUExecutionProvider"])
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    out = [session.run(None, {name: x[i : i + batch].astype(np.float32)})[0] for i in range(0, len(x), batch)]
+
+def scores_of(runner: OrtRunner, x: np.ndarray, batch: int = 16) -> np.ndarray:
+    """The graph's image scores (its first output) on model-ready images, through an active ``runner``."""
+    name, score = runner.input_names()[0], runner.output_names()[0]
+    out = [infer_chunk(runner, x[i : i + batch].astype(np.float32), name, score) for i in range(0, len(x), batch)]
     return np.concatenate(out).reshape(len(x))
 
 
@@ -67,13 +71,14 @@ def build_anomaly_int8(job: AnomalyInt8Job, out: Path) -> tuple[dict, dict]:
     if broken:
         raise ExportError(f"the anomaly INT8 graph breaks TensorRT's Q/DQ rules: {broken[:3]}")
     onnx.save(model, str(out))
-    picked = job.pick(scores_of(out, job.calib_all))
+    with cpu_runner(out) as runner:
+        picked = job.pick(scores_of(runner, job.calib_all))
+        scores = scores_of(runner, job.report)
     threshold = float(picked["threshold"])
-    scores = scores_of(out, job.report)
     bad = np.asarray(job.is_defective, dtype=bool)
     fp32, int8 = auroc(bad, job.fp32_scores), auroc(bad, scores)
     drops = []
-    for idx in np.random.default_rng(job.seed).integers(0, len(bad), size=(job.samples, len(bad))):
+    for idx in bootstrap_samples(len(bad), job.samples, job.seed):
         a, b = auroc(bad[idx], job.fp32_scores[idx]), auroc(bad[idx], scores[idx])
         if a is not None and b is not None:
             drops.append(a - b)
