@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite: environment and install if needed, then pytest (about 14 minutes on 2 CPU cores; 16 from a clean clone).
+# The test suite: environment and install if needed, then pytest (about 14-15 minutes on 2 CPU cores; 17 from a clean clone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
