@@ -138,7 +138,7 @@ def test_exporting_the_bundle_graph_leaves_the_detector_in_eval_mode(brick, tmp_
     """torch.onnx.export restores the exported module's mode afterwards: a wrapper left in training mode put the
     detector's BatchNorms into training (batch statistics), and PyTorch then disagreed with its own ONNX graph."""
     from edgedistill.ship.anomaly_bundle import export_detector, parity
-    from edgedistill.ship.anomaly_int8 import cpu_runner
+    from edgedistill.ship.onnx import cpu_runner
 
     detector = brick["detector"]
     export_detector(detector, 64, tmp_path / "d.onnx")

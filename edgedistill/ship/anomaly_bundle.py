@@ -17,7 +17,8 @@ import onnx
 import torch
 
 from edgedistill.errors import ExportError
-from edgedistill.ship.anomaly_int8 import AnomalyInt8Job, build_anomaly_int8, cpu_runner, scores_of
+from edgedistill.ship.anomaly_int8 import AnomalyInt8Job, build_anomaly_int8, scores_of
+from edgedistill.ship.onnx import cpu_runner
 from edgerun.bundle.manifest import ANOMALY_CLASSES, SCHEMA_VERSION, write_manifest
 from edgerun.preprocess import PreprocessSpec
 from edgerun.runtime.runners import OrtRunner

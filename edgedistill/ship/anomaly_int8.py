@@ -22,8 +22,9 @@ import numpy as np
 
 from edgedistill.errors import ExportError
 from edgedistill.resample import bootstrap_samples
+from edgedistill.ship.onnx import chunked_outputs, cpu_runner
 from edgerun.decision import auroc, rates_at
-from edgerun.runtime.runners import OrtRunner, infer_chunk
+from edgerun.runtime.runners import OrtRunner
 
 
 @dataclass
@@ -47,16 +48,9 @@ class AnomalyInt8Job:
     samples: int = 1000
 
 
-def cpu_runner(path: Path) -> OrtRunner:
-    """An ONNX Runtime runner on the CPU for ``path``; use it as a context manager and pass it to what scores."""
-    return OrtRunner(path, providers=["CPUExecutionProvider"])
-
-
 def scores_of(runner: OrtRunner, x: np.ndarray, batch: int = 16) -> np.ndarray:
     """The graph's image scores (its first output) on model-ready images, through an active ``runner``."""
-    name, score = runner.input_names()[0], runner.output_names()[0]
-    out = [infer_chunk(runner, x[i : i + batch].astype(np.float32), name, score) for i in range(0, len(x), batch)]
-    return np.concatenate(out).reshape(len(x))
+    return chunked_outputs(runner, x.astype(np.float32), batch).reshape(len(x))
 
 
 def build_anomaly_int8(job: AnomalyInt8Job, out: Path) -> tuple[dict, dict]:

@@ -113,18 +113,25 @@ def simplify(path: Path) -> bool:
     return True
 
 
+def cpu_runner(path: Path) -> OrtRunner:
+    """An ONNX Runtime runner on the CPU for ``path``: use it as a context manager, pass it to what infers."""
+    return OrtRunner(path, providers=["CPUExecutionProvider"])
+
+
+def chunked_outputs(runner: OrtRunner, batches: np.ndarray, step: int, batch: Optional[int] = None) -> np.ndarray:
+    """The first output of an active one-input ``runner`` on ``batches``, fed ``step`` at a time; with a fixed
+    engine ``batch``, the last chunk is padded to it (``infer_chunk``)."""
+    name, out = runner.input_names()[0], runner.output_names()[0]
+    return np.concatenate(
+        [infer_chunk(runner, batches[i : i + step], name, out, batch) for i in range(0, len(batches), step)]
+    )
+
+
 def ort_outputs(path: Path, batches: np.ndarray, batch: int, dynamic: bool) -> np.ndarray:
     """The outputs of a one-input, one-output ONNX model on ``batches`` (ONNX Runtime, CPU), fed in chunks of its
     fixed ``batch`` (the last one padded) or, with a dynamic batch, of at least 32."""
-    step = batch if not dynamic else max(batch, 32)
-    with OrtRunner(path, providers=["CPUExecutionProvider"]) as runner:
-        name, out = runner.input_names()[0], runner.output_names()[0]
-        return np.concatenate(
-            [
-                infer_chunk(runner, batches[i : i + step], name, out, None if dynamic else batch)
-                for i in range(0, len(batches), step)
-            ]
-        )
+    with cpu_runner(path) as runner:
+        return chunked_outputs(runner, batches, max(batch, 32) if dynamic else batch, None if dynamic else batch)
 
 
 @torch.no_grad()
